@@ -1,0 +1,897 @@
+//! Calico v3 resources as stored in etcd (`apiVersion: projectcalico.org/v3`).
+//!
+//! Only the subset nftpolicy enforces is modelled. Unknown *fields* are ignored
+//! (real Calico writes more than we read), but unknown *values* of the fields we
+//! do read (an action, a protocol, a port string) are decode errors, so a policy
+//! is never half-understood.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::selector::{Selector, SelectorError};
+
+pub const API_VERSION: &str = "projectcalico.org/v3";
+/// etcd key prefix under which Calico stores v3 resources.
+pub const ETCD_PREFIX: &str = "/calico/resources/v3/projectcalico.org/";
+
+/// Labels every Kubernetes workload endpoint carries.
+pub const LABEL_NAMESPACE: &str = "projectcalico.org/namespace";
+pub const LABEL_ORCHESTRATOR: &str = "projectcalico.org/orchestrator";
+pub const LABEL_SERVICE_ACCOUNT: &str = "projectcalico.org/serviceaccount";
+/// Prefix of namespace labels inherited by endpoints through the `kns.` profile.
+pub const NAMESPACE_LABEL_PREFIX: &str = "pcns.";
+/// Name label the `kns.` profile applies (`pcns.projectcalico.org/name`).
+pub const NAMESPACE_NAME_LABEL: &str = "projectcalico.org/name";
+pub const DEFAULT_TIER: &str = "default";
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+}
+
+/// The kinds of resource nftpolicy reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    NetworkPolicy,
+    GlobalNetworkPolicy,
+    Profile,
+    WorkloadEndpoint,
+    NetworkSet,
+    GlobalNetworkSet,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::NetworkPolicy,
+        Kind::GlobalNetworkPolicy,
+        Kind::Profile,
+        Kind::WorkloadEndpoint,
+        Kind::NetworkSet,
+        Kind::GlobalNetworkSet,
+    ];
+
+    /// The plural used in etcd keys.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::NetworkPolicy => "networkpolicies",
+            Kind::GlobalNetworkPolicy => "globalnetworkpolicies",
+            Kind::Profile => "profiles",
+            Kind::WorkloadEndpoint => "workloadendpoints",
+            Kind::NetworkSet => "networksets",
+            Kind::GlobalNetworkSet => "globalnetworksets",
+        }
+    }
+
+    pub fn from_plural(plural: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.plural() == plural)
+    }
+
+    pub fn is_namespaced(self) -> bool {
+        matches!(
+            self,
+            Kind::NetworkPolicy | Kind::WorkloadEndpoint | Kind::NetworkSet
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::GlobalNetworkPolicy => "GlobalNetworkPolicy",
+            Kind::Profile => "Profile",
+            Kind::WorkloadEndpoint => "WorkloadEndpoint",
+            Kind::NetworkSet => "NetworkSet",
+            Kind::GlobalNetworkSet => "GlobalNetworkSet",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Identity of a resource: kind, namespace (for namespaced kinds) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ResourceKey {
+    pub kind: Kind,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ResourceKey {
+    pub fn new(kind: Kind, namespace: Option<&str>, name: &str) -> Self {
+        ResourceKey {
+            kind,
+            namespace: namespace.map(str::to_owned),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The etcd key, in Calico's layout.
+    pub fn etcd_key(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{ETCD_PREFIX}{}/{ns}/{}", self.kind.plural(), self.name),
+            None => format!("{ETCD_PREFIX}{}/{}", self.kind.plural(), self.name),
+        }
+    }
+
+    /// Parses an etcd key in Calico's layout back into a resource key.
+    pub fn from_etcd_key(key: &str) -> Option<ResourceKey> {
+        let rest = key.strip_prefix(ETCD_PREFIX)?;
+        let mut parts = rest.split('/');
+        let kind = Kind::from_plural(parts.next()?)?;
+        let a = parts.next()?;
+        let b = parts.next();
+        if parts.next().is_some() {
+            return None;
+        }
+        match (kind.is_namespaced(), b) {
+            (true, Some(name)) => Some(ResourceKey::new(kind, Some(a), name)),
+            (false, None) => Some(ResourceKey::new(kind, None, a)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+/// Any resource nftpolicy reads, tagged by `kind` as in etcd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Resource {
+    NetworkPolicy(NetworkPolicy),
+    GlobalNetworkPolicy(GlobalNetworkPolicy),
+    Profile(Profile),
+    WorkloadEndpoint(WorkloadEndpoint),
+    NetworkSet(NetworkSet),
+    GlobalNetworkSet(GlobalNetworkSet),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{what}: not valid JSON/YAML for a Calico resource: {reason}")]
+    Syntax { what: String, reason: String },
+    #[error("{what}: apiVersion {found:?} is not {API_VERSION:?}")]
+    ApiVersion { what: String, found: String },
+    #[error("{what}: {reason}")]
+    Invalid { what: String, reason: String },
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::NetworkPolicy(_) => Kind::NetworkPolicy,
+            Resource::GlobalNetworkPolicy(_) => Kind::GlobalNetworkPolicy,
+            Resource::Profile(_) => Kind::Profile,
+            Resource::WorkloadEndpoint(_) => Kind::WorkloadEndpoint,
+            Resource::NetworkSet(_) => Kind::NetworkSet,
+            Resource::GlobalNetworkSet(_) => Kind::GlobalNetworkSet,
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Resource::NetworkPolicy(r) => &r.metadata,
+            Resource::GlobalNetworkPolicy(r) => &r.metadata,
+            Resource::Profile(r) => &r.metadata,
+            Resource::WorkloadEndpoint(r) => &r.metadata,
+            Resource::NetworkSet(r) => &r.metadata,
+            Resource::GlobalNetworkSet(r) => &r.metadata,
+        }
+    }
+
+    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Resource::NetworkPolicy(r) => &mut r.metadata,
+            Resource::GlobalNetworkPolicy(r) => &mut r.metadata,
+            Resource::Profile(r) => &mut r.metadata,
+            Resource::WorkloadEndpoint(r) => &mut r.metadata,
+            Resource::NetworkSet(r) => &mut r.metadata,
+            Resource::GlobalNetworkSet(r) => &mut r.metadata,
+        }
+    }
+
+    fn api_version(&self) -> &str {
+        match self {
+            Resource::NetworkPolicy(r) => &r.api_version,
+            Resource::GlobalNetworkPolicy(r) => &r.api_version,
+            Resource::Profile(r) => &r.api_version,
+            Resource::WorkloadEndpoint(r) => &r.api_version,
+            Resource::NetworkSet(r) => &r.api_version,
+            Resource::GlobalNetworkSet(r) => &r.api_version,
+        }
+    }
+
+    pub fn key(&self) -> ResourceKey {
+        let kind = self.kind();
+        let meta = self.metadata();
+        let ns = if kind.is_namespaced() {
+            Some(meta.namespace.as_deref().unwrap_or("default"))
+        } else {
+            None
+        };
+        ResourceKey::new(kind, ns, &meta.name)
+    }
+
+    /// Decodes a resource from JSON (the etcd value) and validates it.
+    /// `what` names the source in errors (an etcd key, a file).
+    pub fn from_json(what: &str, bytes: &[u8]) -> Result<Resource, DecodeError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Syntax {
+                what: what.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Self::from_value(what, value)
+    }
+
+    /// Decodes a resource from YAML text and validates it.
+    pub fn from_yaml(what: &str, text: &str) -> Result<Resource, DecodeError> {
+        let value: serde_json::Value =
+            serde_yaml::from_str(text).map_err(|e| DecodeError::Syntax {
+                what: what.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Self::from_value(what, value)
+    }
+
+    pub fn from_value(what: &str, value: serde_json::Value) -> Result<Resource, DecodeError> {
+        let described = describe_value(what, &value);
+        let resource: Resource =
+            serde_json::from_value(value).map_err(|e| DecodeError::Invalid {
+                what: described.clone(),
+                reason: e.to_string(),
+            })?;
+        if resource.api_version() != API_VERSION {
+            return Err(DecodeError::ApiVersion {
+                what: described,
+                found: resource.api_version().to_owned(),
+            });
+        }
+        resource.validate().map_err(|reason| DecodeError::Invalid {
+            what: described,
+            reason,
+        })?;
+        Ok(resource)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("resources always serialize")
+    }
+
+    /// Checks what serde cannot: selectors parse, port ranges are ordered,
+    /// ports are only used with protocols that have them.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.metadata().name.is_empty() {
+            return Err("metadata.name is empty".into());
+        }
+        match self {
+            Resource::NetworkPolicy(p) => validate_policy_spec(&p.spec),
+            Resource::GlobalNetworkPolicy(p) => {
+                validate_policy_spec(&p.spec)?;
+                if let Some(s) = &p.spec.namespace_selector {
+                    parse_selector("spec.namespaceSelector", s)?;
+                }
+                Ok(())
+            }
+            Resource::Profile(p) => {
+                validate_rules("spec.ingress", &p.spec.ingress)?;
+                validate_rules("spec.egress", &p.spec.egress)
+            }
+            Resource::WorkloadEndpoint(w) => {
+                if w.spec.interface_name.is_empty() {
+                    return Err("spec.interfaceName is empty".into());
+                }
+                for p in &w.spec.ports {
+                    if p.port == 0 {
+                        return Err(format!("spec.ports {:?}: port 0 is not valid", p.name));
+                    }
+                }
+                Ok(())
+            }
+            Resource::NetworkSet(_) | Resource::GlobalNetworkSet(_) => Ok(()),
+        }
+    }
+}
+
+fn describe_value(what: &str, value: &serde_json::Value) -> String {
+    let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("?");
+    let meta = value.get("metadata");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("?");
+    match meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|v| v.as_str())
+    {
+        Some(ns) => format!("{what}: {kind} {ns}/{name}"),
+        None => format!("{what}: {kind} {name}"),
+    }
+}
+
+fn parse_selector(field: &str, text: &str) -> Result<Selector, String> {
+    Selector::parse(text).map_err(|e: SelectorError| format!("{field}: {e}"))
+}
+
+fn validate_policy_spec(spec: &PolicySpec) -> Result<(), String> {
+    parse_selector("spec.selector", &spec.selector)?;
+    if let Some(tier) = &spec.tier {
+        if tier != DEFAULT_TIER {
+            return Err(format!(
+                "spec.tier {tier:?}: only the {DEFAULT_TIER:?} tier is supported"
+            ));
+        }
+    }
+    validate_rules("spec.ingress", &spec.ingress)?;
+    validate_rules("spec.egress", &spec.egress)
+}
+
+fn validate_rules(field: &str, rules: &[Rule]) -> Result<(), String> {
+    for (i, rule) in rules.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        for (side, entity) in [("source", &rule.source), ("destination", &rule.destination)] {
+            let at = format!("{at}.{side}");
+            for (f, s) in [
+                ("selector", &entity.selector),
+                ("notSelector", &entity.not_selector),
+                ("namespaceSelector", &entity.namespace_selector),
+            ] {
+                if let Some(s) = s {
+                    parse_selector(&format!("{at}.{f}"), s)?;
+                }
+            }
+            let has_ports = !entity.ports.is_empty() || !entity.not_ports.is_empty();
+            if has_ports {
+                match &rule.protocol {
+                    Some(p) if p.has_ports() => {}
+                    _ => {
+                        return Err(format!(
+                            "{at}: ports are only allowed with protocol TCP, UDP, SCTP or UDPLite"
+                        ))
+                    }
+                }
+            }
+        }
+        if let Some(v) = rule.ip_version {
+            if v != 4 && v != 6 {
+                return Err(format!("{at}.ipVersion: {v} is neither 4 nor 6"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn default_api_version() -> String {
+    API_VERSION.to_owned()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicy {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PolicySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalNetworkPolicy {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PolicySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// Lower orders apply first; no order sorts last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<f64>,
+    /// Empty selects everything (as `all()`).
+    #[serde(default)]
+    pub selector: String,
+    /// GlobalNetworkPolicy only: restricts the endpoints by namespace labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<PolicyType>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<Rule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<Rule>,
+}
+
+impl PolicySpec {
+    /// The policy types in force: as written, or Calico's default (Ingress,
+    /// plus Egress when egress rules exist).
+    pub fn effective_types(&self) -> Vec<PolicyType> {
+        if !self.types.is_empty() {
+            return self.types.clone();
+        }
+        let mut t = vec![PolicyType::Ingress];
+        if !self.egress.is_empty() {
+            t.push(PolicyType::Egress);
+        }
+        t
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PolicyType {
+    Ingress,
+    Egress,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Action {
+    Allow,
+    Deny,
+    Pass,
+    Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rule {
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_version: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_protocol: Option<Protocol>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<IcmpFields>,
+    #[serde(default, rename = "notICMP", skip_serializing_if = "Option::is_none")]
+    pub not_icmp: Option<IcmpFields>,
+    #[serde(default, skip_serializing_if = "EntityRule::is_empty")]
+    pub source: EntityRule,
+    #[serde(default, skip_serializing_if = "EntityRule::is_empty")]
+    pub destination: EntityRule,
+}
+
+impl Default for Action {
+    fn default() -> Self {
+        Action::Allow
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IcmpFields {
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub icmp_type: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntityRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_nets: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Port>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<Port>,
+}
+
+impl EntityRule {
+    pub fn is_empty(&self) -> bool {
+        self == &EntityRule::default()
+    }
+}
+
+/// An IP protocol, by Calico name or number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    IcmpV6,
+    Sctp,
+    UdpLite,
+    Number(u8),
+}
+
+impl Protocol {
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Icmp => 1,
+            Protocol::IcmpV6 => 58,
+            Protocol::Sctp => 132,
+            Protocol::UdpLite => 136,
+            Protocol::Number(n) => n,
+        }
+    }
+
+    /// The named variant for a number, so `6` and `TCP` compare equal.
+    pub fn from_number(n: u8) -> Protocol {
+        match n {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            1 => Protocol::Icmp,
+            58 => Protocol::IcmpV6,
+            132 => Protocol::Sctp,
+            136 => Protocol::UdpLite,
+            n => Protocol::Number(n),
+        }
+    }
+
+    pub fn has_ports(self) -> bool {
+        matches!(
+            Protocol::from_number(self.number()),
+            Protocol::Tcp | Protocol::Udp | Protocol::Sctp | Protocol::UdpLite
+        )
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Protocol::Tcp => "TCP".into(),
+            Protocol::Udp => "UDP".into(),
+            Protocol::Icmp => "ICMP".into(),
+            Protocol::IcmpV6 => "ICMPv6".into(),
+            Protocol::Sctp => "SCTP".into(),
+            Protocol::UdpLite => "UDPLite".into(),
+            Protocol::Number(n) => n.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "TCP" | "tcp" => Protocol::Tcp,
+            "UDP" | "udp" => Protocol::Udp,
+            "ICMP" | "icmp" => Protocol::Icmp,
+            "ICMPv6" | "icmpv6" => Protocol::IcmpV6,
+            "SCTP" | "sctp" => Protocol::Sctp,
+            "UDPLite" | "udplite" => Protocol::UdpLite,
+            other => match other.parse::<u8>() {
+                Ok(n) if n > 0 => Protocol::from_number(n),
+                _ => return Err(format!("unknown protocol {other:?}")),
+            },
+        })
+    }
+}
+
+impl Serialize for Protocol {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Protocol::Number(n) => s.serialize_u8(*n),
+            p => s.serialize_str(&p.name()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) if (1..=255).contains(&n) => Ok(Protocol::from_number(n as u8)),
+            Raw::N(n) => Err(serde::de::Error::custom(format!(
+                "protocol number {n} out of range 1-255"
+            ))),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A port in a rule: a number, an inclusive range `"a:b"`, or a named port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Port {
+    Range { min: u16, max: u16 },
+    Named(String),
+}
+
+impl Port {
+    pub fn single(p: u16) -> Port {
+        Port::Range { min: p, max: p }
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Port::Range { min, max } if min == max => write!(f, "{min}"),
+            Port::Range { min, max } => write!(f, "{min}:{max}"),
+            Port::Named(n) => f.write_str(n),
+        }
+    }
+}
+
+impl FromStr for Port {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let num = |t: &str| -> Result<u16, String> {
+            match t.trim().parse::<u32>() {
+                Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
+                Ok(n) => Err(format!("port {n} out of range 1-65535")),
+                Err(_) => Err(format!("invalid port number {t:?}")),
+            }
+        };
+        if let Some((a, b)) = s.split_once(':') {
+            let (min, max) = (num(a)?, num(b)?);
+            if min > max {
+                return Err(format!("port range {s:?}: start is above end"));
+            }
+            return Ok(Port::Range { min, max });
+        }
+        if s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty() {
+            return Ok(Port::single(num(s)?));
+        }
+        validate_port_name(s)?;
+        Ok(Port::Named(s.to_owned()))
+    }
+}
+
+/// Kubernetes IANA_SVC_NAME: 1-15 chars, lowercase alphanumerics and '-', at
+/// least one letter, no leading/trailing/double '-'.
+pub fn validate_port_name(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && s.chars().any(|c| c.is_ascii_lowercase())
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && !s.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid port name {s:?} (1-15 lowercase letters, digits and '-', at least one letter)"
+        ))
+    }
+}
+
+impl Serialize for Port {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Port::Range { min, max } if min == max => s.serialize_u16(*min),
+            p => s.serialize_str(&p.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(i64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) if (1..=65535).contains(&n) => Ok(Port::single(n as u16)),
+            Raw::N(n) => Err(serde::de::Error::custom(format!(
+                "port {n} out of range 1-65535"
+            ))),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Profile {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ProfileSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProfileSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<Rule>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<Rule>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels_to_apply: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEndpoint {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    pub metadata: ObjectMeta,
+    pub spec: WorkloadEndpointSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEndpointSpec {
+    #[serde(default)]
+    pub orchestrator: String,
+    #[serde(default)]
+    pub workload: String,
+    pub node: String,
+    #[serde(default, rename = "containerID")]
+    pub container_id: String,
+    #[serde(default)]
+    pub pod: String,
+    #[serde(default)]
+    pub endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default, rename = "ipNetworks")]
+    pub ip_networks: Vec<IpNet>,
+    #[serde(default)]
+    pub profiles: Vec<String>,
+    pub interface_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<EndpointPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSet {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: NetworkSetSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalNetworkSet {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: NetworkSetSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSetSpec {
+    #[serde(default)]
+    pub nets: Vec<IpNet>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_keys_round_trip() {
+        let k = ResourceKey::new(Kind::NetworkPolicy, Some("default"), "knp.default.web");
+        assert_eq!(
+            k.etcd_key(),
+            "/calico/resources/v3/projectcalico.org/networkpolicies/default/knp.default.web"
+        );
+        assert_eq!(ResourceKey::from_etcd_key(&k.etcd_key()), Some(k));
+        let g = ResourceKey::new(Kind::Profile, None, "kns.default");
+        assert_eq!(ResourceKey::from_etcd_key(&g.etcd_key()), Some(g));
+        assert_eq!(
+            ResourceKey::from_etcd_key("/calico/resources/v3/projectcalico.org/profiles/a/b"),
+            None
+        );
+    }
+
+    #[test]
+    fn decodes_a_policy_and_rejects_unknown_values() {
+        let json = r#"{"apiVersion":"projectcalico.org/v3","kind":"NetworkPolicy",
+            "metadata":{"name":"p","namespace":"ns"},
+            "spec":{"order":100,"selector":"app == 'web'","types":["Ingress"],
+              "ingress":[{"action":"Allow","protocol":"TCP",
+                "source":{"nets":["198.18.0.0/16"],"notNets":["198.18.1.0/24"]},
+                "destination":{"ports":[80,"8000:8080","http"]}}]}}"#;
+        let r = Resource::from_json("test", json.as_bytes()).unwrap();
+        let Resource::NetworkPolicy(p) = &r else {
+            panic!()
+        };
+        assert_eq!(
+            p.spec.ingress[0].destination.ports,
+            vec![
+                Port::single(80),
+                Port::Range {
+                    min: 8000,
+                    max: 8080
+                },
+                Port::Named("http".into())
+            ]
+        );
+        // serialize → decode is the identity
+        assert_eq!(
+            Resource::from_json("again", r.to_json().as_bytes()).unwrap(),
+            r
+        );
+
+        let bad = json.replace("\"Allow\"", "\"Permit\"");
+        let err = Resource::from_json("key1", bad.as_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("key1: NetworkPolicy ns/p"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Permit"), "{err}");
+
+        let bad = json.replace("8000:8080", "8080:8000");
+        let err = Resource::from_json("k", bad.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("start is above end"), "{err}");
+
+        let bad = json.replace("\"TCP\"", "\"ICMP\"");
+        let err = Resource::from_json("k", bad.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("ports are only allowed"), "{err}");
+
+        let bad = json.replace("app == 'web'", "app = 'web'");
+        let err = Resource::from_json("k", bad.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("spec.selector"), "{err}");
+    }
+
+    #[test]
+    fn protocols_by_name_and_number_are_equal() {
+        assert_eq!("6".parse::<Protocol>().unwrap(), Protocol::Tcp);
+        assert!("FOO".parse::<Protocol>().is_err());
+        assert!("0".parse::<Protocol>().is_err());
+    }
+}

@@ -1,0 +1,741 @@
+//! Kubernetes → Calico, as calico-kube-controllers and libcalico-go's
+//! Kubernetes converter do it:
+//!
+//! - Namespace `<ns>` → Profile `kns.<ns>` allowing all, applying the
+//!   namespace's labels to its endpoints as `pcns.<label>`;
+//! - Pod → WorkloadEndpoint `<node>-k8s-<pod>-eth0` with interface
+//!   `cali` + sha1(`<ns>.<pod>`)[:11] and the pod's named ports;
+//! - NetworkPolicy `<name>` → Calico NetworkPolicy `knp.default.<name>`,
+//!   order 1000, one Allow rule per (peer × protocol).
+//!
+//! Everything Kubernetes' API server would reject (bad CIDRs, port 0,
+//! `endPort` below `port`, malformed label selectors) is rejected here with
+//! an error naming the object, so nothing half-valid reaches a dataplane.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1 as netv1;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha1::{Digest, Sha1};
+
+use crate::calico::{
+    self, EndpointPort, EntityRule, ObjectMeta, PolicySpec, PolicyType, Port, Profile, ProfileSpec,
+    Protocol, Resource, Rule, WorkloadEndpoint, WorkloadEndpointSpec,
+};
+use crate::kube::KubeObject;
+use crate::selector::Selector;
+
+pub const K8S_POLICY_PREFIX: &str = "knp.default.";
+pub const NAMESPACE_PROFILE_PREFIX: &str = "kns.";
+pub const K8S_POLICY_ORDER: f64 = 1000.0;
+pub const ORCHESTRATOR_K8S: &str = "k8s";
+/// The label the API server puts on every namespace.
+pub const K8S_NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: {reason}")]
+pub struct ConvertError {
+    /// The Kubernetes object, e.g. `NetworkPolicy default/web-deny-all`.
+    pub object: String,
+    pub reason: String,
+}
+
+/// Converts one Kubernetes object into the Calico resource that stands for
+/// it. A pod without a node or an address yet has no endpoint: `Ok(None)`.
+pub fn kube_to_calico(obj: &KubeObject) -> Result<Option<Resource>, ConvertError> {
+    let err = |reason: String| ConvertError {
+        object: obj.key().to_string(),
+        reason,
+    };
+    match obj {
+        KubeObject::Namespace(ns) => namespace_to_profile(ns)
+            .map(|p| Some(Resource::Profile(p)))
+            .map_err(err),
+        KubeObject::Pod(pod) => pod_to_workload_endpoint(pod)
+            .map(|w| w.map(Resource::WorkloadEndpoint))
+            .map_err(err),
+        KubeObject::NetworkPolicy(np) => network_policy_to_calico(np)
+            .map(|p| Some(Resource::NetworkPolicy(p)))
+            .map_err(err),
+    }
+}
+
+pub fn namespace_profile_name(namespace: &str) -> String {
+    format!("{NAMESPACE_PROFILE_PREFIX}{namespace}")
+}
+
+pub fn k8s_policy_name(name: &str) -> String {
+    format!("{K8S_POLICY_PREFIX}{name}")
+}
+
+/// `"cali" + hex(sha1("<namespace>.<pod>"))[:11]`, as the Calico CNI plugin
+/// names the host end of a pod's veth.
+pub fn interface_name(namespace: &str, pod: &str) -> String {
+    let digest = Sha1::digest(format!("{namespace}.{pod}").as_bytes());
+    format!("cali{}", &hex::encode(digest)[..11])
+}
+
+/// Calico's WorkloadEndpoint name: `<node>-k8s-<pod>-<endpoint>`, with the
+/// dashes inside each part doubled so the name splits back unambiguously.
+pub fn workload_endpoint_name(node: &str, pod: &str, endpoint: &str) -> String {
+    let esc = |s: &str| s.replace('-', "--");
+    format!(
+        "{}-{ORCHESTRATOR_K8S}-{}-{}",
+        esc(node),
+        esc(pod),
+        esc(endpoint)
+    )
+}
+
+pub fn namespace_to_profile(ns: &Namespace) -> Result<Profile, String> {
+    let name = ns.metadata.name.clone().unwrap_or_default();
+    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+    // The API server always adds this label; files written by hand may not.
+    labels
+        .entry(K8S_NAMESPACE_NAME_LABEL.to_owned())
+        .or_insert_with(|| name.clone());
+    validate_labels(&labels)?;
+    let mut labels_to_apply: BTreeMap<String, String> = labels
+        .into_iter()
+        .map(|(k, v)| (format!("{}{k}", calico::NAMESPACE_LABEL_PREFIX), v))
+        .collect();
+    labels_to_apply.insert(
+        format!(
+            "{}{}",
+            calico::NAMESPACE_LABEL_PREFIX,
+            calico::NAMESPACE_NAME_LABEL
+        ),
+        name.clone(),
+    );
+    let allow = || Rule {
+        action: calico::Action::Allow,
+        ..Default::default()
+    };
+    Ok(Profile {
+        api_version: calico::API_VERSION.into(),
+        metadata: ObjectMeta {
+            name: namespace_profile_name(&name),
+            ..Default::default()
+        },
+        spec: ProfileSpec {
+            ingress: vec![allow()],
+            egress: vec![allow()],
+            labels_to_apply,
+        },
+    })
+}
+
+/// The pod's addresses: `status.podIPs`, else `status.podIP`.
+pub fn pod_ips(pod: &Pod) -> Result<Vec<std::net::IpAddr>, String> {
+    let status = pod.status.as_ref();
+    let mut texts: Vec<String> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|p| p.ip.clone()).collect())
+        .unwrap_or_default();
+    if texts.is_empty() {
+        if let Some(ip) = status.and_then(|s| s.pod_ip.clone()) {
+            texts.push(ip);
+        }
+    }
+    texts
+        .iter()
+        .map(|t| {
+            t.parse()
+                .map_err(|_| format!("status.podIPs: {t:?} is not an IP address"))
+        })
+        .collect()
+}
+
+pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, String> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let spec = pod.spec.as_ref();
+    let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
+    let ips = pod_ips(pod)?;
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if node.is_empty() || ips.is_empty() || matches!(phase, Some("Succeeded" | "Failed")) {
+        // Not (or no longer) networked: Calico has no endpoint for it.
+        return Ok(None);
+    }
+    let mut labels = pod.metadata.labels.clone().unwrap_or_default();
+    validate_labels(&labels)?;
+    labels.insert(calico::LABEL_NAMESPACE.into(), namespace.clone());
+    labels.insert(calico::LABEL_ORCHESTRATOR.into(), ORCHESTRATOR_K8S.into());
+    let service_account = spec.and_then(|s| s.service_account_name.clone());
+    if let Some(sa) = &service_account {
+        labels.insert(calico::LABEL_SERVICE_ACCOUNT.into(), sa.clone());
+    }
+    let mut ports = Vec::new();
+    for c in spec.map(|s| s.containers.as_slice()).unwrap_or_default() {
+        for p in c.ports.as_deref().unwrap_or_default() {
+            if !(1..=65535).contains(&p.container_port) {
+                return Err(format!(
+                    "container {:?}: containerPort {} out of range 1-65535",
+                    c.name, p.container_port
+                ));
+            }
+            let protocol = k8s_protocol(p.protocol.as_deref())?;
+            // Only named ports matter to policy: numeric ports match by number.
+            if let Some(port_name) = &p.name {
+                calico::validate_port_name(port_name)
+                    .map_err(|e| format!("container {:?}: {e}", c.name))?;
+                ports.push(EndpointPort {
+                    name: port_name.clone(),
+                    protocol,
+                    port: p.container_port as u16,
+                });
+            }
+        }
+    }
+    let ip_networks = ips.into_iter().map(IpNet::from).collect();
+    Ok(Some(WorkloadEndpoint {
+        api_version: calico::API_VERSION.into(),
+        metadata: ObjectMeta {
+            name: workload_endpoint_name(&node, &name, "eth0"),
+            namespace: Some(namespace.clone()),
+            labels,
+            ..Default::default()
+        },
+        spec: WorkloadEndpointSpec {
+            orchestrator: ORCHESTRATOR_K8S.into(),
+            workload: String::new(),
+            node,
+            container_id: String::new(),
+            pod: name.clone(),
+            endpoint: "eth0".into(),
+            service_account_name: service_account,
+            ip_networks,
+            profiles: vec![namespace_profile_name(&namespace)],
+            interface_name: interface_name(&namespace, &name),
+            mac: None,
+            ports,
+        },
+    }))
+}
+
+pub fn network_policy_to_calico(
+    np: &netv1::NetworkPolicy,
+) -> Result<calico::NetworkPolicy, String> {
+    let name = np.metadata.name.clone().unwrap_or_default();
+    let namespace = np
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let spec = np.spec.clone().unwrap_or_default();
+    let selector = k8s_selector_to_calico(spec.pod_selector.as_ref(), SelectorKind::Pod)
+        .map_err(|e| format!("spec.podSelector: {e}"))?;
+
+    let mut ingress = Vec::new();
+    for (i, r) in spec.ingress.iter().flatten().enumerate() {
+        ingress.extend(
+            k8s_rule_to_calico(r.from.as_deref(), r.ports.as_deref(), true)
+                .map_err(|e| format!("spec.ingress[{i}]{e}"))?,
+        );
+    }
+    let mut egress = Vec::new();
+    for (i, r) in spec.egress.iter().flatten().enumerate() {
+        egress.extend(
+            k8s_rule_to_calico(r.to.as_deref(), r.ports.as_deref(), false)
+                .map_err(|e| format!("spec.egress[{i}]{e}"))?,
+        );
+    }
+
+    let types = match &spec.policy_types {
+        Some(types) if !types.is_empty() => types
+            .iter()
+            .map(|t| match t.as_str() {
+                "Ingress" => Ok(PolicyType::Ingress),
+                "Egress" => Ok(PolicyType::Egress),
+                other => Err(format!(
+                    "spec.policyTypes: {other:?} is neither Ingress nor Egress"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        // The API server's defaulting: Ingress always, Egress when the
+        // policy has egress rules.
+        _ => {
+            let mut t = vec![PolicyType::Ingress];
+            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
+                t.push(PolicyType::Egress);
+            }
+            t
+        }
+    };
+
+    Ok(calico::NetworkPolicy {
+        api_version: calico::API_VERSION.into(),
+        metadata: ObjectMeta {
+            name: k8s_policy_name(&name),
+            namespace: Some(namespace),
+            ..Default::default()
+        },
+        spec: PolicySpec {
+            tier: None,
+            order: Some(K8S_POLICY_ORDER),
+            selector,
+            namespace_selector: None,
+            types,
+            ingress,
+            egress,
+        },
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SelectorKind {
+    Pod,
+    Namespace,
+}
+
+/// libcalico-go's `k8sSelectorToCalico`: pod selectors are restricted to
+/// Kubernetes endpoints; an empty namespace selector means all namespaces.
+fn k8s_selector_to_calico(s: Option<&LabelSelector>, kind: SelectorKind) -> Result<String, String> {
+    let mut terms: Vec<String> = Vec::new();
+    if kind == SelectorKind::Pod {
+        terms.push(format!(
+            "{} == '{ORCHESTRATOR_K8S}'",
+            calico::LABEL_ORCHESTRATOR
+        ));
+    }
+    let Some(s) = s else {
+        return Ok(terms.join(" && "));
+    };
+    let match_labels = s.match_labels.clone().unwrap_or_default();
+    let exprs = s.match_expressions.clone().unwrap_or_default();
+    if kind == SelectorKind::Namespace && match_labels.is_empty() && exprs.is_empty() {
+        return Ok("all()".into());
+    }
+    for (k, v) in &match_labels {
+        validate_label_key(k)?;
+        validate_label_value(v).map_err(|e| format!("matchLabels {k:?}: {e}"))?;
+        terms.push(format!("{k} == '{v}'"));
+    }
+    for e in &exprs {
+        validate_label_key(&e.key)?;
+        let values = e.values.clone().unwrap_or_default();
+        for v in &values {
+            validate_label_value(v)
+                .map_err(|err| format!("matchExpressions {:?}: {err}", e.key))?;
+        }
+        let list = || {
+            values
+                .iter()
+                .map(|v| format!("'{v}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let need_values = |want: bool| {
+            if want == values.is_empty() {
+                Err(format!(
+                    "matchExpressions {:?}: operator {} {} values",
+                    e.key,
+                    e.operator,
+                    if want { "needs" } else { "takes no" }
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match e.operator.as_str() {
+            "In" => {
+                need_values(true)?;
+                terms.push(format!("{} in {{ {} }}", e.key, list()));
+            }
+            "NotIn" => {
+                need_values(true)?;
+                terms.push(format!("{} not in {{ {} }}", e.key, list()));
+            }
+            "Exists" => {
+                need_values(false)?;
+                terms.push(format!("has({})", e.key));
+            }
+            "DoesNotExist" => {
+                need_values(false)?;
+                terms.push(format!("! has({})", e.key));
+            }
+            other => {
+                return Err(format!(
+                    "matchExpressions {:?}: unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)",
+                    e.key
+                ))
+            }
+        }
+    }
+    let text = terms.join(" && ");
+    // Belt and braces: what we produce must parse as a Calico selector.
+    Selector::parse(&text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
+fn k8s_protocol(p: Option<&str>) -> Result<Protocol, String> {
+    match p {
+        None | Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Ok(Protocol::Sctp),
+        Some(other) => Err(format!("protocol {other:?} is not TCP, UDP or SCTP")),
+    }
+}
+
+/// One Kubernetes port entry → (protocol, ports); `None` ports = every port.
+fn k8s_port_to_calico(p: &netv1::NetworkPolicyPort) -> Result<(Protocol, Option<Port>), String> {
+    let protocol = k8s_protocol(p.protocol.as_deref())?;
+    let port = match (&p.port, p.end_port) {
+        (None, None) => None,
+        (None, Some(_)) => return Err("endPort is set without port".into()),
+        (Some(IntOrString::Int(n)), end) => {
+            let n = *n;
+            if !(1..=65535).contains(&n) {
+                return Err(format!("port {n} out of range 1-65535"));
+            }
+            match end {
+                None => Some(Port::single(n as u16)),
+                Some(e) if !(1..=65535).contains(&e) => {
+                    return Err(format!("endPort {e} out of range 1-65535"))
+                }
+                Some(e) if e < n => {
+                    return Err(format!("endPort {e} is below port {n}"));
+                }
+                Some(e) => Some(Port::Range {
+                    min: n as u16,
+                    max: e as u16,
+                }),
+            }
+        }
+        (Some(IntOrString::String(name)), end) => {
+            if end.is_some() {
+                return Err(format!("endPort cannot be used with named port {name:?}"));
+            }
+            calico::validate_port_name(name)?;
+            Some(Port::Named(name.clone()))
+        }
+    };
+    Ok((protocol, port))
+}
+
+/// libcalico-go's `k8sRuleToCalico`: one Allow rule per (peer × protocol),
+/// each holding all the rule's ports for that protocol.
+fn k8s_rule_to_calico(
+    peers: Option<&[netv1::NetworkPolicyPeer]>,
+    ports: Option<&[netv1::NetworkPolicyPort]>,
+    ingress: bool,
+) -> Result<Vec<Rule>, String> {
+    // protocol → ports; `None` = all ports of that protocol. An empty port
+    // list (or none) means every protocol: the single key `None`.
+    let mut by_protocol: BTreeMap<Option<Protocol>, Option<Vec<Port>>> = BTreeMap::new();
+    let ports = ports.unwrap_or_default();
+    if ports.is_empty() {
+        by_protocol.insert(None, None);
+    }
+    for (i, p) in ports.iter().enumerate() {
+        let (protocol, port) = k8s_port_to_calico(p).map_err(|e| format!(".ports[{i}]: {e}"))?;
+        let entry = by_protocol
+            .entry(Some(protocol))
+            .or_insert_with(|| Some(Vec::new()));
+        match (entry.as_mut(), port) {
+            (Some(list), Some(port)) => list.push(port),
+            // A port entry without a port allows the whole protocol.
+            (_, None) => *entry = None,
+            (None, Some(_)) => {}
+        }
+    }
+
+    let peer_fields: Vec<EntityRule> = match peers {
+        None | Some([]) => vec![EntityRule::default()],
+        Some(peers) => peers
+            .iter()
+            .enumerate()
+            .map(|(i, peer)| {
+                k8s_peer_to_calico(peer)
+                    .map_err(|e| format!(".{}[{i}]: {e}", if ingress { "from" } else { "to" }))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+
+    let mut rules = Vec::new();
+    for peer in &peer_fields {
+        for (protocol, ports) in &by_protocol {
+            let ports = simplify_ports(ports.clone().unwrap_or_default());
+            let mut rule = Rule {
+                action: calico::Action::Allow,
+                protocol: *protocol,
+                ..Default::default()
+            };
+            if ingress {
+                rule.source = peer.clone();
+                rule.destination.ports = ports;
+            } else {
+                rule.destination = peer.clone();
+                rule.destination.ports = ports;
+            }
+            rules.push(rule);
+        }
+    }
+    Ok(rules)
+}
+
+fn k8s_peer_to_calico(peer: &netv1::NetworkPolicyPeer) -> Result<EntityRule, String> {
+    let mut e = EntityRule::default();
+    if let Some(block) = &peer.ip_block {
+        if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
+            return Err("ipBlock cannot be combined with podSelector or namespaceSelector".into());
+        }
+        let cidr = parse_cidr(&block.cidr).map_err(|e| format!("ipBlock.cidr: {e}"))?;
+        let mut except = Vec::new();
+        for (i, x) in block.except.iter().flatten().enumerate() {
+            let x = parse_cidr(x).map_err(|e| format!("ipBlock.except[{i}]: {e}"))?;
+            if !cidr.contains(&x) {
+                return Err(format!(
+                    "ipBlock.except[{i}]: {x} is not inside cidr {cidr}"
+                ));
+            }
+            except.push(x);
+        }
+        e.nets = vec![cidr];
+        e.not_nets = except;
+        return Ok(e);
+    }
+    if let Some(ps) = &peer.pod_selector {
+        e.selector = Some(
+            k8s_selector_to_calico(Some(ps), SelectorKind::Pod)
+                .map_err(|err| format!("podSelector: {err}"))?,
+        );
+    }
+    if let Some(ns) = &peer.namespace_selector {
+        e.namespace_selector = Some(
+            k8s_selector_to_calico(Some(ns), SelectorKind::Namespace)
+                .map_err(|err| format!("namespaceSelector: {err}"))?,
+        );
+    }
+    if e.selector.is_none() && e.namespace_selector.is_none() {
+        return Err("a peer needs podSelector, namespaceSelector or ipBlock".into());
+    }
+    Ok(e)
+}
+
+/// Parses a CIDR and normalises it to its network address, as Calico does.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    text.trim()
+        .parse::<IpNet>()
+        .map(|n| n.trunc())
+        .map_err(|_| format!("{text:?} is not a valid CIDR"))
+}
+
+/// libcalico-go's `SimplifyPorts`: numeric ports sorted and merged where
+/// they overlap or touch; named ports after them, in their original order.
+pub fn simplify_ports(ports: Vec<Port>) -> Vec<Port> {
+    let mut ranges: Vec<(u16, u16)> = Vec::new();
+    let mut named = Vec::new();
+    for p in ports {
+        match p {
+            Port::Range { min, max } => ranges.push((min, max)),
+            Port::Named(n) => {
+                if !named.contains(&Port::Named(n.clone())) {
+                    named.push(Port::Named(n))
+                }
+            }
+        }
+    }
+    ranges.sort();
+    let mut merged: Vec<(u16, u16)> = Vec::new();
+    for (lo, hi) in ranges {
+        match merged.last_mut() {
+            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(min, max)| Port::Range { min, max })
+        .chain(named)
+        .collect()
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    for (k, v) in labels {
+        validate_label_key(k)?;
+        validate_label_value(v).map_err(|e| format!("label {k:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn is_label_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// Kubernetes label key: optional DNS-subdomain prefix and `/`, then a name.
+pub fn validate_label_key(k: &str) -> Result<(), String> {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                let b = part.as_bytes();
+                !b.is_empty()
+                    && b.iter()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                    && b[0].is_ascii_alphanumeric()
+                    && b[b.len() - 1].is_ascii_alphanumeric()
+            })
+    });
+    if prefix_ok && is_label_name(name) {
+        Ok(())
+    } else {
+        Err(format!("invalid label key {k:?}"))
+    }
+}
+
+pub fn validate_label_value(v: &str) -> Result<(), String> {
+    if v.is_empty() || is_label_name(v) {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid label value {v:?} (up to 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::{parse_manifests, Manifest};
+
+    fn convert(yaml: &str) -> Result<Resource, ConvertError> {
+        let m = parse_manifests("t.yaml", yaml).unwrap();
+        let Manifest::Kube(obj) = &m[0] else { panic!() };
+        kube_to_calico(obj).map(|r| r.unwrap())
+    }
+
+    #[test]
+    fn interface_names_follow_calico() {
+        // sha1("default.web") = 9f54a5c1ba1b…; felix's 15-character limit holds.
+        let n = interface_name("default", "web");
+        assert_eq!(n.len(), 15);
+        assert!(n.starts_with("cali"));
+        assert_eq!(
+            workload_endpoint_name("node-1", "my-pod", "eth0"),
+            "node--1-k8s-my--pod-eth0"
+        );
+    }
+
+    #[test]
+    fn converts_the_seed_policy() {
+        let r = convert(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: backend-from-frontend, namespace: myns}
+spec:
+  podSelector: {matchLabels: {role: backend}}
+  policyTypes: [Ingress]
+  ingress:
+    - from:
+        - podSelector: {matchLabels: {role: frontend}}
+        - namespaceSelector: {}
+          podSelector: {matchExpressions: [{key: tier, operator: NotIn, values: [b, a]}]}
+        - ipBlock: {cidr: 198.18.1.7/16, except: [198.18.1.0/24]}
+      ports:
+        - {protocol: TCP, port: 6379}
+        - {port: 7000, endPort: 7010}
+        - {protocol: UDP, port: dns}
+"#,
+        )
+        .unwrap();
+        expect_test::expect![[r#"
+            {"kind":"NetworkPolicy","apiVersion":"projectcalico.org/v3","metadata":{"name":"knp.default.backend-from-frontend","namespace":"myns"},"spec":{"order":1000.0,"selector":"projectcalico.org/orchestrator == 'k8s' && role == 'backend'","types":["Ingress"],"ingress":[{"action":"Allow","protocol":"TCP","source":{"selector":"projectcalico.org/orchestrator == 'k8s' && role == 'frontend'"},"destination":{"ports":[6379,"7000:7010"]}},{"action":"Allow","protocol":"UDP","source":{"selector":"projectcalico.org/orchestrator == 'k8s' && role == 'frontend'"},"destination":{"ports":["dns"]}},{"action":"Allow","protocol":"TCP","source":{"selector":"projectcalico.org/orchestrator == 'k8s' && tier not in { 'b', 'a' }","namespaceSelector":"all()"},"destination":{"ports":[6379,"7000:7010"]}},{"action":"Allow","protocol":"UDP","source":{"selector":"projectcalico.org/orchestrator == 'k8s' && tier not in { 'b', 'a' }","namespaceSelector":"all()"},"destination":{"ports":["dns"]}},{"action":"Allow","protocol":"TCP","source":{"nets":["198.18.0.0/16"],"notNets":["198.18.1.0/24"]},"destination":{"ports":[6379,"7000:7010"]}},{"action":"Allow","protocol":"UDP","source":{"nets":["198.18.0.0/16"],"notNets":["198.18.1.0/24"]},"destination":{"ports":["dns"]}}]}}"#]]
+        .assert_eq(&r.to_json());
+    }
+
+    #[test]
+    fn policy_types_default_from_egress_rules() {
+        let r = convert(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: e}\nspec:\n  podSelector: {}\n  egress: [{}]\n",
+        )
+        .unwrap();
+        let Resource::NetworkPolicy(p) = r else {
+            panic!()
+        };
+        assert_eq!(p.spec.types, vec![PolicyType::Ingress, PolicyType::Egress]);
+        assert_eq!(p.spec.egress, vec![Rule::default()]);
+        assert_eq!(p.spec.selector, "projectcalico.org/orchestrator == 'k8s'");
+    }
+
+    #[test]
+    fn rejects_invalid_policies_naming_the_object() {
+        let base = |body: &str| {
+            format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bad, namespace: ns}}\nspec:\n  podSelector: {{}}\n{body}")
+        };
+        for (body, want) in [
+            ("  ingress: [{ports: [{port: 0}]}]", "port 0 out of range"),
+            (
+                "  ingress: [{ports: [{port: 65536}]}]",
+                "port 65536 out of range",
+            ),
+            (
+                "  ingress: [{ports: [{port: 90, endPort: 80}]}]",
+                "endPort 80 is below port 90",
+            ),
+            (
+                "  ingress: [{from: [{ipBlock: {cidr: 198.18.0.0/33}}]}]",
+                "not a valid CIDR",
+            ),
+            (
+                "  ingress: [{from: [{podSelector: {matchLabels: {'a b': x}}}]}]",
+                "invalid label key",
+            ),
+            (
+                "  ingress: [{ports: [{protocol: ICMP, port: 1}]}]",
+                "not TCP, UDP or SCTP",
+            ),
+            ("  policyTypes: [Sideways]", "Sideways"),
+        ] {
+            let err = convert(&base(body)).unwrap_err().to_string();
+            assert!(err.starts_with("NetworkPolicy ns/bad: "), "{err}");
+            assert!(err.contains(want), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn namespaces_become_profiles_with_pcns_labels() {
+        let r = convert(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: bob-apps, labels: {user: bob}}\n",
+        )
+        .unwrap();
+        let Resource::Profile(p) = r else { panic!() };
+        assert_eq!(p.metadata.name, "kns.bob-apps");
+        let labels: Vec<_> = p.spec.labels_to_apply.iter().collect();
+        assert_eq!(
+            format!("{labels:?}"),
+            r#"[("pcns.kubernetes.io/metadata.name", "bob-apps"), ("pcns.projectcalico.org/name", "bob-apps"), ("pcns.user", "bob")]"#
+        );
+    }
+
+    #[test]
+    fn simplify_ports_merges_ranges() {
+        let p = simplify_ports(vec![
+            Port::single(81),
+            Port::Named("http".into()),
+            Port::single(80),
+            Port::Range { min: 82, max: 90 },
+            Port::single(100),
+        ]);
+        let text: Vec<String> = p.iter().map(|p| p.to_string()).collect();
+        assert_eq!(text, ["80:90", "100", "http"]);
+    }
+}

@@ -1,0 +1,277 @@
+//! Kubernetes inputs: Namespace, Pod and NetworkPolicy (networking.k8s.io/v1),
+//! as `kubectl get -o yaml` prints them, in multi-document YAML and `v1/List`s.
+//! Calico v3 resources may appear in the same files ([`Manifest::Calico`]).
+
+use std::fmt;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::Deserialize;
+
+use crate::calico::{self, Resource};
+
+/// One Kubernetes object nftpolicy understands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KubeObject {
+    Namespace(Namespace),
+    Pod(Pod),
+    NetworkPolicy(NetworkPolicy),
+}
+
+/// Which Kubernetes kind an object is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KubeKind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+}
+
+impl KubeKind {
+    pub fn parse(kind: &str) -> Option<KubeKind> {
+        match kind {
+            "Namespace" => Some(KubeKind::Namespace),
+            "Pod" => Some(KubeKind::Pod),
+            "NetworkPolicy" => Some(KubeKind::NetworkPolicy),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for KubeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KubeKind::Namespace => "Namespace",
+            KubeKind::Pod => "Pod",
+            KubeKind::NetworkPolicy => "NetworkPolicy",
+        })
+    }
+}
+
+/// Identity of a Kubernetes object. Namespaces have no namespace.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KubeKey {
+    pub kind: KubeKind,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl fmt::Display for KubeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{} {}", self.kind, self.name),
+        }
+    }
+}
+
+impl KubeObject {
+    pub fn kind(&self) -> KubeKind {
+        match self {
+            KubeObject::Namespace(_) => KubeKind::Namespace,
+            KubeObject::Pod(_) => KubeKind::Pod,
+            KubeObject::NetworkPolicy(_) => KubeKind::NetworkPolicy,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        let meta = match self {
+            KubeObject::Namespace(o) => &o.metadata,
+            KubeObject::Pod(o) => &o.metadata,
+            KubeObject::NetworkPolicy(o) => &o.metadata,
+        };
+        meta.name.as_deref().unwrap_or("")
+    }
+
+    /// The namespace, defaulted to `default` as the API server does.
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            KubeObject::Namespace(_) => None,
+            KubeObject::Pod(o) => Some(o.metadata.namespace.as_deref().unwrap_or("default")),
+            KubeObject::NetworkPolicy(o) => {
+                Some(o.metadata.namespace.as_deref().unwrap_or("default"))
+            }
+        }
+    }
+
+    pub fn key(&self) -> KubeKey {
+        KubeKey {
+            kind: self.kind(),
+            namespace: self.namespace().map(str::to_owned),
+            name: self.name().to_owned(),
+        }
+    }
+}
+
+/// A document from a manifest file: Kubernetes or Calico.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Manifest {
+    Kube(KubeObject),
+    Calico(Resource),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{what}: malformed YAML: {reason}")]
+    Yaml { what: String, reason: String },
+    #[error("{what}: document {index} has no kind/apiVersion")]
+    Untyped { what: String, index: usize },
+    #[error("{what}: {api_version}/{kind} {name:?}: unsupported kind (nftpolicy reads v1 Namespace, Pod, List, networking.k8s.io/v1 NetworkPolicy and projectcalico.org/v3 resources)")]
+    UnknownKind {
+        what: String,
+        api_version: String,
+        kind: String,
+        name: String,
+    },
+    #[error("{what}: {object}: {reason}")]
+    Invalid {
+        what: String,
+        object: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Calico(#[from] calico::DecodeError),
+}
+
+/// Parses every document of a YAML (or JSON) text; `what` names the source
+/// (usually the file) in errors.
+pub fn parse_manifests(what: &str, text: &str) -> Result<Vec<Manifest>, ManifestError> {
+    let mut out = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| ManifestError::Yaml {
+            what: what.to_owned(),
+            reason: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let value: serde_json::Value =
+            serde_json::to_value(&value).map_err(|e| ManifestError::Yaml {
+                what: what.to_owned(),
+                reason: e.to_string(),
+            })?;
+        parse_value(what, index, value, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Decodes one already-parsed object (flattening `v1/List`).
+pub fn parse_value(
+    what: &str,
+    index: usize,
+    value: serde_json::Value,
+    out: &mut Vec<Manifest>,
+) -> Result<(), ManifestError> {
+    let str_field = |v: &serde_json::Value, f: &str| {
+        v.get(f)
+            .and_then(|x| x.as_str())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    let api_version = str_field(&value, "apiVersion");
+    let kind = str_field(&value, "kind");
+    if kind.is_empty() || api_version.is_empty() {
+        return Err(ManifestError::Untyped {
+            what: what.to_owned(),
+            index,
+        });
+    }
+    let name = value
+        .get("metadata")
+        .map(|m| str_field(m, "name"))
+        .unwrap_or_default();
+    let object = {
+        let ns = value
+            .get("metadata")
+            .map(|m| str_field(m, "namespace"))
+            .unwrap_or_default();
+        if ns.is_empty() {
+            format!("{kind} {name}")
+        } else {
+            format!("{kind} {ns}/{name}")
+        }
+    };
+    let invalid = |reason: String| ManifestError::Invalid {
+        what: what.to_owned(),
+        object: object.clone(),
+        reason,
+    };
+    match (api_version.as_str(), kind.as_str()) {
+        ("v1", "List") => {
+            let items = match value.get("items") {
+                Some(serde_json::Value::Array(items)) => items.clone(),
+                None | Some(serde_json::Value::Null) => vec![],
+                Some(_) => return Err(invalid("items is not a list".into())),
+            };
+            for item in items {
+                parse_value(what, index, item, out)?;
+            }
+        }
+        (calico::API_VERSION, _) => {
+            out.push(Manifest::Calico(Resource::from_value(what, value)?));
+        }
+        ("v1", "Namespace") | ("v1", "Pod") | ("networking.k8s.io/v1", "NetworkPolicy") => {
+            if name.is_empty() {
+                return Err(invalid("metadata.name is missing".into()));
+            }
+            let obj = match kind.as_str() {
+                "Namespace" => serde_json::from_value(value).map(KubeObject::Namespace),
+                "Pod" => serde_json::from_value(value).map(KubeObject::Pod),
+                _ => serde_json::from_value(value).map(KubeObject::NetworkPolicy),
+            }
+            .map_err(|e| invalid(e.to_string()))?;
+            out.push(Manifest::Kube(obj));
+        }
+        _ => {
+            return Err(ManifestError::UnknownKind {
+                what: what.to_owned(),
+                api_version,
+                kind,
+                name,
+            })
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_multi_document_yaml_and_lists() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: a}
+---
+apiVersion: v1
+kind: List
+items:
+  - {apiVersion: v1, kind: Pod, metadata: {name: p, namespace: a}, spec: {containers: [{name: c}]}}
+  - {apiVersion: networking.k8s.io/v1, kind: NetworkPolicy, metadata: {name: np}, spec: {podSelector: {}}}
+---
+"#;
+        let m = parse_manifests("f.yaml", text).unwrap();
+        assert_eq!(m.len(), 3);
+        let Manifest::Kube(np) = &m[2] else { panic!() };
+        assert_eq!(np.key().to_string(), "NetworkPolicy default/np");
+    }
+
+    #[test]
+    fn unknown_kind_and_bad_yaml_name_the_file_and_object() {
+        let e = parse_manifests(
+            "f.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("f.yaml: v1/Service \"s\""), "{e}");
+        let e = parse_manifests("g.yaml", "kind: [").unwrap_err();
+        assert!(e.to_string().starts_with("g.yaml: malformed YAML"), "{e}");
+        let e = parse_manifests(
+            "h.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: 3}\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("h.yaml: Pod p:"), "{e}");
+    }
+}

@@ -1,0 +1,37 @@
+//! nftpolicy's model of the policy world.
+//!
+//! - [`calico`]: Calico v3 resources as stored in etcd;
+//! - [`kube`]: Kubernetes inputs (Namespace, Pod, NetworkPolicy, List);
+//! - [`convert`]: Kubernetes → Calico, as calico-kube-controllers does it;
+//! - [`selector`]: the Calico selector language;
+//! - [`state`]: the cluster as a set of Calico resources, and the shared
+//!   resolution of policies and selectors;
+//! - [`semantics`]: the reference semantics (the test oracle);
+//! - [`scenario`]: scenario files and their results.
+//!
+//! This crate does no I/O except reading scenario files it is asked to read.
+
+pub mod calico;
+pub mod convert;
+pub mod kube;
+pub mod scenario;
+pub mod selector;
+pub mod semantics;
+pub mod state;
+
+use std::net::IpAddr;
+
+/// Whether `ip` lies in the ranges tests may use: 198.18.0.0/15 and
+/// fd00:198:18::/48.
+pub fn is_test_address(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            o[0] == 198 && (o[1] == 18 || o[1] == 19)
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            s[0] == 0xfd00 && s[1] == 0x198 && s[2] == 0x18
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! The reference semantics: what felix's dataplane does to a connection,
+//! computed directly from the cluster state. This is the oracle every kernel
+//! test is checked against, and the engine behind `nftpolicy explain`.
+//!
+//! Evaluation order, per endpoint and direction (the sender's egress, then
+//! the receiver's ingress), as felix's `cali-fw-`/`cali-tw-` chains do it:
+//! 1. the policies that select the endpoint and have that direction in their
+//!    types, by `order` then id; each policy's rules in order: the first rule
+//!    that matches decides — Allow accepts (for this direction), Deny drops,
+//!    Pass leaves the tier, Log records and goes on;
+//! 2. if some policy applied and none allowed, denied or passed: dropped at
+//!    the end of the tier;
+//! 3. otherwise (no policy, or Pass) the endpoint's profiles in order, the
+//!    same way; no profile rule matched: dropped.
+//!
+//! Selectors are evaluated the way the kernel sees them: as IP sets. A
+//! source "matches" `role == 'db'` when its address is in the set of
+//! addresses of everything labelled `role == 'db'`.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use crate::calico::{
+    Action, IcmpFields, PolicyType, Port, Protocol, ResourceKey, WorkloadEndpoint,
+};
+use crate::state::{
+    ClusterState, LabelledNets, PolicyId, ResolvedEntity, ResolvedPolicy, ResolvedRule,
+};
+
+/// One connection attempt, as the first packet shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub protocol: Protocol,
+    /// Unknown for probes (ephemeral); rules on source ports then never match.
+    pub src_port: Option<u16>,
+    pub dst_port: Option<u16>,
+    /// ICMP type and code, for ICMP packets.
+    pub icmp: Option<(u8, u8)>,
+}
+
+/// What decided one endpoint's verdict in one direction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// A policy rule with action Allow or Deny matched.
+    PolicyRule {
+        policy: PolicyId,
+        index: usize,
+        action: Action,
+    },
+    /// Policies applied but none allowed, denied or passed the packet.
+    EndOfTier { last_policy: PolicyId },
+    /// A profile rule matched (Kubernetes namespace profiles allow all).
+    ProfileRule {
+        profile: String,
+        index: usize,
+        action: Action,
+    },
+    /// No policy decided and no profile rule matched.
+    NoProfileMatched,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::PolicyRule {
+                policy,
+                index,
+                action,
+            } => write!(f, "{action:?} by rule {index} of policy {policy}"),
+            Decision::EndOfTier { last_policy } => write!(
+                f,
+                "Deny at end of tier: policies selected the endpoint (last {last_policy}) but none allowed"
+            ),
+            Decision::ProfileRule {
+                profile,
+                index,
+                action,
+            } => write!(f, "{action:?} by rule {index} of profile {profile}"),
+            Decision::NoProfileMatched => write!(f, "Deny: no policy or profile rule matched"),
+        }
+    }
+}
+
+/// One endpoint's verdict in one direction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointVerdict {
+    pub endpoint: ResourceKey,
+    pub direction: PolicyType,
+    pub allowed: bool,
+    pub decision: Decision,
+    /// The policies consulted, in evaluation order.
+    pub policies: Vec<PolicyId>,
+    /// A Pass rule that sent evaluation on to the profiles.
+    pub passed_by: Option<(PolicyId, usize)>,
+    /// Log rules that matched on the way: (policy or profile, rule index).
+    pub logged: Vec<(String, usize)>,
+}
+
+/// The verdict for a connection: the sender's egress and the receiver's
+/// ingress, where each is a workload endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub egress: Option<EndpointVerdict>,
+    pub ingress: Option<EndpointVerdict>,
+}
+
+impl Verdict {
+    pub fn allowed(&self) -> bool {
+        self.egress.as_ref().is_none_or(|v| v.allowed)
+            && self.ingress.as_ref().is_none_or(|v| v.allowed)
+    }
+
+    /// The direction whose denial dropped the packet (egress first).
+    pub fn denied_by(&self) -> Option<&EndpointVerdict> {
+        [&self.egress, &self.ingress]
+            .into_iter()
+            .flatten()
+            .find(|v| !v.allowed)
+    }
+}
+
+/// The policy engine over one cluster state. Resolution (parsing and
+/// scoping every policy's selectors) is done once, in `new`.
+pub struct Evaluator<'a> {
+    state: &'a ClusterState,
+    policies: Vec<ResolvedPolicy>,
+    nets: Vec<LabelledNets<'a>>,
+}
+
+impl<'a> Evaluator<'a> {
+    pub fn new(state: &'a ClusterState) -> Self {
+        let (policies, _errors) = state.resolved_policies();
+        Evaluator {
+            state,
+            policies,
+            nets: state.labelled_nets(),
+        }
+    }
+
+    pub fn state(&self) -> &ClusterState {
+        self.state
+    }
+
+    pub fn evaluate(&self, packet: &Packet) -> Verdict {
+        let src_ep = self.state.endpoint_by_ip(packet.src);
+        let dst_ep = self.state.endpoint_by_ip(packet.dst);
+        Verdict {
+            egress: src_ep.map(|ep| self.evaluate_endpoint(ep, PolicyType::Egress, packet)),
+            ingress: dst_ep.map(|ep| self.evaluate_endpoint(ep, PolicyType::Ingress, packet)),
+        }
+    }
+
+    /// The policies selecting `ep` in direction `dir`, in evaluation order.
+    pub fn policies_for(&self, ep: &WorkloadEndpoint, dir: PolicyType) -> Vec<&ResolvedPolicy> {
+        let labels = self.state.endpoint_labels(ep);
+        self.policies
+            .iter()
+            .filter(|p| p.applies(dir) && p.selector.matches(&labels))
+            .collect()
+    }
+
+    pub fn evaluate_endpoint(
+        &self,
+        ep: &WorkloadEndpoint,
+        dir: PolicyType,
+        packet: &Packet,
+    ) -> EndpointVerdict {
+        let key = crate::calico::ResourceKey::new(
+            crate::calico::Kind::WorkloadEndpoint,
+            ep.metadata.namespace.as_deref(),
+            &ep.metadata.name,
+        );
+        let policies = self.policies_for(ep, dir);
+        let mut verdict = EndpointVerdict {
+            endpoint: key,
+            direction: dir,
+            allowed: false,
+            decision: Decision::NoProfileMatched,
+            policies: policies.iter().map(|p| p.id.clone()).collect(),
+            passed_by: None,
+            logged: Vec::new(),
+        };
+        if let Some(last) = policies.last() {
+            'tier: for p in &policies {
+                for (index, rule) in p.rules(dir).iter().enumerate() {
+                    if !self.rule_matches(rule, packet) {
+                        continue;
+                    }
+                    match rule.action {
+                        Action::Log => verdict.logged.push((p.id.to_string(), index)),
+                        Action::Pass => {
+                            verdict.passed_by = Some((p.id.clone(), index));
+                            break 'tier;
+                        }
+                        action @ (Action::Allow | Action::Deny) => {
+                            verdict.allowed = action == Action::Allow;
+                            verdict.decision = Decision::PolicyRule {
+                                policy: p.id.clone(),
+                                index,
+                                action,
+                            };
+                            return verdict;
+                        }
+                    }
+                }
+            }
+            if verdict.passed_by.is_none() {
+                verdict.decision = Decision::EndOfTier {
+                    last_policy: last.id.clone(),
+                };
+                return verdict;
+            }
+        }
+        let namespace = ep.metadata.namespace.as_deref();
+        for profile_name in &ep.spec.profiles {
+            let Some(profile) = self.state.profile(profile_name) else {
+                continue;
+            };
+            let rules = match dir {
+                PolicyType::Ingress => &profile.spec.ingress,
+                PolicyType::Egress => &profile.spec.egress,
+            };
+            for (index, rule) in rules.iter().enumerate() {
+                // Profile rules are not namespaced (profiles are global).
+                let Ok(rule) = ResolvedRule::new(rule, None) else {
+                    continue;
+                };
+                let _ = namespace;
+                if !self.rule_matches(&rule, packet) {
+                    continue;
+                }
+                match rule.action {
+                    Action::Log => verdict.logged.push((profile_name.clone(), index)),
+                    // Pass in a profile goes on to the next profile.
+                    Action::Pass => break,
+                    action @ (Action::Allow | Action::Deny) => {
+                        verdict.allowed = action == Action::Allow;
+                        verdict.decision = Decision::ProfileRule {
+                            profile: profile_name.clone(),
+                            index,
+                            action,
+                        };
+                        return verdict;
+                    }
+                }
+            }
+        }
+        verdict
+    }
+
+    /// Whether `rule`'s match criteria all hold for `packet`.
+    pub fn rule_matches(&self, rule: &ResolvedRule, p: &Packet) -> bool {
+        let v6 = p.src.is_ipv6();
+        if let Some(v) = rule.ip_version {
+            if (v == 6) != v6 {
+                return false;
+            }
+        }
+        if let Some(proto) = rule.protocol {
+            if proto.number() != p.protocol.number() {
+                return false;
+            }
+        }
+        if let Some(proto) = rule.not_protocol {
+            if proto.number() == p.protocol.number() {
+                return false;
+            }
+        }
+        if let Some(icmp) = &rule.icmp {
+            if !icmp_matches(icmp, p) {
+                return false;
+            }
+        }
+        if let Some(icmp) = &rule.not_icmp {
+            if icmp_matches(icmp, p) {
+                return false;
+            }
+        }
+        self.entity_matches(&rule.source, p.src, p.src_port, p.protocol)
+            && self.entity_matches(&rule.destination, p.dst, p.dst_port, p.protocol)
+    }
+
+    fn entity_matches(
+        &self,
+        e: &ResolvedEntity,
+        ip: IpAddr,
+        port: Option<u16>,
+        protocol: Protocol,
+    ) -> bool {
+        if !e.nets.is_empty() && !e.nets.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        if e.not_nets.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        if let Some(sel) = &e.selector {
+            if !self.selector_has_ip(sel, ip) {
+                return false;
+            }
+        }
+        if let Some(sel) = &e.not_selector {
+            if self.selector_has_ip(sel, ip) {
+                return false;
+            }
+        }
+        if !e.ports.is_empty() {
+            let Some(port) = port else { return false };
+            if !e
+                .ports
+                .iter()
+                .any(|p| self.port_matches(p, e, ip, port, protocol))
+            {
+                return false;
+            }
+        }
+        if let Some(port) = port {
+            if e.not_ports
+                .iter()
+                .any(|p| self.port_matches(p, e, ip, port, protocol))
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn port_matches(
+        &self,
+        p: &Port,
+        e: &ResolvedEntity,
+        ip: IpAddr,
+        port: u16,
+        protocol: Protocol,
+    ) -> bool {
+        match p {
+            Port::Range { min, max } => (*min..=*max).contains(&port),
+            // Felix's named-port IP set: (address, protocol, port) of every
+            // endpoint the entity's selector matches (all endpoints if it
+            // has none) that declares a port with this name and protocol.
+            Port::Named(name) => self.nets.iter().any(|n| {
+                let Some(ep) = n.endpoint else { return false };
+                e.selector.as_ref().is_none_or(|s| s.matches(&n.labels))
+                    && n.nets.iter().any(|net| net.contains(&ip))
+                    && ep.spec.ports.iter().any(|ep_port| {
+                        &ep_port.name == name
+                            && ep_port.protocol.number() == protocol.number()
+                            && ep_port.port == port
+                    })
+            }),
+        }
+    }
+
+    /// Whether `ip` is in the IP set of `sel`.
+    pub fn selector_has_ip(&self, sel: &crate::selector::Selector, ip: IpAddr) -> bool {
+        self.nets
+            .iter()
+            .any(|n| n.nets.iter().any(|net| net.contains(&ip)) && sel.matches(&n.labels))
+    }
+}
+
+fn icmp_matches(icmp: &IcmpFields, p: &Packet) -> bool {
+    let Some((t, c)) = p.icmp else { return false };
+    icmp.icmp_type.is_none_or(|x| x == t) && icmp.code.is_none_or(|x| x == c)
+}
