@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check;
+mod dataplane;
+mod render;
 
 #[derive(Parser)]
 #[command(
@@ -26,12 +28,21 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Print a node's ruleset (nft -f input) without touching the kernel.
+    Render {
+        #[command(flatten)]
+        dataplane: dataplane::DataplaneArgs,
+        /// Kubernetes and/or Calico manifests (files or directories).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let ok = match cli.command {
         Command::Check { paths } => check::run(&paths),
+        Command::Render { dataplane, paths } => render::run(&dataplane, &paths),
     };
     match ok {
         Ok(true) => ExitCode::SUCCESS,

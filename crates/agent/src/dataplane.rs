@@ -1,0 +1,90 @@
+//! Options shared by every subcommand that renders or programs a dataplane,
+//! and loading the cluster state from a datastore.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use compiler::{CompileOptions, EndpointToHostAction};
+use model::state::ClusterState;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Nftables,
+    Iptables,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ToHost {
+    Accept,
+    Drop,
+    Return,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DataplaneArgs {
+    /// Which dataplane to render or program.
+    #[arg(
+        long,
+        env = "NFTPOLICY_BACKEND",
+        value_enum,
+        default_value = "nftables"
+    )]
+    pub backend: Backend,
+    /// This node's name (as in WorkloadEndpoint spec.node).
+    #[arg(long, env = "NFTPOLICY_NODE")]
+    pub node: String,
+    /// Packet-mark bits nftpolicy may use (accept, pass, scratch0, scratch1
+    /// are taken lowest-first).
+    #[arg(long, env = "NFTPOLICY_MARK_MASK", default_value = "0xffff0000", value_parser = parse_mask)]
+    pub mark_mask: u32,
+    /// What happens to traffic from a workload to this host once its egress
+    /// policy allowed it (felix's DefaultEndpointToHostAction).
+    #[arg(
+        long,
+        env = "NFTPOLICY_ENDPOINT_TO_HOST_ACTION",
+        value_enum,
+        default_value = "accept"
+    )]
+    pub endpoint_to_host: ToHost,
+}
+
+fn parse_mask(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    r.map_err(|e| format!("{s:?} is not a 32-bit mask: {e}"))
+}
+
+impl DataplaneArgs {
+    pub fn compile_options(&self) -> CompileOptions {
+        CompileOptions {
+            node: self.node.clone(),
+            mark_mask: self.mark_mask,
+            endpoint_to_host: match self.endpoint_to_host {
+                ToHost::Accept => EndpointToHostAction::Accept,
+                ToHost::Drop => EndpointToHostAction::Drop,
+                ToHost::Return => EndpointToHostAction::Return,
+            },
+        }
+    }
+}
+
+/// Reads a `--datastore` URL (`file:PATH`) into a cluster state. Objects that
+/// cannot be read are named on stderr and skipped; the count is returned.
+pub fn load_datastore(url: &str) -> anyhow::Result<(ClusterState, usize)> {
+    match url.split_once(':') {
+        Some(("file", path)) => load_files(&[PathBuf::from(path)]),
+        _ => bail!("datastore {url:?}: expected file:PATH"),
+    }
+}
+
+pub fn load_files(paths: &[PathBuf]) -> anyhow::Result<(ClusterState, usize)> {
+    let loaded = watcher::files::load(paths).context("reading manifests")?;
+    for e in &loaded.errors {
+        eprintln!("error: skipped: {e}");
+    }
+    Ok((loaded.state, loaded.errors.len()))
+}

@@ -1,0 +1,24 @@
+//! `nftpolicy render`: the node's ruleset as text, without touching the kernel.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+use crate::dataplane::{load_files, Backend, DataplaneArgs};
+
+/// Prints the ruleset; returns false if some object had to be skipped.
+pub fn run(args: &DataplaneArgs, paths: &[PathBuf]) -> anyhow::Result<bool> {
+    let (state, skipped) = load_files(paths)?;
+    let opts = args.compile_options();
+    match args.backend {
+        Backend::Nftables => {
+            let (logical, ruleset) = compiler::compile_nftables(&state, &opts)?;
+            for (key, why) in &logical.rejected {
+                eprintln!("error: skipped {key}: {why}");
+            }
+            print!("{}", compiler::render_nft::render(&ruleset));
+            Ok(skipped == 0 && logical.rejected.is_empty())
+        }
+        Backend::Iptables => bail!("the iptables backend is not available yet"),
+    }
+}

@@ -1,0 +1,765 @@
+//! Cluster state + node → felix's logical ruleset: the chain tree with
+//! felix's names and order, rules as conditions + actions, IP sets with
+//! members, and the mark bits. Backend-neutral: the nftables and iptables
+//! renderings are both derived from this.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use base64::Engine;
+use ipnet::IpNet;
+use model::calico::{Action, Kind, PolicyType, Port, ResourceKey, WorkloadEndpoint};
+use model::selector::Selector;
+use model::state::{
+    ClusterState, LabelledNets, PolicyId, ResolvedEntity, ResolvedPolicy, ResolvedRule,
+};
+use sha2::{Digest, Sha224};
+
+pub const CHAIN_FORWARD: &str = "cali-FORWARD";
+pub const CHAIN_INPUT: &str = "cali-INPUT";
+pub const CHAIN_FROM_WL_DISPATCH: &str = "cali-from-wl-dispatch";
+pub const CHAIN_TO_WL_DISPATCH: &str = "cali-to-wl-dispatch";
+pub const CHAIN_WL_TO_HOST: &str = "cali-wl-to-host";
+pub const WORKLOAD_IFACE_PREFIX: &str = "cali";
+pub const DEFAULT_MARK_MASK: u32 = 0xffff_0000;
+/// Felix's prefix for packets logged by a Log rule.
+pub const LOG_PREFIX: &str = "calico-packet";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("mark mask {mask:#010x} has {bits} bit(s) set; nftpolicy needs at least 4 (accept, pass, scratch0, scratch1)")]
+    MarkMask { mask: u32, bits: u32 },
+}
+
+/// What to do with traffic from a workload to the host itself, after the
+/// workload's egress policy allowed it (felix's DefaultEndpointToHostAction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndpointToHostAction {
+    /// Calico's manifests' setting: pods may reach their node (DNS caches,
+    /// node-local services) once egress policy allows.
+    #[default]
+    Accept,
+    Drop,
+    /// Leave the decision to the rest of the host's INPUT rules.
+    Return,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompileOptions {
+    pub node: String,
+    pub mark_mask: u32,
+    pub endpoint_to_host: EndpointToHostAction,
+}
+
+impl CompileOptions {
+    pub fn new(node: &str) -> Self {
+        CompileOptions {
+            node: node.to_owned(),
+            mark_mask: DEFAULT_MARK_MASK,
+            endpoint_to_host: EndpointToHostAction::default(),
+        }
+    }
+}
+
+/// Calico's mark bits, taken lowest-first from the mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkBits {
+    pub mask: u32,
+    pub accept: u32,
+    pub pass: u32,
+    pub scratch0: u32,
+    pub scratch1: u32,
+}
+
+impl MarkBits {
+    pub fn from_mask(mask: u32) -> Result<MarkBits, CompileError> {
+        let mut bits = (0..32).map(|i| 1u32 << i).filter(|b| mask & b != 0);
+        let mut next = || bits.next();
+        match (next(), next(), next(), next()) {
+            (Some(accept), Some(pass), Some(scratch0), Some(scratch1)) => Ok(MarkBits {
+                mask,
+                accept,
+                pass,
+                scratch0,
+                scratch1,
+            }),
+            _ => Err(CompileError::MarkMask {
+                mask,
+                bits: mask.count_ones(),
+            }),
+        }
+    }
+
+    /// Every bit Calico uses (cleared on entry except `accept`).
+    pub fn all(&self) -> u32 {
+        self.accept | self.pass | self.scratch0 | self.scratch1
+    }
+}
+
+/// The logical ruleset for one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogicalRuleset {
+    pub marks: MarkBits,
+    pub endpoint_to_host: EndpointToHostAction,
+    /// Chains by name. Order inside a chain matters; between chains it does not.
+    pub chains: BTreeMap<String, LChain>,
+    /// Local workload interfaces → their `cali-fw-`/`cali-tw-` chains.
+    pub endpoints: BTreeMap<String, LocalEndpoint>,
+    /// IP sets by id, with members of both families.
+    pub ip_sets: BTreeMap<String, IpSet>,
+    /// Objects that could not be compiled, by name, with the reason.
+    pub rejected: Vec<(ResourceKey, String)>,
+    /// Policies with a chain on this node (felix's "active" policies).
+    pub active_policies: Vec<PolicyId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEndpoint {
+    pub key: ResourceKey,
+    pub interface: String,
+    pub from_chain: String,
+    pub to_chain: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LChain {
+    pub name: String,
+    pub rules: Vec<LRule>,
+}
+
+/// One logical rule: all conditions must hold (and the Calico match, if
+/// any), then the action is taken.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LRule {
+    pub conditions: Vec<Cond>,
+    pub policy_match: Option<PolicyMatch>,
+    pub action: LAction,
+    pub comment: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cond {
+    /// Input interface starts with `cali`.
+    FromWorkload,
+    /// Output interface starts with `cali`.
+    ToWorkload,
+    /// All of these mark bits clear.
+    MarkClear(u32),
+    /// All of these mark bits set.
+    MarkSet(u32),
+    CtEstablishedRelated,
+    CtInvalid,
+    /// IPv6 only: ICMPv6 of this type (neighbour discovery to the host).
+    Icmpv6Type(u8),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LAction {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+    /// Set the bits, then carry on.
+    SetMark(u32),
+    /// Clear the bits, then carry on.
+    ClearMark(u32),
+    /// Calico Allow: set the accept bit and return.
+    AllowReturn,
+    /// Calico Pass: set the pass bit and return.
+    PassReturn,
+    /// Calico Log: log with this prefix and carry on.
+    Log(String),
+    /// Only count (the "no rule matched" marker at the end of policy chains).
+    Count,
+    /// Dispatch by input interface to the `cali-fw-` chains.
+    DispatchFromWorkload,
+    /// Dispatch by output interface to the `cali-tw-` chains.
+    DispatchToWorkload,
+}
+
+/// A Calico rule's match criteria, with selectors turned into IP set ids.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PolicyMatch {
+    /// 4 or 6; `None` = both.
+    pub ip_version: Option<u8>,
+    pub protocol: Option<u8>,
+    pub not_protocol: Option<u8>,
+    pub icmp: Option<(u8, Option<u8>)>,
+    pub not_icmp: Option<(u8, Option<u8>)>,
+    pub src: EntityMatch,
+    pub dst: EntityMatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EntityMatch {
+    pub nets: Vec<IpNet>,
+    pub not_nets: Vec<IpNet>,
+    /// Must be in this selector's IP set.
+    pub selector_set: Option<String>,
+    pub not_selector_set: Option<String>,
+    /// Numeric port ranges (inclusive), coalesced; OR with `named_port_set`.
+    pub ports: Vec<(u16, u16)>,
+    /// (address, protocol, port) set for the named ports.
+    pub named_port_set: Option<String>,
+    pub not_ports: Vec<(u16, u16)>,
+    pub not_named_port_set: Option<String>,
+}
+
+impl EntityMatch {
+    pub fn has_ports(&self) -> bool {
+        !self.ports.is_empty() || self.named_port_set.is_some()
+    }
+}
+
+/// An IP set: felix's id (`s:…` selector, `n:…` named port), what it
+/// stands for, and its members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpSet {
+    pub id: String,
+    pub kind: IpSetKind,
+    /// Coalesced, non-overlapping, sorted.
+    pub nets_v4: Vec<IpNet>,
+    pub nets_v6: Vec<IpNet>,
+    /// Named-port sets: (address, protocol, port), sorted.
+    pub members_named: Vec<(IpAddr, u8, u16)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IpSetKind {
+    Selector(String),
+    NamedPort {
+        selector: Option<String>,
+        protocol: u8,
+        names: Vec<String>,
+    },
+}
+
+impl IpSet {
+    /// A human-readable description, for set comments.
+    pub fn describe(&self) -> String {
+        match &self.kind {
+            IpSetKind::Selector(s) => format!("selector: {s}"),
+            IpSetKind::NamedPort {
+                selector,
+                protocol,
+                names,
+            } => format!(
+                "named port {} proto {protocol} of {}",
+                names.join(","),
+                selector.as_deref().unwrap_or("all()")
+            ),
+        }
+    }
+}
+
+/// felix-style id hash: base64url(sha224(text)), first 23 characters.
+pub fn id_hash(text: &str) -> String {
+    let digest = Sha224::digest(text.as_bytes());
+    let mut s = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest);
+    s.truncate(23);
+    s
+}
+
+pub fn policy_chain(id: &PolicyId, dir: PolicyType) -> String {
+    match dir {
+        PolicyType::Ingress => format!("cali-pi-{id}"),
+        PolicyType::Egress => format!("cali-po-{id}"),
+    }
+}
+
+pub fn profile_chain(profile: &str, dir: PolicyType) -> String {
+    match dir {
+        PolicyType::Ingress => format!("cali-pri-{profile}"),
+        PolicyType::Egress => format!("cali-pro-{profile}"),
+    }
+}
+
+/// Compiles the cluster state for one node.
+pub fn compile(
+    state: &ClusterState,
+    opts: &CompileOptions,
+) -> Result<LogicalRuleset, CompileError> {
+    let marks = MarkBits::from_mask(opts.mark_mask)?;
+    let (policies, rejected) = state.resolved_policies();
+    let nets = state.labelled_nets();
+    let mut b = Builder {
+        marks,
+        nets: &nets,
+        chains: BTreeMap::new(),
+        ip_sets: BTreeMap::new(),
+    };
+
+    let local: Vec<&WorkloadEndpoint> = state
+        .workload_endpoints()
+        .filter(|w| w.spec.node == opts.node)
+        .collect();
+
+    let mut endpoints = BTreeMap::new();
+    let mut active: BTreeSet<(usize, PolicyType)> = BTreeSet::new();
+    let mut profiles: BTreeSet<String> = BTreeSet::new();
+    for ep in &local {
+        let labels = state.endpoint_labels(ep);
+        let key = ResourceKey::new(
+            Kind::WorkloadEndpoint,
+            ep.metadata.namespace.as_deref(),
+            &ep.metadata.name,
+        );
+        let iface = ep.spec.interface_name.clone();
+        let mut chain_names = [String::new(), String::new()];
+        for (slot, dir) in [(0, PolicyType::Egress), (1, PolicyType::Ingress)] {
+            let selected: Vec<usize> = policies
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.applies(dir) && p.selector.matches(&labels))
+                .map(|(i, _)| i)
+                .collect();
+            active.extend(selected.iter().map(|i| (*i, dir)));
+            let existing: Vec<&str> = ep
+                .spec
+                .profiles
+                .iter()
+                .filter(|p| state.profile(p).is_some())
+                .map(String::as_str)
+                .collect();
+            profiles.extend(existing.iter().map(|s| s.to_string()));
+            let chain = b.endpoint_chain(&iface, dir, &selected, &policies, &existing);
+            chain_names[slot] = chain.name.clone();
+            b.chains.insert(chain.name.clone(), chain);
+        }
+        let [from_chain, to_chain] = chain_names;
+        endpoints.insert(
+            iface.clone(),
+            LocalEndpoint {
+                key,
+                interface: iface,
+                from_chain,
+                to_chain,
+            },
+        );
+    }
+
+    let mut active_policies = BTreeSet::new();
+    for (i, dir) in &active {
+        let p = &policies[*i];
+        active_policies.insert(p.id.clone());
+        let chain = b.policy_chain(p, *dir);
+        b.chains.insert(chain.name.clone(), chain);
+    }
+    for name in &profiles {
+        let profile = state.profile(name).expect("filtered on existence");
+        for dir in [PolicyType::Ingress, PolicyType::Egress] {
+            let rules = match dir {
+                PolicyType::Ingress => &profile.spec.ingress,
+                PolicyType::Egress => &profile.spec.egress,
+            };
+            let chain_name = profile_chain(name, dir);
+            let mut out = Vec::new();
+            for (i, rule) in rules.iter().enumerate() {
+                // Profiles are global: no namespace scoping of their selectors.
+                match ResolvedRule::new(rule, None) {
+                    Ok(r) => {
+                        out.extend(b.calico_rule(&r, &format!("profile {name} {dir:?} rule {i}")))
+                    }
+                    Err(e) => {
+                        // Fail closed: a profile rule we cannot read drops.
+                        out.push(LRule {
+                            conditions: vec![],
+                            policy_match: None,
+                            action: LAction::Drop,
+                            comment: format!("profile {name} rule {i} rejected: {e}"),
+                        });
+                    }
+                }
+            }
+            b.chains.insert(
+                chain_name.clone(),
+                LChain {
+                    name: chain_name,
+                    rules: out,
+                },
+            );
+        }
+    }
+
+    b.static_chains(opts.endpoint_to_host);
+    Ok(LogicalRuleset {
+        marks,
+        endpoint_to_host: opts.endpoint_to_host,
+        chains: b.chains,
+        endpoints,
+        ip_sets: b.ip_sets,
+        rejected,
+        active_policies: active_policies.into_iter().collect(),
+    })
+}
+
+struct Builder<'a> {
+    marks: MarkBits,
+    nets: &'a [LabelledNets<'a>],
+    chains: BTreeMap<String, LChain>,
+    ip_sets: BTreeMap<String, IpSet>,
+}
+
+fn rule(conditions: Vec<Cond>, action: LAction, comment: &str) -> LRule {
+    LRule {
+        conditions,
+        policy_match: None,
+        action,
+        comment: comment.to_owned(),
+    }
+}
+
+impl Builder<'_> {
+    /// felix's `cali-tw-<iface>` (ingress) or `cali-fw-<iface>` (egress).
+    fn endpoint_chain(
+        &mut self,
+        iface: &str,
+        dir: PolicyType,
+        selected: &[usize],
+        policies: &[ResolvedPolicy],
+        profiles: &[&str],
+    ) -> LChain {
+        let m = self.marks;
+        let name = match dir {
+            PolicyType::Ingress => format!("cali-tw-{iface}"),
+            PolicyType::Egress => format!("cali-fw-{iface}"),
+        };
+        let mut rules = vec![
+            rule(
+                vec![Cond::CtEstablishedRelated],
+                LAction::Accept,
+                "Accept established and related connections",
+            ),
+            rule(
+                vec![Cond::CtInvalid],
+                LAction::Drop,
+                "Drop invalid connection-tracking state",
+            ),
+            rule(
+                vec![],
+                LAction::ClearMark(m.accept | m.pass),
+                "Clear the accept and pass bits",
+            ),
+        ];
+        if !selected.is_empty() {
+            rules.push(rule(
+                vec![],
+                LAction::ClearMark(m.pass),
+                "Start of tier default",
+            ));
+            for &i in selected {
+                let p = &policies[i];
+                rules.push(rule(
+                    vec![Cond::MarkClear(m.pass)],
+                    LAction::Jump(policy_chain(&p.id, dir)),
+                    &format!("Policy {}", p.id),
+                ));
+                rules.push(rule(
+                    vec![Cond::MarkSet(m.accept)],
+                    LAction::Return,
+                    "Return if policy accepted",
+                ));
+            }
+            rules.push(rule(
+                vec![Cond::MarkClear(m.pass)],
+                LAction::Drop,
+                "End of tier default. Drop if no policies passed packet",
+            ));
+        }
+        for profile in profiles {
+            rules.push(rule(
+                vec![],
+                LAction::Jump(profile_chain(profile, dir)),
+                &format!("Profile {profile}"),
+            ));
+            rules.push(rule(
+                vec![Cond::MarkSet(m.accept)],
+                LAction::Return,
+                "Return if profile accepted",
+            ));
+        }
+        rules.push(rule(vec![], LAction::Drop, "Drop if no profiles matched"));
+        LChain { name, rules }
+    }
+
+    fn policy_chain(&mut self, p: &ResolvedPolicy, dir: PolicyType) -> LChain {
+        let name = policy_chain(&p.id, dir);
+        let mut rules = Vec::new();
+        for (i, r) in p.rules(dir).iter().enumerate() {
+            let what = format!("Policy {} {} rule {i}", p.id, dir_word(dir));
+            rules.extend(self.calico_rule(r, &what));
+        }
+        rules.push(rule(
+            vec![],
+            LAction::Count,
+            &format!("Policy {} {}: no rule matched", p.id, dir_word(dir)),
+        ));
+        LChain { name, rules }
+    }
+
+    /// One Calico rule → one logical rule (or none, if it can never match).
+    fn calico_rule(&mut self, r: &ResolvedRule, what: &str) -> Option<LRule> {
+        let protocol = r.protocol.map(|p| p.number());
+        let src = self.entity(&r.source, protocol);
+        let dst = self.entity(&r.destination, protocol);
+        let action = match r.action {
+            Action::Allow => LAction::AllowReturn,
+            Action::Deny => LAction::Drop,
+            Action::Pass => LAction::PassReturn,
+            Action::Log => LAction::Log(format!("{LOG_PREFIX}: ")),
+        };
+        Some(LRule {
+            conditions: vec![],
+            policy_match: Some(PolicyMatch {
+                ip_version: r.ip_version,
+                protocol,
+                not_protocol: r.not_protocol.map(|p| p.number()),
+                icmp: r
+                    .icmp
+                    .as_ref()
+                    .and_then(|i| i.icmp_type.map(|t| (t, i.code))),
+                not_icmp: r
+                    .not_icmp
+                    .as_ref()
+                    .and_then(|i| i.icmp_type.map(|t| (t, i.code))),
+                src,
+                dst,
+            }),
+            action,
+            comment: format!("{what}: {:?}", r.action),
+        })
+    }
+
+    fn entity(&mut self, e: &ResolvedEntity, protocol: Option<u8>) -> EntityMatch {
+        let (ports, named) = split_ports(&e.ports);
+        let (not_ports, not_named) = split_ports(&e.not_ports);
+        let proto = protocol.unwrap_or(0);
+        EntityMatch {
+            nets: e.nets.clone(),
+            not_nets: e.not_nets.clone(),
+            selector_set: e.selector.as_ref().map(|s| self.selector_set(s)),
+            not_selector_set: e.not_selector.as_ref().map(|s| self.selector_set(s)),
+            ports,
+            named_port_set: (!named.is_empty())
+                .then(|| self.named_port_set(e.selector.as_ref(), proto, named)),
+            not_ports,
+            not_named_port_set: (!not_named.is_empty())
+                .then(|| self.named_port_set(e.selector.as_ref(), proto, not_named)),
+        }
+    }
+
+    fn selector_set(&mut self, sel: &Selector) -> String {
+        let canonical = sel.canonical();
+        let id = format!("s:{}", id_hash(&format!("s:{canonical}")));
+        if !self.ip_sets.contains_key(&id) {
+            let mut v4 = Vec::new();
+            let mut v6 = Vec::new();
+            for n in self.nets {
+                if sel.matches(&n.labels) {
+                    for net in n.nets {
+                        match net {
+                            IpNet::V4(_) => v4.push(*net),
+                            IpNet::V6(_) => v6.push(*net),
+                        }
+                    }
+                }
+            }
+            self.ip_sets.insert(
+                id.clone(),
+                IpSet {
+                    id: id.clone(),
+                    kind: IpSetKind::Selector(canonical),
+                    nets_v4: coalesce(v4),
+                    nets_v6: coalesce(v6),
+                    members_named: vec![],
+                },
+            );
+        }
+        id
+    }
+
+    fn named_port_set(
+        &mut self,
+        sel: Option<&Selector>,
+        protocol: u8,
+        mut names: Vec<String>,
+    ) -> String {
+        names.sort();
+        names.dedup();
+        let canonical = sel.map(|s| s.canonical());
+        let id = format!(
+            "n:{}",
+            id_hash(&format!(
+                "n:{}:{protocol}:{}",
+                canonical.as_deref().unwrap_or("all()"),
+                names.join(",")
+            ))
+        );
+        if !self.ip_sets.contains_key(&id) {
+            let mut members = BTreeSet::new();
+            for n in self.nets {
+                let Some(ep) = n.endpoint else { continue };
+                if sel.is_some_and(|s| !s.matches(&n.labels)) {
+                    continue;
+                }
+                for p in &ep.spec.ports {
+                    if p.protocol.number() == protocol && names.contains(&p.name) {
+                        for net in n.nets {
+                            members.insert((net.addr(), protocol, p.port));
+                        }
+                    }
+                }
+            }
+            self.ip_sets.insert(
+                id.clone(),
+                IpSet {
+                    id: id.clone(),
+                    kind: IpSetKind::NamedPort {
+                        selector: canonical,
+                        protocol,
+                        names,
+                    },
+                    nets_v4: vec![],
+                    nets_v6: vec![],
+                    members_named: members.into_iter().collect(),
+                },
+            );
+        }
+        id
+    }
+
+    /// The fixed part of felix's tree: cali-FORWARD, cali-INPUT, dispatch
+    /// and workload-to-host chains.
+    fn static_chains(&mut self, to_host: EndpointToHostAction) {
+        let m = self.marks;
+        let chains = [
+            LChain {
+                name: CHAIN_FORWARD.into(),
+                rules: vec![
+                    rule(
+                        vec![],
+                        LAction::ClearMark(m.all() & !m.accept),
+                        "Clear Calico's mark bits except accept",
+                    ),
+                    rule(
+                        vec![Cond::FromWorkload],
+                        LAction::Jump(CHAIN_FROM_WL_DISPATCH.into()),
+                        "From workload: egress policy",
+                    ),
+                    rule(
+                        vec![Cond::ToWorkload],
+                        LAction::Jump(CHAIN_TO_WL_DISPATCH.into()),
+                        "To workload: ingress policy",
+                    ),
+                ],
+            },
+            LChain {
+                name: CHAIN_INPUT.into(),
+                rules: vec![rule(
+                    vec![Cond::FromWorkload],
+                    LAction::Goto(CHAIN_WL_TO_HOST.into()),
+                    "Workload to host",
+                )],
+            },
+            LChain {
+                name: CHAIN_FROM_WL_DISPATCH.into(),
+                rules: vec![
+                    rule(
+                        vec![],
+                        LAction::DispatchFromWorkload,
+                        "Dispatch to the sender's cali-fw- chain",
+                    ),
+                    rule(vec![Cond::FromWorkload], LAction::Drop, "Unknown interface"),
+                ],
+            },
+            LChain {
+                name: CHAIN_TO_WL_DISPATCH.into(),
+                rules: vec![
+                    rule(
+                        vec![],
+                        LAction::DispatchToWorkload,
+                        "Dispatch to the receiver's cali-tw- chain",
+                    ),
+                    rule(vec![Cond::ToWorkload], LAction::Drop, "Unknown interface"),
+                ],
+            },
+            LChain {
+                name: CHAIN_WL_TO_HOST.into(),
+                rules: {
+                    // IPv6 neighbour discovery and router solicitation to the
+                    // host must pass whatever the egress policy, or a pod
+                    // could not even resolve its gateway (felix does the same).
+                    let mut r: Vec<LRule> = [130u8, 131, 132, 133, 135, 136]
+                        .into_iter()
+                        .map(|t| {
+                            rule(
+                                vec![Cond::Icmpv6Type(t)],
+                                LAction::Accept,
+                                "Allow IPv6 neighbour discovery to the host",
+                            )
+                        })
+                        .collect();
+                    r.push(rule(
+                        vec![],
+                        LAction::Jump(CHAIN_FROM_WL_DISPATCH.into()),
+                        "Egress policy of the sending workload",
+                    ));
+                    r.push(rule(
+                        vec![],
+                        match to_host {
+                            EndpointToHostAction::Accept => LAction::Accept,
+                            EndpointToHostAction::Drop => LAction::Drop,
+                            EndpointToHostAction::Return => LAction::Return,
+                        },
+                        "Configured DefaultEndpointToHostAction",
+                    ));
+                    r
+                },
+            },
+        ];
+        for c in chains {
+            self.chains.insert(c.name.clone(), c);
+        }
+    }
+}
+
+fn dir_word(dir: PolicyType) -> &'static str {
+    match dir {
+        PolicyType::Ingress => "ingress",
+        PolicyType::Egress => "egress",
+    }
+}
+
+fn split_ports(ports: &[Port]) -> (Vec<(u16, u16)>, Vec<String>) {
+    let mut ranges = Vec::new();
+    let mut named = Vec::new();
+    for p in ports {
+        match p {
+            Port::Range { min, max } => ranges.push((*min, *max)),
+            Port::Named(n) => named.push(n.clone()),
+        }
+    }
+    (coalesce_ports(ranges), named)
+}
+
+/// Sorts and merges port ranges that overlap or touch.
+pub fn coalesce_ports(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+    ranges.sort();
+    let mut out: Vec<(u16, u16)> = Vec::new();
+    for (lo, hi) in ranges {
+        match out.last_mut() {
+            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
+}
+
+/// Merges CIDRs into the smallest equivalent list of non-overlapping CIDRs
+/// (the kernel rejects overlapping intervals in a set).
+pub fn coalesce(nets: Vec<IpNet>) -> Vec<IpNet> {
+    let mut out = IpNet::aggregate(&nets);
+    out.sort();
+    out
+}

@@ -1,0 +1,298 @@
+//! nftables objects as plain data: what the compiler produces, the text
+//! renderer prints as `nft -f` input, and the programmer encodes as netlink.
+//!
+//! The vocabulary is deliberately small — exactly the matches, statements
+//! and verdicts felix's logic needs — and *semantic* (`Match::Addr`, not
+//! "payload load + cmp"), so that the renderer and the netlink encoder lower
+//! the same meaning independently and a test can compare them through the
+//! kernel.
+//!
+//! Every collection is ordered (`BTreeMap`/`Vec`) so two rulesets compare
+//! with `==` and diff deterministically.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+/// The table name nftpolicy owns in each family; it touches no other.
+pub const TABLE_NAME: &str = "nftpolicy";
+
+/// A whole desired dataplane: one table per address family.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ruleset {
+    pub tables: Vec<Table>,
+}
+
+/// nftables table families we use. nftpolicy keeps `ip` and `ip6` tables
+/// apart (as iptables/ip6tables do) so that each Calico rule is one nft rule
+/// per family; see ARCHITECTURE.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TableFamily {
+    Ip,
+    Ip6,
+}
+
+impl TableFamily {
+    /// `NFPROTO_IPV4` / `NFPROTO_IPV6`.
+    pub fn nfproto(self) -> u8 {
+        match self {
+            TableFamily::Ip => 2,
+            TableFamily::Ip6 => 10,
+        }
+    }
+
+    pub fn keyword(self) -> &'static str {
+        match self {
+            TableFamily::Ip => "ip",
+            TableFamily::Ip6 => "ip6",
+        }
+    }
+
+    pub fn is_v6(self) -> bool {
+        self == TableFamily::Ip6
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub family: TableFamily,
+    pub name: String,
+    pub sets: BTreeMap<String, Set>,
+    pub maps: BTreeMap<String, VerdictMap>,
+    pub chains: BTreeMap<String, Chain>,
+}
+
+impl Table {
+    pub fn new(family: TableFamily, name: &str) -> Table {
+        Table {
+            family,
+            name: name.to_owned(),
+            sets: BTreeMap::new(),
+            maps: BTreeMap::new(),
+            chains: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    pub name: String,
+    /// Set for base chains (attached to a netfilter hook).
+    pub base: Option<BaseChain>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseChain {
+    pub hook: Hook,
+    /// Hook priority (filter = 0; lower runs first).
+    pub priority: i32,
+    pub policy: ChainPolicy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Hook {
+    Input,
+    Forward,
+    Output,
+}
+
+impl Hook {
+    /// `NF_INET_*` hook number.
+    pub fn number(self) -> u32 {
+        match self {
+            Hook::Input => 1,
+            Hook::Forward => 2,
+            Hook::Output => 3,
+        }
+    }
+
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Hook::Input => "input",
+            Hook::Forward => "forward",
+            Hook::Output => "output",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainPolicy {
+    Accept,
+    Drop,
+}
+
+/// One nft rule: all matches must hold; then the statements run in order;
+/// then the verdict (if any) is taken.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Rule {
+    pub matches: Vec<Match>,
+    pub stmts: Vec<Stmt>,
+    pub verdict: Option<Verdict>,
+    /// Shown by `nft list ruleset`: which policy and rule this comes from.
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dir {
+    Src,
+    Dst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IfDir {
+    /// `iifname`
+    In,
+    /// `oifname`
+    Out,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Match {
+    /// `iifname "cali1234"` or, with `wildcard`, `iifname "cali*"` (prefix).
+    IfName {
+        dir: IfDir,
+        name: String,
+        wildcard: bool,
+        negate: bool,
+    },
+    /// `ct state established,related`: true if any of the bits is set.
+    CtState(CtStates),
+    /// `meta mark & mask == value` (or `!=`).
+    Mark { mask: u32, value: u32, negate: bool },
+    /// `meta l4proto N` (or `!=`).
+    L4Proto { proto: u8, negate: bool },
+    /// `ip saddr 198.18.0.0/16`, `ip saddr @set` (or `!=`); the address
+    /// family is the table's.
+    Addr {
+        dir: Dir,
+        target: AddrTarget,
+        negate: bool,
+    },
+    /// `th dport 80`, `th dport 8000-8010`, `th dport @set` (or `!=`).
+    /// Always preceded by an `L4Proto` match for a protocol with ports.
+    Port {
+        dir: Dir,
+        target: PortTarget,
+        negate: bool,
+    },
+    /// `ip daddr . meta l4proto . th dport @set` (or `!=`): a named port.
+    NamedPort { dir: Dir, set: String, negate: bool },
+    /// ICMP (table family ip) or ICMPv6 (ip6) type, optionally with code;
+    /// negated: not (type [and code]).
+    Icmp {
+        icmp_type: u8,
+        code: Option<u8>,
+        negate: bool,
+    },
+}
+
+/// Conntrack state bits, as the kernel numbers them (`NF_CT_STATE_*_BIT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtStates(pub u32);
+
+impl CtStates {
+    pub const INVALID: CtStates = CtStates(1);
+    pub const ESTABLISHED: CtStates = CtStates(2);
+    pub const RELATED: CtStates = CtStates(4);
+    pub const NEW: CtStates = CtStates(8);
+
+    pub fn union(self, other: CtStates) -> CtStates {
+        CtStates(self.0 | other.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddrTarget {
+    Net(IpNet),
+    Set(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortTarget {
+    /// Inclusive; a single port when `min == max`.
+    Range {
+        min: u16,
+        max: u16,
+    },
+    Set(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stmt {
+    Counter,
+    /// `meta mark set meta mark & ~clear | set`.
+    SetMark {
+        clear: u32,
+        set: u32,
+    },
+    /// `log prefix "…"` (kernel log) or, with a group, `log prefix "…" group N`
+    /// (NFLOG), optionally rate limited per second.
+    Log {
+        prefix: String,
+        group: Option<u16>,
+        rate_per_second: Option<u32>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Drop,
+    Return,
+    Jump(String),
+    Goto(String),
+    /// `iifname vmap @map` / `oifname vmap @map`: the interface name looks
+    /// up a verdict in a verdict map; no element → the rule does not match.
+    IfNameVmap {
+        dir: IfDir,
+        map: String,
+    },
+}
+
+/// A named set. Address and port sets are interval sets whose elements never
+/// overlap (the compiler coalesces them: the kernel rejects overlaps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub name: String,
+    pub key: SetKey,
+    pub elements: Vec<SetElement>,
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetKey {
+    /// `ipv4_addr` / `ipv6_addr` (by table family), `flags interval`.
+    Addr,
+    /// `inet_service`, `flags interval`.
+    Port,
+    /// `ipv4_addr . inet_proto . inet_service` (or ipv6): named ports.
+    NamedPort,
+}
+
+impl SetKey {
+    pub fn is_interval(self) -> bool {
+        matches!(self, SetKey::Addr | SetKey::Port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetElement {
+    Net(IpNet),
+    /// Inclusive port range.
+    Ports {
+        min: u16,
+        max: u16,
+    },
+    /// (address, IP protocol, port).
+    NamedPort(IpAddr, u8, u16),
+}
+
+/// A verdict map from interface name (`ifname`) to `goto <chain>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerdictMap {
+    pub name: String,
+    pub elements: BTreeMap<String, Verdict>,
+    pub comment: Option<String>,
+}
