@@ -1,1 +1,339 @@
-fn main() {}
+//! Project tasks: `cargo xtask e2e` (scenarios against the kernel dataplane)
+//! and `cargo xtask test` (everything CI runs).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use lab::{run_scenario, E2eOptions};
+use model::scenario::{collect_files, Scenario, Tally};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "nftpolicy project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run scenarios against real packets in network namespaces, with the
+    /// nodes programmed by `nftpolicy sync --once` (needs root).
+    E2e(E2eArgs),
+    /// The project's one test command (what CI runs): install missing
+    /// tools, `cargo test --workspace`, the model check and the nftables e2e.
+    Test,
+}
+
+#[derive(clap::Args)]
+struct E2eArgs {
+    /// Which dataplane backend(s) to program.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Nftables)]
+    backend: BackendChoice,
+    /// Leave the nodes unprogrammed (everything allowed): tests the lab
+    /// itself.
+    #[arg(long)]
+    no_program: bool,
+    /// Milliseconds a probe may take before it counts as denied.
+    #[arg(long, default_value_t = 1500)]
+    probe_timeout_ms: u64,
+    /// Scenario files or directories (default: ../shared/scenarios/examples
+    /// if present, and tests/scenarios).
+    paths: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendChoice {
+    Nftables,
+    Iptables,
+    Both,
+}
+
+impl BackendChoice {
+    fn backends(self) -> &'static [&'static str] {
+        match self {
+            BackendChoice::Nftables => &["nftables"],
+            BackendChoice::Iptables => &["iptables"],
+            BackendChoice::Both => &["nftables", "iptables"],
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::E2e(args) => e2e(&args),
+        Task::Test => test(),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_owned()
+}
+
+/// The scenario paths used when none are given: the shared examples (CI
+/// clones the repository with `shared/` beside it) and the project's own.
+fn default_scenario_paths() -> Vec<PathBuf> {
+    let root = root();
+    let mut paths = Vec::new();
+    let shared = root.join("../shared/scenarios/examples");
+    if shared.is_dir() {
+        paths.push(shared);
+    }
+    paths.push(root.join("tests/scenarios"));
+    paths
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root());
+    cmd
+}
+
+/// `cargo build -p nftpolicy`, returning the binary's path as cargo reports
+/// it (whatever the target directory is).
+fn build_nftpolicy() -> anyhow::Result<PathBuf> {
+    let out = cargo()
+        .args([
+            "build",
+            "-p",
+            "nftpolicy",
+            "--bin",
+            "nftpolicy",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build -p nftpolicy")?;
+    if !out.status.success() {
+        bail!("cargo build -p nftpolicy failed ({})", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "nftpolicy")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo build -p nftpolicy reported no nftpolicy executable")
+}
+
+fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("cargo xtask e2e needs root: it creates network namespaces");
+    }
+    let paths = if args.paths.is_empty() {
+        default_scenario_paths()
+    } else {
+        args.paths.clone()
+    };
+    let files = collect_files(&paths).map_err(anyhow::Error::msg)?;
+    if files.is_empty() {
+        bail!("no scenario files under the given paths");
+    }
+    // Unprogrammed nodes need no binary (and the lab stays testable while
+    // nftpolicy does not build).
+    let nftpolicy = if args.no_program {
+        PathBuf::from("nftpolicy")
+    } else {
+        build_nftpolicy()?
+    };
+    let mut opts = E2eOptions::new(nftpolicy);
+    opts.program = !args.no_program;
+    opts.probe_timeout = Duration::from_millis(args.probe_timeout_ms);
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let backends = args.backend.backends();
+    let mut total = Tally::default();
+    for backend in backends {
+        opts.backend = (*backend).to_owned();
+        let mode = if opts.program {
+            format!("nodes programmed by nftpolicy sync, backend {backend}")
+        } else {
+            "nodes NOT programmed (--no-program): everything is allowed".to_owned()
+        };
+        writeln!(out, "== e2e: {} scenario(s), {mode}", files.len())?;
+        let started = Instant::now();
+        let mut tally = Tally::default();
+        for file in &files {
+            // A scenario that fails to load or run counts as one failure;
+            // the rest still run.
+            match Scenario::load(file) {
+                Ok(scenario) => match run_scenario(&scenario, &opts) {
+                    Ok(outcomes) => tally.report(&scenario, &outcomes, &mut out),
+                    Err(e) => tally.error(&format!("{}: {e}", file.display()), &mut out),
+                },
+                Err(e) => tally.error(&e, &mut out),
+            }
+            out.flush()?;
+        }
+        if backends.len() > 1 {
+            writeln!(
+                out,
+                "{backend}: {} ({:.1}s)",
+                tally.closing_line(),
+                started.elapsed().as_secs_f64()
+            )?;
+        } else {
+            writeln!(out, "== e2e took {:.1}s", started.elapsed().as_secs_f64())?;
+        }
+        total.passed += tally.passed;
+        total.failed += tally.failed;
+        total.skipped += tally.skipped;
+    }
+    writeln!(out, "{}", total.closing_line())?;
+    Ok(total.failed == 0)
+}
+
+// ---------------------------------------------------------------------------
+// cargo xtask test
+
+/// Tools the tests need, and the Debian package that brings each.
+const TOOLS: &[(&str, &str)] = &[
+    ("nft", "nftables"),
+    ("iptables", "iptables"),
+    ("ipset", "ipset"),
+    ("ip", "iproute2"),
+    ("etcd", "etcd-server"),
+    ("protoc", "protobuf-compiler"),
+];
+
+fn test() -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let scenario_paths: Vec<String> = default_scenario_paths()
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let phases: [(&str, &dyn Fn() -> anyhow::Result<bool>); 4] = [
+        ("install missing tools", &install_tools),
+        ("cargo test --workspace", &|| {
+            run_status(cargo().args(["test", "--workspace"]))
+        }),
+        ("nftpolicy check (model)", &|| {
+            run_status(
+                cargo()
+                    .args(["run", "--quiet", "-p", "nftpolicy", "--", "check"])
+                    .args(&scenario_paths),
+            )
+        }),
+        ("e2e, nftables backend", &|| {
+            e2e(&E2eArgs {
+                backend: BackendChoice::Nftables,
+                no_program: false,
+                probe_timeout_ms: 1500,
+                paths: default_scenario_paths(),
+            })
+        }),
+    ];
+    let mut done = Vec::new();
+    for (i, (name, phase)) in phases.iter().enumerate() {
+        println!("\n==== [{}/{}] {name}", i + 1, phases.len());
+        let phase_start = Instant::now();
+        let ok = match phase() {
+            Ok(ok) => ok,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                false
+            }
+        };
+        let took = phase_start.elapsed().as_secs_f64();
+        if !ok {
+            println!("\n==== summary");
+            for (n, t) in &done {
+                println!("ok      {n} ({t:.1}s)");
+            }
+            println!("FAILED  {name} ({took:.1}s)");
+            println!(
+                "cargo xtask test: FAILED at phase {}/{} ({name})",
+                i + 1,
+                phases.len()
+            );
+            return Ok(false);
+        }
+        done.push((name, took));
+    }
+    println!("\n==== summary");
+    for (n, t) in &done {
+        println!("ok      {n} ({t:.1}s)");
+    }
+    println!(
+        "cargo xtask test: all {} phases passed in {:.1}s",
+        phases.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(true)
+}
+
+fn run_status(cmd: &mut Command) -> anyhow::Result<bool> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    Ok(status.success())
+}
+
+fn missing_tools() -> Vec<(&'static str, &'static str)> {
+    TOOLS
+        .iter()
+        .copied()
+        .filter(|(tool, _)| lab::netns::find_tool(tool).is_none())
+        .collect()
+}
+
+/// Installs the Debian package of every missing tool (after one
+/// `apt-get update`), then checks that each tool is there.
+fn install_tools() -> anyhow::Result<bool> {
+    let missing = missing_tools();
+    for (tool, _) in TOOLS {
+        let state = if missing.iter().any(|(t, _)| t == tool) {
+            "missing"
+        } else {
+            "present"
+        };
+        println!("{tool:10} {state}");
+    }
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
+    println!("installing: {}", packages.join(" "));
+    if !nix::unistd::geteuid().is_root() {
+        bail!("installing {} needs root (apt-get)", packages.join(" "));
+    }
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed ({status})", args.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update"])?;
+    let mut install = vec!["install", "-y", "--no-install-recommends"];
+    install.extend(&packages);
+    apt(&install)?;
+    let still: Vec<String> = missing_tools()
+        .iter()
+        .map(|(t, p)| format!("{t} (package {p})"))
+        .collect();
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}", still.join(", "));
+    }
+    Ok(true)
+}

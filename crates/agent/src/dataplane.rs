@@ -15,6 +15,23 @@ pub enum Backend {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IptablesTools {
+    /// iptables-legacy-restore, ip6tables-legacy-restore (felix's default).
+    Legacy,
+    /// iptables-nft-restore, ip6tables-nft-restore.
+    Nft,
+}
+
+impl IptablesTools {
+    pub fn programmer_backend(self) -> programmer::iptables::Backend {
+        match self {
+            IptablesTools::Legacy => programmer::iptables::Backend::Legacy,
+            IptablesTools::Nft => programmer::iptables::Backend::Nft,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ToHost {
     Accept,
     Drop,
@@ -31,6 +48,9 @@ pub struct DataplaneArgs {
         default_value = "nftables"
     )]
     pub backend: Backend,
+    /// Which iptables tools the iptables backend uses.
+    #[arg(long, env = "NFTPOLICY_IPTABLES_BACKEND", value_enum, default_value = "legacy")]
+    pub iptables_backend: IptablesTools,
     /// This node's name (as in WorkloadEndpoint spec.node).
     #[arg(long, env = "NFTPOLICY_NODE")]
     pub node: String,

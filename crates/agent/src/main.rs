@@ -6,8 +6,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check;
+mod controller;
+mod daemon;
+mod http;
+mod metrics;
 mod dataplane;
+mod explain;
 mod render;
+mod sync;
 
 #[derive(Parser)]
 #[command(
@@ -16,8 +22,33 @@ mod render;
     about = "Kubernetes NetworkPolicy enforcement with nftables"
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "NFTPOLICY_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter (tracing's env-filter syntax), e.g. `info`, `programmer=debug`.
+    #[arg(long, global = true, env = "NFTPOLICY_LOG", default_value = "info")]
+    log: String,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -28,6 +59,18 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Which policy and rule decide a connection, and its path through the chains.
+    Explain(explain::ExplainArgs),
+    /// The node agent: watch the datastore, keep this node's kernel programmed.
+    Run(daemon::RunArgs),
+    /// Write Kubernetes objects into etcd as Calico resources (the policy controller).
+    Apply(controller::ApplyArgs),
+    /// Delete the Calico resources standing for Kubernetes objects from etcd.
+    Delete(controller::ApplyArgs),
+    /// Keep etcd in sync with a directory of Kubernetes manifests.
+    Controller(controller::ControllerArgs),
+    /// Program this node's kernel from a datastore (`--once`).
+    Sync(sync::SyncArgs),
     /// Print a node's ruleset (nft -f input) without touching the kernel.
     Render {
         #[command(flatten)]
@@ -40,8 +83,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log);
     let ok = match cli.command {
         Command::Check { paths } => check::run(&paths),
+        Command::Explain(args) => explain::run(&args),
+        Command::Sync(args) => sync::run(&args),
+        Command::Run(args) => daemon::run(args),
+        Command::Apply(args) => controller::apply(&args, false),
+        Command::Delete(args) => controller::apply(&args, true),
+        Command::Controller(args) => controller::controller(&args),
         Command::Render { dataplane, paths } => render::run(&dataplane, &paths),
     };
     match ok {

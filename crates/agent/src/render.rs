@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::bail;
-
 use crate::dataplane::{load_files, Backend, DataplaneArgs};
 
 /// Prints the ruleset; returns false if some object had to be skipped.
@@ -19,6 +17,13 @@ pub fn run(args: &DataplaneArgs, paths: &[PathBuf]) -> anyhow::Result<bool> {
             print!("{}", compiler::render_nft::render(&ruleset));
             Ok(skipped == 0 && logical.rejected.is_empty())
         }
-        Backend::Iptables => bail!("the iptables backend is not available yet"),
+        Backend::Iptables => {
+            let (logical, rendered) = compiler::compile_iptables(&state, &opts)?;
+            for (key, why) in &logical.rejected {
+                eprintln!("error: skipped {key}: {why}");
+            }
+            print!("{}", compiler::render_iptables::render(&rendered));
+            Ok(skipped == 0 && logical.rejected.is_empty())
+        }
     }
 }

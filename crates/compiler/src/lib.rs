@@ -3,18 +3,32 @@
 //! - [`logical`]: the backend-neutral chain tree, IP sets and mark bits;
 //! - [`nft`]: nftables objects as plain data;
 //! - [`lower_nft`]: logical → nftables, with verdict maps and shared sets;
-//! - [`render_nft`]: nftables objects → `nft -f` text.
+//! - [`render_nft`]: nftables objects → `nft -f` text;
+//! - [`render_iptables`]: logical → felix's iptables-restore and ipset text;
+//! - [`explain`]: the model's verdict as a path through the chains.
 //!
 //! The compiler does no I/O: it turns plain data into plain data.
 
+pub mod explain;
 pub mod logical;
 pub mod lower_nft;
 pub mod nft;
+pub mod render_iptables;
 pub mod render_nft;
 
 pub use logical::{
     compile, CompileError, CompileOptions, EndpointToHostAction, LogicalRuleset, MarkBits,
 };
+
+/// Compiles a node's iptables-mode ruleset (iptables-restore + ipset) in one go.
+pub fn compile_iptables(
+    state: &model::state::ClusterState,
+    opts: &CompileOptions,
+) -> Result<(LogicalRuleset, render_iptables::IptablesRulesets), CompileError> {
+    let logical = compile(state, opts)?;
+    let rendered = render_iptables::to_iptables(&logical);
+    Ok((logical, rendered))
+}
 
 /// Compiles a node's nftables ruleset in one go.
 pub fn compile_nftables(

@@ -2,12 +2,29 @@
 //! directories (searched recursively for `*.yaml`, `*.yml`, `*.json`).
 //! Kubernetes objects are converted to Calico resources on the way in, as
 //! the policy controller would write them to etcd.
+//!
+//! - [`load`]: read once into a [`ClusterState`];
+//! - [`read_resources`] / [`read_manifests`]: read once, keeping every bad
+//!   file or object as a [`Problem`] named by file and object;
+//! - [`watch`]: the file source of the update stream — a full snapshot, then
+//!   the differences whenever the files change (polled).
+//!
+//! Every YAML document is decoded on its own: a bad document (or a bad item
+//! of a `v1/List`) is reported and skipped, the rest of the file is kept. A
+//! syntax error ends the file's stream of documents at that point.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
+use model::calico::{Resource, ResourceKey};
 use model::convert::kube_to_calico;
-use model::kube::{parse_manifests, Manifest};
+use model::kube::{parse_value, Manifest, ManifestError};
 use model::state::ClusterState;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::Update;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FileError {
@@ -17,6 +34,14 @@ pub enum FileError {
     Decode(String),
     #[error("{path}: {reason}")]
     Convert { path: String, reason: String },
+}
+
+/// A file or object that had to be skipped: `key` names it (`<file>` or
+/// `<file>: <Kind> <ns>/<name>`), `error` says why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub error: FileError,
 }
 
 /// The state read from files, and what had to be skipped (each bad file or
@@ -62,47 +87,290 @@ pub fn manifest_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, FileError> {
     Ok(out)
 }
 
-/// Reads every manifest under `paths` into one cluster state.
-pub fn load(paths: &[PathBuf]) -> Result<Loaded, FileError> {
-    let mut loaded = Loaded::default();
-    for file in manifest_files(paths)? {
-        let shown = file.display().to_string();
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
+/// The name of the file or object a manifest error is about.
+fn manifest_error_key(e: &ManifestError) -> String {
+    use model::calico::DecodeError;
+    match e {
+        ManifestError::Yaml { what, .. } => what.clone(),
+        ManifestError::Untyped { what, index } => format!("{what}: document {index}"),
+        ManifestError::UnknownKind {
+            what, kind, name, ..
+        } => format!("{what}: {kind} {name}"),
+        ManifestError::Invalid { what, object, .. } => format!("{what}: {object}"),
+        ManifestError::Calico(
+            DecodeError::Syntax { what, .. }
+            | DecodeError::ApiVersion { what, .. }
+            | DecodeError::Invalid { what, .. },
+        ) => what.clone(),
+    }
+}
+
+/// Decodes every document of a YAML (or JSON) text on its own: the good
+/// ones, and an error for each bad one (a bad item of a `v1/List` is one
+/// bad object). `what` names the source in errors.
+pub fn parse_documents(what: &str, text: &str) -> (Vec<Manifest>, Vec<ManifestError>) {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(v) => v,
             Err(e) => {
-                loaded.errors.push(FileError::Read {
-                    path: shown,
+                // The document stream cannot be resynchronised after a
+                // syntax error.
+                errors.push(ManifestError::Yaml {
+                    what: what.to_owned(),
+                    reason: e.to_string(),
+                });
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let value: serde_json::Value = match serde_json::to_value(&value) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(ManifestError::Yaml {
+                    what: what.to_owned(),
                     reason: e.to_string(),
                 });
                 continue;
             }
         };
-        let manifests = match parse_manifests(&shown, &text) {
-            Ok(m) => m,
-            Err(e) => {
-                loaded.errors.push(FileError::Decode(e.to_string()));
-                continue;
-            }
+        let is_list = value.get("apiVersion").and_then(|v| v.as_str()) == Some("v1")
+            && value.get("kind").and_then(|v| v.as_str()) == Some("List");
+        let items = match (is_list, value.get("items")) {
+            (true, Some(serde_json::Value::Array(items))) => items.clone(),
+            (true, None | Some(serde_json::Value::Null)) => vec![],
+            _ => vec![value],
         };
+        for item in items {
+            if let Err(e) = parse_value(what, index, item, &mut out) {
+                errors.push(e);
+            }
+        }
+    }
+    (out, errors)
+}
+
+/// Reads and decodes one manifest file.
+pub fn read_file(path: &Path) -> (Vec<Manifest>, Vec<Problem>) {
+    let shown = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            let error = FileError::Read {
+                path: shown.clone(),
+                reason: e.to_string(),
+            };
+            return (vec![], vec![Problem { key: shown, error }]);
+        }
+    };
+    let (manifests, errors) = parse_documents(&shown, &text);
+    let problems = errors
+        .iter()
+        .map(|e| Problem {
+            key: manifest_error_key(e),
+            error: FileError::Decode(e.to_string()),
+        })
+        .collect();
+    (manifests, problems)
+}
+
+/// Manifests, each with the file it came from.
+pub type FileManifests = Vec<(PathBuf, Manifest)>;
+
+/// Every manifest under `paths` with the file it came from, and what had to
+/// be skipped. Fails only when a directory cannot be listed.
+pub fn read_manifests(paths: &[PathBuf]) -> Result<(FileManifests, Vec<Problem>), FileError> {
+    let mut manifests = Vec::new();
+    let mut problems = Vec::new();
+    for file in manifest_files(paths)? {
+        let (m, p) = read_file(&file);
+        manifests.extend(m.into_iter().map(|m| (file.clone(), m)));
+        problems.extend(p);
+    }
+    Ok((manifests, problems))
+}
+
+/// The Calico resources under `paths` (Kubernetes objects converted), keyed
+/// as in etcd; a later file's object replaces an earlier one of the same key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    pub resources: BTreeMap<ResourceKey, Resource>,
+    /// Every bad file or object, in file order.
+    pub problems: Vec<Problem>,
+}
+
+/// Reads every manifest under `paths` into Calico resources. Fails only
+/// when a directory cannot be listed.
+pub fn read_resources(paths: &[PathBuf]) -> Result<Resources, FileError> {
+    let mut out = Resources::default();
+    for file in manifest_files(paths)? {
+        let shown = file.display().to_string();
+        let (manifests, problems) = read_file(&file);
+        out.problems.extend(problems);
         for m in manifests {
             match m {
                 Manifest::Calico(r) => {
-                    loaded.state.upsert(r);
+                    out.resources.insert(r.key(), r);
                 }
                 Manifest::Kube(obj) => match kube_to_calico(&obj) {
                     Ok(Some(r)) => {
-                        loaded.state.upsert(r);
+                        out.resources.insert(r.key(), r);
                     }
                     Ok(None) => {}
-                    Err(e) => loaded.errors.push(FileError::Convert {
-                        path: shown.clone(),
-                        reason: e.to_string(),
+                    Err(e) => out.problems.push(Problem {
+                        key: format!("{shown}: {}", e.object),
+                        error: FileError::Convert {
+                            path: shown.clone(),
+                            reason: e.to_string(),
+                        },
                     }),
                 },
             }
         }
     }
+    Ok(out)
+}
+
+/// Reads every manifest under `paths` into one cluster state.
+pub fn load(paths: &[PathBuf]) -> Result<Loaded, FileError> {
+    let read = read_resources(paths)?;
+    let mut loaded = Loaded::default();
+    for r in read.resources.into_values() {
+        loaded.state.upsert(r);
+    }
+    loaded.errors = read.problems.into_iter().map(|p| p.error).collect();
     Ok(loaded)
+}
+
+/// What the files looked like: every manifest file with its size and
+/// modification time (or why the paths could not be listed).
+type Fingerprint = Result<Vec<(PathBuf, u64, Option<SystemTime>)>, FileError>;
+
+fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
+    Ok(manifest_files(paths)?
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(u64::MAX, |m| m.len());
+            let mtime = meta.and_then(|m| m.modified().ok());
+            (f, len, mtime)
+        })
+        .collect())
+}
+
+/// The file source of the update stream.
+///
+/// Reads everything under `paths` and sends it as `Upsert`s (plus an
+/// `Invalid` for each bad file or object) and `InSync`; then polls the
+/// files every `poll` and, once a change has held still for one poll (so a
+/// file caught half-written is not taken for the new state), re-reads them
+/// and sends the difference: `Delete`s, `Upsert`s, `Invalid`s, `InSync`.
+/// Revisions are the generation of the read: 1, 2, ….
+///
+/// If the paths themselves cannot be listed (a configured directory
+/// vanished), that is reported as `Invalid` and the last state is kept.
+/// Returns when the receiver is dropped.
+pub async fn watch(
+    paths: Vec<PathBuf>,
+    poll: Duration,
+    tx: mpsc::Sender<Update>,
+) -> Result<(), FileError> {
+    let mut emitted: BTreeMap<ResourceKey, Resource> = BTreeMap::new();
+    let mut last_invalid: Option<BTreeSet<(String, String)>> = None;
+    let mut generation: i64 = 0;
+    let mut read_at: Option<Fingerprint> = None;
+    let mut pending: Option<Fingerprint> = None;
+    loop {
+        let p = paths.clone();
+        let fp = tokio::task::spawn_blocking(move || fingerprint(&p))
+            .await
+            .unwrap_or_else(|e| {
+                Err(FileError::Read {
+                    path: "?".into(),
+                    reason: e.to_string(),
+                })
+            });
+        let first = read_at.is_none();
+        let changed = read_at.as_ref() != Some(&fp);
+        let settled = pending.as_ref() == Some(&fp);
+        if first || (changed && settled) {
+            pending = None;
+            read_at = Some(fp);
+            let p = paths.clone();
+            let read = tokio::task::spawn_blocking(move || read_resources(&p))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(FileError::Read {
+                        path: "?".into(),
+                        reason: e.to_string(),
+                    })
+                });
+            let mut batch = Vec::new();
+            let next = generation + 1;
+            let mut invalid = BTreeSet::new();
+            match read {
+                Ok(read) => {
+                    for key in emitted.keys() {
+                        if !read.resources.contains_key(key) {
+                            batch.push(Update::Delete {
+                                key: key.clone(),
+                                revision: next,
+                            });
+                        }
+                    }
+                    for (key, r) in &read.resources {
+                        if emitted.get(key) != Some(r) {
+                            batch.push(Update::Upsert {
+                                key: key.clone(),
+                                resource: r.clone(),
+                                revision: next,
+                            });
+                        }
+                    }
+                    emitted = read.resources;
+                    for p in read.problems {
+                        invalid.insert((p.key, p.error.to_string()));
+                    }
+                }
+                Err(e) => {
+                    let key = match &e {
+                        FileError::Read { path, .. } | FileError::Convert { path, .. } => {
+                            path.clone()
+                        }
+                        FileError::Decode(_) => "?".into(),
+                    };
+                    invalid.insert((key, format!("{e} (keeping the last state read)")));
+                }
+            }
+            if first || !batch.is_empty() || last_invalid.as_ref() != Some(&invalid) {
+                generation = next;
+                for (key, reason) in &invalid {
+                    tracing::warn!(%key, %reason, "skipping a bad manifest");
+                    batch.push(Update::Invalid {
+                        key: key.clone(),
+                        reason: reason.clone(),
+                        revision: next,
+                    });
+                }
+                batch.push(Update::InSync { revision: next });
+                for u in batch {
+                    if tx.send(u).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                last_invalid = Some(invalid);
+            }
+        } else if changed {
+            pending = Some(fp);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = tx.closed() => return Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -111,8 +379,8 @@ mod tests {
 
     #[test]
     fn bad_objects_are_named_and_the_rest_kept() {
-        let dir = std::env::temp_dir().join(format!("nftpolicy-files-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().to_path_buf();
         std::fs::write(
             dir.join("a.yaml"),
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n",
@@ -120,7 +388,6 @@ mod tests {
         .unwrap();
         std::fs::write(dir.join("b.yaml"), "kind: [").unwrap();
         let loaded = load(std::slice::from_ref(&dir)).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(loaded.state.len(), 1, "the namespace profile is kept");
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(errors.len(), 2, "{errors:?}");
@@ -129,5 +396,32 @@ mod tests {
             "{errors:?}"
         );
         assert!(errors[1].contains("b.yaml: malformed YAML"), "{errors:?}");
+    }
+
+    #[test]
+    fn a_bad_document_or_list_item_spares_the_rest_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n---\n\
+             apiVersion: v1\nkind: List\nitems:\n\
+             - {apiVersion: v1, kind: Namespace, metadata: {name: a}}\n\
+             - {apiVersion: projectcalico.org/v3, kind: GlobalNetworkPolicy, metadata: {name: g}, spec: {selector: 'a = b'}}\n\
+             - {apiVersion: v1, kind: Namespace, metadata: {name: b}}\n",
+        )
+        .unwrap();
+        let read = read_resources(&[dir.path().to_path_buf()]).unwrap();
+        let names: Vec<&str> = read.resources.keys().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["kns.a", "kns.b"]);
+        let keys: Vec<&str> = read.problems.iter().map(|p| p.key.as_str()).collect();
+        let shown = file.display().to_string();
+        assert_eq!(
+            keys,
+            [
+                format!("{shown}: Service s"),
+                format!("{shown}: GlobalNetworkPolicy g")
+            ]
+        );
     }
 }

@@ -1,0 +1,54 @@
+//! The model's verdict as a path through the chains the compiler renders,
+//! for `nftpolicy explain`: which chains a packet traverses on the sender's
+//! egress and the receiver's ingress, and which policy and rule decided.
+
+use model::calico::PolicyType;
+use model::semantics::{Decision, EndpointVerdict};
+use model::state::ClusterState;
+
+use crate::logical::{policy_chain, profile_chain, CHAIN_FORWARD, CHAIN_FROM_WL_DISPATCH, CHAIN_TO_WL_DISPATCH};
+
+/// One direction's walk through the chains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainPath {
+    pub chains: Vec<String>,
+    /// `accept` (returned with the accept bit) or `drop`.
+    pub verdict: &'static str,
+}
+
+impl std::fmt::Display for ChainPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} → {}", self.chains.join(" → "), self.verdict)
+    }
+}
+
+/// The chains `v` walks through, in felix's tree as nftpolicy renders it.
+pub fn chain_path(state: &ClusterState, v: &EndpointVerdict) -> ChainPath {
+    let iface = match state.get(&v.endpoint) {
+        Some(model::calico::Resource::WorkloadEndpoint(w)) => w.spec.interface_name.clone(),
+        _ => "?".into(),
+    };
+    let (dispatch, ep_chain) = match v.direction {
+        PolicyType::Egress => (CHAIN_FROM_WL_DISPATCH, format!("cali-fw-{iface}")),
+        PolicyType::Ingress => (CHAIN_TO_WL_DISPATCH, format!("cali-tw-{iface}")),
+    };
+    let mut chains = vec![CHAIN_FORWARD.to_owned(), dispatch.to_owned(), ep_chain];
+    // Policies are walked in order until one decides (or passes).
+    let stop = match &v.decision {
+        Decision::PolicyRule { policy, .. } => Some(policy.clone()),
+        _ => v.passed_by.as_ref().map(|(p, _)| p.clone()),
+    };
+    for p in &v.policies {
+        chains.push(policy_chain(p, v.direction));
+        if Some(p) == stop.as_ref() {
+            break;
+        }
+    }
+    if let Decision::ProfileRule { profile, .. } = &v.decision {
+        chains.push(profile_chain(profile, v.direction));
+    }
+    ChainPath {
+        chains,
+        verdict: if v.allowed { "accept" } else { "drop" },
+    }
+}

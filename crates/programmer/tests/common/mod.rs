@@ -1,0 +1,970 @@
+//! Shared by the integration tests: a sample IR using every match,
+//! statement and verdict kind; an IR → nft syntax renderer (the oracle's
+//! input, written independently of the netlink encoder); a parser for
+//! `nft --debug=mnl` output.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use compiler::nft::*;
+use programmer::testutil::Netns;
+use programmer::NftProgrammer;
+
+/// Enters a fresh namespace and opens a programmer in it.
+pub fn setup(tag: &str) -> (Netns, NftProgrammer) {
+    let ns = Netns::enter(tag).expect("create test netns (needs root and iproute2)");
+    let p = NftProgrammer::new().expect("open netlink socket");
+    (ns, p)
+}
+
+pub fn net(s: &str) -> ipnet::IpNet {
+    s.parse().unwrap()
+}
+
+pub fn rule(
+    matches: Vec<Match>,
+    stmts: Vec<Stmt>,
+    verdict: Option<Verdict>,
+    comment: &str,
+) -> Rule {
+    Rule {
+        matches,
+        stmts,
+        verdict,
+        comment: (!comment.is_empty()).then(|| comment.to_owned()),
+    }
+}
+
+pub fn chain(name: &str, rules: Vec<Rule>) -> Chain {
+    Chain {
+        name: name.to_owned(),
+        base: None,
+        rules,
+    }
+}
+
+pub fn base_chain(
+    name: &str,
+    hook: Hook,
+    priority: i32,
+    policy: ChainPolicy,
+    rules: Vec<Rule>,
+) -> Chain {
+    Chain {
+        name: name.to_owned(),
+        base: Some(BaseChain {
+            hook,
+            priority,
+            policy,
+        }),
+        rules,
+    }
+}
+
+pub fn l4(proto: u8) -> Match {
+    Match::L4Proto {
+        proto,
+        negate: false,
+    }
+}
+
+pub fn dport(min: u16, max: u16, negate: bool) -> Match {
+    Match::Port {
+        dir: Dir::Dst,
+        target: PortTarget::Range { min, max },
+        negate,
+    }
+}
+
+pub fn addr(dir: Dir, s: &str, negate: bool) -> Match {
+    Match::Addr {
+        dir,
+        target: AddrTarget::Net(net(s)),
+        negate,
+    }
+}
+
+pub fn addr_set(dir: Dir, s: &str, negate: bool) -> Match {
+    Match::Addr {
+        dir,
+        target: AddrTarget::Set(s.to_owned()),
+        negate,
+    }
+}
+
+pub fn ifname(dir: IfDir, name: &str, wildcard: bool, negate: bool) -> Match {
+    Match::IfName {
+        dir,
+        name: name.to_owned(),
+        wildcard,
+        negate,
+    }
+}
+
+fn insert_chain(t: &mut Table, c: Chain) {
+    t.chains.insert(c.name.clone(), c);
+}
+
+fn insert_set(t: &mut Table, s: Set) {
+    t.sets.insert(s.name.clone(), s);
+}
+
+/// One table of the given family using every IR construct.
+pub fn sample_table(family: TableFamily) -> Table {
+    let v6 = family.is_v6();
+    let pick = |a: &'static str, b: &'static str| if v6 { b } else { a };
+    let mut t = Table::new(family, TABLE_NAME);
+    let icmp = if v6 { 58 } else { 1 };
+
+    insert_set(
+        &mut t,
+        Set {
+            name: "addrs".into(),
+            key: SetKey::Addr,
+            elements: if v6 {
+                vec![
+                    SetElement::Net(net("fd00:198:18::/48")),
+                    SetElement::Net(net("fd00:198:19::1/128")),
+                    SetElement::Net(net("fd00:198:19::2/127")),
+                ]
+            } else {
+                vec![
+                    SetElement::Net(net("198.18.0.0/16")),
+                    SetElement::Net(net("198.19.0.1/32")),
+                    SetElement::Net(net("198.19.0.2/31")),
+                    SetElement::Net(net("198.19.1.0/24")),
+                ]
+            },
+            comment: Some("selector: role == 'db'".into()),
+        },
+    );
+    // Everything: 0.0.0.0/0 (an open interval starting at 0).
+    insert_set(
+        &mut t,
+        Set {
+            name: "anyaddr".into(),
+            key: SetKey::Addr,
+            elements: vec![SetElement::Net(net(pick("0.0.0.0/0", "::/0")))],
+            comment: None,
+        },
+    );
+    // An interval that runs to the end of the key space, not from 0.
+    insert_set(
+        &mut t,
+        Set {
+            name: "upper".into(),
+            key: SetKey::Addr,
+            elements: vec![
+                SetElement::Net(net(pick("198.18.0.0/15", "fd00:198:18::/48"))),
+                SetElement::Net(net(pick("240.0.0.0/4", "ff00::/8"))),
+            ],
+            comment: None,
+        },
+    );
+    insert_set(
+        &mut t,
+        Set {
+            name: "empty".into(),
+            key: SetKey::Addr,
+            elements: vec![],
+            comment: None,
+        },
+    );
+    insert_set(
+        &mut t,
+        Set {
+            name: "ports".into(),
+            key: SetKey::Port,
+            elements: vec![
+                SetElement::Ports { min: 0, max: 0 },
+                SetElement::Ports { min: 80, max: 80 },
+                SetElement::Ports {
+                    min: 8000,
+                    max: 8010,
+                },
+                SetElement::Ports {
+                    min: 65000,
+                    max: 65535,
+                },
+            ],
+            comment: Some("ports".into()),
+        },
+    );
+    insert_set(
+        &mut t,
+        Set {
+            name: "named".into(),
+            key: SetKey::NamedPort,
+            elements: if v6 {
+                vec![
+                    SetElement::NamedPort("fd00:198:18::1".parse().unwrap(), 6, 80),
+                    SetElement::NamedPort("fd00:198:18::2".parse().unwrap(), 17, 53),
+                ]
+            } else {
+                vec![
+                    SetElement::NamedPort("198.18.0.1".parse().unwrap(), 6, 80),
+                    SetElement::NamedPort("198.18.0.2".parse().unwrap(), 17, 53),
+                ]
+            },
+            comment: None,
+        },
+    );
+    t.maps.insert(
+        "ingress".into(),
+        VerdictMap {
+            name: "ingress".into(),
+            elements: BTreeMap::from([
+                ("cali1234".to_owned(), Verdict::Goto("to-wl".into())),
+                ("cali5678".to_owned(), Verdict::Goto("to-wl2".into())),
+                ("calidrop".to_owned(), Verdict::Drop),
+            ]),
+            comment: Some("workload dispatch".into()),
+        },
+    );
+    t.maps.insert(
+        "egress".into(),
+        VerdictMap {
+            name: "egress".into(),
+            elements: BTreeMap::new(),
+            comment: None,
+        },
+    );
+
+    let rules = vec![
+        rule(
+            vec![Match::CtState(
+                CtStates::ESTABLISHED.union(CtStates::RELATED),
+            )],
+            vec![],
+            Some(Verdict::Accept),
+            "conntrack",
+        ),
+        rule(
+            vec![Match::CtState(CtStates::INVALID)],
+            vec![Stmt::Counter],
+            Some(Verdict::Drop),
+            "",
+        ),
+        rule(
+            vec![ifname(IfDir::In, "cali1234", false, false)],
+            vec![],
+            Some(Verdict::Jump("to-wl".into())),
+            "exact iif",
+        ),
+        rule(
+            vec![ifname(IfDir::Out, "cali", true, false)],
+            vec![],
+            Some(Verdict::Goto("to-wl".into())),
+            "wildcard oif",
+        ),
+        rule(
+            vec![ifname(IfDir::In, "tunl", true, true)],
+            vec![],
+            Some(Verdict::Return),
+            "",
+        ),
+        rule(
+            vec![ifname(IfDir::Out, "eth0", false, true)],
+            vec![Stmt::Counter],
+            None,
+            "",
+        ),
+        rule(
+            vec![Match::Mark {
+                mask: 0x10000,
+                value: 0x10000,
+                negate: false,
+            }],
+            vec![],
+            Some(Verdict::Accept),
+            "mark & mask",
+        ),
+        rule(
+            vec![Match::Mark {
+                mask: 0xffff_ffff,
+                value: 0x20,
+                negate: true,
+            }],
+            vec![],
+            Some(Verdict::Return),
+            "",
+        ),
+        rule(vec![l4(6)], vec![], None, ""),
+        rule(
+            vec![Match::L4Proto {
+                proto: 17,
+                negate: true,
+            }],
+            vec![],
+            None,
+            "",
+        ),
+        rule(
+            vec![addr(
+                Dir::Src,
+                pick("198.18.0.0/16", "fd00:198:18::/48"),
+                false,
+            )],
+            vec![],
+            Some(Verdict::Accept),
+            "aligned cidr",
+        ),
+        rule(
+            vec![addr(
+                Dir::Dst,
+                pick("198.18.0.0/15", "fd00:198:18::/47"),
+                true,
+            )],
+            vec![],
+            Some(Verdict::Drop),
+            "unaligned cidr",
+        ),
+        rule(
+            vec![addr(
+                Dir::Src,
+                pick("198.18.0.1/32", "fd00:198:18::1/128"),
+                false,
+            )],
+            vec![],
+            None,
+            "host",
+        ),
+        rule(
+            vec![addr(Dir::Dst, pick("0.0.0.0/0", "::/0"), false)],
+            vec![],
+            None,
+            "any",
+        ),
+        rule(
+            vec![addr_set(Dir::Src, "addrs", false)],
+            vec![],
+            Some(Verdict::Accept),
+            "",
+        ),
+        rule(
+            vec![addr_set(Dir::Dst, "addrs", true)],
+            vec![],
+            Some(Verdict::Drop),
+            "",
+        ),
+        rule(
+            vec![l4(6), dport(80, 80, false)],
+            vec![],
+            Some(Verdict::Accept),
+            "single port",
+        ),
+        rule(
+            vec![l4(17), dport(53, 53, true)],
+            vec![],
+            Some(Verdict::Drop),
+            "",
+        ),
+        rule(
+            vec![l4(6), dport(8000, 8010, false)],
+            vec![],
+            Some(Verdict::Accept),
+            "port range",
+        ),
+        rule(
+            vec![l4(6), dport(8000, 8010, true)],
+            vec![],
+            Some(Verdict::Drop),
+            "negated range",
+        ),
+        rule(
+            vec![
+                l4(17),
+                Match::Port {
+                    dir: Dir::Src,
+                    target: PortTarget::Set("ports".into()),
+                    negate: false,
+                },
+            ],
+            vec![],
+            Some(Verdict::Accept),
+            "",
+        ),
+        rule(
+            vec![
+                l4(6),
+                Match::Port {
+                    dir: Dir::Dst,
+                    target: PortTarget::Set("ports".into()),
+                    negate: true,
+                },
+            ],
+            vec![],
+            Some(Verdict::Drop),
+            "",
+        ),
+        rule(
+            vec![Match::NamedPort {
+                dir: Dir::Dst,
+                set: "named".into(),
+                negate: false,
+            }],
+            vec![],
+            Some(Verdict::Accept),
+            "named port",
+        ),
+        rule(
+            vec![Match::NamedPort {
+                dir: Dir::Src,
+                set: "named".into(),
+                negate: true,
+            }],
+            vec![],
+            Some(Verdict::Drop),
+            "",
+        ),
+        rule(
+            vec![
+                l4(icmp),
+                Match::Icmp {
+                    icmp_type: if v6 { 128 } else { 8 },
+                    code: None,
+                    negate: false,
+                },
+            ],
+            vec![],
+            Some(Verdict::Accept),
+            "echo",
+        ),
+        rule(
+            vec![
+                l4(icmp),
+                Match::Icmp {
+                    icmp_type: if v6 { 1 } else { 3 },
+                    code: Some(if v6 { 4 } else { 1 }),
+                    negate: false,
+                },
+            ],
+            vec![],
+            Some(Verdict::Accept),
+            "",
+        ),
+        rule(
+            vec![
+                l4(icmp),
+                Match::Icmp {
+                    icmp_type: 3,
+                    code: None,
+                    negate: true,
+                },
+            ],
+            vec![],
+            Some(Verdict::Drop),
+            "",
+        ),
+        rule(
+            vec![
+                l4(icmp),
+                Match::Icmp {
+                    icmp_type: 3,
+                    code: Some(1),
+                    negate: true,
+                },
+            ],
+            vec![],
+            Some(Verdict::Drop),
+            "",
+        ),
+        rule(
+            vec![],
+            vec![Stmt::SetMark {
+                clear: 0x000e_0000,
+                set: 0x0001_0000,
+            }],
+            None,
+            "set mark bits",
+        ),
+        rule(
+            vec![],
+            vec![Stmt::SetMark {
+                clear: !0x42,
+                set: 0x42,
+            }],
+            None,
+            "",
+        ),
+        rule(
+            vec![],
+            vec![Stmt::SetMark {
+                clear: 0,
+                set: 0x100,
+            }],
+            None,
+            "set bit",
+        ),
+        rule(
+            vec![],
+            vec![Stmt::SetMark {
+                clear: 0x200,
+                set: 0,
+            }],
+            None,
+            "clear bit",
+        ),
+        rule(
+            vec![],
+            vec![Stmt::Log {
+                prefix: "calico-drop".into(),
+                group: None,
+                rate_per_second: None,
+            }],
+            None,
+            "",
+        ),
+        rule(
+            vec![],
+            vec![Stmt::Log {
+                prefix: "nflog".into(),
+                group: Some(5),
+                rate_per_second: None,
+            }],
+            None,
+            "",
+        ),
+        rule(
+            vec![],
+            vec![Stmt::Log {
+                prefix: "limited".into(),
+                group: None,
+                rate_per_second: Some(10),
+            }],
+            None,
+            "",
+        ),
+        rule(
+            vec![],
+            vec![
+                Stmt::Counter,
+                Stmt::Log {
+                    prefix: String::new(),
+                    group: Some(7),
+                    rate_per_second: Some(3),
+                },
+            ],
+            None,
+            "",
+        ),
+        rule(
+            vec![
+                l4(6),
+                addr_set(Dir::Src, "upper", false),
+                dport(443, 443, false),
+            ],
+            vec![Stmt::Counter],
+            Some(Verdict::Accept),
+            "combined",
+        ),
+        rule(vec![addr_set(Dir::Dst, "anyaddr", false)], vec![], None, ""),
+        rule(vec![addr_set(Dir::Dst, "empty", true)], vec![], None, ""),
+        rule(
+            vec![],
+            vec![],
+            Some(Verdict::IfNameVmap {
+                dir: IfDir::In,
+                map: "ingress".into(),
+            }),
+            "dispatch",
+        ),
+        rule(
+            vec![],
+            vec![],
+            Some(Verdict::IfNameVmap {
+                dir: IfDir::Out,
+                map: "egress".into(),
+            }),
+            "",
+        ),
+        rule(vec![], vec![], Some(Verdict::Drop), "default deny"),
+    ];
+    insert_chain(&mut t, chain("cali-pol", rules));
+    insert_chain(
+        &mut t,
+        chain(
+            "to-wl",
+            vec![rule(
+                vec![],
+                vec![Stmt::Counter],
+                Some(Verdict::Return),
+                "to-wl",
+            )],
+        ),
+    );
+    insert_chain(&mut t, chain("to-wl2", vec![]));
+    insert_chain(
+        &mut t,
+        base_chain(
+            "filter-FORWARD",
+            Hook::Forward,
+            -10,
+            ChainPolicy::Drop,
+            vec![rule(
+                vec![],
+                vec![],
+                Some(Verdict::Jump("cali-pol".into())),
+                "to policy",
+            )],
+        ),
+    );
+    insert_chain(
+        &mut t,
+        base_chain("filter-INPUT", Hook::Input, 0, ChainPolicy::Accept, vec![]),
+    );
+    insert_chain(
+        &mut t,
+        base_chain(
+            "filter-OUTPUT",
+            Hook::Output,
+            5,
+            ChainPolicy::Accept,
+            vec![rule(vec![], vec![Stmt::Counter], None, "")],
+        ),
+    );
+    t
+}
+
+pub fn sample_ruleset() -> Ruleset {
+    Ruleset {
+        tables: vec![
+            sample_table(TableFamily::Ip),
+            sample_table(TableFamily::Ip6),
+        ],
+    }
+}
+
+// ---------------------------------------------------------------------------
+// IR → nft syntax (independent of the encoder: it is the oracle's input)
+
+fn q(s: &str) -> String {
+    format!("\"{s}\"")
+}
+
+fn ct_states(s: CtStates) -> String {
+    let names = [
+        (1, "invalid"),
+        (2, "established"),
+        (4, "related"),
+        (8, "new"),
+    ];
+    names
+        .iter()
+        .filter(|(b, _)| s.0 & b != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn render_match(family: TableFamily, m: &Match) -> String {
+    let fam = family.keyword();
+    let ne = |n: bool| if n { "!= " } else { "" };
+    match m {
+        Match::IfName {
+            dir,
+            name,
+            wildcard,
+            negate,
+        } => {
+            let kw = if *dir == IfDir::In {
+                "iifname"
+            } else {
+                "oifname"
+            };
+            let star = if *wildcard { "*" } else { "" };
+            format!("{kw} {}\"{name}{star}\"", ne(*negate))
+        }
+        Match::CtState(s) => format!("ct state {}", ct_states(*s)),
+        Match::Mark {
+            mask,
+            value,
+            negate,
+        } => {
+            if *mask == u32::MAX {
+                format!("meta mark {}{value:#x}", ne(*negate))
+            } else {
+                let op = if *negate { "!=" } else { "==" };
+                format!("meta mark & {mask:#x} {op} {value:#x}")
+            }
+        }
+        Match::L4Proto { proto, negate } => format!("meta l4proto {}{proto}", ne(*negate)),
+        Match::Addr {
+            dir,
+            target,
+            negate,
+        } => {
+            let d = if *dir == Dir::Src { "saddr" } else { "daddr" };
+            match target {
+                AddrTarget::Net(n) => format!("{fam} {d} {}{n}", ne(*negate)),
+                AddrTarget::Set(s) => format!("{fam} {d} {}@{s}", ne(*negate)),
+            }
+        }
+        Match::Port {
+            dir,
+            target,
+            negate,
+        } => {
+            let d = if *dir == Dir::Src { "sport" } else { "dport" };
+            match target {
+                PortTarget::Range { min, max } if min == max => {
+                    format!("th {d} {}{min}", ne(*negate))
+                }
+                PortTarget::Range { min, max } => format!("th {d} {}{min}-{max}", ne(*negate)),
+                PortTarget::Set(s) => format!("th {d} {}@{s}", ne(*negate)),
+            }
+        }
+        Match::NamedPort { dir, set, negate } => {
+            let (a, p) = if *dir == Dir::Src {
+                ("saddr", "sport")
+            } else {
+                ("daddr", "dport")
+            };
+            format!("{fam} {a} . meta l4proto . th {p} {}@{set}", ne(*negate))
+        }
+        Match::Icmp {
+            icmp_type,
+            code,
+            negate,
+        } => {
+            let kw = if family.is_v6() { "icmpv6" } else { "icmp" };
+            match (code, negate) {
+                (None, n) => format!("{kw} type {}{icmp_type}", ne(*n)),
+                (Some(c), false) => format!("{kw} type {icmp_type} {kw} code {c}"),
+                (Some(c), true) => {
+                    format!("@th,0,16 != {:#06x}", (*icmp_type as u16) << 8 | *c as u16)
+                }
+            }
+        }
+    }
+}
+
+pub fn render_stmt(s: &Stmt) -> String {
+    match s {
+        Stmt::Counter => "counter".into(),
+        Stmt::SetMark { clear, set } => {
+            let keep = !(clear | set);
+            if keep == 0 {
+                format!("meta mark set {set:#x}")
+            } else {
+                format!("meta mark set meta mark & {keep:#x} | {set:#x}")
+            }
+        }
+        Stmt::Log {
+            prefix,
+            group,
+            rate_per_second,
+        } => {
+            let mut out = String::new();
+            if let Some(r) = rate_per_second {
+                out.push_str(&format!("limit rate {r}/second "));
+            }
+            out.push_str("log");
+            if !prefix.is_empty() {
+                out.push_str(&format!(" prefix {}", q(prefix)));
+            }
+            if let Some(g) = group {
+                out.push_str(&format!(" group {g}"));
+            }
+            out
+        }
+    }
+}
+
+pub fn render_verdict(v: &Verdict) -> String {
+    match v {
+        Verdict::Accept => "accept".into(),
+        Verdict::Drop => "drop".into(),
+        Verdict::Return => "return".into(),
+        Verdict::Jump(c) => format!("jump {c}"),
+        Verdict::Goto(c) => format!("goto {c}"),
+        Verdict::IfNameVmap { dir, map } => {
+            let kw = if *dir == IfDir::In {
+                "iifname"
+            } else {
+                "oifname"
+            };
+            format!("{kw} vmap @{map}")
+        }
+    }
+}
+
+pub fn render_rule(family: TableFamily, r: &Rule) -> String {
+    let mut parts: Vec<String> = r.matches.iter().map(|m| render_match(family, m)).collect();
+    parts.extend(r.stmts.iter().map(render_stmt));
+    if let Some(v) = &r.verdict {
+        parts.push(render_verdict(v));
+    }
+    if let Some(c) = &r.comment {
+        parts.push(format!("comment {}", q(c)));
+    }
+    parts.join(" ")
+}
+
+fn render_element(e: &SetElement) -> String {
+    match e {
+        SetElement::Net(n) => n.to_string(),
+        SetElement::Ports { min, max } if min == max => min.to_string(),
+        SetElement::Ports { min, max } => format!("{min}-{max}"),
+        SetElement::NamedPort(a, p, port) => format!("{a} . {p} . {port}"),
+    }
+}
+
+pub fn render_table(t: &Table) -> String {
+    let fam = t.family.keyword();
+    let addr_type = if t.family.is_v6() {
+        "ipv6_addr"
+    } else {
+        "ipv4_addr"
+    };
+    let mut out = format!("table {fam} {} {{\n", t.name);
+    for s in t.sets.values() {
+        out.push_str(&format!("  set {} {{\n", s.name));
+        match s.key {
+            SetKey::Addr => out.push_str(&format!("    type {addr_type}; flags interval;\n")),
+            SetKey::Port => out.push_str("    type inet_service; flags interval;\n"),
+            SetKey::NamedPort => out.push_str(&format!(
+                "    type {addr_type} . inet_proto . inet_service;\n"
+            )),
+        }
+        if let Some(c) = &s.comment {
+            out.push_str(&format!("    comment {};\n", q(c)));
+        }
+        if !s.elements.is_empty() {
+            let els: Vec<String> = s.elements.iter().map(render_element).collect();
+            out.push_str(&format!("    elements = {{ {} }};\n", els.join(", ")));
+        }
+        out.push_str("  }\n");
+    }
+    for m in t.maps.values() {
+        out.push_str(&format!(
+            "  map {} {{\n    type ifname : verdict;\n",
+            m.name
+        ));
+        if let Some(c) = &m.comment {
+            out.push_str(&format!("    comment {};\n", q(c)));
+        }
+        if !m.elements.is_empty() {
+            let els: Vec<String> = m
+                .elements
+                .iter()
+                .map(|(k, v)| format!("{} : {}", q(k), render_verdict(v)))
+                .collect();
+            out.push_str(&format!("    elements = {{ {} }};\n", els.join(", ")));
+        }
+        out.push_str("  }\n");
+    }
+    for c in t.chains.values() {
+        out.push_str(&format!("  chain {} {{\n", c.name));
+        if let Some(b) = &c.base {
+            let policy = match b.policy {
+                ChainPolicy::Accept => "accept",
+                ChainPolicy::Drop => "drop",
+            };
+            out.push_str(&format!(
+                "    type filter hook {} priority {}; policy {policy};\n",
+                b.hook.keyword(),
+                b.priority
+            ));
+        }
+        for r in &c.rules {
+            out.push_str(&format!("    {}\n", render_rule(t.family, r)));
+        }
+        out.push_str("  }\n");
+    }
+    out.push_str("}\n");
+    out
+}
+
+pub fn render(rs: &Ruleset) -> String {
+    rs.tables.iter().map(render_table).collect()
+}
+
+// ---------------------------------------------------------------------------
+// `nft --debug=mnl` output → messages
+
+/// One message of the batch nft sent: netlink type and payload (nfgenmsg
+/// and attributes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MnlMsg {
+    pub msg_type: u16,
+    pub payload: Vec<u8>,
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Rebuilds the raw bytes of every message `nft --debug=mnl` printed.
+pub fn parse_mnl(text: &str) -> Vec<MnlMsg> {
+    let text = strip_ansi(text);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut msgs: Vec<MnlMsg> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let l = lines[i];
+        let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+        if l.contains("message length") {
+            let t: Vec<&str> = lines[i + 1].split('|').map(str::trim).collect();
+            msgs.push(MnlMsg {
+                msg_type: t[1].parse().unwrap(),
+                payload: Vec::new(),
+            });
+            i += 4;
+            continue;
+        }
+        if l.contains("|len |flags| type|") && cells.len() > 3 {
+            let len: u16 = cells[1].parse().unwrap();
+            let flags = cells[2];
+            let mut ty: u16 = cells[3].parse().unwrap();
+            if flags.contains('N') {
+                ty |= 0x8000;
+            }
+            if flags.contains('B') {
+                ty |= 0x4000;
+            }
+            let m = msgs.last_mut().unwrap();
+            m.payload.extend_from_slice(&len.to_ne_bytes());
+            m.payload.extend_from_slice(&ty.to_ne_bytes());
+        } else if (l.contains("|      data      |") || l.contains("|  extra header  |"))
+            && !msgs.is_empty()
+        {
+            let bytes: Vec<u8> = cells[1]
+                .split_whitespace()
+                .map(|h| u8::from_str_radix(h, 16).unwrap())
+                .collect();
+            msgs.last_mut().unwrap().payload.extend_from_slice(&bytes);
+        }
+        i += 1;
+    }
+    msgs
+}
+
+/// The messages between BATCH_BEGIN and BATCH_END.
+pub fn batch_only(msgs: Vec<MnlMsg>) -> Vec<MnlMsg> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    for m in msgs {
+        match m.msg_type {
+            0x10 => inside = true,
+            0x11 => inside = false,
+            _ if inside => out.push(m),
+            _ => {}
+        }
+    }
+    out
+}

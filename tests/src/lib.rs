@@ -1,0 +1,78 @@
+//! The kernel lab: a small cluster made of network namespaces on this
+//! machine, for checking the real dataplane against scenario files.
+//!
+//! - one namespace per node, joined by a veth (a bridge namespace when there
+//!   are more than two nodes), addresses from 198.18.0.0/24 and
+//!   fd00:198:18::/64;
+//! - one namespace per pod, hanging off its node by a veth whose node end has
+//!   the pod's Calico interface name (`cali…`) and whose pod end is `eth0`,
+//!   routed as Calico routes pods (host routes to `cali…` plus proxy ARP on
+//!   the node, a fixed link-local next hop for IPv6);
+//! - one namespace per external host, hanging off the first node by `ext<N>`;
+//! - servers on every declared pod port and on every port a probe aims at an
+//!   external host; probes that connect from the source namespace.
+//!
+//! The lab compiles no policy. [`run_scenario`] writes each step's objects
+//! to a directory and runs `nftpolicy sync --once` inside every node
+//! namespace, then probes.
+//!
+//! Everything the lab makes lives inside namespaces named `nplab<pid>-…`,
+//! removed on drop, on Ctrl-C, and — after a crash — by the next run.
+
+mod e2e;
+mod lab;
+pub mod netns;
+mod objects;
+mod probe;
+mod serve;
+
+pub use e2e::{run_scenario, E2eOptions};
+pub use lab::{Lab, INFRA_V4, INFRA_V6};
+pub use objects::write_state;
+pub use probe::ProbeResult;
+
+/// Why the lab could not do its work. Probe verdicts are not errors; these
+/// are: the lab could not be built, a node could not be programmed, or the
+/// lab itself misbehaved (an answer from the wrong host).
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    #[error("lab setup: {0}")]
+    Setup(String),
+    #[error("programming {node} ({command}) failed: {status}\n{output}")]
+    Program {
+        node: String,
+        command: String,
+        status: String,
+        output: String,
+    },
+    #[error("probe {probe}: {reason}")]
+    Probe { probe: String, reason: String },
+    #[error(transparent)]
+    Scenario(#[from] model::scenario::ScenarioError),
+}
+
+/// With `NPLAB_TRACE` set, the lab says on stderr what it does and how
+/// long each part took.
+pub(crate) fn trace(msg: impl FnOnce() -> String) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("NPLAB_TRACE").is_some_and(|v| !v.is_empty())) {
+        eprintln!("nplab: {}", msg());
+    }
+}
+
+impl LabError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> LabError {
+        LabError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
