@@ -38,6 +38,9 @@ const UPLINK_INDEX: usize = 100;
 const FABRIC_INDEX: usize = 200;
 const FIRST_ENDPOINT_INDEX: u32 = 10_000;
 
+/// Namespace names are file names under /run/netns (at most 255 bytes).
+const MAX_NETNS_NAME: usize = 200;
+
 /// How long the kernel may take to bring new links and addresses up.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time a probe may take before it counts as denied.
@@ -366,10 +369,13 @@ impl Lab {
     fn add_pod(&mut self, info: &PodInfo) -> Result<Endpoint, LabError> {
         let node = self.node_index(&info.node)?;
         let identity = format!("{}/{}", info.namespace, info.name);
-        let netns = Netns::create(&format!(
-            "{}pod-{}.{}",
-            self.prefix, info.namespace, info.name
-        ))?;
+        let mut name = format!("{}pod-{}.{}", self.prefix, info.namespace, info.name);
+        if name.len() > MAX_NETNS_NAME {
+            // Kubernetes names can outgrow a file name; the interface name
+            // is a short hash of the same two.
+            name = format!("{}pod-{}", self.prefix, info.interface);
+        }
+        let netns = Netns::create(&name)?;
         let mut ep = Endpoint {
             identity,
             netns,
@@ -407,7 +413,11 @@ impl Lab {
         }
         let host_if = format!("ext{}", self.next_ext_if);
         self.next_ext_if += 1;
-        let netns = Netns::create(&format!("{}ext-{}", self.prefix, ext.name))?;
+        let mut name = format!("{}ext-{}", self.prefix, ext.name);
+        if name.len() > MAX_NETNS_NAME {
+            name = format!("{}{host_if}", self.prefix);
+        }
+        let netns = Netns::create(&name)?;
         let ep = Endpoint {
             identity: format!("ext/{}", ext.name),
             netns,
