@@ -4,6 +4,11 @@
 //! ranges, and named ports. Used by the criterion benchmarks here and by
 //! `cargo xtask bench`.
 
+pub mod backends;
+pub mod packet;
+pub mod report;
+pub mod run;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use model::calico::{
@@ -58,6 +63,7 @@ pub fn namespace_name(i: usize) -> String {
 
 /// A cluster state at the given scale, as the policy controller would store it.
 pub fn generate(scale: &Scale) -> ClusterState {
+    assert!(scale.namespaces > 0 && scale.apps > 0, "{scale:?}");
     let mut rng = StdRng::seed_from_u64(scale.seed);
     let mut state = ClusterState::new();
     for n in 0..scale.namespaces {
@@ -103,7 +109,14 @@ pub fn workload(scale: &Scale, i: usize, rng: &mut StdRng) -> WorkloadEndpoint {
     let mut labels = std::collections::BTreeMap::new();
     labels.insert(calico::LABEL_NAMESPACE.to_owned(), ns.clone());
     labels.insert(calico::LABEL_ORCHESTRATOR.to_owned(), "k8s".to_owned());
-    labels.insert("app".to_owned(), format!("app{}", rng.random_range(0..scale.apps)));
+    // Local endpoints carry the first apps in turn, so that policies can be
+    // made active on the node under test (see `policy`).
+    let app = if i < scale.local_endpoints {
+        i % scale.apps
+    } else {
+        rng.random_range(0..scale.apps)
+    };
+    labels.insert("app".to_owned(), format!("app{app}"));
     labels.insert("tier".to_owned(), ["web", "api", "db"][i % 3].to_owned());
     WorkloadEndpoint {
         api_version: calico::API_VERSION.into(),
@@ -143,6 +156,18 @@ pub fn workload(scale: &Scale, i: usize, rng: &mut StdRng) -> WorkloadEndpoint {
 pub fn policy(scale: &Scale, p: usize, rng: &mut StdRng) -> NetworkPolicy {
     let ns = namespace_name(p % scale.namespaces);
     let app = |rng: &mut StdRng| format!("app{}", rng.random_range(0..scale.apps));
+    // 70 % of the policies select an app that local endpoints carry: they
+    // are active on the node under test (otherwise it programs nothing).
+    // Local endpoint i lives in namespace i % namespaces: pick one in the
+    // policy's namespace and select its app.
+    let ns_index = p % scale.namespaces;
+    let locals_here = scale.local_endpoints.saturating_sub(ns_index).div_ceil(scale.namespaces);
+    let target = if locals_here > 0 && rng.random_bool(0.7) {
+        let i = ns_index + scale.namespaces * rng.random_range(0..locals_here);
+        format!("app{}", i % scale.apps)
+    } else {
+        app(rng)
+    };
     let mut rules = Vec::new();
     for _ in 0..rng.random_range(1..=3) {
         let mut r = Rule {
@@ -181,7 +206,7 @@ pub fn policy(scale: &Scale, p: usize, rng: &mut StdRng) -> NetworkPolicy {
         },
         spec: PolicySpec {
             order: Some(1000.0),
-            selector: format!("projectcalico.org/orchestrator == 'k8s' && app == '{}'", app(rng)),
+            selector: format!("projectcalico.org/orchestrator == 'k8s' && app == '{target}'"),
             types: vec![PolicyType::Ingress],
             ingress: rules,
             ..Default::default()

@@ -26,8 +26,23 @@ pub struct E2eOptions {
     pub program: bool,
     /// How long a probe may take before it counts as denied.
     pub probe_timeout: Duration,
-    /// How long one `nftpolicy sync --once` may take.
+    /// How long one `nftpolicy sync --once` may take (with etcd: how long
+    /// the agents may take to apply a step).
     pub sync_timeout: Duration,
+    /// Where the nodes read the steps from.
+    pub datastore: Datastore,
+    /// Extra arguments for `nftpolicy sync` (or `run`), e.g. `--mark-mask`.
+    pub extra_args: Vec<String>,
+}
+
+/// How the nodes get each step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datastore {
+    /// Files, and `nftpolicy sync --once` per node and step.
+    File,
+    /// A real etcd written with `nftpolicy apply|delete`, and one
+    /// `nftpolicy run` agent per node (see [`crate::agents`]).
+    Etcd,
 }
 
 impl E2eOptions {
@@ -39,6 +54,8 @@ impl E2eOptions {
             program: true,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
             sync_timeout: Duration::from_secs(30),
+            datastore: Datastore::File,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -60,17 +77,43 @@ pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeO
     }
     let node_names: Vec<&str> = nodes.iter().map(String::as_str).collect();
     let first_pods = states.first().map(|s| s.pods()).unwrap_or_default();
+    // Dropped in reverse: agents, then the lab, then etcd.
+    let etcd = match (opts.program, opts.datastore) {
+        (true, Datastore::Etcd) => Some(crate::EtcdServer::start()?),
+        _ => None,
+    };
     let mut lab = Lab::build(&first_pods, &scenario.externals, &node_names)?;
     lab.set_probe_timeout(opts.probe_timeout);
+    let mut agents = match &etcd {
+        Some(etcd) => Some(crate::Agents::start(
+            &lab,
+            etcd,
+            &opts.nftpolicy,
+            &opts.backend,
+            &opts.extra_args,
+        )?),
+        None => None,
+    };
 
     let mut outcomes = Vec::new();
     for (i, (state, step)) in states.iter().zip(&scenario.steps).enumerate() {
         let step_no = i + 1;
         lab.sync_pods(&state.pods())?;
-        if opts.program {
+        if let (Some(etcd), Some(agents)) = (&etcd, agents.as_mut()) {
+            let dir = lab.workdir().join(format!("step-{step_no}"));
+            let previous = i.checked_sub(1).map(|p| &states[p]);
+            let revision = crate::agents::write_step(&opts.nftpolicy, etcd, &dir, previous, state)?;
+            agents.wait_applied(revision, opts.sync_timeout)?;
+        } else if opts.program {
             let dir = lab.workdir().join(format!("step-{step_no}"));
             crate::write_state(&dir, state)?;
-            lab.program_nodes(&dir, &opts.nftpolicy, &opts.backend, opts.sync_timeout)?;
+            lab.program_nodes_with(
+                &dir,
+                &opts.nftpolicy,
+                &opts.backend,
+                &opts.extra_args,
+                opts.sync_timeout,
+            )?;
         }
         let resolved = step
             .probes
@@ -109,6 +152,18 @@ impl Lab {
         backend: &str,
         timeout: Duration,
     ) -> Result<(), LabError> {
+        self.program_nodes_with(datastore, nftpolicy, backend, &[], timeout)
+    }
+
+    /// [`Lab::program_nodes`] with extra `nftpolicy sync` arguments.
+    pub fn program_nodes_with(
+        &self,
+        datastore: &Path,
+        nftpolicy: &Path,
+        backend: &str,
+        extra_args: &[String],
+        timeout: Duration,
+    ) -> Result<(), LabError> {
         let ip = ip_tool()?;
         let started = Instant::now();
         let deadline = started + timeout;
@@ -121,6 +176,7 @@ impl Lab {
                 .arg("--datastore")
                 .arg(format!("file:{}", datastore.display()))
                 .args(["--backend", backend])
+                .args(extra_args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());

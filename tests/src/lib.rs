@@ -19,14 +19,19 @@
 //! Everything the lab makes lives inside namespaces named `nplab<pid>-…`,
 //! removed on drop, on Ctrl-C, and — after a crash — by the next run.
 
+pub mod agents;
 mod e2e;
+pub mod etcd;
+pub mod generate;
 mod lab;
 pub mod netns;
 mod objects;
 mod probe;
 mod serve;
 
-pub use e2e::{run_scenario, E2eOptions};
+pub use agents::Agents;
+pub use e2e::{run_scenario, Datastore, E2eOptions};
+pub use etcd::EtcdServer;
 pub use lab::{Lab, INFRA_V4, INFRA_V6};
 pub use objects::write_state;
 pub use probe::ProbeResult;
@@ -57,6 +62,25 @@ pub enum LabError {
     Probe { probe: String, reason: String },
     #[error(transparent)]
     Scenario(#[from] model::scenario::ScenarioError),
+}
+
+/// The `nftpolicy` binary of this workspace, built (debug) if needed, for
+/// tests that program nodes. `NFTPOLICY_BIN` overrides it.
+pub fn nftpolicy_binary() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("NFTPOLICY_BIN") {
+        return p.into();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "-q", "-p", "nftpolicy"])
+        .current_dir(&root)
+        .status()
+        .expect("running cargo build -p nftpolicy");
+    assert!(status.success(), "cargo build -p nftpolicy failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug/nftpolicy")
 }
 
 /// With `NPLAB_TRACE` set, the lab says on stderr what it does and how

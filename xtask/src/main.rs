@@ -1,6 +1,8 @@
 //! Project tasks: `cargo xtask e2e` (scenarios against the kernel dataplane)
 //! and `cargo xtask test` (everything CI runs).
 
+mod bench;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -10,6 +12,10 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use lab::{run_scenario, E2eOptions};
 use model::scenario::{collect_files, Scenario, Tally};
+
+mod demo;
+
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "nftpolicy project tasks")]
@@ -23,9 +29,16 @@ enum Task {
     /// Run scenarios against real packets in network namespaces, with the
     /// nodes programmed by `nftpolicy sync --once` (needs root).
     E2e(E2eArgs),
+    /// Show nftpolicy working: a two-node namespace lab with agents, a
+    /// policy applied and deleted, matrices, rulesets, counters (needs root;
+    /// installs missing tools).
+    Demo(demo::DemoArgs),
     /// The project's one test command (what CI runs): install missing
     /// tools, `cargo test --workspace`, the model check and the nftables e2e.
     Test,
+    /// Dataplane benchmark: nftables over netlink vs `nft -f` vs iptables
+    /// mode (needs root); results in target/bench.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -40,9 +53,27 @@ struct E2eArgs {
     /// Milliseconds a probe may take before it counts as denied.
     #[arg(long, default_value_t = 1500)]
     probe_timeout_ms: u64,
+    /// `file`: `nftpolicy sync --once` per node and step. `etcd`: a real
+    /// etcd written with `nftpolicy apply|delete`, one `nftpolicy run`
+    /// agent per node.
+    #[arg(long, value_enum, default_value_t = DatastoreChoice::File)]
+    datastore: DatastoreChoice,
+    /// Instead of scenario files: N generated clusters, each checked model
+    /// = nftables = iptables (failures shrunk into target/fuzz-failures).
+    #[arg(long, value_name = "N", conflicts_with_all = ["paths", "no_program"])]
+    fuzz: Option<u64>,
+    /// Seed of the generated clusters (default: random, printed).
+    #[arg(long, requires = "fuzz")]
+    seed: Option<u64>,
     /// Scenario files or directories (default: ../shared/scenarios/examples
     /// if present, and tests/scenarios).
     paths: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DatastoreChoice {
+    File,
+    Etcd,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +98,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::E2e(args) => e2e(&args),
         Task::Test => test(),
+        Task::Bench(args) => bench::bench(&args),
+        Task::Demo(args) => demo::run(&args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -136,6 +169,11 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     if !nix::unistd::geteuid().is_root() {
         bail!("cargo xtask e2e needs root: it creates network namespaces");
     }
+    if let Some(cases) = args.fuzz {
+        let seed = args.seed.unwrap_or_else(fuzz::random_seed);
+        let nftpolicy = fuzz::nftpolicy_binary(build_nftpolicy)?;
+        return fuzz::run(cases, seed, &nftpolicy, &fuzz::failures_dir(&root()));
+    }
     let paths = if args.paths.is_empty() {
         default_scenario_paths()
     } else {
@@ -155,6 +193,10 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     let mut opts = E2eOptions::new(nftpolicy);
     opts.program = !args.no_program;
     opts.probe_timeout = Duration::from_millis(args.probe_timeout_ms);
+    opts.datastore = match args.datastore {
+        DatastoreChoice::File => lab::Datastore::File,
+        DatastoreChoice::Etcd => lab::Datastore::Etcd,
+    };
 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -162,7 +204,9 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     let mut total = Tally::default();
     for backend in backends {
         opts.backend = (*backend).to_owned();
-        let mode = if opts.program {
+        let mode = if opts.program && opts.datastore == lab::Datastore::Etcd {
+            format!("nodes programmed by nftpolicy run agents over etcd, backend {backend}")
+        } else if opts.program {
             format!("nodes programmed by nftpolicy sync, backend {backend}")
         } else {
             "nodes NOT programmed (--no-program): everything is allowed".to_owned()
@@ -219,7 +263,7 @@ fn test() -> anyhow::Result<bool> {
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    let phases: [(&str, &dyn Fn() -> anyhow::Result<bool>); 4] = [
+    let phases: &[(&str, &dyn Fn() -> anyhow::Result<bool>)] = &[
         ("install missing tools", &install_tools),
         ("cargo test --workspace", &|| {
             run_status(cargo().args(["test", "--workspace"]))
@@ -231,12 +275,26 @@ fn test() -> anyhow::Result<bool> {
                     .args(&scenario_paths),
             )
         }),
-        ("e2e, nftables backend", &|| {
+        ("e2e, both backends", &|| {
             e2e(&E2eArgs {
-                backend: BackendChoice::Nftables,
+                backend: BackendChoice::Both,
                 no_program: false,
                 probe_timeout_ms: 1500,
+                datastore: DatastoreChoice::File,
+                fuzz: None,
+                seed: None,
                 paths: default_scenario_paths(),
+            })
+        }),
+        ("fuzz: 200 cases, seed 1", &|| {
+            e2e(&E2eArgs {
+                backend: BackendChoice::Both,
+                no_program: false,
+                probe_timeout_ms: 1500,
+                datastore: DatastoreChoice::File,
+                fuzz: Some(200),
+                seed: Some(1),
+                paths: Vec::new(),
             })
         }),
     ];

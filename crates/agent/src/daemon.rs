@@ -196,6 +196,9 @@ impl Programmer {
     }
 }
 
+/// Consecutive failed applies after which the agent exits non-zero.
+const MAX_APPLY_FAILURES: u32 = 6;
+
 enum Job {
     Apply {
         state: Box<ClusterState>,
@@ -309,6 +312,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut applied_once = false;
+    // Repeated kernel failures: retry with backoff (re-reading the kernel
+    // each time), never in a tight loop; give up after MAX_APPLY_FAILURES.
+    let mut failures: u32 = 0;
+    let mut retry_at: Option<tokio::time::Instant> = None;
 
     loop {
         tokio::select! {
@@ -355,10 +362,18 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                     if done.revision >= 0 {
                         health.applied_revision.store(done.revision as u64, Ordering::Relaxed);
                     }
+                    failures = 0;
                 } else {
-                    // Retry on the next turn, with what we have then.
-                    dirty = true;
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    failures += 1;
+                    if failures >= MAX_APPLY_FAILURES {
+                        bail!(
+                            "the kernel rejected {failures} consecutive transactions (see the errors above); \
+                             giving up so that the orchestrator restarts the agent — the last good ruleset stays in force"
+                        );
+                    }
+                    let delay = Duration::from_secs(1 << (failures - 1).min(4));
+                    warn!(failures, "retrying in {delay:?}");
+                    retry_at = Some(tokio::time::Instant::now() + delay);
                 }
                 health.ready.store(done.ok && cache.in_sync, Ordering::Relaxed);
             }
@@ -369,6 +384,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                     job_tx.send(Job::Resync { state: Box::new(cache.state.clone()) })?;
                 }
             }
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                retry_at = None;
+                dirty = true;
+            }
             _ = tick.tick() => {
                 health.last_tick.store(now_secs(), Ordering::Relaxed);
             }
@@ -377,7 +396,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                 return Ok(true);
             }
         }
-        if dirty && !busy && cache.in_sync {
+        if dirty && !busy && cache.in_sync && retry_at.is_none() {
             dirty = false;
             busy = true;
             job_tx.send(Job::Apply {

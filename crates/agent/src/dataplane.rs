@@ -67,6 +67,16 @@ pub struct DataplaneArgs {
         default_value = "accept"
     )]
     pub endpoint_to_host: ToHost,
+    /// Log denied packets (rate limited) to an NFLOG group, with a prefix
+    /// naming the policy: `DROP <policy-id> <direction> …`.
+    #[arg(long, env = "NFTPOLICY_LOG_DENIED", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
+    pub log_denied: bool,
+    /// The NFLOG group of `--log-denied` records (ulogd, `nft monitor` readers).
+    #[arg(long, env = "NFTPOLICY_LOG_GROUP", default_value_t = 1)]
+    pub log_group: u16,
+    /// At most this many `--log-denied` records per second per rule.
+    #[arg(long, env = "NFTPOLICY_LOG_RATE", default_value_t = 10)]
+    pub log_rate: u32,
 }
 
 fn parse_mask(s: &str) -> Result<u32, String> {
@@ -88,6 +98,10 @@ impl DataplaneArgs {
                 ToHost::Drop => EndpointToHostAction::Drop,
                 ToHost::Return => EndpointToHostAction::Return,
             },
+            log_denied: self.log_denied.then_some(compiler::logical::LogDenied {
+                group: self.log_group,
+                rate_per_second: self.log_rate,
+            }),
         }
     }
 }

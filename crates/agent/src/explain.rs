@@ -28,6 +28,8 @@ pub struct ExplainArgs {
     /// Where the cluster state comes from (file:PATH).
     #[arg(long, env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
+    #[command(flatten)]
+    pub kernel: crate::explain_kernel::KernelArgs,
 }
 
 /// Prints the explanation; returns whether the connection is allowed.
@@ -68,6 +70,9 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
                 if std::ptr::eq(v, &verdict.egress) { "egress" } else { "ingress" }
             ),
         }
+    }
+    if args.kernel.kernel {
+        return crate::explain_kernel::run(&args.kernel, &state, &verdict, src, dst, protocol, port);
     }
     Ok(verdict.allowed())
 }

@@ -1,4 +1,5 @@
-//! Health (felix's `/liveness`, `/readiness` on 9099) and metrics
+//! Health (felix's `/liveness`, `/readiness` on 9099, and `/status`: the
+//! applied datastore revision as JSON) and metrics
 //! (`/metrics` on 9091) over plain HTTP/1.1. Both default to localhost.
 
 use std::net::SocketAddr;
@@ -29,6 +30,24 @@ pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Resu
                         (StatusCode::OK, "live\n".to_owned())
                     } else {
                         (StatusCode::SERVICE_UNAVAILABLE, format!("main loop stalled for {age}s\n"))
+                    }
+                }
+            }),
+        )
+        .route(
+            "/status",
+            get({
+                let h = health.clone();
+                // What a test or an operator waits on: the datastore
+                // revision this node's kernel reflects.
+                move || {
+                    let h = h.clone();
+                    async move {
+                        format!(
+                            "{{\"applied_revision\":{},\"ready\":{}}}\n",
+                            h.applied_revision.load(Ordering::Relaxed),
+                            h.ready.load(Ordering::Relaxed)
+                        )
                     }
                 }
             }),

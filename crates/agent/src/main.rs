@@ -12,6 +12,7 @@ mod http;
 mod metrics;
 mod dataplane;
 mod explain;
+mod explain_kernel;
 mod render;
 mod sync;
 

@@ -24,6 +24,10 @@ pub const WORKLOAD_IFACE_PREFIX: &str = "cali";
 pub const DEFAULT_MARK_MASK: u32 = 0xffff_0000;
 /// Felix's prefix for packets logged by a Log rule.
 pub const LOG_PREFIX: &str = "calico-packet";
+/// Start of the prefix of `--log-denied` records: `DROP <policy-id> …`.
+pub const DENY_LOG_PREFIX: &str = "DROP";
+/// nftables' limit on a log prefix (NF_LOG_PREFIXLEN without the NUL).
+pub const MAX_LOG_PREFIX: usize = 127;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
@@ -49,6 +53,16 @@ pub struct CompileOptions {
     pub node: String,
     pub mark_mask: u32,
     pub endpoint_to_host: EndpointToHostAction,
+    /// `--log-denied`: an NFLOG record before every policy drop.
+    pub log_denied: Option<LogDenied>,
+}
+
+/// Rate-limited logging of denied packets to an NFLOG group, with a prefix
+/// naming the policy that denied (`DROP <policy-id> <direction> …`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogDenied {
+    pub group: u16,
+    pub rate_per_second: u32,
 }
 
 impl CompileOptions {
@@ -57,6 +71,7 @@ impl CompileOptions {
             node: node.to_owned(),
             mark_mask: DEFAULT_MARK_MASK,
             endpoint_to_host: EndpointToHostAction::default(),
+            log_denied: None,
         }
     }
 }
@@ -170,6 +185,13 @@ pub enum LAction {
     PassReturn,
     /// Calico Log: log with this prefix and carry on.
     Log(String),
+    /// `--log-denied`: if under the rate, send an NFLOG record with this
+    /// prefix to the group, and carry on (the drop is the next rule).
+    LogDenied {
+        prefix: String,
+        group: u16,
+        rate_per_second: u32,
+    },
     /// Only count (the "no rule matched" marker at the end of policy chains).
     Count,
     /// Dispatch by input interface to the `cali-fw-` chains.
@@ -285,6 +307,7 @@ pub fn compile(
     let nets = state.labelled_nets();
     let mut b = Builder {
         marks,
+        log_denied: opts.log_denied,
         nets: &nets,
         chains: BTreeMap::new(),
         ip_sets: BTreeMap::new(),
@@ -359,7 +382,9 @@ pub fn compile(
                 // Profiles are global: no namespace scoping of their selectors.
                 match ResolvedRule::new(rule, None) {
                     Ok(r) => {
-                        out.extend(b.calico_rule(&r, &format!("profile {name} {dir:?} rule {i}")))
+                        let logical = b.calico_rule(&r, &format!("profile {name} {dir:?} rule {i}"));
+                        let prefix = format!("profile {name} {} rule {i}", dir_word(dir));
+                        out.extend(logical.into_iter().flat_map(|l| b.with_deny_log(l, &prefix)));
                     }
                     Err(e) => {
                         // Fail closed: a profile rule we cannot read drops.
@@ -396,6 +421,7 @@ pub fn compile(
 
 struct Builder<'a> {
     marks: MarkBits,
+    log_denied: Option<LogDenied>,
     nets: &'a [LabelledNets<'a>],
     chains: BTreeMap<String, LChain>,
     ip_sets: BTreeMap<String, IpSet>,
@@ -461,6 +487,18 @@ impl Builder<'_> {
                     "Return if policy accepted",
                 ));
             }
+            if let (Some(log), Some(&last)) = (self.log_denied, selected.last()) {
+                // Named after the last policy that selected the endpoint:
+                // with one policy (the usual deny-all), the one that denied.
+                rules.push(rule(
+                    vec![Cond::MarkClear(m.pass)],
+                    log_denied_action(
+                        log,
+                        &format!("{} {} end-of-tier", policies[last].id, dir_word(dir)),
+                    ),
+                    "Log denied: end of tier default",
+                ));
+            }
             rules.push(rule(
                 vec![Cond::MarkClear(m.pass)],
                 LAction::Drop,
@@ -488,7 +526,9 @@ impl Builder<'_> {
         let mut rules = Vec::new();
         for (i, r) in p.rules(dir).iter().enumerate() {
             let what = format!("Policy {} {} rule {i}", p.id, dir_word(dir));
-            rules.extend(self.calico_rule(r, &what));
+            let logical = self.calico_rule(r, &what);
+            let prefix = format!("{} {} rule {i}", p.id, dir_word(dir));
+            rules.extend(logical.into_iter().flat_map(|l| self.with_deny_log(l, &prefix)));
         }
         rules.push(rule(
             vec![],
@@ -496,6 +536,23 @@ impl Builder<'_> {
             &format!("Policy {} {}: no rule matched", p.id, dir_word(dir)),
         ));
         LChain { name, rules }
+    }
+
+    /// `rule`, preceded (under `--log-denied`, for a Deny) by a log rule with
+    /// the same match: `limit` is a match, so the log cannot share the
+    /// drop's rule without letting packets over the rate through.
+    fn with_deny_log(&self, rule: LRule, what: &str) -> Vec<LRule> {
+        match self.log_denied {
+            Some(log) if rule.action == LAction::Drop => {
+                let logged = LRule {
+                    action: log_denied_action(log, what),
+                    comment: format!("{}: log denied", rule.comment),
+                    ..rule.clone()
+                };
+                vec![logged, rule]
+            }
+            _ => vec![rule],
+        }
     }
 
     /// One Calico rule → one logical rule (or none, if it can never match).
@@ -721,6 +778,24 @@ impl Builder<'_> {
         for c in chains {
             self.chains.insert(c.name.clone(), c);
         }
+    }
+}
+
+/// The `--log-denied` action for a drop described by `what` (policy id
+/// first, so that a truncated prefix still names the policy).
+fn log_denied_action(log: LogDenied, what: &str) -> LAction {
+    let mut prefix = format!("{DENY_LOG_PREFIX} {what} ");
+    if prefix.len() > MAX_LOG_PREFIX {
+        let mut end = MAX_LOG_PREFIX;
+        while !prefix.is_char_boundary(end) {
+            end -= 1;
+        }
+        prefix.truncate(end);
+    }
+    LAction::LogDenied {
+        prefix,
+        group: log.group,
+        rate_per_second: log.rate_per_second,
     }
 }
 

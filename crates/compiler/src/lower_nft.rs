@@ -256,6 +256,18 @@ impl Lowering<'_> {
                 ],
                 None,
             ),
+            LAction::LogDenied {
+                prefix,
+                group,
+                rate_per_second,
+            } => (
+                vec![Stmt::Log {
+                    prefix: prefix.clone(),
+                    group: Some(*group),
+                    rate_per_second: Some(*rate_per_second),
+                }],
+                None,
+            ),
             LAction::Count => (vec![Stmt::Counter], None),
             LAction::DispatchFromWorkload => (
                 vec![],

@@ -56,6 +56,8 @@ pub const TABLE: &str = "filter";
 pub const HOOKS: [(&str, &str); 2] = [("FORWARD", CHAIN_FORWARD), ("INPUT", CHAIN_INPUT)];
 /// felix's `--log-level` for Log rules.
 pub const LOG_LEVEL: u8 = 5;
+/// xt_NFLOG's prefix buffer is 64 bytes with the NUL.
+const NFLOG_PREFIX_MAX: usize = 63;
 
 /// Chain-name prefixes felix shortens with [`length_limited_id`] (the part
 /// after the prefix is an id that may be long).
@@ -768,6 +770,28 @@ impl Renderer<'_> {
                 "--jump LOG --log-prefix \"{}\" --log-level {LOG_LEVEL}",
                 prefix.replace('"', "'")
             ))),
+            LAction::LogDenied {
+                prefix,
+                group,
+                rate_per_second,
+            } => {
+                // `limit` is a match here too; xt_NFLOG keeps 63 bytes of prefix.
+                let mut prefix = prefix.replace('"', "'");
+                let mut end = prefix.len().min(NFLOG_PREFIX_MAX);
+                while !prefix.is_char_boundary(end) {
+                    end -= 1;
+                }
+                prefix.truncate(end);
+                let mut limited = m.clone();
+                limited.push(format!("-m limit --limit {rate_per_second}/sec"));
+                vec![Rule::new(
+                    comment,
+                    limited,
+                    Some(format!(
+                        "--jump NFLOG --nflog-group {group} --nflog-prefix \"{prefix}\""
+                    )),
+                )]
+            }
             LAction::Count => one(None),
             LAction::DispatchFromWorkload | LAction::DispatchToWorkload => {
                 unreachable!("dispatch rules are expanded by chain_rules")

@@ -175,6 +175,34 @@ pub fn new_rule(
     index: usize,
     rule: &Rule,
 ) -> Result<(), Error> {
+    new_rule_with(b, family, table, chain, index, rule, false)
+}
+
+/// Appends `rule` followed by `meta nftrace set 1` (for `nftpolicy explain
+/// --kernel`; not an IR statement, as it never belongs in a compiled
+/// ruleset).
+pub fn new_trace_rule(
+    b: &mut Batch,
+    family: TableFamily,
+    table: &str,
+    chain: &str,
+    rule: &Rule,
+) -> Result<(), Error> {
+    new_rule_with(b, family, table, chain, 0, rule, true)
+}
+
+/// `NFT_META_NFTRACE` (nf_tables.h `enum nft_meta_keys`).
+const NFT_META_NFTRACE: u32 = 12;
+
+fn new_rule_with(
+    b: &mut Batch,
+    family: TableFamily,
+    table: &str,
+    chain: &str,
+    index: usize,
+    rule: &Rule,
+    nftrace: bool,
+) -> Result<(), Error> {
     let subject = || {
         Subject::Rule {
             family,
@@ -204,6 +232,18 @@ pub fn new_rule(
         b.abandon();
         debug_assert_eq!(b.w.len(), start);
         return Err(e);
+    }
+    if nftrace {
+        let e = expr_begin(&mut b.w, "immediate");
+        b.w.put_u32_be(NFTA_IMMEDIATE_DREG, NFT_REG_1);
+        let d = b.w.nest_start(NFTA_IMMEDIATE_DATA);
+        b.w.put(NFTA_DATA_VALUE, &[1u8]);
+        b.w.nest_end(d);
+        expr_end(&mut b.w, e);
+        let e = expr_begin(&mut b.w, "meta");
+        b.w.put_u32_be(NFTA_META_KEY, NFT_META_NFTRACE);
+        b.w.put_u32_be(NFTA_META_SREG, NFT_REG_1);
+        expr_end(&mut b.w, e);
     }
     b.w.nest_end(exprs);
     if let Some(c) = &rule.comment {

@@ -34,10 +34,12 @@ mod decode;
 mod encode;
 pub mod iptables;
 mod netlink;
+pub mod nflog;
 mod nla;
 mod plan;
 mod readback;
 pub mod testutil;
+pub mod trace;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -1,0 +1,258 @@
+//! The three dataplanes measured side by side, behind one interface: apply
+//! a cluster state (compile included) and count what the kernel holds.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+use compiler::nft::{Ruleset, SetElement, Table};
+use compiler::render_iptables::IptablesRulesets;
+use compiler::{compile_iptables, compile_nftables, CompileOptions};
+use model::state::ClusterState;
+use programmer::iptables::{Backend as IptBackend, IptablesProgrammer};
+use programmer::NftProgrammer;
+use serde::{Deserialize, Serialize};
+
+pub const KINDS: [&str; 3] = ["nft-netlink", "nft-cli", "iptables"];
+
+/// Dataplane size, counted from what was applied.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Size {
+    pub rules: usize,
+    pub chains: usize,
+    pub sets: usize,
+    pub set_elements: usize,
+}
+
+pub trait Dataplane {
+    /// Compiles `state` and makes the kernel hold it; returns after the
+    /// kernel's ack (netlink) or the tool's exit (command lines).
+    fn apply(&mut self, state: &ClusterState) -> anyhow::Result<()>;
+    fn size(&self) -> Size;
+}
+
+pub fn open(kind: &str, node: &str) -> anyhow::Result<Box<dyn Dataplane>> {
+    let opts = CompileOptions::new(node);
+    Ok(match kind {
+        "nft-netlink" => Box::new(NftNetlink {
+            programmer: NftProgrammer::new()?,
+            opts,
+            last: None,
+        }),
+        "nft-cli" => Box::new(NftCli { opts, last: None }),
+        "iptables" => Box::new(Iptables {
+            programmer: IptablesProgrammer::new(IptBackend::Legacy),
+            opts,
+            last: None,
+        }),
+        other => bail!("unknown backend {other:?}"),
+    })
+}
+
+fn nft_size(rs: &Option<Ruleset>) -> Size {
+    let mut s = Size::default();
+    for t in rs.iter().flat_map(|r| &r.tables) {
+        s.chains += t.chains.len();
+        s.rules += t.chains.values().map(|c| c.rules.len()).sum::<usize>();
+        s.sets += t.sets.len() + t.maps.len();
+        s.set_elements += t.sets.values().map(|x| x.elements.len()).sum::<usize>()
+            + t.maps.values().map(|m| m.elements.len()).sum::<usize>();
+    }
+    s
+}
+
+struct NftNetlink {
+    programmer: NftProgrammer,
+    opts: CompileOptions,
+    last: Option<Ruleset>,
+}
+
+impl Dataplane for NftNetlink {
+    fn apply(&mut self, state: &ClusterState) -> anyhow::Result<()> {
+        let (_, rs) = compile_nftables(state, &self.opts)?;
+        self.programmer.apply(&rs)?;
+        self.last = Some(rs);
+        Ok(())
+    }
+    fn size(&self) -> Size {
+        nft_size(&self.last)
+    }
+}
+
+/// `nft -f` the way felix's and kube-proxy's nftables modes drive it: the
+/// whole file once, then per transaction flush and re-add changed chains
+/// and add/delete set elements, one `nft` process each.
+struct NftCli {
+    opts: CompileOptions,
+    last: Option<Ruleset>,
+}
+
+impl Dataplane for NftCli {
+    fn apply(&mut self, state: &ClusterState) -> anyhow::Result<()> {
+        let (_, rs) = compile_nftables(state, &self.opts)?;
+        let script = match &self.last {
+            None => compiler::render_nft::render(&rs),
+            Some(old) => diff_script(old, &rs),
+        };
+        if !script.trim().is_empty() {
+            run_nft(&script)?;
+        }
+        self.last = Some(rs);
+        Ok(())
+    }
+    fn size(&self) -> Size {
+        nft_size(&self.last)
+    }
+}
+
+fn run_nft(script: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting nft")?;
+    child.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let head: String = script.lines().take(40).collect::<Vec<_>>().join("\n");
+        bail!("nft -f failed: {}\nscript head:\n{head}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn element_text(e: &SetElement) -> String {
+    match e {
+        SetElement::Net(n) if n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
+        SetElement::Net(n) => n.to_string(),
+        SetElement::Ports { min, max } if min == max => min.to_string(),
+        SetElement::Ports { min, max } => format!("{min}-{max}"),
+        SetElement::NamedPort(ip, proto, port) => {
+            let p = match proto {
+                6 => "tcp".to_owned(),
+                17 => "udp".to_owned(),
+                132 => "sctp".to_owned(),
+                n => n.to_string(),
+            };
+            format!("{ip} . {p} . {port}")
+        }
+    }
+}
+
+/// The `nft -f` text turning `old` into `new` incrementally.
+pub fn diff_script(old: &Ruleset, new: &Ruleset) -> String {
+    let mut out = String::new();
+    for t in &new.tables {
+        match old.tables.iter().find(|o| o.family == t.family && o.name == t.name) {
+            None => compiler::render_nft::render_table(t, &mut out),
+            Some(o) => diff_table(o, t, &mut out),
+        }
+    }
+    for o in &old.tables {
+        if !new.tables.iter().any(|t| t.family == o.family && t.name == o.name) {
+            let _ = writeln!(out, "delete table {} {}", o.family.keyword(), o.name);
+        }
+    }
+    out
+}
+
+fn diff_table(o: &Table, t: &Table, out: &mut String) {
+    let fam = t.family.keyword();
+    let name = &t.name;
+    let mut block = Table {
+        family: t.family,
+        name: t.name.clone(),
+        sets: Default::default(),
+        maps: Default::default(),
+        chains: Default::default(),
+    };
+    let mut adds = String::new();
+    for (cname, c) in &t.chains {
+        match o.chains.get(cname) {
+            Some(oc) if oc == c => {}
+            Some(_) => {
+                let _ = writeln!(out, "flush chain {fam} {name} {cname}");
+                block.chains.insert(cname.clone(), c.clone());
+            }
+            None => {
+                block.chains.insert(cname.clone(), c.clone());
+            }
+        }
+    }
+    for (mname, m) in &t.maps {
+        match o.maps.get(mname) {
+            Some(om) if om == m => {}
+            Some(_) => {
+                let _ = writeln!(out, "flush map {fam} {name} {mname}");
+                block.maps.insert(mname.clone(), m.clone());
+            }
+            None => {
+                block.maps.insert(mname.clone(), m.clone());
+            }
+        }
+    }
+    for (sname, s) in &t.sets {
+        match o.sets.get(sname) {
+            Some(os) if os.elements == s.elements => {}
+            Some(os) => {
+                let before: HashSet<&SetElement> = os.elements.iter().collect();
+                let after: HashSet<&SetElement> = s.elements.iter().collect();
+                let gone: BTreeSet<String> = before.difference(&after).map(|e| element_text(e)).collect();
+                let added: BTreeSet<String> = after.difference(&before).map(|e| element_text(e)).collect();
+                if !gone.is_empty() {
+                    let list: Vec<String> = gone.into_iter().collect();
+                    let _ = writeln!(out, "delete element {fam} {name} {sname} {{ {} }}", list.join(", "));
+                }
+                if !added.is_empty() {
+                    let list: Vec<String> = added.into_iter().collect();
+                    let _ = writeln!(adds, "add element {fam} {name} {sname} {{ {} }}", list.join(", "));
+                }
+            }
+            None => {
+                block.sets.insert(sname.clone(), s.clone());
+            }
+        }
+    }
+    if !(block.chains.is_empty() && block.maps.is_empty() && block.sets.is_empty()) {
+        compiler::render_nft::render_table(&block, out);
+    }
+    out.push_str(&adds);
+    for cname in o.chains.keys().filter(|c| !t.chains.contains_key(*c)) {
+        let _ = writeln!(out, "delete chain {fam} {name} {cname}");
+    }
+    for mname in o.maps.keys().filter(|m| !t.maps.contains_key(*m)) {
+        let _ = writeln!(out, "delete map {fam} {name} {mname}");
+    }
+    for sname in o.sets.keys().filter(|s| !t.sets.contains_key(*s)) {
+        let _ = writeln!(out, "delete set {fam} {name} {sname}");
+    }
+}
+
+struct Iptables {
+    programmer: IptablesProgrammer,
+    opts: CompileOptions,
+    last: Option<IptablesRulesets>,
+}
+
+impl Dataplane for Iptables {
+    fn apply(&mut self, state: &ClusterState) -> anyhow::Result<()> {
+        let (_, rs) = compile_iptables(state, &self.opts)?;
+        self.programmer.apply(&rs)?;
+        self.last = Some(rs);
+        Ok(())
+    }
+    fn size(&self) -> Size {
+        let mut s = Size::default();
+        for r in self.last.iter().flat_map(|l| l.iter()) {
+            s.chains += r.chains.len();
+            s.rules += r.chains.values().map(Vec::len).sum::<usize>()
+                + r.hooks.values().map(Vec::len).sum::<usize>();
+            s.sets += r.ipsets.len();
+            s.set_elements += r.ipsets.values().map(|x| x.members.len()).sum::<usize>();
+        }
+        s
+    }
+}

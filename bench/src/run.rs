@@ -1,0 +1,208 @@
+//! The measurements. Each (backend, point) runs in its own child process
+//! (`nftbench worker …`) inside its own fresh network namespace, so CPU time
+//! and peak RSS are that backend's alone.
+
+use std::time::Instant;
+
+use model::calico::{
+    Action, ObjectMeta, PolicySpec, PolicyType, Port, Protocol, Resource, Rule,
+    NetworkPolicy,
+};
+use programmer::testutil::Netns;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use crate::backends::{self, Size};
+use crate::{generate, workload, Scale, NODE_UNDER_TEST};
+
+/// The incremental operations, timed from the state change to the ack.
+pub const OPS: [&str; 4] = ["pod_add", "pod_relabel", "policy_add", "policy_delete"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScaleResult {
+    pub backend: String,
+    pub policies: usize,
+    pub pods: usize,
+    pub local_endpoints: usize,
+    pub namespaces: usize,
+    pub cold_ms: f64,
+    /// Per operation: every sample in ms.
+    pub ops: Vec<(String, Vec<f64>)>,
+    pub size: Size,
+    /// /proc/meminfo `Slab:` growth over the cold apply (kB; noisy, whole
+    /// machine).
+    pub slab_kb_delta: i64,
+    pub cpu_user_ms: f64,
+    pub cpu_sys_ms: f64,
+    /// CPU of the helper processes (nft, iptables-restore, ipset).
+    pub children_cpu_ms: f64,
+    pub peak_rss_kib: u64,
+    /// Peak RSS right after generating the cluster (before any backend work).
+    pub baseline_rss_kib: u64,
+}
+
+pub fn scale_for(policies: usize) -> Scale {
+    let pods = (policies * 10).clamp(1_000, 100_000);
+    let mut s = Scale::new(policies, pods);
+    s.local_endpoints = if policies >= 5_000 { 100 } else { 50 };
+    s
+}
+
+fn vm_hwm_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn slab_kb() -> i64 {
+    let m = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    m.lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn rusage(who: i32) -> (f64, f64) {
+    // SAFETY: getrusage fills the zeroed struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(who, &mut ru) };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    (ms(ru.ru_utime), ms(ru.ru_stime))
+}
+
+/// An extra policy in namespace ns0 selecting the app of local endpoint 0.
+fn extra_policy(name: &str, app: &str) -> NetworkPolicy {
+    NetworkPolicy {
+        api_version: model::calico::API_VERSION.into(),
+        metadata: ObjectMeta {
+            name: name.to_owned(),
+            namespace: Some(crate::namespace_name(0)),
+            ..Default::default()
+        },
+        spec: PolicySpec {
+            order: Some(500.0),
+            selector: format!("app == '{app}'"),
+            types: vec![PolicyType::Ingress],
+            ingress: vec![Rule {
+                action: Action::Allow,
+                protocol: Some(Protocol::Tcp),
+                source: model::calico::EntityRule {
+                    selector: Some("tier == 'web'".into()),
+                    ..Default::default()
+                },
+                destination: model::calico::EntityRule {
+                    ports: vec![Port::single(7000), Port::single(7001)],
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    }
+}
+
+fn labels_of(r: &Resource) -> Option<String> {
+    match r {
+        Resource::WorkloadEndpoint(w) => w.metadata.labels.get("app").cloned(),
+        _ => None,
+    }
+}
+
+/// Cold programming and the incremental operations of one backend at one
+/// scale, in a fresh network namespace.
+pub fn scale_worker(backend: &str, policies: usize, reps: usize) -> anyhow::Result<ScaleResult> {
+    let scale = scale_for(policies);
+    let mut state = generate(&scale);
+    let baseline_rss_kib = vm_hwm_kib();
+    let _ns = Netns::enter("bench")?;
+    let (u0, s0) = rusage(libc::RUSAGE_SELF);
+    let mut dp = backends::open(backend, NODE_UNDER_TEST)?;
+    let slab0 = slab_kb();
+    let t = Instant::now();
+    dp.apply(&state)?;
+    let cold_ms = t.elapsed().as_secs_f64() * 1e3;
+    let slab_kb_delta = slab_kb() - slab0;
+    let size = dp.size();
+
+    let local_app = state
+        .workload_endpoints()
+        .find(|w| w.spec.node == NODE_UNDER_TEST)
+        .and_then(|w| w.metadata.labels.get("app").cloned())
+        .unwrap_or_else(|| "app0".into());
+    let mut rng = StdRng::seed_from_u64(99);
+    let mut ops: Vec<(String, Vec<f64>)> = OPS.iter().map(|o| (o.to_string(), Vec::new())).collect();
+    for r in 0..reps {
+        // A new remote pod carrying a popular app and tier=web: it joins
+        // the selectors that match those labels.
+        let mut w = workload(&scale, scale.pods + r, &mut rng);
+        w.spec.node = "node2".into();
+        w.metadata.labels.insert("app".into(), local_app.clone());
+        w.metadata.labels.insert("tier".into(), "web".into());
+        let t = Instant::now();
+        state.upsert(Resource::WorkloadEndpoint(w));
+        dp.apply(&state)?;
+        ops[0].1.push(t.elapsed().as_secs_f64() * 1e3);
+
+        // One existing remote pod changes its app label.
+        let victim = state
+            .workload_endpoints()
+            .filter(|w| w.spec.node != NODE_UNDER_TEST)
+            .nth(r * 7 + 1)
+            .cloned();
+        if let Some(mut w) = victim {
+            let old = labels_of(&Resource::WorkloadEndpoint(w.clone())).unwrap_or_default();
+            let new = if old == local_app { "app1".to_owned() } else { local_app.clone() };
+            w.metadata.labels.insert("app".into(), new);
+            let t = Instant::now();
+            state.upsert(Resource::WorkloadEndpoint(w));
+            dp.apply(&state)?;
+            ops[1].1.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+
+        let p = extra_policy(&format!("bench-extra-{r}"), &local_app);
+        let key = Resource::NetworkPolicy(p.clone()).key();
+        let t = Instant::now();
+        state.upsert(Resource::NetworkPolicy(p));
+        dp.apply(&state)?;
+        ops[2].1.push(t.elapsed().as_secs_f64() * 1e3);
+
+        let t = Instant::now();
+        state.remove(&key);
+        dp.apply(&state)?;
+        ops[3].1.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (u1, s1) = rusage(libc::RUSAGE_SELF);
+    let (cu, cs) = rusage(libc::RUSAGE_CHILDREN);
+    drop(dp);
+    Ok(ScaleResult {
+        backend: backend.to_owned(),
+        policies,
+        pods: scale.pods,
+        local_endpoints: scale.local_endpoints,
+        namespaces: scale.namespaces,
+        cold_ms,
+        ops,
+        size,
+        slab_kb_delta,
+        cpu_user_ms: u1 - u0,
+        cpu_sys_ms: s1 - s0,
+        children_cpu_ms: cu + cs,
+        peak_rss_kib: vm_hwm_kib(),
+        baseline_rss_kib,
+    })
+}
+
+pub fn percentile(samples: &[f64], q: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let idx = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v[idx.min(v.len() - 1)]
+}
+

@@ -1,0 +1,179 @@
+//! `nftpolicy explain --kernel`: the kernel's own walk of a real packet
+//! beside the model's. Marks new connections matching the question with
+//! nftrace (programmer::trace), waits for the operator (or a test) to
+//! start one, and prints the chains the kernel went through, with the
+//! comments of the rules that matched, and its verdict.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use compiler::nft::TABLE_NAME;
+use model::calico::{Protocol, Resource};
+use model::semantics::{EndpointVerdict, Verdict};
+use model::state::ClusterState;
+use programmer::trace::{TraceEvent, TraceFilter, TraceKind, TraceSession};
+
+use crate::dataplane::Backend;
+
+#[derive(Debug, Clone, Args)]
+pub struct KernelArgs {
+    /// Also trace a real packet through this node's nftables ruleset
+    /// (run inside the node's network namespace) and compare.
+    #[arg(long)]
+    pub kernel: bool,
+    /// With --kernel: how long to wait for a matching new connection.
+    #[arg(long, default_value_t = 30.0)]
+    pub wait: f64,
+    /// With --kernel: this node's name; only its endpoints' directions are
+    /// compared (the other node sees the rest).
+    #[arg(long, env = "NFTPOLICY_NODE")]
+    pub node: Option<String>,
+    /// The node's dataplane; kernel tracing needs nftables.
+    #[arg(long, env = "NFTPOLICY_BACKEND", value_enum, default_value = "nftables")]
+    pub backend: Backend,
+}
+
+/// What stderr says once the trace rule is in place: connections started
+/// after this line are traced.
+pub const READY_LINE: &str = "tracing:";
+
+pub fn run(
+    args: &KernelArgs,
+    state: &ClusterState,
+    verdict: &Verdict,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> anyhow::Result<bool> {
+    if args.backend == Backend::Iptables {
+        bail!("kernel tracing is nftables-only (this node runs --backend iptables)");
+    }
+    let filter = TraceFilter {
+        src,
+        dst,
+        protocol: protocol.number(),
+        dst_port: matches!(protocol, Protocol::Tcp | Protocol::Udp | Protocol::Sctp)
+            .then_some(port),
+    };
+    let wait = Duration::from_secs_f64(args.wait.max(0.0));
+    let mut session = TraceSession::start(filter).context("installing the trace rule")?;
+    eprintln!(
+        "{READY_LINE} new {protocol} connections {src} -> {dst} port {port}; waiting up to {wait:?} for one (start it now)"
+    );
+    let _ = std::io::stderr().flush();
+    let events = session
+        .wait_for_packet(TABLE_NAME, wait)
+        .context("reading trace events")?;
+    session.stop().context("removing the trace rule")?;
+    let Some(events) = events else {
+        bail!("no new connection {src} -> {dst} port {port}/{protocol} passed this node within {wait:?}");
+    };
+
+    let ours: Vec<&TraceEvent> = events.iter().filter(|e| e.table == TABLE_NAME).collect();
+    let comments = rule_comments(filter.family(), &ours);
+    println!("kernel  trace {:#010x}:", events[0].id);
+    for e in &ours {
+        let what = match e.kind {
+            TraceKind::Rule => format!("rule {}", e.verdict_text()),
+            TraceKind::Return => "end of chain, return".into(),
+            TraceKind::Policy => "end of base chain, policy".into(),
+            TraceKind::Other(k) => format!("event type {k}"),
+        };
+        let comment = e
+            .rule_handle
+            .and_then(|h| comments.get(&(e.chain.clone(), h)))
+            .map(|c| format!(" \"{c}\""))
+            .unwrap_or_default();
+        println!("        {:<28} {what}{comment}", e.chain);
+    }
+    let kernel_chains = chain_list(&ours);
+    let kernel_verdict = ours
+        .iter()
+        .rev()
+        .find_map(|e| e.final_verdict())
+        .expect("wait_for_packet returns a walk with a verdict");
+    println!("kernel  {} → {kernel_verdict}", kernel_chains.join(" → "));
+
+    let (model_chains, model_verdict) = model_path(state, verdict, args.node.as_deref());
+    let in_order = is_subsequence(&model_chains, &kernel_chains);
+    if in_order && model_verdict == kernel_verdict {
+        println!("agree   model and kernel: {kernel_verdict}, same chains in the same order");
+        Ok(kernel_verdict == "accept")
+    } else {
+        bail!(
+            "model and kernel disagree: model {} → {model_verdict}, kernel {} → {kernel_verdict}",
+            model_chains.join(" → "),
+            kernel_chains.join(" → ")
+        )
+    }
+}
+
+/// The chains of the events in order, consecutive repeats merged.
+pub fn chain_list(events: &[&TraceEvent]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in events {
+        if out.last() != Some(&e.chain) {
+            out.push(e.chain.clone());
+        }
+    }
+    out
+}
+
+/// The model's walk on this node: egress then ingress (a packet denied on
+/// egress never reaches ingress), only for endpoints on `node` if given.
+fn model_path(state: &ClusterState, verdict: &Verdict, node: Option<&str>) -> (Vec<String>, &'static str) {
+    let mut chains = Vec::new();
+    for v in [&verdict.egress, &verdict.ingress].into_iter().flatten() {
+        if !is_local(state, v, node) {
+            continue;
+        }
+        chains.extend(compiler::explain::chain_path(state, v).chains);
+        if !v.allowed {
+            return (chains, "drop");
+        }
+    }
+    (chains, if verdict.allowed() { "accept" } else { "drop" })
+}
+
+fn is_local(state: &ClusterState, v: &EndpointVerdict, node: Option<&str>) -> bool {
+    let Some(node) = node else { return true };
+    match state.get(&v.endpoint) {
+        Some(Resource::WorkloadEndpoint(w)) => w.spec.node == node,
+        _ => false,
+    }
+}
+
+fn is_subsequence(needle: &[String], hay: &[String]) -> bool {
+    let mut it = hay.iter();
+    needle.iter().all(|n| it.any(|h| h == n))
+}
+
+/// (chain, rule handle) → rule comment, read back from our table.
+fn rule_comments(
+    family: compiler::nft::TableFamily,
+    events: &[&TraceEvent],
+) -> BTreeMap<(String, u64), String> {
+    let mut out = BTreeMap::new();
+    let Ok(mut nft) = programmer::NftProgrammer::new() else {
+        return out;
+    };
+    let mut chains: Vec<&str> = events.iter().map(|e| e.chain.as_str()).collect();
+    chains.sort();
+    chains.dedup();
+    for chain in chains {
+        // Best effort: comments only decorate the path.
+        if let Ok(rules) = nft.read_counters(family, chain) {
+            for r in rules {
+                if let Some(c) = r.comment {
+                    out.insert((chain.to_owned(), r.handle), c);
+                }
+            }
+        }
+    }
+    out
+}

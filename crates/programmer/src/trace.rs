@@ -1,0 +1,546 @@
+//! Kernel packet tracing for `nftpolicy explain --kernel`: marks packets
+//! matching a filter with `meta nftrace set 1` and reads the kernel's trace
+//! events (`NFT_MSG_TRACE` on the `NFNLGRP_NFTRACE` netlink group), which
+//! name every chain and rule a marked packet went through and its verdict.
+//!
+//! The marking rule lives in a table of its own, [`TRACE_TABLE`], in a base
+//! chain at priority -300 (before our filter chains at 0), not in table
+//! `nftpolicy`: the agent's drift check compares that table with what it
+//! committed and would delete a foreign chain there in the middle of a
+//! trace. The trace table is created in one small transaction and destroyed
+//! in another when the session ends (also on drop); nothing else changes.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use compiler::nft::{
+    AddrTarget, BaseChain, Chain, ChainPolicy, CtStates, Dir, Hook, Match, PortTarget, Rule,
+    TableFamily,
+};
+
+use crate::batch::Batch;
+use crate::consts::*;
+use crate::netlink::{self, BatchOutcome, NETLINK_NETFILTER};
+use crate::nla::AttrIter;
+
+/// The table holding the marking chain while a trace runs.
+pub const TRACE_TABLE: &str = "nftpolicy-trace";
+/// The marking chain: hook forward, before our filter chains.
+pub const TRACE_CHAIN: &str = "trace-FORWARD";
+pub const TRACE_PRIORITY: i32 = -300;
+
+const SOL_NETLINK: i32 = 270;
+const NETLINK_ADD_MEMBERSHIP: i32 = 1;
+const NFNLGRP_NFTRACE: i32 = 9;
+const NFT_MSG_TRACE: u8 = 25;
+
+// nf_tables.h `enum nft_trace_attributes`
+const NFTA_TRACE_TABLE: u16 = 1;
+const NFTA_TRACE_CHAIN: u16 = 2;
+const NFTA_TRACE_RULE_HANDLE: u16 = 3;
+const NFTA_TRACE_TYPE: u16 = 4;
+const NFTA_TRACE_VERDICT: u16 = 5;
+const NFTA_TRACE_ID: u16 = 6;
+const NFTA_TRACE_POLICY: u16 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("failed to open the trace event socket")]
+    Open(#[source] io::Error),
+    #[error("failed to subscribe to nftables trace events")]
+    Subscribe(#[source] io::Error),
+    #[error("failed to receive trace events")]
+    Receive(#[source] io::Error),
+    #[error("failed to talk to nf_tables")]
+    Netlink(#[source] netlink::Error),
+    #[error("the kernel rejected the trace rule: {0}")]
+    Rejected(String),
+    #[error("invalid trace rule")]
+    Encode(#[source] crate::encode::Error),
+}
+
+/// Which packets to trace: new connections from `src` to `dst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceFilter {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP).
+    pub protocol: u8,
+    pub dst_port: Option<u16>,
+}
+
+impl TraceFilter {
+    pub fn family(&self) -> TableFamily {
+        if self.src.is_ipv6() {
+            TableFamily::Ip6
+        } else {
+            TableFamily::Ip
+        }
+    }
+
+    /// The marking rule's matches. `ct state new`: the first packet of a
+    /// connection is the one policy decides; later ones only meet the
+    /// "established" shortcut.
+    fn rule(&self) -> Rule {
+        let mut matches = vec![
+            Match::CtState(CtStates::NEW),
+            Match::L4Proto {
+                proto: self.protocol,
+                negate: false,
+            },
+            Match::Addr {
+                dir: Dir::Src,
+                target: AddrTarget::Net(self.src.into()),
+                negate: false,
+            },
+            Match::Addr {
+                dir: Dir::Dst,
+                target: AddrTarget::Net(self.dst.into()),
+                negate: false,
+            },
+        ];
+        if let Some(p) = self.dst_port {
+            matches.push(Match::Port {
+                dir: Dir::Dst,
+                target: PortTarget::Range { min: p, max: p },
+                negate: false,
+            });
+        }
+        Rule {
+            matches,
+            stmts: vec![],
+            verdict: None,
+            comment: Some("nftpolicy explain --kernel".into()),
+        }
+    }
+}
+
+/// What a trace event reports (`NFT_TRACETYPE_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceKind {
+    /// A rule matched (its verdict may be "continue").
+    Rule,
+    /// The packet fell off the end of a regular chain.
+    Return,
+    /// The packet fell off the end of a base chain: its policy applies.
+    Policy,
+    Other(u32),
+}
+
+/// One kernel trace event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEvent {
+    /// The same for every event of one packet's walk.
+    pub id: u32,
+    pub kind: TraceKind,
+    pub family: u8,
+    pub table: String,
+    pub chain: String,
+    pub rule_handle: Option<u64>,
+    /// Verdict code (`NF_DROP` 0, `NF_ACCEPT` 1, `NFT_JUMP` -3, …).
+    pub verdict: Option<i32>,
+    /// Target chain of a jump or goto.
+    pub verdict_chain: Option<String>,
+    /// Base chain policy, for [`TraceKind::Policy`].
+    pub policy: Option<u32>,
+}
+
+impl TraceEvent {
+    /// `accept`/`drop` if this event ends the packet's walk through its
+    /// table; `None` otherwise.
+    pub fn final_verdict(&self) -> Option<&'static str> {
+        let code = match self.kind {
+            TraceKind::Policy => self.policy.map(|p| p as i32).or(self.verdict)?,
+            TraceKind::Rule => self.verdict?,
+            _ => return None,
+        };
+        match code {
+            NF_ACCEPT => Some("accept"),
+            NF_DROP => Some("drop"),
+            _ => None,
+        }
+    }
+
+    /// A short description of the verdict: `jump cali-FORWARD`, `drop`, …
+    pub fn verdict_text(&self) -> String {
+        let name = match self.verdict {
+            None => return String::new(),
+            Some(NF_ACCEPT) => "accept",
+            Some(NF_DROP) => "drop",
+            Some(NFT_CONTINUE) => "continue",
+            Some(NFT_JUMP) => "jump",
+            Some(NFT_GOTO) => "goto",
+            Some(NFT_RETURN) => "return",
+            Some(_) => "?",
+        };
+        match &self.verdict_chain {
+            Some(c) => format!("{name} {c}"),
+            None => name.to_owned(),
+        }
+    }
+}
+
+/// A running trace: the marking rule is installed and events are read
+/// until [`TraceSession::stop`] (or drop) removes it.
+#[derive(Debug)]
+pub struct TraceSession {
+    events: OwnedFd,
+    nft: netlink::Socket,
+    family: TableFamily,
+    installed: bool,
+    rx: Vec<u8>,
+    /// Events read so far, by trace id, in order of arrival.
+    by_id: BTreeMap<u32, Vec<TraceEvent>>,
+    /// Trace ids in order of their first event.
+    order: Vec<u32>,
+}
+
+impl TraceSession {
+    /// Subscribes to trace events, then installs the marking rule (in this
+    /// order, so that no event of a marked packet is missed).
+    pub fn start(filter: TraceFilter) -> Result<TraceSession, TraceError> {
+        let events = open_subscriber()?;
+        let nft = netlink::Socket::open().map_err(TraceError::Netlink)?;
+        let mut s = TraceSession {
+            events,
+            nft,
+            family: filter.family(),
+            installed: false,
+            rx: vec![0u8; 1 << 16],
+            by_id: BTreeMap::new(),
+            order: Vec::new(),
+        };
+        let family = s.family;
+        let mut b = Batch::new();
+        // A table left by an interrupted session goes first: its rule
+        // would trace other packets.
+        crate::encode::destroy_table(&mut b, family, TRACE_TABLE);
+        crate::encode::new_table(&mut b, family, TRACE_TABLE);
+        crate::encode::new_chain(
+            &mut b,
+            family,
+            TRACE_TABLE,
+            &Chain {
+                name: TRACE_CHAIN.into(),
+                base: Some(BaseChain {
+                    hook: Hook::Forward,
+                    priority: TRACE_PRIORITY,
+                    policy: ChainPolicy::Accept,
+                }),
+                rules: vec![],
+            },
+        )
+        .map_err(TraceError::Encode)?;
+        crate::encode::new_trace_rule(&mut b, family, TRACE_TABLE, TRACE_CHAIN, &filter.rule())
+            .map_err(TraceError::Encode)?;
+        s.installed = true; // from here on, drop tries to remove it
+        s.send(b)?;
+        Ok(s)
+    }
+
+    fn send(&mut self, mut b: Batch) -> Result<(), TraceError> {
+        b.finish();
+        let offsets = b.offsets();
+        match self
+            .nft
+            .send_batch(&mut b.w.buf, &offsets)
+            .map_err(TraceError::Netlink)?
+        {
+            BatchOutcome::Committed { .. } => Ok(()),
+            BatchOutcome::Rejected(errors) => Err(TraceError::Rejected(
+                errors
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}: {}",
+                            b.msgs.get(e.index).map(|m| m.kind).unwrap_or("?"),
+                            netlink::errno_text(e.errno, e.message.as_deref())
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )),
+            BatchOutcome::Unknown { .. } => {
+                Err(TraceError::Rejected("kernel replies were lost".into()))
+            }
+        }
+    }
+
+    /// Removes the marking rule's table.
+    pub fn stop(mut self) -> Result<(), TraceError> {
+        self.remove()
+    }
+
+    fn remove(&mut self) -> Result<(), TraceError> {
+        if !self.installed {
+            return Ok(());
+        }
+        self.installed = false;
+        let mut b = Batch::new();
+        crate::encode::destroy_table(&mut b, self.family, TRACE_TABLE);
+        self.send(b)
+    }
+
+    /// Waits up to `timeout` for events and returns those that arrived
+    /// (possibly none).
+    pub fn next_events(&mut self, timeout: Duration) -> Result<Vec<TraceEvent>, TraceError> {
+        let mut out = Vec::new();
+        if !poll_readable(&self.events, timeout).map_err(TraceError::Receive)? {
+            return Ok(out);
+        }
+        loop {
+            // SAFETY: rx is a valid writable buffer of its length.
+            let rc = unsafe {
+                libc::recv(
+                    self.events.as_raw_fd(),
+                    self.rx.as_mut_ptr() as *mut libc::c_void,
+                    self.rx.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => break,
+                    // Overrun: events were lost; the walk of that packet is
+                    // incomplete, but later packets still trace.
+                    Some(libc::ENOBUFS) => continue,
+                    _ => return Err(TraceError::Receive(e)),
+                }
+            }
+            out.extend(decode_messages(&self.rx[..rc as usize]));
+        }
+        Ok(out)
+    }
+
+    /// Reads events until one traced packet's walk through `table` ends
+    /// with accept or drop, and returns that packet's events (all tables,
+    /// in order); `None` if none did within `timeout`.
+    pub fn wait_for_packet(
+        &mut self,
+        table: &str,
+        timeout: Duration,
+    ) -> Result<Option<Vec<TraceEvent>>, TraceError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for id in &self.order {
+                let events = &self.by_id[id];
+                if events
+                    .iter()
+                    .any(|e| e.table == table && e.final_verdict().is_some())
+                {
+                    return Ok(Some(events.clone()));
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            for e in self.next_events(left)? {
+                if !self.by_id.contains_key(&e.id) {
+                    self.order.push(e.id);
+                }
+                self.by_id.entry(e.id).or_default().push(e);
+            }
+        }
+    }
+}
+
+impl Drop for TraceSession {
+    fn drop(&mut self) {
+        if let Err(e) = self.remove() {
+            tracing::warn!(error = %e, "failed to remove the trace table {TRACE_TABLE}");
+        }
+    }
+}
+
+fn open_subscriber() -> Result<OwnedFd, TraceError> {
+    // SAFETY: plain syscall; the fd is owned right after.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        )
+    };
+    if raw < 0 {
+        return Err(TraceError::Open(io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: addr is a valid sockaddr_nl of the given size.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    let rc = unsafe {
+        libc::bind(
+            raw,
+            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(TraceError::Open(io::Error::last_os_error()));
+    }
+    setsockopt_int(&fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTRACE)
+        .map_err(TraceError::Subscribe)?;
+    // A packet's walk is a few dozen events; a large buffer keeps a burst
+    // of traced packets from overrunning it. Best effort.
+    let _ = setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 4 << 20);
+    Ok(fd)
+}
+
+pub(crate) fn setsockopt_int(fd: &OwnedFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: `value` lives across the call and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            &value as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether `fd` became readable within `timeout`.
+pub(crate) fn poll_readable(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(rc > 0);
+    }
+}
+
+/// The netlink messages of one datagram: (type, nfgenmsg family, attributes).
+pub(crate) fn messages(buf: &[u8]) -> Vec<(u16, u8, &[u8])> {
+    let mut out = Vec::new();
+    let mut rest = buf;
+    while rest.len() >= 16 {
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < 16 || len > rest.len() {
+            break;
+        }
+        let msg_type = u16::from_ne_bytes([rest[4], rest[5]]);
+        let body = &rest[16..len];
+        if body.len() >= 4 {
+            out.push((msg_type, body[0], &body[4..]));
+        }
+        rest = &rest[crate::nla::align4(len).min(rest.len())..];
+    }
+    out
+}
+
+fn be_u32(v: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+fn c_str(v: &[u8]) -> String {
+    let end = v.iter().position(|&b| b == 0).unwrap_or(v.len());
+    String::from_utf8_lossy(&v[..end]).into_owned()
+}
+
+fn decode_messages(buf: &[u8]) -> Vec<TraceEvent> {
+    messages(buf)
+        .into_iter()
+        .filter(|(t, _, _)| *t == msg_type(NFT_MSG_TRACE))
+        .filter_map(|(_, family, attrs)| decode_trace(family, attrs))
+        .collect()
+}
+
+/// One `NFT_MSG_TRACE` message; `None` without an id or type.
+fn decode_trace(family: u8, attrs: &[u8]) -> Option<TraceEvent> {
+    let mut e = TraceEvent {
+        id: 0,
+        kind: TraceKind::Other(0),
+        family,
+        table: String::new(),
+        chain: String::new(),
+        rule_handle: None,
+        verdict: None,
+        verdict_chain: None,
+        policy: None,
+    };
+    let (mut id, mut kind) = (None, None);
+    for (t, v) in AttrIter::new(attrs) {
+        match t {
+            NFTA_TRACE_TABLE => e.table = c_str(v),
+            NFTA_TRACE_CHAIN => e.chain = c_str(v),
+            NFTA_TRACE_RULE_HANDLE => {
+                e.rule_handle = v.get(..8).map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+            }
+            NFTA_TRACE_TYPE => kind = be_u32(v),
+            NFTA_TRACE_ID => id = be_u32(v),
+            NFTA_TRACE_POLICY => e.policy = be_u32(v),
+            NFTA_TRACE_VERDICT => {
+                for (vt, vv) in AttrIter::new(v) {
+                    match vt {
+                        NFTA_VERDICT_CODE => e.verdict = be_u32(vv).map(|c| c as i32),
+                        NFTA_VERDICT_CHAIN => e.verdict_chain = Some(c_str(vv)),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    e.id = id?;
+    e.kind = match kind? {
+        1 => TraceKind::Policy,
+        2 => TraceKind::Return,
+        3 => TraceKind::Rule,
+        k => TraceKind::Other(k),
+    };
+    Some(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nla::Writer;
+
+    #[test]
+    fn decodes_a_rule_event_with_a_jump() {
+        let mut w = Writer::default();
+        let m = w.begin_msg(msg_type(NFT_MSG_TRACE), 0, 2, 0);
+        w.put_str(NFTA_TRACE_TABLE, "nftpolicy");
+        w.put_str(NFTA_TRACE_CHAIN, "filter-FORWARD");
+        w.put_u64_be(NFTA_TRACE_RULE_HANDLE, 7);
+        w.put_u32_be(NFTA_TRACE_TYPE, 3);
+        let v = w.nest_start(NFTA_TRACE_VERDICT);
+        w.put_u32_be(NFTA_VERDICT_CODE, NFT_JUMP as u32);
+        w.put_str(NFTA_VERDICT_CHAIN, "cali-FORWARD");
+        w.nest_end(v);
+        w.put_u32_be(NFTA_TRACE_ID, 0xdead);
+        w.end_msg(m);
+        let events = decode_messages(&w.buf);
+        assert_eq!(events.len(), 1);
+        let e = &events[0];
+        assert_eq!((e.id, e.kind, e.family), (0xdead, TraceKind::Rule, 2));
+        assert_eq!(e.chain, "filter-FORWARD");
+        assert_eq!(e.rule_handle, Some(7));
+        assert_eq!(e.verdict_text(), "jump cali-FORWARD");
+        assert_eq!(e.final_verdict(), None);
+    }
+}
