@@ -115,11 +115,18 @@ fn run_nft(script: &str) -> anyhow::Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting nft")?;
-    child.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         let head: String = script.lines().take(40).collect::<Vec<_>>().join("\n");
-        bail!("nft -f failed: {}\nscript head:\n{head}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "nft -f failed: {}\nscript head:\n{head}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -146,13 +153,21 @@ fn element_text(e: &SetElement) -> String {
 pub fn diff_script(old: &Ruleset, new: &Ruleset) -> String {
     let mut out = String::new();
     for t in &new.tables {
-        match old.tables.iter().find(|o| o.family == t.family && o.name == t.name) {
+        match old
+            .tables
+            .iter()
+            .find(|o| o.family == t.family && o.name == t.name)
+        {
             None => compiler::render_nft::render_table(t, &mut out),
             Some(o) => diff_table(o, t, &mut out),
         }
     }
     for o in &old.tables {
-        if !new.tables.iter().any(|t| t.family == o.family && t.name == o.name) {
+        if !new
+            .tables
+            .iter()
+            .any(|t| t.family == o.family && t.name == o.name)
+        {
             let _ = writeln!(out, "delete table {} {}", o.family.keyword(), o.name);
         }
     }
@@ -200,15 +215,25 @@ fn diff_table(o: &Table, t: &Table, out: &mut String) {
             Some(os) => {
                 let before: HashSet<&SetElement> = os.elements.iter().collect();
                 let after: HashSet<&SetElement> = s.elements.iter().collect();
-                let gone: BTreeSet<String> = before.difference(&after).map(|e| element_text(e)).collect();
-                let added: BTreeSet<String> = after.difference(&before).map(|e| element_text(e)).collect();
+                let gone: BTreeSet<String> =
+                    before.difference(&after).map(|e| element_text(e)).collect();
+                let added: BTreeSet<String> =
+                    after.difference(&before).map(|e| element_text(e)).collect();
                 if !gone.is_empty() {
                     let list: Vec<String> = gone.into_iter().collect();
-                    let _ = writeln!(out, "delete element {fam} {name} {sname} {{ {} }}", list.join(", "));
+                    let _ = writeln!(
+                        out,
+                        "delete element {fam} {name} {sname} {{ {} }}",
+                        list.join(", ")
+                    );
                 }
                 if !added.is_empty() {
                     let list: Vec<String> = added.into_iter().collect();
-                    let _ = writeln!(adds, "add element {fam} {name} {sname} {{ {} }}", list.join(", "));
+                    let _ = writeln!(
+                        adds,
+                        "add element {fam} {name} {sname} {{ {} }}",
+                        list.join(", ")
+                    );
                 }
             }
             None => {

@@ -53,7 +53,16 @@ impl Scale {
 pub fn pod_ips(i: usize) -> [IpAddr; 2] {
     let i = i as u32;
     let v4 = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + 1 + i);
-    let v6 = Ipv6Addr::new(0xfd00, 0x198, 0x18, 0x80, 0, 0, (i >> 16) as u16, i as u16 + 1);
+    let v6 = Ipv6Addr::new(
+        0xfd00,
+        0x198,
+        0x18,
+        0x80,
+        0,
+        0,
+        (i >> 16) as u16,
+        i as u16 + 1,
+    );
     [IpAddr::V4(v4), IpAddr::V6(v6)]
 }
 
@@ -161,7 +170,10 @@ pub fn policy(scale: &Scale, p: usize, rng: &mut StdRng) -> NetworkPolicy {
     // Local endpoint i lives in namespace i % namespaces: pick one in the
     // policy's namespace and select its app.
     let ns_index = p % scale.namespaces;
-    let locals_here = scale.local_endpoints.saturating_sub(ns_index).div_ceil(scale.namespaces);
+    let locals_here = scale
+        .local_endpoints
+        .saturating_sub(ns_index)
+        .div_ceil(scale.namespaces);
     let target = if locals_here > 0 && rng.random_bool(0.7) {
         let i = ns_index + scale.namespaces * rng.random_range(0..locals_here);
         format!("app{}", i % scale.apps)
@@ -178,8 +190,9 @@ pub fn policy(scale: &Scale, p: usize, rng: &mut StdRng) -> NetworkPolicy {
         match rng.random_range(0..5) {
             0 => r.source.selector = Some(format!("app == '{}'", app(rng))),
             1 => {
-                r.source.namespace_selector = Some(format!("team == 'team{}'", rng.random_range(0..10)));
-                r.source.selector = Some(format!("tier == 'web'"));
+                r.source.namespace_selector =
+                    Some(format!("team == 'team{}'", rng.random_range(0..10)));
+                r.source.selector = Some("tier == 'web'".to_owned());
             }
             2 => {
                 let third = rng.random_range(0..=255u8);
@@ -191,9 +204,14 @@ pub fn policy(scale: &Scale, p: usize, rng: &mut StdRng) -> NetworkPolicy {
         }
         r.destination.ports = match rng.random_range(0..4) {
             0 => vec![Port::single(80), Port::single(443)],
-            1 => vec![Port::Range { min: 8000, max: 8010 }],
+            1 => vec![Port::Range {
+                min: 8000,
+                max: 8010,
+            }],
             2 => vec![Port::Named("http".into())],
-            _ => (0..rng.random_range(3..20)).map(|k| Port::single(10000 + k * 7)).collect(),
+            _ => (0..rng.random_range(3..20))
+                .map(|k| Port::single(10000 + k * 7))
+                .collect(),
         };
         rules.push(r);
     }

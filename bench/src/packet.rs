@@ -94,7 +94,10 @@ fn policy(name: &str, selector: &str, order: f64, ingress: Vec<Rule>) -> Resourc
 /// policies select the server; the receiver's policies never match the
 /// probe, the last one (order 2000) allows it.
 pub fn cluster(point: &PacketPoint) -> (ClusterState, [String; 2], [IpAddr; 2]) {
-    let mut scale = Scale::new(point.total_policies, (point.total_policies * 10).clamp(1_000, 50_000));
+    let mut scale = Scale::new(
+        point.total_policies,
+        (point.total_policies * 10).clamp(1_000, 50_000),
+    );
     scale.local_endpoints = point.local_endpoints.max(2);
     let mut state = generate(&scale);
     // The server's namespace does not matter: the bench policies live in
@@ -103,7 +106,10 @@ pub fn cluster(point: &PacketPoint) -> (ClusterState, [String; 2], [IpAddr; 2]) 
     let mut ifaces = [String::new(), String::new()];
     let mut ips = [pod_ips(0)[0], pod_ips(server_index)[0]];
     let mut server_ns = namespace_name(0);
-    for (slot, (idx, role)) in [(0usize, "bench-client"), (server_index, "bench-server")].into_iter().enumerate() {
+    for (slot, (idx, role)) in [(0usize, "bench-client"), (server_index, "bench-server")]
+        .into_iter()
+        .enumerate()
+    {
         let w = state
             .workload_endpoints()
             .find(|w| w.spec.pod == format!("pod{idx}"))
@@ -125,18 +131,29 @@ pub fn cluster(point: &PacketPoint) -> (ClusterState, [String; 2], [IpAddr; 2]) 
                 protocol: Some(Protocol::Tcp),
                 source: EntityRule {
                     nets: (0..point.ports_cidrs)
-                        .map(|c| format!("198.19.{}.{}/32", (k + r) % 256, c % 256).parse().unwrap())
+                        .map(|c| {
+                            format!("198.19.{}.{}/32", (k + r) % 256, c % 256)
+                                .parse()
+                                .unwrap()
+                        })
                         .collect(),
                     ..Default::default()
                 },
                 destination: EntityRule {
-                    ports: (0..point.ports_cidrs).map(|p| Port::single(20000 + p as u16 * 2)).collect(),
+                    ports: (0..point.ports_cidrs)
+                        .map(|p| Port::single(20000 + p as u16 * 2))
+                        .collect(),
                     ..Default::default()
                 },
                 ..Default::default()
             })
             .collect();
-        let mut p = policy(&format!("bench-recv-{k}"), "app == 'bench-server'", 1000.0, rules);
+        let mut p = policy(
+            &format!("bench-recv-{k}"),
+            "app == 'bench-server'",
+            1000.0,
+            rules,
+        );
         if let Resource::NetworkPolicy(np) = &mut p {
             np.metadata.namespace = Some(server_ns.clone());
         }
@@ -177,7 +194,10 @@ fn enter(ns: &str) -> anyhow::Result<()> {
 }
 
 fn set_linger_zero(s: &TcpStream) {
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid socket and a correctly sized option value.
     unsafe {
         libc::setsockopt(
@@ -190,7 +210,11 @@ fn set_linger_zero(s: &TcpStream) {
     }
 }
 
-pub fn packet_worker(backend: &str, point: PacketPoint, connections: usize) -> anyhow::Result<PacketResult> {
+pub fn packet_worker(
+    backend: &str,
+    point: PacketPoint,
+    connections: usize,
+) -> anyhow::Result<PacketResult> {
     let (state, ifaces, ips) = cluster(&point);
     let node = Netns::enter("bnode")?;
     let pods = [Netns::create("bcli")?, Netns::create("bsrv")?];
@@ -200,19 +224,33 @@ pub fn packet_worker(backend: &str, point: PacketPoint, connections: usize) -> a
     run(&["ip", "addr", "add", "198.18.127.254/32", "dev", "lo"])?;
     for i in 0..2 {
         let (ifname, ip, pod) = (&ifaces[i], ips[i].to_string(), pods[i].name());
-        run(&["ip", "link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", pod])?;
+        run(&[
+            "ip", "link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", pod,
+        ])?;
         run(&["ip", "link", "set", ifname, "up"])?;
         run(&["ip", "route", "add", &format!("{ip}/32"), "dev", ifname])?;
-        run(&["sysctl", "-qw", &format!("net.ipv4.conf.{ifname}.proxy_arp=1")])?;
+        run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{ifname}.proxy_arp=1"),
+        ])?;
         // As felix does: answer ARP at once (the default delays up to 0.8 s).
-        run(&["sysctl", "-qw", &format!("net.ipv4.neigh.{ifname}.proxy_delay=0")])?;
+        run(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.neigh.{ifname}.proxy_delay=0"),
+        ])?;
         pods[i].exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
         pods[i].exec(&["ip", "link", "set", "eth0", "up"])?;
         pods[i].exec(&["ip", "link", "set", "lo", "up"])?;
         pods[i].exec(&["ip", "route", "add", "default", "dev", "eth0"])?;
     }
     // "none" leaves the node unprogrammed (checks the topology itself).
-    let mut dp = if backend == "none" { None } else { Some(crate::backends::open(backend, NODE_UNDER_TEST)?) };
+    let mut dp = if backend == "none" {
+        None
+    } else {
+        Some(crate::backends::open(backend, NODE_UNDER_TEST)?)
+    };
     if let Some(dp) = &mut dp {
         dp.apply(&state)?;
     }
@@ -229,46 +267,57 @@ pub fn packet_worker(backend: &str, point: PacketPoint, connections: usize) -> a
         }
         Ok(())
     });
-    ready_rx.recv_timeout(Duration::from_secs(10)).context("server did not start")?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("server did not start")?;
     if let Ok(secs) = std::env::var("NFTBENCH_PAUSE_SECS") {
-        eprintln!("pausing: node {}, pods {} {}", node.name(), pods[0].name(), pods[1].name());
+        eprintln!(
+            "pausing: node {}, pods {} {}",
+            node.name(),
+            pods[0].name(),
+            pods[1].name()
+        );
         std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(30)));
     }
     let client_ns = pods[0].name().to_owned();
-    let client = std::thread::spawn(move || -> anyhow::Result<(Vec<f64>, usize, Duration, bool)> {
-        enter(&client_ns)?;
-        let dst = SocketAddr::new(server_ip, SERVER_PORT);
-        let mut lat = Vec::with_capacity(connections);
-        let mut failures = 0;
-        // Warm-up; a dataplane that drops the probe fails fast here
-        // instead of timing out every connection.
-        for _ in 0..50 {
-            let s = TcpStream::connect_timeout(&dst, Duration::from_millis(500))
-                .with_context(|| format!("warm-up connect to {dst} (is the probe allowed?)"))?;
-            set_linger_zero(&s);
-        }
-        let start = Instant::now();
-        for _ in 0..connections {
-            let t = Instant::now();
-            match TcpStream::connect_timeout(&dst, Duration::from_secs(1)) {
-                Ok(s) => {
-                    lat.push(t.elapsed().as_secs_f64() * 1e6);
-                    set_linger_zero(&s);
-                }
-                Err(_) => failures += 1,
+    let client = std::thread::spawn(
+        move || -> anyhow::Result<(Vec<f64>, usize, Duration, bool)> {
+            enter(&client_ns)?;
+            let dst = SocketAddr::new(server_ip, SERVER_PORT);
+            let mut lat = Vec::with_capacity(connections);
+            let mut failures = 0;
+            // Warm-up; a dataplane that drops the probe fails fast here
+            // instead of timing out every connection.
+            for _ in 0..50 {
+                let s = TcpStream::connect_timeout(&dst, Duration::from_millis(500))
+                    .with_context(|| format!("warm-up connect to {dst} (is the probe allowed?)"))?;
+                set_linger_zero(&s);
             }
-        }
-        let total = start.elapsed();
-        // A port no policy allows: dropped (timeout) if the dataplane
-        // enforces; refused (RST) if it let the SYN through.
-        let blocked = SocketAddr::new(server_ip, SERVER_PORT + 1);
-        let enforced = matches!(
-            TcpStream::connect_timeout(&blocked, Duration::from_millis(300)),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut
-        );
-        Ok((lat, failures, total, enforced))
-    });
-    let (lat, failures, total, enforced) = client.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+            let start = Instant::now();
+            for _ in 0..connections {
+                let t = Instant::now();
+                match TcpStream::connect_timeout(&dst, Duration::from_secs(1)) {
+                    Ok(s) => {
+                        lat.push(t.elapsed().as_secs_f64() * 1e6);
+                        set_linger_zero(&s);
+                    }
+                    Err(_) => failures += 1,
+                }
+            }
+            let total = start.elapsed();
+            // A port no policy allows: dropped (timeout) if the dataplane
+            // enforces; refused (RST) if it let the SYN through.
+            let blocked = SocketAddr::new(server_ip, SERVER_PORT + 1);
+            let enforced = matches!(
+                TcpStream::connect_timeout(&blocked, Duration::from_millis(300)),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut
+            );
+            Ok((lat, failures, total, enforced))
+        },
+    );
+    let (lat, failures, total, enforced) = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client panicked"))??;
     drop(dp);
     drop(pods);
     drop(node);

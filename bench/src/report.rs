@@ -19,30 +19,67 @@ pub struct Results {
 }
 
 fn find<'a>(r: &'a Results, backend: &str, policies: usize) -> Option<&'a ScaleResult> {
-    r.scale.iter().find(|s| s.backend == backend && s.policies == policies)
+    r.scale
+        .iter()
+        .find(|s| s.backend == backend && s.policies == policies)
 }
 
 fn op_samples<'a>(s: &'a ScaleResult, op: &str) -> &'a [f64] {
-    s.ops.iter().find(|(o, _)| o == op).map(|(_, v)| v.as_slice()).unwrap_or(&[])
+    s.ops
+        .iter()
+        .find(|(o, _)| o == op)
+        .map(|(_, v)| v.as_slice())
+        .unwrap_or(&[])
 }
 
 /// The per-scale metrics as (name, value getter).
 type Metric = (&'static str, Box<dyn Fn(&ScaleResult) -> f64>);
 
 fn metrics() -> Vec<Metric> {
-    let mut m: Vec<Metric> = vec![("cold programming (ms)", Box::new(|s: &ScaleResult| s.cold_ms))];
+    let mut m: Vec<Metric> = vec![(
+        "cold programming (ms)",
+        Box::new(|s: &ScaleResult| s.cold_ms),
+    )];
     for op in OPS {
-        m.push((leak(format!("{op} p50 (ms)")), Box::new(move |s: &ScaleResult| percentile(op_samples(s, op), 0.5))));
-        m.push((leak(format!("{op} p99 (ms)")), Box::new(move |s: &ScaleResult| percentile(op_samples(s, op), 0.99))));
+        m.push((
+            leak(format!("{op} p50 (ms)")),
+            Box::new(move |s: &ScaleResult| percentile(op_samples(s, op), 0.5)),
+        ));
+        m.push((
+            leak(format!("{op} p99 (ms)")),
+            Box::new(move |s: &ScaleResult| percentile(op_samples(s, op), 0.99)),
+        ));
     }
+    m.push((
+        "full compile alone (ms)",
+        Box::new(|s: &ScaleResult| s.compile_ms),
+    ));
     m.push(("rules", Box::new(|s: &ScaleResult| s.size.rules as f64)));
     m.push(("chains", Box::new(|s: &ScaleResult| s.size.chains as f64)));
-    m.push(("sets (+maps)", Box::new(|s: &ScaleResult| s.size.sets as f64)));
-    m.push(("set elements", Box::new(|s: &ScaleResult| s.size.set_elements as f64)));
-    m.push(("kernel slab growth (kB, noisy)", Box::new(|s: &ScaleResult| s.slab_kb_delta as f64)));
-    m.push(("agent CPU (ms)", Box::new(|s: &ScaleResult| s.cpu_user_ms + s.cpu_sys_ms)));
-    m.push(("helper processes CPU (ms)", Box::new(|s: &ScaleResult| s.children_cpu_ms)));
-    m.push(("peak RSS (MiB)", Box::new(|s: &ScaleResult| s.peak_rss_kib as f64 / 1024.0)));
+    m.push((
+        "sets (+maps)",
+        Box::new(|s: &ScaleResult| s.size.sets as f64),
+    ));
+    m.push((
+        "set elements",
+        Box::new(|s: &ScaleResult| s.size.set_elements as f64),
+    ));
+    m.push((
+        "kernel slab growth (kB, noisy)",
+        Box::new(|s: &ScaleResult| s.slab_kb_delta as f64),
+    ));
+    m.push((
+        "agent CPU (ms)",
+        Box::new(|s: &ScaleResult| s.cpu_user_ms + s.cpu_sys_ms),
+    ));
+    m.push((
+        "helper processes CPU (ms)",
+        Box::new(|s: &ScaleResult| s.children_cpu_ms),
+    ));
+    m.push((
+        "peak RSS (MiB)",
+        Box::new(|s: &ScaleResult| s.peak_rss_kib as f64 / 1024.0),
+    ));
     m
 }
 
@@ -70,21 +107,33 @@ fn ratio(a: f64, b: f64) -> String {
 
 pub fn markdown(r: &Results) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# nftpolicy dataplane benchmark\n\nMachine: {}\n", r.machine);
+    let _ = writeln!(
+        out,
+        "# nftpolicy dataplane benchmark\n\nMachine: {}\n",
+        r.machine
+    );
     let mut scales: Vec<usize> = r.scale.iter().map(|s| s.policies).collect();
     scales.sort();
     scales.dedup();
     for p in scales {
-        let Some(any) = r.scale.iter().find(|s| s.policies == p) else { continue };
+        let Some(any) = r.scale.iter().find(|s| s.policies == p) else {
+            continue;
+        };
         let _ = writeln!(
             out,
             "## {p} policies, {} pods, {} namespaces, {} local endpoints\n",
             any.pods, any.namespaces, any.local_endpoints
         );
-        let _ = writeln!(out, "| metric | nft netlink | nft CLI | iptables | CLI / netlink | iptables / netlink |");
+        let _ = writeln!(
+            out,
+            "| metric | nft netlink | nft CLI | iptables | CLI / netlink | iptables / netlink |"
+        );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
         for (name, get) in metrics() {
-            let v: Vec<f64> = KINDS.iter().map(|k| find(r, k, p).map(&get).unwrap_or(f64::NAN)).collect();
+            let v: Vec<f64> = KINDS
+                .iter()
+                .map(|k| find(r, k, p).map(&get).unwrap_or(f64::NAN))
+                .collect();
             let _ = writeln!(
                 out,
                 "| {name} | {} | {} | {} | {} | {} |",
@@ -99,7 +148,10 @@ pub fn markdown(r: &Results) -> String {
     }
     for (dim, results) in &r.packet {
         let _ = writeln!(out, "## First packet: connect() latency along `{dim}`\n");
-        let _ = writeln!(out, "| {dim} | backend | p50 µs | p99 µs | conn/s | failures | enforced |");
+        let _ = writeln!(
+            out,
+            "| {dim} | backend | p50 µs | p99 µs | conn/s | failures | enforced |"
+        );
         let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---|");
         for pr in results {
             let _ = writeln!(
@@ -129,9 +181,17 @@ pub fn dim_value(p: &crate::packet::PacketPoint, dim: &str) -> usize {
     }
 }
 
-fn chart(path: &Path, title: &str, xlabel: &str, series: &[(String, Vec<(f64, f64)>)]) -> anyhow::Result<()> {
+fn chart(
+    path: &Path,
+    title: &str,
+    xlabel: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> anyhow::Result<()> {
     let xs = series.iter().flat_map(|(_, v)| v.iter().map(|p| p.0));
-    let ys = series.iter().flat_map(|(_, v)| v.iter().map(|p| p.1)).filter(|y| y.is_finite());
+    let ys = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|p| p.1))
+        .filter(|y| y.is_finite());
     let (xmin, xmax) = xs.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
     let ymax = ys.fold(0.0f64, f64::max).max(1e-3) * 1.1;
     if xmin > xmax {
@@ -155,14 +215,23 @@ fn chart(path: &Path, title: &str, xlabel: &str, series: &[(String, Vec<(f64, f6
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
         c.draw_series(pts.iter().map(|p| Circle::new(*p, 3, colour.filled())))?;
     }
-    c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
     root.present()?;
     Ok(())
 }
 
 fn slug(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect::<String>()
         .split('_')
         .filter(|p| !p.is_empty())
@@ -177,8 +246,12 @@ pub fn charts(r: &Results, dir: &Path) -> anyhow::Result<Vec<String>> {
         let series: Vec<(String, Vec<(f64, f64)>)> = KINDS
             .iter()
             .map(|k| {
-                let mut pts: Vec<(f64, f64)> =
-                    r.scale.iter().filter(|s| s.backend == *k).map(|s| (s.policies as f64, get(s))).collect();
+                let mut pts: Vec<(f64, f64)> = r
+                    .scale
+                    .iter()
+                    .filter(|s| s.backend == *k)
+                    .map(|s| (s.policies as f64, get(s)))
+                    .collect();
                 pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                 (k.to_string(), pts)
             })
@@ -200,8 +273,41 @@ pub fn charts(r: &Results, dir: &Path) -> anyhow::Result<Vec<String>> {
             })
             .collect();
         let file = format!("packet_p99_{dim}.png");
-        chart(&dir.join(&file), &format!("first-packet connect() p99 (µs) vs {dim}"), dim, &series)?;
+        chart(
+            &dir.join(&file),
+            &format!("first-packet connect() p99 (µs) vs {dim}"),
+            dim,
+            &series,
+        )?;
         files.push(file);
     }
     Ok(files)
+}
+
+/// The README's "Performance" section: the largest scale's table, where
+/// the charts are, the machine and how to reproduce.
+pub fn readme_section(r: &Results, command: &str) -> String {
+    let md = markdown(r);
+    let largest = r.scale.iter().map(|s| s.policies).max().unwrap_or(0);
+    let table: String = md
+        .split("\n## ")
+        .find(|sec| sec.starts_with(&format!("{largest} policies")))
+        .map(|sec| format!("### {sec}"))
+        .unwrap_or_default();
+    format!(
+        "## Performance\n\n\
+         Same synthetic cluster, same node, one run; each backend in its own fresh network \
+         namespace and child process: nftables over netlink (this project), the same ruleset \
+         through `nft -f` (full file cold, then flush/re-add changed chains and add/delete set \
+         elements per transaction, one `nft` process each) and iptables mode \
+         (iptables-legacy-restore + ipset). Incremental times run from the datastore change \
+         (compile included) to the kernel's ack.\n\n\
+         Machine: {}.\n\n{table}\n\
+         Charts of every metric against scale, and first-packet connect() latency along each \
+         dimension: `target/bench/*.png`; all numbers: `target/bench/results.md` and \
+         `results.json`.\n\n\
+         Reproduce (root, Linux with nf_tables, nft, iptables-legacy and ipset): `{command}` \
+         (`--quick` for a 1-minute subset; no `--scales` for the long run up to 10,000 policies).\n",
+        r.machine
+    )
 }

@@ -5,8 +5,7 @@
 use std::time::Instant;
 
 use model::calico::{
-    Action, ObjectMeta, PolicySpec, PolicyType, Port, Protocol, Resource, Rule,
-    NetworkPolicy,
+    Action, NetworkPolicy, ObjectMeta, PolicySpec, PolicyType, Port, Protocol, Resource, Rule,
 };
 use programmer::testutil::Netns;
 use rand::rngs::StdRng;
@@ -38,6 +37,10 @@ pub struct ScaleResult {
     /// CPU of the helper processes (nft, iptables-restore, ipset).
     pub children_cpu_ms: f64,
     pub peak_rss_kib: u64,
+    /// One full compile of the final state alone (nftables IR or iptables
+    /// text): the part of every incremental operation that does not depend
+    /// on the backend's transport.
+    pub compile_ms: f64,
     /// Peak RSS right after generating the cluster (before any backend work).
     pub baseline_rss_kib: u64,
 }
@@ -134,7 +137,8 @@ pub fn scale_worker(backend: &str, policies: usize, reps: usize) -> anyhow::Resu
         .and_then(|w| w.metadata.labels.get("app").cloned())
         .unwrap_or_else(|| "app0".into());
     let mut rng = StdRng::seed_from_u64(99);
-    let mut ops: Vec<(String, Vec<f64>)> = OPS.iter().map(|o| (o.to_string(), Vec::new())).collect();
+    let mut ops: Vec<(String, Vec<f64>)> =
+        OPS.iter().map(|o| (o.to_string(), Vec::new())).collect();
     for r in 0..reps {
         // A new remote pod carrying a popular app and tier=web: it joins
         // the selectors that match those labels.
@@ -155,7 +159,11 @@ pub fn scale_worker(backend: &str, policies: usize, reps: usize) -> anyhow::Resu
             .cloned();
         if let Some(mut w) = victim {
             let old = labels_of(&Resource::WorkloadEndpoint(w.clone())).unwrap_or_default();
-            let new = if old == local_app { "app1".to_owned() } else { local_app.clone() };
+            let new = if old == local_app {
+                "app1".to_owned()
+            } else {
+                local_app.clone()
+            };
             w.metadata.labels.insert("app".into(), new);
             let t = Instant::now();
             state.upsert(Resource::WorkloadEndpoint(w));
@@ -176,6 +184,14 @@ pub fn scale_worker(backend: &str, policies: usize, reps: usize) -> anyhow::Resu
         ops[3].1.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let (u1, s1) = rusage(libc::RUSAGE_SELF);
+    let opts = compiler::CompileOptions::new(NODE_UNDER_TEST);
+    let t = Instant::now();
+    if backend == "iptables" {
+        compiler::compile_iptables(&state, &opts)?;
+    } else {
+        compiler::compile_nftables(&state, &opts)?;
+    }
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     let (cu, cs) = rusage(libc::RUSAGE_CHILDREN);
     drop(dp);
     Ok(ScaleResult {
@@ -192,6 +208,7 @@ pub fn scale_worker(backend: &str, policies: usize, reps: usize) -> anyhow::Resu
         cpu_sys_ms: s1 - s0,
         children_cpu_ms: cu + cs,
         peak_rss_kib: vm_hwm_kib(),
+        compile_ms,
         baseline_rss_kib,
     })
 }
@@ -205,4 +222,3 @@ pub fn percentile(samples: &[f64], q: f64) -> f64 {
     let idx = ((v.len() as f64 - 1.0) * q).round() as usize;
     v[idx.min(v.len() - 1)]
 }
-

@@ -398,7 +398,10 @@ pub(crate) fn http(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(bad)?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(rest)
     } else {
         rest.to_owned()
@@ -447,7 +450,9 @@ pub fn write_step(
                 .iter()
                 .filter(|(k, o)| match (state.kube.get(k), o) {
                     (None, _) => true,
-                    (Some(KubeObject::Pod(new)), KubeObject::Pod(old)) => node_of(new) != node_of(old),
+                    (Some(KubeObject::Pod(new)), KubeObject::Pod(old)) => {
+                        node_of(new) != node_of(old)
+                    }
                     _ => false,
                 })
                 .map(|(k, o)| (k.clone(), o.clone()))
@@ -509,6 +514,9 @@ mod tests {
 
     #[test]
     fn chunked_bodies() {
-        assert_eq!(dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
     }
 }

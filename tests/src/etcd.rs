@@ -213,7 +213,10 @@ mod tests {
     fn numbers_from_json() {
         let header = r#"{"header":{"cluster_id":"1","revision":"42","raft_term":"2"}}"#;
         assert_eq!(json_number(header, "revision"), Some(42));
-        assert_eq!(json_number(r#"{"applied_revision": 7}"#, "applied_revision"), Some(7));
+        assert_eq!(
+            json_number(r#"{"applied_revision": 7}"#, "applied_revision"),
+            Some(7)
+        );
         assert_eq!(json_number("{}", "revision"), None);
     }
 }

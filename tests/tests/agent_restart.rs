@@ -90,7 +90,9 @@ impl Prober {
                             }
                         }
                     }
-                    Err(e) => findings.wrong.push(format!("round {}: {e}", findings.rounds)),
+                    Err(e) => findings
+                        .wrong
+                        .push(format!("round {}: {e}", findings.rounds)),
                 }
                 findings.rounds += 1;
                 rounds2.fetch_add(1, Ordering::Relaxed);
@@ -145,8 +147,8 @@ fn restart_under_probes(backend: &str) {
     lab.set_probe_timeout(Duration::from_millis(1000));
     let node1_ns = lab.node_namespace("node1").unwrap().to_owned();
     let mut agents = Agents::start(&lab, &etcd, &nftpolicy, backend, &[]).unwrap();
-    let revision = write_step(&nftpolicy, &etcd, &lab.workdir().join("step"), None, &state)
-        .unwrap();
+    let revision =
+        write_step(&nftpolicy, &etcd, &lab.workdir().join("step"), None, &state).unwrap();
     agents.wait_applied(revision, APPLY_TIMEOUT).unwrap();
 
     let prober = Prober::start(lab, probes);
@@ -161,7 +163,10 @@ fn restart_under_probes(backend: &str) {
             .wait_applied(revision, APPLY_TIMEOUT)
             .unwrap_or_else(|e| panic!("after {signal}: the agent did not become ready: {e}"));
         let status = agents.status("node1").unwrap();
-        assert!(status.ready && status.applied_revision >= revision, "{status:?}");
+        assert!(
+            status.ready && status.applied_revision >= revision,
+            "{status:?}"
+        );
         prober.wait_rounds(ROUNDS_PER_PHASE);
     }
 

@@ -182,7 +182,10 @@ fn explain(f: &mut Fixture, probe: &ResolvedProbe) -> Explained {
         .unwrap();
     let status = child.wait().unwrap();
     let stderr = stderr_reader.join().unwrap();
-    assert!(ready, "explain --kernel never got ready:\n{stdout}\n{stderr}");
+    assert!(
+        ready,
+        "explain --kernel never got ready:\n{stdout}\n{stderr}"
+    );
     Explained {
         code: status.code(),
         stdout,
@@ -229,7 +232,11 @@ fn kernel_trace_agrees_with_the_model() {
     let e = explain(&mut f, &probes[0]);
     assert_agree(&e, "drop");
     let (kernel, _) = e.kernel_path();
-    assert!(kernel.contains(&"cali-pi-default.web-deny-all".to_owned()), "{}", e.stdout);
+    assert!(
+        kernel.contains(&"cali-pi-default.web-deny-all".to_owned()),
+        "{}",
+        e.stdout
+    );
     assert!(
         e.stdout.contains("End of tier default"),
         "the dropping rule's comment is shown:\n{}",
@@ -240,8 +247,16 @@ fn kernel_trace_agrees_with_the_model() {
     let e = explain(&mut f, &probes[1]);
     assert_agree(&e, "drop");
     let (kernel, _) = e.kernel_path();
-    assert!(kernel.contains(&"cali-po-default.locked-egress-deny-all".to_owned()), "{}", e.stdout);
-    assert!(!kernel.iter().any(|c| c.starts_with("cali-tw-")), "{}", e.stdout);
+    assert!(
+        kernel.contains(&"cali-po-default.locked-egress-deny-all".to_owned()),
+        "{}",
+        e.stdout
+    );
+    assert!(
+        !kernel.iter().any(|c| c.starts_with("cali-tw-")),
+        "{}",
+        e.stdout
+    );
 
     // Allowed, TCP and UDP: both directions' profiles accept.
     for probe in &probes[2..] {
@@ -261,7 +276,10 @@ fn explain_kernel_in_iptables_mode_says_it_is_nftables_only() {
         .unwrap();
     let stderr2 = String::from_utf8_lossy(&out2.stderr);
     assert_eq!(out2.status.code(), Some(2), "{stderr2}");
-    assert!(stderr2.contains("kernel tracing is nftables-only"), "{stderr2}");
+    assert!(
+        stderr2.contains("kernel tracing is nftables-only"),
+        "{stderr2}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -294,9 +312,7 @@ fn log_denied_sends_an_nflog_record_naming_the_policy() {
         // retransmissions keep coming for its whole timeout).
         for _ in 0..50 {
             let records = nflog.next_records(Duration::from_secs(2)).unwrap();
-            let done = records
-                .iter()
-                .any(|r| r.addresses() == Some((client, web)));
+            let done = records.iter().any(|r| r.addresses() == Some((client, web)));
             seen.extend(records);
             if done {
                 break;
@@ -312,7 +328,10 @@ fn log_denied_sends_an_nflog_record_naming_the_policy() {
         .iter()
         .filter(|r| r.addresses() == Some((client, web)))
         .collect();
-    assert!(!ours.is_empty(), "no NFLOG record for {client} -> {web}: {records:?}");
+    assert!(
+        !ours.is_empty(),
+        "no NFLOG record for {client} -> {web}: {records:?}"
+    );
     assert!(
         ours.iter()
             .all(|r| r.prefix.starts_with("DROP ") && r.prefix.contains("default.web-deny-all")),

@@ -38,7 +38,9 @@ fn unknown_workload_interfaces_are_dropped() {
     let full = scenario.states().unwrap().remove(0);
     // The lab wires all three pods, but the datastore does not know `stranger`.
     let mut known = full.clone();
-    known.kube.retain(|k, _| !(k.kind == KubeKind::Pod && k.name == "stranger"));
+    known
+        .kube
+        .retain(|k, _| !(k.kind == KubeKind::Pod && k.name == "stranger"));
     let nftpolicy = nftpolicy_binary();
     let mut lab = Lab::build(&full.pods(), &[], &["node1", "node2"]).unwrap();
     let probes: Vec<_> = scenario.steps[0]

@@ -21,6 +21,10 @@ pub struct BenchArgs {
     /// 100,300 with --quick.
     #[arg(long)]
     scales: Option<String>,
+    /// Repetitions of each incremental operation (default 10 with
+    /// --quick, else 20).
+    #[arg(long)]
+    reps: Option<usize>,
     /// Where results.md, results.json and the charts go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -45,15 +49,24 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<bool> {
         Some(dir) => PathBuf::from(dir).join("release/nftbench"),
         None => exe,
     };
-    let out = if args.out.is_absolute() { args.out.clone() } else { super::root().join(&args.out) };
+    let out = if args.out.is_absolute() {
+        args.out.clone()
+    } else {
+        super::root().join(&args.out)
+    };
     let mut cmd = std::process::Command::new(&exe);
     cmd.arg("run").arg("--out").arg(&out);
     if args.quick {
         cmd.arg("--quick");
     }
+    if let Some(n) = args.reps {
+        cmd.args(["--reps", &n.to_string()]);
+    }
     if let Some(s) = &args.scales {
         cmd.args(["--scales", s]);
     }
-    let st = cmd.status().with_context(|| format!("running {}", exe.display()))?;
+    let st = cmd
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
     Ok(st.success())
 }

@@ -17,6 +17,8 @@ mod demo;
 
 mod fuzz;
 
+mod latency;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "nftpolicy project tasks")]
 struct Cli {
@@ -39,6 +41,10 @@ enum Task {
     /// Dataplane benchmark: nftables over netlink vs `nft -f` vs iptables
     /// mode (needs root); results in target/bench.
     Bench(bench::BenchArgs),
+    /// Programming latency of an agent over etcd with 1,000 and 10,000
+    /// pods: one pod's labels changed 20 times, p50/p99 from the agent's
+    /// histogram (needs root).
+    Latency(latency::LatencyArgs),
 }
 
 #[derive(clap::Args)]
@@ -99,6 +105,7 @@ fn main() -> ExitCode {
         Task::E2e(args) => e2e(&args),
         Task::Test => test(),
         Task::Bench(args) => bench::bench(&args),
+        Task::Latency(args) => latency::run(&args),
         Task::Demo(args) => demo::run(&args),
     };
     match result {

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use bench::backends::KINDS;
 use bench::packet::{packet_worker, PacketPoint, PacketResult};
-use bench::report::{charts, markdown, Results};
+use bench::report::{charts, markdown, readme_section, Results};
 use bench::run::{scale_worker, ScaleResult};
 
 fn main() -> anyhow::Result<()> {
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("run") => run(&args[1..]),
-        _ => bail!("usage: nftbench run [--quick] [--scales N,N…] [--out DIR]"),
+        _ => bail!("usage: nftbench run [--quick] [--scales N,N…] [--reps N] [--out DIR]"),
     }
 }
 
@@ -42,7 +42,10 @@ fn worker<T: serde::de::DeserializeOwned>(args: &[String]) -> anyhow::Result<T> 
         .output()
         .context("starting a worker")?;
     if !out.status.success() {
-        bail!("worker {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "worker {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
@@ -51,12 +54,17 @@ fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_default();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
         "{} CPUs ({cpu}), Linux {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         kernel.trim()
     )
 }
@@ -65,34 +73,61 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     let mut quick = false;
     let mut scales: Option<Vec<usize>> = None;
     let mut out = PathBuf::from("target/bench");
+    let mut reps_arg: Option<usize> = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--scales" => {
                 let v = it.next().context("--scales needs a value")?;
-                scales = Some(v.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?);
+                scales = Some(
+                    v.split(',')
+                        .map(|s| s.trim().parse())
+                        .collect::<Result<_, _>>()?,
+                );
             }
+            "--reps" => reps_arg = Some(it.next().context("--reps needs a value")?.parse()?),
             "--out" => out = it.next().context("--out needs a value")?.into(),
             other => bail!("unknown argument {other:?}"),
         }
     }
-    let scales = scales.unwrap_or_else(|| if quick { vec![100, 300] } else { vec![100, 1_000, 3_000, 10_000] });
-    let reps = if quick { 5 } else { 20 };
-    let connections = if quick { 300 } else { 2_000 };
+    let scales = scales.unwrap_or_else(|| {
+        if quick {
+            vec![100, 300]
+        } else {
+            vec![100, 1_000, 3_000, 10_000]
+        }
+    });
+    let reps = reps_arg.unwrap_or(if quick { 10 } else { 20 });
+    let connections = if quick { 1_000 } else { 2_000 };
     std::fs::create_dir_all(&out)?;
     let started = Instant::now();
-    let mut results = Results { machine: machine(), scale: Vec::new(), packet: Vec::new() };
+    let mut results = Results {
+        machine: machine(),
+        scale: Vec::new(),
+        packet: Vec::new(),
+    };
 
     let total = scales.len() * KINDS.len();
     let mut done = 0;
     for &p in &scales {
         for kind in KINDS {
             done += 1;
-            eprint!("[{:>4.0}s] scale {done}/{total}: {kind} at {p} policies … ", started.elapsed().as_secs_f64());
-            match worker::<ScaleResult>(&["worker-scale".into(), kind.into(), p.to_string(), reps.to_string()]) {
+            eprint!(
+                "[{:>4.0}s] scale {done}/{total}: {kind} at {p} policies … ",
+                started.elapsed().as_secs_f64()
+            );
+            match worker::<ScaleResult>(&[
+                "worker-scale".into(),
+                kind.into(),
+                p.to_string(),
+                reps.to_string(),
+            ]) {
                 Ok(r) => {
-                    eprintln!("cold {:.0} ms, {} rules, {} set elements", r.cold_ms, r.size.rules, r.size.set_elements);
+                    eprintln!(
+                        "cold {:.0} ms, {} rules, {} set elements",
+                        r.cold_ms, r.size.rules, r.size.set_elements
+                    );
                     results.scale.push(r);
                 }
                 Err(e) => eprintln!("FAILED: {e:#}"),
@@ -103,17 +138,45 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     let base = PacketPoint::default();
     type Sweep = (&'static str, Vec<usize>, fn(&mut PacketPoint, usize));
     let sweeps: Vec<Sweep> = vec![
-        ("total_policies", if quick { vec![10, 300] } else { vec![10, 1_000, 3_000] }, |p, v| p.total_policies = v),
-        ("selecting_receiver", if quick { vec![1, 30] } else { vec![1, 10, 100] }, |p, v| p.selecting_receiver = v),
-        ("rules_per_policy", if quick { vec![1, 20] } else { vec![1, 10, 50] }, |p, v| {
-            p.selecting_receiver = 10;
-            p.rules_per_policy = v
-        }),
-        ("ports_cidrs", if quick { vec![1, 30] } else { vec![1, 10, 100] }, |p, v| {
-            p.selecting_receiver = 10;
-            p.ports_cidrs = v
-        }),
-        ("local_endpoints", if quick { vec![2, 100] } else { vec![2, 50, 500] }, |p, v| p.local_endpoints = v),
+        (
+            "total_policies",
+            if quick {
+                vec![10, 300]
+            } else {
+                vec![10, 1_000, 3_000]
+            },
+            |p, v| p.total_policies = v,
+        ),
+        (
+            "selecting_receiver",
+            if quick { vec![1, 30] } else { vec![1, 10, 100] },
+            |p, v| p.selecting_receiver = v,
+        ),
+        (
+            "rules_per_policy",
+            if quick { vec![1, 20] } else { vec![1, 10, 50] },
+            |p, v| {
+                p.selecting_receiver = 10;
+                p.rules_per_policy = v
+            },
+        ),
+        (
+            "ports_cidrs",
+            if quick { vec![1, 30] } else { vec![1, 10, 100] },
+            |p, v| {
+                p.selecting_receiver = 10;
+                p.ports_cidrs = v
+            },
+        ),
+        (
+            "local_endpoints",
+            if quick {
+                vec![2, 100]
+            } else {
+                vec![2, 50, 500]
+            },
+            |p, v| p.local_endpoints = v,
+        ),
     ];
     let total: usize = sweeps.iter().map(|s| s.1.len() * KINDS.len()).sum();
     let mut done = 0;
@@ -124,11 +187,22 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             set(&mut point, v);
             for kind in KINDS {
                 done += 1;
-                eprint!("[{:>4.0}s] packet {done}/{total}: {kind}, {dim} = {v} … ", started.elapsed().as_secs_f64());
-                let args = ["worker-packet".into(), kind.into(), serde_json::to_string(&point)?, connections.to_string()];
+                eprint!(
+                    "[{:>4.0}s] packet {done}/{total}: {kind}, {dim} = {v} … ",
+                    started.elapsed().as_secs_f64()
+                );
+                let args = [
+                    "worker-packet".into(),
+                    kind.into(),
+                    serde_json::to_string(&point)?,
+                    connections.to_string(),
+                ];
                 match worker::<PacketResult>(&args) {
                     Ok(r) => {
-                        eprintln!("p50 {:.0} µs, p99 {:.0} µs, {:.0} conn/s, {} failed", r.p50_us, r.p99_us, r.conns_per_sec, r.failures);
+                        eprintln!(
+                            "p50 {:.0} µs, p99 {:.0} µs, {:.0} conn/s, {} failed",
+                            r.p50_us, r.p99_us, r.conns_per_sec, r.failures
+                        );
                         dim_results.push(r);
                     }
                     Err(e) => eprintln!("FAILED: {e:#}"),
@@ -138,9 +212,23 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         results.packet.push((dim.to_owned(), dim_results));
     }
 
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
     std::fs::write(out.join("results.md"), markdown(&results))?;
     let files = charts(&results, &out)?;
+    let mut command = "cargo xtask bench".to_owned();
+    for a in args {
+        if a != "--out" && !a.contains('/') {
+            command.push(' ');
+            command.push_str(a);
+        }
+    }
+    std::fs::write(
+        out.join("README-performance.md"),
+        readme_section(&results, &command),
+    )?;
     eprintln!(
         "done in {:.0} s: {}/results.md, results.json and {} charts",
         started.elapsed().as_secs_f64(),

@@ -85,7 +85,9 @@ fn read_manifests(files: &[String]) -> anyhow::Result<Vec<Manifest>> {
 pub fn apply(args: &ApplyArgs, delete: bool) -> anyhow::Result<bool> {
     let manifests = read_manifests(&args.files)?;
     let cfg = etcd_config(&args.etcd, &args.etcd_ca, &args.etcd_cert, &args.etcd_key)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let changes = rt.block_on(async {
         let client = cfg
             .connect(&watcher::etcd::EtcdOptions::default())

@@ -74,7 +74,11 @@ impl DatastoreArgs {
     pub fn etcd(&self) -> anyhow::Result<watcher::etcd::EtcdConfig> {
         Ok(watcher::etcd::EtcdConfig::from_url(&self.datastore)
             .with_context(|| format!("--datastore {:?}", self.datastore))?
-            .with_tls(self.etcd_ca.clone(), self.etcd_cert.clone(), self.etcd_key.clone()))
+            .with_tls(
+                self.etcd_ca.clone(),
+                self.etcd_cert.clone(),
+                self.etcd_key.clone(),
+            ))
     }
 }
 
@@ -115,14 +119,15 @@ impl Programmer {
                     .context("opening the nf_tables netlink socket")?;
                 // Adopt what a previous run left: unchanged chains are not
                 // rewritten and keep their counters.
-                p.adopt().context("reading our tables back from the kernel")?;
+                p.adopt()
+                    .context("reading our tables back from the kernel")?;
                 Programmer::Nft(p)
             }
-            Backend::Iptables => Programmer::Iptables(
-                programmer::iptables::IptablesProgrammer::new(
+            Backend::Iptables => {
+                Programmer::Iptables(programmer::iptables::IptablesProgrammer::new(
                     args.iptables_backend.programmer_backend(),
-                ),
-            ),
+                ))
+            }
         })
     }
 
@@ -272,13 +277,18 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                                 if !removed_other {
                                     match programmer.remove_other(&worker_args) {
                                         Ok(()) => removed_other = true,
-                                        Err(e) => warn!("removing the other backend's state: {e:#}"),
+                                        Err(e) => {
+                                            warn!("removing the other backend's state: {e:#}")
+                                        }
                                     }
                                 }
                                 true
                             }
                             Err(e) => {
-                                error!(revision, "apply failed; the previous ruleset stays in force: {e:#}");
+                                error!(
+                                    revision,
+                                    "apply failed; the previous ruleset stays in force: {e:#}"
+                                );
                                 let _ = programmer.invalidate();
                                 false
                             }

@@ -49,7 +49,12 @@ pub struct DataplaneArgs {
     )]
     pub backend: Backend,
     /// Which iptables tools the iptables backend uses.
-    #[arg(long, env = "NFTPOLICY_IPTABLES_BACKEND", value_enum, default_value = "legacy")]
+    #[arg(
+        long,
+        env = "NFTPOLICY_IPTABLES_BACKEND",
+        value_enum,
+        default_value = "legacy"
+    )]
     pub iptables_backend: IptablesTools,
     /// This node's name (as in WorkloadEndpoint spec.node).
     #[arg(long, env = "NFTPOLICY_NODE")]

@@ -36,7 +36,13 @@ pub struct ExplainArgs {
 pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
     let (state, _) = load_datastore(&args.datastore)?;
     let (port, protocol) = match args.port.split_once('/') {
-        Some((p, proto)) => (p, proto.to_ascii_uppercase().parse::<Protocol>().map_err(|e| anyhow!("--port {:?}: {e}", args.port))?),
+        Some((p, proto)) => (
+            p,
+            proto
+                .to_ascii_uppercase()
+                .parse::<Protocol>()
+                .map_err(|e| anyhow!("--port {:?}: {e}", args.port))?,
+        ),
         None => (args.port.as_str(), Protocol::Tcp),
     };
     let port: u16 = port
@@ -60,19 +66,35 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
         "{} ({src}) -> {} ({dst}) {port}/{protocol}: {}",
         args.from,
         args.to,
-        if verdict.allowed() { "ALLOWED" } else { "DENIED" }
+        if verdict.allowed() {
+            "ALLOWED"
+        } else {
+            "DENIED"
+        }
     );
     for (v, who) in [(&verdict.egress, &args.from), (&verdict.ingress, &args.to)] {
         match v {
             Some(v) => print_direction(&state, v, who),
             None => println!(
                 "{:<7} {who}: not a workload endpoint, no policy applies",
-                if std::ptr::eq(v, &verdict.egress) { "egress" } else { "ingress" }
+                if std::ptr::eq(v, &verdict.egress) {
+                    "egress"
+                } else {
+                    "ingress"
+                }
             ),
         }
     }
     if args.kernel.kernel {
-        return crate::explain_kernel::run(&args.kernel, &state, &verdict, src, dst, protocol, port);
+        return crate::explain_kernel::run(
+            &args.kernel,
+            &state,
+            &verdict,
+            src,
+            dst,
+            protocol,
+            port,
+        );
     }
     Ok(verdict.allowed())
 }
@@ -107,5 +129,10 @@ fn resolve(state: &ClusterState, what: &str, ipv6: bool) -> anyhow::Result<IpAdd
         .iter()
         .map(|n| n.addr())
         .find(|ip| ip.is_ipv6() == ipv6)
-        .ok_or_else(|| anyhow!("pod {what} has no {} address", if ipv6 { "IPv6" } else { "IPv4" }))
+        .ok_or_else(|| {
+            anyhow!(
+                "pod {what} has no {} address",
+                if ipv6 { "IPv6" } else { "IPv4" }
+            )
+        })
 }

@@ -33,7 +33,12 @@ pub struct KernelArgs {
     #[arg(long, env = "NFTPOLICY_NODE")]
     pub node: Option<String>,
     /// The node's dataplane; kernel tracing needs nftables.
-    #[arg(long, env = "NFTPOLICY_BACKEND", value_enum, default_value = "nftables")]
+    #[arg(
+        long,
+        env = "NFTPOLICY_BACKEND",
+        value_enum,
+        default_value = "nftables"
+    )]
     pub backend: Backend,
 }
 
@@ -126,7 +131,11 @@ pub fn chain_list(events: &[&TraceEvent]) -> Vec<String> {
 
 /// The model's walk on this node: egress then ingress (a packet denied on
 /// egress never reaches ingress), only for endpoints on `node` if given.
-fn model_path(state: &ClusterState, verdict: &Verdict, node: Option<&str>) -> (Vec<String>, &'static str) {
+fn model_path(
+    state: &ClusterState,
+    verdict: &Verdict,
+    node: Option<&str>,
+) -> (Vec<String>, &'static str) {
     let mut chains = Vec::new();
     for v in [&verdict.egress, &verdict.ingress].into_iter().flatten() {
         if !is_local(state, v, node) {

@@ -29,7 +29,10 @@ pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> anyhow::Resu
                     if age <= LIVENESS_WINDOW_SECS {
                         (StatusCode::OK, "live\n".to_owned())
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, format!("main loop stalled for {age}s\n"))
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("main loop stalled for {age}s\n"),
+                        )
                     }
                 }
             }),

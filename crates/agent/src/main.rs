@@ -8,11 +8,11 @@ use clap::{Parser, Subcommand};
 mod check;
 mod controller;
 mod daemon;
-mod http;
-mod metrics;
 mod dataplane;
 mod explain;
 mod explain_kernel;
+mod http;
+mod metrics;
 mod render;
 mod sync;
 
@@ -24,7 +24,13 @@ mod sync;
 )]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, env = "NFTPOLICY_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "NFTPOLICY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     log_format: LogFormat,
     /// Log filter (tracing's env-filter syntax), e.g. `info`, `programmer=debug`.
     #[arg(long, global = true, env = "NFTPOLICY_LOG", default_value = "info")]

@@ -118,14 +118,20 @@ impl Metrics {
         after: &programmer::iptables::Stats,
     ) {
         let d = |a: u64, b: u64| b.saturating_sub(a);
-        self.iptables_restore_calls
-            .inc_by(d(before.iptables_restore_calls, after.iptables_restore_calls));
-        self.iptables_restore_errors
-            .inc_by(d(before.iptables_restore_errors, after.iptables_restore_errors));
+        self.iptables_restore_calls.inc_by(d(
+            before.iptables_restore_calls,
+            after.iptables_restore_calls,
+        ));
+        self.iptables_restore_errors.inc_by(d(
+            before.iptables_restore_errors,
+            after.iptables_restore_errors,
+        ));
         self.iptables_save_calls
             .inc_by(d(before.iptables_save_calls, after.iptables_save_calls));
-        self.ipset_calls.inc_by(d(before.ipset_calls, after.ipset_calls));
-        self.ipset_errors.inc_by(d(before.ipset_errors, after.ipset_errors));
+        self.ipset_calls
+            .inc_by(d(before.ipset_calls, after.ipset_calls));
+        self.ipset_errors
+            .inc_by(d(before.ipset_errors, after.ipset_errors));
     }
 
     pub fn render(&self) -> String {

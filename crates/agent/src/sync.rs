@@ -43,9 +43,16 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
                 programmer::NftProgrammer::new().context("opening the nf_tables netlink socket")?;
             // Start from what the kernel holds, so the transaction is a diff
             // and unchanged chains keep their counters.
-            nft.adopt().context("reading our tables back from the kernel")?;
-            let report = nft.apply(&ruleset).context("programming the nftables ruleset")?;
-            info!(messages = report.messages, bytes = report.bytes, "{summary}: nftables programmed");
+            nft.adopt()
+                .context("reading our tables back from the kernel")?;
+            let report = nft
+                .apply(&ruleset)
+                .context("programming the nftables ruleset")?;
+            info!(
+                messages = report.messages,
+                bytes = report.bytes,
+                "{summary}: nftables programmed"
+            );
             // Only now that nftables enforces, remove the other backend's state.
             remove_iptables(&args.dataplane)?;
         }
@@ -54,7 +61,9 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
             let mut ipt = programmer::iptables::IptablesProgrammer::new(
                 args.dataplane.iptables_backend.programmer_backend(),
             );
-            let report = ipt.apply(&rendered).context("programming the iptables ruleset")?;
+            let report = ipt
+                .apply(&rendered)
+                .context("programming the iptables ruleset")?;
             info!(
                 chains_written = report.chains_written.len(),
                 sets_created = report.sets_created.len(),
@@ -64,7 +73,8 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
             );
             let mut nft =
                 programmer::NftProgrammer::new().context("opening the nf_tables netlink socket")?;
-            nft.remove_all().context("removing the nftables backend's tables")?;
+            nft.remove_all()
+                .context("removing the nftables backend's tables")?;
         }
     }
     Ok(skipped == 0 && logical.rejected.is_empty())

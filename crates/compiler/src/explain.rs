@@ -6,7 +6,9 @@ use model::calico::PolicyType;
 use model::semantics::{Decision, EndpointVerdict};
 use model::state::ClusterState;
 
-use crate::logical::{policy_chain, profile_chain, CHAIN_FORWARD, CHAIN_FROM_WL_DISPATCH, CHAIN_TO_WL_DISPATCH};
+use crate::logical::{
+    policy_chain, profile_chain, CHAIN_FORWARD, CHAIN_FROM_WL_DISPATCH, CHAIN_TO_WL_DISPATCH,
+};
 
 /// One direction's walk through the chains.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! members, and the mark bits. Backend-neutral: the nftables and iptables
 //! renderings are both derived from this.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use base64::Engine;
@@ -305,10 +305,12 @@ pub fn compile(
     let marks = MarkBits::from_mask(opts.mark_mask)?;
     let (policies, rejected) = state.resolved_policies();
     let nets = state.labelled_nets();
+    let index = LabelIndex::new(&nets);
     let mut b = Builder {
         marks,
         log_denied: opts.log_denied,
         nets: &nets,
+        index,
         chains: BTreeMap::new(),
         ip_sets: BTreeMap::new(),
     };
@@ -382,9 +384,14 @@ pub fn compile(
                 // Profiles are global: no namespace scoping of their selectors.
                 match ResolvedRule::new(rule, None) {
                     Ok(r) => {
-                        let logical = b.calico_rule(&r, &format!("profile {name} {dir:?} rule {i}"));
+                        let logical =
+                            b.calico_rule(&r, &format!("profile {name} {dir:?} rule {i}"));
                         let prefix = format!("profile {name} {} rule {i}", dir_word(dir));
-                        out.extend(logical.into_iter().flat_map(|l| b.with_deny_log(l, &prefix)));
+                        out.extend(
+                            logical
+                                .into_iter()
+                                .flat_map(|l| b.with_deny_log(l, &prefix)),
+                        );
                     }
                     Err(e) => {
                         // Fail closed: a profile rule we cannot read drops.
@@ -419,10 +426,58 @@ pub fn compile(
     })
 }
 
+/// (label, value) → positions in the labelled nets carrying it, so that a
+/// selector with an equality (or `in`) conjunct is evaluated only on the
+/// candidates that can match instead of on every endpoint in the cluster.
+struct LabelIndex<'a> {
+    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
+}
+
+impl<'a> LabelIndex<'a> {
+    fn new(nets: &'a [LabelledNets<'a>]) -> Self {
+        let mut by_label: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for (i, n) in nets.iter().enumerate() {
+            for (k, v) in &n.labels {
+                by_label
+                    .entry((k.as_str(), v.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+        }
+        LabelIndex { by_label }
+    }
+
+    /// Positions that may match `sel` (a superset), or `None` for "all".
+    fn candidates(&self, sel: &Selector) -> Option<Vec<usize>> {
+        let mut best: Option<Vec<usize>> = None;
+        for (label, values) in sel.required_labels() {
+            let mut c: Vec<usize> = values
+                .iter()
+                .flat_map(|v| {
+                    self.by_label
+                        .get(&(label, *v))
+                        .into_iter()
+                        .flatten()
+                        .copied()
+                })
+                .collect();
+            if values.len() > 1 {
+                c.sort_unstable();
+                c.dedup();
+            }
+            if best.as_ref().is_none_or(|b| c.len() < b.len()) {
+                best = Some(c);
+            }
+        }
+        best
+    }
+}
+
 struct Builder<'a> {
     marks: MarkBits,
     log_denied: Option<LogDenied>,
     nets: &'a [LabelledNets<'a>],
+    index: LabelIndex<'a>,
     chains: BTreeMap<String, LChain>,
     ip_sets: BTreeMap<String, IpSet>,
 }
@@ -528,7 +583,11 @@ impl Builder<'_> {
             let what = format!("Policy {} {} rule {i}", p.id, dir_word(dir));
             let logical = self.calico_rule(r, &what);
             let prefix = format!("{} {} rule {i}", p.id, dir_word(dir));
-            rules.extend(logical.into_iter().flat_map(|l| self.with_deny_log(l, &prefix)));
+            rules.extend(
+                logical
+                    .into_iter()
+                    .flat_map(|l| self.with_deny_log(l, &prefix)),
+            );
         }
         rules.push(rule(
             vec![],
@@ -612,7 +671,11 @@ impl Builder<'_> {
         if !self.ip_sets.contains_key(&id) {
             let mut v4 = Vec::new();
             let mut v6 = Vec::new();
-            for n in self.nets {
+            let candidates: Vec<&LabelledNets> = match self.index.candidates(sel) {
+                Some(c) => c.into_iter().map(|i| &self.nets[i]).collect(),
+                None => self.nets.iter().collect(),
+            };
+            for n in candidates {
                 if sel.matches(&n.labels) {
                     for net in n.nets {
                         match net {

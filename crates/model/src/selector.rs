@@ -207,6 +207,32 @@ pub struct SelectorError {
 }
 
 impl Selector {
+    /// Labels every match must carry, with the values allowed: the
+    /// top-level `k == "v"` and `k in {…}` conjuncts. A consumer can use
+    /// them to look candidates up in a label index instead of evaluating
+    /// the selector against everything; the selector must still be
+    /// evaluated on the candidates. Empty when there is no such conjunct.
+    #[must_use]
+    pub fn required_labels(&self) -> Vec<(&str, Vec<&str>)> {
+        fn term(e: &Expr) -> Option<(&str, Vec<&str>)> {
+            match e {
+                Expr::Compare {
+                    label,
+                    op: CompareOp::Eq,
+                    value,
+                } => Some((label.as_str(), vec![value.as_str()])),
+                Expr::In { label, values } => {
+                    Some((label.as_str(), values.iter().map(String::as_str).collect()))
+                }
+                _ => None,
+            }
+        }
+        match &self.root {
+            Expr::And(operands) => operands.iter().filter_map(term).collect(),
+            other => term(other).into_iter().collect(),
+        }
+    }
+
     /// Parses selector text; empty or whitespace-only text is [`Selector::all`].
     ///
     /// # Errors

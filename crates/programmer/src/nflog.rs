@@ -159,14 +159,16 @@ impl NflogListener {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if !poll_readable(&self.fd, left)? {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "no ACK from nfnetlink_log"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no ACK from nfnetlink_log",
+                ));
             }
             let n = self.recv()?;
             for (t, _, _) in messages(&self.rx[..n]) {
                 if t == NLMSG_ERROR {
                     // nlmsgerr: the errno right after the 16-byte header.
-                    let errno =
-                        i32::from_ne_bytes(self.rx[16..20].try_into().expect("4 bytes"));
+                    let errno = i32::from_ne_bytes(self.rx[16..20].try_into().expect("4 bytes"));
                     return if errno == 0 {
                         Ok(())
                     } else {
@@ -241,7 +243,10 @@ fn decode_record(family: u8, attrs: &[u8]) -> NflogRecord {
         out_ifindex: None,
         payload: Vec::new(),
     };
-    let be_u32 = |v: &[u8]| v.get(..4).map(|b| u32::from_be_bytes(b.try_into().unwrap()));
+    let be_u32 = |v: &[u8]| {
+        v.get(..4)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+    };
     for (t, v) in AttrIter::new(attrs) {
         match t {
             NFULA_PREFIX => {

@@ -35,7 +35,7 @@ pub const TRACE_PRIORITY: i32 = -300;
 const SOL_NETLINK: i32 = 270;
 const NETLINK_ADD_MEMBERSHIP: i32 = 1;
 const NFNLGRP_NFTRACE: i32 = 9;
-const NFT_MSG_TRACE: u8 = 25;
+const NFT_MSG_TRACE: u8 = 17;
 
 // nf_tables.h `enum nft_trace_attributes`
 const NFTA_TRACE_TABLE: u16 = 1;
@@ -488,7 +488,9 @@ fn decode_trace(family: u8, attrs: &[u8]) -> Option<TraceEvent> {
             NFTA_TRACE_TABLE => e.table = c_str(v),
             NFTA_TRACE_CHAIN => e.chain = c_str(v),
             NFTA_TRACE_RULE_HANDLE => {
-                e.rule_handle = v.get(..8).map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+                e.rule_handle = v
+                    .get(..8)
+                    .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
             }
             NFTA_TRACE_TYPE => kind = be_u32(v),
             NFTA_TRACE_ID => id = be_u32(v),

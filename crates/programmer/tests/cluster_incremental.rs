@@ -40,27 +40,42 @@ const OTHER_POLICY: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolic
 fn thousand_pod_cluster_updates_are_minimal() {
     let _ns = Netns::enter("clusterinc").unwrap();
     let mut state = ClusterState::new();
-    add(&mut state, "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n");
+    add(
+        &mut state,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n",
+    );
     for i in 0..1000 {
-        add(&mut state, &pod(i, ["web", "client", "db", "batch"][i as usize % 4]));
+        add(
+            &mut state,
+            &pod(i, ["web", "client", "db", "batch"][i as usize % 4]),
+        );
     }
     add(&mut state, &policy(80));
     add(&mut state, OTHER_POLICY);
     let opts = CompileOptions::new("node1");
     let mut p = NftProgrammer::new().unwrap();
-    let first = p.apply(&compile_nftables(&state, &opts).unwrap().1).unwrap();
+    let first = p
+        .apply(&compile_nftables(&state, &opts).unwrap().1)
+        .unwrap();
     assert!(first.messages > 100, "{first:?}");
 
     // A remote pod joins the `app == client` selector.
     add(&mut state, &pod(1001, "client"));
-    let report = p.apply(&compile_nftables(&state, &opts).unwrap().1).unwrap();
+    let report = p
+        .apply(&compile_nftables(&state, &opts).unwrap().1)
+        .unwrap();
     let kinds: Vec<&str> = report.kinds.keys().copied().collect();
     assert_eq!(kinds, ["NEWSETELEM"], "only set elements: {report:?}");
-    assert_eq!(report.messages, 1, "one message: the pod is IPv4-only: {report:?}");
+    assert_eq!(
+        report.messages, 1,
+        "one message: the pod is IPv4-only: {report:?}"
+    );
 
     // One policy changes: only its chain is rewritten.
     add(&mut state, &policy(8080));
-    let report = p.apply(&compile_nftables(&state, &opts).unwrap().1).unwrap();
+    let report = p
+        .apply(&compile_nftables(&state, &opts).unwrap().1)
+        .unwrap();
     let want: BTreeMap<&str, usize> = [("DELRULE", 2), ("NEWRULE", 4)].into_iter().collect();
     assert_eq!(report.kinds, want, "{report:?}");
     let changed = p.plan(&compile_nftables(&state, &opts).unwrap().1).unwrap();
