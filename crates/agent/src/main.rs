@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check;
+mod config;
 mod controller;
 mod daemon;
 mod dataplane;
@@ -23,6 +24,10 @@ mod sync;
     about = "Kubernetes NetworkPolicy enforcement with nftables"
 )]
 struct Cli {
+    /// A YAML file of flag values (`backend: nftables`, `resync-interval: 90`,
+    /// …); flags and NFTPOLICY_* variables take precedence over it.
+    #[arg(long, global = true, env = "NFTPOLICY_CONFIG")]
+    config: Option<std::path::PathBuf>,
     /// Log format on stderr.
     #[arg(
         long,
@@ -89,6 +94,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let Err(e) = config::apply(&args) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     let ok = match cli.command {
