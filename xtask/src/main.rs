@@ -293,17 +293,20 @@ fn test() -> anyhow::Result<bool> {
                 paths: default_scenario_paths(),
             })
         }),
-        ("e2e over etcd with nftpolicy run agents, nftables backend", &|| {
-            e2e(&E2eArgs {
-                backend: BackendChoice::Nftables,
-                no_program: false,
-                probe_timeout_ms: 1500,
-                datastore: DatastoreChoice::Etcd,
-                fuzz: None,
-                seed: None,
-                paths: default_scenario_paths(),
-            })
-        }),
+        (
+            "e2e over etcd with nftpolicy run agents, nftables backend",
+            &|| {
+                e2e(&E2eArgs {
+                    backend: BackendChoice::Nftables,
+                    no_program: false,
+                    probe_timeout_ms: 1500,
+                    datastore: DatastoreChoice::Etcd,
+                    fuzz: None,
+                    seed: None,
+                    paths: default_scenario_paths(),
+                })
+            },
+        ),
         ("fuzz: 200 cases, seed 1", &|| {
             e2e(&E2eArgs {
                 backend: BackendChoice::Both,

@@ -34,7 +34,10 @@ pub fn config_path(args: &[String]) -> Option<String> {
 /// The environment variable a config key stands for: `resync-interval` →
 /// `NFTPOLICY_RESYNC_INTERVAL`.
 pub fn env_name(key: &str) -> String {
-    format!("NFTPOLICY_{}", key.replace(['-', '.'], "_").to_ascii_uppercase())
+    format!(
+        "NFTPOLICY_{}",
+        key.replace(['-', '.'], "_").to_ascii_uppercase()
+    )
 }
 
 /// Reads the file and returns (variable, value) for every key.
@@ -88,7 +91,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("nftpolicy-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("c.yaml");
-        std::fs::write(&f, "backend: iptables\nresync-interval: 30\nlog-denied: true\n").unwrap();
+        std::fs::write(
+            &f,
+            "backend: iptables\nresync-interval: 30\nlog-denied: true\n",
+        )
+        .unwrap();
         let got = read(&f).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(

@@ -1490,11 +1490,14 @@ fn dockerfile_builds_the_package_and_binary_the_tests_use() {
     assert!(args.contains(&"--locked"), "cargo build {args:?}: --locked");
     assert_eq!(
         value_of(&["-p", "--package"]),
-        [pkg.name.clone()],
+        std::slice::from_ref(&pkg.name),
         "the package"
     );
     let bins = value_of(&["--bin"]);
-    assert!(bins.is_empty() || bins == [bin.clone()], "--bin {bins:?}");
+    assert!(
+        bins.is_empty() || bins == std::slice::from_ref(bin),
+        "--bin {bins:?}"
+    );
     assert!(
         run.contains(&format!("target/release/{bin}")),
         "the build step takes target/release/{bin}"
@@ -1559,6 +1562,64 @@ fn dockerfile_copies_the_whole_workspace() {
             ".dockerignore excludes {p}, which the build copies"
         );
     }
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        if from.file_name().is_some_and(|n| n == "target") {
+            return; // .dockerignore keeps build output out of the context
+        }
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        }
+    } else {
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    }
+}
+
+/// What `docker build` would see: only the paths the Dockerfile copies.
+/// Cargo must load that as a workspace and resolve it with `--locked`
+/// (a stale Cargo.lock or a member missing from the COPY lines fails the
+/// image build). Offline: the test's own build already fetched everything.
+#[test]
+fn dockerfile_build_context_resolves_with_the_lock_file() {
+    let root = workspace();
+    let ctx = TempDir::new("docker-context");
+    for stage in dockerfile() {
+        for (srcs, _, from) in stage.copies() {
+            if from.is_some() {
+                continue;
+            }
+            for src in srcs {
+                let src = src.trim_end_matches('/');
+                copy_tree(&root.join(src), &ctx.0.join(src));
+            }
+        }
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let pkg = agent_package();
+    let out = Command::new(cargo)
+        .args([
+            "tree",
+            "--locked",
+            "--offline",
+            "-e",
+            "normal",
+            "--depth",
+            "0",
+        ])
+        .args(["-p", &pkg.name])
+        .current_dir(&ctx.0)
+        .env("CARGO_TARGET_DIR", ctx.0.join("target"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the Dockerfile's build context does not resolve with --locked: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
