@@ -57,7 +57,7 @@ pub struct DataplaneArgs {
     )]
     pub iptables_backend: IptablesTools,
     /// This node's name (as in WorkloadEndpoint spec.node).
-    #[arg(long, env = "NFTPOLICY_NODE")]
+    #[arg(long, env = "NFTPOLICY_NODE", value_parser = non_empty)]
     pub node: String,
     /// Packet-mark bits nftpolicy may use (accept, pass, scratch0, scratch1
     /// are taken lowest-first).
@@ -82,6 +82,14 @@ pub struct DataplaneArgs {
     /// At most this many `--log-denied` records per second per rule.
     #[arg(long, env = "NFTPOLICY_LOG_RATE", default_value_t = 10)]
     pub log_rate: u32,
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_owned())
+    }
 }
 
 fn parse_mask(s: &str) -> Result<u32, String> {
@@ -121,6 +129,16 @@ pub fn load_datastore(url: &str) -> anyhow::Result<(ClusterState, usize)> {
 }
 
 pub fn load_files(paths: &[PathBuf]) -> anyhow::Result<(ClusterState, usize)> {
+    // A datastore that cannot be read must never look like an empty
+    // cluster: that would program a ruleset without any policy.
+    for p in paths {
+        if !p.exists() {
+            bail!(
+                "datastore {}: no such file or directory; the dataplane is left as it is",
+                p.display()
+            );
+        }
+    }
     let loaded = watcher::files::load(paths).context("reading manifests")?;
     for e in &loaded.errors {
         eprintln!("error: skipped: {e}");

@@ -153,3 +153,25 @@ fn a_missing_path_is_an_error() {
         "{out}"
     );
 }
+
+#[test]
+fn an_unreadable_datastore_or_empty_node_is_refused() {
+    let out = nftpolicy()
+        .args(["render", "--node", "node1", "/nonexistent/manifests"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("/nonexistent/manifests: no such file or directory"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "no ruleset is printed");
+    let out = nftpolicy()
+        .args(["render", "--node", "", "/tmp"])
+        .env_remove("NFTPOLICY_NODE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must not be empty"));
+}
