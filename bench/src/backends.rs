@@ -1,15 +1,16 @@
 //! The three dataplanes measured side by side, behind one interface: apply
 //! a cluster state (compile included) and count what the kernel holds.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
-use compiler::nft::{Ruleset, SetElement, Table};
+use compiler::nft::{ElementDelta, Ruleset, SetElement, Table};
 use compiler::render_iptables::IptablesRulesets;
-use compiler::{compile_iptables, compile_nftables, CompileOptions};
+use compiler::{CompileOptions, IncrementalCompiler, Outcome};
+use model::calico::{Resource, ResourceKey};
 use model::state::ClusterState;
 use programmer::iptables::{Backend as IptBackend, IptablesProgrammer};
 use programmer::NftProgrammer;
@@ -26,10 +27,16 @@ pub struct Size {
     pub set_elements: usize,
 }
 
+/// Resources changed since the last apply, with their values before.
+pub type Changes = BTreeMap<ResourceKey, Option<Resource>>;
+
 pub trait Dataplane {
-    /// Compiles `state` and makes the kernel hold it; returns after the
-    /// kernel's ack (netlink) or the tool's exit (command lines).
-    fn apply(&mut self, state: &ClusterState) -> anyhow::Result<()>;
+    /// Compiles `state` (incrementally: `changes` says what changed since
+    /// the last apply) and makes the kernel hold it; returns after the
+    /// kernel's ack (netlink) or the tool's exit (command lines). All three
+    /// use the same incremental compiler, so they differ only in how the
+    /// result reaches the kernel.
+    fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()>;
     fn size(&self) -> Size;
 }
 
@@ -38,22 +45,24 @@ pub fn open(kind: &str, node: &str) -> anyhow::Result<Box<dyn Dataplane>> {
     Ok(match kind {
         "nft-netlink" => Box::new(NftNetlink {
             programmer: NftProgrammer::new()?,
-            opts,
+            compiler: IncrementalCompiler::new(opts),
+        }),
+        "nft-cli" => Box::new(NftCli {
+            compiler: IncrementalCompiler::new(opts),
             last: None,
         }),
-        "nft-cli" => Box::new(NftCli { opts, last: None }),
         "iptables" => Box::new(Iptables {
             programmer: IptablesProgrammer::new(IptBackend::Legacy),
-            opts,
+            compiler: IncrementalCompiler::new(opts),
             last: None,
         }),
         other => bail!("unknown backend {other:?}"),
     })
 }
 
-fn nft_size(rs: &Option<Ruleset>) -> Size {
+fn nft_size(rs: &Ruleset) -> Size {
     let mut s = Size::default();
-    for t in rs.iter().flat_map(|r| &r.tables) {
+    for t in &rs.tables {
         s.chains += t.chains.len();
         s.rules += t.chains.values().map(|c| c.rules.len()).sum::<usize>();
         s.sets += t.sets.len() + t.maps.len();
@@ -65,19 +74,19 @@ fn nft_size(rs: &Option<Ruleset>) -> Size {
 
 struct NftNetlink {
     programmer: NftProgrammer,
-    opts: CompileOptions,
-    last: Option<Ruleset>,
+    compiler: IncrementalCompiler,
 }
 
 impl Dataplane for NftNetlink {
-    fn apply(&mut self, state: &ClusterState) -> anyhow::Result<()> {
-        let (_, rs) = compile_nftables(state, &self.opts)?;
-        self.programmer.apply(&rs)?;
-        self.last = Some(rs);
+    fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()> {
+        match self.compiler.update(state, changes)? {
+            Outcome::Elements(delta) => self.programmer.apply_elements(&delta)?,
+            Outcome::Rebuilt => self.programmer.apply(self.compiler.ruleset())?,
+        };
         Ok(())
     }
     fn size(&self) -> Size {
-        nft_size(&self.last)
+        nft_size(self.compiler.ruleset())
     }
 }
 
@@ -85,26 +94,63 @@ impl Dataplane for NftNetlink {
 /// whole file once, then per transaction flush and re-add changed chains
 /// and add/delete set elements, one `nft` process each.
 struct NftCli {
-    opts: CompileOptions,
+    compiler: IncrementalCompiler,
+    /// What the kernel holds (nft's own cache, as knftables keeps one).
     last: Option<Ruleset>,
 }
 
 impl Dataplane for NftCli {
-    fn apply(&mut self, state: &ClusterState) -> anyhow::Result<()> {
-        let (_, rs) = compile_nftables(state, &self.opts)?;
-        let script = match &self.last {
-            None => compiler::render_nft::render(&rs),
-            Some(old) => diff_script(old, &rs),
+    fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()> {
+        let outcome = self.compiler.update(state, changes)?;
+        let new = self.compiler.ruleset();
+        let script = match (&mut self.last, &outcome) {
+            (Some(last), Outcome::Elements(delta)) => {
+                delta.apply_to(last);
+                delta_script(delta)
+            }
+            (Some(old), Outcome::Rebuilt) => diff_script(old, new),
+            (None, _) => compiler::render_nft::render(new),
         };
         if !script.trim().is_empty() {
             run_nft(&script)?;
         }
-        self.last = Some(rs);
+        if matches!(outcome, Outcome::Rebuilt) || self.last.is_none() {
+            self.last = Some(new.clone());
+        }
         Ok(())
     }
     fn size(&self) -> Size {
-        nft_size(&self.last)
+        nft_size(self.compiler.ruleset())
     }
+}
+
+/// `delete element` / `add element` lines for a member-only change, the
+/// way felix's nftables mode updates set members.
+pub fn delta_script(delta: &ElementDelta) -> String {
+    let mut out = String::new();
+    let mut adds = String::new();
+    for d in &delta.sets {
+        let fam = d.family.keyword();
+        let table = compiler::nft::TABLE_NAME;
+        let list = |v: &[SetElement]| v.iter().map(element_text).collect::<Vec<_>>().join(", ");
+        if !d.remove.is_empty() {
+            let _ = writeln!(
+                out,
+                "delete element {fam} {table} {} {{ {} }}",
+                d.set,
+                list(&d.remove)
+            );
+        }
+        if !d.add.is_empty() {
+            let _ = writeln!(
+                adds,
+                "add element {fam} {table} {} {{ {} }}",
+                d.set,
+                list(&d.add)
+            );
+        }
+    }
+    out + &adds
 }
 
 fn run_nft(script: &str) -> anyhow::Result<()> {
@@ -258,13 +304,18 @@ fn diff_table(o: &Table, t: &Table, out: &mut String) {
 
 struct Iptables {
     programmer: IptablesProgrammer,
-    opts: CompileOptions,
+    compiler: IncrementalCompiler,
     last: Option<IptablesRulesets>,
 }
 
 impl Dataplane for Iptables {
-    fn apply(&mut self, state: &ClusterState) -> anyhow::Result<()> {
-        let (_, rs) = compile_iptables(state, &self.opts)?;
+    /// Our iptables mode: render the (incrementally compiled) logical
+    /// ruleset and let the programmer send only the changed chains and
+    /// ipset members through iptables-restore / ipset restore.
+    fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()> {
+        self.compiler.update(state, changes)?;
+        let logical = self.compiler.logical().expect("updated");
+        let rs = compiler::render_iptables::to_iptables(logical);
         self.programmer.apply(&rs)?;
         self.last = Some(rs);
         Ok(())

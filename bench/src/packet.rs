@@ -252,7 +252,7 @@ pub fn packet_worker(
         Some(crate::backends::open(backend, NODE_UNDER_TEST)?)
     };
     if let Some(dp) = &mut dp {
-        dp.apply(&state)?;
+        dp.apply(&state, &Default::default())?;
     }
 
     let server_ns = pods[1].name().to_owned();

@@ -114,6 +114,39 @@ impl Agents {
         Ok(agents)
     }
 
+    /// Like [`Agents::start`], but every agent reads the file datastore
+    /// `--datastore file:<dir>` (the lab's files are on the shared
+    /// filesystem, so no relay is needed). Their `applied_revision` counts
+    /// the datastore's re-reads since each agent started.
+    pub fn start_file(
+        lab: &Lab,
+        dir: &Path,
+        nftpolicy: &Path,
+        backend: &str,
+        extra_args: &[String],
+    ) -> Result<Agents, LabError> {
+        let mut agents = Agents {
+            agents: Vec::new(),
+            nftpolicy: nftpolicy.to_owned(),
+            backend: backend.to_owned(),
+            extra_args: extra_args.to_vec(),
+            etcd_url: format!("file:{}", dir.display()),
+            relays: None,
+        };
+        for node in &lab.nodes {
+            agents.agents.push(Agent {
+                node: node.name.clone(),
+                netns_path: node.netns.path(),
+                child: None,
+                log: lab.workdir().join(format!("agent-{}.log", node.name)),
+            });
+        }
+        for i in 0..agents.agents.len() {
+            agents.spawn(i)?;
+        }
+        Ok(agents)
+    }
+
     /// Listens on 127.0.0.1:`port` inside the namespace at `netns_path` and
     /// carries every connection to the host's 127.0.0.1:`port`.
     fn relay(&self, netns_path: &Path, port: u16) -> Result<(), LabError> {

@@ -26,6 +26,22 @@ pub struct EtcdServer {
     child: Child,
     dir: tempfile::TempDir,
     client_port: u16,
+    /// Set by [`EtcdServer::start_tls`].
+    tls: Option<EtcdTls>,
+}
+
+/// The files of an etcd that serves clients over TLS only and requires a
+/// client certificate (made with the `openssl` command, in etcd's data
+/// directory). The lab itself reads the revision over a second, plain
+/// listener on 127.0.0.1 ([`EtcdTls::plain_port`]) that the nodes never see.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub plain_port: u16,
 }
 
 fn etcd_binary() -> Result<PathBuf, LabError> {
@@ -53,6 +69,17 @@ pub(crate) fn free_port() -> Result<u16, LabError> {
 impl EtcdServer {
     /// Starts etcd and waits until it answers.
     pub fn start() -> Result<EtcdServer, LabError> {
+        Self::start_with(false)
+    }
+
+    /// Starts etcd serving clients over TLS with client certificates
+    /// (`--client-cert-auth`), with a fresh CA, a server certificate for
+    /// 127.0.0.1 and a client certificate: see [`EtcdServer::tls`].
+    pub fn start_tls() -> Result<EtcdServer, LabError> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Result<EtcdServer, LabError> {
         let binary = etcd_binary()?;
         let base = if Path::new("/dev/shm").is_dir() {
             PathBuf::from("/dev/shm")
@@ -74,12 +101,29 @@ impl EtcdServer {
             let log2 = log
                 .try_clone()
                 .map_err(|e| LabError::io(log_path.display().to_string(), e))?;
-            let client = format!("http://127.0.0.1:{client_port}");
+            let tls = if tls {
+                Some(crate::etcd_tls::generate(dir.path(), free_port()?)?)
+            } else {
+                None
+            };
+            let (client, listen) = match &tls {
+                Some(t) => (
+                    format!("https://127.0.0.1:{client_port}"),
+                    format!(
+                        "https://127.0.0.1:{client_port},http://127.0.0.1:{}",
+                        t.plain_port
+                    ),
+                ),
+                None => {
+                    let url = format!("http://127.0.0.1:{client_port}");
+                    (url.clone(), url)
+                }
+            };
             let peer = format!("http://127.0.0.1:{peer_port}");
             let mut cmd = Command::new(&binary);
             cmd.args(["--name", "nplab", "--data-dir"])
                 .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &client])
+                .args(["--listen-client-urls", &listen])
                 .args(["--advertise-client-urls", &client])
                 .args(["--listen-peer-urls", &peer])
                 .args(["--initial-advertise-peer-urls", &peer])
@@ -89,6 +133,15 @@ impl EtcdServer {
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log2);
+            if let Some(t) = &tls {
+                cmd.arg("--cert-file")
+                    .arg(&t.server_cert)
+                    .arg("--key-file")
+                    .arg(&t.server_key)
+                    .arg("--trusted-ca-file")
+                    .arg(&t.ca)
+                    .arg("--client-cert-auth");
+            }
             set_parent_death_signal(&mut cmd);
             let child = cmd
                 .spawn()
@@ -97,6 +150,7 @@ impl EtcdServer {
                 child,
                 dir,
                 client_port,
+                tls,
             };
             match server.wait_ready() {
                 Ok(()) => {
@@ -114,9 +168,15 @@ impl EtcdServer {
         self.client_port
     }
 
-    /// `etcd://127.0.0.1:<port>`, as `nftpolicy` takes it.
+    /// `etcd://127.0.0.1:<port>` (`https://…` with TLS), as `nftpolicy` takes it.
     pub fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "etcd" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The TLS files, for an etcd from [`EtcdServer::start_tls`].
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
     }
 
     /// What etcd wrote to its log.
@@ -128,7 +188,8 @@ impl EtcdServer {
     pub fn revision(&self) -> Result<i64, LabError> {
         // A range over a key nobody writes; only the header matters.
         let body = r#"{"key":"bnBsYWItcmV2aXNpb24="}"#;
-        let stream = TcpStream::connect(("127.0.0.1", self.client_port))
+        let port = self.tls.as_ref().map_or(self.client_port, |t| t.plain_port);
+        let stream = TcpStream::connect(("127.0.0.1", port))
             .map_err(|e| LabError::io("connecting to etcd", e))?;
         let (status, text) = crate::agents::http(stream, "POST", "/v3/kv/range", Some(body))
             .map_err(|e| LabError::io("reading etcd's revision", e))?;

@@ -22,6 +22,7 @@
 pub mod agents;
 mod e2e;
 pub mod etcd;
+mod etcd_tls;
 pub mod generate;
 mod lab;
 pub mod netns;

@@ -6,29 +6,23 @@
 //! `nftpolicy_programming_latency_seconds` histogram (the part those
 //! changes added) gives p50 and p99 estimates.
 //!
-//! The cluster: 10 namespaces, `pods` pods (100 of them on this node, the
-//! rest on 20 other nodes), 5 policies per namespace selecting `app=app-<k>`
-//! pods and allowing ingress from `role=frontend` pods of the namespace. The
-//! changing pod is a remote one whose `role` flips between frontend and
+//! The cluster is [`crate::cluster`]'s: 10 namespaces, `pods` pods (100 of
+//! them on this node, the rest on 20 other nodes), 5 policies per namespace
+//! selecting `app=app-<k>` pods and allowing ingress from `role=frontend`
+//! pods of the namespace. The changing pod is a remote one whose `role` flips between frontend and
 //! backend, so each change moves an address in or out of a source set.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use lab::agents::{nftpolicy_etcd, Agents};
 use lab::{EtcdServer, Lab};
 
-const NAMESPACES: usize = 10;
-const POLICIES_PER_NAMESPACE: usize = 5;
-const LOCAL_PODS: usize = 100;
-const OTHER_NODES: usize = 20;
-const NODE: &str = "node1";
+use crate::cluster::{cluster_yaml, histogram, pod_yaml, LATENCY_METRIC, NODE};
+
 /// How long the agent may take to apply the whole cluster, or one change.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
-const METRIC: &str = "nftpolicy_programming_latency_seconds";
 
 #[derive(clap::Args)]
 pub struct LatencyArgs {
@@ -86,7 +80,7 @@ fn measure(nftpolicy: &Path, pods: usize, changes: usize) -> anyhow::Result<Meas
     agents.wait_applied(etcd.revision()?, APPLY_TIMEOUT)?;
     let initial = started.elapsed();
 
-    let before = histogram(&agents.metrics(NODE)?)?;
+    let before = histogram(&agents.metrics(NODE)?, LATENCY_METRIC)?;
     // The last pod lives on another node.
     let changing = pods - 1;
     for i in 0..changes {
@@ -98,7 +92,7 @@ fn measure(nftpolicy: &Path, pods: usize, changes: usize) -> anyhow::Result<Meas
         nftpolicy_etcd(nftpolicy, &etcd, "apply", &[file])?;
         agents.wait_applied(etcd.revision()?, APPLY_TIMEOUT)?;
     }
-    let after = histogram(&agents.metrics(NODE)?)?;
+    let after = histogram(&agents.metrics(NODE)?, LATENCY_METRIC)?;
     let delta = after.minus(&before);
     if delta.count == 0 {
         bail!("the agent observed no programming latency for the {changes} changes");
@@ -109,146 +103,4 @@ fn measure(nftpolicy: &Path, pods: usize, changes: usize) -> anyhow::Result<Meas
         p99: delta.quantile(0.99),
         mean: delta.sum / delta.count as f64,
     })
-}
-
-fn cluster_yaml(pods: usize) -> String {
-    let mut y = String::new();
-    for n in 0..NAMESPACES {
-        let _ = writeln!(
-            y,
-            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}}}"
-        );
-        for k in 0..POLICIES_PER_NAMESPACE {
-            let _ = writeln!(
-                y,
-                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-                 metadata: {{name: app-{k}-from-frontend, namespace: ns-{n}}}\n\
-                 spec:\n  podSelector: {{matchLabels: {{app: app-{k}}}}}\n  \
-                 ingress: [{{from: [{{podSelector: {{matchLabels: {{role: frontend}}}}}}], \
-                 ports: [{{port: 80}}]}}]"
-            );
-        }
-    }
-    for i in 0..pods {
-        let role = if i % 3 == 0 { "frontend" } else { "backend" };
-        pod_yaml(&mut y, i, role);
-    }
-    y
-}
-
-/// Pod `i`: namespace `ns-<i % 10>`, app `app-<i % 5>`, on this node for
-/// the first [`LOCAL_PODS`], else on one of the other nodes; address
-/// 198.18.1.0 + i (the lab's infrastructure /24 stays free).
-fn pod_yaml(y: &mut String, i: usize, role: &str) {
-    let node = if i < LOCAL_PODS {
-        NODE.to_owned()
-    } else {
-        format!("node-{}", 2 + i % OTHER_NODES)
-    };
-    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0)) + i as u32);
-    let _ = writeln!(
-        y,
-        "---\napiVersion: v1\nkind: Pod\n\
-         metadata: {{name: pod-{i}, namespace: ns-{}, labels: {{app: app-{}, role: {role}}}}}\n\
-         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: 80, protocol: TCP}}]}}]}}\n\
-         status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}",
-        i % NAMESPACES,
-        i % POLICIES_PER_NAMESPACE,
-    );
-}
-
-/// A Prometheus histogram: cumulative bucket counts by upper bound.
-#[derive(Debug, Default)]
-struct Histogram {
-    buckets: BTreeMap<u64, (f64, u64)>,
-    sum: f64,
-    count: u64,
-}
-
-/// Reads [`METRIC`] from Prometheus text.
-fn histogram(text: &str) -> anyhow::Result<Histogram> {
-    let mut h = Histogram::default();
-    for line in text.lines() {
-        let Some((name, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        if let Some(rest) = name.strip_prefix(&format!("{METRIC}_bucket{{le=\"")) {
-            let le = rest.trim_end_matches("\"}");
-            let bound: f64 = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().with_context(|| format!("bucket bound {le:?}"))?
-            };
-            // Keyed by the bound's bits: positive floats sort as their bits.
-            h.buckets.insert(bound.to_bits(), (bound, value.parse()?));
-        } else if name == format!("{METRIC}_sum") {
-            h.sum = value.parse()?;
-        } else if name == format!("{METRIC}_count") {
-            h.count = value.parse()?;
-        }
-    }
-    if h.buckets.is_empty() {
-        bail!("no {METRIC} in the agent's metrics");
-    }
-    Ok(h)
-}
-
-impl Histogram {
-    fn minus(&self, earlier: &Histogram) -> Histogram {
-        Histogram {
-            buckets: self
-                .buckets
-                .iter()
-                .map(|(k, (b, c))| {
-                    let e = earlier.buckets.get(k).map_or(0, |(_, c)| *c);
-                    (*k, (*b, c - e))
-                })
-                .collect(),
-            sum: self.sum - earlier.sum,
-            count: self.count - earlier.count,
-        }
-    }
-
-    /// The q-quantile, interpolating linearly inside its bucket (as
-    /// Prometheus' histogram_quantile does).
-    fn quantile(&self, q: f64) -> f64 {
-        let rank = q * self.count as f64;
-        let mut lower = 0.0;
-        let mut below = 0u64;
-        for (bound, cumulative) in self.buckets.values() {
-            if *cumulative as f64 >= rank {
-                if bound.is_infinite() {
-                    return lower;
-                }
-                let inside = (*cumulative - below) as f64;
-                let frac = if inside > 0.0 {
-                    (rank - below as f64) / inside
-                } else {
-                    1.0
-                };
-                return lower + (bound - lower) * frac;
-            }
-            lower = *bound;
-            below = *cumulative;
-        }
-        lower
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_from_buckets() {
-        let text = format!(
-            "{METRIC}_bucket{{le=\"0.01\"}} 0\n{METRIC}_bucket{{le=\"0.1\"}} 10\n\
-             {METRIC}_bucket{{le=\"1\"}} 20\n{METRIC}_bucket{{le=\"+Inf\"}} 20\n\
-             {METRIC}_sum 3\n{METRIC}_count 20\n"
-        );
-        let h = histogram(&text).unwrap();
-        assert!((h.quantile(0.5) - 0.1).abs() < 1e-9);
-        assert!((h.quantile(0.25) - 0.055).abs() < 1e-9);
-        assert!((h.quantile(0.99) - 0.982).abs() < 1e-9);
-    }
 }

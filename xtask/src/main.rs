@@ -19,6 +19,12 @@ mod fuzz;
 
 mod latency;
 
+mod cluster;
+
+mod soak;
+
+mod fuzz_targets;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "nftpolicy project tasks")]
 struct Cli {
@@ -45,6 +51,13 @@ enum Task {
     /// pods: one pod's labels changed 20 times, p50/p99 from the agent's
     /// histogram (needs root).
     Latency(latency::LatencyArgs),
+    /// Load test: one agent over etcd under a steady stream of pod changes
+    /// for minutes; latency, memory and errors, pass/fail (needs root).
+    Soak(soak::SoakArgs),
+    /// cargo-fuzz targets in fuzz/ (selector parser, manifest decoding,
+    /// compiler), N seconds each on stable via RUSTC_BOOTSTRAP=1; fails on
+    /// a crash and prints the reproducer.
+    FuzzTargets(fuzz_targets::FuzzTargetsArgs),
 }
 
 #[derive(clap::Args)]
@@ -106,6 +119,8 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Bench(args) => bench::bench(&args),
         Task::Latency(args) => latency::run(&args),
+        Task::Soak(args) => soak::run(&args),
+        Task::FuzzTargets(args) => fuzz_targets::run(&args),
         Task::Demo(args) => demo::run(&args),
     };
     match result {

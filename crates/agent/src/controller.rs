@@ -16,9 +16,10 @@ pub struct ApplyArgs {
     /// Manifests: a file, a directory, or `-` for standard input.
     #[arg(short = 'f', long = "filename", required = true)]
     pub files: Vec<String>,
-    /// etcd endpoints: `etcd://HOST:2379[,…]`.
-    #[arg(long, env = "NFTPOLICY_ETCD")]
-    pub etcd: String,
+    /// etcd endpoints: `etcd://HOST:2379[,…]` (also `etcds://`, `https://`),
+    /// as the agent's `--datastore`.
+    #[arg(long, visible_alias = "etcd", env = "NFTPOLICY_DATASTORE")]
+    pub datastore: String,
     #[arg(long, env = "NFTPOLICY_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
     #[arg(long, env = "NFTPOLICY_ETCD_CERT")]
@@ -35,8 +36,10 @@ pub struct ControllerArgs {
     /// Directory of Kubernetes manifests to mirror into etcd.
     #[arg(long)]
     pub from: PathBuf,
-    #[arg(long, env = "NFTPOLICY_ETCD")]
-    pub etcd: String,
+    /// etcd endpoints: `etcd://HOST:2379[,…]` (also `etcds://`, `https://`),
+    /// as the agent's `--datastore`.
+    #[arg(long, visible_alias = "etcd", env = "NFTPOLICY_DATASTORE")]
+    pub datastore: String,
     #[arg(long, env = "NFTPOLICY_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
     #[arg(long, env = "NFTPOLICY_ETCD_CERT")]
@@ -84,7 +87,12 @@ fn read_manifests(files: &[String]) -> anyhow::Result<Vec<Manifest>> {
 
 pub fn apply(args: &ApplyArgs, delete: bool) -> anyhow::Result<bool> {
     let manifests = read_manifests(&args.files)?;
-    let cfg = etcd_config(&args.etcd, &args.etcd_ca, &args.etcd_cert, &args.etcd_key)?;
+    let cfg = etcd_config(
+        &args.datastore,
+        &args.etcd_ca,
+        &args.etcd_cert,
+        &args.etcd_key,
+    )?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -114,7 +122,12 @@ pub fn apply(args: &ApplyArgs, delete: bool) -> anyhow::Result<bool> {
 }
 
 pub fn controller(args: &ControllerArgs) -> anyhow::Result<bool> {
-    let cfg = etcd_config(&args.etcd, &args.etcd_ca, &args.etcd_cert, &args.etcd_key)?;
+    let cfg = etcd_config(
+        &args.datastore,
+        &args.etcd_ca,
+        &args.etcd_cert,
+        &args.etcd_key,
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -125,4 +138,36 @@ pub fn controller(args: &ControllerArgs) -> anyhow::Result<bool> {
         Duration::from_secs(args.interval.max(1)),
     ))?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{ApplyArgs, ControllerArgs};
+
+    #[derive(Parser)]
+    struct Apply {
+        #[command(flatten)]
+        args: ApplyArgs,
+    }
+
+    #[derive(Parser)]
+    struct Controller {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    #[test]
+    fn datastore_flag_as_the_agent_names_it_and_etcd_as_an_alias() {
+        for flag in ["--datastore", "--etcd"] {
+            let a = Apply::try_parse_from(["apply", "-f", "x.yaml", flag, "etcd://127.0.0.1:2379"])
+                .unwrap();
+            assert_eq!(a.args.datastore, "etcd://127.0.0.1:2379");
+            let c =
+                Controller::try_parse_from(["controller", "--from", "d", flag, "etcd://h:2379"])
+                    .unwrap();
+            assert_eq!(c.args.datastore, "etcd://h:2379");
+        }
+    }
 }

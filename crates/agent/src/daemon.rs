@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use compiler::LogicalRuleset;
+use std::collections::BTreeMap;
+
+use compiler::{IncrementalCompiler, Outcome};
+use model::calico::{Resource, ResourceKey};
 use model::state::ClusterState;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -29,6 +32,8 @@ pub struct RunArgs {
     pub dataplane: DataplaneArgs,
     #[command(flatten)]
     pub datastore: DatastoreArgs,
+    #[command(flatten)]
+    pub watch: crate::tamper::WatchArgs,
     /// Seconds between full comparisons of the kernel with the desired
     /// ruleset (repairs drift).
     #[arg(long, env = "NFTPOLICY_RESYNC_INTERVAL", default_value = "90")]
@@ -101,14 +106,11 @@ fn now_secs() -> u64 {
 }
 
 /// The kernel side, on its own thread (netlink and restore tools block).
+// One value per agent, never moved around: the size difference is moot.
+#[allow(clippy::large_enum_variant)]
 enum Programmer {
     Nft(programmer::NftProgrammer),
     Iptables(programmer::iptables::IptablesProgrammer),
-}
-
-struct Applied {
-    logical: LogicalRuleset,
-    elapsed: Duration,
 }
 
 impl Programmer {
@@ -131,48 +133,58 @@ impl Programmer {
         })
     }
 
+    /// Brings the compiler up to `state` (`changes` since the last call)
+    /// and the kernel up to the compiler. With `full`, the whole ruleset is
+    /// diffed against the kernel (after a failure or a repair) even when
+    /// the compile found only element changes.
     fn apply(
         &mut self,
+        compiler: &mut IncrementalCompiler,
         state: &ClusterState,
-        args: &DataplaneArgs,
+        changes: &Changes,
+        full: bool,
         metrics: &Metrics,
-    ) -> anyhow::Result<Applied> {
-        let start = Instant::now();
-        let logical = compiler::compile(state, &args.compile_options())?;
-        let result = match self {
+    ) -> anyhow::Result<()> {
+        let outcome = compiler.update(state, changes)?;
+        match self {
             Programmer::Nft(p) => {
                 metrics.nft_calls.inc();
-                p.apply(&compiler::lower_nft::to_nftables(&logical))
-                    .map(|_| ())
-                    .map_err(|e| {
-                        metrics.nft_errors.inc();
-                        anyhow::Error::new(e).context("programming nftables")
-                    })
+                let r = match outcome {
+                    Outcome::Elements(delta) if !full => match p.apply_elements(&delta) {
+                        // A set we never committed (adopted tables that
+                        // differ, say): the full diff handles it.
+                        Err(programmer::Error::NotCommitted { .. }) => p.apply(compiler.ruleset()),
+                        r => r,
+                    },
+                    _ => p.apply(compiler.ruleset()),
+                };
+                r.map(|_| ()).map_err(|e| {
+                    metrics.nft_errors.inc();
+                    anyhow::Error::new(e).context("programming nftables")
+                })
             }
             Programmer::Iptables(p) => {
+                let logical = compiler.logical().expect("compiled above");
                 let before = p.stats();
                 let r = p
-                    .apply(&compiler::render_iptables::to_iptables(&logical))
+                    .apply(&compiler::render_iptables::to_iptables(logical))
                     .map(|_| ())
                     .map_err(|e| anyhow::Error::new(e).context("programming iptables"));
                 metrics.record_iptables(&before, &p.stats());
                 r
             }
-        };
-        result?;
-        Ok(Applied {
-            logical,
-            elapsed: start.elapsed(),
-        })
+        }
     }
 
     /// Whether the kernel differs from what we last wrote.
-    fn drifted(&mut self, state: &ClusterState, args: &DataplaneArgs) -> anyhow::Result<bool> {
+    fn drifted(&mut self, compiler: &IncrementalCompiler) -> anyhow::Result<bool> {
         match self {
             Programmer::Nft(p) => Ok(p.has_drift()?),
             Programmer::Iptables(p) => {
-                let logical = compiler::compile(state, &args.compile_options())?;
-                let report = p.drift(&compiler::render_iptables::to_iptables(&logical))?;
+                let Some(logical) = compiler.logical() else {
+                    return Ok(false);
+                };
+                let report = p.drift(&compiler::render_iptables::to_iptables(logical))?;
                 Ok(!report.is_noop())
             }
         }
@@ -201,22 +213,170 @@ impl Programmer {
     }
 }
 
+/// Resources changed since the last apply, with their values before it.
+type Changes = BTreeMap<ResourceKey, Option<Resource>>;
+
 /// Consecutive failed applies after which the agent exits non-zero.
 const MAX_APPLY_FAILURES: u32 = 6;
 
+/// Work for the programmer thread, in order. The thread owns the cluster
+/// state: updates are moved to it (never copied: at 250,000 pods a copy
+/// per apply would cost more than the apply).
 enum Job {
+    /// Fold these datastore updates into the state.
+    Updates(Vec<Update>),
+    /// Program everything folded in so far.
     Apply {
-        state: Box<ClusterState>,
         revision: i64,
         received: Vec<Instant>,
     },
-    Resync {
-        state: Box<ClusterState>,
-    },
+    /// Compare the kernel with what we last wrote; repair if it differs.
+    Resync,
+    /// Last resort before giving up (nftables): see `tamper::rebuild`.
+    Rebuild { revision: i64 },
 }
 
 struct JobDone {
     ok: bool,
+    revision: i64,
+}
+
+/// The programmer thread: the state, the incremental compiler and the
+/// kernel side.
+struct Worker {
+    cache: Cache,
+    /// Changes since the last successful compile, with the values before.
+    changes: Changes,
+    compiler: IncrementalCompiler,
+    programmer: Programmer,
+    /// The next apply diffs the whole ruleset against the kernel.
+    full_next: bool,
+    removed_other: bool,
+    args: DataplaneArgs,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    fn fold(&mut self, updates: Vec<Update>) {
+        for u in updates {
+            if let Update::Upsert { key, .. } | Update::Delete { key, .. } = &u {
+                if !self.changes.contains_key(key) {
+                    let old = self.cache.state.get(key).cloned();
+                    self.changes.insert(key.clone(), old);
+                }
+            }
+            self.cache.apply(u);
+        }
+    }
+
+    fn apply(&mut self, revision: i64, received: &[Instant]) -> bool {
+        let start = Instant::now();
+        let result = self.programmer.apply(
+            &mut self.compiler,
+            &self.cache.state,
+            &self.changes,
+            self.full_next,
+            &self.metrics,
+        );
+        // The compiler has taken the changes in, whether or not the kernel
+        // did; after a failure the next apply diffs the whole ruleset.
+        self.changes.clear();
+        match result {
+            Ok(()) => {
+                self.full_next = false;
+                let acked = Instant::now();
+                let logical = self.compiler.logical().expect("applied");
+                self.metrics.observe_apply(logical, start.elapsed());
+                for r in received {
+                    self.metrics
+                        .programming_latency
+                        .observe(acked.duration_since(*r).as_secs_f64());
+                }
+                info!(
+                    revision,
+                    endpoints = logical.endpoints.len(),
+                    policies = logical.active_policies.len(),
+                    rejected = logical.rejected.len(),
+                    ms = start.elapsed().as_millis() as u64,
+                    "dataplane programmed"
+                );
+                if !self.removed_other {
+                    match self.programmer.remove_other(&self.args) {
+                        Ok(()) => self.removed_other = true,
+                        Err(e) => warn!("removing the other backend's state: {e:#}"),
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                error!(
+                    revision,
+                    "apply failed; the previous ruleset stays in force: {e:#}"
+                );
+                self.full_next = true;
+                if self.compiler.logical().is_none()
+                    || e.downcast_ref::<compiler::CompileError>().is_some()
+                {
+                    self.compiler.reset();
+                }
+                let _ = self.programmer.invalidate();
+                false
+            }
+        }
+    }
+
+    /// `Some(ok)` when a repair was attempted.
+    fn resync(&mut self) -> Option<bool> {
+        match self.programmer.drifted(&self.compiler) {
+            Ok(false) => None,
+            Ok(true) => {
+                warn!("the kernel differs from our last write; repairing");
+                self.metrics.resyncs_repaired.inc();
+                self.full_next = true;
+                let ok = self.programmer.invalidate().is_ok() && self.apply(-1, &[]);
+                Some(ok)
+            }
+            Err(e) => {
+                warn!("drift check failed: {e:#}");
+                None
+            }
+        }
+    }
+
+    fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>, done: mpsc::UnboundedSender<JobDone>) {
+        for job in jobs {
+            match job {
+                Job::Updates(updates) => self.fold(updates),
+                Job::Apply { revision, received } => {
+                    let ok = self.apply(revision, &received);
+                    let _ = done.send(JobDone { ok, revision });
+                }
+                Job::Resync => {
+                    if let Some(ok) = self.resync() {
+                        let _ = done.send(JobDone { ok, revision: -1 });
+                    }
+                }
+                Job::Rebuild { revision } => {
+                    let ok = if let Programmer::Nft(p) = &mut self.programmer {
+                        crate::tamper::rebuild(p, &self.cache.state, &self.args)
+                            .map_err(|e| error!("{e:#}"))
+                            .is_ok()
+                    } else {
+                        false
+                    };
+                    self.full_next = true;
+                    let _ = done.send(JobDone { ok, revision });
+                }
+            }
+        }
+    }
+}
+
+/// What the loop needs to know of the datastore stream (the state itself
+/// lives on the programmer thread).
+#[derive(Debug, Default)]
+struct SyncStatus {
+    in_sync: bool,
     revision: i64,
 }
 
@@ -240,80 +400,27 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     // The programmer lives on its own thread; jobs in, results out.
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobDone>();
-    let mut programmer = Programmer::new(&args.dataplane)?;
-    let worker_args = args.dataplane.clone();
-    let worker_metrics = metrics.clone();
+    let programmer = Programmer::new(&args.dataplane)?;
+    let own_port = match &programmer {
+        Programmer::Nft(p) => Some(p.port_id()?),
+        _ => None,
+    };
+    let mut kernel_changes = crate::tamper::spawn(&args.watch, own_port)?;
+    let worker = Worker {
+        cache: Cache::new(),
+        changes: Changes::new(),
+        compiler: IncrementalCompiler::new(args.dataplane.compile_options()),
+        programmer,
+        full_next: true,
+        removed_other: false,
+        args: args.dataplane.clone(),
+        metrics: metrics.clone(),
+    };
     std::thread::Builder::new()
         .name("programmer".into())
-        .spawn(move || {
-            let mut removed_other = false;
-            for job in job_rx {
-                match job {
-                    Job::Apply {
-                        state,
-                        revision,
-                        received,
-                    } => {
-                        let ok = match programmer.apply(&state, &worker_args, &worker_metrics) {
-                            Ok(applied) => {
-                                let acked = Instant::now();
-                                worker_metrics.observe_apply(&applied.logical, applied.elapsed);
-                                for r in &received {
-                                    worker_metrics
-                                        .programming_latency
-                                        .observe(acked.duration_since(*r).as_secs_f64());
-                                }
-                                info!(
-                                    revision,
-                                    endpoints = applied.logical.endpoints.len(),
-                                    policies = applied.logical.active_policies.len(),
-                                    rejected = applied.logical.rejected.len(),
-                                    ms = applied.elapsed.as_millis() as u64,
-                                    "dataplane programmed"
-                                );
-                                for (key, why) in &applied.logical.rejected {
-                                    warn!(object = %key, "skipped: {why}");
-                                }
-                                if !removed_other {
-                                    match programmer.remove_other(&worker_args) {
-                                        Ok(()) => removed_other = true,
-                                        Err(e) => {
-                                            warn!("removing the other backend's state: {e:#}")
-                                        }
-                                    }
-                                }
-                                true
-                            }
-                            Err(e) => {
-                                error!(
-                                    revision,
-                                    "apply failed; the previous ruleset stays in force: {e:#}"
-                                );
-                                let _ = programmer.invalidate();
-                                false
-                            }
-                        };
-                        let _ = done_tx.send(JobDone { ok, revision });
-                    }
-                    Job::Resync { state } => match programmer.drifted(&state, &worker_args) {
-                        Ok(false) => {}
-                        Ok(true) => {
-                            warn!("the kernel differs from our last write; repairing");
-                            worker_metrics.resyncs_repaired.inc();
-                            let ok = programmer.invalidate().is_ok()
-                                && programmer
-                                    .apply(&state, &worker_args, &worker_metrics)
-                                    .map_err(|e| error!("repair failed: {e:#}"))
-                                    .is_ok();
-                            let _ = done_tx.send(JobDone { ok, revision: -1 });
-                        }
-                        Err(e) => warn!("drift check failed: {e:#}"),
-                    },
-                }
-            }
-        })?;
+        .spawn(move || worker.run(job_rx, done_tx))?;
 
-    let mut cache = Cache::new();
+    let mut sync = SyncStatus::default();
     let mut received: Vec<Instant> = Vec::new();
     let mut dirty = false;
     let mut busy = false;
@@ -342,28 +449,35 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                     batch.push(more);
                 }
                 let now = Instant::now();
-                for u in batch {
-                    match &u {
-                        Update::Invalid { key, reason, .. } => {
-                            metrics.rejected_objects.inc();
-                            warn!(key, "skipped undecodable value: {reason}");
-                        }
+                for u in &batch {
+                    // Counts and logs undecodable values (once each).
+                    metrics.rejected.update(u);
+                    if let Some(r) = u.revision() {
+                        sync.revision = sync.revision.max(r);
+                    }
+                    match u {
                         Update::Disconnected { reason } => {
                             warn!("datastore disconnected, dataplane left as is: {reason}");
+                            sync.in_sync = false;
                             health.ready.store(false, Ordering::Relaxed);
                         }
-                        Update::InSync { revision } => info!(revision, "datastore in sync"),
-                        _ => {}
+                        Update::InSync { revision } => {
+                            info!(revision, "datastore in sync");
+                            sync.in_sync = true;
+                            // Also after a reconnect with nothing changed:
+                            // the apply that follows (cheap when nothing
+                            // changed) is what marks us ready again.
+                            dirty = true;
+                        }
+                        Update::Upsert { .. } | Update::Delete { .. } => {
+                            received.push(now);
+                            dirty = true;
+                        }
+                        Update::Invalid { .. } => {}
                     }
-                    if matches!(u, Update::Upsert { .. } | Update::Delete { .. }) {
-                        received.push(now);
-                    }
-                    dirty |= cache.apply(u);
                 }
-                metrics.resync_state.set(if cache.in_sync { 1 } else { 0 });
-                if cache.in_sync && !applied_once {
-                    dirty = true;
-                }
+                job_tx.send(Job::Updates(batch))?;
+                metrics.resync_state.set(if sync.in_sync { 1 } else { 0 });
             }
             Some(done) = done_rx.recv() => {
                 busy = false;
@@ -381,17 +495,22 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                              giving up so that the orchestrator restarts the agent — the last good ruleset stays in force"
                         );
                     }
+                    if failures == MAX_APPLY_FAILURES - 1 && own_port.is_some() && sync.in_sync {
+                        busy = true;
+                        job_tx.send(Job::Rebuild { revision: sync.revision })?;
+                        continue;
+                    }
                     let delay = Duration::from_secs(1 << (failures - 1).min(4));
                     warn!(failures, "retrying in {delay:?}");
                     retry_at = Some(tokio::time::Instant::now() + delay);
                 }
-                health.ready.store(done.ok && cache.in_sync, Ordering::Relaxed);
+                health.ready.store(done.ok && sync.in_sync, Ordering::Relaxed);
             }
             _ = resync.tick() => {
                 // Queued behind any apply on the programmer thread; a resync
                 // that finds no drift sends nothing back.
-                if cache.in_sync && applied_once {
-                    job_tx.send(Job::Resync { state: Box::new(cache.state.clone()) })?;
+                if sync.in_sync && applied_once {
+                    job_tx.send(Job::Resync)?;
                 }
             }
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
@@ -401,17 +520,21 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
             _ = tick.tick() => {
                 health.last_tick.store(now_secs(), Ordering::Relaxed);
             }
+            Some(()) = async { kernel_changes.as_mut()?.recv().await }, if kernel_changes.is_some() => {
+                if sync.in_sync && applied_once {
+                    job_tx.send(Job::Resync)?;
+                }
+            }
             _ = sigterm.recv() => {
                 info!("SIGTERM: exiting; the rules stay in force");
                 return Ok(true);
             }
         }
-        if dirty && !busy && cache.in_sync && retry_at.is_none() {
+        if dirty && !busy && sync.in_sync && retry_at.is_none() {
             dirty = false;
             busy = true;
             job_tx.send(Job::Apply {
-                state: Box::new(cache.state.clone()),
-                revision: cache.revision,
+                revision: sync.revision,
                 received: std::mem::take(&mut received),
             })?;
         }

@@ -2,8 +2,10 @@
 //! path through the chains, from the reference semantics.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use model::calico::{PolicyType, Protocol};
 use model::semantics::{EndpointVerdict, Evaluator, Packet};
@@ -25,16 +27,30 @@ pub struct ExplainArgs {
     /// Use the pods' IPv6 addresses.
     #[arg(long)]
     pub ipv6: bool,
-    /// Where the cluster state comes from (file:PATH).
+    /// Where the cluster state comes from: `file:PATH`, or
+    /// `etcd://HOST:2379[,…]` (also `etcds://`, `https://`) read once.
     #[arg(long, env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
+    /// CA certificate for etcd over TLS.
+    #[arg(long, env = "NFTPOLICY_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd over TLS.
+    #[arg(long, env = "NFTPOLICY_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key for etcd over TLS.
+    #[arg(long, env = "NFTPOLICY_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
     #[command(flatten)]
     pub kernel: crate::explain_kernel::KernelArgs,
 }
 
 /// Prints the explanation; returns whether the connection is allowed.
 pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
-    let (state, _) = load_datastore(&args.datastore)?;
+    let state = if args.datastore.starts_with("file:") {
+        load_datastore(&args.datastore)?.0
+    } else {
+        etcd_snapshot(args)?
+    };
     let (port, protocol) = match args.port.split_once('/') {
         Some((p, proto)) => (
             p,
@@ -97,6 +113,61 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
         );
     }
     Ok(verdict.allowed())
+}
+
+/// How long reading an etcd datastore may take, retries included: the
+/// etcd source retries an unreachable etcd forever, a command must not.
+const ETCD_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The cluster state in etcd, read once: the etcd source's updates up to its
+/// first complete snapshot (`InSync`). Objects that cannot be decoded are
+/// named on stderr and left out, as `file:` does.
+fn etcd_snapshot(args: &ExplainArgs) -> anyhow::Result<ClusterState> {
+    let cfg = watcher::etcd::EtcdConfig::from_url(&args.datastore)
+        .with_context(|| format!("--datastore {:?}", args.datastore))?
+        .with_tls(
+            args.etcd_ca.clone(),
+            args.etcd_cert.clone(),
+            args.etcd_key.clone(),
+        );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (mut rx, task) = watcher::Source::Etcd(cfg).spawn(256);
+        let mut cache = watcher::Cache::new();
+        let deadline = tokio::time::Instant::now() + ETCD_SNAPSHOT_TIMEOUT;
+        loop {
+            let update = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(update)) => update,
+                Ok(None) => {
+                    let why = match task.await {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "the etcd source ended".to_owned(),
+                    };
+                    bail!("datastore {}: {why}", args.datastore);
+                }
+                Err(_) => bail!(
+                    "datastore {}: no complete read within {ETCD_SNAPSHOT_TIMEOUT:?}{}",
+                    args.datastore,
+                    cache
+                        .disconnected
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                ),
+            };
+            let in_sync = matches!(update, watcher::Update::InSync { .. });
+            cache.apply(update);
+            if in_sync {
+                for (key, why) in &cache.invalid {
+                    eprintln!("error: skipped {key}: {why}");
+                }
+                task.abort();
+                return Ok(cache.state);
+            }
+        }
+    })
 }
 
 fn print_direction(state: &ClusterState, v: &EndpointVerdict, who: &str) {

@@ -16,6 +16,7 @@ mod http;
 mod metrics;
 mod render;
 mod sync;
+mod tamper;
 
 #[derive(Parser)]
 #[command(
@@ -83,7 +84,9 @@ enum Command {
     Controller(controller::ControllerArgs),
     /// Program this node's kernel from a datastore (`--once`).
     Sync(sync::SyncArgs),
-    /// Print a node's ruleset (nft -f input) without touching the kernel.
+    /// Print a node's ruleset without touching the kernel: `nft -f` input, or
+    /// with `--backend iptables` the `ipset restore` and `iptables-restore
+    /// --noflush` input of each address family.
     Render {
         #[command(flatten)]
         dataplane: dataplane::DataplaneArgs,

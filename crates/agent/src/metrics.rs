@@ -1,9 +1,14 @@
 //! Prometheus metrics, with felix's names where the meaning is the same.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use compiler::LogicalRuleset;
+use model::calico::ResourceKey;
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, Registry, TextEncoder};
+use tracing::{info, warn};
+use watcher::Update;
 
 pub struct Metrics {
     registry: Registry,
@@ -23,8 +28,9 @@ pub struct Metrics {
     /// From receiving a datastore change to the kernel's acknowledgement of
     /// the transaction carrying it.
     pub programming_latency: Histogram,
-    /// Objects skipped because they could not be decoded or compiled.
-    pub rejected_objects: IntCounter,
+    /// Objects skipped now because they could not be decoded or compiled
+    /// (`nftpolicy_rejected_objects`), each logged once when it became so.
+    pub rejected: RejectedObjects,
     /// Resyncs that found the kernel changed behind our back.
     pub resyncs_repaired: IntCounter,
 }
@@ -75,10 +81,10 @@ impl Metrics {
                 "nftpolicy_programming_latency_seconds",
                 "From receiving a datastore change to the kernel's acknowledgement of the transaction that carries it.",
             )?,
-            rejected_objects: IntCounter::new(
-                "nftpolicy_rejected_objects_total",
-                "Objects skipped because they could not be decoded or compiled.",
-            )?,
+            rejected: RejectedObjects::new(IntGauge::new(
+                "nftpolicy_rejected_objects",
+                "Objects currently skipped because they could not be decoded or compiled (named in the log when they became so).",
+            )?),
             resyncs_repaired: IntCounter::new(
                 "nftpolicy_resync_repairs_total",
                 "Periodic resyncs that found and repaired drift.",
@@ -98,7 +104,7 @@ impl Metrics {
         r.register(Box::new(m.ipset_calls.clone()))?;
         r.register(Box::new(m.ipset_errors.clone()))?;
         r.register(Box::new(m.programming_latency.clone()))?;
-        r.register(Box::new(m.rejected_objects.clone()))?;
+        r.register(Box::new(m.rejected.gauge.clone()))?;
         r.register(Box::new(m.resyncs_repaired.clone()))?;
         Ok(m)
     }
@@ -109,7 +115,7 @@ impl Metrics {
             .set(logical.endpoints.len() as i64);
         self.active_local_policies
             .set(logical.active_policies.len() as i64);
-        self.rejected_objects.inc_by(logical.rejected.len() as u64);
+        self.rejected.compiled(&logical.rejected);
     }
 
     pub fn record_iptables(
@@ -138,5 +144,191 @@ impl Metrics {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// The objects skipped right now, behind the `nftpolicy_rejected_objects`
+/// gauge: datastore values that do not decode (tracked by their datastore
+/// key from the update stream) plus the objects the latest apply could not
+/// compile. Each is logged once when it becomes rejected (or its reason
+/// changes) and once when it stops being rejected, however many applies
+/// happen in between.
+pub struct RejectedObjects {
+    gauge: IntGauge,
+    state: Mutex<RejectedState>,
+}
+
+#[derive(Default)]
+struct RejectedState {
+    /// Undecodable datastore keys → reason.
+    undecodable: BTreeMap<String, String>,
+    /// Keys reported `Invalid` since the last `InSync`: both sources repeat
+    /// every still-invalid key before each `InSync`, so at `InSync` these
+    /// are all the undecodable keys (the others were fixed or removed in a
+    /// way that did not name them, e.g. a whole manifest file deleted).
+    reported_since_sync: BTreeSet<String>,
+    /// Objects the latest apply could not compile → reason.
+    uncompilable: BTreeMap<String, String>,
+}
+
+impl RejectedObjects {
+    fn new(gauge: IntGauge) -> RejectedObjects {
+        RejectedObjects {
+            gauge,
+            state: Mutex::new(RejectedState::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RejectedState> {
+        // The state stays consistent even if a holder panicked.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows one datastore update (call for every update, in order).
+    pub fn update(&self, u: &Update) {
+        let mut s = self.lock();
+        match u {
+            Update::Invalid { key, reason, .. } => {
+                s.reported_since_sync.insert(key.clone());
+                if s.undecodable.get(key) != Some(reason) {
+                    warn!(object = %key, "rejected (not decodable, skipped): {reason}");
+                    s.undecodable.insert(key.clone(), reason.clone());
+                }
+            }
+            // A key that decodes again, or is gone (etcd keys are the
+            // resource's key; file sources clear theirs at `InSync`).
+            Update::Upsert { key, .. } | Update::Delete { key, .. } => {
+                let etcd_key = key.etcd_key();
+                s.reported_since_sync.remove(&etcd_key);
+                if s.undecodable.remove(&etcd_key).is_some() {
+                    info!(object = %etcd_key, "no longer rejected");
+                }
+            }
+            Update::InSync { .. } => {
+                let reported = std::mem::take(&mut s.reported_since_sync);
+                s.undecodable.retain(|key, _| {
+                    let still = reported.contains(key);
+                    if !still {
+                        info!(object = %key, "no longer rejected");
+                    }
+                    still
+                });
+            }
+            Update::Disconnected { .. } => {}
+        }
+        self.gauge
+            .set((s.undecodable.len() + s.uncompilable.len()) as i64);
+    }
+
+    /// Replaces the compile rejections with those of the latest apply.
+    pub fn compiled(&self, rejected: &[(ResourceKey, String)]) {
+        let mut s = self.lock();
+        let now: BTreeMap<String, String> = rejected
+            .iter()
+            .map(|(key, why)| (key.to_string(), why.clone()))
+            .collect();
+        for (key, why) in &now {
+            if s.uncompilable.get(key) != Some(why) {
+                warn!(object = %key, "rejected (cannot be compiled, skipped): {why}");
+            }
+        }
+        for key in s.uncompilable.keys() {
+            if !now.contains_key(key) {
+                info!(object = %key, "no longer rejected");
+            }
+        }
+        s.uncompilable = now;
+        self.gauge
+            .set((s.undecodable.len() + s.uncompilable.len()) as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::calico::Kind;
+
+    fn tracker() -> RejectedObjects {
+        RejectedObjects::new(IntGauge::new("t", "t").unwrap())
+    }
+
+    fn invalid(key: &str) -> Update {
+        Update::Invalid {
+            key: key.into(),
+            reason: "bad".into(),
+            revision: 1,
+        }
+    }
+
+    fn policy_key(name: &str) -> ResourceKey {
+        ResourceKey::new(Kind::NetworkPolicy, Some("default"), name)
+    }
+
+    #[test]
+    fn an_invalid_value_reported_again_at_every_sync_counts_once() {
+        let t = tracker();
+        for revision in 1..=5 {
+            t.update(&invalid("manifests/bad.yaml"));
+            t.update(&Update::InSync { revision });
+            t.compiled(&[]);
+            assert_eq!(t.gauge.get(), 1);
+            assert_eq!(t.gauge.get(), 1);
+        }
+    }
+
+    #[test]
+    fn an_invalid_file_no_longer_reported_before_in_sync_is_cleared() {
+        let t = tracker();
+        t.update(&invalid("manifests/bad.yaml"));
+        t.update(&invalid("manifests/worse.yaml"));
+        t.update(&Update::InSync { revision: 1 });
+        assert_eq!(t.gauge.get(), 2);
+        t.update(&invalid("manifests/worse.yaml"));
+        t.update(&Update::InSync { revision: 2 });
+        assert_eq!(t.gauge.get(), 1);
+        t.update(&Update::InSync { revision: 3 });
+        assert_eq!(t.gauge.get(), 0);
+    }
+
+    #[test]
+    fn an_etcd_key_that_decodes_again_or_is_deleted_is_cleared_at_once() {
+        let t = tracker();
+        let a = policy_key("a");
+        let b = policy_key("b");
+        t.update(&invalid(&a.etcd_key()));
+        t.update(&invalid(&b.etcd_key()));
+        t.update(&Update::InSync { revision: 1 });
+        assert_eq!(t.gauge.get(), 2);
+        // Watch events: no InSync follows them.
+        t.update(&Update::Delete {
+            key: b.clone(),
+            revision: 2,
+        });
+        assert_eq!(t.gauge.get(), 1);
+        let fixed = model::calico::Resource::from_json(
+            "test",
+            br#"{"apiVersion":"projectcalico.org/v3","kind":"NetworkPolicy","metadata":{"name":"a","namespace":"default"}}"#,
+        )
+        .unwrap();
+        t.update(&Update::Upsert {
+            key: a,
+            resource: fixed,
+            revision: 3,
+        });
+        assert_eq!(t.gauge.get(), 0);
+    }
+
+    #[test]
+    fn compile_rejections_are_those_of_the_latest_apply_only() {
+        let t = tracker();
+        t.update(&invalid("manifests/bad.yaml"));
+        t.update(&Update::InSync { revision: 1 });
+        let rejected = vec![(policy_key("x"), "no".to_owned())];
+        for _ in 0..3 {
+            t.compiled(&rejected);
+            assert_eq!(t.gauge.get(), 2);
+        }
+        t.compiled(&[]);
+        assert_eq!(t.gauge.get(), 1);
     }
 }

@@ -5,17 +5,21 @@
 //! - [`lower_nft`]: logical → nftables, with verdict maps and shared sets;
 //! - [`render_nft`]: nftables objects → `nft -f` text;
 //! - [`render_iptables`]: logical → felix's iptables-restore and ipset text;
-//! - [`explain`]: the model's verdict as a path through the chains.
+//! - [`explain`]: the model's verdict as a path through the chains;
+//! - [`incremental`]: keeps the last compile and turns remote endpoint
+//!   changes into set element deltas instead of compiling again.
 //!
 //! The compiler does no I/O: it turns plain data into plain data.
 
 pub mod explain;
+pub mod incremental;
 pub mod logical;
 pub mod lower_nft;
 pub mod nft;
 pub mod render_iptables;
 pub mod render_nft;
 
+pub use incremental::{IncrementalCompiler, Outcome};
 pub use logical::{
     compile, CompileError, CompileOptions, EndpointToHostAction, LogicalRuleset, MarkBits,
 };

@@ -302,6 +302,26 @@ pub fn compile(
     state: &ClusterState,
     opts: &CompileOptions,
 ) -> Result<LogicalRuleset, CompileError> {
+    compile_recording(state, opts, None)
+}
+
+/// For each IP set id, which labelled objects (positions in
+/// [`ClusterState::labelled_nets`]) are its members: what an incremental
+/// compile starts from.
+pub(crate) type SetMembers = HashMap<String, Vec<usize>>;
+
+/// Called by [`compile_recording`] with the labelled objects, each IP set's
+/// member objects and the IP sets.
+pub(crate) type RecordSets<'r> =
+    dyn FnMut(&[LabelledNets<'_>], &SetMembers, &BTreeMap<String, IpSet>) + 'r;
+
+/// [`compile`], optionally reporting each IP set's member objects to
+/// `record` (called with the labelled nets while they are alive).
+pub(crate) fn compile_recording(
+    state: &ClusterState,
+    opts: &CompileOptions,
+    record: Option<&mut RecordSets<'_>>,
+) -> Result<LogicalRuleset, CompileError> {
     let marks = MarkBits::from_mask(opts.mark_mask)?;
     let (policies, rejected) = state.resolved_policies();
     let nets = state.labelled_nets();
@@ -313,6 +333,7 @@ pub fn compile(
         index,
         chains: BTreeMap::new(),
         ip_sets: BTreeMap::new(),
+        members: record.is_some().then(HashMap::new),
     };
 
     let local: Vec<&WorkloadEndpoint> = state
@@ -415,6 +436,9 @@ pub fn compile(
     }
 
     b.static_chains(opts.endpoint_to_host);
+    if let (Some(record), Some(members)) = (record, &b.members) {
+        record(&nets, members, &b.ip_sets);
+    }
     Ok(LogicalRuleset {
         marks,
         endpoint_to_host: opts.endpoint_to_host,
@@ -437,40 +461,67 @@ impl<'a> LabelIndex<'a> {
     fn new(nets: &'a [LabelledNets<'a>]) -> Self {
         let mut by_label: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
         for (i, n) in nets.iter().enumerate() {
-            for (k, v) in &n.labels {
-                by_label
-                    .entry((k.as_str(), v.as_str()))
-                    .or_default()
-                    .push(i);
+            for (k, v) in n.labels.pairs() {
+                by_label.entry((k, v)).or_default().push(i);
             }
         }
         LabelIndex { by_label }
     }
 
-    /// Positions that may match `sel` (a superset), or `None` for "all".
+    /// Positions that may match `sel` (a superset), or `None` for "all":
+    /// the intersection of the positions carrying each label value the
+    /// selector requires (for `a == 'x' && b == 'y'`, exactly the matches).
     fn candidates(&self, sel: &Selector) -> Option<Vec<usize>> {
-        let mut best: Option<Vec<usize>> = None;
-        for (label, values) in sel.required_labels() {
-            let mut c: Vec<usize> = values
-                .iter()
-                .flat_map(|v| {
-                    self.by_label
-                        .get(&(label, *v))
-                        .into_iter()
-                        .flatten()
-                        .copied()
-                })
-                .collect();
-            if values.len() > 1 {
-                c.sort_unstable();
-                c.dedup();
+        let mut lists: Vec<Vec<usize>> = sel
+            .required_labels()
+            .into_iter()
+            .map(|(label, values)| {
+                let mut c: Vec<usize> = values
+                    .iter()
+                    .flat_map(|v| {
+                        self.by_label
+                            .get(&(label, *v))
+                            .into_iter()
+                            .flatten()
+                            .copied()
+                    })
+                    .collect();
+                if values.len() > 1 {
+                    c.sort_unstable();
+                    c.dedup();
+                }
+                c
+            })
+            .collect();
+        lists.sort_by_key(Vec::len);
+        let mut lists = lists.into_iter();
+        let mut best = lists.next()?;
+        for other in lists {
+            if best.is_empty() {
+                break;
             }
-            if best.as_ref().is_none_or(|b| c.len() < b.len()) {
-                best = Some(c);
+            best = intersect_sorted(&best, &other);
+        }
+        Some(best)
+    }
+}
+
+/// Elements of both sorted lists.
+fn intersect_sorted(a: &[usize], b: &[usize]) -> Vec<usize> {
+    let mut out = Vec::with_capacity(a.len().min(b.len()));
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
             }
         }
-        best
     }
+    out
 }
 
 struct Builder<'a> {
@@ -480,6 +531,8 @@ struct Builder<'a> {
     index: LabelIndex<'a>,
     chains: BTreeMap<String, LChain>,
     ip_sets: BTreeMap<String, IpSet>,
+    /// Member objects of each IP set, when recording.
+    members: Option<SetMembers>,
 }
 
 fn rule(conditions: Vec<Cond>, action: LAction, comment: &str) -> LRule {
@@ -671,12 +724,15 @@ impl Builder<'_> {
         if !self.ip_sets.contains_key(&id) {
             let mut v4 = Vec::new();
             let mut v6 = Vec::new();
-            let candidates: Vec<&LabelledNets> = match self.index.candidates(sel) {
-                Some(c) => c.into_iter().map(|i| &self.nets[i]).collect(),
-                None => self.nets.iter().collect(),
+            let candidates: Vec<usize> = match self.index.candidates(sel) {
+                Some(c) => c,
+                None => (0..self.nets.len()).collect(),
             };
-            for n in candidates {
+            let mut matched = Vec::new();
+            for i in candidates {
+                let n = &self.nets[i];
                 if sel.matches(&n.labels) {
+                    matched.push(i);
                     for net in n.nets {
                         match net {
                             IpNet::V4(_) => v4.push(*net),
@@ -685,13 +741,16 @@ impl Builder<'_> {
                     }
                 }
             }
+            if let Some(members) = &mut self.members {
+                members.insert(id.clone(), matched);
+            }
             self.ip_sets.insert(
                 id.clone(),
                 IpSet {
                     id: id.clone(),
                     kind: IpSetKind::Selector(canonical),
-                    nets_v4: coalesce(v4),
-                    nets_v6: coalesce(v6),
+                    nets_v4: outermost(v4),
+                    nets_v6: outermost(v6),
                     members_named: vec![],
                 },
             );
@@ -718,18 +777,24 @@ impl Builder<'_> {
         );
         if !self.ip_sets.contains_key(&id) {
             let mut members = BTreeSet::new();
-            for n in self.nets {
+            let mut matched = Vec::new();
+            let candidates: Vec<usize> = match sel.and_then(|s| self.index.candidates(s)) {
+                Some(c) => c,
+                None => (0..self.nets.len()).collect(),
+            };
+            for i in candidates {
+                let n = &self.nets[i];
                 let Some(ep) = n.endpoint else { continue };
                 if sel.is_some_and(|s| !s.matches(&n.labels)) {
                     continue;
                 }
-                for p in &ep.spec.ports {
-                    if p.protocol.number() == protocol && names.contains(&p.name) {
-                        for net in n.nets {
-                            members.insert((net.addr(), protocol, p.port));
-                        }
-                    }
+                matched.push(i);
+                for (addr, port) in named_port_members(ep, n.nets, protocol, &names) {
+                    members.insert((addr, protocol, port));
                 }
+            }
+            if let Some(m) = &mut self.members {
+                m.insert(id.clone(), matched);
             }
             self.ip_sets.insert(
                 id.clone(),
@@ -890,6 +955,42 @@ pub fn coalesce_ports(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
             Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
             _ => out.push((lo, hi)),
         }
+    }
+    out
+}
+
+/// The (address, port) members a named-port set gets from one endpoint:
+/// its ports of `protocol` named in `names`, at each of its addresses.
+pub(crate) fn named_port_members<'a>(
+    ep: &'a WorkloadEndpoint,
+    nets: &'a [IpNet],
+    protocol: u8,
+    names: &'a [String],
+) -> impl Iterator<Item = (IpAddr, u16)> + 'a {
+    ep.spec
+        .ports
+        .iter()
+        .filter(move |p| p.protocol.number() == protocol && names.contains(&p.name))
+        .flat_map(move |p| nets.iter().map(move |n| (n.addr(), p.port)))
+}
+
+/// A selector set's elements: the member nets not inside another member,
+/// sorted. Unlike [`coalesce`], adjacent nets are not merged, so that one
+/// endpoint joining or leaving changes exactly its own elements (what an
+/// incremental update relies on); the kernel accepts adjacent intervals.
+pub fn outermost(mut nets: Vec<IpNet>) -> Vec<IpNet> {
+    for n in &mut nets {
+        *n = n.trunc();
+    }
+    nets.sort_unstable();
+    let mut out: Vec<IpNet> = Vec::with_capacity(nets.len());
+    for n in nets {
+        // Sorted by (network, prefix length): a net inside an earlier kept
+        // one can only be inside the last kept one (kept nets are disjoint).
+        if out.last().is_some_and(|last| last.contains(&n)) {
+            continue;
+        }
+        out.push(n);
     }
     out
 }

@@ -119,6 +119,14 @@ fn lower_table(l: &LogicalRuleset, family: TableFamily) -> Table {
     t
 }
 
+/// The nft set holding logical IP set `id` (`s:…`, `n:…`) in a table of
+/// `family`: `cali40s-…`, `cali60n-…`.
+pub fn ip_set_name(id: &str, family: TableFamily) -> String {
+    let (kind, hash) = id.split_once(':').expect("ids are kind:hash");
+    let fam = if family.is_v6() { "60" } else { "40" };
+    format!("cali{fam}{kind}-{hash}")
+}
+
 pub fn truncate_comment(s: &str) -> String {
     let s = s.replace('"', "'");
     if s.len() <= MAX_COMMENT {
@@ -463,9 +471,8 @@ impl Lowering<'_> {
     /// The nft set for a logical IP set, created in this table on first use.
     fn ip_set(&mut self, id: &str) -> String {
         let set = &self.l.ip_sets[id];
-        let (kind, hash) = id.split_once(':').expect("ids are kind:hash");
-        let fam = if self.family.is_v6() { "60" } else { "40" };
-        let name = format!("cali{fam}{kind}-{hash}");
+        let kind = id.split_once(':').expect("ids are kind:hash").0;
+        let name = ip_set_name(id, self.family);
         if !self.sets.contains_key(&name) {
             let v6 = self.family.is_v6();
             let (key, elements) = if kind == "n" {

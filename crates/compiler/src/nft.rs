@@ -296,3 +296,67 @@ pub struct VerdictMap {
     pub elements: BTreeMap<String, Verdict>,
     pub comment: Option<String>,
 }
+
+/// Element changes to sets that exist and stay: what an incremental compile
+/// produces when only set members changed (a pod came, went or changed its
+/// labels), so that neither the compiler nor the programmer has to look at
+/// the rest of the ruleset.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ElementDelta {
+    pub sets: Vec<SetDelta>,
+}
+
+/// Elements leaving and joining one set. An element is never in both lists;
+/// every removed element is in the set, no added one is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetDelta {
+    pub family: TableFamily,
+    pub set: String,
+    pub remove: Vec<SetElement>,
+    pub add: Vec<SetElement>,
+}
+
+impl ElementDelta {
+    pub fn is_empty(&self) -> bool {
+        self.sets
+            .iter()
+            .all(|s| s.remove.is_empty() && s.add.is_empty())
+    }
+
+    /// Number of elements added plus removed.
+    pub fn len(&self) -> usize {
+        self.sets.iter().map(|s| s.remove.len() + s.add.len()).sum()
+    }
+
+    /// Applies the changes to `table` (of the delta's family; other
+    /// families' changes are skipped). Set elements stay sorted.
+    pub fn apply_to_table(&self, table: &mut Table) {
+        for d in self.sets.iter().filter(|d| d.family == table.family) {
+            if let Some(set) = table.sets.get_mut(&d.set) {
+                d.apply_to_set(set);
+            }
+        }
+    }
+
+    pub fn apply_to(&self, ruleset: &mut Ruleset) {
+        for t in &mut ruleset.tables {
+            self.apply_to_table(t);
+        }
+    }
+}
+
+impl SetDelta {
+    /// `set.elements` is sorted (as the compiler makes it); keeps it so.
+    pub fn apply_to_set(&self, set: &mut Set) {
+        for e in &self.remove {
+            if let Ok(i) = set.elements.binary_search(e) {
+                set.elements.remove(i);
+            }
+        }
+        for e in &self.add {
+            if let Err(i) = set.elements.binary_search(e) {
+                set.elements.insert(i, e.clone());
+            }
+        }
+    }
+}

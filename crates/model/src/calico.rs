@@ -453,8 +453,9 @@ pub enum PolicyType {
     Egress,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum Action {
+    #[default]
     Allow,
     Deny,
     Pass,
@@ -479,12 +480,6 @@ pub struct Rule {
     pub source: EntityRule,
     #[serde(default, skip_serializing_if = "EntityRule::is_empty")]
     pub destination: EntityRule,
-}
-
-impl Default for Action {
-    fn default() -> Self {
-        Action::Allow
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

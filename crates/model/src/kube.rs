@@ -11,6 +11,8 @@ use serde::Deserialize;
 use crate::calico::{self, Resource};
 
 /// One Kubernetes object nftpolicy understands.
+// Decoded once and moved into a conversion: boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum KubeObject {
     Namespace(Namespace),
@@ -103,6 +105,7 @@ impl KubeObject {
 }
 
 /// A document from a manifest file: Kubernetes or Calico.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Manifest {
     Kube(KubeObject),

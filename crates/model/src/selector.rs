@@ -123,6 +123,75 @@ use std::str::FromStr;
 /// The labels a selector is evaluated against: label key to value.
 pub type Labels = BTreeMap<String, String>;
 
+/// Anything a selector can read labels from: a plain map, or a view that
+/// layers an endpoint's own labels over those its profiles apply without
+/// copying either (what a full compile does for every endpoint).
+pub trait LabelSource {
+    fn label(&self, key: &str) -> Option<&str>;
+}
+
+impl LabelSource for Labels {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.get(key).map(String::as_str)
+    }
+}
+
+/// An object's labels as a selector sees them: its own, over the ones its
+/// profiles apply (later profiles over earlier ones), or one owned map.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LabelView<'a> {
+    Owned(Labels),
+    Layered {
+        own: &'a Labels,
+        /// In application order: a later map overrides an earlier one.
+        inherited: Vec<&'a Labels>,
+    },
+}
+
+impl LabelSource for LabelView<'_> {
+    fn label(&self, key: &str) -> Option<&str> {
+        match self {
+            LabelView::Owned(l) => l.label(key),
+            LabelView::Layered { own, inherited } => own
+                .label(key)
+                .or_else(|| inherited.iter().rev().find_map(|l| l.label(key))),
+        }
+    }
+}
+
+impl LabelView<'_> {
+    /// Every (key, value) pair of every layer, overridden ones included
+    /// (for indexes, which may over-approximate).
+    pub fn pairs(&self) -> Box<dyn Iterator<Item = (&str, &str)> + '_> {
+        fn kv<'s>((k, v): (&'s String, &'s String)) -> (&'s str, &'s str) {
+            (k.as_str(), v.as_str())
+        }
+        match self {
+            LabelView::Owned(l) => Box::new(l.iter().map(kv)),
+            LabelView::Layered { own, inherited } => Box::new(
+                own.iter()
+                    .map(kv)
+                    .chain(inherited.iter().flat_map(move |l| l.iter().map(kv))),
+            ),
+        }
+    }
+
+    /// The labels as one map (the top layer wins).
+    pub fn to_labels(&self) -> Labels {
+        match self {
+            LabelView::Owned(l) => l.clone(),
+            LabelView::Layered { own, inherited } => {
+                let mut out = Labels::new();
+                for l in inherited {
+                    out.extend(l.iter().map(|(k, v)| (k.clone(), v.clone())));
+                }
+                out.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+                out
+            }
+        }
+    }
+}
+
 /// The label that marks a namespaced resource; `global()` is true exactly when
 /// it is absent. Its value is the namespace name.
 pub const NAMESPACE_LABEL: &str = "projectcalico.org/namespace";
@@ -262,7 +331,7 @@ impl Selector {
     /// Evaluates the selector against `labels`; see the module docs for the
     /// meaning of each operator.
     #[must_use]
-    pub fn matches(&self, labels: &Labels) -> bool {
+    pub fn matches<L: LabelSource + ?Sized>(&self, labels: &L) -> bool {
         self.root.matches(labels)
     }
 
@@ -398,12 +467,12 @@ impl Expr {
         }
     }
 
-    fn matches(&self, labels: &Labels) -> bool {
+    fn matches<L: LabelSource + ?Sized>(&self, labels: &L) -> bool {
         match self {
             Expr::All => true,
-            Expr::Global => !labels.contains_key(NAMESPACE_LABEL),
-            Expr::Has(label) => labels.contains_key(label),
-            Expr::Compare { label, op, value } => match (op, labels.get(label)) {
+            Expr::Global => labels.label(NAMESPACE_LABEL).is_none(),
+            Expr::Has(label) => labels.label(label).is_some(),
+            Expr::Compare { label, op, value } => match (op, labels.label(label)) {
                 // `!=` is the only single-value operator that holds for an
                 // absent label (as in Kubernetes and felix).
                 (CompareOp::Ne, None) => true,
@@ -414,8 +483,10 @@ impl Expr {
                 (CompareOp::StartsWith, Some(v)) => v.starts_with(value.as_str()),
                 (CompareOp::EndsWith, Some(v)) => v.ends_with(value.as_str()),
             },
-            Expr::In { label, values } => labels.get(label).is_some_and(|v| values.contains(v)),
-            Expr::NotIn { label, values } => !labels.get(label).is_some_and(|v| values.contains(v)),
+            Expr::In { label, values } => labels.label(label).is_some_and(|v| values.contains(v)),
+            Expr::NotIn { label, values } => {
+                !labels.label(label).is_some_and(|v| values.contains(v))
+            }
             Expr::Not(operand) => !operand.matches(labels),
             Expr::And(operands) => operands.iter().all(|e| e.matches(labels)),
             Expr::Or(operands) => operands.iter().any(|e| e.matches(labels)),

@@ -17,7 +17,7 @@ use crate::calico::{
     Rule, WorkloadEndpoint,
 };
 use crate::convert::K8S_POLICY_PREFIX;
-use crate::selector::{Labels, Selector};
+use crate::selector::{LabelView, Labels, Selector};
 
 /// Every resource, keyed by kind, namespace and name.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -99,38 +99,71 @@ impl ClusterState {
     /// Everything with addresses a selector can match: endpoints and
     /// network sets, with the labels a selector sees on each.
     pub fn labelled_nets(&self) -> Vec<LabelledNets<'_>> {
-        let mut out = Vec::new();
-        for r in self.resources() {
-            match r {
-                Resource::WorkloadEndpoint(w) => out.push(LabelledNets {
-                    key: r.key(),
-                    labels: self.endpoint_labels(w),
-                    nets: &w.spec.ip_networks,
-                    endpoint: Some(w),
-                }),
-                Resource::NetworkSet(s) => {
-                    let mut labels = s.metadata.labels.clone();
-                    labels.insert(
-                        calico::LABEL_NAMESPACE.into(),
-                        s.metadata.namespace.clone().unwrap_or_default(),
-                    );
-                    out.push(LabelledNets {
-                        key: r.key(),
-                        labels,
-                        nets: &s.spec.nets,
-                        endpoint: None,
+        // Profiles looked up once, not once per endpoint: this runs over
+        // every endpoint in the cluster on each full compile.
+        let profiles: std::collections::HashMap<&str, &Labels> = self
+            .of_kind(Kind::Profile)
+            .filter_map(|r| match r {
+                Resource::Profile(p) => Some((p.metadata.name.as_str(), &p.spec.labels_to_apply)),
+                _ => None,
+            })
+            .collect();
+        self.resources()
+            .filter_map(|r| match r {
+                Resource::WorkloadEndpoint(w) => {
+                    let inherited = w
+                        .spec
+                        .profiles
+                        .iter()
+                        .filter_map(|p| profiles.get(p.as_str()).copied())
+                        .collect();
+                    Some(LabelledNets {
+                        labels: LabelView::Layered {
+                            own: &w.metadata.labels,
+                            inherited,
+                        },
+                        nets: &w.spec.ip_networks,
+                        endpoint: Some(w),
                     })
                 }
-                Resource::GlobalNetworkSet(s) => out.push(LabelledNets {
-                    key: r.key(),
-                    labels: s.metadata.labels.clone(),
+                _ => self.labelled(r),
+            })
+            .collect()
+    }
+
+    /// `r` as a selector sees it, if it has addresses (an endpoint or a
+    /// network set); `r` need not be in the state (an incremental compile
+    /// passes the value a change replaced), but its labels are resolved
+    /// against the profiles in the state.
+    pub fn labelled<'a>(&'a self, r: &'a Resource) -> Option<LabelledNets<'a>> {
+        match r {
+            Resource::WorkloadEndpoint(w) => Some(LabelledNets {
+                labels: LabelView::Owned(self.endpoint_labels(w)),
+                nets: &w.spec.ip_networks,
+                endpoint: Some(w),
+            }),
+            Resource::NetworkSet(s) => {
+                let mut labels = s.metadata.labels.clone();
+                labels.insert(
+                    calico::LABEL_NAMESPACE.into(),
+                    s.metadata.namespace.clone().unwrap_or_default(),
+                );
+                Some(LabelledNets {
+                    labels: LabelView::Owned(labels),
                     nets: &s.spec.nets,
                     endpoint: None,
-                }),
-                _ => {}
+                })
             }
+            Resource::GlobalNetworkSet(s) => Some(LabelledNets {
+                labels: LabelView::Layered {
+                    own: &s.metadata.labels,
+                    inherited: vec![],
+                },
+                nets: &s.spec.nets,
+                endpoint: None,
+            }),
+            _ => None,
         }
-        out
     }
 
     /// The policies, each resolved (selectors parsed and namespace-scoped).
@@ -167,8 +200,7 @@ impl ClusterState {
 /// Something with addresses and labels: an endpoint or a network set.
 #[derive(Debug, Clone)]
 pub struct LabelledNets<'a> {
-    pub key: ResourceKey,
-    pub labels: Labels,
+    pub labels: LabelView<'a>,
     pub nets: &'a [IpNet],
     pub endpoint: Option<&'a WorkloadEndpoint>,
 }

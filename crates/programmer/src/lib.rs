@@ -31,13 +31,16 @@
 mod batch;
 mod consts;
 mod decode;
+mod elements;
 mod encode;
 pub mod iptables;
+pub mod monitor;
 mod netlink;
 pub mod nflog;
 mod nla;
 mod plan;
 mod readback;
+mod rebuild;
 pub mod testutil;
 pub mod trace;
 
@@ -84,6 +87,10 @@ pub enum Error {
     /// re-reads the kernel first (or call [`NftProgrammer::adopt`]).
     #[error("the outcome of the transaction is unknown (kernel replies were lost); re-read the kernel state")]
     StateUnknown,
+    /// An element delta names something we have not committed; apply the
+    /// full ruleset instead.
+    #[error("cannot apply set element changes: {object} is not in the committed state; apply the full ruleset")]
+    NotCommitted { object: String },
     #[error("failed to read {family} table {table} back from the kernel")]
     ReadBack {
         family: &'static str,

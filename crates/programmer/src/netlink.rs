@@ -252,6 +252,26 @@ impl Socket {
         })
     }
 
+    /// The port id the kernel bound this socket to: nf_tables
+    /// notifications of our commits carry it as `nlmsg_pid`.
+    pub fn port_id(&self) -> Result<u32, Error> {
+        // SAFETY: zeroed sockaddr_nl is valid; its size is passed.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: addr and len are valid for writing.
+        let rc = unsafe {
+            libc::getsockname(
+                self.fd.as_raw_fd(),
+                &mut addr as *mut libc::sockaddr_nl as *mut libc::sockaddr,
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(Error::Receive(last_err()));
+        }
+        Ok(addr.nl_pid)
+    }
+
     fn take_seqs(&mut self, n: usize) -> u32 {
         let base = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(n as u32 + 1);

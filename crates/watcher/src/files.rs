@@ -52,7 +52,9 @@ pub struct Loaded {
     pub errors: Vec<FileError>,
 }
 
-/// Manifest files under `paths`, sorted within each directory.
+/// Manifest files under `paths`, sorted within each directory. Entries of a
+/// directory whose names start with `.` are left out (a path given itself is
+/// always taken).
 pub fn manifest_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, FileError> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), FileError> {
         let err = |e: std::io::Error| FileError::Read {
@@ -65,6 +67,15 @@ pub fn manifest_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, FileError> {
             .collect::<Result<_, _>>()?;
         entries.sort();
         for path in entries {
+            // Hidden entries are skipped: a Kubernetes ConfigMap mount holds
+            // each file three times, as `name` -> `..data/name`, in the
+            // `..data` symlink and in the `..<timestamp>` directory it points to.
+            let hidden = path
+                .file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+            if hidden {
+                continue;
+            }
             if path.is_dir() {
                 walk(&path, out)?;
             } else if matches!(
@@ -348,7 +359,8 @@ pub async fn watch(
             if first || !batch.is_empty() || last_invalid.as_ref() != Some(&invalid) {
                 generation = next;
                 for (key, reason) in &invalid {
-                    tracing::warn!(%key, %reason, "skipping a bad manifest");
+                    // Repeated every generation: the agent names each one once.
+                    tracing::debug!(%key, %reason, "skipping a bad manifest");
                     batch.push(Update::Invalid {
                         key: key.clone(),
                         reason: reason.clone(),

@@ -99,3 +99,34 @@ async fn file_source_emits_the_difference_after_an_edit() {
     assert_eq!(third, [Update::InSync { revision: 3 }]);
     assert!(cache.invalid.is_empty(), "{:?}", cache.invalid);
 }
+
+/// A ConfigMap volume as the kubelet lays it out: the real files in a
+/// `..<timestamp>` directory, a `..data` symlink to it, and one symlink per
+/// key through `..data`. Each manifest must be read once.
+#[test]
+fn configmap_mount_is_read_once() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let stamp = "..2024_05_01_12_00_00.123456789";
+    std::fs::create_dir(dir.path().join(stamp)).unwrap();
+    for name in ["policy.yaml", "namespaces.yaml"] {
+        std::fs::write(
+            dir.path().join(stamp).join(name),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+        )
+        .unwrap();
+        symlink(format!("..data/{name}"), dir.path().join(name)).unwrap();
+    }
+    symlink(stamp, dir.path().join("..data")).unwrap();
+
+    let files = watcher::files::manifest_files(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(
+        files,
+        vec![
+            dir.path().join("namespaces.yaml"),
+            dir.path().join("policy.yaml")
+        ]
+    );
+    let loaded = watcher::files::load(&[dir.path().to_path_buf()]).unwrap();
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+}

@@ -1,0 +1,256 @@
+//! The incremental compiler gives exactly what a full compile gives, after
+//! every kind of change, on generated clusters (with network sets that
+//! overlap pod addresses, so that nets inside nets are exercised); and its
+//! element deltas turn the previous ruleset into the new one.
+
+use std::collections::BTreeMap;
+
+use bench::{generate, workload, Scale, NODE_UNDER_TEST};
+use compiler::incremental::{IncrementalCompiler, Outcome};
+use compiler::{compile_nftables, CompileOptions};
+use model::calico::{
+    GlobalNetworkSet, NetworkSet, NetworkSetSpec, ObjectMeta, Resource, ResourceKey,
+};
+use model::state::ClusterState;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn network_set(i: usize, rng: &mut StdRng) -> Resource {
+    // Nets around the pod range 198.18.128.0/17 so that they contain pods,
+    // each other, or nothing.
+    let nets = (0..rng.random_range(1..4))
+        .map(|_| {
+            let len = rng.random_range(20..=32u8);
+            let addr = std::net::Ipv4Addr::from(
+                u32::from(std::net::Ipv4Addr::new(198, 18, 128, 0)) + rng.random_range(0..4096),
+            );
+            ipnet::IpNet::V4(ipnet::Ipv4Net::new(addr, len).unwrap().trunc())
+        })
+        .collect();
+    let mut labels = BTreeMap::new();
+    labels.insert("app".to_owned(), format!("app{}", rng.random_range(0..5)));
+    labels.insert("tier".to_owned(), "web".to_owned());
+    let metadata = |ns: Option<String>| ObjectMeta {
+        name: format!("set{i}"),
+        namespace: ns,
+        labels: labels.clone(),
+        ..Default::default()
+    };
+    if i.is_multiple_of(2) {
+        Resource::GlobalNetworkSet(GlobalNetworkSet {
+            api_version: model::calico::API_VERSION.into(),
+            metadata: metadata(None),
+            spec: NetworkSetSpec { nets },
+        })
+    } else {
+        Resource::NetworkSet(NetworkSet {
+            api_version: model::calico::API_VERSION.into(),
+            metadata: metadata(Some(bench::namespace_name(i % 4))),
+            spec: NetworkSetSpec { nets },
+        })
+    }
+}
+
+/// Applies `r` (or deletes `key`) to `state`, remembering the first old value.
+fn change(
+    state: &mut ClusterState,
+    changes: &mut BTreeMap<ResourceKey, Option<Resource>>,
+    key: ResourceKey,
+    r: Option<Resource>,
+) {
+    let old = match r {
+        Some(r) => state.upsert(r),
+        None => state.remove(&key),
+    };
+    changes.entry(key).or_insert(old);
+}
+
+#[test]
+fn incremental_equals_full_compile() {
+    for seed in 1..=3u64 {
+        let mut scale = Scale::new(60, 400);
+        scale.namespaces = 4;
+        scale.apps = 5;
+        scale.local_endpoints = 10;
+        scale.seed = seed;
+        let mut state = generate(&scale);
+        let mut rng = StdRng::seed_from_u64(seed);
+        for i in 0..6 {
+            let r = network_set(i, &mut rng);
+            state.upsert(r);
+        }
+        let opts = CompileOptions::new(NODE_UNDER_TEST);
+        let mut inc = IncrementalCompiler::new(opts.clone());
+        assert_eq!(
+            inc.update(&state, &BTreeMap::new()).unwrap(),
+            Outcome::Rebuilt
+        );
+        let mut next_pod = scale.pods;
+        let mut fast = 0;
+        for step in 0..150 {
+            let mut changes = BTreeMap::new();
+            // 1 to 3 changes per step, like a burst.
+            for _ in 0..rng.random_range(1..=3) {
+                let pods: Vec<_> = state.workload_endpoints().cloned().collect();
+                match rng.random_range(0..10) {
+                    0..=2 => {
+                        let mut w = workload(&scale, next_pod, &mut rng);
+                        next_pod += 1;
+                        // Mostly remote; now and then local (full path).
+                        if rng.random_bool(0.9) {
+                            w.spec.node = "node2".into();
+                        } else {
+                            w.spec.node = NODE_UNDER_TEST.into();
+                        }
+                        // Sometimes reuse another pod's address (shared nets).
+                        if rng.random_bool(0.2) {
+                            let other = &pods[rng.random_range(0..pods.len())];
+                            w.spec.ip_networks = other.spec.ip_networks.clone();
+                        }
+                        let r = Resource::WorkloadEndpoint(w);
+                        change(&mut state, &mut changes, r.key(), Some(r));
+                    }
+                    3..=4 => {
+                        let w = &pods[rng.random_range(0..pods.len())];
+                        let key = Resource::WorkloadEndpoint(w.clone()).key();
+                        change(&mut state, &mut changes, key, None);
+                    }
+                    5..=7 => {
+                        let mut w = pods[rng.random_range(0..pods.len())].clone();
+                        w.metadata
+                            .labels
+                            .insert("app".into(), format!("app{}", rng.random_range(0..5)));
+                        if rng.random_bool(0.3) {
+                            w.metadata.labels.insert("tier".into(), "web".into());
+                        }
+                        if rng.random_bool(0.2) {
+                            w.spec.ports.retain(|p| p.name != "http");
+                        }
+                        let r = Resource::WorkloadEndpoint(w);
+                        change(&mut state, &mut changes, r.key(), Some(r));
+                    }
+                    8 => {
+                        let r = network_set(rng.random_range(0..10), &mut rng);
+                        if rng.random_bool(0.3) {
+                            change(&mut state, &mut changes, r.key(), None);
+                        } else {
+                            change(&mut state, &mut changes, r.key(), Some(r));
+                        }
+                    }
+                    _ => {
+                        let p = bench::policy(&scale, rng.random_range(0..200), &mut rng);
+                        let r = Resource::NetworkPolicy(p);
+                        change(&mut state, &mut changes, r.key(), Some(r));
+                    }
+                }
+            }
+            let before = inc.ruleset().clone();
+            let outcome = inc.update(&state, &changes).unwrap();
+            let (logical, ruleset) = compile_nftables(&state, &opts).unwrap();
+            assert_eq!(
+                inc.logical(),
+                Some(&logical),
+                "seed {seed} step {step}: logical ruleset differs ({changes:?})"
+            );
+            assert!(
+                inc.ruleset() == &ruleset,
+                "seed {seed} step {step}: nftables ruleset differs"
+            );
+            if let Outcome::Elements(delta) = outcome {
+                fast += 1;
+                let mut patched = before;
+                delta.apply_to(&mut patched);
+                assert!(
+                    patched == ruleset,
+                    "seed {seed} step {step}: the delta does not turn the old ruleset into the new"
+                );
+            }
+        }
+        assert!(fast > 50, "most steps take the fast path ({fast})");
+    }
+}
+
+/// The deltas, applied with `NftProgrammer::apply_elements`, leave the
+/// kernel holding exactly the full compile's ruleset.
+#[test]
+fn element_deltas_reach_the_kernel() {
+    let _ns = programmer::testutil::Netns::enter("incdelta").unwrap();
+    let mut p = programmer::NftProgrammer::new().unwrap();
+    let mut scale = Scale::new(40, 300);
+    scale.namespaces = 3;
+    scale.apps = 4;
+    scale.local_endpoints = 8;
+    let mut state = generate(&scale);
+    let mut rng = StdRng::seed_from_u64(7);
+    for i in 0..4 {
+        state.upsert(network_set(i, &mut rng));
+    }
+    let opts = CompileOptions::new(NODE_UNDER_TEST);
+    let mut inc = IncrementalCompiler::new(opts.clone());
+    inc.rebuild(&state).unwrap();
+    p.apply(inc.ruleset()).unwrap();
+    let mut next_pod = scale.pods;
+    let mut deltas = 0;
+    for step in 0..60 {
+        let mut changes = BTreeMap::new();
+        let pods: Vec<_> = state.workload_endpoints().cloned().collect();
+        match step % 4 {
+            0 => {
+                let mut w = workload(&scale, next_pod, &mut rng);
+                next_pod += 1;
+                w.spec.node = "node2".into();
+                let r = Resource::WorkloadEndpoint(w);
+                change(&mut state, &mut changes, r.key(), Some(r));
+            }
+            1 => {
+                let w = pods
+                    .iter()
+                    .filter(|w| w.spec.node != NODE_UNDER_TEST)
+                    .nth(rng.random_range(0..100))
+                    .unwrap();
+                let key = Resource::WorkloadEndpoint(w.clone()).key();
+                change(&mut state, &mut changes, key, None);
+            }
+            2 => {
+                let mut w = pods
+                    .iter()
+                    .filter(|w| w.spec.node != NODE_UNDER_TEST)
+                    .nth(rng.random_range(0..100))
+                    .unwrap()
+                    .clone();
+                w.metadata
+                    .labels
+                    .insert("app".into(), format!("app{}", rng.random_range(0..4)));
+                let r = Resource::WorkloadEndpoint(w);
+                change(&mut state, &mut changes, r.key(), Some(r));
+            }
+            _ => {
+                let r = network_set(rng.random_range(0..6), &mut rng);
+                change(&mut state, &mut changes, r.key(), Some(r));
+            }
+        }
+        match inc.update(&state, &changes).unwrap() {
+            Outcome::Elements(delta) => {
+                deltas += 1;
+                p.apply_elements(&delta)
+                    .unwrap_or_else(|e| panic!("step {step}: {e} ({delta:?})"));
+            }
+            Outcome::Rebuilt => {
+                p.apply(inc.ruleset()).unwrap();
+            }
+        }
+        let want = compile_nftables(&state, &opts).unwrap().1;
+        for t in &want.tables {
+            let got = p
+                .read_back(t.family, compiler::nft::TABLE_NAME)
+                .unwrap()
+                .unwrap();
+            assert!(
+                got.sets == t.sets,
+                "step {step}: the kernel's {:?} sets differ from a full compile",
+                t.family
+            );
+        }
+    }
+    assert_eq!(deltas, 60, "every change here is a member change");
+}

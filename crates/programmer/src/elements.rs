@@ -1,0 +1,169 @@
+//! Applying set element deltas: the fast path for pod churn.
+//!
+//! When an incremental compile finds that only set members changed, there
+//! is no need to diff the whole desired ruleset against the committed one
+//! (which costs time in proportion to the ruleset, not to the change): the
+//! delta is encoded as it is — `DELSETELEM`, then `NEWSETELEM`, per set —
+//! in one atomic batch, and applied to the committed copy on success.
+
+use std::time::{Duration, Instant};
+
+use compiler::nft::{ElementDelta, Set, SetDelta, SetElement, SetKey, TABLE_NAME};
+use tracing::{debug, warn};
+
+use crate::batch::Batch;
+use crate::consts::{NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM};
+use crate::{describe_failure, encode, netlink, ApplyReport, Error, NftProgrammer, Transaction};
+
+impl NftProgrammer {
+    /// Applies set element changes to sets we committed earlier, in ONE
+    /// atomic transaction. Fails with [`Error::NotCommitted`] (nothing
+    /// sent) when a set of the delta is not in the committed state, or
+    /// nothing was committed yet: the caller then applies the full ruleset.
+    pub fn apply_elements(&mut self, delta: &ElementDelta) -> Result<ApplyReport, Error> {
+        let t0 = Instant::now();
+        let mut b = Batch::new();
+        {
+            let committed = self.committed.as_ref().ok_or_else(|| Error::NotCommitted {
+                object: "our tables (nothing committed or adopted yet)".into(),
+            })?;
+            for d in &delta.sets {
+                let set = committed
+                    .get(&d.family)
+                    .and_then(|t| t.sets.get(&d.set))
+                    .ok_or_else(|| Error::NotCommitted {
+                        object: format!("set {} {}", d.family.keyword(), d.set),
+                    })?;
+                encode_set_delta(&mut b, set, d).map_err(crate::plan::Error::from)?;
+            }
+        }
+        b.finish();
+        let mut tx = Transaction { batch: b };
+        let report = ApplyReport {
+            messages: tx.messages(),
+            bytes: tx.bytes(),
+            kinds: tx.kinds(),
+            encode_time: t0.elapsed(),
+            kernel_time: Duration::ZERO,
+        };
+        if tx.is_empty() {
+            return Ok(report);
+        }
+        self.send_transaction(&mut tx, report, |committed| {
+            for t in committed.values_mut() {
+                delta.apply_to_table(t);
+            }
+        })
+    }
+
+    /// Sends `tx`; on commit lets `commit` update the committed state and
+    /// remembers the generation (trusted only if ours was the only commit
+    /// since we looked). On [`Error::Transaction`] nothing changed.
+    pub(crate) fn send_transaction(
+        &mut self,
+        tx: &mut Transaction,
+        mut report: ApplyReport,
+        commit: impl FnOnce(
+            &mut std::collections::BTreeMap<compiler::nft::TableFamily, compiler::nft::Table>,
+        ),
+    ) -> Result<ApplyReport, Error> {
+        let gen_before = self.generation()?;
+        let offsets = tx.batch.offsets();
+        let t1 = Instant::now();
+        let outcome = self.sock.send_batch(&mut tx.batch.w.buf, &offsets);
+        report.kernel_time = t1.elapsed();
+        match outcome.map_err(Error::Send)? {
+            netlink::BatchOutcome::Committed { acked } => {
+                debug!(
+                    messages = report.messages,
+                    bytes = report.bytes,
+                    acked,
+                    ?report.kinds,
+                    "transaction committed"
+                );
+                commit(self.committed.get_or_insert_with(Default::default));
+                let gen_after = self.generation()?;
+                self.committed_gen = (gen_after == gen_before.wrapping_add(1)).then_some(gen_after);
+                Ok(report)
+            }
+            netlink::BatchOutcome::Rejected(errors) => {
+                let first = &errors[0];
+                let object = describe_failure(tx, first);
+                let kind = tx
+                    .batch
+                    .msgs
+                    .get(first.index)
+                    .map(|m| m.kind)
+                    .unwrap_or("?");
+                warn!(%object, errno = first.errno, message = ?first.message, "transaction rejected");
+                Err(Error::Transaction {
+                    object,
+                    kind,
+                    errno: first.errno,
+                    message: first.message.clone(),
+                    other_errors: errors.len() - 1,
+                })
+            }
+            netlink::BatchOutcome::Unknown { errors_seen } => {
+                warn!(
+                    errors = errors_seen.len(),
+                    "transaction outcome unknown; forgetting committed state"
+                );
+                self.committed = None;
+                self.committed_gen = None;
+                Err(Error::StateUnknown)
+            }
+        }
+    }
+}
+
+/// One set's delta as netlink messages, against the committed `set`.
+fn encode_set_delta(b: &mut Batch, set: &Set, d: &SetDelta) -> Result<(), encode::Error> {
+    let f = d.family;
+    let with = |elements: &[SetElement]| Set {
+        name: set.name.clone(),
+        key: set.key,
+        elements: elements.to_vec(),
+        comment: None,
+    };
+    match set.key {
+        SetKey::NamedPort => {
+            let del = encode::named_port_elems(f, &d.set, &d.remove)?;
+            let add = encode::named_port_elems(f, &d.set, &d.add)?;
+            encode::elements(b, NFT_MSG_DELSETELEM, f, TABLE_NAME, &d.set, &del)?;
+            encode::elements(b, NFT_MSG_NEWSETELEM, f, TABLE_NAME, &d.set, &add)?;
+        }
+        key => {
+            let width = encode::interval_width(f, key);
+            let removed = encode::intervals(f, &with(&d.remove))?;
+            let added = encode::intervals(f, &with(&d.add))?;
+            // nft's zero interval-end element: needed once the set's first
+            // interval does not start at 0 (see plan::set_delta). The new
+            // first element is the smallest of the added ones and the
+            // first committed one not removed.
+            let old_first = set.elements.first();
+            let kept_first = set.elements.iter().find(|e| !d.remove.contains(e));
+            let new_first = match (kept_first, d.add.iter().min()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let starts_above_zero = |e: Option<&SetElement>| -> Result<bool, encode::Error> {
+                Ok(match e {
+                    None => false,
+                    Some(e) => encode::needs_zero_end(&encode::intervals(
+                        f,
+                        &with(std::slice::from_ref(e)),
+                    )?),
+                })
+            };
+            let zero = !added.is_empty()
+                && starts_above_zero(new_first)?
+                && !starts_above_zero(old_first)?;
+            let del = encode::interval_elems(width, &removed, false);
+            let add = encode::interval_elems(width, &added, zero);
+            encode::elements(b, NFT_MSG_DELSETELEM, f, TABLE_NAME, &d.set, &del)?;
+            encode::elements(b, NFT_MSG_NEWSETELEM, f, TABLE_NAME, &d.set, &add)?;
+        }
+    }
+    Ok(())
+}

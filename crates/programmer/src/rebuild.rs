@@ -1,0 +1,126 @@
+//! The last resort when diffs keep failing: replace our tables whole, in
+//! one atomic transaction, whatever the kernel holds now.
+//!
+//! A diff is computed against what we believe the kernel holds; if someone
+//! changed our tables in a way read-back cannot express, or a kernel quirk
+//! makes the same diff fail every time, re-reading does not help. A
+//! rebuild does not depend on the kernel's current state at all: it
+//! destroys both of our tables (`NFT_MSG_DESTROYTABLE`, no error when one
+//! is missing) and creates the desired ruleset from scratch, in the same
+//! batch — so either the new ruleset is in force or, if the kernel rejects
+//! anything, the old one still is. Chains are re-created, so rule counters
+//! restart from zero.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use compiler::nft::{Ruleset, TableFamily, TABLE_NAME};
+use tracing::{info, warn};
+
+use crate::batch::{Batch, MsgMeta};
+use crate::{canonical, describe_failure, encode, netlink, plan};
+use crate::{ApplyReport, Error, NftProgrammer, Transaction};
+
+impl NftProgrammer {
+    /// The netlink port id of the programmer's socket. nf_tables
+    /// notifications of our own commits carry it, so a
+    /// [`crate::monitor::Monitor`] can tell them from foreign changes.
+    pub fn port_id(&self) -> Result<u32, Error> {
+        self.sock.port_id().map_err(Error::Open)
+    }
+
+    /// Makes the kernel hold `desired` by destroying our tables and
+    /// creating `desired` whole, in ONE atomic transaction (see the module
+    /// docs). On success the committed state is `desired`; on
+    /// [`Error::Transaction`] nothing changed in the kernel.
+    pub fn rebuild(&mut self, desired: &Ruleset) -> Result<ApplyReport, Error> {
+        let t0 = Instant::now();
+        let create = plan::plan(&BTreeMap::new(), desired)?;
+        let mut tx = Transaction {
+            batch: destroy_then(&create.batch),
+        };
+        let mut report = ApplyReport {
+            messages: tx.messages(),
+            bytes: tx.bytes(),
+            kinds: tx.kinds(),
+            encode_time: t0.elapsed(),
+            kernel_time: Duration::ZERO,
+        };
+        let gen_before = self.generation().ok();
+        let offsets = tx.batch.offsets();
+        let t1 = Instant::now();
+        let outcome = self.sock.send_batch(&mut tx.batch.w.buf, &offsets);
+        report.kernel_time = t1.elapsed();
+        match outcome.map_err(Error::Send)? {
+            netlink::BatchOutcome::Committed { .. } => {
+                info!(
+                    messages = report.messages,
+                    bytes = report.bytes,
+                    "rebuilt our tables from scratch"
+                );
+                let tables = desired
+                    .tables
+                    .iter()
+                    .map(|t| (t.family, canonical(t)))
+                    .collect();
+                self.committed = Some(tables);
+                let gen_after = self.generation().ok();
+                self.committed_gen = match (gen_before, gen_after) {
+                    (Some(b), Some(a)) if a == b.wrapping_add(1) => Some(a),
+                    _ => None,
+                };
+                Ok(report)
+            }
+            netlink::BatchOutcome::Rejected(errors) => {
+                let first = &errors[0];
+                let object = describe_failure(&tx, first);
+                let kind = tx
+                    .batch
+                    .msgs
+                    .get(first.index)
+                    .map(|m| m.kind)
+                    .unwrap_or("?");
+                warn!(%object, errno = first.errno, "rebuild rejected; the old tables stay");
+                Err(Error::Transaction {
+                    object,
+                    kind,
+                    errno: first.errno,
+                    message: first.message.clone(),
+                    other_errors: errors.len() - 1,
+                })
+            }
+            netlink::BatchOutcome::Unknown { .. } => {
+                self.committed = None;
+                self.committed_gen = None;
+                Err(Error::StateUnknown)
+            }
+        }
+    }
+}
+
+/// A batch destroying both of our tables, then carrying `create`'s
+/// messages (without its framing) unchanged: their set ids and bytes do not
+/// depend on where in the batch they sit.
+fn destroy_then(create: &Batch) -> Batch {
+    let mut b = Batch::new();
+    for family in [TableFamily::Ip, TableFamily::Ip6] {
+        encode::destroy_table(&mut b, family, TABLE_NAME);
+    }
+    let msgs = &create.msgs;
+    // msgs[0] is BATCH_BEGIN and the last one BATCH_END.
+    if msgs.len() > 2 {
+        let start = msgs[1].offset;
+        let end = msgs[msgs.len() - 1].offset;
+        let base = b.w.buf.len();
+        b.w.buf.extend_from_slice(&create.w.buf[start..end]);
+        for m in &msgs[1..msgs.len() - 1] {
+            b.msgs.push(MsgMeta {
+                offset: m.offset - start + base,
+                kind: m.kind,
+                subject: m.subject.clone(),
+            });
+        }
+    }
+    b.finish();
+    b
+}

@@ -1,0 +1,144 @@
+//! `NftProgrammer::rebuild`: replacing our tables whole, atomically, when
+//! diffs against a tampered kernel keep failing.
+
+mod common;
+
+use common::*;
+use compiler::nft::*;
+use programmer::testutil::nft_available;
+use programmer::{Error, NftProgrammer};
+
+fn snapshot(p: &mut NftProgrammer) -> (Option<Table>, Option<Table>) {
+    (
+        p.read_back(TableFamily::Ip, TABLE_NAME).unwrap(),
+        p.read_back(TableFamily::Ip6, TABLE_NAME).unwrap(),
+    )
+}
+
+fn table(rs: &Ruleset, family: TableFamily) -> Option<Table> {
+    rs.tables.iter().find(|t| t.family == family).cloned()
+}
+
+#[test]
+fn rebuild_repairs_tampering_that_makes_every_diff_fail() {
+    if !nft_available() {
+        eprintln!("skipping: the nft binary (used to tamper) is not installed");
+        return;
+    }
+    let (ns, mut p) = setup("rebuild-tamper");
+    let rs = sample_ruleset();
+    p.apply(&rs).unwrap();
+
+    // Someone deletes an element behind our back...
+    ns.nft(&[
+        "delete",
+        "element",
+        "ip",
+        TABLE_NAME,
+        "addrs",
+        "{",
+        "198.19.1.0/24",
+        "}",
+    ])
+    .unwrap();
+    // ...and the next desired state deletes it too: the diff carries a
+    // DELSETELEM of an element that is gone, which the kernel rejects.
+    let mut desired = rs.clone();
+    let t = desired
+        .tables
+        .iter_mut()
+        .find(|t| t.family == TableFamily::Ip)
+        .unwrap();
+    t.sets
+        .get_mut("addrs")
+        .unwrap()
+        .elements
+        .retain(|e| *e != SetElement::Net(net("198.19.1.0/24")));
+    t.chains.insert(
+        "cali-new".into(),
+        chain(
+            "cali-new",
+            vec![rule(vec![], vec![], Some(Verdict::Drop), "new")],
+        ),
+    );
+    match p.apply(&desired) {
+        Err(Error::Transaction { kind, errno, .. }) => {
+            assert_eq!(kind, "DELSETELEM");
+            assert_eq!(errno, libc::ENOENT);
+        }
+        other => panic!("expected the kernel to reject the diff, got {other:?}"),
+    }
+
+    let report = p.rebuild(&desired).unwrap();
+    assert_eq!(report.kinds.get("DESTROYTABLE"), Some(&2));
+    assert_eq!(
+        snapshot(&mut p),
+        (
+            table(&desired, TableFamily::Ip),
+            table(&desired, TableFamily::Ip6)
+        )
+    );
+    // The committed state is the desired one: nothing more to send, no drift.
+    assert!(!p.has_drift().unwrap());
+    assert_eq!(p.apply(&desired).unwrap().messages, 0);
+}
+
+#[test]
+fn rebuild_creates_our_tables_when_none_exist() {
+    let (_ns, mut p) = setup("rebuild-empty");
+    let rs = sample_ruleset();
+    p.rebuild(&rs).unwrap();
+    assert_eq!(
+        snapshot(&mut p),
+        (table(&rs, TableFamily::Ip), table(&rs, TableFamily::Ip6))
+    );
+    // A rebuild to nothing removes our tables.
+    p.rebuild(&Ruleset { tables: vec![] }).unwrap();
+    assert_eq!(snapshot(&mut p), (None, None));
+}
+
+#[test]
+fn a_rejected_rebuild_leaves_the_old_tables_in_force() {
+    let (_ns, mut p) = setup("rebuild-atomic");
+    let good = sample_ruleset();
+    p.apply(&good).unwrap();
+    let before = snapshot(&mut p);
+
+    let mut bad = good.clone();
+    let t = bad
+        .tables
+        .iter_mut()
+        .find(|t| t.family == TableFamily::Ip6)
+        .unwrap();
+    t.chains.insert(
+        "cali-broken".into(),
+        chain(
+            "cali-broken",
+            vec![rule(
+                vec![],
+                vec![],
+                Some(Verdict::Jump("cali-nowhere".into())),
+                "broken jump",
+            )],
+        ),
+    );
+    match p.rebuild(&bad) {
+        Err(Error::Transaction {
+            kind,
+            errno,
+            object,
+            ..
+        }) => {
+            assert_eq!(kind, "NEWRULE");
+            assert_eq!(errno, libc::ENOENT);
+            assert!(object.contains("broken jump"), "{object}");
+        }
+        other => panic!("expected the kernel to reject the rebuild, got {other:?}"),
+    }
+    // Both tables are still there, exactly as before (the destroys at the
+    // start of the batch were rolled back with the rest).
+    assert_eq!(snapshot(&mut p), before);
+    // And the programmer still believes what the kernel holds.
+    assert!(!p.has_drift().unwrap());
+    assert_eq!(p.apply(&good).unwrap().messages, 0);
+}

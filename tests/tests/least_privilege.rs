@@ -1,0 +1,382 @@
+//! Least privilege: `nftpolicy sync --once` and `nftpolicy run` (nftables
+//! backend, file datastore) with every capability dropped but
+//! CAP_NET_ADMIN (`setpriv`: bounding, inheritable and ambient sets reduced
+//! to net_admin, no_new_privs) program a lab node correctly — the kernel
+//! reads back as the desired ruleset and a denied probe is denied — and the
+//! agent's health and metrics listeners bind 127.0.0.1 by default.
+//!
+//! Entering the node's namespace is `ip netns exec`'s job, done before the
+//! privileges are dropped (setns needs CAP_SYS_ADMIN): the agent itself
+//! never changes namespace, so CAP_NET_ADMIN is all it needs.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use compiler::nft::{Ruleset, SetElement, Table, TableFamily, TABLE_NAME};
+use compiler::{compile_nftables, CompileOptions};
+use lab::agents::in_namespace;
+use lab::{nftpolicy_binary, write_state, Lab};
+use model::scenario::{ResolvedProbe, Scenario};
+use programmer::NftProgrammer;
+
+const SCENARIO: &str = r#"
+name: least-privilege
+steps:
+  - apply:
+      - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+      - apiVersion: v1
+        kind: Pod
+        metadata: {name: web, namespace: shop, labels: {app: web}}
+        spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
+      - apiVersion: v1
+        kind: Pod
+        metadata: {name: client, namespace: shop, labels: {app: client}}
+        spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+      - apiVersion: v1
+        kind: Pod
+        metadata: {name: intruder, namespace: shop, labels: {app: intruder}}
+        spec: {nodeName: node1, containers: [{name: i, ports: [{containerPort: 80, protocol: TCP}]}]}
+      - apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: web-from-client, namespace: shop}
+        spec:
+          podSelector: {matchLabels: {app: web}}
+          ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
+    probes:
+      - {from: shop/client, to: shop/web, port: 80, expect: allow}
+      - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
+      - {from: shop/web, to: shop/client, port: 80, expect: allow}
+  - apply:
+      - apiVersion: networking.k8s.io/v1
+        kind: NetworkPolicy
+        metadata: {name: client-from-nobody, namespace: shop}
+        spec:
+          podSelector: {matchLabels: {app: client}}
+          policyTypes: [Ingress]
+    probes:
+      - {from: shop/client, to: shop/web, port: 80, expect: allow}
+      - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
+      - {from: shop/web, to: shop/client, port: 80, expect: deny}
+"#;
+
+/// CAP_NET_ADMIN is capability 12.
+const NET_ADMIN_ONLY: u64 = 1 << 12;
+/// The agent's default listeners (felix's ports).
+const HEALTH_PORT: u16 = 9099;
+const METRICS_PORT: u16 = 9091;
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+type Tables = (Option<Table>, Option<Table>);
+
+/// The desired ruleset in read-back form, as crates/programmer/tests/compiled.rs.
+fn canonical(rs: &Ruleset) -> Tables {
+    let mut rs = rs.clone();
+    for t in &mut rs.tables {
+        for s in t.sets.values_mut() {
+            for e in &mut s.elements {
+                if let SetElement::Net(n) = e {
+                    *n = n.trunc();
+                }
+            }
+            s.elements.sort();
+            s.elements.dedup();
+        }
+    }
+    let take = |f: TableFamily| rs.tables.iter().find(|t| t.family == f).cloned();
+    (take(TableFamily::Ip), take(TableFamily::Ip6))
+}
+
+fn desired(dir: &Path) -> Tables {
+    let loaded = watcher::files::load(&[dir.to_owned()]).unwrap();
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let (_, rs) = compile_nftables(&loaded.state, &CompileOptions::new("node1")).unwrap();
+    canonical(&rs)
+}
+
+fn kernel(node_ns: &str) -> Tables {
+    in_namespace(node_ns, || {
+        let mut p = NftProgrammer::new()?;
+        Ok::<_, programmer::Error>((
+            p.read_back(TableFamily::Ip, TABLE_NAME)?,
+            p.read_back(TableFamily::Ip6, TABLE_NAME)?,
+        ))
+    })
+    .unwrap()
+    .unwrap()
+}
+
+/// `ip netns exec <ns> setpriv <only caps> -- nftpolicy <args>`; `caps`
+/// as setpriv spells them (`+net_admin,+net_raw`).
+fn with_caps(caps: &str, node_ns: &str, nftpolicy: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", node_ns, "setpriv"])
+        .args(["--reuid", "0", "--regid", "0", "--clear-groups"])
+        .arg(format!("--inh-caps=-all,{caps}"))
+        .arg(format!("--ambient-caps=-all,{caps}"))
+        .arg(format!("--bounding-set=-all,{caps}"))
+        .args(["--no-new-privs", "--"])
+        .arg(nftpolicy)
+        .args(args)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// With CAP_NET_ADMIN alone.
+fn least_privileged(node_ns: &str, nftpolicy: &Path, args: &[&str]) -> Command {
+    with_caps("+net_admin", node_ns, nftpolicy, args)
+}
+
+/// The nftables backend checks for (and removes) the iptables backend's
+/// leftovers with the iptables tools of `--iptables-backend`. The nft
+/// tools speak netlink (CAP_NET_ADMIN); the legacy ones (the default, as
+/// felix's) read x_tables through a raw socket and need CAP_NET_RAW too.
+const NFT_TOOLS: [&str; 2] = ["--iptables-backend", "nft"];
+
+fn assert_probes(lab: &mut Lab, probes: &[ResolvedProbe], when: &str) {
+    let results = lab.probe_all(probes).unwrap();
+    for (p, r) in probes.iter().zip(&results) {
+        assert_eq!(
+            r.allowed,
+            Some(p.probe.expect_allow),
+            "{when}: {}: {}",
+            p.probe,
+            r.detail
+        );
+    }
+}
+
+/// A capability set (`CapEff`, `CapBnd`, …) of a process, from /proc.
+fn capability_set(pid: u32, name: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"));
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
+/// `GET path` from 127.0.0.1:`port` inside `node_ns`.
+fn get(node_ns: &str, port: u16, path: &str) -> std::io::Result<String> {
+    let mut stream = in_namespace(node_ns, move || {
+        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5))
+    })
+    .unwrap()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// Kills the agent when the test ends, passing or failing.
+struct AgentGuard(Child);
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded) until `node_ns`'s kernel holds `want`, failing early
+/// with the agent's log if it exits.
+fn wait_programmed(agent: &mut AgentGuard, log: &Path, node_ns: &str, want: &Tables) {
+    let deadline = Instant::now() + TIMEOUT;
+    while &kernel(node_ns) != want {
+        if let Ok(Some(status)) = agent.0.try_wait() {
+            panic!(
+                "the least-privileged agent exited ({status}):\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the least-privileged agent did not program the node within {TIMEOUT:?}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        // Polling the kernel: the agent offers no notification of it.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sync_and_run_need_only_cap_net_admin_and_listen_on_loopback() {
+    let scenario = Scenario::parse("least-privilege.yaml", SCENARIO).unwrap();
+    let states = scenario.states().unwrap();
+    let probes = |step: usize| -> Vec<ResolvedProbe> {
+        scenario.steps[step]
+            .probes
+            .iter()
+            .map(|p| states[step].resolve_probe(p, &[]).unwrap())
+            .collect()
+    };
+    let nftpolicy = nftpolicy_binary();
+    let mut lab = Lab::build(&states[0].pods(), &[], &["node1"]).unwrap();
+    lab.set_probe_timeout(Duration::from_millis(1000));
+    let node_ns = lab.node_namespace("node1").unwrap().to_owned();
+
+    // 1. sync --once.
+    let step1: PathBuf = lab.workdir().join("step1");
+    write_state(&step1, &states[0]).unwrap();
+    let datastore = format!("file:{}", step1.display());
+    let out = least_privileged(
+        &node_ns,
+        &nftpolicy,
+        &[
+            &["sync", "--once", "--node", "node1", "--backend", "nftables"][..],
+            &NFT_TOOLS,
+            &["--datastore", &datastore],
+        ]
+        .concat(),
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "sync --once with only CAP_NET_ADMIN failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(kernel(&node_ns), desired(&step1), "after sync --once");
+    assert_probes(&mut lab, &probes(0), "sync --once with only CAP_NET_ADMIN");
+
+    // 2. run, with the default health and metrics addresses, on a state
+    // that changes the kernel (a new policy isolates client).
+    let step2: PathBuf = lab.workdir().join("step2");
+    write_state(&step2, &states[1]).unwrap();
+    let datastore = format!("file:{}", step2.display());
+    let log = lab.workdir().join("least-privileged-agent.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let child = least_privileged(
+        &node_ns,
+        &nftpolicy,
+        &[
+            &["run", "--node", "node1", "--backend", "nftables"][..],
+            &NFT_TOOLS,
+            &["--datastore", &datastore],
+        ]
+        .concat(),
+    )
+    .stdout(log_file.try_clone().unwrap())
+    .stderr(log_file)
+    .spawn()
+    .unwrap();
+    let mut agent = AgentGuard(child);
+    // `ip netns exec` and setpriv exec in place: the child's pid is the agent's.
+    let pid = agent.0.id();
+    let want = desired(&step2);
+    wait_programmed(&mut agent, &log, &node_ns, &want);
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(exe.ends_with("nftpolicy"), "pid {pid} is {}", exe.display());
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(
+            capability_set(pid, set),
+            NET_ADMIN_ONLY,
+            "{set} of the agent is not CAP_NET_ADMIN alone"
+        );
+    }
+    assert_probes(&mut lab, &probes(1), "run with only CAP_NET_ADMIN");
+
+    // Health and metrics answer on 127.0.0.1 inside the node...
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match get(&node_ns, HEALTH_PORT, "/readiness") {
+            Ok(r) if r.starts_with("HTTP/1.1 200") => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "/readiness on 127.0.0.1:{HEALTH_PORT}: {other:?}"
+            ),
+        }
+        // Polling a listener that has no readiness signal but itself.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = get(&node_ns, METRICS_PORT, "/metrics").unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    // ...and are bound to 127.0.0.1 only: that is the whole listening list.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &node_ns, "ss", "-ltnH"])
+        .output()
+        .unwrap();
+    let listening = String::from_utf8_lossy(&out.stdout);
+    for port in [HEALTH_PORT, METRICS_PORT] {
+        let locals: Vec<&str> = listening
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter(|local| local.ends_with(&format!(":{port}")))
+            .collect();
+        assert_eq!(
+            locals,
+            [format!("127.0.0.1:{port}")],
+            "listeners on port {port}:\n{listening}"
+        );
+    }
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !log_text.contains("ERROR") && !log_text.contains("WARN"),
+        "the least-privileged agent complained:\n{log_text}"
+    );
+    drop(agent);
+    drop(lab);
+}
+
+/// With felix's default legacy iptables tools, `sync --once` needs
+/// CAP_NET_RAW besides CAP_NET_ADMIN (see [`NFT_TOOLS`]), and nothing more.
+#[test]
+fn sync_with_legacy_iptables_tools_needs_net_admin_and_net_raw() {
+    let scenario = Scenario::parse("least-privilege.yaml", SCENARIO).unwrap();
+    let states = scenario.states().unwrap();
+    let nftpolicy = nftpolicy_binary();
+    let mut lab = Lab::build(&states[0].pods(), &[], &["node1"]).unwrap();
+    lab.set_probe_timeout(Duration::from_millis(1000));
+    let node_ns = lab.node_namespace("node1").unwrap().to_owned();
+    let dir: PathBuf = lab.workdir().join("step1");
+    write_state(&dir, &states[0]).unwrap();
+    let datastore = format!("file:{}", dir.display());
+    let args = [
+        "sync",
+        "--once",
+        "--node",
+        "node1",
+        "--backend",
+        "nftables",
+        "--datastore",
+        &datastore,
+    ];
+
+    let out = least_privileged(&node_ns, &nftpolicy, &args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "legacy iptables tools without CAP_NET_RAW: {stderr}"
+    );
+    assert!(stderr.contains("iptables-legacy-save"), "{stderr}");
+
+    let out = with_caps("+net_admin,+net_raw", &node_ns, &nftpolicy, &args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sync --once with CAP_NET_ADMIN and CAP_NET_RAW failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(kernel(&node_ns), desired(&dir));
+    let probes: Vec<ResolvedProbe> = scenario.steps[0]
+        .probes
+        .iter()
+        .map(|p| states[0].resolve_probe(p, &[]).unwrap())
+        .collect();
+    assert_probes(
+        &mut lab,
+        &probes,
+        "legacy tools, CAP_NET_ADMIN and CAP_NET_RAW",
+    );
+}
