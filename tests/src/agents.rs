@@ -17,7 +17,6 @@
 //! thread that started them (PR_SET_PDEATHSIG) if the lab process itself is
 //! killed.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -26,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use model::kube::KubeObject;
 use model::scenario::StepState;
-use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -377,21 +375,12 @@ fn log_tail(path: &Path) -> String {
 /// Runs `f` on a fresh thread inside the lab namespace `name` (as
 /// [`Lab::node_namespace`] names it), e.g. to read a node's nftables.
 pub fn in_namespace<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, LabError> {
-    in_netns(&Path::new("/run/netns").join(name), f)
+    crate::netns::run_in(name, f)
 }
 
 /// Runs `f` on a fresh thread inside the namespace at `path`.
 fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T, LabError> {
-    let file = File::open(path).map_err(|e| LabError::io(path.display().to_string(), e))?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| LabError::io(format!("setns into {}", path.display()), e.into()))?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    crate::netns::run_in_path(path, f)
 }
 
 /// `GET path` from `addr` inside the namespace at `netns_path`.

@@ -8,13 +8,17 @@
 //! client port), to learn the store's revision; the writes themselves go
 //! through `nftpolicy apply|delete`.
 
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use testkit::etcd::{EtcdOptions, EtcdProcess};
+
 use crate::LabError;
+
+/// The child dies with the thread that started it (shared with the lab's
+/// agents).
+pub(crate) use testkit::set_parent_death_signal;
 
 /// How long etcd may take to answer after starting.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,9 +27,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running etcd; killed and its data removed on drop.
 pub struct EtcdServer {
-    child: Child,
-    dir: tempfile::TempDir,
-    client_port: u16,
+    /// Kills etcd and removes its data dir on drop.
+    process: EtcdProcess,
     /// Set by [`EtcdServer::start_tls`].
     tls: Option<EtcdTls>,
 }
@@ -44,28 +47,6 @@ pub struct EtcdTls {
     pub plain_port: u16,
 }
 
-fn etcd_binary() -> Result<PathBuf, LabError> {
-    if let Some(p) = std::env::var_os("NFTPOLICY_ETCD") {
-        return Ok(p.into());
-    }
-    crate::netns::find_tool("etcd").ok_or_else(|| {
-        LabError::Setup(
-            "the etcd datastore needs an etcd server: `apt-get install -y etcd-server` \
-             (or set NFTPOLICY_ETCD)"
-                .into(),
-        )
-    })
-}
-
-/// A loopback port that was free when asked.
-pub(crate) fn free_port() -> Result<u16, LabError> {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| LabError::io("finding a free loopback port", e))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| LabError::io("finding a free loopback port", e))
-}
-
 impl EtcdServer {
     /// Starts etcd and waits until it answers.
     pub fn start() -> Result<EtcdServer, LabError> {
@@ -80,81 +61,32 @@ impl EtcdServer {
     }
 
     fn start_with(tls: bool) -> Result<EtcdServer, LabError> {
-        let binary = etcd_binary()?;
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
+        let options = EtcdOptions {
+            member_name: "nplab",
+            dir_prefix: "nplab-etcd-",
+            tls,
+            plain_listener: true,
         };
         let mut last = String::new();
-        // A port taken by someone else between free_port() and etcd's bind
+        // A port taken by someone else between picking it and etcd's bind
         // is retried with new ports.
         for _ in 0..3 {
-            let dir = tempfile::Builder::new()
-                .prefix("nplab-etcd-")
-                .tempdir_in(&base)
-                .map_err(|e| LabError::io("creating etcd's data directory", e))?;
-            let (client_port, peer_port) = (free_port()?, free_port()?);
-            let log_path = dir.path().join("etcd.log");
-            let log = std::fs::File::create(&log_path)
-                .map_err(|e| LabError::io(log_path.display().to_string(), e))?;
-            let log2 = log
-                .try_clone()
-                .map_err(|e| LabError::io(log_path.display().to_string(), e))?;
-            let tls = if tls {
-                Some(crate::etcd_tls::generate(dir.path(), free_port()?)?)
-            } else {
-                None
+            let process = EtcdProcess::spawn(&options)?;
+            let tls = match (process.certs(), process.plain_port()) {
+                (Some(certs), Some(plain_port)) => Some(EtcdTls {
+                    ca: certs.ca.clone(),
+                    server_cert: certs.server_cert.clone(),
+                    server_key: certs.server_key.clone(),
+                    client_cert: certs.client_cert.clone(),
+                    client_key: certs.client_key.clone(),
+                    plain_port,
+                }),
+                _ => None,
             };
-            let (client, listen) = match &tls {
-                Some(t) => (
-                    format!("https://127.0.0.1:{client_port}"),
-                    format!(
-                        "https://127.0.0.1:{client_port},http://127.0.0.1:{}",
-                        t.plain_port
-                    ),
-                ),
-                None => {
-                    let url = format!("http://127.0.0.1:{client_port}");
-                    (url.clone(), url)
-                }
-            };
-            let peer = format!("http://127.0.0.1:{peer_port}");
-            let mut cmd = Command::new(&binary);
-            cmd.args(["--name", "nplab", "--data-dir"])
-                .arg(dir.path().join("data"))
-                .args(["--listen-client-urls", &listen])
-                .args(["--advertise-client-urls", &client])
-                .args(["--listen-peer-urls", &peer])
-                .args(["--initial-advertise-peer-urls", &peer])
-                .arg("--initial-cluster")
-                .arg(format!("nplab={peer}"))
-                .args(["--log-level", "warn", "--logger", "zap"])
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log2);
-            if let Some(t) = &tls {
-                cmd.arg("--cert-file")
-                    .arg(&t.server_cert)
-                    .arg("--key-file")
-                    .arg(&t.server_key)
-                    .arg("--trusted-ca-file")
-                    .arg(&t.ca)
-                    .arg("--client-cert-auth");
-            }
-            set_parent_death_signal(&mut cmd);
-            let child = cmd
-                .spawn()
-                .map_err(|e| LabError::io(format!("starting {}", binary.display()), e))?;
-            let mut server = EtcdServer {
-                child,
-                dir,
-                client_port,
-                tls,
-            };
+            let mut server = EtcdServer { process, tls };
             match server.wait_ready() {
                 Ok(()) => {
-                    crate::trace(|| format!("etcd on 127.0.0.1:{client_port}"));
+                    crate::trace(|| format!("etcd on 127.0.0.1:{}", server.client_port()));
                     return Ok(server);
                 }
                 Err(e) => last = format!("{e}\n{}", server.log()),
@@ -165,13 +97,13 @@ impl EtcdServer {
 
     /// The client port on 127.0.0.1.
     pub fn client_port(&self) -> u16 {
-        self.client_port
+        self.process.client_port()
     }
 
     /// `etcd://127.0.0.1:<port>` (`https://…` with TLS), as `nftpolicy` takes it.
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "etcd" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://127.0.0.1:{}", self.client_port())
     }
 
     /// The TLS files, for an etcd from [`EtcdServer::start_tls`].
@@ -181,14 +113,17 @@ impl EtcdServer {
 
     /// What etcd wrote to its log.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+        self.process.log()
     }
 
     /// The store's current revision (the header of a range read).
     pub fn revision(&self) -> Result<i64, LabError> {
         // A range over a key nobody writes; only the header matters.
         let body = r#"{"key":"bnBsYWItcmV2aXNpb24="}"#;
-        let port = self.tls.as_ref().map_or(self.client_port, |t| t.plain_port);
+        let port = self
+            .tls
+            .as_ref()
+            .map_or(self.client_port(), |t| t.plain_port);
         let stream = TcpStream::connect(("127.0.0.1", port))
             .map_err(|e| LabError::io("connecting to etcd", e))?;
         let (status, text) = crate::agents::http(stream, "POST", "/v3/kv/range", Some(body))
@@ -208,7 +143,7 @@ impl EtcdServer {
     fn wait_ready(&mut self) -> Result<(), LabError> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.process.exit_status() {
                 return Err(LabError::Setup(format!("etcd exited ({status})")));
             }
             match self.revision() {
@@ -223,29 +158,6 @@ impl EtcdServer {
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
-    }
-}
-
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // The TempDir removes the data dir as it drops.
-    }
-}
-
-/// The child dies with the thread that started it, also when the lab
-/// itself is killed.
-pub(crate) fn set_parent_death_signal(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-    // and exec here.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 

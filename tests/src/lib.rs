@@ -22,7 +22,6 @@
 pub mod agents;
 mod e2e;
 pub mod etcd;
-mod etcd_tls;
 pub mod generate;
 mod lab;
 pub mod netns;
@@ -99,6 +98,17 @@ impl LabError {
         LabError::Io {
             what: what.into(),
             source,
+        }
+    }
+}
+
+/// Failures of the shared test support (etcd, namespaces) in the lab's terms.
+impl From<testkit::TestkitError> for LabError {
+    fn from(e: testkit::TestkitError) -> LabError {
+        match e {
+            testkit::TestkitError::Io { what, source } => LabError::Io { what, source },
+            testkit::TestkitError::Command { what, detail } => LabError::Command { what, detail },
+            testkit::TestkitError::Missing(what) => LabError::Setup(what),
         }
     }
 }

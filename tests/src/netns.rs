@@ -8,7 +8,6 @@
 //! recognises the prefix and a dead owner pid.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,11 +15,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
 
 use nix::mount::{umount2, MntFlags};
-use nix::sched::{setns, CloneFlags};
 
 use crate::LabError;
 
-pub const NETNS_DIR: &str = "/run/netns";
+pub use testkit::netns::NETNS_DIR;
 /// The first characters of every namespace name the lab makes.
 pub const NAME_PREFIX: &str = "nplab";
 
@@ -129,20 +127,25 @@ fn delete_mount(name: &str) -> std::io::Result<()> {
 
 /// Where a tool lives: `PATH`, then the sbin directories a non-login root
 /// shell may lack.
-pub fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(
-            ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-                .iter()
-                .map(PathBuf::from),
-        )
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
+pub use testkit::find_tool;
 
 pub(crate) fn ip_tool() -> Result<PathBuf, LabError> {
     find_tool("ip").ok_or_else(|| LabError::Setup("`ip` (iproute2) is not installed".into()))
+}
+
+/// Runs `f` on a fresh thread inside the namespace `ip netns` knows as
+/// `name` (one this process does not own, e.g. a lab node's, from another
+/// program such as `cargo xtask demo`).
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, LabError> {
+    run_in_path(&Path::new(NETNS_DIR).join(name), f)
+}
+
+/// Runs `f` on a fresh thread inside the namespace mounted at `path`.
+pub(crate) fn run_in_path<T: Send>(
+    path: &Path,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, LabError> {
+    Ok(testkit::netns::run_in(path, f)?)
 }
 
 /// One network namespace, removed on drop.
@@ -191,20 +194,7 @@ impl Netns {
     /// and `/proc/thread-self/net` show the namespace's view. The thread is
     /// never reused, so no other code runs in the wrong namespace.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, LabError> {
-        let path = self.path();
-        let file = File::open(&path).map_err(|e| LabError::io(path.display().to_string(), e))?;
-        std::thread::scope(|s| {
-            let handle = s.spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    LabError::io(format!("setns into {}", path.display()), e.into())
-                })?;
-                Ok(f())
-            });
-            match handle.join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        })
+        run_in_path(&self.path(), f)
     }
 
     /// Writes `net.…` sysctls inside this namespace (dots become slashes;

@@ -132,8 +132,11 @@ fn least_privileged(node_ns: &str, nftpolicy: &Path, args: &[&str]) -> Command {
 /// The nftables backend checks for (and removes) the iptables backend's
 /// leftovers with the iptables tools of `--iptables-backend`. The nft
 /// tools speak netlink (CAP_NET_ADMIN); the legacy ones (the default, as
-/// felix's) read x_tables through a raw socket and need CAP_NET_RAW too.
+/// felix's) read x_tables through a raw socket and need CAP_NET_RAW too,
+/// but are run only where a legacy filter table exists. The first test
+/// runs with each.
 const NFT_TOOLS: [&str; 2] = ["--iptables-backend", "nft"];
+const LEGACY_TOOLS: [&str; 2] = ["--iptables-backend", "legacy"];
 
 fn assert_probes(lab: &mut Lab, probes: &[ResolvedProbe], when: &str) {
     let results = lab.probe_all(probes).unwrap();
@@ -207,6 +210,30 @@ fn wait_programmed(agent: &mut AgentGuard, log: &Path, node_ns: &str, want: &Tab
 
 #[test]
 fn sync_and_run_need_only_cap_net_admin_and_listen_on_loopback() {
+    sync_and_run_with_only_cap_net_admin(&NFT_TOOLS);
+}
+
+/// With the default legacy iptables tools, on a node with no legacy filter
+/// table (so no iptables-mode leftovers), CAP_NET_ADMIN is still enough.
+#[test]
+fn sync_and_run_with_legacy_iptables_tools_need_only_cap_net_admin_without_leftovers() {
+    sync_and_run_with_only_cap_net_admin(&LEGACY_TOOLS);
+}
+
+/// The legacy (x_tables) tables of `node_ns`, IPv4 and IPv6.
+fn legacy_tables(node_ns: &str) -> String {
+    in_namespace(node_ns, || {
+        [
+            "/proc/thread-self/net/ip_tables_names",
+            "/proc/thread-self/net/ip6_tables_names",
+        ]
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .concat()
+    })
+    .unwrap()
+}
+
+fn sync_and_run_with_only_cap_net_admin(iptables_tools: &[&str]) {
     let scenario = Scenario::parse("least-privilege.yaml", SCENARIO).unwrap();
     let states = scenario.states().unwrap();
     let probes = |step: usize| -> Vec<ResolvedProbe> {
@@ -220,6 +247,11 @@ fn sync_and_run_need_only_cap_net_admin_and_listen_on_loopback() {
     let mut lab = Lab::build(&states[0].pods(), &[], &["node1"]).unwrap();
     lab.set_probe_timeout(Duration::from_millis(1000));
     let node_ns = lab.node_namespace("node1").unwrap().to_owned();
+    assert_eq!(
+        legacy_tables(&node_ns),
+        "",
+        "a fresh node has no legacy tables"
+    );
 
     // 1. sync --once.
     let step1: PathBuf = lab.workdir().join("step1");
@@ -230,7 +262,7 @@ fn sync_and_run_need_only_cap_net_admin_and_listen_on_loopback() {
         &nftpolicy,
         &[
             &["sync", "--once", "--node", "node1", "--backend", "nftables"][..],
-            &NFT_TOOLS,
+            iptables_tools,
             &["--datastore", &datastore],
         ]
         .concat(),
@@ -258,7 +290,7 @@ fn sync_and_run_need_only_cap_net_admin_and_listen_on_loopback() {
         &nftpolicy,
         &[
             &["run", "--node", "node1", "--backend", "nftables"][..],
-            &NFT_TOOLS,
+            iptables_tools,
             &["--datastore", &datastore],
         ]
         .concat(),
@@ -321,12 +353,19 @@ fn sync_and_run_need_only_cap_net_admin_and_listen_on_loopback() {
         !log_text.contains("ERROR") && !log_text.contains("WARN"),
         "the least-privileged agent complained:\n{log_text}"
     );
+    assert_eq!(
+        legacy_tables(&node_ns),
+        "",
+        "looking for iptables leftovers loaded a legacy table"
+    );
     drop(agent);
     drop(lab);
 }
 
-/// With felix's default legacy iptables tools, `sync --once` needs
-/// CAP_NET_RAW besides CAP_NET_ADMIN (see [`NFT_TOOLS`]), and nothing more.
+/// With felix's default legacy iptables tools, on a node that does have a
+/// legacy filter table (where iptables-mode leftovers can be), `sync --once`
+/// needs CAP_NET_RAW besides CAP_NET_ADMIN to read it, says so, and needs
+/// nothing more.
 #[test]
 fn sync_with_legacy_iptables_tools_needs_net_admin_and_net_raw() {
     let scenario = Scenario::parse("least-privilege.yaml", SCENARIO).unwrap();
@@ -349,6 +388,22 @@ fn sync_with_legacy_iptables_tools_needs_net_admin_and_net_raw() {
         &datastore,
     ];
 
+    // Any legacy filter table will do (loading one takes the privileges
+    // the agent is denied); an empty one holds nothing to clean up.
+    let loaded = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node_ns,
+            "iptables-legacy",
+            "-t",
+            "filter",
+            "-S",
+        ])
+        .output()
+        .unwrap();
+    assert!(loaded.status.success(), "{loaded:?}");
+
     let out = least_privileged(&node_ns, &nftpolicy, &args)
         .output()
         .unwrap();
@@ -357,7 +412,10 @@ fn sync_with_legacy_iptables_tools_needs_net_admin_and_net_raw() {
         !out.status.success(),
         "legacy iptables tools without CAP_NET_RAW: {stderr}"
     );
-    assert!(stderr.contains("iptables-legacy-save"), "{stderr}");
+    assert!(
+        stderr.contains("iptables-legacy-save") && stderr.contains("CAP_NET_RAW"),
+        "the failure does not name the tool and the capability: {stderr}"
+    );
 
     let out = with_caps("+net_admin,+net_raw", &node_ns, &nftpolicy, &args)
         .output()

@@ -22,7 +22,6 @@ use anyhow::{bail, Context};
 use lab::Lab;
 use model::scenario::{Family, Probe, ProbeEnd, ProbePort, ResolvedProbe, Scenario, StepState};
 use model::semantics::Evaluator;
-use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -789,16 +788,7 @@ impl Drop for Agents {
 
 /// Runs `f` on a thread that entered the namespace `/run/netns/<netns>`.
 fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    let path = Path::new(lab::netns::NETNS_DIR).join(netns);
-    let file = File::open(&path).with_context(|| path.display().to_string())?;
-    std::thread::scope(|s| {
-        s.spawn(move || -> anyhow::Result<T> {
-            setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    Ok(lab::netns::run_in(netns, f)?)
 }
 
 /// A TCP port free on the namespace's loopback (just now).

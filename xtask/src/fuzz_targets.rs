@@ -23,6 +23,16 @@ pub struct FuzzTargetsArgs {
     targets: Vec<String>,
 }
 
+impl FuzzTargetsArgs {
+    /// The short fixed budget `cargo xtask test` runs: every target.
+    pub fn ci() -> FuzzTargetsArgs {
+        FuzzTargetsArgs {
+            seconds: 15,
+            targets: vec![],
+        }
+    }
+}
+
 fn fuzz_dir() -> PathBuf {
     crate::root().join("fuzz")
 }

@@ -163,9 +163,16 @@ fn cargo() -> Command {
 /// `cargo build -p nftpolicy`, returning the binary's path as cargo reports
 /// it (whatever the target directory is).
 fn build_nftpolicy() -> anyhow::Result<PathBuf> {
+    build_nftpolicy_profile(false)
+}
+
+/// Builds the `nftpolicy` binary (`release` for measurements that mean
+/// something) and returns its path.
+fn build_nftpolicy_profile(release: bool) -> anyhow::Result<PathBuf> {
     let out = cargo()
+        .arg("build")
+        .args(release.then_some("--release"))
         .args([
-            "build",
             "-p",
             "nftpolicy",
             "--bin",
@@ -321,6 +328,13 @@ fn test() -> anyhow::Result<bool> {
                     paths: default_scenario_paths(),
                 })
             },
+        ),
+        ("cargo-fuzz targets, 15 s each", &|| {
+            fuzz_targets::run(&fuzz_targets::FuzzTargetsArgs::ci())
+        }),
+        (
+            "churn soak: 10,000 pods, 100 changes/s for 30 s through etcd",
+            &|| soak::run(&soak::SoakArgs::ci()),
         ),
         ("fuzz: 200 cases, seed 1", &|| {
             e2e(&E2eArgs {

@@ -84,6 +84,24 @@ pub struct SoakArgs {
     /// Seed of the change sequence.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run a debug build of the agent (quicker to build; its latencies are
+    /// not the product's).
+    #[arg(long)]
+    debug_build: bool,
+}
+
+impl SoakArgs {
+    /// The short version `cargo xtask test` runs.
+    pub fn ci() -> SoakArgs {
+        SoakArgs {
+            pods: 10_000,
+            rate: 100,
+            seconds: 30,
+            backend: SoakBackend::Nftables,
+            seed: 1,
+            debug_build: true,
+        }
+    }
 }
 
 pub fn run(args: &SoakArgs) -> anyhow::Result<bool> {
@@ -94,7 +112,13 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<bool> {
         bail!("--pods, --rate and --seconds must be positive");
     }
     let started = Instant::now();
-    let nftpolicy = super::build_nftpolicy()?;
+    let built = super::build_nftpolicy_profile(!args.debug_build)?;
+    // A private copy: a rebuild of the tree during the soak must not pull
+    // the binary from under the `nftpolicy apply` calls.
+    let copy_dir = tempfile::tempdir().context("creating a temporary directory")?;
+    let nftpolicy = copy_dir.path().join("nftpolicy");
+    std::fs::copy(&built, &nftpolicy)
+        .with_context(|| format!("copying {} to {}", built.display(), nftpolicy.display()))?;
     let backend = match args.backend {
         SoakBackend::Nftables => "nftables",
         SoakBackend::Iptables => "iptables",

@@ -48,7 +48,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use compiler::nft::{Ruleset, Table, TableFamily, TABLE_NAME};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 pub use batch::Subject;
 pub use decode::{FOREIGN_RULE_PREFIX, FOREIGN_SET_PREFIX};
@@ -238,7 +238,7 @@ impl NftProgrammer {
         let t0 = Instant::now();
         let mut tx = self.plan(desired)?;
         let encode_time = t0.elapsed();
-        let mut report = ApplyReport {
+        let report = ApplyReport {
             messages: tx.messages(),
             bytes: tx.bytes(),
             kinds: tx.kinds(),
@@ -249,59 +249,13 @@ impl NftProgrammer {
             debug!("desired ruleset equals the committed one; nothing to send");
             return Ok(report);
         }
-        let gen_before = self.generation()?;
-        let offsets = tx.batch.offsets();
-        let t1 = Instant::now();
-        let outcome = self.sock.send_batch(&mut tx.batch.w.buf, &offsets);
-        report.kernel_time = t1.elapsed();
-        match outcome.map_err(Error::Send)? {
-            netlink::BatchOutcome::Committed { acked } => {
-                debug!(
-                    messages = report.messages,
-                    bytes = report.bytes,
-                    acked,
-                    ?report.kinds,
-                    "transaction committed"
-                );
-                let mut tables = BTreeMap::new();
-                for t in &desired.tables {
-                    tables.insert(t.family, canonical(t));
-                }
-                self.committed = Some(tables);
-                // Trust the generation only if ours was the only commit
-                // since we looked; otherwise has_drift must read.
-                let gen_after = self.generation()?;
-                self.committed_gen = (gen_after == gen_before.wrapping_add(1)).then_some(gen_after);
-                Ok(report)
-            }
-            netlink::BatchOutcome::Rejected(errors) => {
-                let first = &errors[0];
-                let object = describe_failure(&tx, first);
-                let kind = tx
-                    .batch
-                    .msgs
-                    .get(first.index)
-                    .map(|m| m.kind)
-                    .unwrap_or("?");
-                warn!(%object, errno = first.errno, message = ?first.message, "transaction rejected");
-                Err(Error::Transaction {
-                    object,
-                    kind,
-                    errno: first.errno,
-                    message: first.message.clone(),
-                    other_errors: errors.len() - 1,
-                })
-            }
-            netlink::BatchOutcome::Unknown { errors_seen } => {
-                warn!(
-                    errors = errors_seen.len(),
-                    "transaction outcome unknown; forgetting committed state"
-                );
-                self.committed = None;
-                self.committed_gen = None;
-                Err(Error::StateUnknown)
-            }
-        }
+        self.send_transaction(&mut tx, report, |committed| {
+            *committed = desired
+                .tables
+                .iter()
+                .map(|t| (t.family, canonical(t)))
+                .collect();
+        })
     }
 
     /// Deletes our tables (both families) and nothing else — for switching

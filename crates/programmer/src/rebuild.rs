@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use compiler::nft::{Ruleset, TableFamily, TABLE_NAME};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::batch::{Batch, MsgMeta};
-use crate::{canonical, describe_failure, encode, netlink, plan};
+use crate::{canonical, encode, plan};
 use crate::{ApplyReport, Error, NftProgrammer, Transaction};
 
 impl NftProgrammer {
@@ -39,62 +39,26 @@ impl NftProgrammer {
         let mut tx = Transaction {
             batch: destroy_then(&create.batch),
         };
-        let mut report = ApplyReport {
+        let report = ApplyReport {
             messages: tx.messages(),
             bytes: tx.bytes(),
             kinds: tx.kinds(),
             encode_time: t0.elapsed(),
             kernel_time: Duration::ZERO,
         };
-        let gen_before = self.generation().ok();
-        let offsets = tx.batch.offsets();
-        let t1 = Instant::now();
-        let outcome = self.sock.send_batch(&mut tx.batch.w.buf, &offsets);
-        report.kernel_time = t1.elapsed();
-        match outcome.map_err(Error::Send)? {
-            netlink::BatchOutcome::Committed { .. } => {
-                info!(
-                    messages = report.messages,
-                    bytes = report.bytes,
-                    "rebuilt our tables from scratch"
-                );
-                let tables = desired
-                    .tables
-                    .iter()
-                    .map(|t| (t.family, canonical(t)))
-                    .collect();
-                self.committed = Some(tables);
-                let gen_after = self.generation().ok();
-                self.committed_gen = match (gen_before, gen_after) {
-                    (Some(b), Some(a)) if a == b.wrapping_add(1) => Some(a),
-                    _ => None,
-                };
-                Ok(report)
-            }
-            netlink::BatchOutcome::Rejected(errors) => {
-                let first = &errors[0];
-                let object = describe_failure(&tx, first);
-                let kind = tx
-                    .batch
-                    .msgs
-                    .get(first.index)
-                    .map(|m| m.kind)
-                    .unwrap_or("?");
-                warn!(%object, errno = first.errno, "rebuild rejected; the old tables stay");
-                Err(Error::Transaction {
-                    object,
-                    kind,
-                    errno: first.errno,
-                    message: first.message.clone(),
-                    other_errors: errors.len() - 1,
-                })
-            }
-            netlink::BatchOutcome::Unknown { .. } => {
-                self.committed = None;
-                self.committed_gen = None;
-                Err(Error::StateUnknown)
-            }
-        }
+        let report = self.send_transaction(&mut tx, report, |committed| {
+            *committed = desired
+                .tables
+                .iter()
+                .map(|t| (t.family, canonical(t)))
+                .collect();
+        })?;
+        info!(
+            messages = report.messages,
+            bytes = report.bytes,
+            "rebuilt our tables from scratch"
+        );
+        Ok(report)
     }
 }
 

@@ -615,17 +615,8 @@ fn compiler_tools() -> programmer::iptables::Tools {
 // ---- real packets ---------------------------------------------------------
 
 /// Runs `f` on a thread inside the named network namespace.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on a valid namespace fd; affects this thread only.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}");
-        f()
-    })
-    .join()
-    .unwrap()
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    testkit::netns::run_in_named(ns, f).unwrap()
 }
 
 /// A pod: its own namespace, a veth to the node named like Calico's

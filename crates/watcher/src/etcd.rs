@@ -206,7 +206,7 @@ impl EtcdConfig {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(EtcdError::Connect {
                 endpoints: self.endpoints.join(","),
-                reason: e.to_string(),
+                reason: explain_failure(e.to_string()),
             }),
             Err(_) => Err(EtcdError::Connect {
                 endpoints: self.endpoints.join(","),
@@ -608,7 +608,7 @@ pub async fn run_with(
                 // A fresh client: a new connection to whichever endpoint
                 // answers.
                 client = None;
-                reason
+                explain_failure(reason)
             }
         };
         tracing::warn!(%reason, "etcd disconnected; relisting");
@@ -630,6 +630,32 @@ pub async fn run_with(
             }
         }
     }
+}
+
+/// Said after a connection failure that is a TLS problem.
+const TLS_HINT: &str = "a TLS problem: check --etcd-ca (the CA that signed etcd's \
+     certificate), --etcd-cert and --etcd-key (the client certificate etcd asks for)";
+
+/// A connection failure's reason as the user reads it: rustls's alerts
+/// ("received fatal alert: BadCertificate", "invalid peer certificate:
+/// UnknownIssuer", ...) say nothing of which flags to look at, so a TLS
+/// failure gets [`TLS_HINT`] appended (once).
+fn explain_failure(reason: String) -> String {
+    let lower = reason.to_lowercase();
+    let tls = [
+        "alert",
+        "certificate",
+        "unknownissuer",
+        "unknownca",
+        "handshake",
+        "rustls",
+    ]
+    .iter()
+    .any(|word| lower.contains(word));
+    if !tls || reason.contains(TLS_HINT) {
+        return reason;
+    }
+    format!("{reason} ({TLS_HINT})")
 }
 
 #[cfg(test)]
@@ -748,6 +774,27 @@ mod tests {
             .with_tls(Some("/nonexistent/ca.pem".into()), None, None)
             .tls_options();
         assert!(e.unwrap_err().to_string().contains("/nonexistent/ca.pem"));
+    }
+
+    #[test]
+    fn tls_failures_point_at_the_tls_flags_once() {
+        for reason in [
+            "listing /calico/resources/v3/projectcalico.org/: status: Unavailable, \
+             message: \"error trying to connect: received fatal alert: BadCertificate\"",
+            "transport error: invalid peer certificate: UnknownIssuer",
+            "received fatal alert: CertificateRequired",
+            "received fatal alert: UnknownCA",
+        ] {
+            let said = explain_failure(reason.to_owned());
+            assert!(said.starts_with(reason), "{said}");
+            assert!(said.contains("TLS problem"), "{said}");
+            for flag in ["--etcd-ca", "--etcd-cert", "--etcd-key"] {
+                assert!(said.contains(flag), "{said}");
+            }
+            assert_eq!(explain_failure(said.clone()), said, "hint added twice");
+        }
+        let refused = "transport error: tcp connect error: Connection refused (os error 111)";
+        assert_eq!(explain_failure(refused.to_owned()), refused);
     }
 
     #[test]

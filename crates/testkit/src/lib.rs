@@ -1,0 +1,80 @@
+//! Test support shared by `watcher`'s integration tests and the kernel lab
+//! (`lab`, and through it `xtask`).
+//!
+//! It depends on no workspace crate: `watcher` uses it as a dev-dependency
+//! and `lab` as a dependency, and neither has to depend on the other. It
+//! also pulls in nothing that needs `protoc` (no etcd client), so `xtask`
+//! stays free of `etcd-client`.
+
+pub mod etcd;
+pub mod netns;
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// What went wrong setting up test support; the callers turn it into their
+/// own error type or a panic.
+#[derive(Debug, thiserror::Error)]
+pub enum TestkitError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {detail}")]
+    Command { what: String, detail: String },
+    /// A program the test needs is not installed.
+    #[error("{0}")]
+    Missing(String),
+}
+
+impl TestkitError {
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> TestkitError {
+        TestkitError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// Where a tool lives: `PATH`, then the sbin directories a non-login root
+/// shell may lack.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(
+            ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .map(PathBuf::from),
+        )
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The child gets SIGKILL when the thread that started it ends, so a test
+/// process that dies (even by SIGKILL) leaves no server behind.
+pub fn set_parent_death_signal(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+    // and exec here.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A port on 127.0.0.1 that was free when asked (the caller binds it next;
+/// a port taken in between is the caller's to retry).
+pub fn free_loopback_port() -> Result<u16, TestkitError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| TestkitError::io("finding a free loopback port", e))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| TestkitError::io("finding a free loopback port", e))
+}
