@@ -297,11 +297,14 @@ pub fn readme_section(r: &Results, command: &str) -> String {
     format!(
         "## Performance\n\n\
          Same synthetic cluster, same node, one run; each backend in its own fresh network \
-         namespace and child process: nftables over netlink (this project), the same ruleset \
-         through `nft -f` (full file cold, then flush/re-add changed chains and add/delete set \
-         elements per transaction, one `nft` process each) and iptables mode \
-         (iptables-legacy-restore + ipset). Incremental times run from the datastore change \
-         (compile included) to the kernel's ack.\n\n\
+         namespace and child process, all three fed by the same incremental compiler: nftables \
+         over netlink (this project: element deltas sent as they are, other changes diffed \
+         against the committed ruleset), the same ruleset through `nft -f` (full file cold, then \
+         flush/re-add changed chains and add/delete set elements per transaction, one `nft` \
+         process each, as felix's and kube-proxy's nftables modes do) and iptables mode \
+         (iptables-legacy-restore + ipset restore of the changed chains and members). \
+         Incremental times run from the change to the cluster state (compile included) to the \
+         kernel's ack.\n\n\
          Machine: {}.\n\n{table}\n\
          Charts of every metric against scale, and first-packet connect() latency along each \
          dimension: `target/bench/*.png`; all numbers: `target/bench/results.md` and \

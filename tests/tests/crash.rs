@@ -267,6 +267,14 @@ enum Left {
 /// (a re-read that changed nothing, the old state) log it too. The log is
 /// appended to across restarts.
 fn new_state_programmed(log: &Path) -> usize {
+    programmed_policies(log)
+        .into_iter()
+        .filter(|policies| *policies >= EXTRA_POLICIES)
+        .count()
+}
+
+/// The active policy count of every [`PROGRAMMED`] line in the log.
+fn programmed_policies(log: &Path) -> Vec<usize> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
@@ -279,8 +287,7 @@ fn new_state_programmed(log: &Path) -> usize {
                 .parse()
                 .ok()
         })
-        .filter(|policies: &usize| *policies >= EXTRA_POLICIES)
-        .count()
+        .collect()
 }
 
 /// Waits (bounded) until the agent has logged the new state programmed
@@ -539,10 +546,11 @@ impl Backend for Iptables {
 /// Sets up the lab and runs the kill rounds against `backend`.
 fn kill_rounds(make: impl FnOnce(&Path, &Path, &Path) -> Box<dyn Backend>) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let setup = Instant::now();
     let scenario = Scenario::parse("crash-mid-apply.yaml", SCENARIO).unwrap();
     let states = scenario.states().unwrap();
+    // (Builds the agent first if needed: not part of the test's time.)
     let nftpolicy = nftpolicy_binary();
+    let setup = Instant::now();
     let mut lab = Lab::build(&states[0].pods(), &[], &["node1"]).unwrap();
     lab.set_probe_timeout(Duration::from_millis(1000));
     let node_ns = lab.node_namespace("node1").unwrap().to_owned();
@@ -588,10 +596,17 @@ fn kill_rounds(make: impl FnOnce(&Path, &Path, &Path) -> Box<dyn Backend>) {
         // T: the big change, landing to programmed.
         fresh_agent_at_old(&mut agents);
         let before = new_state_programmed(&log);
+        let applies_before = programmed_policies(&log).len();
         let landed = Instant::now();
         swap_in(&parked, &live);
         wait_new_state_programmed(&log, before);
         let t = landed.elapsed();
+        // One file landing atomically should be one apply; more entries
+        // here mean the agent programmed part of the change first.
+        eprintln!(
+            "{name} round {round}: the change was programmed as applies with {:?} policies",
+            &programmed_policies(&log)[applies_before..]
+        );
 
         // The kill, in this round's slice of [0, SPREAD × T].
         fresh_agent_at_old(&mut agents);
