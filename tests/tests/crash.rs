@@ -23,6 +23,12 @@
 //!   family's filter table holds exactly our old or our new chains and hook
 //!   rules (compared by `cali:` rule hashes with `compiler::compile_iptables`),
 //!   and every ipset the table's rules use exists.
+//!
+//! This test found that the agent used to program one atomic file change
+//! as several applies (whatever part of the watcher's burst was queued), so
+//! a kill between them left a partial state; the daemon now programs a file
+//! datastore only at the `InSync` that closes each re-read (each round
+//! prints the applies it saw).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;

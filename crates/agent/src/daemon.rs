@@ -395,7 +395,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     crate::http::serve_health(args.health_addr, health.clone()).await?;
     crate::http::serve_metrics(args.metrics_addr, metrics.clone()).await?;
 
-    let (mut updates, source_task) = args.datastore.source()?.spawn(1024);
+    let source = args.datastore.source()?;
+    // A file datastore delivers each re-read as updates closed by `InSync`:
+    // only at that point is the state one the user wrote (a directory
+    // swapped in one rename must not be programmed half-read). etcd
+    // delivers each revision as it is committed: every event is one.
+    let whole_at_insync_only = matches!(source, watcher::Source::Files { .. });
+    let (mut updates, source_task) = source.spawn(1024);
 
     // The programmer lives on its own thread; jobs in, results out.
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
@@ -422,6 +428,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
 
     let mut sync = SyncStatus::default();
     let mut received: Vec<Instant> = Vec::new();
+    // Updates not yet handed to the programmer thread: `settled` form a
+    // consistent state (see `whole_at_insync_only`), `unsettled` follow it.
+    let mut settled: Vec<Update> = Vec::new();
+    let mut unsettled: Vec<Update> = Vec::new();
     let mut dirty = false;
     let mut busy = false;
     let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
@@ -449,17 +459,18 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                     batch.push(more);
                 }
                 let now = Instant::now();
-                for u in &batch {
+                for u in batch {
                     // Counts and logs undecodable values (once each).
-                    metrics.rejected.update(u);
+                    metrics.rejected.update(&u);
                     if let Some(r) = u.revision() {
                         sync.revision = sync.revision.max(r);
                     }
-                    match u {
+                    let closes = match &u {
                         Update::Disconnected { reason } => {
                             warn!("datastore disconnected, dataplane left as is: {reason}");
                             sync.in_sync = false;
                             health.ready.store(false, Ordering::Relaxed);
+                            false
                         }
                         Update::InSync { revision } => {
                             info!(revision, "datastore in sync");
@@ -468,15 +479,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                             // the apply that follows (cheap when nothing
                             // changed) is what marks us ready again.
                             dirty = true;
+                            true
                         }
                         Update::Upsert { .. } | Update::Delete { .. } => {
                             received.push(now);
-                            dirty = true;
+                            !whole_at_insync_only
                         }
-                        Update::Invalid { .. } => {}
+                        Update::Invalid { .. } => !whole_at_insync_only,
+                    };
+                    unsettled.push(u);
+                    if closes {
+                        dirty |= sync.in_sync;
+                        settled.append(&mut unsettled);
                     }
                 }
-                job_tx.send(Job::Updates(batch))?;
                 metrics.resync_state.set(if sync.in_sync { 1 } else { 0 });
             }
             Some(done) = done_rx.recv() => {
@@ -533,6 +549,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
         if dirty && !busy && sync.in_sync && retry_at.is_none() {
             dirty = false;
             busy = true;
+            job_tx.send(Job::Updates(std::mem::take(&mut settled)))?;
             job_tx.send(Job::Apply {
                 revision: sync.revision,
                 received: std::mem::take(&mut received),
