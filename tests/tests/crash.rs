@@ -36,16 +36,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use compiler::nft::{Ruleset, SetElement, Table, TableFamily, TABLE_NAME};
 use compiler::render_iptables::{rule_hash, IptablesRuleset, IptablesRulesets};
-use compiler::{compile_iptables, compile_nftables, CompileOptions};
+use compiler::{compile_iptables, CompileOptions};
 use lab::agents::in_namespace;
 use lab::generate::Rng;
 use lab::{nftpolicy_binary, write_state, Agents, Lab};
 use model::scenario::{ResolvedProbe, Scenario};
 use nix::sys::signal::Signal;
 use programmer::iptables::{IptablesProgrammer, KernelState, TableState};
-use programmer::NftProgrammer;
+
+mod common;
+use common::{desired, kernel, Tables};
 
 const SCENARIO: &str = r#"
 name: crash-mid-apply
@@ -154,48 +155,6 @@ fn extra_manifests() -> String {
         ));
     }
     out
-}
-
-/// Both tables in read-back form.
-type Tables = (Option<Table>, Option<Table>);
-
-/// The desired ruleset in read-back form (sorted, de-duplicated elements,
-/// addresses without host bits), as crates/programmer/tests/compiled.rs.
-fn canonical(rs: &Ruleset) -> Tables {
-    let mut rs = rs.clone();
-    for t in &mut rs.tables {
-        for s in t.sets.values_mut() {
-            for e in &mut s.elements {
-                if let SetElement::Net(n) = e {
-                    *n = n.trunc();
-                }
-            }
-            s.elements.sort();
-            s.elements.dedup();
-        }
-    }
-    let take = |f: TableFamily| rs.tables.iter().find(|t| t.family == f).cloned();
-    (take(TableFamily::Ip), take(TableFamily::Ip6))
-}
-
-/// What node1's agent must program from the datastore directory `dir`.
-fn desired(dir: &Path) -> Tables {
-    let loaded = watcher::files::load(&[dir.to_owned()]).unwrap();
-    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-    let (_, rs) = compile_nftables(&loaded.state, &CompileOptions::new("node1")).unwrap();
-    canonical(&rs)
-}
-
-fn kernel(node_ns: &str) -> Tables {
-    in_namespace(node_ns, || {
-        let mut p = NftProgrammer::new()?;
-        Ok::<_, programmer::Error>((
-            p.read_back(TableFamily::Ip, TABLE_NAME)?,
-            p.read_back(TableFamily::Ip6, TABLE_NAME)?,
-        ))
-    })
-    .unwrap()
-    .unwrap()
 }
 
 fn size(t: &Tables) -> (usize, usize, usize) {

@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use compiler::nft::{Ruleset, SetElement, Table, TableFamily, TABLE_NAME};
 use compiler::{compile_nftables, CompileOptions};
-use lab::agents::in_namespace;
 use lab::{nftpolicy_binary, write_state, Agents, EtcdServer, Lab};
 use model::scenario::{ResolvedProbe, Scenario};
 use nix::sys::signal::Signal;
-use programmer::NftProgrammer;
+
+mod common;
+use common::{canonical, kernel};
 
 const SCENARIO: &str = r#"
 name: etcd-tls
@@ -50,38 +50,6 @@ probes:
 "#;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-type Tables = (Option<Table>, Option<Table>);
-
-/// The desired ruleset in read-back form, as crates/programmer/tests/compiled.rs.
-fn canonical(rs: &Ruleset) -> Tables {
-    let mut rs = rs.clone();
-    for t in &mut rs.tables {
-        for s in t.sets.values_mut() {
-            for e in &mut s.elements {
-                if let SetElement::Net(n) = e {
-                    *n = n.trunc();
-                }
-            }
-            s.elements.sort();
-            s.elements.dedup();
-        }
-    }
-    let take = |f: TableFamily| rs.tables.iter().find(|t| t.family == f).cloned();
-    (take(TableFamily::Ip), take(TableFamily::Ip6))
-}
-
-fn kernel(node_ns: &str) -> Tables {
-    in_namespace(node_ns, || {
-        let mut p = NftProgrammer::new()?;
-        Ok::<_, programmer::Error>((
-            p.read_back(TableFamily::Ip, TABLE_NAME)?,
-            p.read_back(TableFamily::Ip6, TABLE_NAME)?,
-        ))
-    })
-    .unwrap()
-    .unwrap()
-}
 
 fn tls_flags(etcd: &EtcdServer, with_client_cert: bool) -> Vec<String> {
     let tls = etcd.tls().expect("a TLS etcd");

@@ -15,12 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use compiler::nft::{Ruleset, SetElement, Table, TableFamily, TABLE_NAME};
-use compiler::{compile_nftables, CompileOptions};
 use lab::agents::in_namespace;
 use lab::{nftpolicy_binary, write_state, Lab};
 use model::scenario::{ResolvedProbe, Scenario};
-use programmer::NftProgrammer;
+
+mod common;
+use common::{desired, kernel, Tables};
 
 const SCENARIO: &str = r#"
 name: least-privilege
@@ -68,45 +68,6 @@ const NET_ADMIN_ONLY: u64 = 1 << 12;
 const HEALTH_PORT: u16 = 9099;
 const METRICS_PORT: u16 = 9091;
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-type Tables = (Option<Table>, Option<Table>);
-
-/// The desired ruleset in read-back form, as crates/programmer/tests/compiled.rs.
-fn canonical(rs: &Ruleset) -> Tables {
-    let mut rs = rs.clone();
-    for t in &mut rs.tables {
-        for s in t.sets.values_mut() {
-            for e in &mut s.elements {
-                if let SetElement::Net(n) = e {
-                    *n = n.trunc();
-                }
-            }
-            s.elements.sort();
-            s.elements.dedup();
-        }
-    }
-    let take = |f: TableFamily| rs.tables.iter().find(|t| t.family == f).cloned();
-    (take(TableFamily::Ip), take(TableFamily::Ip6))
-}
-
-fn desired(dir: &Path) -> Tables {
-    let loaded = watcher::files::load(&[dir.to_owned()]).unwrap();
-    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-    let (_, rs) = compile_nftables(&loaded.state, &CompileOptions::new("node1")).unwrap();
-    canonical(&rs)
-}
-
-fn kernel(node_ns: &str) -> Tables {
-    in_namespace(node_ns, || {
-        let mut p = NftProgrammer::new()?;
-        Ok::<_, programmer::Error>((
-            p.read_back(TableFamily::Ip, TABLE_NAME)?,
-            p.read_back(TableFamily::Ip6, TABLE_NAME)?,
-        ))
-    })
-    .unwrap()
-    .unwrap()
-}
 
 /// `ip netns exec <ns> setpriv <only caps> -- nftpolicy <args>`; `caps`
 /// as setpriv spells them (`+net_admin,+net_raw`).

@@ -11,16 +11,15 @@
 //! with `--watch-kernel=false --resync-interval 2`, the periodic resync
 //! does. Every wait is for a condition, bounded by a generous timeout.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use compiler::nft::{Ruleset, SetElement, SetKey, Table, TableFamily, TABLE_NAME};
-use compiler::{compile_nftables, CompileOptions};
-use lab::agents::in_namespace;
+use compiler::nft::{SetElement, SetKey, Table, TABLE_NAME};
 use lab::{nftpolicy_binary, write_state, Agents, Lab};
 use model::scenario::{ResolvedProbe, Scenario};
-use programmer::NftProgrammer;
+
+mod common;
+use common::{desired, kernel, Tables};
 
 const SCENARIO: &str = r#"
 name: tamper
@@ -52,48 +51,6 @@ probes:
 const POLICY_CHAIN: &str = "cali-pi-shop.web-from-client";
 /// Bound on every wait (agent start-up in a debug build, repairs).
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Both of our tables in read-back form.
-type Tables = (Option<Table>, Option<Table>);
-
-/// The desired ruleset in read-back form (sorted, de-duplicated elements,
-/// addresses without host bits).
-fn canonical(rs: &Ruleset) -> Tables {
-    let mut rs = rs.clone();
-    for t in &mut rs.tables {
-        for s in t.sets.values_mut() {
-            for e in &mut s.elements {
-                if let SetElement::Net(n) = e {
-                    *n = n.trunc();
-                }
-            }
-            s.elements.sort();
-            s.elements.dedup();
-        }
-    }
-    let take = |f: TableFamily| rs.tables.iter().find(|t| t.family == f).cloned();
-    (take(TableFamily::Ip), take(TableFamily::Ip6))
-}
-
-/// What node1's agent must program from the datastore directory `dir`.
-fn desired(dir: &Path) -> Tables {
-    let loaded = watcher::files::load(&[dir.to_owned()]).unwrap();
-    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
-    let (_, rs) = compile_nftables(&loaded.state, &CompileOptions::new("node1")).unwrap();
-    canonical(&rs)
-}
-
-fn kernel(node_ns: &str) -> Tables {
-    in_namespace(node_ns, || {
-        let mut p = NftProgrammer::new()?;
-        Ok::<_, programmer::Error>((
-            p.read_back(TableFamily::Ip, TABLE_NAME)?,
-            p.read_back(TableFamily::Ip6, TABLE_NAME)?,
-        ))
-    })
-    .unwrap()
-    .unwrap()
-}
 
 /// Waits (bounded) until the kernel holds `want`.
 fn wait_kernel(node_ns: &str, want: &Tables, what: &str) -> Duration {

@@ -365,7 +365,7 @@ impl NftProgrammer {
 
 /// `t` in the form read-back produces: set elements sorted and without
 /// duplicates, addresses without host bits.
-fn canonical(t: &Table) -> Table {
+pub fn canonical(t: &Table) -> Table {
     let mut t = t.clone();
     for s in t.sets.values_mut() {
         for e in &mut s.elements {
