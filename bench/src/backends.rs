@@ -81,6 +81,7 @@ impl Dataplane for NftNetlink {
     fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()> {
         match self.compiler.update(state, changes)? {
             Outcome::Elements(delta) => self.programmer.apply_elements(&delta)?,
+            Outcome::Patch(patch) => self.programmer.apply_patch(&patch)?,
             Outcome::Rebuilt => self.programmer.apply(self.compiler.ruleset())?,
         };
         Ok(())
@@ -108,13 +109,14 @@ impl Dataplane for NftCli {
                 delta.apply_to(last);
                 delta_script(delta)
             }
-            (Some(old), Outcome::Rebuilt) => diff_script(old, new),
+            // The whole-ruleset diff nft scripts are written from.
+            (Some(old), Outcome::Rebuilt | Outcome::Patch(_)) => diff_script(old, new),
             (None, _) => compiler::render_nft::render(new),
         };
         if !script.trim().is_empty() {
             run_nft(&script)?;
         }
-        if matches!(outcome, Outcome::Rebuilt) || self.last.is_none() {
+        if matches!(outcome, Outcome::Rebuilt | Outcome::Patch(_)) || self.last.is_none() {
             self.last = Some(new.clone());
         }
         Ok(())

@@ -65,6 +65,22 @@ fn change(
     changes.entry(key).or_insert(old);
 }
 
+/// A pod to change: a local one a third of the time (there are few).
+fn pick<'a>(
+    pods: &'a [model::calico::WorkloadEndpoint],
+    rng: &mut StdRng,
+) -> &'a model::calico::WorkloadEndpoint {
+    let local: Vec<_> = pods
+        .iter()
+        .filter(|w| w.spec.node == NODE_UNDER_TEST)
+        .collect();
+    if !local.is_empty() && rng.random_bool(0.33) {
+        local[rng.random_range(0..local.len())]
+    } else {
+        &pods[rng.random_range(0..pods.len())]
+    }
+}
+
 #[test]
 fn incremental_equals_full_compile() {
     for seed in 1..=3u64 {
@@ -87,6 +103,7 @@ fn incremental_equals_full_compile() {
         );
         let mut next_pod = scale.pods;
         let mut fast = 0;
+        let mut patches = 0;
         for step in 0..150 {
             let mut changes = BTreeMap::new();
             // 1 to 3 changes per step, like a burst.
@@ -96,8 +113,8 @@ fn incremental_equals_full_compile() {
                     0..=2 => {
                         let mut w = workload(&scale, next_pod, &mut rng);
                         next_pod += 1;
-                        // Mostly remote; now and then local (full path).
-                        if rng.random_bool(0.9) {
+                        // Mostly remote; now and then local (patch path).
+                        if rng.random_bool(0.75) {
                             w.spec.node = "node2".into();
                         } else {
                             w.spec.node = NODE_UNDER_TEST.into();
@@ -111,12 +128,12 @@ fn incremental_equals_full_compile() {
                         change(&mut state, &mut changes, r.key(), Some(r));
                     }
                     3..=4 => {
-                        let w = &pods[rng.random_range(0..pods.len())];
+                        let w = pick(&pods, &mut rng);
                         let key = Resource::WorkloadEndpoint(w.clone()).key();
                         change(&mut state, &mut changes, key, None);
                     }
                     5..=7 => {
-                        let mut w = pods[rng.random_range(0..pods.len())].clone();
+                        let mut w = pick(&pods, &mut rng).clone();
                         w.metadata
                             .labels
                             .insert("app".into(), format!("app{}", rng.random_range(0..5)));
@@ -156,24 +173,41 @@ fn incremental_equals_full_compile() {
                 inc.ruleset() == &ruleset,
                 "seed {seed} step {step}: nftables ruleset differs"
             );
-            if let Outcome::Elements(delta) = outcome {
-                fast += 1;
-                let mut patched = before;
-                delta.apply_to(&mut patched);
-                assert!(
-                    patched == ruleset,
-                    "seed {seed} step {step}: the delta does not turn the old ruleset into the new"
-                );
+            match outcome {
+                Outcome::Elements(delta) => {
+                    fast += 1;
+                    let mut patched = before;
+                    delta.apply_to(&mut patched);
+                    assert!(
+                        patched == ruleset,
+                        "seed {seed} step {step}: the delta does not turn the old ruleset into the new"
+                    );
+                }
+                Outcome::Patch(patch) => {
+                    patches += 1;
+                    let mut patched = before;
+                    patch.apply_to(&mut patched);
+                    assert!(
+                        patched == ruleset,
+                        "seed {seed} step {step}: the patch does not turn the old ruleset into the new"
+                    );
+                }
+                Outcome::Rebuilt => {}
             }
         }
-        assert!(fast > 50, "most steps take the fast path ({fast})");
+        assert!(fast > 30, "most steps take the element path ({fast})");
+        assert!(
+            patches > 20,
+            "local changes take the patch path ({patches})"
+        );
     }
 }
 
-/// The deltas, applied with `NftProgrammer::apply_elements`, leave the
-/// kernel holding exactly the full compile's ruleset.
+/// The deltas and patches, applied with `NftProgrammer::apply_elements`
+/// and `apply_patch`, leave the kernel holding exactly the full compile's
+/// ruleset.
 #[test]
-fn element_deltas_reach_the_kernel() {
+fn deltas_and_patches_reach_the_kernel() {
     let _ns = programmer::testutil::Netns::enter("incdelta").unwrap();
     let mut p = programmer::NftProgrammer::new().unwrap();
     let mut scale = Scale::new(40, 300);
@@ -190,11 +224,30 @@ fn element_deltas_reach_the_kernel() {
     inc.rebuild(&state).unwrap();
     p.apply(inc.ruleset()).unwrap();
     let mut next_pod = scale.pods;
-    let mut deltas = 0;
-    for step in 0..60 {
+    let (mut deltas, mut patches) = (0, 0);
+    // [deleted, created] policy chains and sets, over all patches.
+    #[derive(Debug, Default)]
+    struct Seen {
+        policy_chains: [usize; 2],
+        sets: [usize; 2],
+    }
+    let mut seen = Seen::default();
+    for step in 0..80 {
         let mut changes = BTreeMap::new();
         let pods: Vec<_> = state.workload_endpoints().cloned().collect();
-        match step % 4 {
+        let remote = |rng: &mut StdRng| {
+            pods.iter()
+                .filter(|w| w.spec.node != NODE_UNDER_TEST)
+                .nth(rng.random_range(0..100))
+                .unwrap()
+                .clone()
+        };
+        let local: Vec<_> = pods
+            .iter()
+            .filter(|w| w.spec.node == NODE_UNDER_TEST)
+            .cloned()
+            .collect();
+        match step % 8 {
             0 => {
                 let mut w = workload(&scale, next_pod, &mut rng);
                 next_pod += 1;
@@ -203,21 +256,35 @@ fn element_deltas_reach_the_kernel() {
                 change(&mut state, &mut changes, r.key(), Some(r));
             }
             1 => {
-                let w = pods
-                    .iter()
-                    .filter(|w| w.spec.node != NODE_UNDER_TEST)
-                    .nth(rng.random_range(0..100))
-                    .unwrap();
-                let key = Resource::WorkloadEndpoint(w.clone()).key();
+                let key = Resource::WorkloadEndpoint(remote(&mut rng)).key();
                 change(&mut state, &mut changes, key, None);
             }
             2 => {
-                let mut w = pods
-                    .iter()
-                    .filter(|w| w.spec.node != NODE_UNDER_TEST)
-                    .nth(rng.random_range(0..100))
-                    .unwrap()
-                    .clone();
+                let mut w = remote(&mut rng);
+                w.metadata
+                    .labels
+                    .insert("app".into(), format!("app{}", rng.random_range(0..4)));
+                let r = Resource::WorkloadEndpoint(w);
+                change(&mut state, &mut changes, r.key(), Some(r));
+            }
+            3 => {
+                let r = network_set(rng.random_range(0..6), &mut rng);
+                change(&mut state, &mut changes, r.key(), Some(r));
+            }
+            // Local endpoints: come, change labels (so that policies start
+            // and stop applying here), go.
+            4 | 5 => {
+                let mut w = workload(&scale, next_pod, &mut rng);
+                next_pod += 1;
+                w.spec.node = NODE_UNDER_TEST.into();
+                w.metadata
+                    .labels
+                    .insert("app".into(), format!("app{}", rng.random_range(0..4)));
+                let r = Resource::WorkloadEndpoint(w);
+                change(&mut state, &mut changes, r.key(), Some(r));
+            }
+            6 => {
+                let mut w = local[rng.random_range(0..local.len())].clone();
                 w.metadata
                     .labels
                     .insert("app".into(), format!("app{}", rng.random_range(0..4)));
@@ -225,8 +292,9 @@ fn element_deltas_reach_the_kernel() {
                 change(&mut state, &mut changes, r.key(), Some(r));
             }
             _ => {
-                let r = network_set(rng.random_range(0..6), &mut rng);
-                change(&mut state, &mut changes, r.key(), Some(r));
+                let w = &local[rng.random_range(0..local.len())];
+                let key = Resource::WorkloadEndpoint(w.clone()).key();
+                change(&mut state, &mut changes, key, None);
             }
         }
         match inc.update(&state, &changes).unwrap() {
@@ -235,9 +303,22 @@ fn element_deltas_reach_the_kernel() {
                 p.apply_elements(&delta)
                     .unwrap_or_else(|e| panic!("step {step}: {e} ({delta:?})"));
             }
-            Outcome::Rebuilt => {
-                p.apply(inc.ruleset()).unwrap();
+            Outcome::Patch(patch) => {
+                patches += 1;
+                for t in &patch.tables {
+                    for (name, c) in &t.chains {
+                        if name.starts_with("cali-p") {
+                            seen.policy_chains[usize::from(c.is_some())] += 1;
+                        }
+                    }
+                    for s in t.sets.values() {
+                        seen.sets[usize::from(s.is_some())] += 1;
+                    }
+                }
+                p.apply_patch(&patch)
+                    .unwrap_or_else(|e| panic!("step {step}: {e} ({patch:?})"));
             }
+            Outcome::Rebuilt => panic!("step {step}: endpoint changes need no full compile"),
         }
         let want = compile_nftables(&state, &opts).unwrap().1;
         for t in &want.tables {
@@ -246,11 +327,17 @@ fn element_deltas_reach_the_kernel() {
                 .unwrap()
                 .unwrap();
             assert!(
-                got.sets == t.sets,
-                "step {step}: the kernel's {:?} sets differ from a full compile",
+                programmer::canonical(&got) == programmer::canonical(t),
+                "step {step}: the kernel's {:?} table differs from a full compile",
                 t.family
             );
         }
     }
-    assert_eq!(deltas, 60, "every change here is a member change");
+    assert_eq!((deltas, patches), (40, 40));
+    // The patches exercised policies starting and stopping to apply here,
+    // with the sets their rules use.
+    assert!(
+        seen.policy_chains.iter().chain(&seen.sets).all(|n| *n > 0),
+        "{seen:?}"
+    );
 }

@@ -156,6 +156,10 @@ impl Programmer {
                         Err(programmer::Error::NotCommitted { .. }) => p.apply(compiler.ruleset()),
                         r => r,
                     },
+                    Outcome::Patch(patch) if !full => match p.apply_patch(&patch) {
+                        Err(programmer::Error::NotCommitted { .. }) => p.apply(compiler.ruleset()),
+                        r => r,
+                    },
                     _ => p.apply(compiler.ruleset()),
                 };
                 r.map(|_| ()).map_err(|e| {
@@ -239,6 +243,8 @@ enum Job {
 struct JobDone {
     ok: bool,
     revision: i64,
+    /// Why it failed (for the message the agent exits with).
+    error: Option<String>,
 }
 
 /// The programmer thread: the state, the incremental compiler and the
@@ -254,6 +260,8 @@ struct Worker {
     removed_other: bool,
     args: DataplaneArgs,
     metrics: Arc<Metrics>,
+    /// The error of the last failed apply or rebuild, until reported.
+    last_error: Option<String>,
 }
 
 impl Worker {
@@ -313,6 +321,7 @@ impl Worker {
                     revision,
                     "apply failed; the previous ruleset stays in force: {e:#}"
                 );
+                self.last_error = Some(format!("{e:#}"));
                 self.full_next = true;
                 if self.compiler.logical().is_none()
                     || e.downcast_ref::<compiler::CompileError>().is_some()
@@ -349,23 +358,41 @@ impl Worker {
                 Job::Updates(updates) => self.fold(updates),
                 Job::Apply { revision, received } => {
                     let ok = self.apply(revision, &received);
-                    let _ = done.send(JobDone { ok, revision });
+                    let error = self.last_error.take();
+                    let _ = done.send(JobDone {
+                        ok,
+                        revision,
+                        error,
+                    });
                 }
                 Job::Resync => {
                     if let Some(ok) = self.resync() {
-                        let _ = done.send(JobDone { ok, revision: -1 });
+                        let error = self.last_error.take();
+                        let _ = done.send(JobDone {
+                            ok,
+                            revision: -1,
+                            error,
+                        });
                     }
                 }
                 Job::Rebuild { revision } => {
                     let ok = if let Programmer::Nft(p) = &mut self.programmer {
                         crate::tamper::rebuild(p, &self.cache.state, &self.args)
-                            .map_err(|e| error!("{e:#}"))
+                            .map_err(|e| {
+                                error!("{e:#}");
+                                self.last_error = Some(format!("{e:#}"));
+                            })
                             .is_ok()
                     } else {
                         false
                     };
                     self.full_next = true;
-                    let _ = done.send(JobDone { ok, revision });
+                    let error = self.last_error.take();
+                    let _ = done.send(JobDone {
+                        ok,
+                        revision,
+                        error,
+                    });
                 }
             }
         }
@@ -421,6 +448,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
         removed_other: false,
         args: args.dataplane.clone(),
         metrics: metrics.clone(),
+        last_error: None,
     };
     std::thread::Builder::new()
         .name("programmer".into())
@@ -507,8 +535,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                     failures += 1;
                     if failures >= MAX_APPLY_FAILURES {
                         bail!(
-                            "the kernel rejected {failures} consecutive transactions (see the errors above); \
-                             giving up so that the orchestrator restarts the agent — the last good ruleset stays in force"
+                            "the kernel rejected {failures} consecutive transactions (the last: {}); \
+                             giving up so that the orchestrator restarts the agent — the last good ruleset stays in force",
+                            done.error.as_deref().unwrap_or("see the errors above")
                         );
                     }
                     if failures == MAX_APPLY_FAILURES - 1 && own_port.is_some() && sync.in_sync {

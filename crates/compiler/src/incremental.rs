@@ -11,24 +11,34 @@
 //! from labels to the sets whose selectors require them (so a change is
 //! evaluated against the few sets it can affect, not against all).
 //!
-//! Anything else — a policy, profile or namespace change, a local endpoint
-//! — recompiles in full ([`Outcome::Rebuilt`]); the result is the same as
+//! A local endpoint coming, going or changing also changes chains: its own
+//! `cali-fw-`/`cali-tw-` chains and dispatch map entries, and the chains of
+//! policies and profiles that start or stop applying on this node (with
+//! the IP sets their rules use). Those few chains are built again and
+//! returned as a [`RulesetPatch`]; member counts per policy, profile and
+//! set say what starts and stops being needed.
+//!
+//! Anything else — a policy, profile or namespace change — recompiles in
+//! full ([`Outcome::Rebuilt`]); the result is the same as
 //! [`compile`](crate::compile) either way (tests check this).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use model::calico::{Kind, Resource, ResourceKey};
+use model::calico::{Kind, PolicyType, Resource, ResourceKey};
 use model::selector::Selector;
-use model::state::{ClusterState, LabelledNets};
+use model::state::{ClusterState, LabelledNets, ResolvedPolicy};
 
 use crate::logical::{
-    compile_recording, named_port_members, CompileError, CompileOptions, IpSet, IpSetKind,
-    LogicalRuleset,
+    compile_recording, named_port_members, policy_chain, profile_chain, Builder, CompileError,
+    CompileOptions, EndpointUse, IpSet, IpSetKind, LChain, LocalEndpoint, LogicalRuleset,
 };
-use crate::lower_nft::{ip_set_name, to_nftables};
-use crate::nft::{ElementDelta, Ruleset, SetDelta, SetElement, TableFamily};
+use crate::lower_nft::{dispatch_maps, ip_set_name, lower_chain, to_nftables};
+use crate::nft::{
+    referenced_sets, ElementDelta, Ruleset, RulesetPatch, SetDelta, SetElement, TableFamily,
+    TablePatch,
+};
 
 /// What [`IncrementalCompiler::update`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +47,9 @@ pub enum Outcome {
     Rebuilt,
     /// Only set elements changed (possibly none): program the delta.
     Elements(ElementDelta),
+    /// Local endpoints changed: program the patch (chains, sets and maps
+    /// to create, replace or delete, and element changes).
+    Patch(RulesetPatch),
 }
 
 /// The compiler's state between updates for one node.
@@ -50,6 +63,23 @@ pub struct IncrementalCompiler {
     by_label: HashMap<(String, String), Vec<String>>,
     /// Sets whose selector requires no particular label value.
     unindexed: Vec<String>,
+    /// The resolved policies of the last full compile (what the positions
+    /// in [`EndpointUse`] and `policy_refs` refer to).
+    policies: Vec<ResolvedPolicy>,
+    /// Local endpoints: the policies and profiles their chains use.
+    uses: HashMap<ResourceKey, EndpointUse>,
+    /// Two local endpoints share an interface name (the full compile keeps
+    /// one of them): local changes then recompile in full.
+    shared_interfaces: bool,
+    /// (policy position, direction) → local endpoints it applies to; its
+    /// chain exists while this is above zero.
+    policy_refs: HashMap<(usize, PolicyType), u32>,
+    /// Profile → local endpoints using it (its chains exist while > 0).
+    profile_refs: HashMap<String, u32>,
+    /// IP set id → chains whose rules use it (it exists while > 0).
+    set_refs: HashMap<String, u32>,
+    /// Per family: nft set → chains whose rules use it.
+    nft_set_refs: BTreeMap<TableFamily, HashMap<String, u32>>,
 }
 
 #[derive(Debug)]
@@ -115,6 +145,40 @@ type NetChanges = BTreeMap<IpNet, i32>;
 type NamedChanges = BTreeMap<(IpAddr, u16), i32>;
 
 impl Membership {
+    /// The membership of `set`, whose member objects are `objects`
+    /// (positions in `nets`). Counted in bulk (sorted, then built in one
+    /// go): a full compile runs this over every member of every set.
+    fn of(set: &IpSet, objects: &[usize], nets: &[LabelledNets<'_>]) -> Membership {
+        let mut m = Membership::new(MemberRule::from_kind(&set.kind));
+        match &m.rule {
+            MemberRule::Selector(_) => {
+                let mut all: Vec<IpNet> = objects
+                    .iter()
+                    .flat_map(|&i| nets[i].nets.iter().map(|n| n.trunc()))
+                    .collect();
+                all.sort_unstable();
+                m.nets = counted(all);
+                m.wide_nets = m
+                    .nets
+                    .keys()
+                    .filter(|n| n.prefix_len() < n.max_prefix_len())
+                    .count();
+            }
+            MemberRule::NamedPort {
+                protocol, names, ..
+            } => {
+                let mut all: Vec<(IpAddr, u16)> = objects
+                    .iter()
+                    .filter_map(|&i| nets[i].endpoint.map(|ep| (ep, nets[i].nets)))
+                    .flat_map(|(ep, n)| named_port_members(ep, n, *protocol, names))
+                    .collect();
+                all.sort_unstable();
+                m.named = counted(all);
+            }
+        }
+        m
+    }
+
     fn new(rule: MemberRule) -> Membership {
         Membership {
             rule,
@@ -334,68 +398,105 @@ impl IncrementalCompiler {
                           members: &HashMap<String, Vec<usize>>,
                           ip_sets: &BTreeMap<String, IpSet>| {
             for (id, set) in ip_sets {
-                let mut m = Membership::new(MemberRule::from_kind(&set.kind));
                 let objects = members.get(id).map(Vec::as_slice).unwrap_or_default();
-                // Counted in bulk (sorted, then built in one go): this runs
-                // over every member of every set on each full compile.
-                match &m.rule {
-                    MemberRule::Selector(_) => {
-                        let mut all: Vec<IpNet> = objects
-                            .iter()
-                            .flat_map(|&i| nets[i].nets.iter().map(|n| n.trunc()))
-                            .collect();
-                        all.sort_unstable();
-                        m.nets = counted(all);
-                        m.wide_nets = m
-                            .nets
-                            .keys()
-                            .filter(|n| n.prefix_len() < n.max_prefix_len())
-                            .count();
-                    }
-                    MemberRule::NamedPort {
-                        protocol, names, ..
-                    } => {
-                        let mut all: Vec<(IpAddr, u16)> = objects
-                            .iter()
-                            .filter_map(|&i| nets[i].endpoint.map(|ep| (ep, nets[i].nets)))
-                            .flat_map(|(ep, n)| named_port_members(ep, n, *protocol, names))
-                            .collect();
-                        all.sort_unstable();
-                        m.named = counted(all);
-                    }
-                }
-                sets.insert(id.clone(), m);
+                sets.insert(id.clone(), Membership::of(set, objects, nets));
             }
         };
-        let logical = compile_recording(state, &opts, Some(&mut record))?;
-        let mut by_label: HashMap<(String, String), Vec<String>> = HashMap::new();
-        let mut unindexed = Vec::new();
-        for (id, m) in &sets {
-            // Index under one required label (the one with fewest values):
-            // a set can only gain or lose an object carrying one of them.
-            let best = m.rule.selector().and_then(|s| {
-                s.required_labels()
-                    .into_iter()
-                    .min_by_key(|(_, values)| values.len())
-            });
-            match best {
-                Some((label, values)) => {
-                    for v in values {
-                        by_label
-                            .entry((label.to_owned(), v.to_owned()))
-                            .or_default()
-                            .push(id.clone());
-                    }
-                }
-                None => unindexed.push(id.clone()),
+        let compiled = compile_recording(state, &opts, Some(&mut record))?;
+        let logical = compiled.logical;
+        self.ruleset = to_nftables(&logical);
+        self.sets = HashMap::new();
+        self.by_label = HashMap::new();
+        self.unindexed = Vec::new();
+        for (id, m) in sets {
+            self.add_set(id, m);
+        }
+
+        self.policy_refs = HashMap::new();
+        self.profile_refs = HashMap::new();
+        self.uses = HashMap::new();
+        let mut interfaces = HashSet::new();
+        self.shared_interfaces = false;
+        for u in compiled.uses {
+            self.shared_interfaces |= !interfaces.insert(u.interface.clone());
+            refer_use(
+                &mut self.policy_refs,
+                &mut self.profile_refs,
+                &u,
+                1,
+                |_, _| {},
+            );
+            self.uses.insert(u.key.clone(), u);
+        }
+        self.set_refs = HashMap::new();
+        for c in logical.chains.values() {
+            for id in chain_ip_sets(c) {
+                *self.set_refs.entry(id.to_owned()).or_default() += 1;
             }
         }
-        self.ruleset = to_nftables(&logical);
+        self.nft_set_refs = BTreeMap::new();
+        for t in &self.ruleset.tables {
+            let refs = self.nft_set_refs.entry(t.family).or_default();
+            for c in t.chains.values() {
+                for name in referenced_sets(c).collect::<BTreeSet<_>>() {
+                    if t.sets.contains_key(name) {
+                        *refs.entry(name.to_owned()).or_default() += 1;
+                    }
+                }
+            }
+        }
+        self.policies = compiled.policies;
         self.logical = Some(logical);
-        self.sets = sets;
-        self.by_label = by_label;
-        self.unindexed = unindexed;
         Ok(())
+    }
+
+    /// Registers a set's membership and indexes it under one required
+    /// label (the one with fewest values): a set can only gain or lose an
+    /// object carrying one of them.
+    fn add_set(&mut self, id: String, m: Membership) {
+        let best = m.rule.selector().and_then(|s| {
+            s.required_labels()
+                .into_iter()
+                .min_by_key(|(_, values)| values.len())
+        });
+        match best {
+            Some((label, values)) => {
+                for v in values {
+                    self.by_label
+                        .entry((label.to_owned(), v.to_owned()))
+                        .or_default()
+                        .push(id.clone());
+                }
+            }
+            None => self.unindexed.push(id.clone()),
+        }
+        self.sets.insert(id, m);
+    }
+
+    /// Forgets a set's membership and index entries.
+    fn remove_set(&mut self, id: &str) {
+        let Some(m) = self.sets.remove(id) else {
+            return;
+        };
+        let best = m.rule.selector().and_then(|s| {
+            s.required_labels()
+                .into_iter()
+                .min_by_key(|(_, values)| values.len())
+        });
+        match best {
+            Some((label, values)) => {
+                for v in values {
+                    let key = (label.to_owned(), v.to_owned());
+                    if let Some(ids) = self.by_label.get_mut(&key) {
+                        ids.retain(|i| i != id);
+                        if ids.is_empty() {
+                            self.by_label.remove(&key);
+                        }
+                    }
+                }
+            }
+            None => self.unindexed.retain(|i| i != id),
+        }
     }
 
     /// Brings the compiled ruleset up to `state`. `changes` holds every
@@ -406,10 +507,88 @@ impl IncrementalCompiler {
         state: &ClusterState,
         changes: &BTreeMap<ResourceKey, Option<Resource>>,
     ) -> Result<Outcome, CompileError> {
-        if self.logical.is_none() || !self.members_only(state, changes) {
+        if self.logical.is_none() || !self.can_patch(state, changes) {
             self.rebuild(state)?;
             return Ok(Outcome::Rebuilt);
         }
+        let (net_changes, named_changes) = self.member_changes(state, changes);
+        let node = &self.options().node;
+        let is_local = |r: Option<&Resource>| matches!(r, Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node);
+        let local: Vec<&ResourceKey> = changes
+            .iter()
+            .filter(|(key, old)| is_local(old.as_ref()) || is_local(state.get(key)))
+            .map(|(key, _)| key)
+            .collect();
+        if local.is_empty() {
+            return Ok(Outcome::Elements(
+                self.apply_changes(net_changes, named_changes),
+            ));
+        }
+        Ok(Outcome::Patch(self.patch_local(
+            state,
+            &local,
+            net_changes,
+            named_changes,
+        )))
+    }
+
+    /// Every change is to an endpoint or a network set; local endpoint
+    /// changes leave one endpoint per interface name.
+    fn can_patch(
+        &self,
+        state: &ClusterState,
+        changes: &BTreeMap<ResourceKey, Option<Resource>>,
+    ) -> bool {
+        let endpoints_and_sets = changes.keys().all(|key| {
+            matches!(
+                key.kind,
+                Kind::WorkloadEndpoint | Kind::NetworkSet | Kind::GlobalNetworkSet
+            )
+        });
+        if !endpoints_and_sets {
+            return false;
+        }
+        let node = &self.options().node;
+        fn local_iface<'r>(r: Option<&'r Resource>, node: &str) -> Option<&'r str> {
+            match r {
+                Some(Resource::WorkloadEndpoint(w)) if w.spec.node == node => {
+                    Some(w.spec.interface_name.as_str())
+                }
+                _ => None,
+            }
+        }
+        let leaving: HashSet<&ResourceKey> = changes
+            .iter()
+            .filter(|(_, old)| local_iface(old.as_ref(), node).is_some())
+            .map(|(k, _)| k)
+            .collect();
+        if !leaving.is_empty() && self.shared_interfaces {
+            return false;
+        }
+        let logical = self.logical.as_ref().expect("checked by update");
+        let mut coming = HashSet::new();
+        for key in changes.keys() {
+            let Some(iface) = local_iface(state.get(key), node) else {
+                continue;
+            };
+            if self.shared_interfaces || !coming.insert(iface) {
+                return false;
+            }
+            if let Some(e) = logical.endpoints.get(iface) {
+                if !leaving.contains(&e.key) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Works out the member changes of the existing sets.
+    fn member_changes(
+        &mut self,
+        state: &ClusterState,
+        changes: &BTreeMap<ResourceKey, Option<Resource>>,
+    ) -> (HashMap<String, NetChanges>, HashMap<String, NamedChanges>) {
         let mut net_changes: HashMap<String, NetChanges> = HashMap::new();
         let mut named_changes: HashMap<String, NamedChanges> = HashMap::new();
         for (key, old) in changes {
@@ -445,32 +624,261 @@ impl IncrementalCompiler {
                 }
             }
         }
-        Ok(Outcome::Elements(
-            self.apply_changes(net_changes, named_changes),
-        ))
+        (net_changes, named_changes)
     }
 
-    /// Whether every change is to an object outside this node that only
-    /// feeds IP set members (a remote endpoint, a network set).
-    fn members_only(
-        &self,
+    /// Local endpoints in `local` changed: rebuilds their chains, starts
+    /// and stops policy and profile chains (and the IP sets their rules
+    /// use), and returns the nftables objects that changed.
+    fn patch_local(
+        &mut self,
         state: &ClusterState,
-        changes: &BTreeMap<ResourceKey, Option<Resource>>,
-    ) -> bool {
-        let node = &self.options().node;
-        let remote = |r: Option<&Resource>| match r {
-            None => true,
-            Some(Resource::WorkloadEndpoint(w)) => &w.spec.node != node,
-            Some(Resource::NetworkSet(_) | Resource::GlobalNetworkSet(_)) => true,
-            Some(_) => false,
+        local: &[&ResourceKey],
+        mut net_changes: HashMap<String, NetChanges>,
+        mut named_changes: HashMap<String, NamedChanges>,
+    ) -> RulesetPatch {
+        let opts = self.options().clone();
+        let mut logical = self.logical.take().expect("checked by update");
+        let mut changed_chains: BTreeSet<String> = BTreeSet::new();
+        // Reference counts before this change, of what it touches.
+        let mut policies_before: BTreeMap<(usize, PolicyType), u32> = BTreeMap::new();
+        let mut profiles_before: BTreeMap<String, u32> = BTreeMap::new();
+        let mut maybe_unused_sets: Vec<String> = Vec::new();
+
+        // Endpoints that leave (or change): their chains go.
+        for key in local {
+            let Some(u) = self.uses.remove(*key) else {
+                continue;
+            };
+            let ep = logical
+                .endpoints
+                .remove(&u.interface)
+                .expect("every local endpoint has its dispatch entry");
+            for name in [ep.from_chain, ep.to_chain] {
+                if let Some(c) = logical.chains.remove(&name) {
+                    self.unref_chain(&c, &mut maybe_unused_sets);
+                }
+                changed_chains.insert(name);
+            }
+            refer_use(
+                &mut self.policy_refs,
+                &mut self.profile_refs,
+                &u,
+                -1,
+                |p, before| note_before(&mut policies_before, &mut profiles_before, p, before),
+            );
+        }
+        // Endpoints that come (or change): what they use.
+        let coming: Vec<EndpointUse> = local
+            .iter()
+            .filter_map(|key| match state.get(key) {
+                Some(Resource::WorkloadEndpoint(w)) if w.spec.node == opts.node => {
+                    Some(EndpointUse::of(state, w, &self.policies))
+                }
+                _ => None,
+            })
+            .collect();
+        for u in &coming {
+            refer_use(
+                &mut self.policy_refs,
+                &mut self.profile_refs,
+                u,
+                1,
+                |p, before| note_before(&mut policies_before, &mut profiles_before, p, before),
+            );
+        }
+        let policy_now =
+            |refs: &HashMap<(usize, PolicyType), u32>, p| refs.get(&p).copied().unwrap_or(0);
+        let started_policies: Vec<(usize, PolicyType)> = policies_before
+            .iter()
+            .filter(|(p, before)| **before == 0 && policy_now(&self.policy_refs, **p) > 0)
+            .map(|(p, _)| *p)
+            .collect();
+        let stopped_policies: Vec<(usize, PolicyType)> = policies_before
+            .iter()
+            .filter(|(p, before)| **before > 0 && policy_now(&self.policy_refs, **p) == 0)
+            .map(|(p, _)| *p)
+            .collect();
+        let profile_now = |name: &str| self.profile_refs.get(name).copied().unwrap_or(0);
+        let started_profiles: Vec<String> = profiles_before
+            .iter()
+            .filter(|(n, before)| **before == 0 && profile_now(n) > 0)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let stopped_profiles: Vec<String> = profiles_before
+            .iter()
+            .filter(|(n, before)| **before > 0 && profile_now(n) == 0)
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.policy_refs.retain(|_, n| *n > 0);
+        self.profile_refs.retain(|_, n| *n > 0);
+
+        // Chains no local endpoint needs any more.
+        let mut stopped_chains: Vec<String> = stopped_policies
+            .iter()
+            .map(|(i, dir)| policy_chain(&self.policies[*i].id, *dir))
+            .collect();
+        for name in &stopped_profiles {
+            for dir in [PolicyType::Ingress, PolicyType::Egress] {
+                stopped_chains.push(profile_chain(name, dir));
+            }
+        }
+        for name in stopped_chains {
+            if let Some(c) = logical.chains.remove(&name) {
+                self.unref_chain(&c, &mut maybe_unused_sets);
+            }
+            changed_chains.insert(name);
+        }
+
+        // New chains: built first without labelled objects, which is
+        // enough when every IP set they use exists; if one is new, built
+        // again with all of them so that new sets get their members.
+        let marks = logical.marks;
+        let ip_sets = std::mem::take(&mut logical.ip_sets);
+        let wanted = NewChains {
+            state,
+            policies: &self.policies,
+            endpoints: &coming,
+            policy_chains: &started_policies,
+            profiles: &started_profiles,
         };
-        changes.iter().all(|(key, old)| {
-            matches!(
-                key.kind,
-                Kind::WorkloadEndpoint | Kind::NetworkSet | Kind::GlobalNetworkSet
-            ) && remote(old.as_ref())
-                && remote(state.get(key))
-        })
+        let log_denied = opts.log_denied;
+        let (endpoints, chains, mut ip_sets, members) =
+            wanted.build(Builder::new(marks, log_denied, &[], ip_sets, true));
+        let (endpoints, chains) = if members.is_empty() {
+            logical.ip_sets = ip_sets;
+            (endpoints, chains)
+        } else {
+            for id in members.keys() {
+                ip_sets.remove(id);
+            }
+            let nets = state.labelled_nets();
+            let (endpoints, chains, ip_sets, members) =
+                wanted.build(Builder::new(marks, log_denied, &nets, ip_sets, true));
+            for (id, objects) in &members {
+                let m = Membership::of(&ip_sets[id], objects, &nets);
+                self.add_set(id.clone(), m);
+            }
+            logical.ip_sets = ip_sets;
+            (endpoints, chains)
+        };
+        for c in chains {
+            if let Some(old) = logical.chains.remove(&c.name) {
+                self.unref_chain(&old, &mut maybe_unused_sets);
+            }
+            for id in chain_ip_sets(&c) {
+                *self.set_refs.entry(id.to_owned()).or_default() += 1;
+            }
+            changed_chains.insert(c.name.clone());
+            logical.chains.insert(c.name.clone(), c);
+        }
+        for e in endpoints {
+            logical.endpoints.insert(e.interface.clone(), e);
+        }
+        for u in coming {
+            self.uses.insert(u.key.clone(), u);
+        }
+        if !started_policies.is_empty() || !stopped_policies.is_empty() {
+            let active: BTreeSet<_> = self
+                .policy_refs
+                .keys()
+                .map(|(i, _)| self.policies[*i].id.clone())
+                .collect();
+            logical.active_policies = active.into_iter().collect();
+        }
+        // IP sets no chain uses any more.
+        for id in maybe_unused_sets {
+            if self.set_refs.get(&id) == Some(&0) {
+                self.set_refs.remove(&id);
+                logical.ip_sets.remove(&id);
+                self.remove_set(&id);
+                net_changes.remove(&id);
+                named_changes.remove(&id);
+            }
+        }
+        self.logical = Some(logical);
+
+        let mut elements = self.apply_changes(net_changes, named_changes);
+        let tables = self.patch_tables(&changed_chains);
+        // Sets the patch creates are made with their elements, sets it
+        // deletes need none.
+        elements.sets.retain(|d| {
+            !tables
+                .iter()
+                .any(|t| t.family == d.family && t.sets.contains_key(&d.set))
+        });
+        RulesetPatch { tables, elements }
+    }
+
+    /// A chain goes: one user fewer for each IP set it uses.
+    fn unref_chain(&mut self, c: &LChain, maybe_unused: &mut Vec<String>) {
+        for id in chain_ip_sets(c) {
+            if let Some(n) = self.set_refs.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    maybe_unused.push(id.to_owned());
+                }
+            }
+        }
+    }
+
+    /// Lowers the changed chains into the nftables ruleset, with the sets
+    /// they start or stop using and the dispatch maps, and returns what
+    /// changed per table.
+    fn patch_tables(&mut self, changed_chains: &BTreeSet<String>) -> Vec<TablePatch> {
+        let logical = self.logical.as_ref().expect("patched");
+        let mut patches = Vec::new();
+        for table in &mut self.ruleset.tables {
+            let family = table.family;
+            let refs = self.nft_set_refs.entry(family).or_default();
+            let mut patch = TablePatch::new(family);
+            let mut maybe_unused: Vec<String> = Vec::new();
+            for name in changed_chains {
+                if let Some(old) = table.chains.remove(name) {
+                    for set in referenced_sets(&old).collect::<BTreeSet<_>>() {
+                        if let Some(n) = refs.get_mut(set) {
+                            *n -= 1;
+                            if *n == 0 {
+                                maybe_unused.push(set.to_owned());
+                            }
+                        }
+                    }
+                }
+                let Some(lc) = logical.chains.get(name) else {
+                    patch.chains.insert(name.clone(), None);
+                    continue;
+                };
+                let (chain, sets) = lower_chain(logical, family, lc);
+                for (set_name, set) in sets {
+                    *refs.entry(set_name.clone()).or_default() += 1;
+                    if let std::collections::btree_map::Entry::Vacant(slot) =
+                        table.sets.entry(set_name.clone())
+                    {
+                        patch.sets.insert(set_name, Some(set.clone()));
+                        slot.insert(set);
+                    }
+                }
+                table.chains.insert(name.clone(), chain.clone());
+                patch.chains.insert(name.clone(), Some(chain));
+            }
+            for set in maybe_unused {
+                if refs.get(&set) == Some(&0) {
+                    refs.remove(&set);
+                    table.sets.remove(&set);
+                    patch.sets.insert(set, None);
+                }
+            }
+            for map in dispatch_maps(logical) {
+                if table.maps.get(&map.name) != Some(&map) {
+                    table.maps.insert(map.name.clone(), map.clone());
+                    patch.maps.insert(map.name.clone(), Some(map));
+                }
+            }
+            if !patch.is_empty() {
+                patches.push(patch);
+            }
+        }
+        patches
     }
 
     /// Applies element changes to the logical and nftables rulesets and
@@ -568,4 +976,108 @@ impl IncrementalCompiler {
         }
         delta
     }
+}
+
+/// Chains a local endpoint change needs built: the endpoints' own, and
+/// those of policies and profiles that start applying on this node.
+struct NewChains<'s> {
+    state: &'s ClusterState,
+    policies: &'s [ResolvedPolicy],
+    endpoints: &'s [EndpointUse],
+    policy_chains: &'s [(usize, PolicyType)],
+    profiles: &'s [String],
+}
+
+/// Built chains: dispatch entries, chains, every IP set, and the member
+/// objects of the IP sets created while building.
+type BuiltChains = (
+    Vec<LocalEndpoint>,
+    Vec<LChain>,
+    BTreeMap<String, IpSet>,
+    HashMap<String, Vec<usize>>,
+);
+
+impl NewChains<'_> {
+    fn build(&self, mut b: Builder<'_>) -> BuiltChains {
+        let mut endpoints = Vec::new();
+        let mut chains = Vec::new();
+        for u in self.endpoints {
+            let (e, c) = b.endpoint_chains(u, self.policies);
+            endpoints.push(e);
+            chains.extend(c);
+        }
+        for (i, dir) in self.policy_chains {
+            chains.push(b.policy_chain(&self.policies[*i], *dir));
+        }
+        for name in self.profiles {
+            chains.extend(b.profile_chains(self.state, name));
+        }
+        let (ip_sets, members) = b.finish();
+        (endpoints, chains, ip_sets, members.unwrap_or_default())
+    }
+}
+
+/// Something a local endpoint's chains use.
+enum Used<'a> {
+    Policy((usize, PolicyType)),
+    Profile(&'a str),
+}
+
+/// Adds `delta` (±1) to the counts of the policies and profiles `u` uses,
+/// telling `note` each one's count before.
+fn refer_use(
+    policy_refs: &mut HashMap<(usize, PolicyType), u32>,
+    profile_refs: &mut HashMap<String, u32>,
+    u: &EndpointUse,
+    delta: i32,
+    mut note: impl FnMut(Used<'_>, u32),
+) {
+    for dir in [PolicyType::Egress, PolicyType::Ingress] {
+        for &i in u.selected(dir) {
+            let n = policy_refs.entry((i, dir)).or_default();
+            note(Used::Policy((i, dir)), *n);
+            *n = n.checked_add_signed(delta).expect("use counts stay >= 0");
+        }
+    }
+    let profiles: BTreeSet<&String> = u.profiles.iter().collect();
+    for name in profiles {
+        let n = profile_refs.entry(name.clone()).or_default();
+        note(Used::Profile(name), *n);
+        *n = n.checked_add_signed(delta).expect("use counts stay >= 0");
+    }
+}
+
+/// Remembers the first count seen (the count before this change).
+fn note_before(
+    policies: &mut BTreeMap<(usize, PolicyType), u32>,
+    profiles: &mut BTreeMap<String, u32>,
+    used: Used<'_>,
+    before: u32,
+) {
+    match used {
+        Used::Policy(p) => {
+            policies.entry(p).or_insert(before);
+        }
+        Used::Profile(name) => {
+            profiles.entry(name.to_owned()).or_insert(before);
+        }
+    }
+}
+
+/// The IP sets a chain's rules use.
+fn chain_ip_sets(c: &LChain) -> BTreeSet<&str> {
+    c.rules
+        .iter()
+        .filter_map(|r| r.policy_match.as_ref())
+        .flat_map(|m| [&m.src, &m.dst])
+        .flat_map(|e| {
+            [
+                &e.selector_set,
+                &e.not_selector_set,
+                &e.named_port_set,
+                &e.not_named_port_set,
+            ]
+        })
+        .filter_map(|id| id.as_deref())
+        .collect()
 }

@@ -302,7 +302,7 @@ pub fn compile(
     state: &ClusterState,
     opts: &CompileOptions,
 ) -> Result<LogicalRuleset, CompileError> {
-    compile_recording(state, opts, None)
+    Ok(compile_recording(state, opts, None)?.logical)
 }
 
 /// For each IP set id, which labelled objects (positions in
@@ -315,74 +315,107 @@ pub(crate) type SetMembers = HashMap<String, Vec<usize>>;
 pub(crate) type RecordSets<'r> =
     dyn FnMut(&[LabelledNets<'_>], &SetMembers, &BTreeMap<String, IpSet>) + 'r;
 
+/// What one local endpoint's chains are made of: the policies selecting
+/// it (positions in the resolved policy list, in policy order) and its
+/// profiles that exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EndpointUse {
+    pub key: ResourceKey,
+    pub interface: String,
+    pub egress: Vec<usize>,
+    pub ingress: Vec<usize>,
+    pub profiles: Vec<String>,
+}
+
+impl EndpointUse {
+    /// Works out what policies and profiles apply to local endpoint `ep`.
+    pub(crate) fn of(
+        state: &ClusterState,
+        ep: &WorkloadEndpoint,
+        policies: &[ResolvedPolicy],
+    ) -> EndpointUse {
+        let labels = state.endpoint_labels(ep);
+        let selecting = |dir: PolicyType| -> Vec<usize> {
+            policies
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.applies(dir) && p.selector.matches(&labels))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        EndpointUse {
+            key: ResourceKey::new(
+                Kind::WorkloadEndpoint,
+                ep.metadata.namespace.as_deref(),
+                &ep.metadata.name,
+            ),
+            interface: ep.spec.interface_name.clone(),
+            egress: selecting(PolicyType::Egress),
+            ingress: selecting(PolicyType::Ingress),
+            profiles: ep
+                .spec
+                .profiles
+                .iter()
+                .filter(|p| state.profile(p).is_some())
+                .cloned()
+                .collect(),
+        }
+    }
+
+    pub(crate) fn selected(&self, dir: PolicyType) -> &[usize] {
+        match dir {
+            PolicyType::Egress => &self.egress,
+            PolicyType::Ingress => &self.ingress,
+        }
+    }
+}
+
+/// A full compile with what an incremental compiler keeps of it.
+pub(crate) struct Compiled {
+    pub logical: LogicalRuleset,
+    /// The resolved policies (what [`EndpointUse`] positions refer to).
+    pub policies: Vec<ResolvedPolicy>,
+    pub uses: Vec<EndpointUse>,
+}
+
 /// [`compile`], optionally reporting each IP set's member objects to
 /// `record` (called with the labelled nets while they are alive).
 pub(crate) fn compile_recording(
     state: &ClusterState,
     opts: &CompileOptions,
     record: Option<&mut RecordSets<'_>>,
-) -> Result<LogicalRuleset, CompileError> {
+) -> Result<Compiled, CompileError> {
     let marks = MarkBits::from_mask(opts.mark_mask)?;
     let (policies, rejected) = state.resolved_policies();
     let nets = state.labelled_nets();
-    let index = LabelIndex::new(&nets);
-    let mut b = Builder {
+    let mut b = Builder::new(
         marks,
-        log_denied: opts.log_denied,
-        nets: &nets,
-        index,
-        chains: BTreeMap::new(),
-        ip_sets: BTreeMap::new(),
-        members: record.is_some().then(HashMap::new),
-    };
+        opts.log_denied,
+        &nets,
+        BTreeMap::new(),
+        record.is_some(),
+    );
 
-    let local: Vec<&WorkloadEndpoint> = state
+    let uses: Vec<EndpointUse> = state
         .workload_endpoints()
         .filter(|w| w.spec.node == opts.node)
+        .map(|ep| EndpointUse::of(state, ep, &policies))
         .collect();
 
+    let mut chains = BTreeMap::new();
     let mut endpoints = BTreeMap::new();
     let mut active: BTreeSet<(usize, PolicyType)> = BTreeSet::new();
-    let mut profiles: BTreeSet<String> = BTreeSet::new();
-    for ep in &local {
-        let labels = state.endpoint_labels(ep);
-        let key = ResourceKey::new(
-            Kind::WorkloadEndpoint,
-            ep.metadata.namespace.as_deref(),
-            &ep.metadata.name,
-        );
-        let iface = ep.spec.interface_name.clone();
-        let mut chain_names = [String::new(), String::new()];
-        for (slot, dir) in [(0, PolicyType::Egress), (1, PolicyType::Ingress)] {
-            let selected: Vec<usize> = policies
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.applies(dir) && p.selector.matches(&labels))
-                .map(|(i, _)| i)
-                .collect();
-            active.extend(selected.iter().map(|i| (*i, dir)));
-            let existing: Vec<&str> = ep
-                .spec
-                .profiles
-                .iter()
-                .filter(|p| state.profile(p).is_some())
-                .map(String::as_str)
-                .collect();
-            profiles.extend(existing.iter().map(|s| s.to_string()));
-            let chain = b.endpoint_chain(&iface, dir, &selected, &policies, &existing);
-            chain_names[slot] = chain.name.clone();
-            b.chains.insert(chain.name.clone(), chain);
+    let mut profiles: BTreeSet<&str> = BTreeSet::new();
+    for u in &uses {
+        for dir in [PolicyType::Egress, PolicyType::Ingress] {
+            active.extend(u.selected(dir).iter().map(|i| (*i, dir)));
         }
-        let [from_chain, to_chain] = chain_names;
-        endpoints.insert(
-            iface.clone(),
-            LocalEndpoint {
-                key,
-                interface: iface,
-                from_chain,
-                to_chain,
-            },
-        );
+        profiles.extend(u.profiles.iter().map(String::as_str));
+        let (endpoint, endpoint_chains) = b.endpoint_chains(u, &policies);
+        for c in endpoint_chains {
+            chains.insert(c.name.clone(), c);
+        }
+        endpoints.insert(u.interface.clone(), endpoint);
     }
 
     let mut active_policies = BTreeSet::new();
@@ -390,63 +423,32 @@ pub(crate) fn compile_recording(
         let p = &policies[*i];
         active_policies.insert(p.id.clone());
         let chain = b.policy_chain(p, *dir);
-        b.chains.insert(chain.name.clone(), chain);
+        chains.insert(chain.name.clone(), chain);
     }
-    for name in &profiles {
-        let profile = state.profile(name).expect("filtered on existence");
-        for dir in [PolicyType::Ingress, PolicyType::Egress] {
-            let rules = match dir {
-                PolicyType::Ingress => &profile.spec.ingress,
-                PolicyType::Egress => &profile.spec.egress,
-            };
-            let chain_name = profile_chain(name, dir);
-            let mut out = Vec::new();
-            for (i, rule) in rules.iter().enumerate() {
-                // Profiles are global: no namespace scoping of their selectors.
-                match ResolvedRule::new(rule, None) {
-                    Ok(r) => {
-                        let logical =
-                            b.calico_rule(&r, &format!("profile {name} {dir:?} rule {i}"));
-                        let prefix = format!("profile {name} {} rule {i}", dir_word(dir));
-                        out.extend(
-                            logical
-                                .into_iter()
-                                .flat_map(|l| b.with_deny_log(l, &prefix)),
-                        );
-                    }
-                    Err(e) => {
-                        // Fail closed: a profile rule we cannot read drops.
-                        out.push(LRule {
-                            conditions: vec![],
-                            policy_match: None,
-                            action: LAction::Drop,
-                            comment: format!("profile {name} rule {i} rejected: {e}"),
-                        });
-                    }
-                }
-            }
-            b.chains.insert(
-                chain_name.clone(),
-                LChain {
-                    name: chain_name,
-                    rules: out,
-                },
-            );
+    for name in profiles {
+        for chain in b.profile_chains(state, name) {
+            chains.insert(chain.name.clone(), chain);
         }
     }
-
-    b.static_chains(opts.endpoint_to_host);
-    if let (Some(record), Some(members)) = (record, &b.members) {
-        record(&nets, members, &b.ip_sets);
+    for chain in static_chains(marks, opts.endpoint_to_host) {
+        chains.insert(chain.name.clone(), chain);
     }
-    Ok(LogicalRuleset {
-        marks,
-        endpoint_to_host: opts.endpoint_to_host,
-        chains: b.chains,
-        endpoints,
-        ip_sets: b.ip_sets,
-        rejected,
-        active_policies: active_policies.into_iter().collect(),
+    let (ip_sets, members) = b.finish();
+    if let (Some(record), Some(members)) = (record, &members) {
+        record(&nets, members, &ip_sets);
+    }
+    Ok(Compiled {
+        logical: LogicalRuleset {
+            marks,
+            endpoint_to_host: opts.endpoint_to_host,
+            chains,
+            endpoints,
+            ip_sets,
+            rejected,
+            active_policies: active_policies.into_iter().collect(),
+        },
+        policies,
+        uses,
     })
 }
 
@@ -524,14 +526,17 @@ fn intersect_sorted(a: &[usize], b: &[usize]) -> Vec<usize> {
     out
 }
 
-struct Builder<'a> {
+/// Builds chains and the IP sets their rules use (with members from
+/// `nets`). A full compile builds every chain with one; an incremental
+/// one builds the few chains a local endpoint change needs on top of the
+/// IP sets it already has.
+pub(crate) struct Builder<'a> {
     marks: MarkBits,
     log_denied: Option<LogDenied>,
     nets: &'a [LabelledNets<'a>],
     index: LabelIndex<'a>,
-    chains: BTreeMap<String, LChain>,
     ip_sets: BTreeMap<String, IpSet>,
-    /// Member objects of each IP set, when recording.
+    /// Member objects of each IP set created here, when recording.
     members: Option<SetMembers>,
 }
 
@@ -544,16 +549,103 @@ fn rule(conditions: Vec<Cond>, action: LAction, comment: &str) -> LRule {
     }
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    /// A builder adding to `ip_sets`; with `record`, it notes the member
+    /// objects of each IP set it creates (see [`Builder::finish`]).
+    pub(crate) fn new(
+        marks: MarkBits,
+        log_denied: Option<LogDenied>,
+        nets: &'a [LabelledNets<'a>],
+        ip_sets: BTreeMap<String, IpSet>,
+        record: bool,
+    ) -> Builder<'a> {
+        Builder {
+            marks,
+            log_denied,
+            nets,
+            index: LabelIndex::new(nets),
+            ip_sets,
+            members: record.then(HashMap::new),
+        }
+    }
+
+    /// The IP sets (those given to [`Builder::new`] and those created
+    /// since) and, when recording, the member objects of those created.
+    pub(crate) fn finish(self) -> (BTreeMap<String, IpSet>, Option<SetMembers>) {
+        (self.ip_sets, self.members)
+    }
+
+    /// A local endpoint's dispatch entry and its `cali-fw-`/`cali-tw-` chains.
+    pub(crate) fn endpoint_chains(
+        &mut self,
+        u: &EndpointUse,
+        policies: &[ResolvedPolicy],
+    ) -> (LocalEndpoint, [LChain; 2]) {
+        let from = self.endpoint_chain(&u.interface, PolicyType::Egress, u, policies);
+        let to = self.endpoint_chain(&u.interface, PolicyType::Ingress, u, policies);
+        let endpoint = LocalEndpoint {
+            key: u.key.clone(),
+            interface: u.interface.clone(),
+            from_chain: from.name.clone(),
+            to_chain: to.name.clone(),
+        };
+        (endpoint, [from, to])
+    }
+
+    /// A profile's `cali-pri-` and `cali-pro-` chains.
+    pub(crate) fn profile_chains(&mut self, state: &ClusterState, name: &str) -> Vec<LChain> {
+        let Some(profile) = state.profile(name) else {
+            return vec![];
+        };
+        let mut chains = Vec::new();
+        for dir in [PolicyType::Ingress, PolicyType::Egress] {
+            let rules = match dir {
+                PolicyType::Ingress => &profile.spec.ingress,
+                PolicyType::Egress => &profile.spec.egress,
+            };
+            let mut out = Vec::new();
+            for (i, rule) in rules.iter().enumerate() {
+                // Profiles are global: no namespace scoping of their selectors.
+                match ResolvedRule::new(rule, None) {
+                    Ok(r) => {
+                        let logical =
+                            self.calico_rule(&r, &format!("profile {name} {dir:?} rule {i}"));
+                        let prefix = format!("profile {name} {} rule {i}", dir_word(dir));
+                        out.extend(
+                            logical
+                                .into_iter()
+                                .flat_map(|l| self.with_deny_log(l, &prefix)),
+                        );
+                    }
+                    Err(e) => {
+                        // Fail closed: a profile rule we cannot read drops.
+                        out.push(LRule {
+                            conditions: vec![],
+                            policy_match: None,
+                            action: LAction::Drop,
+                            comment: format!("profile {name} rule {i} rejected: {e}"),
+                        });
+                    }
+                }
+            }
+            chains.push(LChain {
+                name: profile_chain(name, dir),
+                rules: out,
+            });
+        }
+        chains
+    }
+
     /// felix's `cali-tw-<iface>` (ingress) or `cali-fw-<iface>` (egress).
     fn endpoint_chain(
         &mut self,
         iface: &str,
         dir: PolicyType,
-        selected: &[usize],
+        u: &EndpointUse,
         policies: &[ResolvedPolicy],
-        profiles: &[&str],
     ) -> LChain {
+        let selected = u.selected(dir);
+        let profiles = &u.profiles;
         let m = self.marks;
         let name = match dir {
             PolicyType::Ingress => format!("cali-tw-{iface}"),
@@ -629,7 +721,7 @@ impl Builder<'_> {
         LChain { name, rules }
     }
 
-    fn policy_chain(&mut self, p: &ResolvedPolicy, dir: PolicyType) -> LChain {
+    pub(crate) fn policy_chain(&mut self, p: &ResolvedPolicy, dir: PolicyType) -> LChain {
         let name = policy_chain(&p.id, dir);
         let mut rules = Vec::new();
         for (i, r) in p.rules(dir).iter().enumerate() {
@@ -813,12 +905,13 @@ impl Builder<'_> {
         }
         id
     }
+}
 
-    /// The fixed part of felix's tree: cali-FORWARD, cali-INPUT, dispatch
-    /// and workload-to-host chains.
-    fn static_chains(&mut self, to_host: EndpointToHostAction) {
-        let m = self.marks;
-        let chains = [
+/// The fixed part of felix's tree: cali-FORWARD, cali-INPUT, dispatch and
+/// workload-to-host chains.
+fn static_chains(m: MarkBits, to_host: EndpointToHostAction) -> [LChain; 5] {
+    {
+        [
             LChain {
                 name: CHAIN_FORWARD.into(),
                 rules: vec![
@@ -902,10 +995,7 @@ impl Builder<'_> {
                     r
                 },
             },
-        ];
-        for c in chains {
-            self.chains.insert(c.name.clone(), c);
-        }
+        ]
     }
 }
 

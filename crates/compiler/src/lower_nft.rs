@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use ipnet::IpNet;
 
 use crate::logical::{
-    id_hash, Cond, EntityMatch, LAction, LRule, LogicalRuleset, PolicyMatch, CHAIN_FORWARD,
+    id_hash, Cond, EntityMatch, LAction, LChain, LRule, LogicalRuleset, PolicyMatch, CHAIN_FORWARD,
     CHAIN_FROM_WL_DISPATCH, CHAIN_INPUT, CHAIN_TO_WL_DISPATCH, WORKLOAD_IFACE_PREFIX,
 };
 use crate::nft::*;
@@ -82,41 +82,53 @@ fn lower_table(l: &LogicalRuleset, family: TableFamily) -> Table {
         );
     }
     for chain in l.chains.values() {
-        let rules = chain.rules.iter().flat_map(|r| lw.rule(r)).collect();
-        t.chains.insert(
-            chain.name.clone(),
-            Chain {
-                name: chain.name.clone(),
-                base: None,
-                rules,
-            },
-        );
+        t.chains.insert(chain.name.clone(), lw.chain(chain));
     }
-    for (map, to) in [
-        (CHAIN_FROM_WL_DISPATCH, false),
-        (CHAIN_TO_WL_DISPATCH, true),
-    ] {
-        t.maps.insert(
-            map.into(),
-            VerdictMap {
-                name: map.into(),
-                elements: l
-                    .endpoints
-                    .values()
-                    .map(|e| {
-                        let chain = if to { &e.to_chain } else { &e.from_chain };
-                        (e.interface.clone(), Verdict::Goto(chain.clone()))
-                    })
-                    .collect(),
-                comment: Some(format!(
-                    "Local workload interfaces → {} chains",
-                    if to { "cali-tw-" } else { "cali-fw-" }
-                )),
-            },
-        );
+    for map in dispatch_maps(l) {
+        t.maps.insert(map.name.clone(), map);
     }
     t.sets = lw.sets;
     t
+}
+
+/// One logical chain in a table of `family`, with the sets its rules use
+/// (what an incremental compile adds for a chain it creates or changes).
+pub(crate) fn lower_chain(
+    l: &LogicalRuleset,
+    family: TableFamily,
+    chain: &LChain,
+) -> (Chain, BTreeMap<String, Set>) {
+    let mut lw = Lowering {
+        l,
+        family,
+        sets: BTreeMap::new(),
+    };
+    let chain = lw.chain(chain);
+    (chain, lw.sets)
+}
+
+/// The verdict maps dispatching to the local endpoints' chains (the same
+/// in both families).
+pub(crate) fn dispatch_maps(l: &LogicalRuleset) -> [VerdictMap; 2] {
+    [
+        (CHAIN_FROM_WL_DISPATCH, false),
+        (CHAIN_TO_WL_DISPATCH, true),
+    ]
+    .map(|(map, to)| VerdictMap {
+        name: map.into(),
+        elements: l
+            .endpoints
+            .values()
+            .map(|e| {
+                let chain = if to { &e.to_chain } else { &e.from_chain };
+                (e.interface.clone(), Verdict::Goto(chain.clone()))
+            })
+            .collect(),
+        comment: Some(format!(
+            "Local workload interfaces → {} chains",
+            if to { "cali-tw-" } else { "cali-fw-" }
+        )),
+    })
 }
 
 /// The nft set holding logical IP set `id` (`s:…`, `n:…`) in a table of
@@ -140,6 +152,14 @@ pub fn truncate_comment(s: &str) -> String {
 }
 
 impl Lowering<'_> {
+    fn chain(&mut self, chain: &LChain) -> Chain {
+        Chain {
+            name: chain.name.clone(),
+            base: None,
+            rules: chain.rules.iter().flat_map(|r| self.rule(r)).collect(),
+        }
+    }
+
     fn rule(&mut self, r: &LRule) -> Vec<Rule> {
         let mut base = Vec::new();
         for c in &r.conditions {
@@ -302,6 +322,13 @@ impl Lowering<'_> {
             if (v == 6) != v6 {
                 return None;
             }
+        }
+        // Checked before any set is made, so that every set of a table is
+        // used by one of its rules (an incremental compile counts on it).
+        let only_other_family =
+            |nets: &[IpNet]| !nets.is_empty() && nets.iter().all(|n| n.addr().is_ipv6() != v6);
+        if only_other_family(&pm.src.nets) || only_other_family(&pm.dst.nets) {
+            return None;
         }
         let mut m = Vec::new();
         if let Some(p) = pm.protocol {

@@ -360,3 +360,101 @@ impl SetDelta {
         }
     }
 }
+
+/// What an incremental compile changed beyond set elements (a local
+/// endpoint came, went or was relabelled): chains, sets and maps of our
+/// tables to create, replace or delete, plus element changes of sets that
+/// stay. Applied to the previous ruleset it gives the new one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RulesetPatch {
+    pub tables: Vec<TablePatch>,
+    /// Element changes of sets that exist before and after (never of a set
+    /// the table patches create or delete).
+    pub elements: ElementDelta,
+}
+
+/// Objects of one table: `Some` = the object as it must be now (new or
+/// changed), `None` = delete it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TablePatch {
+    pub family: TableFamily,
+    pub chains: BTreeMap<String, Option<Chain>>,
+    pub sets: BTreeMap<String, Option<Set>>,
+    pub maps: BTreeMap<String, Option<VerdictMap>>,
+}
+
+impl TablePatch {
+    pub fn new(family: TableFamily) -> TablePatch {
+        TablePatch {
+            family,
+            chains: BTreeMap::new(),
+            sets: BTreeMap::new(),
+            maps: BTreeMap::new(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.sets.is_empty() && self.maps.is_empty()
+    }
+
+    /// Replaces and deletes the objects in `table` (of the same family).
+    pub fn apply_to_table(&self, table: &mut Table) {
+        fn patch<T: Clone>(
+            objects: &mut BTreeMap<String, T>,
+            changes: &BTreeMap<String, Option<T>>,
+        ) {
+            for (name, change) in changes {
+                match change {
+                    Some(o) => {
+                        objects.insert(name.clone(), o.clone());
+                    }
+                    None => {
+                        objects.remove(name);
+                    }
+                }
+            }
+        }
+        patch(&mut table.chains, &self.chains);
+        patch(&mut table.sets, &self.sets);
+        patch(&mut table.maps, &self.maps);
+    }
+}
+
+impl RulesetPatch {
+    pub fn is_empty(&self) -> bool {
+        self.tables.iter().all(TablePatch::is_empty) && self.elements.is_empty()
+    }
+
+    pub fn apply_to(&self, ruleset: &mut Ruleset) {
+        for t in &mut ruleset.tables {
+            let family = t.family;
+            for p in self.tables.iter().filter(|p| p.family == family) {
+                p.apply_to_table(t);
+            }
+        }
+        self.elements.apply_to(ruleset);
+    }
+}
+
+/// Names of the sets and maps a chain's rules use.
+pub fn referenced_sets(c: &Chain) -> impl Iterator<Item = &str> {
+    c.rules.iter().flat_map(|r| {
+        let from_matches = r.matches.iter().filter_map(|m| match m {
+            Match::Addr {
+                target: AddrTarget::Set(s),
+                ..
+            }
+            | Match::Port {
+                target: PortTarget::Set(s),
+                ..
+            }
+            | Match::NamedPort { set: s, .. } => Some(s.as_str()),
+            _ => None,
+        });
+        let from_verdict = match &r.verdict {
+            Some(Verdict::IfNameVmap { map, .. }) => Some(map.as_str()),
+            _ => None,
+        };
+        from_matches.chain(from_verdict)
+    })
+}

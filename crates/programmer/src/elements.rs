@@ -5,10 +5,16 @@
 //! (which costs time in proportion to the ruleset, not to the change): the
 //! delta is encoded as it is — `DELSETELEM`, then `NEWSETELEM`, per set —
 //! in one atomic batch, and applied to the committed copy on success.
+//!
+//! A local endpoint change also touches a few chains, sets and maps: a
+//! [`RulesetPatch`] names them, and only they are diffed against their
+//! committed versions (with the same ordering rules as a full apply).
 
 use std::time::{Duration, Instant};
 
-use compiler::nft::{ElementDelta, Set, SetDelta, SetElement, SetKey, TABLE_NAME};
+use compiler::nft::{
+    ElementDelta, RulesetPatch, Set, SetDelta, SetElement, SetKey, Table, TablePatch, TABLE_NAME,
+};
 use tracing::{debug, warn};
 
 use crate::batch::Batch;
@@ -52,6 +58,66 @@ impl NftProgrammer {
         self.send_transaction(&mut tx, report, |committed| {
             for t in committed.values_mut() {
                 delta.apply_to_table(t);
+            }
+        })
+    }
+
+    /// Applies a patch of chains, sets and maps (and element changes) to
+    /// our committed tables, in ONE atomic transaction: the named objects
+    /// are diffed against their committed versions, nothing else is
+    /// looked at. Fails with [`Error::NotCommitted`] (nothing sent) when a
+    /// table or an element-changed set is not in the committed state.
+    pub fn apply_patch(&mut self, patch: &RulesetPatch) -> Result<ApplyReport, Error> {
+        let t0 = Instant::now();
+        let mut b = Batch::new();
+        {
+            let committed = self.committed.as_ref().ok_or_else(|| Error::NotCommitted {
+                object: "our tables (nothing committed or adopted yet)".into(),
+            })?;
+            for p in &patch.tables {
+                let table = committed
+                    .get(&p.family)
+                    .ok_or_else(|| Error::NotCommitted {
+                        object: format!("table {} {TABLE_NAME}", p.family.keyword()),
+                    })?;
+                let (before, after) = patched_objects(table, p);
+                crate::plan::diff_table(&mut b, &before, &after)?;
+            }
+            for d in &patch.elements.sets {
+                let set = committed
+                    .get(&d.family)
+                    .and_then(|t| t.sets.get(&d.set))
+                    .ok_or_else(|| Error::NotCommitted {
+                        object: format!("set {} {}", d.family.keyword(), d.set),
+                    })?;
+                encode_set_delta(&mut b, set, d).map_err(crate::plan::Error::from)?;
+            }
+        }
+        b.finish();
+        let mut tx = Transaction { batch: b };
+        let report = ApplyReport {
+            messages: tx.messages(),
+            bytes: tx.bytes(),
+            kinds: tx.kinds(),
+            encode_time: t0.elapsed(),
+            kernel_time: Duration::ZERO,
+        };
+        if tx.is_empty() {
+            return Ok(report);
+        }
+        self.send_transaction(&mut tx, report, |committed| {
+            for p in &patch.tables {
+                if let Some(t) = committed.get_mut(&p.family) {
+                    p.apply_to_table(t);
+                    for name in p.sets.keys() {
+                        if let Some(s) = t.sets.get_mut(name) {
+                            crate::canonical_set(s);
+                        }
+                    }
+                }
+            }
+            for t in committed.values_mut() {
+                patch.elements.apply_to_table(t);
             }
         })
     }
@@ -166,4 +232,31 @@ fn encode_set_delta(b: &mut Batch, set: &Set, d: &SetDelta) -> Result<(), encode
         }
     }
     Ok(())
+}
+
+/// The objects a table patch names, as committed (`before`) and as they
+/// must be (`after`): two partial tables to diff.
+fn patched_objects(committed: &Table, p: &TablePatch) -> (Table, Table) {
+    let mut before = Table::new(committed.family, &committed.name);
+    for name in p.chains.keys() {
+        if let Some(c) = committed.chains.get(name) {
+            before.chains.insert(name.clone(), c.clone());
+        }
+    }
+    for name in p.sets.keys() {
+        if let Some(s) = committed.sets.get(name) {
+            before.sets.insert(name.clone(), s.clone());
+        }
+    }
+    for name in p.maps.keys() {
+        if let Some(m) = committed.maps.get(name) {
+            before.maps.insert(name.clone(), m.clone());
+        }
+    }
+    let mut after = before.clone();
+    p.apply_to_table(&mut after);
+    for s in after.sets.values_mut() {
+        crate::canonical_set(s);
+    }
+    (before, after)
 }

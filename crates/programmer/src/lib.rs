@@ -368,15 +368,20 @@ impl NftProgrammer {
 pub fn canonical(t: &Table) -> Table {
     let mut t = t.clone();
     for s in t.sets.values_mut() {
-        for e in &mut s.elements {
-            if let compiler::nft::SetElement::Net(n) = e {
-                *n = n.trunc();
-            }
-        }
-        s.elements.sort_unstable();
-        s.elements.dedup();
+        canonical_set(s);
     }
     t
+}
+
+/// One set in read-back form (see [`canonical`]).
+pub(crate) fn canonical_set(s: &mut compiler::nft::Set) {
+    for e in &mut s.elements {
+        if let compiler::nft::SetElement::Net(n) = e {
+            *n = n.trunc();
+        }
+    }
+    s.elements.sort_unstable();
+    s.elements.dedup();
 }
 
 /// Names the object a failing message concerned; for element messages,

@@ -25,8 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use compiler::nft::{
-    AddrTarget, Chain, Match, PortTarget, Ruleset, Set, SetKey, Table, TableFamily, Verdict,
-    VerdictMap, TABLE_NAME,
+    referenced_sets, Chain, Ruleset, Set, SetKey, Table, TableFamily, VerdictMap, TABLE_NAME,
 };
 
 use crate::batch::Batch;
@@ -216,30 +215,7 @@ fn set_likes(t: &Table) -> BTreeMap<&str, SetLike<'_>> {
     m
 }
 
-/// Names of the sets and maps a chain's rules use.
-fn referenced_sets(c: &Chain) -> impl Iterator<Item = &str> {
-    c.rules.iter().flat_map(|r| {
-        let from_matches = r.matches.iter().filter_map(|m| match m {
-            Match::Addr {
-                target: AddrTarget::Set(s),
-                ..
-            }
-            | Match::Port {
-                target: PortTarget::Set(s),
-                ..
-            }
-            | Match::NamedPort { set: s, .. } => Some(s.as_str()),
-            _ => None,
-        });
-        let from_verdict = match &r.verdict {
-            Some(Verdict::IfNameVmap { map, .. }) => Some(map.as_str()),
-            _ => None,
-        };
-        from_matches.chain(from_verdict)
-    })
-}
-
-fn diff_table(b: &mut Batch, o: &Table, n: &Table) -> Result<(), Error> {
+pub(crate) fn diff_table(b: &mut Batch, o: &Table, n: &Table) -> Result<(), Error> {
     let f = n.family;
     let table = n.name.as_str();
 
