@@ -536,7 +536,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                     if failures >= MAX_APPLY_FAILURES {
                         bail!(
                             "the kernel rejected {failures} consecutive transactions (the last: {}); \
-                             giving up so that the orchestrator restarts the agent — the last good ruleset stays in force",
+                             giving up so that the orchestrator restarts the agent; the kernel keeps what it holds \
+                             (our last committed ruleset, unless another program changed it)",
                             done.error.as_deref().unwrap_or("see the errors above")
                         );
                     }
