@@ -1,5 +1,8 @@
 //! Where one pod change's time goes at a scale (root; runs in its own
-//! network namespace): `cargo run --release -p bench --example pod_change_breakdown -- POLICIES`.
+//! network namespace):
+//! `cargo run --release -p bench --example pod_change_breakdown -- POLICIES [local|remote] [PODS]`.
+//! With `local`, the pods are added on the node itself and deleted again
+//! (a patch of chains, sets and maps instead of set elements alone).
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -10,7 +13,11 @@ use rand::SeedableRng;
 
 fn main() -> anyhow::Result<()> {
     let policies: usize = std::env::args().nth(1).map_or(Ok(1000), |a| a.parse())?;
-    let scale = scale_for(policies);
+    let local = std::env::args().nth(2).as_deref() == Some("local");
+    let mut scale = scale_for(policies);
+    if let Some(pods) = std::env::args().nth(3) {
+        scale.pods = pods.parse()?;
+    }
     let mut state = generate(&scale);
     let _ns = programmer::testutil::Netns::enter("breakdown")?;
     let mut p = programmer::NftProgrammer::new()?;
@@ -18,29 +25,47 @@ fn main() -> anyhow::Result<()> {
     inc.rebuild(&state)?;
     p.apply(inc.ruleset())?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    println!("update_ms elements encode_ms kernel_ms total_ms");
+    println!("change update_ms objects encode_ms kernel_ms total_ms");
     for i in 0..10 {
         let mut w = workload(&scale, scale.pods + i, &mut rng);
-        w.spec.node = "node2".into();
+        w.spec.node = if local { NODE_UNDER_TEST } else { "node2" }.into();
         w.metadata.labels.insert("tier".into(), "web".into());
         let r = Resource::WorkloadEndpoint(w);
-        let t = Instant::now();
         let key = r.key();
-        let old = state.upsert(r);
-        let Outcome::Elements(delta) = inc.update(&state, &BTreeMap::from([(key, old)]))? else {
-            anyhow::bail!("expected a member-only change");
-        };
-        let update = t.elapsed();
-        let report = p.apply_elements(&delta)?;
-        let total = t.elapsed();
-        println!(
-            "{:.2} {} {:.2} {:.2} {:.2}",
-            update.as_secs_f64() * 1e3,
-            delta.len(),
-            report.encode_time.as_secs_f64() * 1e3,
-            report.kernel_time.as_secs_f64() * 1e3,
-            total.as_secs_f64() * 1e3
-        );
+        let mut steps = vec![("add", Some(r))];
+        if local {
+            steps.push(("delete", None));
+        }
+        for (what, r) in steps {
+            let t = Instant::now();
+            let old = match r {
+                Some(r) => state.upsert(r),
+                None => state.remove(&key),
+            };
+            let (report, objects) =
+                match inc.update(&state, &BTreeMap::from([(key.clone(), old)]))? {
+                    Outcome::Elements(delta) => (p.apply_elements(&delta)?, delta.len()),
+                    Outcome::Patch(patch) => {
+                        let objects = patch.elements.len()
+                            + patch
+                                .tables
+                                .iter()
+                                .map(|t| t.chains.len() + t.sets.len() + t.maps.len())
+                                .sum::<usize>();
+                        (p.apply_patch(&patch)?, objects)
+                    }
+                    Outcome::Rebuilt => anyhow::bail!("expected no full compile"),
+                };
+            let total = t.elapsed();
+            let update = total - report.encode_time - report.kernel_time;
+            println!(
+                "{what} {:.2} {objects} {:.2} {:.2} {:.2}",
+                update.as_secs_f64() * 1e3,
+                report.encode_time.as_secs_f64() * 1e3,
+                report.kernel_time.as_secs_f64() * 1e3,
+                total.as_secs_f64() * 1e3
+            );
+        }
     }
     Ok(())
 }
