@@ -130,6 +130,16 @@ impl MemberRule {
         }
     }
 
+    /// The required label (with its values) a set is indexed under: the
+    /// one with fewest values. `None`: the set requires no label value.
+    fn index_label(&self) -> Option<(&str, Vec<&str>)> {
+        self.selector().and_then(|s| {
+            s.required_labels()
+                .into_iter()
+                .min_by_key(|(_, values)| values.len())
+        })
+    }
+
     fn matches(&self, n: &LabelledNets<'_>) -> bool {
         match self {
             MemberRule::Selector(s) => s.matches(&n.labels),
@@ -454,12 +464,7 @@ impl IncrementalCompiler {
     /// label (the one with fewest values): a set can only gain or lose an
     /// object carrying one of them.
     fn add_set(&mut self, id: String, m: Membership) {
-        let best = m.rule.selector().and_then(|s| {
-            s.required_labels()
-                .into_iter()
-                .min_by_key(|(_, values)| values.len())
-        });
-        match best {
+        match m.rule.index_label() {
             Some((label, values)) => {
                 for v in values {
                     self.by_label
@@ -478,12 +483,7 @@ impl IncrementalCompiler {
         let Some(m) = self.sets.remove(id) else {
             return;
         };
-        let best = m.rule.selector().and_then(|s| {
-            s.required_labels()
-                .into_iter()
-                .min_by_key(|(_, values)| values.len())
-        });
-        match best {
+        match m.rule.index_label() {
             Some((label, values)) => {
                 for v in values {
                     let key = (label.to_owned(), v.to_owned());

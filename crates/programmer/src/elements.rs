@@ -10,10 +10,12 @@
 //! [`RulesetPatch`] names them, and only they are diffed against their
 //! committed versions (with the same ordering rules as a full apply).
 
-use std::time::{Duration, Instant};
+use std::collections::BTreeMap;
+use std::time::Instant;
 
 use compiler::nft::{
-    ElementDelta, RulesetPatch, Set, SetDelta, SetElement, SetKey, Table, TablePatch, TABLE_NAME,
+    ElementDelta, RulesetPatch, Set, SetDelta, SetElement, SetKey, Table, TableFamily, TablePatch,
+    TABLE_NAME,
 };
 use tracing::{debug, warn};
 
@@ -43,19 +45,7 @@ impl NftProgrammer {
                 encode_set_delta(&mut b, set, d).map_err(crate::plan::Error::from)?;
             }
         }
-        b.finish();
-        let mut tx = Transaction { batch: b };
-        let report = ApplyReport {
-            messages: tx.messages(),
-            bytes: tx.bytes(),
-            kinds: tx.kinds(),
-            encode_time: t0.elapsed(),
-            kernel_time: Duration::ZERO,
-        };
-        if tx.is_empty() {
-            return Ok(report);
-        }
-        self.send_transaction(&mut tx, report, |committed| {
+        self.send_unless_empty(b, t0, |committed| {
             for t in committed.values_mut() {
                 delta.apply_to_table(t);
             }
@@ -93,19 +83,7 @@ impl NftProgrammer {
                 encode_set_delta(&mut b, set, d).map_err(crate::plan::Error::from)?;
             }
         }
-        b.finish();
-        let mut tx = Transaction { batch: b };
-        let report = ApplyReport {
-            messages: tx.messages(),
-            bytes: tx.bytes(),
-            kinds: tx.kinds(),
-            encode_time: t0.elapsed(),
-            kernel_time: Duration::ZERO,
-        };
-        if tx.is_empty() {
-            return Ok(report);
-        }
-        self.send_transaction(&mut tx, report, |committed| {
+        self.send_unless_empty(b, t0, |committed| {
             for p in &patch.tables {
                 if let Some(t) = committed.get_mut(&p.family) {
                     p.apply_to_table(t);
@@ -122,6 +100,23 @@ impl NftProgrammer {
         })
     }
 
+    /// Finishes `b` (encoded since `started`) and sends it, unless it is
+    /// empty; see [`send_transaction`](Self::send_transaction).
+    fn send_unless_empty(
+        &mut self,
+        mut b: Batch,
+        started: Instant,
+        commit: impl FnOnce(&mut BTreeMap<TableFamily, Table>),
+    ) -> Result<ApplyReport, Error> {
+        b.finish();
+        let mut tx = Transaction { batch: b };
+        let report = ApplyReport::planned(&tx, started);
+        if tx.is_empty() {
+            return Ok(report);
+        }
+        self.send_transaction(&mut tx, report, commit)
+    }
+
     /// Sends `tx`; on commit lets `commit` update the committed state and
     /// remembers the generation (trusted only if ours was the only commit
     /// since we looked). On [`Error::Transaction`] nothing changed.
@@ -129,9 +124,7 @@ impl NftProgrammer {
         &mut self,
         tx: &mut Transaction,
         mut report: ApplyReport,
-        commit: impl FnOnce(
-            &mut std::collections::BTreeMap<compiler::nft::TableFamily, compiler::nft::Table>,
-        ),
+        commit: impl FnOnce(&mut BTreeMap<TableFamily, Table>),
     ) -> Result<ApplyReport, Error> {
         let gen_before = self.generation()?;
         let offsets = tx.batch.offsets();

@@ -126,6 +126,19 @@ pub struct ApplyReport {
     pub kernel_time: Duration,
 }
 
+impl ApplyReport {
+    /// The report of `tx`, planned and encoded since `started`, not yet sent.
+    pub(crate) fn planned(tx: &Transaction, started: Instant) -> ApplyReport {
+        ApplyReport {
+            messages: tx.messages(),
+            bytes: tx.bytes(),
+            kinds: tx.kinds(),
+            encode_time: started.elapsed(),
+            kernel_time: Duration::ZERO,
+        }
+    }
+}
+
 /// One rule's counter, from [`NftProgrammer::read_counters`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleCounter {
@@ -237,14 +250,7 @@ impl NftProgrammer {
         }
         let t0 = Instant::now();
         let mut tx = self.plan(desired)?;
-        let encode_time = t0.elapsed();
-        let report = ApplyReport {
-            messages: tx.messages(),
-            bytes: tx.bytes(),
-            kinds: tx.kinds(),
-            encode_time,
-            kernel_time: Duration::ZERO,
-        };
+        let report = ApplyReport::planned(&tx, t0);
         if tx.is_empty() {
             debug!("desired ruleset equals the committed one; nothing to send");
             return Ok(report);

@@ -12,7 +12,7 @@
 //! restart from zero.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use compiler::nft::{Ruleset, TableFamily, TABLE_NAME};
 use tracing::info;
@@ -39,13 +39,7 @@ impl NftProgrammer {
         let mut tx = Transaction {
             batch: destroy_then(&create.batch),
         };
-        let report = ApplyReport {
-            messages: tx.messages(),
-            bytes: tx.bytes(),
-            kinds: tx.kinds(),
-            encode_time: t0.elapsed(),
-            kernel_time: Duration::ZERO,
-        };
+        let report = ApplyReport::planned(&tx, t0);
         let report = self.send_transaction(&mut tx, report, |committed| {
             *committed = desired
                 .tables
