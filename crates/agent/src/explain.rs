@@ -3,15 +3,14 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail};
 use clap::Args;
 use model::calico::{PolicyType, Protocol};
 use model::semantics::{EndpointVerdict, Evaluator, Packet};
 use model::state::ClusterState;
 
-use crate::dataplane::load_datastore;
+use crate::dataplane::{load_datastore, EtcdTlsFiles};
 
 #[derive(Debug, Clone, Args)]
 pub struct ExplainArgs {
@@ -46,11 +45,12 @@ pub struct ExplainArgs {
 
 /// Prints the explanation; returns whether the connection is allowed.
 pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
-    let state = if args.datastore.starts_with("file:") {
-        load_datastore(&args.datastore)?.0
-    } else {
-        etcd_snapshot(args)?
+    let tls = EtcdTlsFiles {
+        ca: args.etcd_ca.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
     };
+    let (state, _skipped) = load_datastore(&args.datastore, &tls)?;
     let (port, protocol) = match args.port.split_once('/') {
         Some((p, proto)) => (
             p,
@@ -113,61 +113,6 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
         );
     }
     Ok(verdict.allowed())
-}
-
-/// How long reading an etcd datastore may take, retries included: the
-/// etcd source retries an unreachable etcd forever, a command must not.
-const ETCD_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The cluster state in etcd, read once: the etcd source's updates up to its
-/// first complete snapshot (`InSync`). Objects that cannot be decoded are
-/// named on stderr and left out, as `file:` does.
-fn etcd_snapshot(args: &ExplainArgs) -> anyhow::Result<ClusterState> {
-    let cfg = watcher::etcd::EtcdConfig::from_url(&args.datastore)
-        .with_context(|| format!("--datastore {:?}", args.datastore))?
-        .with_tls(
-            args.etcd_ca.clone(),
-            args.etcd_cert.clone(),
-            args.etcd_key.clone(),
-        );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let (mut rx, task) = watcher::Source::Etcd(cfg).spawn(256);
-        let mut cache = watcher::Cache::new();
-        let deadline = tokio::time::Instant::now() + ETCD_SNAPSHOT_TIMEOUT;
-        loop {
-            let update = match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(update)) => update,
-                Ok(None) => {
-                    let why = match task.await {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "the etcd source ended".to_owned(),
-                    };
-                    bail!("datastore {}: {why}", args.datastore);
-                }
-                Err(_) => bail!(
-                    "datastore {}: no complete read within {ETCD_SNAPSHOT_TIMEOUT:?}{}",
-                    args.datastore,
-                    cache
-                        .disconnected
-                        .as_deref()
-                        .map(|d| format!(" ({d})"))
-                        .unwrap_or_default()
-                ),
-            };
-            let in_sync = matches!(update, watcher::Update::InSync { .. });
-            cache.apply(update);
-            if in_sync {
-                for (key, why) in &cache.invalid {
-                    eprintln!("error: skipped {key}: {why}");
-                }
-                task.abort();
-                return Ok(cache.state);
-            }
-        }
-    })
 }
 
 fn print_direction(state: &ClusterState, v: &EndpointVerdict, who: &str) {
