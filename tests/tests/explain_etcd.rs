@@ -8,31 +8,8 @@ use std::process::Command;
 use lab::agents::nftpolicy_etcd;
 use lab::EtcdServer;
 
-/// web denies all ingress; client is free.
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: default}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: default, labels: {app: web}}
-spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-status: {podIP: 198.18.1.10, podIPs: [{ip: 198.18.1.10}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: default, labels: {app: client}}
-spec: {nodeName: node2, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-status: {podIP: 198.18.1.11, podIPs: [{ip: 198.18.1.11}]}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-deny-all, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  ingress: []
-"#;
+mod common;
+use common::WEB_DENY_ALL as CLUSTER;
 
 /// `nftpolicy explain` from `from` to `to` port 80: exit code and stdout.
 fn explain(nftpolicy: &Path, datastore: &str, from: &str, to: &str) -> (Option<i32>, String) {

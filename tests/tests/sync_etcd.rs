@@ -12,33 +12,7 @@ use lab::EtcdServer;
 use programmer::testutil::Netns;
 
 mod common;
-use common::{desired, kernel};
-
-/// web denies all ingress; client is free.
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: default}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: default, labels: {app: web}}
-spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-status: {podIP: 198.18.1.10, podIPs: [{ip: 198.18.1.10}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: default, labels: {app: client}}
-spec: {nodeName: node2, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-status: {podIP: 198.18.1.11, podIPs: [{ip: 198.18.1.11}]}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-deny-all, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  ingress: []
-"#;
+use common::{desired, kernel, WEB_DENY_ALL as CLUSTER};
 
 /// Carries connections to 127.0.0.1:`port` inside `ns` to the host's
 /// 127.0.0.1:`port` (where the test's etcd listens), as a node reaches its

@@ -10,6 +10,7 @@ use clap::Args;
 use model::kube::{parse_manifests, Manifest};
 
 use crate::daemon::DatastoreArgs;
+use crate::dataplane::EtcdTlsArgs;
 
 #[derive(Debug, Clone, Args)]
 pub struct ApplyArgs {
@@ -20,12 +21,8 @@ pub struct ApplyArgs {
     /// as the agent's `--datastore`.
     #[arg(long, visible_alias = "etcd", env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
-    #[arg(long, env = "NFTPOLICY_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    #[arg(long, env = "NFTPOLICY_ETCD_CERT")]
-    pub etcd_cert: Option<PathBuf>,
-    #[arg(long, env = "NFTPOLICY_ETCD_KEY")]
-    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     /// Print what would be written, write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -40,28 +37,17 @@ pub struct ControllerArgs {
     /// as the agent's `--datastore`.
     #[arg(long, visible_alias = "etcd", env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
-    #[arg(long, env = "NFTPOLICY_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    #[arg(long, env = "NFTPOLICY_ETCD_CERT")]
-    pub etcd_cert: Option<PathBuf>,
-    #[arg(long, env = "NFTPOLICY_ETCD_KEY")]
-    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     /// How often the directory is checked for changes, in seconds.
     #[arg(long, default_value = "2")]
     pub interval: u64,
 }
 
-fn etcd_config(
-    url: &str,
-    ca: &Option<PathBuf>,
-    cert: &Option<PathBuf>,
-    key: &Option<PathBuf>,
-) -> anyhow::Result<watcher::etcd::EtcdConfig> {
+fn etcd_config(url: &str, tls: &EtcdTlsArgs) -> anyhow::Result<watcher::etcd::EtcdConfig> {
     DatastoreArgs {
         datastore: url.to_owned(),
-        etcd_ca: ca.clone(),
-        etcd_cert: cert.clone(),
-        etcd_key: key.clone(),
+        tls: tls.clone(),
         file_poll_ms: 0,
     }
     .etcd()
@@ -87,12 +73,7 @@ fn read_manifests(files: &[String]) -> anyhow::Result<Vec<Manifest>> {
 
 pub fn apply(args: &ApplyArgs, delete: bool) -> anyhow::Result<bool> {
     let manifests = read_manifests(&args.files)?;
-    let cfg = etcd_config(
-        &args.datastore,
-        &args.etcd_ca,
-        &args.etcd_cert,
-        &args.etcd_key,
-    )?;
+    let cfg = etcd_config(&args.datastore, &args.tls)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -122,12 +103,7 @@ pub fn apply(args: &ApplyArgs, delete: bool) -> anyhow::Result<bool> {
 }
 
 pub fn controller(args: &ControllerArgs) -> anyhow::Result<bool> {
-    let cfg = etcd_config(
-        &args.datastore,
-        &args.etcd_ca,
-        &args.etcd_cert,
-        &args.etcd_key,
-    )?;
+    let cfg = etcd_config(&args.datastore, &args.tls)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

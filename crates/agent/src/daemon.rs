@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use watcher::{Cache, Source, Update};
 
-use crate::dataplane::{Backend, DataplaneArgs};
+use crate::dataplane::{Backend, DataplaneArgs, EtcdTlsArgs};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Args)]
@@ -51,15 +51,8 @@ pub struct DatastoreArgs {
     /// `etcd://HOST:2379[,HOST:2379…]` (also `etcds://`, `https://`) or `file:PATH`.
     #[arg(long, env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
-    /// CA certificate for etcd over TLS.
-    #[arg(long, env = "NFTPOLICY_ETCD_CA")]
-    pub etcd_ca: Option<std::path::PathBuf>,
-    /// Client certificate for etcd over TLS.
-    #[arg(long, env = "NFTPOLICY_ETCD_CERT")]
-    pub etcd_cert: Option<std::path::PathBuf>,
-    /// Client key for etcd over TLS.
-    #[arg(long, env = "NFTPOLICY_ETCD_KEY")]
-    pub etcd_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     /// How often a file datastore is re-read for changes, in milliseconds.
     #[arg(long, env = "NFTPOLICY_FILE_POLL_MS", default_value = "500")]
     pub file_poll_ms: u64,
@@ -80,9 +73,9 @@ impl DatastoreArgs {
         Ok(watcher::etcd::EtcdConfig::from_url(&self.datastore)
             .with_context(|| format!("--datastore {:?}", self.datastore))?
             .with_tls(
-                self.etcd_ca.clone(),
-                self.etcd_cert.clone(),
-                self.etcd_key.clone(),
+                self.tls.etcd_ca.clone(),
+                self.tls.etcd_cert.clone(),
+                self.tls.etcd_key.clone(),
             ))
     }
 }

@@ -123,17 +123,23 @@ impl DataplaneArgs {
 /// Reads a `--datastore` URL (`file:PATH`) into a cluster state. Objects that
 /// cannot be read are named on stderr and skipped; the count is returned.
 /// Client TLS files for an etcd datastore (all optional).
-#[derive(Debug, Clone, Default)]
-pub struct EtcdTlsFiles {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
+#[derive(Debug, Clone, Default, Args)]
+pub struct EtcdTlsArgs {
+    /// CA certificate for etcd over TLS.
+    #[arg(long, env = "NFTPOLICY_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd over TLS.
+    #[arg(long, env = "NFTPOLICY_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key for etcd over TLS.
+    #[arg(long, env = "NFTPOLICY_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
 }
 
 /// Reads a datastore once (`file:PATH`, or etcd: `etcd://`, `etcds://`,
 /// `http(s)://`): the cluster state and how many objects were skipped
 /// because they could not be read.
-pub fn load_datastore(url: &str, tls: &EtcdTlsFiles) -> anyhow::Result<(ClusterState, usize)> {
+pub fn load_datastore(url: &str, tls: &EtcdTlsArgs) -> anyhow::Result<(ClusterState, usize)> {
     match url.split_once(':') {
         Some(("file", path)) => load_files(&[PathBuf::from(path)]),
         Some(("etcd" | "etcds" | "http" | "https", _)) => etcd_snapshot(url, tls),
@@ -148,10 +154,14 @@ const ETCD_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The cluster state in etcd, read once: the etcd source's updates up to its
 /// first complete snapshot (`InSync`), and how many objects could not be
 /// decoded (named on stderr and left out, as `file:` does).
-fn etcd_snapshot(url: &str, tls: &EtcdTlsFiles) -> anyhow::Result<(ClusterState, usize)> {
+fn etcd_snapshot(url: &str, tls: &EtcdTlsArgs) -> anyhow::Result<(ClusterState, usize)> {
     let cfg = watcher::etcd::EtcdConfig::from_url(url)
         .with_context(|| format!("--datastore {url:?}"))?
-        .with_tls(tls.ca.clone(), tls.cert.clone(), tls.key.clone());
+        .with_tls(
+            tls.etcd_ca.clone(),
+            tls.etcd_cert.clone(),
+            tls.etcd_key.clone(),
+        );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -2,7 +2,6 @@
 //! path through the chains, from the reference semantics.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use anyhow::{anyhow, bail};
 use clap::Args;
@@ -10,7 +9,7 @@ use model::calico::{PolicyType, Protocol};
 use model::semantics::{EndpointVerdict, Evaluator, Packet};
 use model::state::ClusterState;
 
-use crate::dataplane::{load_datastore, EtcdTlsFiles};
+use crate::dataplane::{load_datastore, EtcdTlsArgs};
 
 #[derive(Debug, Clone, Args)]
 pub struct ExplainArgs {
@@ -30,27 +29,15 @@ pub struct ExplainArgs {
     /// `etcd://HOST:2379[,…]` (also `etcds://`, `https://`) read once.
     #[arg(long, env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
-    /// CA certificate for etcd over TLS.
-    #[arg(long, env = "NFTPOLICY_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    /// Client certificate for etcd over TLS.
-    #[arg(long, env = "NFTPOLICY_ETCD_CERT")]
-    pub etcd_cert: Option<PathBuf>,
-    /// Client key for etcd over TLS.
-    #[arg(long, env = "NFTPOLICY_ETCD_KEY")]
-    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     #[command(flatten)]
     pub kernel: crate::explain_kernel::KernelArgs,
 }
 
 /// Prints the explanation; returns whether the connection is allowed.
 pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
-    let tls = EtcdTlsFiles {
-        ca: args.etcd_ca.clone(),
-        cert: args.etcd_cert.clone(),
-        key: args.etcd_key.clone(),
-    };
-    let (state, _skipped) = load_datastore(&args.datastore, &tls)?;
+    let (state, _skipped) = load_datastore(&args.datastore, &args.tls)?;
     let (port, protocol) = match args.port.split_once('/') {
         Some((p, proto)) => (
             p,

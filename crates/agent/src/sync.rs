@@ -5,7 +5,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tracing::info;
 
-use crate::dataplane::{load_datastore, Backend, DataplaneArgs, EtcdTlsFiles};
+use crate::dataplane::{load_datastore, Backend, DataplaneArgs, EtcdTlsArgs};
 
 #[derive(Debug, Clone, Args)]
 pub struct SyncArgs {
@@ -15,15 +15,8 @@ pub struct SyncArgs {
     /// `etcd://HOST:2379[,…]` (also `etcds://`, `https://`) read once.
     #[arg(long, env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
-    /// CA certificate for etcd over TLS.
-    #[arg(long, env = "NFTPOLICY_ETCD_CA")]
-    pub etcd_ca: Option<std::path::PathBuf>,
-    /// Client certificate for etcd over TLS.
-    #[arg(long, env = "NFTPOLICY_ETCD_CERT")]
-    pub etcd_cert: Option<std::path::PathBuf>,
-    /// Client key for etcd over TLS.
-    #[arg(long, env = "NFTPOLICY_ETCD_KEY")]
-    pub etcd_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
     /// Program once and exit (the long-running agent is `nftpolicy run`).
     #[arg(long)]
     pub once: bool,
@@ -34,12 +27,7 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
     if !args.once {
         bail!("sync without --once is `nftpolicy run`");
     }
-    let tls = EtcdTlsFiles {
-        ca: args.etcd_ca.clone(),
-        cert: args.etcd_cert.clone(),
-        key: args.etcd_key.clone(),
-    };
-    let (state, skipped) = load_datastore(&args.datastore, &tls)?;
+    let (state, skipped) = load_datastore(&args.datastore, &args.tls)?;
     let opts = args.dataplane.compile_options();
     let logical = compiler::compile(&state, &opts)?;
     for (key, why) in &logical.rejected {

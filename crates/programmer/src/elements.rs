@@ -31,20 +31,7 @@ impl NftProgrammer {
     pub fn apply_elements(&mut self, delta: &ElementDelta) -> Result<ApplyReport, Error> {
         let t0 = Instant::now();
         let mut b = Batch::new();
-        {
-            let committed = self.committed.as_ref().ok_or_else(|| Error::NotCommitted {
-                object: "our tables (nothing committed or adopted yet)".into(),
-            })?;
-            for d in &delta.sets {
-                let set = committed
-                    .get(&d.family)
-                    .and_then(|t| t.sets.get(&d.set))
-                    .ok_or_else(|| Error::NotCommitted {
-                        object: format!("set {} {}", d.family.keyword(), d.set),
-                    })?;
-                encode_set_delta(&mut b, set, d).map_err(crate::plan::Error::from)?;
-            }
-        }
+        encode_element_delta(&mut b, self.committed_tables()?, delta)?;
         self.send_unless_empty(b, t0, |committed| {
             for t in committed.values_mut() {
                 delta.apply_to_table(t);
@@ -61,9 +48,7 @@ impl NftProgrammer {
         let t0 = Instant::now();
         let mut b = Batch::new();
         {
-            let committed = self.committed.as_ref().ok_or_else(|| Error::NotCommitted {
-                object: "our tables (nothing committed or adopted yet)".into(),
-            })?;
+            let committed = self.committed_tables()?;
             for p in &patch.tables {
                 let table = committed
                     .get(&p.family)
@@ -73,15 +58,7 @@ impl NftProgrammer {
                 let (before, after) = patched_objects(table, p);
                 crate::plan::diff_table(&mut b, &before, &after)?;
             }
-            for d in &patch.elements.sets {
-                let set = committed
-                    .get(&d.family)
-                    .and_then(|t| t.sets.get(&d.set))
-                    .ok_or_else(|| Error::NotCommitted {
-                        object: format!("set {} {}", d.family.keyword(), d.set),
-                    })?;
-                encode_set_delta(&mut b, set, d).map_err(crate::plan::Error::from)?;
-            }
+            encode_element_delta(&mut b, committed, &patch.elements)?;
         }
         self.send_unless_empty(b, t0, |committed| {
             for p in &patch.tables {
@@ -97,6 +74,13 @@ impl NftProgrammer {
             for t in committed.values_mut() {
                 patch.elements.apply_to_table(t);
             }
+        })
+    }
+
+    /// Our tables as last committed, or [`Error::NotCommitted`].
+    fn committed_tables(&self) -> Result<&BTreeMap<TableFamily, Table>, Error> {
+        self.committed.as_ref().ok_or_else(|| Error::NotCommitted {
+            object: "our tables (nothing committed or adopted yet)".into(),
         })
     }
 
@@ -174,6 +158,25 @@ impl NftProgrammer {
             }
         }
     }
+}
+
+/// The delta's element messages, against the committed sets (each must
+/// exist).
+fn encode_element_delta(
+    b: &mut Batch,
+    committed: &BTreeMap<TableFamily, Table>,
+    delta: &ElementDelta,
+) -> Result<(), Error> {
+    for d in &delta.sets {
+        let set = committed
+            .get(&d.family)
+            .and_then(|t| t.sets.get(&d.set))
+            .ok_or_else(|| Error::NotCommitted {
+                object: format!("set {} {}", d.family.keyword(), d.set),
+            })?;
+        encode_set_delta(b, set, d).map_err(crate::plan::Error::from)?;
+    }
+    Ok(())
 }
 
 /// One set's delta as netlink messages, against the committed `set`.

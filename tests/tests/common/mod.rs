@@ -10,6 +10,33 @@ use compiler::{compile_nftables, CompileOptions};
 use lab::agents::in_namespace;
 use programmer::NftProgrammer;
 
+/// A small cluster for the etcd tests: web (node1) denies all ingress,
+/// client (node2) is free.
+pub const WEB_DENY_ALL: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default, labels: {app: web}}
+spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
+status: {podIP: 198.18.1.10, podIPs: [{ip: 198.18.1.10}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default, labels: {app: client}}
+spec: {nodeName: node2, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+status: {podIP: 198.18.1.11, podIPs: [{ip: 198.18.1.11}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-deny-all, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  ingress: []
+"#;
+
 /// Both of our tables (ip, ip6) in read-back form.
 pub type Tables = (Option<Table>, Option<Table>);
 
