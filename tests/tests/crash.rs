@@ -171,18 +171,7 @@ fn size(t: &Tables) -> (usize, usize, usize) {
 
 /// Waits (bounded) until the kernel holds `want`.
 fn wait_kernel(node_ns: &str, want: &Tables, what: &str) {
-    let deadline = Instant::now() + CONVERGE_TIMEOUT;
-    loop {
-        if &kernel(node_ns) == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the kernel did not reach the expected ruleset within {CONVERGE_TIMEOUT:?}"
-        );
-        // Polling the kernel: the agent offers no notification of it.
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_kernel(node_ns, want, what, CONVERGE_TIMEOUT);
 }
 
 /// Moves `from` to `to` atomically (rename within one filesystem), so the

@@ -16,38 +16,10 @@ use std::time::{Duration, Instant};
 
 use compiler::{compile_nftables, CompileOptions};
 use lab::{nftpolicy_binary, write_state, Agents, EtcdServer, Lab};
-use model::scenario::{ResolvedProbe, Scenario};
 use nix::sys::signal::Signal;
 
 mod common;
-use common::{canonical, kernel};
-
-const SCENARIO: &str = r#"
-name: etcd-tls
-objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: web, namespace: shop, labels: {app: web}}
-    spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: shop, labels: {app: client}}
-    spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: intruder, namespace: shop, labels: {app: intruder}}
-    spec: {nodeName: node1, containers: [{name: i, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: networking.k8s.io/v1
-    kind: NetworkPolicy
-    metadata: {name: web-from-client, namespace: shop}
-    spec:
-      podSelector: {matchLabels: {app: web}}
-      ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
-probes:
-  - {from: shop/client, to: shop/web, port: 80, expect: allow}
-  - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
-"#;
+use common::{canonical, kernel, shop};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -80,13 +52,7 @@ fn apply(nftpolicy: &Path, etcd: &EtcdServer, dir: &Path, tls: &[String]) -> std
 
 #[test]
 fn agent_over_tls_with_client_certificate_programs_and_without_it_touches_nothing() {
-    let scenario = Scenario::parse("etcd-tls.yaml", SCENARIO).unwrap();
-    let state = scenario.states().unwrap().remove(0);
-    let probes: Vec<ResolvedProbe> = scenario.steps[0]
-        .probes
-        .iter()
-        .map(|p| state.resolve_probe(p, &[]).unwrap())
-        .collect();
+    let (state, probes) = shop();
     let nftpolicy = nftpolicy_binary();
     let etcd = EtcdServer::start_tls().unwrap();
     assert!(etcd.url().starts_with("https://"), "{}", etcd.url());

@@ -5,11 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
-use lab::agents::nftpolicy_etcd;
-use lab::EtcdServer;
-
 mod common;
-use common::WEB_DENY_ALL as CLUSTER;
+use common::{etcd_holding, WEB_DENY_ALL as CLUSTER};
 
 /// `nftpolicy explain` from `from` to `to` port 80: exit code and stdout.
 fn explain(nftpolicy: &Path, datastore: &str, from: &str, to: &str) -> (Option<i32>, String) {
@@ -30,12 +27,8 @@ fn explain(nftpolicy: &Path, datastore: &str, from: &str, to: &str) -> (Option<i
 #[test]
 fn explain_reads_an_etcd_datastore() {
     let nftpolicy = lab::nftpolicy_binary();
-    let etcd = EtcdServer::start().expect("etcd starts");
-    let dir = tempfile::tempdir().unwrap();
+    let (etcd, dir) = etcd_holding(&nftpolicy, CLUSTER);
     let cluster = dir.path().join("cluster.yaml");
-    std::fs::write(&cluster, CLUSTER).unwrap();
-    nftpolicy_etcd(&nftpolicy, &etcd, "apply", std::slice::from_ref(&cluster))
-        .expect("nftpolicy apply");
 
     let file = format!("file:{}", cluster.display());
     for (from, to, allowed) in [

@@ -25,30 +25,9 @@ use std::time::{Duration, Instant};
 
 use compiler::nft::TABLE_NAME;
 use lab::{nftpolicy_binary, write_state, Agents, Lab, LabError};
-use model::scenario::Scenario;
 
 mod common;
-use common::{desired, kernel, Tables};
-
-const SCENARIO: &str = r#"
-name: kernel-failures
-objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: web, namespace: shop, labels: {app: web}}
-    spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: shop, labels: {app: client}}
-    spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: networking.k8s.io/v1
-    kind: NetworkPolicy
-    metadata: {name: web-from-client, namespace: shop}
-    spec:
-      podSelector: {matchLabels: {app: web}}
-      ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
-"#;
+use common::{desired, kernel, shop, wait_for, wait_kernel, Tables};
 
 /// Bound on agent start-up (debug build) and on the squatter's takeover.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,19 +37,6 @@ const GIVE_UP_DEADLINE: Duration = Duration::from_secs(120);
 const MAX_APPLY_FAILURES: usize = 6;
 /// What the agent logs when it tries its last-resort rebuild (tamper.rs).
 const REBUILD_LINE: &str = "rebuilding our nftables tables from scratch in one transaction";
-
-/// Waits (bounded) until `cond` holds; the kernel offers no notification
-/// the test could wait on instead of polling.
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: not within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// `nft list table ip nftpolicy` in the node's namespace (`None` when the
 /// table does not exist).
@@ -135,8 +101,7 @@ impl Drop for Squatter {
 
 #[test]
 fn a_table_the_kernel_will_not_let_us_touch_ends_in_one_rebuild_and_a_clear_exit() {
-    let scenario = Scenario::parse("kernel-failures.yaml", SCENARIO).unwrap();
-    let state = scenario.states().unwrap().remove(0);
+    let (state, _probes) = shop();
     let lab = Lab::build(&state.pods(), &[], &["node1"]).unwrap();
     let node_ns = lab.node_namespace("node1").unwrap().to_owned();
     let datastore = lab.workdir().join("datastore");
@@ -151,7 +116,7 @@ fn a_table_the_kernel_will_not_let_us_touch_ends_in_one_rebuild_and_a_clear_exit
     let mut agents =
         Agents::start_file(&lab, &datastore, &nftpolicy_binary(), "nftables", &extra).unwrap();
     agents.wait_applied(1, TIMEOUT).unwrap();
-    wait_for("first programming", TIMEOUT, || kernel(&node_ns) == want);
+    wait_kernel(&node_ns, &want, "first programming", TIMEOUT);
 
     let squatter = Squatter::take_our_table(&node_ns);
     let took_over = Instant::now();
@@ -227,7 +192,10 @@ fn a_table_the_kernel_will_not_let_us_touch_ends_in_one_rebuild_and_a_clear_exit
     });
     agents.restart("node1").unwrap();
     agents.wait_applied(1, TIMEOUT).unwrap();
-    wait_for("reprogramming after the squatter left", TIMEOUT, || {
-        kernel(&node_ns) == want
-    });
+    wait_kernel(
+        &node_ns,
+        &want,
+        "reprogramming after the squatter left",
+        TIMEOUT,
+    );
 }

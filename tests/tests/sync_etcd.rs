@@ -7,12 +7,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use lab::agents::nftpolicy_etcd;
-use lab::EtcdServer;
 use programmer::testutil::Netns;
 
 mod common;
-use common::{desired, kernel, WEB_DENY_ALL as CLUSTER};
+use common::{desired, etcd_holding, kernel, WEB_DENY_ALL as CLUSTER};
 
 /// Carries connections to 127.0.0.1:`port` inside `ns` to the host's
 /// 127.0.0.1:`port` (where the test's etcd listens), as a node reaches its
@@ -65,12 +63,7 @@ fn sync_once(nftpolicy: &Path, ns: &Netns, datastore: &str) -> Output {
 #[test]
 fn sync_once_programs_an_etcd_datastore_like_the_same_files() {
     let nftpolicy = lab::nftpolicy_binary();
-    let etcd = EtcdServer::start().expect("etcd starts");
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = dir.path().join("cluster.yaml");
-    std::fs::write(&cluster, CLUSTER).unwrap();
-    nftpolicy_etcd(&nftpolicy, &etcd, "apply", std::slice::from_ref(&cluster))
-        .expect("nftpolicy apply");
+    let (etcd, dir) = etcd_holding(&nftpolicy, CLUSTER);
 
     let ns = Netns::create("syncetcd").unwrap();
     relay_etcd_into(&ns, etcd.client_port());

@@ -12,61 +12,18 @@
 //! does. Every wait is for a condition, bounded by a generous timeout.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use compiler::nft::{SetElement, SetKey, Table, TABLE_NAME};
 use lab::{nftpolicy_binary, write_state, Agents, Lab};
-use model::scenario::{ResolvedProbe, Scenario};
+use model::scenario::ResolvedProbe;
 
 mod common;
-use common::{desired, kernel, Tables};
-
-const SCENARIO: &str = r#"
-name: tamper
-objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: web, namespace: shop, labels: {app: web}}
-    spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: shop, labels: {app: client}}
-    spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: intruder, namespace: shop, labels: {app: intruder}}
-    spec: {nodeName: node1, containers: [{name: i, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: networking.k8s.io/v1
-    kind: NetworkPolicy
-    metadata: {name: web-from-client, namespace: shop}
-    spec:
-      podSelector: {matchLabels: {app: web}}
-      ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
-probes:
-  - {from: shop/client, to: shop/web, port: 80, expect: allow}
-  - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
-"#;
+use common::{desired, shop, wait_kernel, Tables};
 
 const POLICY_CHAIN: &str = "cali-pi-shop.web-from-client";
 /// Bound on every wait (agent start-up in a debug build, repairs).
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Waits (bounded) until the kernel holds `want`.
-fn wait_kernel(node_ns: &str, want: &Tables, what: &str) -> Duration {
-    let started = Instant::now();
-    loop {
-        if &kernel(node_ns) == want {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "{what}: the kernel did not get back to the desired ruleset within {TIMEOUT:?}"
-        );
-        // Polling the kernel: the agent offers no notification of a repair.
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Runs `nft ARGS…` in the node's namespace, as an admin would.
 fn nft(node_ns: &str, args: &[&str]) {
@@ -106,13 +63,7 @@ struct Setup {
 }
 
 fn setup(extra_args: &[&str]) -> Setup {
-    let scenario = Scenario::parse("tamper.yaml", SCENARIO).unwrap();
-    let state = scenario.states().unwrap().remove(0);
-    let probes: Vec<ResolvedProbe> = scenario.steps[0]
-        .probes
-        .iter()
-        .map(|p| state.resolve_probe(p, &[]).unwrap())
-        .collect();
+    let (state, probes) = shop();
     let mut lab = Lab::build(&state.pods(), &[], &["node1"]).unwrap();
     lab.set_probe_timeout(Duration::from_millis(1000));
     let node_ns = lab.node_namespace("node1").unwrap().to_owned();
@@ -123,7 +74,7 @@ fn setup(extra_args: &[&str]) -> Setup {
     let mut agents =
         Agents::start_file(&lab, &datastore, &nftpolicy_binary(), "nftables", &extra).unwrap();
     agents.wait_applied(1, TIMEOUT).unwrap();
-    wait_kernel(&node_ns, &want, "first programming");
+    wait_kernel(&node_ns, &want, "first programming", TIMEOUT);
     assert_probes(&mut lab, &probes, "before tampering");
     Setup {
         lab,
@@ -170,7 +121,7 @@ fn policy_set_element(t: &Tables) -> (String, String) {
 }
 
 fn repaired(s: &mut Setup, what: &str) {
-    let took = wait_kernel(&s.node_ns, &s.want, what);
+    let took = wait_kernel(&s.node_ns, &s.want, what, TIMEOUT);
     eprintln!("{what}: repaired after {took:?}");
     assert_probes(&mut s.lab, &s.probes, &format!("after {what}"));
 }

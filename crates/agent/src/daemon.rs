@@ -143,17 +143,15 @@ impl Programmer {
             Programmer::Nft(p) => {
                 metrics.nft_calls.inc();
                 let r = match outcome {
-                    Outcome::Elements(delta) if !full => match p.apply_elements(&delta) {
-                        // A set we never committed (adopted tables that
-                        // differ, say): the full diff handles it.
-                        Err(programmer::Error::NotCommitted { .. }) => p.apply(compiler.ruleset()),
-                        r => r,
-                    },
-                    Outcome::Patch(patch) if !full => match p.apply_patch(&patch) {
-                        Err(programmer::Error::NotCommitted { .. }) => p.apply(compiler.ruleset()),
-                        r => r,
-                    },
+                    Outcome::Elements(delta) if !full => p.apply_elements(&delta),
+                    Outcome::Patch(patch) if !full => p.apply_patch(&patch),
                     _ => p.apply(compiler.ruleset()),
+                };
+                let r = match r {
+                    // An object we never committed (adopted tables that
+                    // differ, say): the full diff handles it.
+                    Err(programmer::Error::NotCommitted { .. }) => p.apply(compiler.ruleset()),
+                    r => r,
                 };
                 r.map(|_| ()).map_err(|e| {
                     metrics.nft_errors.inc();

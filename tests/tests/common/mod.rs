@@ -4,10 +4,12 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use compiler::nft::{Ruleset, Table, TableFamily, TABLE_NAME};
 use compiler::{compile_nftables, CompileOptions};
 use lab::agents::in_namespace;
+use model::scenario::{ResolvedProbe, Scenario, StepState};
 use programmer::NftProgrammer;
 
 /// A small cluster for the etcd tests: web (node1) denies all ingress,
@@ -36,6 +38,18 @@ spec:
   podSelector: {matchLabels: {app: web}}
   ingress: []
 "#;
+
+/// A fresh etcd holding `manifests`, written with `nftpolicy apply` from
+/// `cluster.yaml` in the returned directory.
+pub fn etcd_holding(nftpolicy: &Path, manifests: &str) -> (lab::EtcdServer, tempfile::TempDir) {
+    let etcd = lab::EtcdServer::start().expect("etcd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster.yaml");
+    std::fs::write(&cluster, manifests).unwrap();
+    lab::agents::nftpolicy_etcd(nftpolicy, &etcd, "apply", std::slice::from_ref(&cluster))
+        .expect("nftpolicy apply");
+    (etcd, dir)
+}
 
 /// Both of our tables (ip, ip6) in read-back form.
 pub type Tables = (Option<Table>, Option<Table>);
@@ -70,4 +84,69 @@ pub fn kernel(node_ns: &str) -> Tables {
     })
     .unwrap()
     .unwrap()
+}
+
+/// One node with web, client and intruder in namespace shop; web admits
+/// client on port 80 only.
+pub const SHOP: &str = r#"
+name: shop
+objects:
+  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: web, namespace: shop, labels: {app: web}}
+    spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: client, namespace: shop, labels: {app: client}}
+    spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: intruder, namespace: shop, labels: {app: intruder}}
+    spec: {nodeName: node1, containers: [{name: i, ports: [{containerPort: 80, protocol: TCP}]}]}
+  - apiVersion: networking.k8s.io/v1
+    kind: NetworkPolicy
+    metadata: {name: web-from-client, namespace: shop}
+    spec:
+      podSelector: {matchLabels: {app: web}}
+      ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
+probes:
+  - {from: shop/client, to: shop/web, port: 80, expect: allow}
+  - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
+"#;
+
+/// [`SHOP`]'s cluster state and its probes (client → web allowed,
+/// intruder → web denied).
+pub fn shop() -> (StepState, Vec<ResolvedProbe>) {
+    let scenario = Scenario::parse("shop.yaml", SHOP).unwrap();
+    let state = scenario.states().unwrap().remove(0);
+    let probes = scenario.steps[0]
+        .probes
+        .iter()
+        .map(|p| state.resolve_probe(p, &[]).unwrap())
+        .collect();
+    (state, probes)
+}
+
+/// Waits until `cond` holds, at most `timeout` (then fails naming `what`);
+/// returns how long it took. For what nothing notifies (the kernel, logs).
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(
+            started.elapsed() < timeout,
+            "{what}: not within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+/// Waits (bounded) until the kernel of `node_ns` holds `want`.
+pub fn wait_kernel(node_ns: &str, want: &Tables, what: &str, timeout: Duration) -> Duration {
+    wait_for(
+        &format!("{what}: the kernel reaching the desired ruleset"),
+        timeout,
+        || &kernel(node_ns) == want,
+    )
 }
