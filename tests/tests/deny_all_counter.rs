@@ -1,4 +1,4 @@
-//! The seed "deny all" case, read back from the kernel: with
+//! The "deny all" case (tests/scenarios/web-deny-all.yaml), read back from the kernel: with
 //! `default/web-deny-all` in force, every connection client→web is dropped
 //! at the policy's chain, and the counter of that chain's rule, read over
 //! netlink inside web's node, counted each dropped SYN. Under a narrower
@@ -19,18 +19,18 @@ const POLICY_CHAIN: &str = "cali-pi-default.web-deny-all";
 /// Denied connections sent while the counter is watched.
 const DENIED_SYNS: u64 = 5;
 
-fn seed_scenario() -> Scenario {
+fn deny_all_scenario() -> Scenario {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/scenarios/examples/seed-web-deny-all.yaml");
+        .join("scenarios/web-deny-all.yaml");
     Scenario::load(&path).unwrap_or_else(|e| {
         panic!(
-            "this test runs the shared seed scenario ({}): {e}",
+            "this test runs the project's deny-all scenario ({}): {e}",
             path.display()
         )
     })
 }
 
-/// The lab with the seed's first two steps programmed (nftables, file
+/// The lab with the scenario's first two steps programmed (nftables, file
 /// datastore, `extra_args` for `nftpolicy sync`), each step's probes
 /// checked. Returns the lab, the policy step's state and web's pod.
 fn lab_with_policy(scenario: &Scenario, extra_args: &[String]) -> (Lab, StepState, PodInfo) {
@@ -57,7 +57,7 @@ fn lab_with_policy(scenario: &Scenario, extra_args: &[String]) -> (Lab, StepStat
         .pods()
         .into_iter()
         .find(|p| p.name == "web")
-        .expect("the seed has a web pod");
+        .expect("the scenario has a web pod");
     (lab, state, web)
 }
 
@@ -103,7 +103,7 @@ fn count_denied(lab: &mut Lab, state: &StepState, scenario: &Scenario, node_ns: 
     let denied = resolve(state, &scenario.steps[1].probes)
         .into_iter()
         .find(|p| !p.probe.expect_allow && p.probe.protocol == model::calico::Protocol::Tcp)
-        .expect("the seed's policy step has a denied TCP probe");
+        .expect("the scenario's policy step has a denied TCP probe");
     let before = policy_chain_packets(node_ns);
     let probes = vec![denied; DENIED_SYNS as usize];
     check_probes(lab, &probes, "counted probes");
@@ -114,7 +114,7 @@ fn count_denied(lab: &mut Lab, state: &StepState, scenario: &Scenario, node_ns: 
 
 #[test]
 fn deny_all_counter_counts_dropped_syns() {
-    let scenario = seed_scenario();
+    let scenario = deny_all_scenario();
     let (mut lab, state, web) = lab_with_policy(&scenario, &[]);
     let node_ns = lab.node_namespace(&web.node).unwrap().to_owned();
     let counted = count_denied(&mut lab, &state, &scenario, &node_ns);
@@ -127,7 +127,7 @@ fn deny_all_counter_counts_dropped_syns() {
 
 #[test]
 fn deny_all_under_a_narrow_mark_mask_tests_the_pass_bit() {
-    let scenario = seed_scenario();
+    let scenario = deny_all_scenario();
     let mask = vec!["--mark-mask".to_owned(), "0xff000000".to_owned()];
     let (mut lab, state, web) = lab_with_policy(&scenario, &mask);
     let node_ns = lab.node_namespace(&web.node).unwrap().to_owned();

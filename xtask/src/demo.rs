@@ -3,7 +3,7 @@
 //! exit non-zero).
 //!
 //! A two-node lab in network namespaces with the pods of the
-//! `seed-web-deny-all` scenario; one `nftpolicy run` agent per node inside
+//! `web-deny-all` scenario (`tests/scenarios/web-deny-all.yaml`); one `nftpolicy run` agent per node inside
 //! the node's namespace, reading a file datastore; then the story: the
 //! connectivity matrix without policy, with `web-deny-all` (and its chains
 //! and drop counters in the kernel, and `nftpolicy explain`), and after the
@@ -27,8 +27,8 @@ use nix::unistd::Pid;
 
 use crate::BackendChoice;
 
-/// The scenario whose pods and policy the demo shows (under shared/).
-const SCENARIO: &str = "scenarios/examples/seed-web-deny-all.yaml";
+/// The scenario whose pods and policy the demo shows.
+const SCENARIO: &str = "tests/scenarios/web-deny-all.yaml";
 const POLICY_CHAIN: &str = "cali-pi-default.web-deny-all";
 const NODES: [&str; 2] = model::scenario::NODES;
 /// How long agents may take to start, or to apply a change.
@@ -62,20 +62,19 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<bool> {
     }
     heading("Preparing");
     if args.no_install {
-        let missing = crate::missing_tools();
-        if !missing.is_empty() {
-            let names: Vec<&str> = missing.iter().map(|(t, _)| *t).collect();
+        let unusable = crate::tools::unusable_tools()?;
+        if !unusable.is_empty() {
             bail!(
-                "missing tools (run without --no-install to install them): {}",
-                names.join(" ")
+                "tools missing or not working (run without --no-install to install them): {}",
+                unusable.join("; ")
             );
         }
-    } else if !crate::install_tools()? {
+    } else if !crate::tools::install_tools()? {
         return Ok(false);
     }
     let nftpolicy = crate::build_nftpolicy()?;
     let shown_from = Instant::now();
-    let scenario_path = crate::root().join("../shared").join(SCENARIO);
+    let scenario_path = crate::root().join(SCENARIO);
     let scenario = Scenario::load(&scenario_path).map_err(anyhow::Error::msg)?;
     let states = scenario.states()?;
     let [before, with_policy, after] = &states[..] else {

@@ -25,6 +25,8 @@ mod soak;
 
 mod fuzz_targets;
 
+mod tools;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "nftpolicy project tasks")]
 struct Cli {
@@ -276,16 +278,6 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
 // ---------------------------------------------------------------------------
 // cargo xtask test
 
-/// Tools the tests need, and the Debian package that brings each.
-const TOOLS: &[(&str, &str)] = &[
-    ("nft", "nftables"),
-    ("iptables", "iptables"),
-    ("ipset", "ipset"),
-    ("ip", "iproute2"),
-    ("etcd", "etcd-server"),
-    ("protoc", "protobuf-compiler"),
-];
-
 fn test() -> anyhow::Result<bool> {
     let started = Instant::now();
     let scenario_paths: Vec<String> = default_scenario_paths()
@@ -293,7 +285,7 @@ fn test() -> anyhow::Result<bool> {
         .map(|p| p.display().to_string())
         .collect();
     let phases: &[(&str, &dyn Fn() -> anyhow::Result<bool>)] = &[
-        ("install missing tools", &install_tools),
+        ("install missing tools, check each works", &tools::install_tools),
         ("cargo test --workspace", &|| {
             run_status(cargo().args(["test", "--workspace"]))
         }),
@@ -390,58 +382,4 @@ fn test() -> anyhow::Result<bool> {
 fn run_status(cmd: &mut Command) -> anyhow::Result<bool> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     Ok(status.success())
-}
-
-fn missing_tools() -> Vec<(&'static str, &'static str)> {
-    TOOLS
-        .iter()
-        .copied()
-        .filter(|(tool, _)| lab::netns::find_tool(tool).is_none())
-        .collect()
-}
-
-/// Installs the Debian package of every missing tool (after one
-/// `apt-get update`), then checks that each tool is there.
-fn install_tools() -> anyhow::Result<bool> {
-    let missing = missing_tools();
-    for (tool, _) in TOOLS {
-        let state = if missing.iter().any(|(t, _)| t == tool) {
-            "missing"
-        } else {
-            "present"
-        };
-        println!("{tool:10} {state}");
-    }
-    if missing.is_empty() {
-        return Ok(true);
-    }
-    let packages: Vec<&str> = missing.iter().map(|(_, p)| *p).collect();
-    println!("installing: {}", packages.join(" "));
-    if !nix::unistd::geteuid().is_root() {
-        bail!("installing {} needs root (apt-get)", packages.join(" "));
-    }
-    let apt = |args: &[&str]| -> anyhow::Result<()> {
-        let status = Command::new("apt-get")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .status()
-            .context("running apt-get")?;
-        if !status.success() {
-            bail!("apt-get {} failed ({status})", args.join(" "));
-        }
-        Ok(())
-    };
-    apt(&["update"])?;
-    let mut install = vec!["install", "-y", "--no-install-recommends"];
-    install.extend(&packages);
-    apt(&install)?;
-    let still: Vec<String> = missing_tools()
-        .iter()
-        .map(|(t, p)| format!("{t} (package {p})"))
-        .collect();
-    if !still.is_empty() {
-        bail!("still missing after apt-get install: {}", still.join(", "));
-    }
-    Ok(true)
 }
