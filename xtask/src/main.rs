@@ -27,6 +27,8 @@ mod fuzz_targets;
 
 mod tools;
 
+mod fresh_clone;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "nftpolicy project tasks")]
 struct Cli {
@@ -60,6 +62,10 @@ enum Task {
     /// compiler), N seconds each on stable via RUSTC_BOOTSTRAP=1; fails on
     /// a crash and prints the reproducer.
     FuzzTargets(fuzz_targets::FuzzTargetsArgs),
+    /// Clone the committed tree into an empty temporary directory and run
+    /// the demo and the model check there (what `cargo xtask test` does
+    /// last): the repository must work with nothing beside it.
+    FreshClone,
 }
 
 #[derive(clap::Args)]
@@ -124,6 +130,7 @@ fn main() -> ExitCode {
         Task::Soak(args) => soak::run(&args),
         Task::FuzzTargets(args) => fuzz_targets::run(&args),
         Task::Demo(args) => demo::run(&args),
+        Task::FreshClone => fresh_clone::run(),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -339,6 +346,10 @@ fn test() -> anyhow::Result<bool> {
                 paths: Vec::new(),
             })
         }),
+        (
+            "fresh clone with nothing beside it: demo and model check",
+            &fresh_clone::run,
+        ),
     ];
     let mut done = Vec::new();
     for (i, (name, phase)) in phases.iter().enumerate() {

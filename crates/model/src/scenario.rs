@@ -1,4 +1,4 @@
-//! Scenario files (`shared/scenarios/FORMAT.md`): a small cluster in
+//! Scenario files (`docs/scenarios.md`): a small cluster in
 //! Kubernetes YAML plus the probes that must be allowed or denied, optionally
 //! in steps. The same loaded [`Scenario`] drives the model check, the kernel
 //! lab for each backend, and the demo, so all three see the same addresses

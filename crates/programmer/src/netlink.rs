@@ -1,8 +1,7 @@
 //! The `NETLINK_NETFILTER` transport: one socket for the programmer's life,
 //! batches sent in one `sendmsg`, replies drained without blocking, dumps.
 //!
-//! The rules it follows are the measured ones in
-//! `shared/design/netlink.md` ("Transport rules that work").
+//! The rules it follows, and why, are in `docs/netlink.md` ("Transport").
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -326,7 +325,7 @@ impl Socket {
                 });
             }
             // A batch must go out in one sendmsg: the kernel aborts batches
-            // split over several (netlink.md). Netlink datagrams are never
+            // split over several (docs/netlink.md). Netlink datagrams are never
             // partially sent, but say so loudly if it ever happened.
             if rc as usize != buf.len() {
                 return Err(Error::ShortSend {
