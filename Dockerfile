@@ -26,10 +26,17 @@
 # Builder. Same Debian release as the runtime stages, so the binary's glibc
 # requirement matches what it runs on.
 FROM rust:1-bookworm AS builder
-# etcd-client's build script compiles the etcd protobufs with protoc.
+# etcd-client's build script compiles the etcd protobufs with protoc; they
+# import google/protobuf/descriptor.proto, which is in libprotobuf-dev (not
+# in protobuf-compiler without recommends). The same packages and the same
+# check as `cargo xtask` (xtask/src/tools.rs): protoc must compile a file
+# that imports it, or the image build stops here rather than after minutes.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && printf 'syntax = "proto3";\nimport "google/protobuf/descriptor.proto";\nmessage Check { google.protobuf.FileDescriptorSet files = 1; }\n' > /tmp/check.proto \
+ && protoc -I/tmp --include_imports -o /dev/null /tmp/check.proto \
+ && rm /tmp/check.proto
 WORKDIR /src
 # The whole workspace: Cargo needs every member's manifest (and targets) to
 # load it, and --locked needs the lock file that goes with them.

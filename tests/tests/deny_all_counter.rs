@@ -20,8 +20,7 @@ const POLICY_CHAIN: &str = "cali-pi-default.web-deny-all";
 const DENIED_SYNS: u64 = 5;
 
 fn deny_all_scenario() -> Scenario {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("scenarios/web-deny-all.yaml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/web-deny-all.yaml");
     Scenario::load(&path).unwrap_or_else(|e| {
         panic!(
             "this test runs the project's deny-all scenario ({}): {e}",

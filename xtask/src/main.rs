@@ -292,7 +292,10 @@ fn test() -> anyhow::Result<bool> {
         .map(|p| p.display().to_string())
         .collect();
     let phases: &[(&str, &dyn Fn() -> anyhow::Result<bool>)] = &[
-        ("install missing tools, check each works", &tools::install_tools),
+        (
+            "install missing tools, check each works",
+            &tools::install_tools,
+        ),
         ("cargo test --workspace", &|| {
             run_status(cargo().args(["test", "--workspace"]))
         }),

@@ -81,7 +81,8 @@ pub const TOOLS: &[Tool] = &[
         // protos import; protobuf-compiler alone (without recommends) has
         // only the compiler.
         packages: &["protobuf-compiler", "libprotobuf-dev"],
-        what: "compiles a .proto that imports google/protobuf/descriptor.proto (etcd-client's build)",
+        what:
+            "compiles a .proto that imports google/protobuf/descriptor.proto (etcd-client's build)",
         check: check_protoc,
     },
 ];
@@ -105,7 +106,10 @@ pub fn install_tools() -> anyhow::Result<bool> {
     if broken.is_empty() {
         return Ok(true);
     }
-    let mut packages: Vec<&str> = broken.iter().flat_map(|t| t.packages.iter().copied()).collect();
+    let mut packages: Vec<&str> = broken
+        .iter()
+        .flat_map(|t| t.packages.iter().copied())
+        .collect();
     packages.dedup();
     println!("installing: {}", packages.join(" "));
     if !nix::unistd::geteuid().is_root() {
@@ -250,7 +254,9 @@ fn check_ip(_: &Scratch) -> anyhow::Result<()> {
         run(
             None,
             "ip",
-            &["-n", ns, "link", "add", "tc0", "type", "veth", "peer", "name", "tc1"],
+            &[
+                "-n", ns, "link", "add", "tc0", "type", "veth", "peer", "name", "tc1",
+            ],
             "",
         )?;
         Ok(())

@@ -1503,9 +1503,26 @@ fn dockerfile_builds_the_package_and_binary_the_tests_use() {
         "the build step takes target/release/{bin}"
     );
     let installs = builder.apt_packages();
+    // The same packages `cargo xtask` installs for protoc (xtask/src/tools.rs):
+    // protobuf-compiler without recommends lacks the well-known types that
+    // etcd-client's protos import.
+    for package in ["protobuf-compiler", "libprotobuf-dev"] {
+        assert!(
+            installs.contains(package),
+            "etcd-client's build needs protoc and google/protobuf/descriptor.proto: install {package}"
+        );
+    }
+    let builder_runs: Vec<&str> = builder
+        .instructions
+        .iter()
+        .filter(|(ins, _)| ins == "RUN")
+        .map(|(_, args)| args.as_str())
+        .collect();
     assert!(
-        installs.contains("protobuf-compiler"),
-        "etcd-client's build needs protoc"
+        builder_runs
+            .iter()
+            .any(|r| r.contains("google/protobuf/descriptor.proto") && r.contains("protoc ")),
+        "the builder checks that protoc compiles a file importing descriptor.proto before the build"
     );
     assert!(
         builder.from.starts_with("rust:"),
