@@ -4,8 +4,10 @@
 //! the policy controller would write them to etcd.
 //!
 //! - [`load`]: read once into a [`ClusterState`];
-//! - [`read_resources`] / [`read_manifests`]: read once, keeping every bad
-//!   file or object as a [`Problem`] named by file and object;
+//! - [`read_resources`] / [`read_manifests`] / [`read_files`]: read once,
+//!   keeping every bad document or object as a [`Problem`] named by file
+//!   and object; a path, directory or file that cannot be read fails the
+//!   whole read (never a datastore missing the unread part);
 //! - [`watch`]: the file source of the update stream — a full snapshot, then
 //!   the differences whenever the files change (polled).
 //!
@@ -89,7 +91,13 @@ pub fn manifest_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, FileError> {
     }
     let mut out = Vec::new();
     for p in paths {
-        if p.is_dir() {
+        // A configured path that is gone (a removed directory, an unmounted
+        // volume's file) is a read failure, not an empty datastore.
+        let meta = std::fs::metadata(p).map_err(|e| FileError::Read {
+            path: p.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if meta.is_dir() {
             walk(p, &mut out)?;
         } else {
             out.push(p.clone());
@@ -192,16 +200,80 @@ pub fn read_file(path: &Path) -> (Vec<Manifest>, Vec<Problem>) {
 pub type FileManifests = Vec<(PathBuf, Manifest)>;
 
 /// Every manifest under `paths` with the file it came from, and what had to
-/// be skipped. Fails only when a directory cannot be listed.
+/// be skipped. Fails when a configured path is missing, a directory cannot
+/// be listed or a file cannot be read: a datastore read in part must never
+/// look like a datastore without the unread part.
 pub fn read_manifests(paths: &[PathBuf]) -> Result<(FileManifests, Vec<Problem>), FileError> {
     let mut manifests = Vec::new();
     let mut problems = Vec::new();
     for file in manifest_files(paths)? {
         let (m, p) = read_file(&file);
+        if let Some(e) = unreadable(&p) {
+            return Err(e);
+        }
         manifests.extend(m.into_iter().map(|m| (file.clone(), m)));
         problems.extend(p);
     }
     Ok((manifests, problems))
+}
+
+/// The read error among a file's problems, if the file could not be read.
+fn unreadable(problems: &[Problem]) -> Option<FileError> {
+    problems
+        .iter()
+        .find(|p| matches!(p.error, FileError::Read { .. }))
+        .map(|p| p.error.clone())
+}
+
+/// One manifest file's Calico resources (Kubernetes objects converted), in
+/// document order, what had to be skipped, and whether the file as a whole
+/// is broken (a YAML syntax error ends its documents early).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileResources {
+    pub path: PathBuf,
+    pub resources: Vec<Resource>,
+    pub problems: Vec<Problem>,
+    pub syntax_error: bool,
+}
+
+/// Reads every manifest file under `paths` into Calico resources, file by
+/// file. Fails as [`read_manifests`] does.
+pub fn read_files(paths: &[PathBuf]) -> Result<Vec<FileResources>, FileError> {
+    let mut out = Vec::new();
+    for file in manifest_files(paths)? {
+        let shown = file.display().to_string();
+        let (manifests, mut problems) = read_file(&file);
+        if let Some(e) = unreadable(&problems) {
+            return Err(e);
+        }
+        let syntax_error = problems
+            .iter()
+            .any(|p| p.key == shown && matches!(p.error, FileError::Decode(_)));
+        let mut resources = Vec::new();
+        for m in manifests {
+            match m {
+                Manifest::Calico(r) => resources.push(r),
+                Manifest::Kube(obj) => match kube_to_calico(&obj) {
+                    Ok(Some(r)) => resources.push(r),
+                    Ok(None) => {}
+                    Err(e) => problems.push(Problem {
+                        key: format!("{shown}: {}", e.object),
+                        error: FileError::Convert {
+                            path: shown.clone(),
+                            reason: e.to_string(),
+                        },
+                    }),
+                },
+            }
+        }
+        out.push(FileResources {
+            path: file,
+            resources,
+            problems,
+            syntax_error,
+        });
+    }
+    Ok(out)
 }
 
 /// The Calico resources under `paths` (Kubernetes objects converted), keyed
@@ -213,36 +285,23 @@ pub struct Resources {
     pub problems: Vec<Problem>,
 }
 
-/// Reads every manifest under `paths` into Calico resources. Fails only
-/// when a directory cannot be listed.
+/// Reads every manifest under `paths` into Calico resources. Fails as
+/// [`read_manifests`] does.
 pub fn read_resources(paths: &[PathBuf]) -> Result<Resources, FileError> {
+    Ok(merge(read_files(paths)?))
+}
+
+/// The files' resources keyed as in etcd (a later file's object replaces
+/// an earlier one of the same key), and their problems in file order.
+fn merge(files: Vec<FileResources>) -> Resources {
     let mut out = Resources::default();
-    for file in manifest_files(paths)? {
-        let shown = file.display().to_string();
-        let (manifests, problems) = read_file(&file);
-        out.problems.extend(problems);
-        for m in manifests {
-            match m {
-                Manifest::Calico(r) => {
-                    out.resources.insert(r.key(), r);
-                }
-                Manifest::Kube(obj) => match kube_to_calico(&obj) {
-                    Ok(Some(r)) => {
-                        out.resources.insert(r.key(), r);
-                    }
-                    Ok(None) => {}
-                    Err(e) => out.problems.push(Problem {
-                        key: format!("{shown}: {}", e.object),
-                        error: FileError::Convert {
-                            path: shown.clone(),
-                            reason: e.to_string(),
-                        },
-                    }),
-                },
-            }
+    for f in files {
+        for r in f.resources {
+            out.resources.insert(r.key(), r);
         }
+        out.problems.extend(f.problems);
     }
-    Ok(out)
+    out
 }
 
 /// Reads every manifest under `paths` into one cluster state.
@@ -256,18 +315,24 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, FileError> {
     Ok(loaded)
 }
 
-/// What the files looked like: every manifest file with its size and
-/// modification time (or why the paths could not be listed).
-type Fingerprint = Result<Vec<(PathBuf, u64, Option<SystemTime>)>, FileError>;
+/// What the files looked like: every manifest file with its size,
+/// modification time and inode change time (or why the paths could not be
+/// listed). The change time moves with a chmod too, so a file made
+/// unreadable is noticed although its contents did not change.
+type Fingerprint = Result<Vec<(PathBuf, u64, Option<SystemTime>, (i64, i64))>, FileError>;
 
 fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
     Ok(manifest_files(paths)?
         .into_iter()
         .map(|f| {
             let meta = std::fs::metadata(&f).ok();
             let len = meta.as_ref().map_or(u64::MAX, |m| m.len());
+            let ctime = meta
+                .as_ref()
+                .map_or((0, 0), |m| (m.ctime(), m.ctime_nsec()));
             let mtime = meta.and_then(|m| m.modified().ok());
-            (f, len, mtime)
+            (f, len, mtime, ctime)
         })
         .collect())
 }
@@ -281,8 +346,15 @@ fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
 /// and sends the difference: `Delete`s, `Upsert`s, `Invalid`s, `InSync`.
 /// Revisions are the generation of the read: 1, 2, ….
 ///
-/// If the paths themselves cannot be listed (a configured directory
-/// vanished), that is reported as `Invalid` and the last state is kept.
+/// A datastore that cannot be read is never taken for an empty or smaller
+/// one: when a configured path is missing, a directory cannot be listed, a
+/// file cannot be read, or no manifest file is found at all (an unmounted
+/// volume leaves an empty mount point), nothing is deleted; a
+/// `Disconnected` says why (the agent keeps the programmed dataplane and
+/// reports itself not ready), the read is retried every poll, and the
+/// difference and an `InSync` follow once it succeeds. A file with a YAML
+/// syntax error keeps the objects it held at its last good read (it is
+/// reported `Invalid` meanwhile): a typo must not delete a policy.
 /// Returns when the receiver is dropped.
 pub async fn watch(
     paths: Vec<PathBuf>,
@@ -290,10 +362,14 @@ pub async fn watch(
     tx: mpsc::Sender<Update>,
 ) -> Result<(), FileError> {
     let mut emitted: BTreeMap<ResourceKey, Resource> = BTreeMap::new();
+    // Each file's objects at its last read without a syntax error.
+    let mut last_good: BTreeMap<PathBuf, Vec<Resource>> = BTreeMap::new();
     let mut last_invalid: Option<BTreeSet<(String, String)>> = None;
     let mut generation: i64 = 0;
     let mut read_at: Option<Fingerprint> = None;
     let mut pending: Option<Fingerprint> = None;
+    // Why the last read failed, while it does.
+    let mut failing: Option<String> = None;
     loop {
         let p = paths.clone();
         let fp = tokio::task::spawn_blocking(move || fingerprint(&p))
@@ -307,56 +383,105 @@ pub async fn watch(
         let first = read_at.is_none();
         let changed = read_at.as_ref() != Some(&fp);
         let settled = pending.as_ref() == Some(&fp);
-        if first || (changed && settled) {
+        // While failing, every poll retries: a file made readable again
+        // (chmod) keeps its size and modification time.
+        if first || failing.is_some() || (changed && settled) {
             pending = None;
             read_at = Some(fp);
             let p = paths.clone();
-            let read = tokio::task::spawn_blocking(move || read_resources(&p))
+            let read = tokio::task::spawn_blocking(move || read_files(&p))
                 .await
                 .unwrap_or_else(|e| {
                     Err(FileError::Read {
                         path: "?".into(),
                         reason: e.to_string(),
                     })
+                })
+                .and_then(|files| {
+                    if files.is_empty() {
+                        Err(FileError::Read {
+                            path: paths_shown(&paths),
+                            reason: "no manifest file found (an unmounted volume or a \
+                                     removed directory?); an empty datastore is never \
+                                     programmed"
+                                .into(),
+                        })
+                    } else {
+                        Ok(files)
+                    }
                 });
+            let files = match read {
+                Ok(files) => files,
+                Err(e) => {
+                    let reason = format!("file datastore unreadable: {e}; keeping the last state");
+                    if failing.as_deref() != Some(reason.as_str()) {
+                        tracing::warn!(%reason, "cannot read the file datastore");
+                        if tx
+                            .send(Update::Disconnected {
+                                reason: reason.clone(),
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                        failing = Some(reason);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(poll) => {}
+                        _ = tx.closed() => return Ok(()),
+                    }
+                    continue;
+                }
+            };
+            let recovered = failing.take().is_some();
+            let mut invalid = BTreeSet::new();
+            let files: Vec<FileResources> = files
+                .into_iter()
+                .map(|mut f| {
+                    match (f.syntax_error, last_good.get(&f.path)) {
+                        (true, Some(good)) => {
+                            invalid.insert((
+                                f.path.display().to_string(),
+                                "YAML syntax error; keeping the objects of its last good read"
+                                    .to_owned(),
+                            ));
+                            f.resources = good.clone();
+                        }
+                        (true, None) => {}
+                        (false, _) => {
+                            last_good.insert(f.path.clone(), f.resources.clone());
+                        }
+                    }
+                    f
+                })
+                .collect();
+            last_good.retain(|path, _| files.iter().any(|f| &f.path == path));
+            let read = merge(files);
             let mut batch = Vec::new();
             let next = generation + 1;
-            let mut invalid = BTreeSet::new();
-            match read {
-                Ok(read) => {
-                    for key in emitted.keys() {
-                        if !read.resources.contains_key(key) {
-                            batch.push(Update::Delete {
-                                key: key.clone(),
-                                revision: next,
-                            });
-                        }
-                    }
-                    for (key, r) in &read.resources {
-                        if emitted.get(key) != Some(r) {
-                            batch.push(Update::Upsert {
-                                key: key.clone(),
-                                resource: r.clone(),
-                                revision: next,
-                            });
-                        }
-                    }
-                    emitted = read.resources;
-                    for p in read.problems {
-                        invalid.insert((p.key, p.error.to_string()));
-                    }
-                }
-                Err(e) => {
-                    let key = match &e {
-                        FileError::Read { path, .. } | FileError::Convert { path, .. } => {
-                            path.clone()
-                        }
-                        FileError::Decode(_) => "?".into(),
-                    };
-                    invalid.insert((key, format!("{e} (keeping the last state read)")));
+            for key in emitted.keys() {
+                if !read.resources.contains_key(key) {
+                    batch.push(Update::Delete {
+                        key: key.clone(),
+                        revision: next,
+                    });
                 }
             }
-            if first || !batch.is_empty() || last_invalid.as_ref() != Some(&invalid) {
+            for (key, r) in &read.resources {
+                if emitted.get(key) != Some(r) {
+                    batch.push(Update::Upsert {
+                        key: key.clone(),
+                        resource: r.clone(),
+                        revision: next,
+                    });
+                }
+            }
+            emitted = read.resources;
+            for p in read.problems {
+                invalid.insert((p.key, p.error.to_string()));
+            }
+            if first || recovered || !batch.is_empty() || last_invalid.as_ref() != Some(&invalid) {
                 generation = next;
                 for (key, reason) in &invalid {
                     // Repeated every generation: the agent names each one once.
@@ -383,6 +508,14 @@ pub async fn watch(
             _ = tx.closed() => return Ok(()),
         }
     }
+}
+
+fn paths_shown(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
