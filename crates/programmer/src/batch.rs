@@ -8,7 +8,6 @@ use std::fmt;
 use compiler::nft::{TableFamily, TABLE_NAME};
 
 use crate::consts::*;
-use crate::netlink::NLM_F_REQUEST;
 use crate::nla::Writer;
 
 /// The object a message concerns.

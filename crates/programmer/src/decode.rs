@@ -30,7 +30,7 @@ use netlink_packet_netfilter::nftables::{
 use crate::consts::*;
 use crate::encode::addr_offset;
 use crate::netlink::Reply;
-use crate::nla::AttrIter;
+use crate::nla::{be_u32, be_u64, c_str, AttrIter};
 
 /// Comment prefix of the marker rule that stands for a rule we cannot
 /// decode (written by someone else, or by a different version of us).
@@ -69,14 +69,6 @@ pub fn parse(reply: &Reply) -> Result<NfTablesMessage, Error> {
             source,
         }
     })
-}
-
-fn be_u32(v: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
-}
-
-fn be_u64(v: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))
 }
 
 /// The `NFTA_DATA_VALUE` inside a raw `NFTA_*_DATA` nest.
@@ -337,10 +329,7 @@ fn raw_verdict(v: &[u8]) -> Option<(i32, Option<String>)> {
     for (k, x) in AttrIter::new(v) {
         match k {
             NFTA_VERDICT_CODE => code = be_u32(x).map(|c| c as i32),
-            NFTA_VERDICT_CHAIN => {
-                let s = x.split(|&c| c == 0).next().unwrap_or(&[]);
-                chain = Some(String::from_utf8_lossy(s).into_owned());
-            }
+            NFTA_VERDICT_CHAIN => chain = Some(c_str(x)),
             _ => {}
         }
     }
@@ -707,11 +696,6 @@ pub fn rule(reply: &Reply) -> Result<KRule, Error> {
         });
     }
     Ok(r)
-}
-
-fn c_str(v: &[u8]) -> String {
-    let s = v.split(|&c| c == 0).next().unwrap_or(&[]);
-    String::from_utf8_lossy(s).into_owned()
 }
 
 /// An expression's attributes indexed by type (all expression attribute

@@ -18,7 +18,6 @@ use ipnet::IpNet;
 
 use crate::batch::{Batch, Subject};
 use crate::consts::*;
-use crate::netlink::{NLM_F_APPEND, NLM_F_CREATE};
 use crate::nla::Writer;
 
 #[derive(Debug, thiserror::Error)]
