@@ -10,9 +10,9 @@ use anyhow::{bail, Context};
 use compiler::nft::{ElementDelta, Ruleset, SetElement, Table};
 use compiler::render_iptables::IptablesRulesets;
 use compiler::{CompileOptions, IncrementalCompiler, Outcome};
+use iptables::{Backend as IptBackend, IptablesProgrammer};
 use model::calico::{Resource, ResourceKey};
 use model::state::ClusterState;
-use programmer::iptables::{Backend as IptBackend, IptablesProgrammer};
 use programmer::NftProgrammer;
 use serde::{Deserialize, Serialize};
 

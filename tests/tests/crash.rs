@@ -38,12 +38,12 @@ use std::time::{Duration, Instant};
 
 use compiler::render_iptables::{rule_hash, IptablesRuleset, IptablesRulesets};
 use compiler::{compile_iptables, CompileOptions};
+use iptables::{IptablesProgrammer, KernelState, TableState};
 use lab::agents::in_namespace;
 use lab::generate::Rng;
 use lab::{nftpolicy_binary, write_state, Agents, Lab};
 use model::scenario::{ResolvedProbe, Scenario};
 use nix::sys::signal::Signal;
-use programmer::iptables::{IptablesProgrammer, KernelState, TableState};
 
 mod common;
 use common::{desired, kernel, Tables};
@@ -405,8 +405,8 @@ fn desired_iptables(dir: &Path) -> IptablesRulesets {
 
 fn iptables_kernel(node_ns: &str) -> KernelState {
     in_namespace(node_ns, || {
-        IptablesProgrammer::new(programmer::iptables::Backend::Legacy)
-            .read_kernel(&mut programmer::iptables::Report::default())
+        IptablesProgrammer::new(iptables::Backend::Legacy)
+            .read_kernel(&mut iptables::Report::default())
     })
     .unwrap()
     .unwrap()

@@ -103,7 +103,7 @@ fn now_secs() -> u64 {
 #[allow(clippy::large_enum_variant)]
 enum Programmer {
     Nft(programmer::NftProgrammer),
-    Iptables(programmer::iptables::IptablesProgrammer),
+    Iptables(iptables::IptablesProgrammer),
 }
 
 impl Programmer {
@@ -118,11 +118,9 @@ impl Programmer {
                     .context("reading our tables back from the kernel")?;
                 Programmer::Nft(p)
             }
-            Backend::Iptables => {
-                Programmer::Iptables(programmer::iptables::IptablesProgrammer::new(
-                    args.iptables_backend.programmer_backend(),
-                ))
-            }
+            Backend::Iptables => Programmer::Iptables(iptables::IptablesProgrammer::new(
+                args.iptables_backend.programmer_backend(),
+            )),
         })
     }
 

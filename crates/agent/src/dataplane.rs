@@ -24,10 +24,10 @@ pub enum IptablesTools {
 }
 
 impl IptablesTools {
-    pub fn programmer_backend(self) -> programmer::iptables::Backend {
+    pub fn programmer_backend(self) -> iptables::Backend {
         match self {
-            IptablesTools::Legacy => programmer::iptables::Backend::Legacy,
-            IptablesTools::Nft => programmer::iptables::Backend::Nft,
+            IptablesTools::Legacy => iptables::Backend::Legacy,
+            IptablesTools::Nft => iptables::Backend::Nft,
         }
     }
 }

@@ -118,11 +118,7 @@ impl Metrics {
         self.rejected.compiled(&logical.rejected);
     }
 
-    pub fn record_iptables(
-        &self,
-        before: &programmer::iptables::Stats,
-        after: &programmer::iptables::Stats,
-    ) {
+    pub fn record_iptables(&self, before: &iptables::Stats, after: &iptables::Stats) {
         let d = |a: u64, b: u64| b.saturating_sub(a);
         self.iptables_restore_calls.inc_by(d(
             before.iptables_restore_calls,

@@ -61,7 +61,7 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
         }
         Backend::Iptables => {
             let rendered = compiler::render_iptables::to_iptables(&logical);
-            let mut ipt = programmer::iptables::IptablesProgrammer::new(
+            let mut ipt = iptables::IptablesProgrammer::new(
                 args.dataplane.iptables_backend.programmer_backend(),
             );
             let report = ipt
@@ -96,17 +96,17 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
 /// `iptables-restore`), and `ipset` needs only CAP_NET_ADMIN.
 pub fn remove_iptables(args: &crate::dataplane::DataplaneArgs) -> anyhow::Result<()> {
     let backend = args.iptables_backend.programmer_backend();
-    let mut ipt = programmer::iptables::IptablesProgrammer::new(backend);
+    let mut ipt = iptables::IptablesProgrammer::new(backend);
     let tool = ipt.tools().save_v4.clone();
     if which(&tool).is_none() {
         return Ok(());
     }
-    if backend == programmer::iptables::Backend::Legacy && !legacy_filter_table_exists()? {
+    if backend == iptables::Backend::Legacy && !legacy_filter_table_exists()? {
         return remove_our_ipsets(&ipt.tools().ipset);
     }
     let report = match ipt.remove_all() {
         Ok(report) => report,
-        Err(e) if backend == programmer::iptables::Backend::Legacy && !has_cap_net_raw() => {
+        Err(e) if backend == iptables::Backend::Legacy && !has_cap_net_raw() => {
             return Err(anyhow::Error::new(e).context(format!(
                 "removing the iptables backend's chains and sets: this network namespace \
                  has a legacy iptables filter table, and reading it ({tool}) needs \
@@ -174,7 +174,7 @@ fn remove_our_ipsets(ipset: &str) -> anyhow::Result<()> {
     let ours: Vec<String> = String::from_utf8_lossy(&listed.stdout)
         .lines()
         .map(str::trim)
-        .filter(|name| programmer::iptables::owns_set(name))
+        .filter(|name| iptables::owns_set(name))
         .map(str::to_owned)
         .collect();
     if ours.is_empty() {

@@ -33,7 +33,6 @@ mod consts;
 mod decode;
 mod elements;
 mod encode;
-pub mod iptables;
 pub mod monitor;
 mod netlink;
 pub mod nflog;

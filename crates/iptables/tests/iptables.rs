@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use compiler::render_iptables::{chain_name, to_iptables, IpFamily, IptablesRulesets};
 use compiler::{compile, CompileOptions};
+use iptables::{parse_iptables_save, Backend, Error, IptablesProgrammer};
 use model::convert::{interface_name, kube_to_calico};
 use model::kube::{parse_manifests, Manifest};
 use model::state::ClusterState;
-use programmer::iptables::{parse_iptables_save, Backend, Error, IptablesProgrammer};
 
 // ---- fixtures -----------------------------------------------------------
 
@@ -608,8 +608,8 @@ fn a_missing_tool_is_a_named_error() {
     assert_eq!(p.stats().iptables_save_errors, 1);
 }
 
-fn compiler_tools() -> programmer::iptables::Tools {
-    programmer::iptables::Tools::for_backend(Backend::Legacy)
+fn compiler_tools() -> iptables::Tools {
+    iptables::Tools::for_backend(Backend::Legacy)
 }
 
 // ---- real packets ---------------------------------------------------------
