@@ -309,7 +309,7 @@ fn main() -> anyhow::Result<()> {
     let threaded = arg(6).as_deref() == Some("threaded");
 
     let _ns = match mode {
-        Mode::Full => Some(programmer::testutil::Netns::enter("churnmem")?),
+        Mode::Full => Some(testkit::netns::Netns::enter("churnmem")?),
         _ => None,
     };
     let mut agent = Agent {

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use programmer::testutil::Netns;
+use testkit::netns::Netns;
 
 mod common;
 use common::{desired, etcd_holding, kernel, WEB_DENY_ALL as CLUSTER};

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use programmer::testutil::Netns;
+use testkit::netns::Netns;
 
 const METRICS: &str = "127.0.0.1:19391";
 const HEALTH: &str = "127.0.0.1:19399";

@@ -6,11 +6,10 @@
 //! Needs root: the sets are created inside a network namespace this test
 //! makes and removes.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use programmer::testutil::Netns;
+use testkit::netns::Netns;
 
 /// A cluster with every kind of rule the renderer has: selectors (labels
 /// and expressions, namespace and pod), named ports resolving to different
@@ -166,25 +165,8 @@ fn render(manifests: &Path, node: &str) -> String {
 
 /// Runs `cmd` inside `ns` with `input` on stdin; (success, stderr+stdout).
 fn feed(ns: &Netns, cmd: &[&str], input: &str) -> (bool, String) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .args(cmd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
-    )
+    let (ok, stdout, stderr) = ns.output(cmd, input).unwrap();
+    (ok, stderr + &stdout)
 }
 
 #[test]

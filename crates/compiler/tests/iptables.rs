@@ -5,8 +5,6 @@
 //! namespace this test creates and removes.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
 
@@ -467,51 +465,20 @@ fn ipsets_hold_members_as_ipset_prints_them() {
 // ---- kernel check -------------------------------------------------------
 
 /// A network namespace that exists while this value does.
-struct Netns(String);
+struct Netns(testkit::netns::Netns);
 
 impl Netns {
     fn new(tag: &str) -> Netns {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("nptest-ipt{}-{tag}{n}", std::process::id());
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip netns add");
-        assert!(st.success(), "ip netns add {name} (needs root)");
-        Netns(name)
-    }
-
-    fn run(&self, argv: &[&str], stdin: &str) -> (bool, String) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        Netns(
+            testkit::netns::Netns::create(&format!("ipt-{tag}"))
+                .expect("ip netns add (needs root)"),
         )
     }
-}
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    /// Runs `argv` inside with `stdin`: (success, stdout + stderr).
+    fn run(&self, argv: &[&str], stdin: &str) -> (bool, String) {
+        let (ok, stdout, stderr) = self.0.output(argv, stdin).unwrap();
+        (ok, stdout + &stderr)
     }
 }
 

@@ -4,9 +4,8 @@
 //! restore leaving the previous rules, and removal of everything of ours.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
+use std::sync::atomic::Ordering;
 
 use compiler::render_iptables::{chain_name, to_iptables, IpFamily, IptablesRulesets};
 use compiler::{compile, CompileOptions};
@@ -18,56 +17,30 @@ use model::state::ClusterState;
 // ---- fixtures -----------------------------------------------------------
 
 /// A network namespace that exists while this value does (removed on drop,
-/// also when the test panics).
-struct Netns(String);
+/// also when the test panics), with the iptables tools run inside it.
+struct Netns(testkit::netns::Netns);
 
 impl Netns {
     fn new(tag: &str) -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "nptest-iptp{}-{tag}{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip netns add");
-        assert!(st.success(), "ip netns add {name} (needs root)");
-        Netns(name)
+        Netns(
+            testkit::netns::Netns::create(&format!("iptp-{tag}"))
+                .expect("ip netns add (needs root)"),
+        )
     }
 
-    fn prefix(&self) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.0.clone()]
+    fn name(&self) -> &str {
+        self.0.name()
     }
 
     fn programmer(&self, backend: Backend) -> IptablesProgrammer {
-        IptablesProgrammer::new(backend).with_command_prefix(self.prefix())
+        IptablesProgrammer::new(backend).with_command_prefix(self.0.command_prefix())
     }
 
     /// Runs a command inside; panics when it fails.
     fn sh(&self, argv: &[&str], stdin: &str) -> String {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{argv:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.0
+            .exec_with_input(argv, stdin)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn save(&self, backend: Backend, f: IpFamily) -> String {
@@ -93,12 +66,6 @@ impl Netns {
 
     fn ipsets(&self) -> String {
         self.sh(&["ipset", "save"], "")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 
@@ -630,15 +597,26 @@ fn add_pod(node: &Netns, pod: &str, ip: &str) -> Netns {
         assert!(st.success(), "{argv:?}");
     };
     run(&[
-        "ip", "link", "add", &hif, "netns", &node.0, "type", "veth", "peer", "name", "eth0",
-        "netns", &ns.0,
+        "ip",
+        "link",
+        "add",
+        &hif,
+        "netns",
+        node.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
     ]);
-    run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
-    run(&["ip", "-n", &ns.0, "link", "set", "eth0", "up"]);
+    run(&["ip", "-n", ns.name(), "link", "set", "lo", "up"]);
+    run(&["ip", "-n", ns.name(), "link", "set", "eth0", "up"]);
     run(&[
         "ip",
         "-n",
-        &ns.0,
+        ns.name(),
         "addr",
         "add",
         &format!("{ip}/32"),
@@ -648,18 +626,18 @@ fn add_pod(node: &Netns, pod: &str, ip: &str) -> Netns {
     run(&[
         "ip",
         "-n",
-        &ns.0,
+        ns.name(),
         "route",
         "add",
         "198.18.0.0/15",
         "dev",
         "eth0",
     ]);
-    run(&["ip", "-n", &node.0, "link", "set", &hif, "up"]);
+    run(&["ip", "-n", node.name(), "link", "set", &hif, "up"]);
     run(&[
         "ip",
         "-n",
-        &node.0,
+        node.name(),
         "route",
         "add",
         &format!("{ip}/32"),
@@ -703,7 +681,7 @@ fn packets_follow_the_policy() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut servers = Vec::new();
     for port in [80u16, 81, 8081] {
-        let (ns, stop) = (web.0.clone(), stop.clone());
+        let (ns, stop) = (web.name().to_owned(), stop.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         servers.push(std::thread::spawn(move || {
             in_netns(&ns, move || {
@@ -720,7 +698,7 @@ fn packets_follow_the_policy() {
         rx.recv().unwrap();
     }
     let connects = |from: &Netns, port: u16, tries: u32| {
-        let ns = from.0.clone();
+        let ns = from.name().to_owned();
         in_netns(&ns, move || {
             (0..tries).any(|_| {
                 std::net::TcpStream::connect_timeout(

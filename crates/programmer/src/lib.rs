@@ -40,7 +40,6 @@ mod nla;
 mod plan;
 mod readback;
 mod rebuild;
-pub mod testutil;
 pub mod trace;
 
 use std::collections::BTreeMap;

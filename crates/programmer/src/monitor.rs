@@ -292,9 +292,9 @@ fn non_empty(t: ForeignTransaction) -> Option<ForeignChange> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{nft_available, Netns};
     use crate::NftProgrammer;
     use compiler::nft::{Chain, Ruleset, Table};
+    use testkit::netns::{nft_available, Netns};
 
     const WAIT: Duration = Duration::from_secs(5);
     /// How long "nothing is reported" is watched for. Not a timing

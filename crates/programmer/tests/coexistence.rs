@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use compiler::nft::*;
-use programmer::testutil::nft_available;
+use testkit::netns::nft_available;
 
 const KUBE_PROXY: &str = "table ip kube-proxy {
   set cluster-ips { type ipv4_addr; elements = { 198.18.100.1, 198.18.100.2 }; }

@@ -74,7 +74,7 @@ fn every_scenario_step_applies_and_reads_back() {
 fn nft_lists_our_programming_like_the_compilers_text_rendering() {
     // Two independent lowerings of the same IR — our netlink encoding and
     // compiler::render_nft's nft syntax loaded by nft — must list the same.
-    if !programmer::testutil::nft_available() {
+    if !testkit::netns::nft_available() {
         eprintln!("skipping: the nft binary (the oracle) is not installed");
         return;
     }
@@ -86,7 +86,7 @@ fn nft_lists_our_programming_like_the_compilers_text_rendering() {
         .collect();
     files.sort();
     let (ns, mut p) = common::setup("compiled-nft");
-    let reference = programmer::testutil::Netns::create("compiled-ref").unwrap();
+    let reference = testkit::netns::Netns::create("compiled-ref").unwrap();
     let mut mismatches = Vec::new();
     for file in &files {
         let scenario = Scenario::load(file).unwrap();

@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use compiler::nft::*;
-use programmer::testutil::nft_available;
 use programmer::{NftProgrammer, FOREIGN_RULE_PREFIX};
+use testkit::netns::nft_available;
 
 #[test]
 fn foreign_changes_are_drift_and_the_next_apply_repairs_them() {

@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use programmer::testutil::{nft_available, Netns};
 use programmer::NftProgrammer;
+use testkit::netns::{nft_available, Netns};
 
 /// Attribute tree for readable diffs.
 fn tree(b: &[u8], depth: usize, out: &mut String) {

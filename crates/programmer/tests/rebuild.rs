@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use compiler::nft::*;
-use programmer::testutil::nft_available;
 use programmer::{Error, NftProgrammer};
+use testkit::netns::nft_available;
 
 fn snapshot(p: &mut NftProgrammer) -> (Option<Table>, Option<Table>) {
     (

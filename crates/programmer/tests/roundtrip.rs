@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use compiler::nft::{TableFamily, TABLE_NAME};
-use programmer::testutil::{nft_available, Netns};
+use testkit::netns::{nft_available, Netns};
 
 fn assert_tables_eq(got: &compiler::nft::Table, want: &compiler::nft::Table) {
     assert_eq!(got.sets, want.sets, "sets of {:?}", want.family);

@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 
 use compiler::nft::*;
-use programmer::testutil::Netns;
 use programmer::NftProgrammer;
+use testkit::netns::Netns;
 
 /// Enters a fresh namespace and opens a programmer in it.
 pub fn setup(tag: &str) -> (Netns, NftProgrammer) {
