@@ -1,5 +1,6 @@
-//! Options shared by every subcommand that renders or programs a dataplane,
-//! and loading the cluster state from a datastore.
+//! Options shared by every subcommand that renders or programs a dataplane
+//! (they choose and configure the `dataplane` crate's backend), and loading
+//! the cluster state from a datastore.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -13,6 +14,15 @@ use model::state::ClusterState;
 pub enum Backend {
     Nftables,
     Iptables,
+}
+
+impl Backend {
+    pub fn kind(self) -> ::dataplane::Kind {
+        match self {
+            Backend::Nftables => ::dataplane::Kind::Nftables,
+            Backend::Iptables => ::dataplane::Kind::Iptables,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -103,6 +113,14 @@ fn parse_mask(s: &str) -> Result<u32, String> {
 }
 
 impl DataplaneArgs {
+    pub fn kind(&self) -> ::dataplane::Kind {
+        self.backend.kind()
+    }
+
+    pub fn iptables_tools(&self) -> iptables::Backend {
+        self.iptables_backend.programmer_backend()
+    }
+
     pub fn compile_options(&self) -> CompileOptions {
         CompileOptions {
             node: self.node.clone(),

@@ -6,6 +6,7 @@
 //! also pulls in nothing that needs `protoc` (no etcd client), so `xtask`
 //! stays free of `etcd-client`.
 
+pub mod cluster;
 pub mod etcd;
 pub mod netns;
 
