@@ -1,7 +1,7 @@
 //! The nftables backend: [`programmer::NftProgrammer`] behind [`Dataplane`].
 
 use programmer::NftProgrammer;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{Change, Dataplane, Desired, Error, Kind, Stats};
 
@@ -75,6 +75,7 @@ impl Dataplane for NftDataplane {
     }
 
     fn rebuild(&mut self, desired: &Desired<'_>) -> Result<bool, Error> {
+        warn!("diffs keep failing; rebuilding our nftables tables from scratch in one transaction");
         let report = self
             .programmer
             .rebuild(desired.ruleset)

@@ -108,7 +108,6 @@ impl Pipeline {
     /// transaction. `Ok(false)` when the backend cannot.
     pub fn rebuild(&mut self, state: &ClusterState) -> Result<bool, Error> {
         self.full_next = true;
-        warn!("applies keep failing; rebuilding our dataplane from scratch in one transaction");
         self.compiler.rebuild(state)?;
         let logical = self.compiler.logical().expect("compiled above");
         self.dataplane.rebuild(&Desired {

@@ -16,8 +16,11 @@ use compiler::nft::{
 };
 use ipnet::IpNet;
 
+use std::borrow::Cow;
+
 use crate::batch::{Batch, Subject};
 use crate::consts::*;
+use crate::expr::{put_verdict, Data, Expr};
 use crate::nla::Writer;
 
 #[derive(Debug, thiserror::Error)]
@@ -190,9 +193,6 @@ pub fn new_trace_rule(
     new_rule_with(b, family, table, chain, 0, rule, true)
 }
 
-/// `NFT_META_NFTRACE` (nf_tables.h `enum nft_meta_keys`).
-const NFT_META_NFTRACE: u32 = 12;
-
 fn new_rule_with(
     b: &mut Batch,
     family: TableFamily,
@@ -202,55 +202,50 @@ fn new_rule_with(
     rule: &Rule,
     nftrace: bool,
 ) -> Result<(), Error> {
-    let subject = || {
-        Subject::Rule {
-            family,
-            chain: chain.to_owned(),
-            index,
-            comment: rule.comment.clone(),
-        }
-        .to_string()
+    let subject = || Subject::Rule {
+        family,
+        chain: chain.to_owned(),
+        index,
+        comment: rule.comment.clone(),
     };
-    check_comment(subject, &rule.comment)?;
+    let object = || subject().to_string();
+    check_comment(object, &rule.comment)?;
     let start = b.w.len();
     b.begin(
         NFT_MSG_NEWRULE,
         NLM_F_CREATE | NLM_F_APPEND,
         family,
-        Subject::Rule {
-            family,
-            chain: chain.to_owned(),
-            index,
-            comment: rule.comment.clone(),
-        },
+        subject(),
     );
     b.w.put_str(NFTA_RULE_TABLE, table);
     b.w.put_str(NFTA_RULE_CHAIN, chain);
-    let exprs = b.w.nest_start(NFTA_RULE_EXPRESSIONS);
-    if let Err(e) = rule_exprs(b, family, rule, &subject) {
+    let (w, set_ids) = b.writer_and_set_ids();
+    let exprs = w.nest_start(NFTA_RULE_EXPRESSIONS);
+    let set_id = |set: &str| set_ids.get(&family)?.get(set).copied();
+    if let Err(e) = rule_exprs(family, rule, &set_id, &object, &mut |e| e.write(w)) {
         b.abandon();
         debug_assert_eq!(b.w.len(), start);
         return Err(e);
     }
     if nftrace {
-        let e = expr_begin(&mut b.w, "immediate");
-        b.w.put_u32_be(NFTA_IMMEDIATE_DREG, NFT_REG_1);
-        let d = b.w.nest_start(NFTA_IMMEDIATE_DATA);
-        b.w.put(NFTA_DATA_VALUE, &[1u8]);
-        b.w.nest_end(d);
-        expr_end(&mut b.w, e);
-        let e = expr_begin(&mut b.w, "meta");
-        b.w.put_u32_be(NFTA_META_KEY, NFT_META_NFTRACE);
-        b.w.put_u32_be(NFTA_META_SREG, NFT_REG_1);
-        expr_end(&mut b.w, e);
+        Expr::Immediate {
+            dreg: NFT_REG_1,
+            data: Data::of(&[1]),
+        }
+        .write(w);
+        Expr::MetaSet {
+            key: NFT_META_NFTRACE,
+            sreg: NFT_REG_1,
+        }
+        .write(w);
     }
-    b.w.nest_end(exprs);
+    w.nest_end(exprs);
     if let Some(c) = &rule.comment {
         put_udata_comment(&mut b.w, NFTA_RULE_USERDATA, NFTNL_UDATA_RULE_COMMENT, c);
     }
     if b.w.overflowed() {
         b.abandon();
-        return Err(Error::TooLarge { object: subject() });
+        return Err(Error::TooLarge { object: object() });
     }
     b.end();
     Ok(())
@@ -267,11 +262,59 @@ fn put_udata_comment(w: &mut Writer, attr: u16, tlv_type: u8, comment: &str) {
     w.put(attr, &v);
 }
 
-fn rule_exprs(
-    b: &mut Batch,
+fn meta_load<'r>(key: u32, dreg: u32) -> Expr<'r> {
+    Expr::MetaLoad { key, dreg }
+}
+
+fn cmp<'r>(op: u32, data: &[u8]) -> Expr<'r> {
+    Expr::Cmp {
+        sreg: NFT_REG_1,
+        op,
+        data: Data::of(data),
+    }
+}
+
+/// `reg1 = (reg1 & mask) ^ xor`; `with_op` as nft writes it for
+/// operations on values (not for prefix masks or flag tests).
+fn bitwise<'r>(mask: &[u8], xor: &[u8], with_op: bool) -> Expr<'r> {
+    Expr::Bitwise {
+        sreg: NFT_REG_1,
+        dreg: NFT_REG_1,
+        op: with_op.then_some(NFT_BITWISE_BOOL),
+        len: mask.len() as u32,
+        mask: Data::of(mask),
+        xor: Data::of(xor),
+    }
+}
+
+fn payload<'r>(base: u32, offset: u32, len: u32, dreg: u32) -> Expr<'r> {
+    Expr::Payload {
+        dreg,
+        base,
+        offset,
+        len,
+    }
+}
+
+fn lookup<'r>(set: &'r str, set_id: Option<u32>, negate: bool) -> Expr<'r> {
+    Expr::Lookup {
+        sreg: NFT_REG_1,
+        dreg: None,
+        set: Cow::Borrowed(set),
+        set_id,
+        flags: negate.then_some(NFT_LOOKUP_F_INV),
+    }
+}
+
+/// Lowers `rule` to the expressions nft writes for it, in order, handing
+/// each to `out`. `set_id` gives the batch id of a set created in the same
+/// transaction. The inverse is `decode::decode_exprs`.
+pub(crate) fn rule_exprs<'r>(
     family: TableFamily,
-    rule: &Rule,
+    rule: &'r Rule,
+    set_id: &dyn Fn(&str) -> Option<u32>,
     object: &dyn Fn() -> String,
+    out: &mut dyn FnMut(Expr<'r>),
 ) -> Result<(), Error> {
     // The protocol the packet is known to have, from an earlier
     // `meta l4proto X` match: ICMP matches need it as a dependency, and nft
@@ -294,37 +337,37 @@ fn rule_exprs(
                         name: name.clone(),
                     });
                 }
-                meta_load(&mut b.w, ifname_key(*dir), NFT_REG_1);
-                let op = cmp_op(*negate);
+                out(meta_load(ifname_key(*dir), NFT_REG_1));
                 if *wildcard {
-                    cmp(&mut b.w, NFT_REG_1, op, name.as_bytes());
+                    out(cmp(cmp_op(*negate), name.as_bytes()));
                 } else {
-                    cmp(&mut b.w, NFT_REG_1, op, &ifname_bytes(name));
+                    out(cmp(cmp_op(*negate), &ifname_bytes(name)));
                 }
             }
             Match::CtState(states) => {
-                let e = expr_begin(&mut b.w, "ct");
-                b.w.put_u32_be(NFTA_CT_KEY, NFT_CT_STATE);
-                b.w.put_u32_be(NFTA_CT_DREG, NFT_REG_1);
-                expr_end(&mut b.w, e);
+                out(Expr::CtLoad {
+                    key: NFT_CT_STATE,
+                    dreg: NFT_REG_1,
+                    direction: None,
+                });
                 // ct state is host-endian in the register (netlink.md).
-                bitwise(&mut b.w, NFT_REG_1, &states.0.to_ne_bytes(), &[0; 4], false);
-                cmp(&mut b.w, NFT_REG_1, NFT_CMP_NEQ, &[0; 4]);
+                out(bitwise(&states.0.to_ne_bytes(), &[0; 4], false));
+                out(cmp(NFT_CMP_NEQ, &[0; 4]));
             }
             Match::Mark {
                 mask,
                 value,
                 negate,
             } => {
-                meta_load(&mut b.w, NFT_META_MARK, NFT_REG_1);
+                out(meta_load(NFT_META_MARK, NFT_REG_1));
                 if *mask != u32::MAX {
-                    bitwise(&mut b.w, NFT_REG_1, &mask.to_ne_bytes(), &[0; 4], true);
+                    out(bitwise(&mask.to_ne_bytes(), &[0; 4], true));
                 }
-                cmp(&mut b.w, NFT_REG_1, cmp_op(*negate), &value.to_ne_bytes());
+                out(cmp(cmp_op(*negate), &value.to_ne_bytes()));
             }
             Match::L4Proto { proto, negate } => {
-                meta_load(&mut b.w, NFT_META_L4PROTO, NFT_REG_1);
-                cmp(&mut b.w, NFT_REG_1, cmp_op(*negate), &[*proto]);
+                out(meta_load(NFT_META_L4PROTO, NFT_REG_1));
+                out(cmp(cmp_op(*negate), &[*proto]));
                 if !negate {
                     l4 = Some(*proto);
                 }
@@ -348,43 +391,35 @@ fn rule_exprs(
                         if prefix == alen * 8 || (prefix > 0 && prefix % 8 == 0) {
                             // Byte-aligned prefix: nft loads just those bytes.
                             let n = prefix / 8;
-                            payload_load(
-                                &mut b.w,
+                            out(payload(
                                 NFT_PAYLOAD_NETWORK_HEADER,
                                 offset,
                                 n as u32,
                                 NFT_REG_1,
-                            );
-                            cmp(&mut b.w, NFT_REG_1, op, &bytes[..n]);
+                            ));
+                            out(cmp(op, &bytes[..n]));
                         } else {
-                            payload_load(
-                                &mut b.w,
+                            let alen32 = alen as u32;
+                            out(payload(
                                 NFT_PAYLOAD_NETWORK_HEADER,
                                 offset,
-                                alen as u32,
+                                alen32,
                                 NFT_REG_1,
-                            );
+                            ));
                             let mask = prefix_mask(prefix, alen);
-                            bitwise(
-                                &mut b.w,
-                                NFT_REG_1,
-                                &mask[..alen],
-                                &[0u8; 16][..alen],
-                                false,
-                            );
-                            cmp(&mut b.w, NFT_REG_1, op, &bytes[..alen]);
+                            out(bitwise(&mask[..alen], &[0u8; 16][..alen], false));
+                            out(cmp(op, &bytes[..alen]));
                         }
                     }
                     AddrTarget::Set(set) => {
-                        payload_load(
-                            &mut b.w,
+                        let alen32 = alen as u32;
+                        out(payload(
                             NFT_PAYLOAD_NETWORK_HEADER,
                             offset,
-                            alen as u32,
+                            alen32,
                             NFT_REG_1,
-                        );
-                        let id = b.set_id(family, set);
-                        lookup(&mut b.w, NFT_REG_1, None, set, id, *negate);
+                        ));
+                        out(lookup(set, set_id(set), *negate));
                     }
                 }
             }
@@ -393,13 +428,8 @@ fn rule_exprs(
                 target,
                 negate,
             } => {
-                payload_load(
-                    &mut b.w,
-                    NFT_PAYLOAD_TRANSPORT_HEADER,
-                    port_offset(*dir),
-                    2,
-                    NFT_REG_1,
-                );
+                let offset = port_offset(*dir);
+                out(payload(NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2, NFT_REG_1));
                 match target {
                     PortTarget::Range { min, max } => {
                         if min > max {
@@ -409,73 +439,64 @@ fn rule_exprs(
                                 max: *max,
                             });
                         }
+                        let (lo, hi) = (min.to_be_bytes(), max.to_be_bytes());
                         if min == max {
-                            cmp(&mut b.w, NFT_REG_1, cmp_op(*negate), &min.to_be_bytes());
+                            out(cmp(cmp_op(*negate), &lo));
                         } else if !negate {
-                            cmp(&mut b.w, NFT_REG_1, NFT_CMP_GTE, &min.to_be_bytes());
-                            cmp(&mut b.w, NFT_REG_1, NFT_CMP_LTE, &max.to_be_bytes());
+                            out(cmp(NFT_CMP_GTE, &lo));
+                            out(cmp(NFT_CMP_LTE, &hi));
                         } else {
-                            range(
-                                &mut b.w,
-                                NFT_REG_1,
-                                NFT_RANGE_NEQ,
-                                &min.to_be_bytes(),
-                                &max.to_be_bytes(),
-                            );
+                            out(Expr::Range {
+                                sreg: NFT_REG_1,
+                                op: NFT_RANGE_NEQ,
+                                from: Data::of(&lo),
+                                to: Data::of(&hi),
+                            });
                         }
                     }
-                    PortTarget::Set(set) => {
-                        let id = b.set_id(family, set);
-                        lookup(&mut b.w, NFT_REG_1, None, set, id, *negate);
-                    }
+                    PortTarget::Set(set) => out(lookup(set, set_id(set), *negate)),
                 }
             }
             Match::NamedPort { dir, set, negate } => {
                 let (offset, alen) = addr_offset(family, *dir);
                 // Concatenation: each field starts on a 32-bit register.
                 let (proto_reg, port_reg) = named_port_regs(alen);
-                payload_load(
-                    &mut b.w,
+                let alen32 = alen as u32;
+                out(payload(
                     NFT_PAYLOAD_NETWORK_HEADER,
                     offset,
-                    alen as u32,
+                    alen32,
                     NFT_REG_1,
-                );
-                meta_load(&mut b.w, NFT_META_L4PROTO, proto_reg);
-                payload_load(
-                    &mut b.w,
+                ));
+                out(meta_load(NFT_META_L4PROTO, proto_reg));
+                out(payload(
                     NFT_PAYLOAD_TRANSPORT_HEADER,
                     port_offset(*dir),
                     2,
                     port_reg,
-                );
-                let id = b.set_id(family, set);
-                lookup(&mut b.w, NFT_REG_1, None, set, id, *negate);
+                ));
+                out(lookup(set, set_id(set), *negate));
             }
             Match::Icmp {
                 icmp_type,
                 code,
                 negate,
             } => {
-                let proto = if family.is_v6() {
-                    IPPROTO_ICMPV6
-                } else {
-                    IPPROTO_ICMP
-                };
+                let proto = icmp_proto(family);
                 if l4 != Some(proto) {
-                    meta_load(&mut b.w, NFT_META_L4PROTO, NFT_REG_1);
-                    cmp(&mut b.w, NFT_REG_1, NFT_CMP_EQ, &[proto]);
+                    out(meta_load(NFT_META_L4PROTO, NFT_REG_1));
+                    out(cmp(NFT_CMP_EQ, &[proto]));
                     l4 = Some(proto);
                 }
                 let op = cmp_op(*negate);
                 match code {
                     None => {
-                        payload_load(&mut b.w, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, NFT_REG_1);
-                        cmp(&mut b.w, NFT_REG_1, op, &[*icmp_type]);
+                        out(payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, NFT_REG_1));
+                        out(cmp(op, &[*icmp_type]));
                     }
                     Some(code) => {
-                        payload_load(&mut b.w, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 2, NFT_REG_1);
-                        cmp(&mut b.w, NFT_REG_1, op, &[*icmp_type, *code]);
+                        out(payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 2, NFT_REG_1));
+                        out(cmp(op, &[*icmp_type, *code]));
                     }
                 }
             }
@@ -483,34 +504,26 @@ fn rule_exprs(
     }
     for s in &rule.stmts {
         match s {
-            Stmt::Counter => {
-                let e = expr_begin(&mut b.w, "counter");
-                expr_end(&mut b.w, e);
-            }
+            Stmt::Counter => out(Expr::Counter {
+                packets: 0,
+                bytes: 0,
+            }),
             Stmt::SetMark { clear, set } => {
                 let keep = !(clear | set);
                 if keep == 0 {
                     // `meta mark set 0x…`: nothing of the old mark survives.
-                    let e = expr_begin(&mut b.w, "immediate");
-                    b.w.put_u32_be(NFTA_IMMEDIATE_DREG, NFT_REG_1);
-                    let d = b.w.nest_start(NFTA_IMMEDIATE_DATA);
-                    b.w.put(NFTA_DATA_VALUE, &set.to_ne_bytes());
-                    b.w.nest_end(d);
-                    expr_end(&mut b.w, e);
+                    out(Expr::Immediate {
+                        dreg: NFT_REG_1,
+                        data: Data::of(&set.to_ne_bytes()),
+                    });
                 } else {
-                    meta_load(&mut b.w, NFT_META_MARK, NFT_REG_1);
-                    bitwise(
-                        &mut b.w,
-                        NFT_REG_1,
-                        &keep.to_ne_bytes(),
-                        &set.to_ne_bytes(),
-                        true,
-                    );
+                    out(meta_load(NFT_META_MARK, NFT_REG_1));
+                    out(bitwise(&keep.to_ne_bytes(), &set.to_ne_bytes(), true));
                 }
-                let e = expr_begin(&mut b.w, "meta");
-                b.w.put_u32_be(NFTA_META_KEY, NFT_META_MARK);
-                b.w.put_u32_be(NFTA_META_SREG, NFT_REG_1);
-                expr_end(&mut b.w, e);
+                out(Expr::MetaSet {
+                    key: NFT_META_MARK,
+                    sreg: NFT_REG_1,
+                });
             }
             Stmt::Log {
                 prefix,
@@ -524,53 +537,58 @@ fn rule_exprs(
                     });
                 }
                 if let Some(rate) = rate_per_second {
-                    let e = expr_begin(&mut b.w, "limit");
-                    b.w.put_u64_be(NFTA_LIMIT_RATE, *rate as u64);
-                    b.w.put_u64_be(NFTA_LIMIT_UNIT, 1);
-                    b.w.put_u32_be(NFTA_LIMIT_BURST, NFT_LIMIT_DEFAULT_BURST);
-                    b.w.put_u32_be(NFTA_LIMIT_TYPE, NFT_LIMIT_PKTS);
-                    b.w.put_u32_be(NFTA_LIMIT_FLAGS, 0);
-                    expr_end(&mut b.w, e);
+                    out(Expr::Limit {
+                        rate: *rate as u64,
+                        unit: 1,
+                        burst: NFT_LIMIT_DEFAULT_BURST,
+                        kind: NFT_LIMIT_PKTS,
+                        flags: 0,
+                    });
                 }
-                let e = expr_begin(&mut b.w, "log");
-                if !prefix.is_empty() {
-                    b.w.put_str(NFTA_LOG_PREFIX, prefix);
-                }
-                if let Some(g) = group {
-                    b.w.put_u16_be(NFTA_LOG_GROUP, *g);
-                }
-                expr_end(&mut b.w, e);
+                out(Expr::Log {
+                    prefix: (!prefix.is_empty()).then_some(Cow::Borrowed(prefix.as_str())),
+                    group: *group,
+                    snaplen: None,
+                    qthreshold: None,
+                    level: None,
+                    flags: None,
+                });
             }
         }
     }
     match &rule.verdict {
         None => {}
         Some(Verdict::IfNameVmap { dir, map }) => {
-            meta_load(&mut b.w, ifname_key(*dir), NFT_REG_1);
-            let id = b.set_id(family, map);
-            let e = expr_begin(&mut b.w, "lookup");
-            b.w.put_u32_be(NFTA_LOOKUP_SREG, NFT_REG_1);
-            b.w.put_u32_be(NFTA_LOOKUP_DREG, NFT_REG_VERDICT);
-            b.w.put_str(NFTA_LOOKUP_SET, map);
-            if let Some(id) = id {
-                b.w.put_u32_be(NFTA_LOOKUP_SET_ID, id);
-            }
-            expr_end(&mut b.w, e);
+            out(meta_load(ifname_key(*dir), NFT_REG_1));
+            out(Expr::Lookup {
+                sreg: NFT_REG_1,
+                dreg: Some(NFT_REG_VERDICT),
+                set: Cow::Borrowed(map),
+                set_id: set_id(map),
+                flags: None,
+            });
         }
         Some(v) => {
             let (code, chain) = verdict_code(v).ok_or_else(|| Error::MapVerdict {
                 object: object(),
                 verdict: v.clone(),
             })?;
-            let e = expr_begin(&mut b.w, "immediate");
-            b.w.put_u32_be(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
-            let d = b.w.nest_start(NFTA_IMMEDIATE_DATA);
-            put_verdict(&mut b.w, code, chain);
-            b.w.nest_end(d);
-            expr_end(&mut b.w, e);
+            out(Expr::Verdict {
+                code,
+                chain: chain.map(Cow::Borrowed),
+            });
         }
     }
     Ok(())
+}
+
+/// `IPPROTO_ICMP` / `IPPROTO_ICMPV6`: the protocol of the family's ICMP.
+pub(crate) fn icmp_proto(family: TableFamily) -> u8 {
+    if family.is_v6() {
+        IPPROTO_ICMPV6
+    } else {
+        IPPROTO_ICMP
+    }
 }
 
 /// The register holding the 32-bit slot `slot` of the register file, named
@@ -603,16 +621,6 @@ pub fn verdict_code(v: &Verdict) -> Option<(i32, Option<&str>)> {
         Verdict::Goto(c) => (NFT_GOTO, Some(c.as_str())),
         Verdict::IfNameVmap { .. } => return None,
     })
-}
-
-/// `NFTA_DATA_VERDICT { CODE, [CHAIN] }`.
-fn put_verdict(w: &mut Writer, code: i32, chain: Option<&str>) {
-    let v = w.nest_start(NFTA_DATA_VERDICT);
-    w.put_u32_be(NFTA_VERDICT_CODE, code as u32);
-    if let Some(c) = chain {
-        w.put_str(NFTA_VERDICT_CHAIN, c);
-    }
-    w.nest_end(v);
 }
 
 fn ifname_key(dir: IfDir) -> u32 {
@@ -680,103 +688,6 @@ fn prefix_mask(prefix: usize, alen: usize) -> [u8; 16] {
         *byte = if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
     }
     m
-}
-
-// Expression writers, each with its attributes in the order libnftnl emits
-// them.
-
-fn expr_begin(w: &mut Writer, name: &str) -> (usize, usize) {
-    let elem = w.nest_start(NFTA_LIST_ELEM);
-    w.put_str(NFTA_EXPR_NAME, name);
-    let data = w.nest_start(NFTA_EXPR_DATA);
-    (elem, data)
-}
-
-fn expr_end(w: &mut Writer, (elem, data): (usize, usize)) {
-    w.nest_end(data);
-    w.nest_end(elem);
-}
-
-fn meta_load(w: &mut Writer, key: u32, dreg: u32) {
-    let e = expr_begin(w, "meta");
-    w.put_u32_be(NFTA_META_KEY, key);
-    w.put_u32_be(NFTA_META_DREG, dreg);
-    expr_end(w, e);
-}
-
-fn cmp(w: &mut Writer, sreg: u32, op: u32, data: &[u8]) {
-    let e = expr_begin(w, "cmp");
-    w.put_u32_be(NFTA_CMP_SREG, sreg);
-    w.put_u32_be(NFTA_CMP_OP, op);
-    let d = w.nest_start(NFTA_CMP_DATA);
-    w.put(NFTA_DATA_VALUE, data);
-    w.nest_end(d);
-    expr_end(w, e);
-}
-
-/// `reg = (reg & mask) ^ xor`. nft writes `NFTA_BITWISE_OP` for binary
-/// operations on values (`meta mark & …`) but not for prefix masks or flag
-/// tests; we follow it so the bytes match.
-fn bitwise(w: &mut Writer, reg: u32, mask: &[u8], xor: &[u8], with_op: bool) {
-    let e = expr_begin(w, "bitwise");
-    w.put_u32_be(NFTA_BITWISE_SREG, reg);
-    w.put_u32_be(NFTA_BITWISE_DREG, reg);
-    if with_op {
-        w.put_u32_be(NFTA_BITWISE_OP, NFT_BITWISE_BOOL);
-    }
-    w.put_u32_be(NFTA_BITWISE_LEN, mask.len() as u32);
-    let m = w.nest_start(NFTA_BITWISE_MASK);
-    w.put(NFTA_DATA_VALUE, mask);
-    w.nest_end(m);
-    let x = w.nest_start(NFTA_BITWISE_XOR);
-    w.put(NFTA_DATA_VALUE, xor);
-    w.nest_end(x);
-    expr_end(w, e);
-}
-
-fn payload_load(w: &mut Writer, base: u32, offset: u32, len: u32, dreg: u32) {
-    let e = expr_begin(w, "payload");
-    w.put_u32_be(NFTA_PAYLOAD_DREG, dreg);
-    w.put_u32_be(NFTA_PAYLOAD_BASE, base);
-    w.put_u32_be(NFTA_PAYLOAD_OFFSET, offset);
-    w.put_u32_be(NFTA_PAYLOAD_LEN, len);
-    expr_end(w, e);
-}
-
-fn lookup(
-    w: &mut Writer,
-    sreg: u32,
-    dreg: Option<u32>,
-    set: &str,
-    set_id: Option<u32>,
-    invert: bool,
-) {
-    let e = expr_begin(w, "lookup");
-    w.put_u32_be(NFTA_LOOKUP_SREG, sreg);
-    if let Some(d) = dreg {
-        w.put_u32_be(NFTA_LOOKUP_DREG, d);
-    }
-    w.put_str(NFTA_LOOKUP_SET, set);
-    if let Some(id) = set_id {
-        w.put_u32_be(NFTA_LOOKUP_SET_ID, id);
-    }
-    if invert {
-        w.put_u32_be(NFTA_LOOKUP_FLAGS, NFT_LOOKUP_F_INV);
-    }
-    expr_end(w, e);
-}
-
-fn range(w: &mut Writer, sreg: u32, op: u32, from: &[u8], to: &[u8]) {
-    let e = expr_begin(w, "range");
-    w.put_u32_be(NFTA_RANGE_SREG, sreg);
-    w.put_u32_be(NFTA_RANGE_OP, op);
-    let f = w.nest_start(NFTA_RANGE_FROM_DATA);
-    w.put(NFTA_DATA_VALUE, from);
-    w.nest_end(f);
-    let t = w.nest_start(NFTA_RANGE_TO_DATA);
-    w.put(NFTA_DATA_VALUE, to);
-    w.nest_end(t);
-    expr_end(w, e);
 }
 
 // ---------------------------------------------------------------------------

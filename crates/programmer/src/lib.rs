@@ -33,6 +33,7 @@ mod consts;
 mod decode;
 mod elements;
 mod encode;
+mod expr;
 pub mod monitor;
 mod netlink;
 pub mod nflog;
@@ -394,7 +395,7 @@ impl NftProgrammer {
                     .exprs
                     .iter()
                     .find_map(|e| match e {
-                        decode::Expr::Counter { packets, bytes } => Some((*packets, *bytes)),
+                        expr::Expr::Counter { packets, bytes } => Some((*packets, *bytes)),
                         _ => None,
                     })
                     .unwrap_or((0, 0));
