@@ -25,48 +25,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+mod common;
+use common::*;
+
 // ---------------------------------------------------------------------------
 // Paths and processes.
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn read(rel: &str) -> String {
-    let p = workspace().join(rel);
-    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
-}
-
-/// The binary under test, without any `NFTPOLICY_*` variable of the
-/// caller's environment (they would show up in `--help` as values).
-fn nftpolicy() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nftpolicy"));
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("NFTPOLICY_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p =
-            std::env::temp_dir().join(format!("nftpolicy-manifests-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 // ---------------------------------------------------------------------------
 // The CLI, as `--help` describes it.

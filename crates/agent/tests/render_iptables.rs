@@ -6,10 +6,12 @@
 //! Needs root: the sets are created inside a network namespace this test
 //! makes and removes.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use testkit::netns::Netns;
+
+mod common;
+use common::*;
 
 /// A cluster with every kind of rule the renderer has: selectors (labels
 /// and expressions, namespace and pod), named ports resolving to different
@@ -109,24 +111,6 @@ spec:
   policyTypes: [Ingress, Egress]
 "#;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p =
-            std::env::temp_dir().join(format!("nftpolicy-render-ipt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The rendered text's parts, by their `# IPv4: ipset restore`-style
 /// headers: (header, body).
 fn split_parts(rendered: &str) -> Vec<(String, String)> {
@@ -150,7 +134,7 @@ fn split_parts(rendered: &str) -> Vec<(String, String)> {
 }
 
 fn render(manifests: &Path, node: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_nftpolicy"))
+    let out = nftpolicy()
         .args(["render", "--backend", "iptables", "--node", node])
         .arg(manifests)
         .output()
