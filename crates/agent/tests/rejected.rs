@@ -43,8 +43,6 @@ fn endpoint(pod: &str, ip: &str) -> String {
     )
 }
 
-/// A scratch directory, removed on drop.
-
 /// The agent process, killed on drop (also when an assertion fails).
 struct Agent(Child);
 

@@ -4,26 +4,7 @@
 use compiler::nft::{Match, Ruleset, SetElement, TableFamily};
 use compiler::{compile_nftables, CompileOptions};
 use expect_test::expect_file;
-use model::convert::kube_to_calico;
-use model::kube::{parse_manifests, Manifest};
-use model::state::ClusterState;
-
-fn state(yaml: &str) -> ClusterState {
-    let mut s = ClusterState::new();
-    for m in parse_manifests("test.yaml", yaml).unwrap() {
-        match m {
-            Manifest::Kube(o) => {
-                if let Some(r) = kube_to_calico(&o).unwrap() {
-                    s.upsert(r);
-                }
-            }
-            Manifest::Calico(r) => {
-                s.upsert(r);
-            }
-        }
-    }
-    s
-}
+use testkit::cluster::state;
 
 fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: &str, ports: &str) -> String {
     format!(

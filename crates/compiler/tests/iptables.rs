@@ -14,26 +14,8 @@ use compiler::render_iptables::{
 };
 use compiler::{compile, CompileOptions};
 use expect_test::expect_file;
-use model::convert::{interface_name, kube_to_calico};
-use model::kube::{parse_manifests, Manifest};
-use model::state::ClusterState;
-
-fn state(yaml: &str) -> ClusterState {
-    let mut s = ClusterState::new();
-    for m in parse_manifests("test.yaml", yaml).unwrap() {
-        match m {
-            Manifest::Kube(o) => {
-                if let Some(r) = kube_to_calico(&o).unwrap() {
-                    s.upsert(r);
-                }
-            }
-            Manifest::Calico(r) => {
-                s.upsert(r);
-            }
-        }
-    }
-    s
-}
+use model::convert::interface_name;
+use testkit::cluster::state;
 
 fn pod(ns: &str, name: &str, node: &str, ips: &[&str], labels: &str, ports: &str) -> String {
     let ip_list: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();

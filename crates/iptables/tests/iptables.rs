@@ -10,9 +10,8 @@ use std::sync::atomic::Ordering;
 use compiler::render_iptables::{chain_name, to_iptables, IpFamily, IptablesRulesets};
 use compiler::{compile, CompileOptions};
 use iptables::{parse_iptables_save, Backend, Error, IptablesProgrammer};
-use model::convert::{interface_name, kube_to_calico};
-use model::kube::{parse_manifests, Manifest};
-use model::state::ClusterState;
+use model::convert::interface_name;
+use testkit::cluster::state;
 
 // ---- fixtures -----------------------------------------------------------
 
@@ -67,23 +66,6 @@ impl Netns {
     fn ipsets(&self) -> String {
         self.sh(&["ipset", "save"], "")
     }
-}
-
-fn state(yaml: &str) -> ClusterState {
-    let mut s = ClusterState::new();
-    for m in parse_manifests("test.yaml", yaml).unwrap() {
-        match m {
-            Manifest::Kube(o) => {
-                if let Some(r) = kube_to_calico(&o).unwrap() {
-                    s.upsert(r);
-                }
-            }
-            Manifest::Calico(r) => {
-                s.upsert(r);
-            }
-        }
-    }
-    s
 }
 
 fn pod(name: &str, node: &str, ips: &[&str], labels: &str, ports: &str) -> String {

@@ -1,4 +1,6 @@
-//! The synthetic cluster of the load tests (`cargo xtask latency` and
+//! Cluster builders for tests: [`state`] (a cluster state from manifests,
+//! as the policy controller stores them) and the synthetic cluster of the
+//! load tests (`cargo xtask latency` and
 //! `soak`, which write it into etcd with `nftpolicy apply`, and the
 //! benchmark's `churn_memory` example, which feeds it to the agent's
 //! programming path in-process), as Kubernetes YAML.
@@ -10,6 +12,30 @@
 //! [`OTHER_NODES`] other nodes.
 
 use std::fmt::Write as _;
+
+use model::convert::kube_to_calico;
+use model::kube::{parse_manifests, Manifest};
+use model::state::ClusterState;
+
+/// The cluster state `yaml` (Kubernetes and/or Calico manifests) stands
+/// for, as the policy controller would store it; panics on anything it
+/// cannot read (a test's own input).
+pub fn state(yaml: &str) -> ClusterState {
+    let mut s = ClusterState::new();
+    for m in parse_manifests("test.yaml", yaml).unwrap() {
+        match m {
+            Manifest::Kube(o) => {
+                if let Some(r) = kube_to_calico(&o).unwrap() {
+                    s.upsert(r);
+                }
+            }
+            Manifest::Calico(r) => {
+                s.upsert(r);
+            }
+        }
+    }
+    s
+}
 
 pub const NAMESPACES: usize = 10;
 pub const POLICIES_PER_NAMESPACE: usize = 5;
