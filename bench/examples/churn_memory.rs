@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use compiler::CompileOptions;
-use dataplane::{Dataplane, Desired, Kind, Node, Pipeline, Stats};
+use dataplane::{Dataplane, Kind, Node, Pipeline};
 use model::calico::Resource;
 use model::kube::Manifest;
 use rand::{Rng, SeedableRng};
@@ -132,36 +132,6 @@ impl Agent {
             Agent::Node(node) => node.state().len(),
             Agent::CacheOnly(cache) => cache.state.len(),
         }
-    }
-}
-
-/// Mode `no-kernel`: everything the agent does but the kernel's part.
-struct CompileOnly;
-
-impl Dataplane for CompileOnly {
-    fn kind(&self) -> Kind {
-        Kind::Nftables
-    }
-    fn apply(&mut self, _: &Desired<'_>) -> Result<(), dataplane::Error> {
-        Ok(())
-    }
-    fn has_drift(&mut self, _: &Desired<'_>) -> Result<bool, dataplane::Error> {
-        Ok(false)
-    }
-    fn invalidate(&mut self) -> Result<(), dataplane::Error> {
-        Ok(())
-    }
-    fn rebuild(&mut self, _: &Desired<'_>) -> Result<bool, dataplane::Error> {
-        Ok(false)
-    }
-    fn remove_other(&mut self) -> Result<(), dataplane::Error> {
-        Ok(())
-    }
-    fn own_port(&self) -> Option<u32> {
-        None
-    }
-    fn stats(&self) -> Stats {
-        Stats::default()
     }
 }
 
@@ -284,7 +254,7 @@ fn main() -> anyhow::Result<()> {
         Mode::Full | Mode::NoKernel => {
             let backend: Box<dyn Dataplane> = match mode {
                 Mode::Full => dataplane::open(Kind::Nftables, iptables::Backend::Legacy)?,
-                _ => Box::new(CompileOnly),
+                _ => Box::new(dataplane::Discard),
             };
             Agent::Node(Box::new(Node::new(Pipeline::new(
                 CompileOptions::new(NODE),

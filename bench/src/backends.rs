@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context};
 use compiler::nft::{ElementDelta, Ruleset, SetElement, Table};
 use compiler::CompileOptions;
-use dataplane::{Change, Dataplane, Desired, Kind, Pipeline, Stats};
+use dataplane::{Change, Dataplane, Desired, Kind, Pipeline};
 use model::state::ClusterState;
 use serde::{Deserialize, Serialize};
 
@@ -122,28 +122,18 @@ impl Dataplane for NftCli {
         Ok(())
     }
 
+    /// nft's cache is all the bench keeps; it never looks for drift.
     fn has_drift(&mut self, _desired: &Desired<'_>) -> Result<bool, dataplane::Error> {
         Ok(false)
     }
 
+    /// Keeps nft's cache: the whole-ruleset diff is written from it.
     fn invalidate(&mut self) -> Result<(), dataplane::Error> {
         Ok(())
     }
 
-    fn rebuild(&mut self, _desired: &Desired<'_>) -> Result<bool, dataplane::Error> {
-        Ok(false)
-    }
-
     fn remove_other(&mut self) -> Result<(), dataplane::Error> {
         Ok(())
-    }
-
-    fn own_port(&self) -> Option<u32> {
-        None
-    }
-
-    fn stats(&self) -> Stats {
-        Stats::default()
     }
 }
 

@@ -53,16 +53,8 @@ impl Dataplane for IptablesDataplane {
         Ok(())
     }
 
-    fn rebuild(&mut self, _desired: &Desired<'_>) -> Result<bool, Error> {
-        Ok(false)
-    }
-
     fn remove_other(&mut self) -> Result<(), Error> {
         crate::remove_nftables_state()
-    }
-
-    fn own_port(&self) -> Option<u32> {
-        None
     }
 
     fn stats(&self) -> Stats {

@@ -152,19 +152,54 @@ pub trait Dataplane: Send {
 
     /// The last resort when applies keep failing: replaces our state whole
     /// in one atomic transaction, whatever the kernel holds. `Ok(false)`
-    /// when the backend has no such operation.
-    fn rebuild(&mut self, desired: &Desired<'_>) -> Result<bool, Error>;
+    /// (the default) when the backend has no such operation.
+    fn rebuild(&mut self, desired: &Desired<'_>) -> Result<bool, Error> {
+        let _ = desired;
+        Ok(false)
+    }
 
     /// Removes the *other* backend's state, once this one enforces
     /// (switching backends leaves nothing behind).
     fn remove_other(&mut self) -> Result<(), Error>;
 
     /// The netlink port whose nf_tables commits are this backend's own
-    /// (so change notifications from it are not foreign); `None` when the
-    /// backend does not commit over netlink.
-    fn own_port(&self) -> Option<u32>;
+    /// (so change notifications from it are not foreign); `None` (the
+    /// default) when the backend does not commit over netlink.
+    fn own_port(&self) -> Option<u32> {
+        None
+    }
 
-    fn stats(&self) -> Stats;
+    /// Totals for metrics; none by default.
+    fn stats(&self) -> Stats {
+        Stats::default()
+    }
+}
+
+/// A backend that programs nothing and never drifts: for measuring
+/// everything but the kernel, and for dry runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Discard;
+
+impl Dataplane for Discard {
+    fn kind(&self) -> Kind {
+        Kind::Nftables
+    }
+
+    fn apply(&mut self, _desired: &Desired<'_>) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn has_drift(&mut self, _desired: &Desired<'_>) -> Result<bool, Error> {
+        Ok(false)
+    }
+
+    fn invalidate(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn remove_other(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Opens the backend of `kind` in the current thread's network namespace.

@@ -11,7 +11,7 @@ use compiler::render_iptables::{chain_name, to_iptables, IpFamily, IptablesRules
 use compiler::{compile, CompileOptions};
 use iptables::{parse_iptables_save, Backend, Error, IptablesProgrammer};
 use model::convert::interface_name;
-use testkit::cluster::state;
+use testkit::cluster::{pod, state, web_deny_all, DEFAULT_NAMESPACE as NS};
 
 // ---- fixtures -----------------------------------------------------------
 
@@ -68,43 +68,12 @@ impl Netns {
     }
 }
 
-fn pod(name: &str, node: &str, ips: &[&str], labels: &str, ports: &str) -> String {
-    let ip_list: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c, ports: [{ports}]}}]}}\nstatus: {{podIP: \"{}\", podIPs: [{}]}}\n",
-        ips[0],
-        ip_list.join(", ")
-    )
-}
-
-const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n";
-const DENY_ALL: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-deny-all, namespace: default}\nspec: {podSelector: {matchLabels: {app: web}}, ingress: []}\n";
-
-fn seed() -> String {
-    format!(
-        "{NS}{}{}{DENY_ALL}",
-        pod(
-            "web",
-            "node1",
-            &["198.18.128.1"],
-            "app: web",
-            "{containerPort: 80}"
-        ),
-        pod(
-            "client",
-            "node2",
-            &["198.18.128.2"],
-            "app: client",
-            "{containerPort: 80}"
-        )
-    )
-}
-
 /// web (node1, dual stack) accepts clients on `ports`; clients live on node2.
 fn allow_clients(clients: usize, ports: &str) -> String {
     let mut y = format!(
         "{NS}{}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web-from-clients, namespace: default}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n    ports: [{ports}]\n",
         pod(
+            "default",
             "web",
             "node1",
             &["198.18.128.1", "fd00:198:18::1"],
@@ -114,6 +83,7 @@ fn allow_clients(clients: usize, ports: &str) -> String {
     );
     for i in 0..clients {
         y.push_str(&pod(
+            "default",
             &format!("client-{i}"),
             "node2",
             &[
@@ -179,7 +149,7 @@ fn assert_kernel_holds(ns: &Netns, backend: Backend, want: &IptablesRulesets) {
 #[test]
 fn first_sync_writes_everything_and_reads_back() {
     let ns = Netns::new("seed");
-    let want = rulesets(&seed());
+    let want = rulesets(&web_deny_all());
     let mut p = ns.programmer(Backend::Legacy);
     let r = p.apply(&want).unwrap();
     assert!(r.read_back, "the first apply reads the kernel");
@@ -283,7 +253,7 @@ fn a_changed_policy_rewrites_only_its_chain() {
     assert_kernel_holds(&ns, Backend::Legacy, &named);
 
     // Back to the deny-all seed: policy chain and sets go, sets after rules.
-    let seed = rulesets(&seed());
+    let seed = rulesets(&web_deny_all());
     let r = p.apply(&seed).unwrap();
     assert!(r.chains_deleted.contains(&(IpFamily::V4, chain)), "{r:?}");
     assert_eq!(r.sets_destroyed.len(), 4, "{r:?}");
@@ -325,7 +295,7 @@ spec:
 fn a_failing_restore_leaves_the_previous_rules() {
     let ns = Netns::new("fail");
     let mut p = ns.programmer(Backend::Legacy);
-    let good = rulesets(&seed());
+    let good = rulesets(&web_deny_all());
     p.apply(&good).unwrap();
     let before = ns.rules(Backend::Legacy, IpFamily::V4);
 
@@ -524,7 +494,7 @@ fn the_nft_variant_programs_and_removes_the_same() {
     p.apply(&a).unwrap();
     assert_kernel_holds(&ns, Backend::Nft, &a);
     // Deleting a chain (the policy's) needs the second transaction.
-    let b = rulesets(&seed());
+    let b = rulesets(&web_deny_all());
     let r = p.apply(&b).unwrap();
     assert!(!r.chains_deleted.is_empty(), "{r:?}");
     assert_kernel_holds(&ns, Backend::Nft, &b);
@@ -542,7 +512,7 @@ fn a_missing_tool_is_a_named_error() {
     let mut tools = compiler_tools();
     tools.save_v4 = "iptables-no-such-save".into();
     let mut p = ns.programmer(Backend::Legacy).with_tools(tools);
-    let err = p.apply(&rulesets(&seed())).unwrap_err();
+    let err = p.apply(&rulesets(&web_deny_all())).unwrap_err();
     assert!(
         matches!(
             err,

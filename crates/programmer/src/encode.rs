@@ -738,34 +738,21 @@ fn udata_comment(v: &mut Vec<u8>, t: u8, c: &str) {
 /// `NFTA_SET_DESC_CONCAT` for them (it does only for interval
 /// concatenations, which the IR has none of), and neither do we.
 pub fn new_set(b: &mut Batch, family: TableFamily, table: &str, set: &Set) -> Result<(), Error> {
-    let object = || format!("set {}", set.name);
-    check_name(object, &set.name)?;
-    check_comment(object, &set.comment)?;
     let (key_type, key_len, flags, byteorder) = set_key_spec(family, set.key);
-    let id = b.alloc_set_id(family, &set.name);
-    b.begin(
-        NFT_MSG_NEWSET,
-        NLM_F_CREATE,
+    new_set_message(
+        b,
         family,
-        Subject::Set {
-            family,
-            set: set.name.clone(),
+        table,
+        SetHeader {
+            what: "set",
+            name: &set.name,
+            comment: &set.comment,
+            flags,
+            key: (key_type, key_len),
+            data: None,
+            udata: &[(NFTNL_UDATA_SET_KEYBYTEORDER, byteorder)],
         },
-    );
-    b.w.put_str(NFTA_SET_TABLE, table);
-    b.w.put_str(NFTA_SET_NAME, &set.name);
-    b.w.put_u32_be(NFTA_SET_FLAGS, flags);
-    b.w.put_u32_be(NFTA_SET_KEY_TYPE, key_type);
-    b.w.put_u32_be(NFTA_SET_KEY_LEN, key_len);
-    b.w.put_u32_be(NFTA_SET_ID, id);
-    let mut ud = Vec::with_capacity(16);
-    udata_u32(&mut ud, NFTNL_UDATA_SET_KEYBYTEORDER, byteorder);
-    if let Some(c) = &set.comment {
-        udata_comment(&mut ud, NFTNL_UDATA_SET_COMMENT, c);
-    }
-    b.w.put(NFTA_SET_USERDATA, &ud);
-    b.end();
-    Ok(())
+    )
 }
 
 /// `NEWSET` for a verdict map `ifname : verdict`. The key byte order
@@ -777,32 +764,72 @@ pub fn new_map(
     table: &str,
     map: &VerdictMap,
 ) -> Result<(), Error> {
-    let object = || format!("map {}", map.name);
-    check_name(object, &map.name)?;
-    check_comment(object, &map.comment)?;
-    let id = b.alloc_set_id(family, &map.name);
-    b.begin(
-        NFT_MSG_NEWSET,
-        NLM_F_CREATE,
+    new_set_message(
+        b,
         family,
-        Subject::Set {
-            family,
-            set: map.name.clone(),
+        table,
+        SetHeader {
+            what: "map",
+            name: &map.name,
+            comment: &map.comment,
+            flags: NFT_SET_MAP,
+            key: (TYPE_IFNAME, IFNAMSIZ as u32),
+            data: Some((NFT_DATA_VERDICT, 0)),
+            udata: &[
+                (NFTNL_UDATA_SET_KEYBYTEORDER, BYTEORDER_HOST_ENDIAN),
+                (NFTNL_UDATA_SET_DATABYTEORDER, BYTEORDER_INVALID),
+                (NFTNL_UDATA_SET_DATA_INTERVAL, 0),
+            ],
         },
-    );
+    )
+}
+
+/// What a `NEWSET` of a set or a map says.
+struct SetHeader<'a> {
+    /// `set` or `map`, for errors.
+    what: &'static str,
+    name: &'a str,
+    comment: &'a Option<String>,
+    flags: u32,
+    /// Key type and length.
+    key: (u32, u32),
+    /// Data type and length, for a map.
+    data: Option<(u32, u32)>,
+    /// `u32` userdata TLVs, before the comment.
+    udata: &'a [(u8, u32)],
+}
+
+/// `NEWSET`, attributes in nft's order.
+fn new_set_message(
+    b: &mut Batch,
+    family: TableFamily,
+    table: &str,
+    h: SetHeader<'_>,
+) -> Result<(), Error> {
+    let object = || format!("{} {}", h.what, h.name);
+    check_name(object, h.name)?;
+    check_comment(object, h.comment)?;
+    let id = b.alloc_set_id(family, h.name);
+    let subject = Subject::Set {
+        family,
+        set: h.name.to_owned(),
+    };
+    b.begin(NFT_MSG_NEWSET, NLM_F_CREATE, family, subject);
     b.w.put_str(NFTA_SET_TABLE, table);
-    b.w.put_str(NFTA_SET_NAME, &map.name);
-    b.w.put_u32_be(NFTA_SET_FLAGS, NFT_SET_MAP);
-    b.w.put_u32_be(NFTA_SET_KEY_TYPE, TYPE_IFNAME);
-    b.w.put_u32_be(NFTA_SET_KEY_LEN, IFNAMSIZ as u32);
-    b.w.put_u32_be(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
-    b.w.put_u32_be(NFTA_SET_DATA_LEN, 0);
+    b.w.put_str(NFTA_SET_NAME, h.name);
+    b.w.put_u32_be(NFTA_SET_FLAGS, h.flags);
+    b.w.put_u32_be(NFTA_SET_KEY_TYPE, h.key.0);
+    b.w.put_u32_be(NFTA_SET_KEY_LEN, h.key.1);
+    if let Some((data_type, data_len)) = h.data {
+        b.w.put_u32_be(NFTA_SET_DATA_TYPE, data_type);
+        b.w.put_u32_be(NFTA_SET_DATA_LEN, data_len);
+    }
     b.w.put_u32_be(NFTA_SET_ID, id);
     let mut ud = Vec::with_capacity(24);
-    udata_u32(&mut ud, NFTNL_UDATA_SET_KEYBYTEORDER, BYTEORDER_HOST_ENDIAN);
-    udata_u32(&mut ud, NFTNL_UDATA_SET_DATABYTEORDER, BYTEORDER_INVALID);
-    udata_u32(&mut ud, NFTNL_UDATA_SET_DATA_INTERVAL, 0);
-    if let Some(c) = &map.comment {
+    for (t, v) in h.udata {
+        udata_u32(&mut ud, *t, *v);
+    }
+    if let Some(c) = h.comment {
         udata_comment(&mut ud, NFTNL_UDATA_SET_COMMENT, c);
     }
     b.w.put(NFTA_SET_USERDATA, &ud);

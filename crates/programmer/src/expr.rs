@@ -159,101 +159,6 @@ impl Expr<'_> {
         }
     }
 
-    /// The same expression, owning its strings.
-    #[cfg(test)]
-    pub fn into_owned(self) -> Expr<'static> {
-        let own = |s: Cow<'_, str>| Cow::Owned(s.into_owned());
-        match self {
-            Expr::MetaLoad { key, dreg } => Expr::MetaLoad { key, dreg },
-            Expr::MetaSet { key, sreg } => Expr::MetaSet { key, sreg },
-            Expr::CtLoad {
-                key,
-                dreg,
-                direction,
-            } => Expr::CtLoad {
-                key,
-                dreg,
-                direction,
-            },
-            Expr::Cmp { sreg, op, data } => Expr::Cmp { sreg, op, data },
-            Expr::Bitwise {
-                sreg,
-                dreg,
-                op,
-                len,
-                mask,
-                xor,
-            } => Expr::Bitwise {
-                sreg,
-                dreg,
-                op,
-                len,
-                mask,
-                xor,
-            },
-            Expr::Payload {
-                dreg,
-                base,
-                offset,
-                len,
-            } => Expr::Payload {
-                dreg,
-                base,
-                offset,
-                len,
-            },
-            Expr::Lookup {
-                sreg,
-                dreg,
-                set,
-                set_id,
-                flags,
-            } => Expr::Lookup {
-                sreg,
-                dreg,
-                set: own(set),
-                set_id,
-                flags,
-            },
-            Expr::Range { sreg, op, from, to } => Expr::Range { sreg, op, from, to },
-            Expr::Counter { packets, bytes } => Expr::Counter { packets, bytes },
-            Expr::Log {
-                prefix,
-                group,
-                snaplen,
-                qthreshold,
-                level,
-                flags,
-            } => Expr::Log {
-                prefix: prefix.map(own),
-                group,
-                snaplen,
-                qthreshold,
-                level,
-                flags,
-            },
-            Expr::Limit {
-                rate,
-                unit,
-                burst,
-                kind,
-                flags,
-            } => Expr::Limit {
-                rate,
-                unit,
-                burst,
-                kind,
-                flags,
-            },
-            Expr::Verdict { code, chain } => Expr::Verdict {
-                code,
-                chain: chain.map(own),
-            },
-            Expr::Immediate { dreg, data } => Expr::Immediate { dreg, data },
-            Expr::Unknown(n) => Expr::Unknown(own(n)),
-        }
-    }
-
     /// Appends the expression as one `NFTA_LIST_ELEM` of a rule's
     /// `NFTA_RULE_EXPRESSIONS`, attributes in libnftnl's order.
     pub fn write(&self, w: &mut Writer) {
@@ -793,29 +698,29 @@ mod tests {
     fn lower_write_parse(family: TableFamily, rule: &Rule) -> Vec<Expr<'static>> {
         let mut exprs = Vec::new();
         rule_exprs(family, rule, &|_| None, &String::new, &mut |e| {
-            exprs.push(e.into_owned())
+            exprs.push(write_parse(&e))
         })
         .expect("a canonical rule encodes");
         exprs
-            .into_iter()
-            .map(|e| {
-                let mut w = Writer::default();
-                e.write(&mut w);
-                let (_, elem) = AttrIter::new(&w.buf).next().unwrap();
-                let mut name = String::new();
-                let mut data: &[u8] = &[];
-                for (k, v) in AttrIter::new(elem) {
-                    match k {
-                        NFTA_EXPR_NAME => name = c_str(v),
-                        NFTA_EXPR_DATA => data = v,
-                        _ => {}
-                    }
-                }
-                let parsed = Expr::parse(&name, data);
-                assert_eq!(parsed, e, "expression does not parse back from its bytes");
-                parsed
-            })
-            .collect()
+    }
+
+    /// `e` written, then parsed back (which must give `e`).
+    fn write_parse(e: &Expr<'_>) -> Expr<'static> {
+        let mut w = Writer::default();
+        e.write(&mut w);
+        let (_, elem) = AttrIter::new(&w.buf).next().unwrap();
+        let mut name = String::new();
+        let mut data: &[u8] = &[];
+        for (k, v) in AttrIter::new(elem) {
+            match k {
+                NFTA_EXPR_NAME => name = c_str(v),
+                NFTA_EXPR_DATA => data = v,
+                _ => {}
+            }
+        }
+        let parsed = Expr::parse(&name, data);
+        assert_eq!(&parsed, e, "expression does not parse back from its bytes");
+        parsed
     }
 
     #[test]
@@ -847,11 +752,7 @@ mod tests {
             },
         ];
         for e in samples {
-            let mut w = Writer::default();
-            e.write(&mut w);
-            let (_, elem) = AttrIter::new(&w.buf).next().unwrap();
-            let attrs: Vec<_> = AttrIter::new(elem).collect();
-            assert_eq!(Expr::parse(&c_str(attrs[0].1), attrs[1].1), e);
+            write_parse(&e);
         }
     }
 

@@ -5,15 +5,7 @@ mod common;
 
 use common::*;
 use compiler::nft::*;
-use programmer::{Error, NftProgrammer};
-use testkit::netns::nft_available;
-
-fn snapshot(p: &mut NftProgrammer) -> (Option<Table>, Option<Table>) {
-    (
-        p.read_back(TableFamily::Ip, TABLE_NAME).unwrap(),
-        p.read_back(TableFamily::Ip6, TABLE_NAME).unwrap(),
-    )
-}
+use programmer::Error;
 
 fn table(rs: &Ruleset, family: TableFamily) -> Option<Table> {
     rs.tables.iter().find(|t| t.family == family).cloned()
@@ -21,13 +13,10 @@ fn table(rs: &Ruleset, family: TableFamily) -> Option<Table> {
 
 #[test]
 fn rebuild_repairs_tampering_that_makes_every_diff_fail() {
-    if !nft_available() {
-        eprintln!("skipping: the nft binary (used to tamper) is not installed");
+    if !nft_for("used to tamper") {
         return;
     }
-    let (ns, mut p) = setup("rebuild-tamper");
-    let rs = sample_ruleset();
-    p.apply(&rs).unwrap();
+    let (ns, mut p, rs) = setup_sample("rebuild-tamper");
 
     // Someone deletes an element behind our back...
     ns.nft(&[
@@ -99,17 +88,11 @@ fn rebuild_creates_our_tables_when_none_exist() {
 
 #[test]
 fn a_rejected_rebuild_leaves_the_old_tables_in_force() {
-    let (_ns, mut p) = setup("rebuild-atomic");
-    let good = sample_ruleset();
-    p.apply(&good).unwrap();
+    let (_ns, mut p, good) = setup_sample("rebuild-atomic");
     let before = snapshot(&mut p);
 
     let mut bad = good.clone();
-    let t = bad
-        .tables
-        .iter_mut()
-        .find(|t| t.family == TableFamily::Ip6)
-        .unwrap();
+    let t = table_mut(&mut bad, TableFamily::Ip6);
     t.chains.insert(
         "cali-broken".into(),
         chain(

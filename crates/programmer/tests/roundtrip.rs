@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use compiler::nft::{TableFamily, TABLE_NAME};
-use testkit::netns::{nft_available, Netns};
+use testkit::netns::Netns;
 
 fn assert_tables_eq(got: &compiler::nft::Table, want: &compiler::nft::Table) {
     assert_eq!(got.sets, want.sets, "sets of {:?}", want.family);
@@ -49,13 +49,10 @@ fn apply_then_read_back_equals_desired() {
 
 #[test]
 fn nft_lists_our_ruleset_exactly_as_its_own() {
-    if !nft_available() {
-        eprintln!("skipping: the nft binary (the oracle) is not installed");
+    if !nft_for("the oracle") {
         return;
     }
-    let (ns, mut p) = setup("rt-nft");
-    let rs = sample_ruleset();
-    p.apply(&rs).unwrap();
+    let (ns, _p, rs) = setup_sample("rt-nft");
     let ours = ns.nft(&["list", "ruleset"]).unwrap();
 
     let reference = Netns::create("rt-ref").unwrap();
@@ -118,8 +115,7 @@ fn read_back_of_a_missing_table_is_none() {
 #[test]
 fn ruleset_written_by_nft_reads_back_as_the_ir() {
     // The decoder against nft's encoding (not just ours).
-    if !nft_available() {
-        eprintln!("skipping: the nft binary (the oracle) is not installed");
+    if !nft_for("the oracle") {
         return;
     }
     let (ns, mut p) = setup("rt-fromnft");

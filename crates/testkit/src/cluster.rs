@@ -17,6 +17,32 @@ use model::convert::kube_to_calico;
 use model::kube::{parse_manifests, Manifest};
 use model::state::ClusterState;
 
+/// A Pod manifest (a `---` document) in namespace `ns` on `node`, its
+/// first address as `podIP` and all in `podIPs`; `labels` and `ports` are
+/// YAML flow items (`app: web`, `{containerPort: 80}`).
+pub fn pod(ns: &str, name: &str, node: &str, ips: &[&str], labels: &str, ports: &str) -> String {
+    let ip_list: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c, ports: [{ports}]}}]}}\nstatus: {{podIP: \"{}\", podIPs: [{}]}}\n",
+        ips[0],
+        ip_list.join(", ")
+    )
+}
+
+/// Namespace `default`.
+pub const DEFAULT_NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n";
+
+/// The seed cluster of the compiler's and the iptables backend's tests:
+/// web (node1, 198.18.128.1) under `web-deny-all`, client (node2,
+/// 198.18.128.2), both serving port 80, in namespace `default`.
+pub fn web_deny_all() -> String {
+    format!(
+        "{DEFAULT_NAMESPACE}{}{}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web-deny-all, namespace: default}}\nspec: {{podSelector: {{matchLabels: {{app: web}}}}, ingress: []}}\n",
+        pod("default", "web", "node1", &["198.18.128.1"], "app: web", "{containerPort: 80}"),
+        pod("default", "client", "node2", &["198.18.128.2"], "app: client", "{containerPort: 80}"),
+    )
+}
+
 /// The cluster state `yaml` (Kubernetes and/or Calico manifests) stands
 /// for, as the policy controller would store it; panics on anything it
 /// cannot read (a test's own input).

@@ -16,6 +16,40 @@ pub fn setup(tag: &str) -> (Netns, NftProgrammer) {
     (ns, p)
 }
 
+/// Whether the `nft` binary is there for what the test uses it for
+/// (`role`); says so on stderr when it is not.
+pub fn nft_for(role: &str) -> bool {
+    let ok = testkit::netns::nft_available();
+    if !ok {
+        eprintln!("skipping: the nft binary ({role}) is not installed");
+    }
+    ok
+}
+
+/// [`setup`], with [`sample_ruleset`] applied; returns it.
+pub fn setup_sample(tag: &str) -> (Netns, NftProgrammer, Ruleset) {
+    let (ns, mut p) = setup(tag);
+    let rs = sample_ruleset();
+    p.apply(&rs).unwrap();
+    (ns, p, rs)
+}
+
+/// Both of our tables as the kernel holds them.
+pub fn snapshot(p: &mut NftProgrammer) -> (Option<Table>, Option<Table>) {
+    (
+        p.read_back(TableFamily::Ip, TABLE_NAME).unwrap(),
+        p.read_back(TableFamily::Ip6, TABLE_NAME).unwrap(),
+    )
+}
+
+/// The `family` table of `rs`.
+pub fn table_mut(rs: &mut Ruleset, family: TableFamily) -> &mut Table {
+    rs.tables
+        .iter_mut()
+        .find(|t| t.family == family)
+        .expect("the ruleset has a table of that family")
+}
+
 pub fn net(s: &str) -> ipnet::IpNet {
     s.parse().unwrap()
 }
