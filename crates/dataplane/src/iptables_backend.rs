@@ -6,7 +6,7 @@ use compiler::render_iptables::to_iptables;
 use iptables::IptablesProgrammer;
 use tracing::info;
 
-use crate::{Dataplane, Desired, Error, Kind, Stats};
+use crate::{Dataplane, Desired, Error, Kind, Op, Stats};
 
 /// iptables-restore + ipset restore, felix-style: only changed chains are
 /// rewritten and set members are changed in place. Every apply renders the
@@ -37,14 +37,14 @@ impl Dataplane for IptablesDataplane {
         self.programmer
             .apply(&to_iptables(desired.logical))
             .map(|_| ())
-            .map_err(|e| Error::ProgramIptables(Box::new(e)))
+            .map_err(Error::iptables(Op::Program))
     }
 
     fn has_drift(&mut self, desired: &Desired<'_>) -> Result<bool, Error> {
         let report = self
             .programmer
             .drift(&to_iptables(desired.logical))
-            .map_err(|e| Error::ReadIptables(Box::new(e)))?;
+            .map_err(Error::iptables(Op::ReadBack))?;
         Ok(!report.is_noop())
     }
 
@@ -93,7 +93,8 @@ pub fn remove_iptables_state(backend: iptables::Backend) -> Result<(), Error> {
     let report = match ipt.remove_all() {
         Ok(report) => report,
         Err(source) if backend == iptables::Backend::Legacy && !has_cap_net_raw() => {
-            return Err(Error::RemoveIptables {
+            return Err(Error::Iptables {
+                op: Op::Remove,
                 hint: Some(format!(
                     "this network namespace has a legacy iptables filter table, and reading \
                      it ({tool}) needs CAP_NET_RAW, which this process lacks; grant \
@@ -103,12 +104,7 @@ pub fn remove_iptables_state(backend: iptables::Backend) -> Result<(), Error> {
                 source: Box::new(source),
             });
         }
-        Err(source) => {
-            return Err(Error::RemoveIptables {
-                hint: None,
-                source: Box::new(source),
-            })
-        }
+        Err(source) => return Err(Error::iptables(Op::Remove)(source)),
     };
     if !report.chains_deleted.is_empty() || !report.sets_destroyed.is_empty() {
         info!(
@@ -154,11 +150,7 @@ fn remove_our_ipsets(ipset: &str) -> Result<(), Error> {
         .output()
         .map_err(|e| Error::RemoveIpsets(format!("running {ipset} list -n: {e}")))?;
     if !listed.status.success() {
-        return Err(Error::RemoveIpsets(format!(
-            "{ipset} list -n ({}): {}",
-            listed.status,
-            String::from_utf8_lossy(&listed.stderr).trim()
-        )));
+        return Err(failed(&format!("{ipset} list -n"), &listed));
     }
     let ours: Vec<String> = String::from_utf8_lossy(&listed.stdout)
         .lines()
@@ -187,14 +179,19 @@ fn remove_our_ipsets(ipset: &str) -> Result<(), Error> {
         .wait_with_output()
         .map_err(|e| Error::RemoveIpsets(format!("waiting for {ipset} restore: {e}")))?;
     if !out.status.success() {
-        return Err(Error::RemoveIpsets(format!(
-            "{ipset} restore ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(failed(&format!("{ipset} restore"), &out));
     }
     info!(sets = ours.len(), "iptables backend ipsets removed");
     Ok(())
+}
+
+/// `command` ran and failed: its status and what it said.
+fn failed(command: &str, out: &std::process::Output) -> Error {
+    Error::RemoveIpsets(format!(
+        "{command} ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
 }
 
 /// Whether CAP_NET_RAW (13) is in this process's effective set.

@@ -104,22 +104,15 @@ pub struct Stats {
 pub enum Error {
     #[error("compiling the ruleset")]
     Compile(#[from] compiler::CompileError),
-    #[error("opening the nf_tables netlink socket")]
-    OpenNftables(#[source] programmer::Error),
-    #[error("reading our tables back from the kernel")]
-    ReadNftables(#[source] programmer::Error),
-    #[error("programming nftables")]
-    ProgramNftables(#[source] programmer::Error),
-    #[error("rebuilding our nftables tables")]
-    RebuildNftables(#[source] programmer::Error),
-    #[error("removing the nftables backend's tables")]
-    RemoveNftables(#[source] programmer::Error),
-    #[error("programming iptables")]
-    ProgramIptables(#[source] Box<iptables::Error>),
-    #[error("reading the iptables backend's state back from the kernel")]
-    ReadIptables(#[source] Box<iptables::Error>),
-    #[error("removing the iptables backend's chains and sets{}", hint.as_deref().map(|h| format!(": {h}")).unwrap_or_default())]
-    RemoveIptables {
+    #[error("{op} nftables")]
+    Nftables {
+        op: Op,
+        #[source]
+        source: programmer::Error,
+    },
+    #[error("{op} iptables{}", hint.as_deref().map(|h| format!(": {h}")).unwrap_or_default())]
+    Iptables {
+        op: Op,
         /// What to do about it, when we know (a missing capability).
         hint: Option<String>,
         #[source]
@@ -130,6 +123,42 @@ pub enum Error {
     /// A [`Dataplane`] implemented elsewhere (the benchmark's `nft -f`).
     #[error("the dataplane backend failed")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What a backend was doing when it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Open,
+    ReadBack,
+    Program,
+    Rebuild,
+    Remove,
+}
+
+impl Error {
+    pub(crate) fn nftables(op: Op) -> impl FnOnce(programmer::Error) -> Error {
+        move |source| Error::Nftables { op, source }
+    }
+
+    pub(crate) fn iptables(op: Op) -> impl FnOnce(iptables::Error) -> Error {
+        move |source| Error::Iptables {
+            op,
+            hint: None,
+            source: Box::new(source),
+        }
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Open => "opening",
+            Op::ReadBack => "reading back the state of",
+            Op::Program => "programming",
+            Op::Rebuild => "rebuilding the state of",
+            Op::Remove => "removing the state of",
+        })
+    }
 }
 
 /// One backend: the kernel side of a node's dataplane.

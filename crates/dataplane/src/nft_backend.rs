@@ -3,7 +3,7 @@
 use programmer::NftProgrammer;
 use tracing::{info, warn};
 
-use crate::{Change, Dataplane, Desired, Error, Kind, Stats};
+use crate::{Change, Dataplane, Desired, Error, Kind, Op, Stats};
 
 /// nftables over netlink: every apply is one atomic transaction; element
 /// deltas and patches are sent as they are, anything else is diffed
@@ -20,9 +20,9 @@ pub struct NftDataplane {
 impl NftDataplane {
     /// Opens the netlink socket and adopts what the kernel holds of ours.
     pub fn open(iptables_tools: iptables::Backend) -> Result<NftDataplane, Error> {
-        let mut programmer = NftProgrammer::new().map_err(Error::OpenNftables)?;
-        programmer.adopt().map_err(Error::ReadNftables)?;
-        let port = programmer.port_id().map_err(Error::OpenNftables)?;
+        let mut programmer = NftProgrammer::new().map_err(Error::nftables(Op::Open))?;
+        programmer.adopt().map_err(Error::nftables(Op::ReadBack))?;
+        let port = programmer.port_id().map_err(Error::nftables(Op::Open))?;
         Ok(NftDataplane {
             programmer,
             iptables_tools,
@@ -62,16 +62,20 @@ impl Dataplane for NftDataplane {
         self.stats.nft_transactions += 1;
         self.program(desired).map_err(|e| {
             self.stats.nft_errors += 1;
-            Error::ProgramNftables(e)
+            Error::nftables(Op::Program)(e)
         })
     }
 
     fn has_drift(&mut self, _desired: &Desired<'_>) -> Result<bool, Error> {
-        self.programmer.has_drift().map_err(Error::ReadNftables)
+        self.programmer
+            .has_drift()
+            .map_err(Error::nftables(Op::ReadBack))
     }
 
     fn invalidate(&mut self) -> Result<(), Error> {
-        self.programmer.adopt().map_err(Error::ReadNftables)
+        self.programmer
+            .adopt()
+            .map_err(Error::nftables(Op::ReadBack))
     }
 
     fn rebuild(&mut self, desired: &Desired<'_>) -> Result<bool, Error> {
@@ -79,7 +83,7 @@ impl Dataplane for NftDataplane {
         let report = self
             .programmer
             .rebuild(desired.ruleset)
-            .map_err(Error::RebuildNftables)?;
+            .map_err(Error::nftables(Op::Rebuild))?;
         info!(
             messages = report.messages,
             ms = report.kernel_time.as_millis() as u64,
@@ -105,7 +109,7 @@ impl Dataplane for NftDataplane {
 /// backend leaves behind of an earlier nftables run.
 pub fn remove_nftables_state() -> Result<(), Error> {
     NftProgrammer::new()
-        .map_err(Error::OpenNftables)?
+        .map_err(Error::nftables(Op::Open))?
         .remove_all()
-        .map_err(Error::RemoveNftables)
+        .map_err(Error::nftables(Op::Remove))
 }

@@ -578,16 +578,7 @@ pub fn rule(reply: &Reply) -> Result<KRule, Error> {
             NFTA_RULE_HANDLE => r.handle = be_u64(v).unwrap_or(0),
             NFTA_RULE_EXPRESSIONS => {
                 for (_, e) in AttrIter::new(v) {
-                    let mut name = String::new();
-                    let mut data: &[u8] = &[];
-                    for (k, x) in AttrIter::new(e) {
-                        match k {
-                            NFTA_EXPR_NAME => name = c_str(x),
-                            NFTA_EXPR_DATA => data = x,
-                            _ => {}
-                        }
-                    }
-                    r.exprs.push(Expr::parse(&name, data));
+                    r.exprs.push(Expr::parse_elem(e));
                 }
             }
             NFTA_RULE_USERDATA => r.comment = udata_comment(v, NFTNL_UDATA_RULE_COMMENT),

@@ -135,65 +135,51 @@ pub fn new_chain(
 }
 
 pub fn del_chain(b: &mut Batch, family: TableFamily, table: &str, chain: &str) {
-    b.begin(
-        NFT_MSG_DELCHAIN,
-        0,
+    let subject = Subject::Chain {
         family,
-        Subject::Chain {
-            family,
-            chain: chain.to_owned(),
-        },
+        chain: chain.to_owned(),
+    };
+    by_name(
+        b,
+        NFT_MSG_DELCHAIN,
+        family,
+        subject,
+        [(NFTA_CHAIN_TABLE, table), (NFTA_CHAIN_NAME, chain)],
     );
-    b.w.put_str(NFTA_CHAIN_TABLE, table);
-    b.w.put_str(NFTA_CHAIN_NAME, chain);
-    b.end();
 }
 
 /// `DELRULE` naming only the chain: deletes all its rules (`flush chain`).
 pub fn flush_chain(b: &mut Batch, family: TableFamily, table: &str, chain: &str) {
-    b.begin(
-        NFT_MSG_DELRULE,
-        0,
+    let subject = Subject::Chain {
         family,
-        Subject::Chain {
-            family,
-            chain: chain.to_owned(),
-        },
+        chain: chain.to_owned(),
+    };
+    by_name(
+        b,
+        NFT_MSG_DELRULE,
+        family,
+        subject,
+        [(NFTA_RULE_TABLE, table), (NFTA_RULE_CHAIN, chain)],
     );
-    b.w.put_str(NFTA_RULE_TABLE, table);
-    b.w.put_str(NFTA_RULE_CHAIN, chain);
+}
+
+/// A message that names its object and nothing else (a deletion).
+fn by_name(b: &mut Batch, t: u8, family: TableFamily, subject: Subject, names: [(u16, &str); 2]) {
+    b.begin(t, 0, family, subject);
+    for (attr, name) in names {
+        b.w.put_str(attr, name);
+    }
     b.end();
 }
 
 // ---------------------------------------------------------------------------
 // Rules
 
-/// Appends one rule (`NEWRULE`, `NLM_F_CREATE | NLM_F_APPEND`).
+/// Appends one rule, #`index` of its chain (`NEWRULE`, `NLM_F_CREATE |
+/// NLM_F_APPEND`); with `nftrace`, followed by `meta nftrace set 1` (for
+/// `nftpolicy explain --kernel`; not an IR statement, as it never belongs in
+/// a compiled ruleset).
 pub fn new_rule(
-    b: &mut Batch,
-    family: TableFamily,
-    table: &str,
-    chain: &str,
-    index: usize,
-    rule: &Rule,
-) -> Result<(), Error> {
-    new_rule_with(b, family, table, chain, index, rule, false)
-}
-
-/// Appends `rule` followed by `meta nftrace set 1` (for `nftpolicy explain
-/// --kernel`; not an IR statement, as it never belongs in a compiled
-/// ruleset).
-pub fn new_trace_rule(
-    b: &mut Batch,
-    family: TableFamily,
-    table: &str,
-    chain: &str,
-    rule: &Rule,
-) -> Result<(), Error> {
-    new_rule_with(b, family, table, chain, 0, rule, true)
-}
-
-fn new_rule_with(
     b: &mut Batch,
     family: TableFamily,
     table: &str,
@@ -838,18 +824,17 @@ fn new_set_message(
 }
 
 pub fn del_set(b: &mut Batch, family: TableFamily, table: &str, set: &str) {
-    b.begin(
-        NFT_MSG_DELSET,
-        0,
+    let subject = Subject::Set {
         family,
-        Subject::Set {
-            family,
-            set: set.to_owned(),
-        },
+        set: set.to_owned(),
+    };
+    by_name(
+        b,
+        NFT_MSG_DELSET,
+        family,
+        subject,
+        [(NFTA_SET_TABLE, table), (NFTA_SET_NAME, set)],
     );
-    b.w.put_str(NFTA_SET_TABLE, table);
-    b.w.put_str(NFTA_SET_NAME, set);
-    b.end();
 }
 
 // ---------------------------------------------------------------------------

@@ -305,6 +305,20 @@ impl Expr<'_> {
         w.nest_end(elem);
     }
 
+    /// Parses one `NFTA_LIST_ELEM` of a rule's `NFTA_RULE_EXPRESSIONS`.
+    pub fn parse_elem(elem: &[u8]) -> Expr<'static> {
+        let mut name = String::new();
+        let mut data: &[u8] = &[];
+        for (k, v) in AttrIter::new(elem) {
+            match k {
+                NFTA_EXPR_NAME => name = c_str(v),
+                NFTA_EXPR_DATA => data = v,
+                _ => {}
+            }
+        }
+        Expr::parse(&name, data)
+    }
+
     /// Parses the `NFTA_EXPR_DATA` of an expression named `name`. What is
     /// not one of the shapes above (a payload write, a bitwise shift, a
     /// value longer than 16 bytes) becomes [`Expr::Unknown`].
@@ -709,16 +723,7 @@ mod tests {
         let mut w = Writer::default();
         e.write(&mut w);
         let (_, elem) = AttrIter::new(&w.buf).next().unwrap();
-        let mut name = String::new();
-        let mut data: &[u8] = &[];
-        for (k, v) in AttrIter::new(elem) {
-            match k {
-                NFTA_EXPR_NAME => name = c_str(v),
-                NFTA_EXPR_DATA => data = v,
-                _ => {}
-            }
-        }
-        let parsed = Expr::parse(&name, data);
+        let parsed = Expr::parse_elem(elem);
         assert_eq!(&parsed, e, "expression does not parse back from its bytes");
         parsed
     }

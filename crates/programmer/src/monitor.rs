@@ -27,15 +27,10 @@ use crate::nla::{be_u32, c_str, AttrIter};
 /// chain, rule, set, element list, object, flowtable).
 const NFTA_ANY_TABLE: u16 = 1;
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("failed to subscribe to nf_tables notifications")]
-    Subscribe(#[source] netlink::Error),
-    #[error("failed to receive nf_tables notifications")]
-    Receive(#[source] netlink::Error),
-    #[error("malformed nf_tables notification: {0}")]
-    Malformed(String),
-}
+/// The monitor's errors are its socket's: subscribing
+/// ([`Error::Subscribe`]), receiving ([`Error::Receive`]) and a malformed
+/// notification ([`Error::MalformedReply`]).
+pub use crate::netlink::Error;
 
 /// What kind of object a notification concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +142,7 @@ impl Monitor {
     /// seen.
     pub fn open() -> Result<Monitor, Error> {
         Ok(Monitor {
-            sock: Socket::subscribe(NFNLGRP_NFTABLES).map_err(Error::Subscribe)?,
+            sock: Socket::subscribe(NFNLGRP_NFTABLES)?,
             pending: None,
         })
     }
@@ -164,13 +159,13 @@ impl Monitor {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if !self.sock.wait_readable(left).map_err(Error::Receive)? {
+            if !self.sock.wait_readable(left)? {
                 // A transaction whose NEWGEN we have not seen yet (it is
                 // sent right after its objects, so this is rare): report
                 // what we have rather than sit on it.
                 return Ok(self.pending.take().and_then(non_empty));
             }
-            let n = match self.sock.receive().map_err(Error::Receive)? {
+            let n = match self.sock.receive()? {
                 Received::Overrun => {
                     debug!("nf_tables notifications lost (ENOBUFS)");
                     self.pending = None;
@@ -181,7 +176,7 @@ impl Monitor {
             };
             let mut done = None;
             for msg in self.sock.messages(n) {
-                let msg = msg.map_err(Error::Malformed)?;
+                let msg = msg.map_err(Error::MalformedReply)?;
                 if let Some(t) = take_message(&mut self.pending, &msg, ignore_port) {
                     // Several transactions in one datagram: report the
                     // first; the caller re-reads the kernel anyway.

@@ -13,16 +13,15 @@ use crate::nla::{be_u32, c_str, AttrIter, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NflogError {
-    #[error("failed to open an NFLOG socket")]
-    Open(#[source] netlink::Error),
+    /// Opening the socket or receiving from it.
+    #[error(transparent)]
+    Socket(#[from] netlink::Error),
     #[error("failed to bind NFLOG group {group}")]
     Bind {
         group: u16,
         #[source]
         source: netlink::Error,
     },
-    #[error("failed to receive NFLOG records")]
-    Receive(#[source] netlink::Error),
 }
 
 /// One logged packet.
@@ -71,7 +70,7 @@ impl NflogListener {
     /// `copy_bytes` of each packet.
     pub fn bind(group: u16, copy_bytes: u32) -> Result<NflogListener, NflogError> {
         let mut l = NflogListener {
-            sock: Socket::open().map_err(NflogError::Open)?,
+            sock: Socket::open()?,
             group,
         };
         let bind_err = |source| NflogError::Bind { group, source };
@@ -108,10 +107,10 @@ impl NflogListener {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if !self.sock.wait_readable(left).map_err(NflogError::Receive)? {
+            if !self.sock.wait_readable(left)? {
                 return Ok(vec![]);
             }
-            let n = match self.sock.receive().map_err(NflogError::Receive)? {
+            let n = match self.sock.receive()? {
                 Received::Datagram(n) => n,
                 // Overrun: records were lost; later ones still arrive.
                 Received::Overrun | Received::Empty => continue,

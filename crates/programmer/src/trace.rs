@@ -33,12 +33,10 @@ pub const TRACE_PRIORITY: i32 = -300;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("failed to subscribe to nftables trace events")]
-    Subscribe(#[source] netlink::Error),
-    #[error("failed to receive trace events")]
-    Receive(#[source] netlink::Error),
-    #[error("failed to open the nf_tables socket")]
-    Netlink(#[source] netlink::Error),
+    /// Subscribing to trace events, receiving them, or opening the socket
+    /// that installs the trace rule.
+    #[error(transparent)]
+    Socket(#[from] netlink::Error),
     #[error("failed to change the trace table {TRACE_TABLE}")]
     Commit(#[source] crate::Error),
     #[error("invalid trace rule")]
@@ -184,8 +182,8 @@ impl TraceSession {
     /// Subscribes to trace events, then installs the marking rule (in this
     /// order, so that no event of a marked packet is missed).
     pub fn start(filter: TraceFilter) -> Result<TraceSession, TraceError> {
-        let events = Socket::subscribe(NFNLGRP_NFTRACE).map_err(TraceError::Subscribe)?;
-        let nft = Socket::open().map_err(TraceError::Netlink)?;
+        let events = Socket::subscribe(NFNLGRP_NFTRACE)?;
+        let nft = Socket::open()?;
         let mut s = TraceSession {
             events,
             nft,
@@ -215,8 +213,16 @@ impl TraceSession {
             },
         )
         .map_err(TraceError::Encode)?;
-        crate::encode::new_trace_rule(&mut b, family, TRACE_TABLE, TRACE_CHAIN, &filter.rule())
-            .map_err(TraceError::Encode)?;
+        crate::encode::new_rule(
+            &mut b,
+            family,
+            TRACE_TABLE,
+            TRACE_CHAIN,
+            0,
+            &filter.rule(),
+            true,
+        )
+        .map_err(TraceError::Encode)?;
         s.installed = true; // from here on, drop tries to remove it
         s.send(b)?;
         Ok(s)
@@ -246,15 +252,11 @@ impl TraceSession {
     /// (possibly none).
     pub fn next_events(&mut self, timeout: Duration) -> Result<Vec<TraceEvent>, TraceError> {
         let mut out = Vec::new();
-        if !self
-            .events
-            .wait_readable(timeout)
-            .map_err(TraceError::Receive)?
-        {
+        if !self.events.wait_readable(timeout)? {
             return Ok(out);
         }
         loop {
-            match self.events.receive().map_err(TraceError::Receive)? {
+            match self.events.receive()? {
                 Received::Empty => break,
                 // Overrun: events were lost; the walk of that packet is
                 // incomplete, but later packets still trace.

@@ -5,29 +5,13 @@
 //! the desired ruleset.
 
 mod common;
+use common::canonical;
 
 use std::path::Path;
 
-use compiler::nft::{Ruleset, SetElement, TableFamily, TABLE_NAME};
+use compiler::nft::{TableFamily, TABLE_NAME};
 use compiler::{compile_nftables, CompileOptions};
 use model::scenario::{Scenario, NODES};
-
-/// The desired ruleset in read-back form (sorted, de-duplicated elements).
-fn canonical(rs: &Ruleset) -> Ruleset {
-    let mut rs = rs.clone();
-    for t in &mut rs.tables {
-        for s in t.sets.values_mut() {
-            for e in &mut s.elements {
-                if let SetElement::Net(n) = e {
-                    *n = n.trunc();
-                }
-            }
-            s.elements.sort();
-            s.elements.dedup();
-        }
-    }
-    rs
-}
 
 #[test]
 fn every_scenario_step_applies_and_reads_back() {

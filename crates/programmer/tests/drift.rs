@@ -54,17 +54,7 @@ fn foreign_changes_are_drift_and_the_next_apply_repairs_them() {
     );
 
     // Someone deletes an element.
-    ns.nft(&[
-        "delete",
-        "element",
-        "ip",
-        TABLE_NAME,
-        "addrs",
-        "{",
-        "198.19.1.0/24",
-        "}",
-    ])
-    .unwrap();
+    delete_an_element(&ns);
     assert!(p.has_drift().unwrap());
     p.adopt().unwrap();
     let r = p.apply(&rs).unwrap();

@@ -19,17 +19,7 @@ fn rebuild_repairs_tampering_that_makes_every_diff_fail() {
     let (ns, mut p, rs) = setup_sample("rebuild-tamper");
 
     // Someone deletes an element behind our back...
-    ns.nft(&[
-        "delete",
-        "element",
-        "ip",
-        TABLE_NAME,
-        "addrs",
-        "{",
-        "198.19.1.0/24",
-        "}",
-    ])
-    .unwrap();
+    delete_an_element(&ns);
     // ...and the next desired state deletes it too: the diff carries a
     // DELSETELEM of an element that is gone, which the kernel rejects.
     let mut desired = rs.clone();

@@ -8,6 +8,12 @@ use common::*;
 use compiler::nft::{TableFamily, TABLE_NAME};
 use testkit::netns::Netns;
 
+fn read_back(p: &mut programmer::NftProgrammer, family: TableFamily) -> compiler::nft::Table {
+    p.read_back(family, TABLE_NAME)
+        .unwrap()
+        .expect("table exists")
+}
+
 fn assert_tables_eq(got: &compiler::nft::Table, want: &compiler::nft::Table) {
     assert_eq!(got.sets, want.sets, "sets of {:?}", want.family);
     assert_eq!(got.maps, want.maps, "maps of {:?}", want.family);
@@ -34,11 +40,7 @@ fn apply_then_read_back_equals_desired() {
     assert_eq!(report.kinds.get("NEWCHAIN"), Some(&12));
     assert_eq!(report.kinds.get("NEWSET"), Some(&16));
     for t in &rs.tables {
-        let back = p
-            .read_back(t.family, TABLE_NAME)
-            .unwrap()
-            .expect("table exists");
-        assert_tables_eq(&back, t);
+        assert_tables_eq(&read_back(&mut p, t.family), t);
     }
     assert!(!p.has_drift().unwrap());
     // Nothing changed: nothing to send.
@@ -122,11 +124,7 @@ fn ruleset_written_by_nft_reads_back_as_the_ir() {
     let rs = sample_ruleset();
     ns.nft_script(&[], &render(&rs)).unwrap();
     for t in &rs.tables {
-        let back = p
-            .read_back(t.family, TABLE_NAME)
-            .unwrap()
-            .expect("table exists");
-        assert_tables_eq(&back, t);
+        assert_tables_eq(&read_back(&mut p, t.family), t);
     }
     // Adopting it means the same ruleset needs no change.
     p.adopt().unwrap();

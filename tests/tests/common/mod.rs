@@ -13,32 +13,12 @@ use lab::Lab;
 use model::scenario::{Probe, ResolvedProbe, Scenario, StepState};
 use programmer::NftProgrammer;
 
-/// A small cluster for the etcd tests: web (node1) denies all ingress,
-/// client (node2) is free.
-pub const WEB_DENY_ALL: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: default}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: default, labels: {app: web}}
-spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-status: {podIP: 198.18.1.10, podIPs: [{ip: 198.18.1.10}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: default, labels: {app: client}}
-spec: {nodeName: node2, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-status: {podIP: 198.18.1.11, podIPs: [{ip: 198.18.1.11}]}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-deny-all, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  ingress: []
-"#;
+/// A small cluster for the etcd tests (`manifests/web-deny-all.yaml`):
+/// web (node1) denies all ingress, client (node2) is free.
+pub fn web_deny_all() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/manifests/web-deny-all.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
 
 /// A fresh etcd holding `manifests`, written with `nftpolicy apply` from
 /// `cluster.yaml` in the returned directory.

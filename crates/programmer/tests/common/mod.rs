@@ -42,6 +42,27 @@ pub fn snapshot(p: &mut NftProgrammer) -> (Option<Table>, Option<Table>) {
     )
 }
 
+/// `rs` in read-back form (see `programmer::canonical`).
+pub fn canonical(rs: &Ruleset) -> Ruleset {
+    Ruleset {
+        tables: rs.tables.iter().map(programmer::canonical).collect(),
+    }
+}
+
+/// What someone else does behind our back: deletes an element of the
+/// sample ruleset's `ip` set `addrs` with `nft`.
+pub fn delete_an_element(ns: &Netns) {
+    ns.nft(&[
+        "delete",
+        "element",
+        "ip",
+        TABLE_NAME,
+        "addrs",
+        "{ 198.19.1.0/24 }",
+    ])
+    .unwrap();
+}
+
 /// The `family` table of `rs`.
 pub fn table_mut(rs: &mut Ruleset, family: TableFamily) -> &mut Table {
     rs.tables
