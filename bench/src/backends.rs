@@ -4,7 +4,7 @@
 //! mode are the agent's backends; `nft -f` is a [`dataplane::Dataplane`]
 //! written here, the way felix's and kube-proxy's nftables modes drive nft.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -233,6 +233,24 @@ pub fn diff_script(old: &Ruleset, new: &Ruleset) -> String {
     out
 }
 
+/// Copies into `block` what in `new` differs from `old` (to be re-added),
+/// calling `flush` first for each that exists already.
+fn changed_objects<T: Clone + PartialEq>(
+    old: &BTreeMap<String, T>,
+    new: &BTreeMap<String, T>,
+    block: &mut BTreeMap<String, T>,
+    mut flush: impl FnMut(&str),
+) {
+    for (name, obj) in new {
+        match old.get(name) {
+            Some(o) if o == obj => continue,
+            Some(_) => flush(name),
+            None => {}
+        }
+        block.insert(name.clone(), obj.clone());
+    }
+}
+
 fn diff_table(o: &Table, t: &Table, out: &mut String) {
     let fam = t.family.keyword();
     let name = &t.name;
@@ -244,30 +262,12 @@ fn diff_table(o: &Table, t: &Table, out: &mut String) {
         chains: Default::default(),
     };
     let mut adds = String::new();
-    for (cname, c) in &t.chains {
-        match o.chains.get(cname) {
-            Some(oc) if oc == c => {}
-            Some(_) => {
-                let _ = writeln!(out, "flush chain {fam} {name} {cname}");
-                block.chains.insert(cname.clone(), c.clone());
-            }
-            None => {
-                block.chains.insert(cname.clone(), c.clone());
-            }
-        }
-    }
-    for (mname, m) in &t.maps {
-        match o.maps.get(mname) {
-            Some(om) if om == m => {}
-            Some(_) => {
-                let _ = writeln!(out, "flush map {fam} {name} {mname}");
-                block.maps.insert(mname.clone(), m.clone());
-            }
-            None => {
-                block.maps.insert(mname.clone(), m.clone());
-            }
-        }
-    }
+    changed_objects(&o.chains, &t.chains, &mut block.chains, |c| {
+        let _ = writeln!(out, "flush chain {fam} {name} {c}");
+    });
+    changed_objects(&o.maps, &t.maps, &mut block.maps, |m| {
+        let _ = writeln!(out, "flush map {fam} {name} {m}");
+    });
     for (sname, s) in &t.sets {
         match o.sets.get(sname) {
             Some(os) if os.elements == s.elements => {}
