@@ -437,6 +437,9 @@ pub(crate) fn canonical_set(s: &mut compiler::nft::Set) {
 /// [`Error::Transaction`] naming the first failing object when it was
 /// rolled back, [`Error::StateUnknown`] when replies were lost.
 pub(crate) fn commit(sock: &mut netlink::Socket, tx: &mut Transaction) -> Result<bool, Error> {
+    // BATCH_END: without it the kernel would process nothing of the batch
+    // and report no error either.
+    tx.batch.finish();
     let offsets = tx.batch.offsets();
     match sock
         .send_batch(&mut tx.batch.w.buf, &offsets)

@@ -367,6 +367,27 @@ mod tests {
     use super::*;
     use crate::nla::Writer;
 
+    /// Installing and removing really change the kernel (a batch the kernel
+    /// silently ignores, one without BATCH_END say, would pass unnoticed
+    /// everywhere but in a real trace).
+    #[test]
+    fn a_session_installs_its_table_and_removes_it() {
+        let _ns = testkit::netns::Netns::enter("trace-table").expect("a test netns (needs root)");
+        let filter = TraceFilter {
+            src: "198.18.0.1".parse().unwrap(),
+            dst: "198.18.0.2".parse().unwrap(),
+            protocol: 6,
+            dst_port: Some(80),
+        };
+        let mut p = crate::NftProgrammer::new().unwrap();
+        let session = TraceSession::start(filter).unwrap();
+        let table = p.read_back(TableFamily::Ip, TRACE_TABLE).unwrap();
+        let chain = &table.expect("the trace table is installed").chains[TRACE_CHAIN];
+        assert_eq!(chain.rules.len(), 1, "{chain:?}");
+        session.stop().unwrap();
+        assert_eq!(p.read_back(TableFamily::Ip, TRACE_TABLE).unwrap(), None);
+    }
+
     #[test]
     fn decodes_a_rule_event_with_a_jump() {
         let mut w = Writer::default();
