@@ -17,7 +17,7 @@
 # The controller (`nftpolicy controller`) needs no capability and runs as
 # nobody (deploy/controller.yaml).
 #
-# crates/agent/tests/manifests.rs checks this file against the workspace: the
+# crates/agent/tests/manifests/ checks this file against the workspace: the
 # `cargo build` line builds the package and binary the tests exercise, every
 # workspace member is copied, and ENTRYPOINT/CMD name the binary and a real
 # subcommand.

@@ -6,8 +6,8 @@
 use bench::{generate, Scale, NODE_UNDER_TEST};
 use compiler::{compile_nftables, CompileOptions};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use programmer::testutil::Netns;
 use programmer::NftProgrammer;
+use testkit::netns::Netns;
 
 fn encode(c: &mut Criterion) {
     let _ns = match Netns::enter("encbench") {

@@ -2,9 +2,9 @@
 //! `cargo xtask soak`-like stream in-process (the soak cluster: 10
 //! namespaces × 5 policies, PODS pods, the first 100 on the node under
 //! test; then 40 % role flips, 30 % new pods, 30 % deletions) through what
-//! the agent's programmer thread does: `watcher::Cache` → the incremental
-//! compiler → `NftProgrammer` (in a private network namespace; root), one
-//! apply per BATCH changes. Every REPORT changes it prints the live heap
+//! the agent's programmer thread does — the same `dataplane::Node`: its
+//! `watcher::Cache`, the incremental compiler and the nftables backend (in a
+//! private network namespace; root), one apply per BATCH changes. Every REPORT changes it prints the live heap
 //! (a counting global allocator), the allocation count, VmRSS, and what
 //! glibc malloc holds in all its arenas and how much of that is free
 //! (`mallinfo2`): live heap flat while RSS grows is fragmentation.
@@ -16,13 +16,14 @@
 //! threads, programming on its own thread).
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use compiler::{CompileOptions, IncrementalCompiler, Outcome};
-use model::calico::{Resource, ResourceKey};
+use compiler::CompileOptions;
+use dataplane::{Dataplane, Kind, Node, Pipeline};
+use model::calico::Resource;
 use model::kube::Manifest;
 use rand::{Rng, SeedableRng};
+use testkit::cluster::{cluster_yaml, initial_role, pod_yaml, NODE};
 use watcher::{Cache, Update};
 
 /// `System`, counting the bytes live and the allocations made.
@@ -67,44 +68,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-const NAMESPACES: usize = 10;
-const POLICIES_PER_NAMESPACE: usize = 5;
-const LOCAL_PODS: usize = 100;
-const OTHER_NODES: usize = 20;
-const NODE: &str = "node1";
-
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Full,
     NoKernel,
     CacheOnly,
-}
-
-/// Pod `i` as `xtask/src/cluster.rs` writes it.
-fn pod_yaml(y: &mut String, i: usize, role: &str) {
-    let node = if i < LOCAL_PODS {
-        NODE.to_owned()
-    } else {
-        format!("node-{}", 2 + i % OTHER_NODES)
-    };
-    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0)) + i as u32);
-    let _ = writeln!(
-        y,
-        "---\napiVersion: v1\nkind: Pod\n\
-         metadata: {{name: pod-{i}, namespace: ns-{}, labels: {{app: app-{}, role: {role}}}}}\n\
-         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: 80, protocol: TCP}}]}}]}}\n\
-         status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}",
-        i % NAMESPACES,
-        i % POLICIES_PER_NAMESPACE,
-    );
-}
-
-fn initial_role(i: usize) -> &'static str {
-    if i.is_multiple_of(3) {
-        "frontend"
-    } else {
-        "backend"
-    }
 }
 
 /// The Calico resources the policy controller writes for `yaml`.
@@ -121,30 +89,6 @@ fn resources(yaml: &str) -> anyhow::Result<Vec<Resource>> {
     Ok(out)
 }
 
-fn cluster_yaml(pods: usize) -> String {
-    let mut y = String::new();
-    for n in 0..NAMESPACES {
-        let _ = writeln!(
-            y,
-            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}}}"
-        );
-        for k in 0..POLICIES_PER_NAMESPACE {
-            let _ = writeln!(
-                y,
-                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-                 metadata: {{name: app-{k}-from-frontend, namespace: ns-{n}}}\n\
-                 spec:\n  podSelector: {{matchLabels: {{app: app-{k}}}}}\n  \
-                 ingress: [{{from: [{{podSelector: {{matchLabels: {{role: frontend}}}}}}], \
-                 ports: [{{port: 80}}]}}]"
-            );
-        }
-    }
-    for i in 0..pods {
-        pod_yaml(&mut y, i, initial_role(i));
-    }
-    y
-}
-
 fn vm_rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -156,55 +100,47 @@ fn vm_rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
-/// What the agent's programmer thread holds.
-struct Agent {
-    cache: Cache,
-    changes: BTreeMap<ResourceKey, Option<Resource>>,
-    compiler: IncrementalCompiler,
-    programmer: Option<programmer::NftProgrammer>,
-    revision: i64,
+/// What the agent's programmer thread holds: a [`Node`] (the state, the
+/// incremental compiler and the backend), or with `cache-only` the cache
+/// alone.
+enum Agent {
+    Node(Box<Node>),
+    CacheOnly(Cache),
 }
 
 impl Agent {
-    /// `Worker::fold`.
     fn fold(&mut self, updates: Vec<Update>) {
-        for u in updates {
-            if let Update::Upsert { key, .. } | Update::Delete { key, .. } = &u {
-                if !self.changes.contains_key(key) {
-                    let old = self.cache.state.get(key).cloned();
-                    self.changes.insert(key.clone(), old);
+        match self {
+            Agent::Node(node) => node.fold(updates),
+            Agent::CacheOnly(cache) => {
+                for u in updates {
+                    cache.apply(u);
                 }
             }
-            self.cache.apply(u);
         }
     }
 
-    /// `Worker::apply` / `Programmer::apply` (nftables, never `full`).
-    fn apply(&mut self, mode: Mode) -> anyhow::Result<()> {
-        if mode == Mode::CacheOnly {
-            self.changes.clear();
-            return Ok(());
+    fn apply(&mut self) -> anyhow::Result<()> {
+        if let Agent::Node(node) = self {
+            node.apply()?;
         }
-        let outcome = self.compiler.update(&self.cache.state, &self.changes)?;
-        self.changes.clear();
-        let Some(p) = &mut self.programmer else {
-            return Ok(());
-        };
-        match outcome {
-            Outcome::Elements(delta) => p.apply_elements(&delta)?,
-            Outcome::Patch(patch) => p.apply_patch(&patch)?,
-            Outcome::Rebuilt => p.apply(self.compiler.ruleset())?,
-        };
         Ok(())
     }
 
-    fn upsert(&mut self, r: Resource) -> Update {
-        self.revision += 1;
-        Update::Upsert {
-            key: r.key(),
-            resource: r,
-            revision: self.revision,
+    fn objects(&self) -> usize {
+        match self {
+            Agent::Node(node) => node.state().len(),
+            Agent::CacheOnly(cache) => cache.state.len(),
         }
+    }
+}
+
+fn upsert(revision: &mut i64, r: Resource) -> Update {
+    *revision += 1;
+    Update::Upsert {
+        key: r.key(),
+        resource: r,
+        revision: *revision,
     }
 }
 
@@ -309,32 +245,30 @@ fn main() -> anyhow::Result<()> {
     let threaded = arg(6).as_deref() == Some("threaded");
 
     let _ns = match mode {
-        Mode::Full => Some(programmer::testutil::Netns::enter("churnmem")?),
+        Mode::Full => Some(testkit::netns::Netns::enter("churnmem")?),
         _ => None,
     };
-    let mut agent = Agent {
-        cache: Cache::new(),
-        changes: BTreeMap::new(),
-        compiler: IncrementalCompiler::new(CompileOptions::new(NODE)),
-        programmer: match mode {
-            Mode::Full => {
-                let mut p = programmer::NftProgrammer::new()?;
-                p.adopt()?;
-                Some(p)
-            }
-            _ => None,
-        },
-        revision: 0,
+    let mut revision = 0;
+    let mut agent = match mode {
+        Mode::CacheOnly => Agent::CacheOnly(Cache::new()),
+        Mode::Full | Mode::NoKernel => {
+            let backend: Box<dyn Dataplane> = match mode {
+                Mode::Full => dataplane::open(Kind::Nftables, iptables::Backend::Legacy)?,
+                _ => Box::new(dataplane::Discard),
+            };
+            Agent::Node(Box::new(Node::new(Pipeline::new(
+                CompileOptions::new(NODE),
+                backend,
+            ))))
+        }
     };
     let initial: Vec<Update> = resources(&cluster_yaml(pods))?
         .into_iter()
-        .map(|r| agent.upsert(r))
+        .map(|r| upsert(&mut revision, r))
         .collect();
     agent.fold(initial);
-    agent.fold(vec![Update::InSync {
-        revision: agent.revision,
-    }]);
-    agent.apply(mode)?;
+    agent.fold(vec![Update::InSync { revision }]);
+    agent.apply()?;
 
     println!("changes objects live_heap_kb allocations_k vm_rss_kb malloc_heap_kb malloc_free_kb");
     let print = |done: usize, objects: usize| {
@@ -351,17 +285,17 @@ fn main() -> anyhow::Result<()> {
             m.fordblks / 1024,
         );
     };
-    print(0, agent.cache.state.len());
+    print(0, agent.objects());
 
-    let mut churn = Churn::new(pods, agent.revision);
+    let mut churn = Churn::new(pods, revision);
     let mut done = 0;
     let mut step = |agent: &mut Agent, updates: Vec<Update>| -> anyhow::Result<()> {
         agent.fold(updates);
-        agent.apply(mode)?;
+        agent.apply()?;
         let before = done;
         done += batch;
         if done / report != before / report {
-            print(done, agent.cache.state.len());
+            print(done, agent.objects());
         }
         Ok(())
     };

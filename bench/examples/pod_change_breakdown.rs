@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
         scale.pods = pods.parse()?;
     }
     let mut state = generate(&scale);
-    let _ns = programmer::testutil::Netns::enter("breakdown")?;
+    let _ns = testkit::netns::Netns::enter("breakdown")?;
     let mut p = programmer::NftProgrammer::new()?;
     let mut inc = IncrementalCompiler::new(CompileOptions::new(NODE_UNDER_TEST));
     inc.rebuild(&state)?;

@@ -1,5 +1,8 @@
-//! The three dataplanes measured side by side, behind one interface: apply
-//! a cluster state (compile included) and count what the kernel holds.
+//! The three dataplanes measured side by side, each behind the agent's own
+//! [`dataplane::Pipeline`] (the same incremental compiler, the same code
+//! that moves its output to the kernel): nftables over netlink and iptables
+//! mode are the agent's backends; `nft -f` is a [`dataplane::Dataplane`]
+//! written here, the way felix's and kube-proxy's nftables modes drive nft.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
@@ -8,13 +11,12 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 use compiler::nft::{ElementDelta, Ruleset, SetElement, Table};
-use compiler::render_iptables::IptablesRulesets;
-use compiler::{CompileOptions, IncrementalCompiler, Outcome};
-use model::calico::{Resource, ResourceKey};
+use compiler::CompileOptions;
+use dataplane::{Change, Dataplane, Desired, Kind, Pipeline};
 use model::state::ClusterState;
-use programmer::iptables::{Backend as IptBackend, IptablesProgrammer};
-use programmer::NftProgrammer;
 use serde::{Deserialize, Serialize};
+
+pub use dataplane::Changes;
 
 pub const KINDS: [&str; 3] = ["nft-netlink", "nft-cli", "iptables"];
 
@@ -27,36 +29,39 @@ pub struct Size {
     pub set_elements: usize,
 }
 
-/// Resources changed since the last apply, with their values before.
-pub type Changes = BTreeMap<ResourceKey, Option<Resource>>;
-
-pub trait Dataplane {
-    /// Compiles `state` (incrementally: `changes` says what changed since
-    /// the last apply) and makes the kernel hold it; returns after the
-    /// kernel's ack (netlink) or the tool's exit (command lines). All three
-    /// use the same incremental compiler, so they differ only in how the
-    /// result reaches the kernel.
-    fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()>;
-    fn size(&self) -> Size;
+/// One measured dataplane.
+pub struct Measured {
+    pipeline: Pipeline,
 }
 
-pub fn open(kind: &str, node: &str) -> anyhow::Result<Box<dyn Dataplane>> {
-    let opts = CompileOptions::new(node);
-    Ok(match kind {
-        "nft-netlink" => Box::new(NftNetlink {
-            programmer: NftProgrammer::new()?,
-            compiler: IncrementalCompiler::new(opts),
-        }),
-        "nft-cli" => Box::new(NftCli {
-            compiler: IncrementalCompiler::new(opts),
-            last: None,
-        }),
-        "iptables" => Box::new(Iptables {
-            programmer: IptablesProgrammer::new(IptBackend::Legacy),
-            compiler: IncrementalCompiler::new(opts),
-            last: None,
-        }),
+impl Measured {
+    /// Compiles `state` (incrementally: `changes` says what changed since
+    /// the last apply) and makes the kernel hold it; returns after the
+    /// kernel's ack (netlink) or the tool's exit (command lines).
+    pub fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()> {
+        Ok(self.pipeline.apply(state, changes)?)
+    }
+
+    pub fn size(&self) -> Size {
+        let Some(logical) = self.pipeline.logical() else {
+            return Size::default();
+        };
+        if self.pipeline.dataplane().kind() == Kind::Iptables {
+            return iptables_size(&compiler::render_iptables::to_iptables(logical));
+        }
+        nft_size(self.pipeline.compiler().ruleset())
+    }
+}
+
+pub fn open(kind: &str, node: &str) -> anyhow::Result<Measured> {
+    let backend: Box<dyn Dataplane> = match kind {
+        "nft-netlink" => dataplane::open(Kind::Nftables, iptables::Backend::Legacy)?,
+        "nft-cli" => Box::new(NftCli { last: None }),
+        "iptables" => dataplane::open(Kind::Iptables, iptables::Backend::Legacy)?,
         other => bail!("unknown backend {other:?}"),
+    };
+    Ok(Measured {
+        pipeline: Pipeline::new(CompileOptions::new(node), backend),
     })
 }
 
@@ -72,57 +77,63 @@ fn nft_size(rs: &Ruleset) -> Size {
     s
 }
 
-struct NftNetlink {
-    programmer: NftProgrammer,
-    compiler: IncrementalCompiler,
-}
-
-impl Dataplane for NftNetlink {
-    fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()> {
-        match self.compiler.update(state, changes)? {
-            Outcome::Elements(delta) => self.programmer.apply_elements(&delta)?,
-            Outcome::Patch(patch) => self.programmer.apply_patch(&patch)?,
-            Outcome::Rebuilt => self.programmer.apply(self.compiler.ruleset())?,
-        };
-        Ok(())
+fn iptables_size(rs: &compiler::render_iptables::IptablesRulesets) -> Size {
+    let mut s = Size::default();
+    for r in rs.iter() {
+        s.chains += r.chains.len();
+        s.rules += r.chains.values().map(Vec::len).sum::<usize>()
+            + r.hooks.values().map(Vec::len).sum::<usize>();
+        s.sets += r.ipsets.len();
+        s.set_elements += r.ipsets.values().map(|x| x.members.len()).sum::<usize>();
     }
-    fn size(&self) -> Size {
-        nft_size(self.compiler.ruleset())
-    }
+    s
 }
 
 /// `nft -f` the way felix's and kube-proxy's nftables modes drive it: the
 /// whole file once, then per transaction flush and re-add changed chains
 /// and add/delete set elements, one `nft` process each.
 struct NftCli {
-    compiler: IncrementalCompiler,
     /// What the kernel holds (nft's own cache, as knftables keeps one).
     last: Option<Ruleset>,
 }
 
 impl Dataplane for NftCli {
-    fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()> {
-        let outcome = self.compiler.update(state, changes)?;
-        let new = self.compiler.ruleset();
-        let script = match (&mut self.last, &outcome) {
-            (Some(last), Outcome::Elements(delta)) => {
+    fn kind(&self) -> Kind {
+        Kind::Nftables
+    }
+
+    fn apply(&mut self, desired: &Desired<'_>) -> Result<(), dataplane::Error> {
+        let new = desired.ruleset;
+        let script = match (&mut self.last, desired.change) {
+            (Some(last), Change::Elements(delta)) => {
                 delta.apply_to(last);
                 delta_script(delta)
             }
             // The whole-ruleset diff nft scripts are written from.
-            (Some(old), Outcome::Rebuilt | Outcome::Patch(_)) => diff_script(old, new),
+            (Some(old), Change::Full | Change::Patch(_)) => diff_script(old, new),
             (None, _) => compiler::render_nft::render(new),
         };
         if !script.trim().is_empty() {
-            run_nft(&script)?;
+            run_nft(&script).map_err(|e| dataplane::Error::Backend(e.into()))?;
         }
-        if matches!(outcome, Outcome::Rebuilt | Outcome::Patch(_)) || self.last.is_none() {
+        if !matches!(desired.change, Change::Elements(_)) || self.last.is_none() {
             self.last = Some(new.clone());
         }
         Ok(())
     }
-    fn size(&self) -> Size {
-        nft_size(self.compiler.ruleset())
+
+    /// nft's cache is all the bench keeps; it never looks for drift.
+    fn has_drift(&mut self, _desired: &Desired<'_>) -> Result<bool, dataplane::Error> {
+        Ok(false)
+    }
+
+    /// Keeps nft's cache: the whole-ruleset diff is written from it.
+    fn invalidate(&mut self) -> Result<(), dataplane::Error> {
+        Ok(())
+    }
+
+    fn remove_other(&mut self) -> Result<(), dataplane::Error> {
+        Ok(())
     }
 }
 
@@ -222,6 +233,24 @@ pub fn diff_script(old: &Ruleset, new: &Ruleset) -> String {
     out
 }
 
+/// Copies into `block` what in `new` differs from `old` (to be re-added),
+/// calling `flush` first for each that exists already.
+fn changed_objects<T: Clone + PartialEq>(
+    old: &BTreeMap<String, T>,
+    new: &BTreeMap<String, T>,
+    block: &mut BTreeMap<String, T>,
+    mut flush: impl FnMut(&str),
+) {
+    for (name, obj) in new {
+        match old.get(name) {
+            Some(o) if o == obj => continue,
+            Some(_) => flush(name),
+            None => {}
+        }
+        block.insert(name.clone(), obj.clone());
+    }
+}
+
 fn diff_table(o: &Table, t: &Table, out: &mut String) {
     let fam = t.family.keyword();
     let name = &t.name;
@@ -233,30 +262,12 @@ fn diff_table(o: &Table, t: &Table, out: &mut String) {
         chains: Default::default(),
     };
     let mut adds = String::new();
-    for (cname, c) in &t.chains {
-        match o.chains.get(cname) {
-            Some(oc) if oc == c => {}
-            Some(_) => {
-                let _ = writeln!(out, "flush chain {fam} {name} {cname}");
-                block.chains.insert(cname.clone(), c.clone());
-            }
-            None => {
-                block.chains.insert(cname.clone(), c.clone());
-            }
-        }
-    }
-    for (mname, m) in &t.maps {
-        match o.maps.get(mname) {
-            Some(om) if om == m => {}
-            Some(_) => {
-                let _ = writeln!(out, "flush map {fam} {name} {mname}");
-                block.maps.insert(mname.clone(), m.clone());
-            }
-            None => {
-                block.maps.insert(mname.clone(), m.clone());
-            }
-        }
-    }
+    changed_objects(&o.chains, &t.chains, &mut block.chains, |c| {
+        let _ = writeln!(out, "flush chain {fam} {name} {c}");
+    });
+    changed_objects(&o.maps, &t.maps, &mut block.maps, |m| {
+        let _ = writeln!(out, "flush map {fam} {name} {m}");
+    });
     for (sname, s) in &t.sets {
         match o.sets.get(sname) {
             Some(os) if os.elements == s.elements => {}
@@ -301,36 +312,5 @@ fn diff_table(o: &Table, t: &Table, out: &mut String) {
     }
     for sname in o.sets.keys().filter(|s| !t.sets.contains_key(*s)) {
         let _ = writeln!(out, "delete set {fam} {name} {sname}");
-    }
-}
-
-struct Iptables {
-    programmer: IptablesProgrammer,
-    compiler: IncrementalCompiler,
-    last: Option<IptablesRulesets>,
-}
-
-impl Dataplane for Iptables {
-    /// Our iptables mode: render the (incrementally compiled) logical
-    /// ruleset and let the programmer send only the changed chains and
-    /// ipset members through iptables-restore / ipset restore.
-    fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()> {
-        self.compiler.update(state, changes)?;
-        let logical = self.compiler.logical().expect("updated");
-        let rs = compiler::render_iptables::to_iptables(logical);
-        self.programmer.apply(&rs)?;
-        self.last = Some(rs);
-        Ok(())
-    }
-    fn size(&self) -> Size {
-        let mut s = Size::default();
-        for r in self.last.iter().flat_map(|l| l.iter()) {
-            s.chains += r.chains.len();
-            s.rules += r.chains.values().map(Vec::len).sum::<usize>()
-                + r.hooks.values().map(Vec::len).sum::<usize>();
-            s.sets += r.ipsets.len();
-            s.set_elements += r.ipsets.values().map(|x| x.members.len()).sum::<usize>();
-        }
-        s
     }
 }

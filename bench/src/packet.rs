@@ -6,7 +6,6 @@
 //! pairs whose node ends carry the endpoints' interface names, felix style
 //! (/32 routes, default route on the pod side).
 
-use std::fs::File;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -18,8 +17,8 @@ use model::calico::{
     Resource, Rule,
 };
 use model::state::ClusterState;
-use programmer::testutil::Netns;
 use serde::{Deserialize, Serialize};
+use testkit::netns::Netns;
 
 use crate::{generate, namespace_name, pod_ips, Scale, NODE_UNDER_TEST};
 
@@ -184,15 +183,6 @@ pub fn cluster(point: &PacketPoint) -> (ClusterState, [String; 2], [IpAddr; 2]) 
     (state, ifaces, ips)
 }
 
-fn enter(ns: &str) -> anyhow::Result<()> {
-    let f = File::open(format!("/run/netns/{ns}"))?;
-    // SAFETY: plain syscall on a valid namespace descriptor (this thread only).
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(())
-}
-
 fn set_linger_zero(s: &TcpStream) {
     let l = libc::linger {
         l_onoff: 1,
@@ -259,7 +249,7 @@ pub fn packet_worker(
     let server_ip = ips[1];
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || -> anyhow::Result<()> {
-        enter(&server_ns)?;
+        testkit::netns::move_thread_into(&server_ns)?;
         let l = TcpListener::bind(SocketAddr::new(server_ip, SERVER_PORT))?;
         ready_tx.send(())?;
         for s in l.incoming() {
@@ -282,7 +272,7 @@ pub fn packet_worker(
     let client_ns = pods[0].name().to_owned();
     let client = std::thread::spawn(
         move || -> anyhow::Result<(Vec<f64>, usize, Duration, bool)> {
-            enter(&client_ns)?;
+            testkit::netns::move_thread_into(&client_ns)?;
             let dst = SocketAddr::new(server_ip, SERVER_PORT);
             let mut lat = Vec::with_capacity(connections);
             let mut failures = 0;

@@ -8,10 +8,10 @@ use model::calico::{
     Action, NetworkPolicy, ObjectMeta, PolicySpec, PolicyType, Port, Protocol, Resource, Rule,
 };
 use model::state::ClusterState;
-use programmer::testutil::Netns;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use testkit::netns::Netns;
 
 use crate::backends::{self, Changes, Size};
 use crate::{generate, workload, Scale, NODE_UNDER_TEST};

@@ -208,7 +208,7 @@ fn incremental_equals_full_compile() {
 /// ruleset.
 #[test]
 fn deltas_and_patches_reach_the_kernel() {
-    let _ns = programmer::testutil::Netns::enter("incdelta").unwrap();
+    let _ns = testkit::netns::Netns::enter("incdelta").unwrap();
     let mut p = programmer::NftProgrammer::new().unwrap();
     let mut scale = Scale::new(40, 300);
     scale.namespaces = 3;

@@ -15,36 +15,13 @@ use std::time::{Duration, Instant};
 use compiler::nft::TableFamily;
 use lab::agents::{in_namespace, write_step};
 use lab::{nftpolicy_binary, Agents, EtcdServer, Lab};
-use model::scenario::{ResolvedProbe, Scenario};
+use model::scenario::ResolvedProbe;
 use nix::sys::signal::Signal;
 use programmer::{NftProgrammer, RuleCounter};
 
-const SCENARIO: &str = r#"
-name: agent-restart
-objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: web, namespace: shop, labels: {app: web}}
-    spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: shop, labels: {app: client}}
-    spec: {nodeName: node2, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: intruder, namespace: shop, labels: {app: intruder}}
-    spec: {nodeName: node2, containers: [{name: i, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: networking.k8s.io/v1
-    kind: NetworkPolicy
-    metadata: {name: web-from-client, namespace: shop}
-    spec:
-      podSelector: {matchLabels: {app: web}}
-      ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
-probes:
-  - {from: shop/client, to: shop/web, port: 80, expect: allow}
-  - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
-"#;
+mod common;
+
+// The scenario: tests/tests/scenarios/agent-restart.yaml.
 
 const POLICY_CHAIN: &str = "cali-pi-shop.web-from-client";
 /// How long the agents may take to apply a revision.
@@ -133,7 +110,7 @@ fn policy_counters(node_ns: &str) -> Vec<RuleCounter> {
 }
 
 fn restart_under_probes(backend: &str) {
-    let scenario = Scenario::parse("agent-restart.yaml", SCENARIO).unwrap();
+    let scenario = common::scenario("agent-restart");
     let state = scenario.states().unwrap().remove(0);
     let probes: Vec<ResolvedProbe> = scenario.steps[0]
         .probes

@@ -13,35 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lab::Lab;
-use model::scenario::Scenario;
 
-/// The seed web-deny-all state: web (node1) takes no ingress; client
-/// (node2) is unrestricted. So client → web is denied (TCP and UDP) and
-/// web → client allowed.
-const SCENARIO: &str = r#"
-name: backend-switch
-objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: default}}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: web, namespace: default, labels: {app: web}}
-    spec: {containers: [{name: web, ports: [{containerPort: 80, protocol: TCP}, {containerPort: 53, protocol: UDP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: default, labels: {app: client}}
-    spec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: networking.k8s.io/v1
-    kind: NetworkPolicy
-    metadata: {name: web-deny-all, namespace: default}
-    spec:
-      podSelector: {matchLabels: {app: web}}
-      ingress: []
-probes:
-  - {from: default/web, to: default/client, port: 80, expect: allow}
-  - {from: default/web, to: default/client, port: 80, family: IPv6, expect: allow}
-  - {from: default/client, to: default/web, port: 80, expect: deny}
-  - {from: default/client, to: default/web, port: 53, protocol: UDP, expect: deny}
-"#;
+mod common;
+
+// The seed web-deny-all state: web (node1) takes no ingress; client
+// (node2) is unrestricted. So client → web is denied (TCP and UDP) and
+// web → client allowed.
+// The scenario: tests/tests/scenarios/backend-switch.yaml.
 
 const NODES: [&str; 2] = ["node1", "node2"];
 /// Probe rounds that must complete after each switch before the next.
@@ -152,7 +130,7 @@ impl Switcher {
 
 #[test]
 fn switching_backends_live_never_opens_or_closes_a_connection() {
-    let scenario = Scenario::parse("backend-switch.yaml", SCENARIO).expect("scenario loads");
+    let scenario = common::scenario("backend-switch");
     let state = scenario.states().unwrap().remove(0);
     let probes: Vec<_> = scenario.steps[0]
         .probes

@@ -38,59 +38,17 @@ use std::time::{Duration, Instant};
 
 use compiler::render_iptables::{rule_hash, IptablesRuleset, IptablesRulesets};
 use compiler::{compile_iptables, CompileOptions};
+use iptables::{IptablesProgrammer, KernelState, TableState};
 use lab::agents::in_namespace;
 use lab::generate::Rng;
 use lab::{nftpolicy_binary, write_state, Agents, Lab};
 use model::scenario::{ResolvedProbe, Scenario};
 use nix::sys::signal::Signal;
-use programmer::iptables::{IptablesProgrammer, KernelState, TableState};
 
 mod common;
-use common::{desired, kernel, Tables};
+use common::{assert_probes, desired, kernel, Tables};
 
-const SCENARIO: &str = r#"
-name: crash-mid-apply
-steps:
-  - apply:
-      - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-      - apiVersion: v1
-        kind: Pod
-        metadata: {name: web, namespace: shop, labels: {app: web}}
-        spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-      - apiVersion: v1
-        kind: Pod
-        metadata: {name: client, namespace: shop, labels: {app: client}}
-        spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-      - apiVersion: v1
-        kind: Pod
-        metadata: {name: intruder, namespace: shop, labels: {app: intruder}}
-        spec: {nodeName: node1, containers: [{name: i, ports: [{containerPort: 80, protocol: TCP}]}]}
-      - apiVersion: v1
-        kind: Pod
-        metadata: {name: other, namespace: shop, labels: {app: other}}
-        spec: {nodeName: node1, containers: [{name: o, ports: [{containerPort: 80, protocol: TCP}]}]}
-      - apiVersion: networking.k8s.io/v1
-        kind: NetworkPolicy
-        metadata: {name: web-from-client, namespace: shop}
-        spec:
-          podSelector: {matchLabels: {app: web}}
-          ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
-    probes:
-      - {from: shop/client, to: shop/web, port: 80, expect: allow}
-      - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
-      - {from: shop/other, to: shop/web, port: 80, expect: deny}
-  - apply:
-      - apiVersion: networking.k8s.io/v1
-        kind: NetworkPolicy
-        metadata: {name: web-from-intruder, namespace: shop}
-        spec:
-          podSelector: {matchLabels: {app: web}}
-          ingress: [{from: [{podSelector: {matchLabels: {app: intruder}}}], ports: [{port: 80}]}]
-    probes:
-      - {from: shop/client, to: shop/web, port: 80, expect: allow}
-      - {from: shop/intruder, to: shop/web, port: 80, expect: allow}
-      - {from: shop/other, to: shop/web, port: 80, expect: deny}
-"#;
+// The scenario: tests/tests/scenarios/crash-mid-apply.yaml.
 
 /// The large change, on top of step 2's policy.
 const EXTRA_POLICIES: usize = 1_500;
@@ -190,19 +148,6 @@ fn probes_of(
         .iter()
         .map(|p| state.resolve_probe(p, &[]).unwrap())
         .collect()
-}
-
-fn assert_probes(lab: &mut Lab, probes: &[ResolvedProbe], when: &str) {
-    let results = lab.probe_all(probes).unwrap();
-    for (p, r) in probes.iter().zip(&results) {
-        assert_eq!(
-            r.allowed,
-            Some(p.probe.expect_allow),
-            "{when}: {}: {}",
-            p.probe,
-            r.detail
-        );
-    }
 }
 
 /// The two tests each run a big agent; one at a time keeps the timing of
@@ -405,8 +350,8 @@ fn desired_iptables(dir: &Path) -> IptablesRulesets {
 
 fn iptables_kernel(node_ns: &str) -> KernelState {
     in_namespace(node_ns, || {
-        IptablesProgrammer::new(programmer::iptables::Backend::Legacy)
-            .read_kernel(&mut programmer::iptables::Report::default())
+        IptablesProgrammer::new(iptables::Backend::Legacy)
+            .read_kernel(&mut iptables::Report::default())
     })
     .unwrap()
     .unwrap()
@@ -500,7 +445,7 @@ impl Backend for Iptables {
 /// Sets up the lab and runs the kill rounds against `backend`.
 fn kill_rounds(make: impl FnOnce(&Path, &Path, &Path) -> Box<dyn Backend>) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let scenario = Scenario::parse("crash-mid-apply.yaml", SCENARIO).unwrap();
+    let scenario = common::scenario("crash-mid-apply");
     let states = scenario.states().unwrap();
     // (Builds the agent first if needed: not part of the test's time.)
     let nftpolicy = nftpolicy_binary();

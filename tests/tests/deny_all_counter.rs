@@ -12,8 +12,11 @@ use std::time::Duration;
 use compiler::nft::{Match, TableFamily, Verdict, TABLE_NAME};
 use lab::agents::in_namespace;
 use lab::{nftpolicy_binary, write_state, Lab};
-use model::scenario::{PodInfo, ResolvedProbe, Scenario, StepState, NODES};
+use model::scenario::{PodInfo, Scenario, StepState, NODES};
 use programmer::NftProgrammer;
+
+mod common;
+use common::{assert_probes, resolve};
 
 const POLICY_CHAIN: &str = "cali-pi-default.web-deny-all";
 /// Denied connections sent while the counter is watched.
@@ -49,7 +52,7 @@ fn lab_with_policy(scenario: &Scenario, extra_args: &[String]) -> (Lab, StepStat
         )
         .unwrap();
         let probes = resolve(state, &scenario.steps[i].probes);
-        check_probes(&mut lab, &probes, &format!("step {} {extra_args:?}", i + 1));
+        assert_probes(&mut lab, &probes, &format!("step {} {extra_args:?}", i + 1));
     }
     let state = states[1].clone();
     let web = state
@@ -58,26 +61,6 @@ fn lab_with_policy(scenario: &Scenario, extra_args: &[String]) -> (Lab, StepStat
         .find(|p| p.name == "web")
         .expect("the scenario has a web pod");
     (lab, state, web)
-}
-
-fn resolve(state: &StepState, probes: &[model::scenario::Probe]) -> Vec<ResolvedProbe> {
-    probes
-        .iter()
-        .map(|p| state.resolve_probe(p, &[]).unwrap())
-        .collect()
-}
-
-fn check_probes(lab: &mut Lab, probes: &[ResolvedProbe], what: &str) {
-    let results = lab.probe_all(probes).unwrap();
-    for (p, r) in probes.iter().zip(&results) {
-        assert_eq!(
-            r.allowed,
-            Some(p.probe.expect_allow),
-            "{what}: {}: {}",
-            p.probe,
-            r.detail
-        );
-    }
 }
 
 /// Packets counted by the policy chain's rule (its only one: "no rule
@@ -105,7 +88,7 @@ fn count_denied(lab: &mut Lab, state: &StepState, scenario: &Scenario, node_ns: 
         .expect("the scenario's policy step has a denied TCP probe");
     let before = policy_chain_packets(node_ns);
     let probes = vec![denied; DENIED_SYNS as usize];
-    check_probes(lab, &probes, "counted probes");
+    assert_probes(lab, &probes, "counted probes");
     let counted = policy_chain_packets(node_ns) - before;
     eprintln!("{POLICY_CHAIN}: {counted} packets counted for {DENIED_SYNS} denied connections");
     counted

@@ -19,7 +19,7 @@ use lab::{nftpolicy_binary, write_state, Agents, EtcdServer, Lab};
 use nix::sys::signal::Signal;
 
 mod common;
-use common::{canonical, kernel, shop};
+use common::{assert_probes, canonical, kernel, shop};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -145,16 +145,7 @@ fn agent_over_tls_with_client_certificate_programs_and_without_it_touches_nothin
         canonical(&rs),
         "the kernel differs from the desired ruleset"
     );
-    let results = lab.probe_all(&probes).unwrap();
-    for (p, r) in probes.iter().zip(&results) {
-        assert_eq!(
-            r.allowed,
-            Some(p.probe.expect_allow),
-            "{}: {}",
-            p.probe,
-            r.detail
-        );
-    }
+    assert_probes(&mut lab, &probes, "over TLS");
     agents.stop("node1", Signal::SIGTERM).unwrap();
     drop(agents);
     drop(lab);

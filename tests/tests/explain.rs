@@ -13,44 +13,13 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use lab::{netns, write_state, Lab};
-use model::scenario::{ResolvedProbe, Scenario, StepState};
+use model::scenario::{ResolvedProbe, StepState};
 
-/// All pods on node1, so one node sees both directions of every packet:
-/// web denies all ingress, locked denies all egress, client is free.
-const SCENARIO: &str = r#"
-name: explain-kernel
-objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: default}}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: web, namespace: default, labels: {app: web}}
-    spec: {nodeName: node1, containers: [{name: web, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: default, labels: {app: client}}
-    spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}, {containerPort: 53, protocol: UDP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: locked, namespace: default, labels: {app: locked}}
-    spec: {nodeName: node1, containers: [{name: l, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: networking.k8s.io/v1
-    kind: NetworkPolicy
-    metadata: {name: web-deny-all, namespace: default}
-    spec:
-      podSelector: {matchLabels: {app: web}}
-      ingress: []
-  - apiVersion: networking.k8s.io/v1
-    kind: NetworkPolicy
-    metadata: {name: locked-egress-deny-all, namespace: default}
-    spec:
-      podSelector: {matchLabels: {app: locked}}
-      policyTypes: [Egress]
-probes:
-  - {from: default/client, to: default/web, port: 80, expect: deny}
-  - {from: default/locked, to: default/client, port: 80, expect: deny}
-  - {from: default/web, to: default/client, port: 80, expect: allow}
-  - {from: default/web, to: default/client, port: 53, protocol: UDP, expect: allow}
-"#;
+mod common;
+
+// All pods on node1, so one node sees both directions of every packet:
+// web denies all ingress, locked denies all egress, client is free.
+// The scenario: tests/tests/scenarios/explain-kernel.yaml.
 
 const LOG_GROUP: u16 = 7;
 
@@ -67,7 +36,7 @@ struct Fixture {
 
 /// Builds the lab and programs node1 with `sync --once --log-denied`.
 fn fixture() -> Fixture {
-    let scenario = Scenario::parse("explain-kernel.yaml", SCENARIO).expect("scenario loads");
+    let scenario = common::scenario("explain-kernel");
     let state: StepState = scenario.states().unwrap().remove(0);
     let lab = Lab::build(&state.pods(), &scenario.externals, &["node1"]).expect("lab builds");
     let datastore = lab.workdir().join("state");

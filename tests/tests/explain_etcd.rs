@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 mod common;
-use common::{etcd_holding, WEB_DENY_ALL as CLUSTER};
+use common::{etcd_holding, web_deny_all};
 
 /// `nftpolicy explain` from `from` to `to` port 80: exit code and stdout.
 fn explain(nftpolicy: &Path, datastore: &str, from: &str, to: &str) -> (Option<i32>, String) {
@@ -27,7 +27,7 @@ fn explain(nftpolicy: &Path, datastore: &str, from: &str, to: &str) -> (Option<i
 #[test]
 fn explain_reads_an_etcd_datastore() {
     let nftpolicy = lab::nftpolicy_binary();
-    let (etcd, dir) = etcd_holding(&nftpolicy, CLUSTER);
+    let (etcd, dir) = etcd_holding(&nftpolicy, &web_deny_all());
     let cluster = dir.path().join("cluster.yaml");
 
     let file = format!("file:{}", cluster.display());

@@ -6,35 +6,14 @@ use std::time::Duration;
 
 use lab::{nftpolicy_binary, write_state, Lab};
 use model::kube::KubeKind;
-use model::scenario::Scenario;
 
-const SCENARIO: &str = r#"
-name: fail-closed
-objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: web, namespace: shop}
-    spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: shop}
-    spec: {nodeName: node2, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: stranger, namespace: shop}
-    spec: {nodeName: node1, containers: [{name: s, ports: [{containerPort: 80, protocol: TCP}]}]}
-probes:
-  - {from: shop/client, to: shop/web, port: 80, expect: allow}
-  - {from: shop/stranger, to: shop/web, port: 80, expect: deny}
-  - {from: shop/stranger, to: shop/client, port: 80, expect: deny}
-  - {from: shop/client, to: shop/stranger, port: 80, expect: deny}
-  - {from: shop/web, to: shop/stranger, port: 80, expect: deny}
-"#;
+mod common;
+
+// The scenario: tests/tests/scenarios/fail-closed.yaml.
 
 #[test]
 fn unknown_workload_interfaces_are_dropped() {
-    let scenario = Scenario::parse("fail-closed.yaml", SCENARIO).unwrap();
+    let scenario = common::scenario("fail-closed");
     let full = scenario.states().unwrap().remove(0);
     // The lab wires all three pods, but the datastore does not know `stranger`.
     let mut known = full.clone();
@@ -53,15 +32,6 @@ fn unknown_workload_interfaces_are_dropped() {
         write_state(&dir, &known).unwrap();
         lab.program_nodes(&dir, &nftpolicy, backend, Duration::from_secs(30))
             .unwrap();
-        let results = lab.probe_all(&probes).unwrap();
-        for (p, r) in probes.iter().zip(&results) {
-            assert_eq!(
-                r.allowed,
-                Some(p.probe.expect_allow),
-                "{backend}: {}: {}",
-                p.probe,
-                r.detail
-            );
-        }
+        common::assert_probes(&mut lab, &probes, backend);
     }
 }

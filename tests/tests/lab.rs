@@ -12,51 +12,18 @@ use std::time::{Duration, Instant};
 
 use lab::{netns, run_scenario, E2eOptions, Lab};
 use model::calico::Protocol;
+
+mod common;
 use model::scenario::{
     collect_files, Family, Probe, ProbeEnd, ProbePort, ResolvedProbe, Scenario, StepState,
 };
 
-/// Four dual-stack pods (web and db on node1, api and cache on node2, by
-/// order of appearance) and one external host beside node1.
-const SCENARIO: &str = r#"
-name: lab-test
-externals:
-  - {name: outside, ip: 198.19.9.9}
-objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: web, namespace: shop}
-    spec: {containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}, {containerPort: 53, protocol: UDP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: api, namespace: shop}
-    spec: {containers: [{name: a, ports: [{containerPort: 8080, protocol: TCP}, {containerPort: 53, protocol: UDP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: db, namespace: shop}
-    spec: {containers: [{name: d, ports: [{containerPort: 5432, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: cache, namespace: shop}
-    spec: {containers: [{name: c, ports: [{containerPort: 6379, protocol: TCP}, {containerPort: 6379, protocol: UDP}]}]}
-probes:
-  - {from: shop/web, to: shop/db, port: 5432, expect: allow}
-  - {from: shop/web, to: shop/db, port: 5432, family: IPv6, expect: allow}
-  - {from: shop/api, to: shop/cache, port: 6379, protocol: UDP, expect: allow}
-  - {from: shop/api, to: shop/cache, port: 6379, protocol: UDP, family: IPv6, expect: allow}
-  - {from: shop/web, to: shop/api, port: 8080, expect: allow}
-  - {from: shop/web, to: shop/api, port: 8080, family: IPv6, expect: allow}
-  - {from: shop/cache, to: shop/web, port: 53, protocol: UDP, expect: allow}
-  - {from: shop/db, to: shop/api, port: 53, protocol: UDP, family: IPv6, expect: allow}
-  - {from: shop/api, to: ext/outside, port: 443, expect: allow}
-  - {from: shop/web, to: ext/outside, port: 53, protocol: UDP, expect: allow}
-  - {from: ext/outside, to: shop/cache, port: 6379, expect: allow}
-  - {from: ext/outside, to: shop/db, port: 5432, expect: allow}
-"#;
+// Four dual-stack pods (web and db on node1, api and cache on node2, by
+// order of appearance) and one external host beside node1.
+// The scenario: tests/tests/scenarios/lab-test.yaml.
 
 fn fixture() -> (Scenario, StepState) {
-    let scenario = Scenario::parse("lab-test.yaml", SCENARIO).expect("test scenario loads");
+    let scenario = common::scenario("lab-test");
     let state = scenario.states().unwrap().remove(0);
     (scenario, state)
 }

@@ -17,50 +17,12 @@ use std::time::{Duration, Instant};
 
 use lab::agents::in_namespace;
 use lab::{nftpolicy_binary, write_state, Lab};
-use model::scenario::{ResolvedProbe, Scenario};
+use model::scenario::ResolvedProbe;
 
 mod common;
-use common::{desired, kernel, Tables};
+use common::{assert_probes, desired, kernel, Tables};
 
-const SCENARIO: &str = r#"
-name: least-privilege
-steps:
-  - apply:
-      - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-      - apiVersion: v1
-        kind: Pod
-        metadata: {name: web, namespace: shop, labels: {app: web}}
-        spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-      - apiVersion: v1
-        kind: Pod
-        metadata: {name: client, namespace: shop, labels: {app: client}}
-        spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-      - apiVersion: v1
-        kind: Pod
-        metadata: {name: intruder, namespace: shop, labels: {app: intruder}}
-        spec: {nodeName: node1, containers: [{name: i, ports: [{containerPort: 80, protocol: TCP}]}]}
-      - apiVersion: networking.k8s.io/v1
-        kind: NetworkPolicy
-        metadata: {name: web-from-client, namespace: shop}
-        spec:
-          podSelector: {matchLabels: {app: web}}
-          ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
-    probes:
-      - {from: shop/client, to: shop/web, port: 80, expect: allow}
-      - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
-      - {from: shop/web, to: shop/client, port: 80, expect: allow}
-  - apply:
-      - apiVersion: networking.k8s.io/v1
-        kind: NetworkPolicy
-        metadata: {name: client-from-nobody, namespace: shop}
-        spec:
-          podSelector: {matchLabels: {app: client}}
-          policyTypes: [Ingress]
-    probes:
-      - {from: shop/client, to: shop/web, port: 80, expect: allow}
-      - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
-      - {from: shop/web, to: shop/client, port: 80, expect: deny}
-"#;
+// The scenario: tests/tests/scenarios/least-privilege.yaml.
 
 /// CAP_NET_ADMIN is capability 12.
 const NET_ADMIN_ONLY: u64 = 1 << 12;
@@ -98,19 +60,6 @@ fn least_privileged(node_ns: &str, nftpolicy: &Path, args: &[&str]) -> Command {
 /// runs with each.
 const NFT_TOOLS: [&str; 2] = ["--iptables-backend", "nft"];
 const LEGACY_TOOLS: [&str; 2] = ["--iptables-backend", "legacy"];
-
-fn assert_probes(lab: &mut Lab, probes: &[ResolvedProbe], when: &str) {
-    let results = lab.probe_all(probes).unwrap();
-    for (p, r) in probes.iter().zip(&results) {
-        assert_eq!(
-            r.allowed,
-            Some(p.probe.expect_allow),
-            "{when}: {}: {}",
-            p.probe,
-            r.detail
-        );
-    }
-}
 
 /// A capability set (`CapEff`, `CapBnd`, …) of a process, from /proc.
 fn capability_set(pid: u32, name: &str) -> u64 {
@@ -195,7 +144,7 @@ fn legacy_tables(node_ns: &str) -> String {
 }
 
 fn sync_and_run_with_only_cap_net_admin(iptables_tools: &[&str]) {
-    let scenario = Scenario::parse("least-privilege.yaml", SCENARIO).unwrap();
+    let scenario = common::scenario("least-privilege");
     let states = scenario.states().unwrap();
     let probes = |step: usize| -> Vec<ResolvedProbe> {
         scenario.steps[step]
@@ -329,7 +278,7 @@ fn sync_and_run_with_only_cap_net_admin(iptables_tools: &[&str]) {
 /// nothing more.
 #[test]
 fn sync_with_legacy_iptables_tools_needs_net_admin_and_net_raw() {
-    let scenario = Scenario::parse("least-privilege.yaml", SCENARIO).unwrap();
+    let scenario = common::scenario("least-privilege");
     let states = scenario.states().unwrap();
     let nftpolicy = nftpolicy_binary();
     let mut lab = Lab::build(&states[0].pods(), &[], &["node1"]).unwrap();

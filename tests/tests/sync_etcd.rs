@@ -7,10 +7,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use programmer::testutil::Netns;
+use testkit::netns::Netns;
 
 mod common;
-use common::{desired, etcd_holding, kernel, WEB_DENY_ALL as CLUSTER};
+use common::{desired, etcd_holding, kernel, web_deny_all};
 
 /// Carries connections to 127.0.0.1:`port` inside `ns` to the host's
 /// 127.0.0.1:`port` (where the test's etcd listens), as a node reaches its
@@ -63,7 +63,7 @@ fn sync_once(nftpolicy: &Path, ns: &Netns, datastore: &str) -> Output {
 #[test]
 fn sync_once_programs_an_etcd_datastore_like_the_same_files() {
     let nftpolicy = lab::nftpolicy_binary();
-    let (etcd, dir) = etcd_holding(&nftpolicy, CLUSTER);
+    let (etcd, dir) = etcd_holding(&nftpolicy, &web_deny_all());
 
     let ns = Netns::create("syncetcd").unwrap();
     relay_etcd_into(&ns, etcd.client_port());

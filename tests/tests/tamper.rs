@@ -19,7 +19,7 @@ use lab::{nftpolicy_binary, write_state, Agents, Lab};
 use model::scenario::ResolvedProbe;
 
 mod common;
-use common::{desired, shop, wait_kernel, Tables};
+use common::{assert_probes, desired, shop, wait_kernel, Tables};
 
 const POLICY_CHAIN: &str = "cali-pi-shop.web-from-client";
 /// Bound on every wait (agent start-up in a debug build, repairs).
@@ -37,19 +37,6 @@ fn nft(node_ns: &str, args: &[&str]) {
         "nft {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn assert_probes(lab: &mut Lab, probes: &[ResolvedProbe], when: &str) {
-    let results = lab.probe_all(probes).unwrap();
-    for (p, r) in probes.iter().zip(&results) {
-        assert_eq!(
-            r.allowed,
-            Some(p.probe.expect_allow),
-            "{when}: {}: {}",
-            p.probe,
-            r.detail
-        );
-    }
 }
 
 /// A node with web, client and intruder, its agent started with

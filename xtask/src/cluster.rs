@@ -1,83 +1,15 @@
 //! What `cargo xtask latency` and `cargo xtask soak` share: the synthetic
-//! cluster they write into etcd with `nftpolicy apply`, and reading the
-//! agent's Prometheus metrics.
-//!
-//! The cluster: [`NAMESPACES`] namespaces, [`POLICIES_PER_NAMESPACE`]
-//! policies per namespace selecting `app=app-<k>` pods and allowing ingress
-//! on port 80 from `role=frontend` pods of the namespace; pods spread over
-//! the namespaces, the first [`LOCAL_PODS`] on [`NODE`], the rest on
-//! [`OTHER_NODES`] other nodes.
+//! cluster they write into etcd with `nftpolicy apply`
+//! (`testkit::cluster`), and reading the agent's Prometheus metrics.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use anyhow::{bail, Context};
 
-pub const NAMESPACES: usize = 10;
-pub const POLICIES_PER_NAMESPACE: usize = 5;
-pub const LOCAL_PODS: usize = 100;
-pub const OTHER_NODES: usize = 20;
-/// The node whose agent is measured.
-pub const NODE: &str = "node1";
+pub use testkit::cluster::{cluster_yaml, initial_role, pod_yaml, NODE};
+
 /// The agent's histogram of datastore change → kernel acknowledgement.
 pub const LATENCY_METRIC: &str = "nftpolicy_programming_latency_seconds";
-
-/// The namespaces, the policies, and pods `0..pods` (pod `i` with role
-/// frontend when `i % 3 == 0`, see [`initial_role`]).
-pub fn cluster_yaml(pods: usize) -> String {
-    let mut y = String::new();
-    for n in 0..NAMESPACES {
-        let _ = writeln!(
-            y,
-            "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}}}"
-        );
-        for k in 0..POLICIES_PER_NAMESPACE {
-            let _ = writeln!(
-                y,
-                "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n\
-                 metadata: {{name: app-{k}-from-frontend, namespace: ns-{n}}}\n\
-                 spec:\n  podSelector: {{matchLabels: {{app: app-{k}}}}}\n  \
-                 ingress: [{{from: [{{podSelector: {{matchLabels: {{role: frontend}}}}}}], \
-                 ports: [{{port: 80}}]}}]"
-            );
-        }
-    }
-    for i in 0..pods {
-        pod_yaml(&mut y, i, initial_role(i));
-    }
-    y
-}
-
-/// The role label pod `i` has in [`cluster_yaml`].
-pub fn initial_role(i: usize) -> &'static str {
-    if i.is_multiple_of(3) {
-        "frontend"
-    } else {
-        "backend"
-    }
-}
-
-/// Appends pod `i`: namespace `ns-<i % 10>`, app `app-<i % 5>`, on [`NODE`]
-/// for the first [`LOCAL_PODS`], else on one of the other nodes; address
-/// 198.18.1.0 + i (the lab's infrastructure /24 stays free; the /15 holds
-/// over 130,000 pods).
-pub fn pod_yaml(y: &mut String, i: usize, role: &str) {
-    let node = if i < LOCAL_PODS {
-        NODE.to_owned()
-    } else {
-        format!("node-{}", 2 + i % OTHER_NODES)
-    };
-    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0)) + i as u32);
-    let _ = writeln!(
-        y,
-        "---\napiVersion: v1\nkind: Pod\n\
-         metadata: {{name: pod-{i}, namespace: ns-{}, labels: {{app: app-{}, role: {role}}}}}\n\
-         spec: {{nodeName: {node}, containers: [{{name: c, ports: [{{containerPort: 80, protocol: TCP}}]}}]}}\n\
-         status: {{podIP: {ip}, podIPs: [{{ip: {ip}}}]}}",
-        i % NAMESPACES,
-        i % POLICIES_PER_NAMESPACE,
-    );
-}
 
 /// A Prometheus histogram: cumulative bucket counts by upper bound.
 #[derive(Debug, Default)]

@@ -36,30 +36,26 @@ pub fn run() -> anyhow::Result<bool> {
         },
         clone.display()
     );
-    let status = Command::new("git")
-        .args(["clone", "--quiet", "--no-hardlinks"])
-        .arg(&root)
-        .arg(&clone)
-        .status()
-        .context("running git clone")?;
-    if !status.success() {
-        bail!("git clone {} failed ({status})", root.display());
-    }
+    run_checked(
+        Command::new("git")
+            .args(["clone", "--quiet", "--no-hardlinks"])
+            .arg(&root)
+            .arg(&clone),
+        &format!("git clone {}", root.display()),
+    )?;
 
     let clone_target = scratch.path().join("target");
     std::fs::create_dir_all(&clone_target)?;
     let debug = target.join("debug");
     if debug.is_dir() {
         let started = std::time::Instant::now();
-        let status = Command::new("cp")
-            .args(["-a", "--reflink=auto"])
-            .arg(&debug)
-            .arg(&clone_target)
-            .status()
-            .context("running cp")?;
-        if !status.success() {
-            bail!("copying {} failed ({status})", debug.display());
-        }
+        run_checked(
+            Command::new("cp")
+                .args(["-a", "--reflink=auto"])
+                .arg(&debug)
+                .arg(&clone_target),
+            &format!("copying {}", debug.display()),
+        )?;
         println!(
             "copied {} for the clone's build in {:.1}s",
             debug.display(),
@@ -129,4 +125,15 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Runs `cmd` (`what` it does, for errors) and fails unless it succeeds.
+fn run_checked(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: starting it"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
 }

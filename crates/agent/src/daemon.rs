@@ -14,16 +14,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use std::collections::BTreeMap;
 
-use compiler::{IncrementalCompiler, Outcome};
-use model::calico::{Resource, ResourceKey};
-use model::state::ClusterState;
+use ::dataplane::{Node, Pipeline};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
-use watcher::{Cache, Source, Update};
+use watcher::{Source, Update};
 
-use crate::dataplane::{Backend, DataplaneArgs, EtcdTlsArgs};
+use crate::dataplane::{DataplaneArgs, EtcdTlsArgs};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Args)]
@@ -98,119 +95,6 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// The kernel side, on its own thread (netlink and restore tools block).
-// One value per agent, never moved around: the size difference is moot.
-#[allow(clippy::large_enum_variant)]
-enum Programmer {
-    Nft(programmer::NftProgrammer),
-    Iptables(programmer::iptables::IptablesProgrammer),
-}
-
-impl Programmer {
-    fn new(args: &DataplaneArgs) -> anyhow::Result<Programmer> {
-        Ok(match args.backend {
-            Backend::Nftables => {
-                let mut p = programmer::NftProgrammer::new()
-                    .context("opening the nf_tables netlink socket")?;
-                // Adopt what a previous run left: unchanged chains are not
-                // rewritten and keep their counters.
-                p.adopt()
-                    .context("reading our tables back from the kernel")?;
-                Programmer::Nft(p)
-            }
-            Backend::Iptables => {
-                Programmer::Iptables(programmer::iptables::IptablesProgrammer::new(
-                    args.iptables_backend.programmer_backend(),
-                ))
-            }
-        })
-    }
-
-    /// Brings the compiler up to `state` (`changes` since the last call)
-    /// and the kernel up to the compiler. With `full`, the whole ruleset is
-    /// diffed against the kernel (after a failure or a repair) even when
-    /// the compile found only element changes.
-    fn apply(
-        &mut self,
-        compiler: &mut IncrementalCompiler,
-        state: &ClusterState,
-        changes: &Changes,
-        full: bool,
-        metrics: &Metrics,
-    ) -> anyhow::Result<()> {
-        let outcome = compiler.update(state, changes)?;
-        match self {
-            Programmer::Nft(p) => {
-                metrics.nft_calls.inc();
-                let r = match outcome {
-                    Outcome::Elements(delta) if !full => p.apply_elements(&delta),
-                    Outcome::Patch(patch) if !full => p.apply_patch(&patch),
-                    _ => p.apply(compiler.ruleset()),
-                };
-                let r = match r {
-                    // An object we never committed (adopted tables that
-                    // differ, say): the full diff handles it.
-                    Err(programmer::Error::NotCommitted { .. }) => p.apply(compiler.ruleset()),
-                    r => r,
-                };
-                r.map(|_| ()).map_err(|e| {
-                    metrics.nft_errors.inc();
-                    anyhow::Error::new(e).context("programming nftables")
-                })
-            }
-            Programmer::Iptables(p) => {
-                let logical = compiler.logical().expect("compiled above");
-                let before = p.stats();
-                let r = p
-                    .apply(&compiler::render_iptables::to_iptables(logical))
-                    .map(|_| ())
-                    .map_err(|e| anyhow::Error::new(e).context("programming iptables"));
-                metrics.record_iptables(&before, &p.stats());
-                r
-            }
-        }
-    }
-
-    /// Whether the kernel differs from what we last wrote.
-    fn drifted(&mut self, compiler: &IncrementalCompiler) -> anyhow::Result<bool> {
-        match self {
-            Programmer::Nft(p) => Ok(p.has_drift()?),
-            Programmer::Iptables(p) => {
-                let Some(logical) = compiler.logical() else {
-                    return Ok(false);
-                };
-                let report = p.drift(&compiler::render_iptables::to_iptables(logical))?;
-                Ok(!report.is_noop())
-            }
-        }
-    }
-
-    /// Forget what we believe the kernel holds, so the next apply reads it.
-    fn invalidate(&mut self) -> anyhow::Result<()> {
-        match self {
-            Programmer::Nft(p) => Ok(p.adopt()?),
-            Programmer::Iptables(p) => {
-                p.invalidate();
-                Ok(())
-            }
-        }
-    }
-
-    /// Removes the *other* backend's state (switching backend).
-    fn remove_other(&mut self, args: &DataplaneArgs) -> anyhow::Result<()> {
-        match self {
-            Programmer::Nft(_) => crate::sync::remove_iptables(args),
-            Programmer::Iptables(_) => {
-                programmer::NftProgrammer::new()?.remove_all()?;
-                Ok(())
-            }
-        }
-    }
-}
-
-/// Resources changed since the last apply, with their values before it.
-type Changes = BTreeMap<ResourceKey, Option<Resource>>;
-
 /// Consecutive failed applies after which the agent exits non-zero.
 const MAX_APPLY_FAILURES: u32 = 6;
 
@@ -227,7 +111,7 @@ enum Job {
     },
     /// Compare the kernel with what we last wrote; repair if it differs.
     Resync,
-    /// Last resort before giving up (nftables): see `tamper::rebuild`.
+    /// Last resort before giving up (nftables): see `Pipeline::rebuild`.
     Rebuild { revision: i64 },
 }
 
@@ -238,53 +122,33 @@ struct JobDone {
     error: Option<String>,
 }
 
-/// The programmer thread: the state, the incremental compiler and the
-/// kernel side.
+/// The programmer thread: the node's state, compiler and kernel side
+/// ([`Node`]), and what the loop and the metrics need to hear of them.
 struct Worker {
-    cache: Cache,
-    /// Changes since the last successful compile, with the values before.
-    changes: Changes,
-    compiler: IncrementalCompiler,
-    programmer: Programmer,
-    /// The next apply diffs the whole ruleset against the kernel.
-    full_next: bool,
-    removed_other: bool,
-    args: DataplaneArgs,
+    node: Node,
     metrics: Arc<Metrics>,
     /// The error of the last failed apply or rebuild, until reported.
     last_error: Option<String>,
 }
 
 impl Worker {
-    fn fold(&mut self, updates: Vec<Update>) {
-        for u in updates {
-            if let Update::Upsert { key, .. } | Update::Delete { key, .. } = &u {
-                if !self.changes.contains_key(key) {
-                    let old = self.cache.state.get(key).cloned();
-                    self.changes.insert(key.clone(), old);
-                }
-            }
-            self.cache.apply(u);
-        }
-    }
-
-    fn apply(&mut self, revision: i64, received: &[Instant]) -> bool {
+    /// Runs `program` (an apply or a repair), counting and logging its
+    /// outcome; whether it succeeded.
+    fn program(
+        &mut self,
+        revision: i64,
+        received: &[Instant],
+        program: impl FnOnce(&mut Node) -> Result<(), ::dataplane::Error>,
+    ) -> bool {
         let start = Instant::now();
-        let result = self.programmer.apply(
-            &mut self.compiler,
-            &self.cache.state,
-            &self.changes,
-            self.full_next,
-            &self.metrics,
-        );
-        // The compiler has taken the changes in, whether or not the kernel
-        // did; after a failure the next apply diffs the whole ruleset.
-        self.changes.clear();
+        let before = self.node.pipeline().dataplane().stats();
+        let result = program(&mut self.node);
+        self.metrics
+            .record(&before, &self.node.pipeline().dataplane().stats());
         match result {
             Ok(()) => {
-                self.full_next = false;
                 let acked = Instant::now();
-                let logical = self.compiler.logical().expect("applied");
+                let logical = self.node.pipeline().logical().expect("applied");
                 self.metrics.observe_apply(logical, start.elapsed());
                 for r in received {
                     self.metrics
@@ -299,27 +163,15 @@ impl Worker {
                     ms = start.elapsed().as_millis() as u64,
                     "dataplane programmed"
                 );
-                if !self.removed_other {
-                    match self.programmer.remove_other(&self.args) {
-                        Ok(()) => self.removed_other = true,
-                        Err(e) => warn!("removing the other backend's state: {e:#}"),
-                    }
-                }
                 true
             }
             Err(e) => {
+                let e = ::dataplane::error_chain(&e);
                 error!(
                     revision,
-                    "apply failed; the previous ruleset stays in force: {e:#}"
+                    "apply failed; the previous ruleset stays in force: {e}"
                 );
-                self.last_error = Some(format!("{e:#}"));
-                self.full_next = true;
-                if self.compiler.logical().is_none()
-                    || e.downcast_ref::<compiler::CompileError>().is_some()
-                {
-                    self.compiler.reset();
-                }
-                let _ = self.programmer.invalidate();
+                self.last_error = Some(e);
                 false
             }
         }
@@ -327,17 +179,15 @@ impl Worker {
 
     /// `Some(ok)` when a repair was attempted.
     fn resync(&mut self) -> Option<bool> {
-        match self.programmer.drifted(&self.compiler) {
+        match self.node.has_drift() {
             Ok(false) => None,
             Ok(true) => {
                 warn!("the kernel differs from our last write; repairing");
                 self.metrics.resyncs_repaired.inc();
-                self.full_next = true;
-                let ok = self.programmer.invalidate().is_ok() && self.apply(-1, &[]);
-                Some(ok)
+                Some(self.program(-1, &[], Node::repair))
             }
             Err(e) => {
-                warn!("drift check failed: {e:#}");
+                warn!("drift check failed: {}", ::dataplane::error_chain(&e));
                 None
             }
         }
@@ -345,47 +195,37 @@ impl Worker {
 
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>, done: mpsc::UnboundedSender<JobDone>) {
         for job in jobs {
-            match job {
-                Job::Updates(updates) => self.fold(updates),
+            let (ok, revision) = match job {
+                Job::Updates(updates) => {
+                    self.node.fold(updates);
+                    continue;
+                }
                 Job::Apply { revision, received } => {
-                    let ok = self.apply(revision, &received);
-                    let error = self.last_error.take();
-                    let _ = done.send(JobDone {
-                        ok,
-                        revision,
-                        error,
-                    });
+                    (self.program(revision, &received, Node::apply), revision)
                 }
-                Job::Resync => {
-                    if let Some(ok) = self.resync() {
-                        let error = self.last_error.take();
-                        let _ = done.send(JobDone {
-                            ok,
-                            revision: -1,
-                            error,
-                        });
-                    }
-                }
+                Job::Resync => match self.resync() {
+                    Some(ok) => (ok, -1),
+                    None => continue,
+                },
                 Job::Rebuild { revision } => {
-                    let ok = if let Programmer::Nft(p) = &mut self.programmer {
-                        crate::tamper::rebuild(p, &self.cache.state, &self.args)
-                            .map_err(|e| {
-                                error!("{e:#}");
-                                self.last_error = Some(format!("{e:#}"));
-                            })
-                            .is_ok()
-                    } else {
-                        false
+                    let ok = match self.node.rebuild() {
+                        Ok(rebuilt) => rebuilt,
+                        Err(e) => {
+                            let e = ::dataplane::error_chain(&e);
+                            error!("{e}");
+                            self.last_error = Some(e);
+                            false
+                        }
                     };
-                    self.full_next = true;
-                    let error = self.last_error.take();
-                    let _ = done.send(JobDone {
-                        ok,
-                        revision,
-                        error,
-                    });
+                    (ok, revision)
                 }
-            }
+            };
+            let error = self.last_error.take();
+            let _ = done.send(JobDone {
+                ok,
+                revision,
+                error,
+            });
         }
     }
 }
@@ -424,20 +264,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     // The programmer lives on its own thread; jobs in, results out.
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobDone>();
-    let programmer = Programmer::new(&args.dataplane)?;
-    let own_port = match &programmer {
-        Programmer::Nft(p) => Some(p.port_id()?),
-        _ => None,
-    };
+    let dataplane = ::dataplane::open(args.dataplane.kind(), args.dataplane.iptables_tools())?;
+    let own_port = dataplane.own_port();
     let mut kernel_changes = crate::tamper::spawn(&args.watch, own_port)?;
     let worker = Worker {
-        cache: Cache::new(),
-        changes: Changes::new(),
-        compiler: IncrementalCompiler::new(args.dataplane.compile_options()),
-        programmer,
-        full_next: true,
-        removed_other: false,
-        args: args.dataplane.clone(),
+        node: Node::new(Pipeline::new(args.dataplane.compile_options(), dataplane)),
         metrics: metrics.clone(),
         last_error: None,
     };

@@ -1,5 +1,6 @@
-//! Options shared by every subcommand that renders or programs a dataplane,
-//! and loading the cluster state from a datastore.
+//! Options shared by every subcommand that renders or programs a dataplane
+//! (they choose and configure the `dataplane` crate's backend), and loading
+//! the cluster state from a datastore.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,6 +16,15 @@ pub enum Backend {
     Iptables,
 }
 
+impl Backend {
+    pub fn kind(self) -> ::dataplane::Kind {
+        match self {
+            Backend::Nftables => ::dataplane::Kind::Nftables,
+            Backend::Iptables => ::dataplane::Kind::Iptables,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum IptablesTools {
     /// iptables-legacy-restore, ip6tables-legacy-restore (felix's default).
@@ -24,10 +34,10 @@ pub enum IptablesTools {
 }
 
 impl IptablesTools {
-    pub fn programmer_backend(self) -> programmer::iptables::Backend {
+    pub fn programmer_backend(self) -> iptables::Backend {
         match self {
-            IptablesTools::Legacy => programmer::iptables::Backend::Legacy,
-            IptablesTools::Nft => programmer::iptables::Backend::Nft,
+            IptablesTools::Legacy => iptables::Backend::Legacy,
+            IptablesTools::Nft => iptables::Backend::Nft,
         }
     }
 }
@@ -103,6 +113,14 @@ fn parse_mask(s: &str) -> Result<u32, String> {
 }
 
 impl DataplaneArgs {
+    pub fn kind(&self) -> ::dataplane::Kind {
+        self.backend.kind()
+    }
+
+    pub fn iptables_tools(&self) -> iptables::Backend {
+        self.iptables_backend.programmer_backend()
+    }
+
     pub fn compile_options(&self) -> CompileOptions {
         CompileOptions {
             node: self.node.clone(),

@@ -55,7 +55,7 @@ pub fn run(
     protocol: Protocol,
     port: u16,
 ) -> anyhow::Result<bool> {
-    if args.backend == Backend::Iptables {
+    if !args.backend.kind().can_trace() {
         bail!("kernel tracing is nftables-only (this node runs --backend iptables)");
     }
     let filter = TraceFilter {

@@ -118,26 +118,37 @@ impl Metrics {
         self.rejected.compiled(&logical.rejected);
     }
 
-    pub fn record_iptables(
-        &self,
-        before: &programmer::iptables::Stats,
-        after: &programmer::iptables::Stats,
-    ) {
+    /// Counts the dataplane work done between two snapshots of its totals.
+    pub fn record(&self, before: &dataplane::Stats, after: &dataplane::Stats) {
         let d = |a: u64, b: u64| b.saturating_sub(a);
-        self.iptables_restore_calls.inc_by(d(
-            before.iptables_restore_calls,
-            after.iptables_restore_calls,
-        ));
-        self.iptables_restore_errors.inc_by(d(
-            before.iptables_restore_errors,
-            after.iptables_restore_errors,
-        ));
-        self.iptables_save_calls
-            .inc_by(d(before.iptables_save_calls, after.iptables_save_calls));
-        self.ipset_calls
-            .inc_by(d(before.ipset_calls, after.ipset_calls));
-        self.ipset_errors
-            .inc_by(d(before.ipset_errors, after.ipset_errors));
+        let counters = [
+            (
+                &self.nft_calls,
+                before.nft_transactions,
+                after.nft_transactions,
+            ),
+            (&self.nft_errors, before.nft_errors, after.nft_errors),
+            (
+                &self.iptables_restore_calls,
+                before.iptables_restore_calls,
+                after.iptables_restore_calls,
+            ),
+            (
+                &self.iptables_restore_errors,
+                before.iptables_restore_errors,
+                after.iptables_restore_errors,
+            ),
+            (
+                &self.iptables_save_calls,
+                before.iptables_save_calls,
+                after.iptables_save_calls,
+            ),
+            (&self.ipset_calls, before.ipset_calls, after.ipset_calls),
+            (&self.ipset_errors, before.ipset_errors, after.ipset_errors),
+        ];
+        for (counter, a, b) in counters {
+            counter.inc_by(d(a, b));
+        }
     }
 
     pub fn render(&self) -> String {

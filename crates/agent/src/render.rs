@@ -2,28 +2,15 @@
 
 use std::path::PathBuf;
 
-use crate::dataplane::{load_files, Backend, DataplaneArgs};
+use crate::dataplane::{load_files, DataplaneArgs};
 
 /// Prints the ruleset; returns false if some object had to be skipped.
 pub fn run(args: &DataplaneArgs, paths: &[PathBuf]) -> anyhow::Result<bool> {
     let (state, skipped) = load_files(paths)?;
-    let opts = args.compile_options();
-    match args.backend {
-        Backend::Nftables => {
-            let (logical, ruleset) = compiler::compile_nftables(&state, &opts)?;
-            for (key, why) in &logical.rejected {
-                eprintln!("error: skipped {key}: {why}");
-            }
-            print!("{}", compiler::render_nft::render(&ruleset));
-            Ok(skipped == 0 && logical.rejected.is_empty())
-        }
-        Backend::Iptables => {
-            let (logical, rendered) = compiler::compile_iptables(&state, &opts)?;
-            for (key, why) in &logical.rejected {
-                eprintln!("error: skipped {key}: {why}");
-            }
-            print!("{}", compiler::render_iptables::render(&rendered));
-            Ok(skipped == 0 && logical.rejected.is_empty())
-        }
+    let logical = compiler::compile(&state, &args.compile_options())?;
+    for (key, why) in &logical.rejected {
+        eprintln!("error: skipped {key}: {why}");
     }
+    print!("{}", ::dataplane::render(args.kind(), &logical));
+    Ok(skipped == 0 && logical.rejected.is_empty())
 }

@@ -1,4 +1,4 @@
-//! Tampering and repeated kernel failures (nftables backend).
+//! Tampering (nftables backend).
 //!
 //! * **Tampering**: a thread listens to nf_tables change notifications
 //!   ([`programmer::monitor::Monitor`]) and, when someone other than our
@@ -8,20 +8,17 @@
 //!   admin's whole `nft -f`) becomes one resync: after the first change the
 //!   thread collects further ones for [`DEBOUNCE`] before asking.
 //! * **Repeated kernel failures**: when diffs keep failing (our committed
-//!   state and the kernel disagree in a way re-reading does not fix), one
-//!   [`rebuild`] replaces our tables whole in one atomic transaction before
-//!   the daemon gives up.
+//!   state and the kernel disagree in a way re-reading does not fix), the
+//!   daemon has `dataplane::Pipeline::rebuild` replace our tables whole in
+//!   one atomic transaction before it gives up.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use model::state::ClusterState;
 use programmer::monitor::{ForeignChange, Monitor};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
-
-use crate::dataplane::DataplaneArgs;
 
 /// After a foreign change, how long further changes are gathered into the
 /// same resync.
@@ -128,25 +125,4 @@ fn gather_more(monitor: &mut Monitor, own_port: u32) {
             }
         }
     }
-}
-
-/// The last resort after repeated failures: replaces our tables with the
-/// desired ruleset in ONE atomic transaction (destroy + create), whatever
-/// the kernel holds. On failure the old tables stay in force.
-pub fn rebuild(
-    p: &mut programmer::NftProgrammer,
-    state: &ClusterState,
-    args: &DataplaneArgs,
-) -> anyhow::Result<()> {
-    warn!("diffs keep failing; rebuilding our nftables tables from scratch in one transaction");
-    let logical = compiler::compile(state, &args.compile_options())?;
-    let report = p
-        .rebuild(&compiler::lower_nft::to_nftables(&logical))
-        .context("rebuilding our nftables tables")?;
-    info!(
-        messages = report.messages,
-        ms = report.kernel_time.as_millis() as u64,
-        "rebuilt our nftables tables; the desired ruleset is in force"
-    );
-    Ok(())
 }

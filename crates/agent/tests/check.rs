@@ -1,30 +1,9 @@
 //! `nftpolicy check` as a user runs it: exit codes, result lines, errors.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn nftpolicy() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_nftpolicy"))
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("nftpolicy-check-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{nftpolicy, workspace, TempDir};
 
 fn run(args: &[&Path]) -> (i32, String) {
     let out = nftpolicy().arg("check").args(args).output().unwrap();

@@ -8,11 +8,14 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use programmer::testutil::Netns;
+use testkit::netns::Netns;
+
+mod common;
+use common::*;
 
 const METRICS: &str = "127.0.0.1:19391";
 const HEALTH: &str = "127.0.0.1:19399";
@@ -38,28 +41,6 @@ fn endpoint(pod: &str, ip: &str) -> String {
          metadata: {{name: node1-k8s-{pod}-eth0, namespace: default, labels: {{app: web, projectcalico.org/namespace: default}}}}\n\
          spec: {{orchestrator: k8s, node: node1, pod: {pod}, endpoint: eth0, interfaceName: cali-{pod}, ipNetworks: [\"{ip}/32\"]}}\n"
     )
-}
-
-/// A scratch directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let p = std::env::temp_dir().join(format!("nftpolicy-rejected-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The agent process, killed on drop (also when an assertion fails).
@@ -127,7 +108,7 @@ fn a_malformed_policy_is_named_once_counted_once_and_the_rest_is_programmed() {
         .status()
         .unwrap();
     assert!(st.success());
-    let dir = TempDir::new();
+    let dir = TempDir::new("rejected");
     let manifests = dir.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
     write(&manifests, "pod-a.yaml", &endpoint("a", "198.18.0.1"));

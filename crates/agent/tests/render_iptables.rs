@@ -6,11 +6,12 @@
 //! Needs root: the sets are created inside a network namespace this test
 //! makes and removes.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
-use programmer::testutil::Netns;
+use testkit::netns::Netns;
+
+mod common;
+use common::*;
 
 /// A cluster with every kind of rule the renderer has: selectors (labels
 /// and expressions, namespace and pod), named ports resolving to different
@@ -110,24 +111,6 @@ spec:
   policyTypes: [Ingress, Egress]
 "#;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p =
-            std::env::temp_dir().join(format!("nftpolicy-render-ipt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The rendered text's parts, by their `# IPv4: ipset restore`-style
 /// headers: (header, body).
 fn split_parts(rendered: &str) -> Vec<(String, String)> {
@@ -151,7 +134,7 @@ fn split_parts(rendered: &str) -> Vec<(String, String)> {
 }
 
 fn render(manifests: &Path, node: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_nftpolicy"))
+    let out = nftpolicy()
         .args(["render", "--backend", "iptables", "--node", node])
         .arg(manifests)
         .output()
@@ -166,25 +149,8 @@ fn render(manifests: &Path, node: &str) -> String {
 
 /// Runs `cmd` inside `ns` with `input` on stdin; (success, stderr+stdout).
 fn feed(ns: &Netns, cmd: &[&str], input: &str) -> (bool, String) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .args(cmd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
-    )
+    let (ok, stdout, stderr) = ns.output(cmd, input).unwrap();
+    (ok, stderr + &stdout)
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //! kernel.
 //!
 //! Every collection is ordered (`BTreeMap`/`Vec`) so two rulesets compare
-//! with `==` and diff deterministically.
+//! with `==` and diff deterministically; every type (de)serialises, so a
+//! ruleset can be kept as a golden file.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -19,7 +20,7 @@ use ipnet::IpNet;
 pub const TABLE_NAME: &str = "nftpolicy";
 
 /// A whole desired dataplane: one table per address family.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Ruleset {
     pub tables: Vec<Table>,
 }
@@ -27,7 +28,9 @@ pub struct Ruleset {
 /// nftables table families we use. nftpolicy keeps `ip` and `ip6` tables
 /// apart (as iptables/ip6tables do) so that each Calico rule is one nft rule
 /// per family; see ARCHITECTURE.md.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum TableFamily {
     Ip,
     Ip6,
@@ -54,7 +57,7 @@ impl TableFamily {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Table {
     pub family: TableFamily,
     pub name: String,
@@ -75,7 +78,7 @@ impl Table {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Chain {
     pub name: String,
     /// Set for base chains (attached to a netfilter hook).
@@ -83,7 +86,7 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BaseChain {
     pub hook: Hook,
     /// Hook priority (filter = 0; lower runs first).
@@ -91,7 +94,9 @@ pub struct BaseChain {
     pub policy: ChainPolicy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Hook {
     Input,
     Forward,
@@ -117,7 +122,7 @@ impl Hook {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ChainPolicy {
     Accept,
     Drop,
@@ -125,7 +130,7 @@ pub enum ChainPolicy {
 
 /// One nft rule: all matches must hold; then the statements run in order;
 /// then the verdict (if any) is taken.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Rule {
     pub matches: Vec<Match>,
     pub stmts: Vec<Stmt>,
@@ -134,13 +139,17 @@ pub struct Rule {
     pub comment: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Dir {
     Src,
     Dst,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum IfDir {
     /// `iifname`
     In,
@@ -148,7 +157,7 @@ pub enum IfDir {
     Out,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Match {
     /// `iifname "cali1234"` or, with `wildcard`, `iifname "cali*"` (prefix).
     IfName {
@@ -189,7 +198,9 @@ pub enum Match {
 }
 
 /// Conntrack state bits, as the kernel numbers them (`NF_CT_STATE_*_BIT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct CtStates(pub u32);
 
 impl CtStates {
@@ -203,13 +214,13 @@ impl CtStates {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AddrTarget {
     Net(IpNet),
     Set(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PortTarget {
     /// Inclusive; a single port when `min == max`.
     Range {
@@ -219,7 +230,7 @@ pub enum PortTarget {
     Set(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Stmt {
     Counter,
     /// `meta mark set meta mark & ~clear | set`.
@@ -236,7 +247,7 @@ pub enum Stmt {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Verdict {
     Accept,
     Drop,
@@ -253,7 +264,7 @@ pub enum Verdict {
 
 /// A named set. Address and port sets are interval sets whose elements never
 /// overlap (the compiler coalesces them: the kernel rejects overlaps).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Set {
     pub name: String,
     pub key: SetKey,
@@ -261,7 +272,9 @@ pub struct Set {
     pub comment: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum SetKey {
     /// `ipv4_addr` / `ipv6_addr` (by table family), `flags interval`.
     Addr,
@@ -277,7 +290,9 @@ impl SetKey {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum SetElement {
     Net(IpNet),
     /// Inclusive port range.
@@ -290,7 +305,7 @@ pub enum SetElement {
 }
 
 /// A verdict map from interface name (`ifname`) to `goto <chain>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VerdictMap {
     pub name: String,
     pub elements: BTreeMap<String, Verdict>,

@@ -4,57 +4,7 @@
 use compiler::nft::{Match, Ruleset, SetElement, TableFamily};
 use compiler::{compile_nftables, CompileOptions};
 use expect_test::expect_file;
-use model::convert::kube_to_calico;
-use model::kube::{parse_manifests, Manifest};
-use model::state::ClusterState;
-
-fn state(yaml: &str) -> ClusterState {
-    let mut s = ClusterState::new();
-    for m in parse_manifests("test.yaml", yaml).unwrap() {
-        match m {
-            Manifest::Kube(o) => {
-                if let Some(r) = kube_to_calico(&o).unwrap() {
-                    s.upsert(r);
-                }
-            }
-            Manifest::Calico(r) => {
-                s.upsert(r);
-            }
-        }
-    }
-    s
-}
-
-fn pod(ns: &str, name: &str, node: &str, ip: &str, labels: &str, ports: &str) -> String {
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c, ports: [{ports}]}}]}}\nstatus: {{podIP: {ip}}}\n"
-    )
-}
-
-const SEED: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n";
-const DENY_ALL: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-deny-all, namespace: default}\nspec: {podSelector: {matchLabels: {app: web}}, ingress: []}\n";
-
-fn seed_cluster() -> String {
-    format!(
-        "{SEED}{}{}{DENY_ALL}",
-        pod(
-            "default",
-            "web",
-            "node1",
-            "198.18.128.1",
-            "app: web",
-            "{containerPort: 80}"
-        ),
-        pod(
-            "default",
-            "client",
-            "node2",
-            "198.18.128.2",
-            "app: client",
-            "{containerPort: 80}"
-        )
-    )
-}
+use testkit::cluster::{state, web_deny_all, DEFAULT_NAMESPACE};
 
 fn compile(yaml: &str, opts: &CompileOptions) -> Ruleset {
     compile_nftables(&state(yaml), opts).unwrap().1
@@ -66,7 +16,7 @@ fn table(rs: &Ruleset, f: TableFamily) -> &compiler::nft::Table {
 
 #[test]
 fn seed_web_deny_all_golden() {
-    let rs = compile(&seed_cluster(), &CompileOptions::new("node1"));
+    let rs = compile(&web_deny_all(), &CompileOptions::new("node1"));
     expect_file!["golden/seed-web-deny-all.node1.nft"]
         .assert_eq(&compiler::render_nft::render(&rs));
 }
@@ -75,7 +25,7 @@ fn seed_web_deny_all_golden() {
 fn mark_mask_v2_uses_pass_bit_0x2000000() {
     let mut opts = CompileOptions::new("node1");
     opts.mark_mask = 0xff00_0000;
-    let rs = compile(&seed_cluster(), &opts);
+    let rs = compile(&web_deny_all(), &opts);
     let text = compiler::render_nft::render(&rs);
     assert!(
         text.contains("meta mark & 0x02000000 == 0x00000000 jump cali-pi-default.web-deny-all"),
@@ -90,7 +40,7 @@ fn mark_mask_v2_uses_pass_bit_0x2000000() {
     );
     // The default mask: accept 0x10000, pass 0x20000.
     let text =
-        compiler::render_nft::render(&compile(&seed_cluster(), &CompileOptions::new("node1")));
+        compiler::render_nft::render(&compile(&web_deny_all(), &CompileOptions::new("node1")));
     assert!(text.contains("meta mark & 0x00020000 == 0x00000000 jump cali-pi-default.web-deny-all"));
 }
 
@@ -98,7 +48,7 @@ fn mark_mask_v2_uses_pass_bit_0x2000000() {
 fn a_mask_with_too_few_bits_is_rejected() {
     let mut opts = CompileOptions::new("node1");
     opts.mark_mask = 0x0000_0600;
-    let err = compile_nftables(&state(SEED), &opts).unwrap_err();
+    let err = compile_nftables(&state(DEFAULT_NAMESPACE), &opts).unwrap_err();
     assert_eq!(
         err.to_string(),
         "mark mask 0x00000600 has 2 bit(s) set; nftpolicy needs at least 4 (accept, pass, scratch0, scratch1)"
@@ -107,7 +57,7 @@ fn a_mask_with_too_few_bits_is_rejected() {
 
 #[test]
 fn only_local_endpoints_and_their_policies_are_programmed() {
-    let rs = compile(&seed_cluster(), &CompileOptions::new("node2"));
+    let rs = compile(&web_deny_all(), &CompileOptions::new("node2"));
     let t = table(&rs, TableFamily::Ip);
     assert!(
         !t.chains.contains_key("cali-pi-default.web-deny-all"),
@@ -127,7 +77,7 @@ fn sets_are_shared_by_content_and_cidrs_coalesced() {
             "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n    ports: [{{port: 80}}, {{port: 443}}, {{port: 8080}}]\n  - from: [{{ipBlock: {{cidr: 198.18.0.0/16, except: [198.18.1.0/24, 198.18.1.128/25, 198.18.2.0/24, 198.18.3.0/24]}}}}, {{ipBlock: {{cidr: 198.18.1.0/24}}}}]\n"
         )
     };
-    let yaml = format!("{}{}{}", seed_cluster(), policy("a"), policy("b"));
+    let yaml = format!("{}{}{}", web_deny_all(), policy("a"), policy("b"));
     let rs = compile(&yaml, &CompileOptions::new("node1"));
     let t = table(&rs, TableFamily::Ip);
     let names: Vec<&str> = t.sets.keys().map(String::as_str).collect();

@@ -5,8 +5,6 @@
 //! namespace this test creates and removes.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 use ipnet::IpNet;
 
@@ -16,60 +14,8 @@ use compiler::render_iptables::{
 };
 use compiler::{compile, CompileOptions};
 use expect_test::expect_file;
-use model::convert::{interface_name, kube_to_calico};
-use model::kube::{parse_manifests, Manifest};
-use model::state::ClusterState;
-
-fn state(yaml: &str) -> ClusterState {
-    let mut s = ClusterState::new();
-    for m in parse_manifests("test.yaml", yaml).unwrap() {
-        match m {
-            Manifest::Kube(o) => {
-                if let Some(r) = kube_to_calico(&o).unwrap() {
-                    s.upsert(r);
-                }
-            }
-            Manifest::Calico(r) => {
-                s.upsert(r);
-            }
-        }
-    }
-    s
-}
-
-fn pod(ns: &str, name: &str, node: &str, ips: &[&str], labels: &str, ports: &str) -> String {
-    let ip_list: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c, ports: [{ports}]}}]}}\nstatus: {{podIP: \"{}\", podIPs: [{}]}}\n",
-        ips[0],
-        ip_list.join(", ")
-    )
-}
-
-const SEED: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n";
-const DENY_ALL: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-deny-all, namespace: default}\nspec: {podSelector: {matchLabels: {app: web}}, ingress: []}\n";
-
-fn seed_cluster() -> String {
-    format!(
-        "{SEED}{}{}{DENY_ALL}",
-        pod(
-            "default",
-            "web",
-            "node1",
-            &["198.18.128.1"],
-            "app: web",
-            "{containerPort: 80}"
-        ),
-        pod(
-            "default",
-            "client",
-            "node2",
-            &["198.18.128.2"],
-            "app: client",
-            "{containerPort: 80}"
-        )
-    )
-}
+use model::convert::interface_name;
+use testkit::cluster::{pod, state, web_deny_all};
 
 /// Exercises every iptables special case: >15 ports, several CIDRs with
 /// excepts (v4 and v6), numeric + named ports, a policy name too long for a
@@ -165,7 +111,7 @@ fn rulesets(yaml: &str, opts: &CompileOptions) -> IptablesRulesets {
 
 #[test]
 fn seed_web_deny_all_golden() {
-    let rs = rulesets(&seed_cluster(), &CompileOptions::new("node1"));
+    let rs = rulesets(&web_deny_all(), &CompileOptions::new("node1"));
     expect_file!["golden/iptables-seed-web-deny-all.node1.txt"].assert_eq(&render(&rs));
 }
 
@@ -246,7 +192,7 @@ fn check_well_formed(rs: &IptablesRuleset) {
 
 #[test]
 fn renderings_are_well_formed() {
-    for yaml in [seed_cluster(), complex_cluster()] {
+    for yaml in [web_deny_all(), complex_cluster()] {
         for node in ["node1", "node2"] {
             let rs = rulesets(&yaml, &CompileOptions::new(node));
             for r in rs.iter() {
@@ -260,7 +206,7 @@ fn renderings_are_well_formed() {
 fn hook_rules_carry_felixs_own_hashes() {
     // felix writes exactly these two rules (no other comment), so the hashes
     // are the ones every Calico node shows in `iptables-save`.
-    let rs = rulesets(&seed_cluster(), &CompileOptions::new("node1"));
+    let rs = rulesets(&web_deny_all(), &CompileOptions::new("node1"));
     for r in rs.iter() {
         assert_eq!(
             r.hooks["FORWARD"][0],
@@ -278,7 +224,7 @@ fn hook_rules_carry_felixs_own_hashes() {
 fn allow_is_mark_then_return_and_the_v2_mask_uses_pass_bit_0x2000000() {
     let mut opts = CompileOptions::new("node1");
     opts.mark_mask = 0xff00_0000;
-    let rs = rulesets(&seed_cluster(), &opts);
+    let rs = rulesets(&web_deny_all(), &opts);
     let tw = &rs.v4.chains[&format!("cali-tw-{}", interface_name("default", "web"))];
     assert!(tw
         .iter()
@@ -294,7 +240,7 @@ fn allow_is_mark_then_return_and_the_v2_mask_uses_pass_bit_0x2000000() {
 
 #[test]
 fn neighbour_discovery_only_in_v6() {
-    let rs = rulesets(&seed_cluster(), &CompileOptions::new("node1"));
+    let rs = rulesets(&web_deny_all(), &CompileOptions::new("node1"));
     let nd = |r: &IptablesRuleset| {
         r.chains["cali-wl-to-host"]
             .iter()
@@ -467,51 +413,20 @@ fn ipsets_hold_members_as_ipset_prints_them() {
 // ---- kernel check -------------------------------------------------------
 
 /// A network namespace that exists while this value does.
-struct Netns(String);
+struct Netns(testkit::netns::Netns);
 
 impl Netns {
     fn new(tag: &str) -> Netns {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("nptest-ipt{}-{tag}{n}", std::process::id());
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip netns add");
-        assert!(st.success(), "ip netns add {name} (needs root)");
-        Netns(name)
-    }
-
-    fn run(&self, argv: &[&str], stdin: &str) -> (bool, String) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+        Netns(
+            testkit::netns::Netns::create(&format!("ipt-{tag}"))
+                .expect("ip netns add (needs root)"),
         )
     }
-}
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    /// Runs `argv` inside with `stdin`: (success, stdout + stderr).
+    fn run(&self, argv: &[&str], stdin: &str) -> (bool, String) {
+        let (ok, stdout, stderr) = self.0.output(argv, stdin).unwrap();
+        (ok, stdout + &stderr)
     }
 }
 
@@ -525,7 +440,7 @@ fn restore_bins(f: IpFamily) -> (&'static str, &'static str) {
 #[test]
 fn every_payload_is_accepted_by_ipset_and_iptables_restore() {
     for (tag, yaml, node) in [
-        ("seed", seed_cluster(), "node1"),
+        ("seed", web_deny_all(), "node1"),
         ("cplx", complex_cluster(), "node1"),
         ("cplx", complex_cluster(), "node2"),
     ] {
@@ -691,7 +606,7 @@ spec:
     source: {{nets: [198.18.0.0/24, 198.18.4.0/24], notNets: [198.18.4.128/25, 198.18.0.7/32]}}
     destination: {{nets: [198.18.128.0/28, 198.18.128.64/28], ports: [{}]}}
 ",
-        seed_cluster(),
+        web_deny_all(),
         ports.join(", ")
     );
     let rs = rulesets(&yaml, &CompileOptions::new("node1"));

@@ -8,7 +8,6 @@ use std::fmt;
 use compiler::nft::{TableFamily, TABLE_NAME};
 
 use crate::consts::*;
-use crate::netlink::NLM_F_REQUEST;
 use crate::nla::Writer;
 
 /// The object a message concerns.
@@ -88,6 +87,9 @@ pub struct MsgMeta {
     pub subject: Subject,
 }
 
+/// `NFTA_SET_ID`s of the sets created in a batch, per family.
+pub type SetIds = HashMap<TableFamily, HashMap<String, u32>>;
+
 /// An encoded transaction: `BATCH_BEGIN`, the messages, `BATCH_END`.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -95,7 +97,7 @@ pub struct Batch {
     pub msgs: Vec<MsgMeta>,
     /// `NFTA_SET_ID`s of sets created in this batch, per family: rules and
     /// element messages that refer to them carry the id as nft does.
-    set_ids: HashMap<TableFamily, HashMap<String, u32>>,
+    set_ids: SetIds,
     next_set_id: u32,
     open: Option<usize>,
     finished: bool,
@@ -164,6 +166,12 @@ impl Batch {
             .or_default()
             .insert(set.to_owned(), id);
         id
+    }
+
+    /// The writer and the set ids at once (to write a rule whose lookups
+    /// name sets of this batch).
+    pub fn writer_and_set_ids(&mut self) -> (&mut Writer, &SetIds) {
+        (&mut self.w, &self.set_ids)
     }
 
     pub fn set_id(&self, family: TableFamily, set: &str) -> Option<u32> {

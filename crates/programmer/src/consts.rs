@@ -1,33 +1,50 @@
-//! Kernel (`linux/netfilter/nf_tables.h`, `nfnetlink.h`) and nftables
-//! userdata (`libnftnl/udata.h`, nftables' `datatype.h`) constants.
+//! Kernel (`linux/netlink.h`, `linux/netfilter/nfnetlink*.h`,
+//! `nf_tables.h`) and nftables userdata (`libnftnl/udata.h`, nftables'
+//! `datatype.h`) constants, in one place so the socket, the encoder and the
+//! decoders agree by construction.
 //!
-//! Kept in one place so the encoder and decoder agree by construction.
+//! Where the `libc` crate exports a constant, its value is taken from there
+//! (typed for the field it fills: `u8` message types, `u16` flags and
+//! attribute types, `u32` register and key values); only what `libc` lacks —
+//! mostly `NFTA_*` attribute numbers — is written out, with the header's
+//! name.
 
 #![allow(dead_code)]
 
+/// `pub const NAME: TYPE = libc::NAME as TYPE;` for each name: the value is
+/// libc's, the type the one the netlink field it fills has.
+macro_rules! from_libc {
+    ($ty:ty: $($name:ident),+ $(,)?) => {
+        $(pub const $name: $ty = libc::$name as $ty;)+
+    };
+}
+
+// netlink (linux/netlink.h)
+from_libc!(i32: NETLINK_NETFILTER, SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_ADD_MEMBERSHIP);
+from_libc!(u16:
+    NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP_INTR, NLM_F_DUMP, NLM_F_CREATE, NLM_F_APPEND,
+    NLM_F_CAPPED, NLM_F_ACK_TLVS, NLMSG_ERROR, NLMSG_DONE,
+);
+/// `enum nlmsgerr_attrs`: the extended-ACK message and offending offset.
+pub const NLMSGERR_ATTR_MSG: u16 = 1;
+pub const NLMSGERR_ATTR_OFFS: u16 = 2;
+
 // nfnetlink
-pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
-pub const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-pub const NFNL_MSG_BATCH_END: u16 = 0x11;
+from_libc!(u16: NFNL_SUBSYS_NFTABLES, NFNL_SUBSYS_ULOG, NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END);
+from_libc!(u32: NFNLGRP_NFTABLES, NFNLGRP_NFTRACE);
+from_libc!(u8: NFPROTO_IPV4, NFPROTO_IPV6);
 
 // enum nf_tables_msg_types
-pub const NFT_MSG_NEWTABLE: u8 = 0;
-pub const NFT_MSG_GETTABLE: u8 = 1;
-pub const NFT_MSG_DELTABLE: u8 = 2;
-pub const NFT_MSG_NEWCHAIN: u8 = 3;
-pub const NFT_MSG_GETCHAIN: u8 = 4;
-pub const NFT_MSG_DELCHAIN: u8 = 5;
-pub const NFT_MSG_NEWRULE: u8 = 6;
-pub const NFT_MSG_GETRULE: u8 = 7;
-pub const NFT_MSG_DELRULE: u8 = 8;
-pub const NFT_MSG_NEWSET: u8 = 9;
-pub const NFT_MSG_GETSET: u8 = 10;
-pub const NFT_MSG_DELSET: u8 = 11;
-pub const NFT_MSG_NEWSETELEM: u8 = 12;
-pub const NFT_MSG_GETSETELEM: u8 = 13;
-pub const NFT_MSG_DELSETELEM: u8 = 14;
-pub const NFT_MSG_NEWGEN: u8 = 15;
-pub const NFT_MSG_GETGEN: u8 = 16;
+from_libc!(u8:
+    NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_DELTABLE,
+    NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN, NFT_MSG_DELCHAIN,
+    NFT_MSG_NEWRULE, NFT_MSG_GETRULE, NFT_MSG_DELRULE,
+    NFT_MSG_NEWSET, NFT_MSG_GETSET, NFT_MSG_DELSET,
+    NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM,
+    NFT_MSG_NEWGEN, NFT_MSG_GETGEN, NFT_MSG_TRACE, NFT_MSG_NEWOBJ, NFT_MSG_DELOBJ,
+);
+pub const NFT_MSG_NEWFLOWTABLE: u8 = 22;
+pub const NFT_MSG_DELFLOWTABLE: u8 = 24;
 /// ≥ 6.3: like DELTABLE but no ENOENT when the table does not exist.
 pub const NFT_MSG_DESTROYTABLE: u8 = 26;
 
@@ -89,18 +106,10 @@ pub const NFTA_VERDICT_CODE: u16 = 1;
 pub const NFTA_VERDICT_CHAIN: u16 = 2;
 
 // Registers
-pub const NFT_REG_VERDICT: u32 = 0;
-pub const NFT_REG_1: u32 = 1;
-pub const NFT_REG32_00: u32 = 8;
+from_libc!(u32: NFT_REG_VERDICT, NFT_REG_1, NFT_REG32_00);
 
 // Verdict codes (netfilter.h NF_DROP/NF_ACCEPT; nf_tables.h for the rest)
-pub const NF_DROP: i32 = 0;
-pub const NF_ACCEPT: i32 = 1;
-pub const NFT_CONTINUE: i32 = -1;
-pub const NFT_BREAK: i32 = -2;
-pub const NFT_JUMP: i32 = -3;
-pub const NFT_GOTO: i32 = -4;
-pub const NFT_RETURN: i32 = -5;
+from_libc!(i32: NF_DROP, NF_ACCEPT, NFT_CONTINUE, NFT_BREAK, NFT_JUMP, NFT_GOTO, NFT_RETURN);
 
 // immediate
 pub const NFTA_IMMEDIATE_DREG: u16 = 1;
@@ -109,12 +118,7 @@ pub const NFTA_IMMEDIATE_DATA: u16 = 2;
 pub const NFTA_CMP_SREG: u16 = 1;
 pub const NFTA_CMP_OP: u16 = 2;
 pub const NFTA_CMP_DATA: u16 = 3;
-pub const NFT_CMP_EQ: u32 = 0;
-pub const NFT_CMP_NEQ: u32 = 1;
-pub const NFT_CMP_LT: u32 = 2;
-pub const NFT_CMP_LTE: u32 = 3;
-pub const NFT_CMP_GT: u32 = 4;
-pub const NFT_CMP_GTE: u32 = 5;
+from_libc!(u32: NFT_CMP_EQ, NFT_CMP_NEQ, NFT_CMP_LT, NFT_CMP_LTE, NFT_CMP_GT, NFT_CMP_GTE);
 // bitwise
 pub const NFTA_BITWISE_SREG: u16 = 1;
 pub const NFTA_BITWISE_DREG: u16 = 2;
@@ -122,53 +126,59 @@ pub const NFTA_BITWISE_LEN: u16 = 3;
 pub const NFTA_BITWISE_MASK: u16 = 4;
 pub const NFTA_BITWISE_XOR: u16 = 5;
 pub const NFTA_BITWISE_OP: u16 = 6;
+/// A shift amount: a bitwise expression carrying it is not one of ours.
+pub const NFTA_BITWISE_DATA: u16 = 7;
 pub const NFT_BITWISE_BOOL: u32 = 0;
 // meta
 pub const NFTA_META_DREG: u16 = 1;
 pub const NFTA_META_KEY: u16 = 2;
 pub const NFTA_META_SREG: u16 = 3;
-pub const NFT_META_MARK: u32 = 3;
-pub const NFT_META_IIFNAME: u32 = 6;
-pub const NFT_META_OIFNAME: u32 = 7;
-pub const NFT_META_L4PROTO: u32 = 16;
+from_libc!(u32: NFT_META_MARK, NFT_META_IIFNAME, NFT_META_OIFNAME, NFT_META_L4PROTO, NFT_META_NFTRACE);
 // ct
 pub const NFTA_CT_DREG: u16 = 1;
 pub const NFTA_CT_KEY: u16 = 2;
-pub const NFT_CT_STATE: u32 = 0;
+pub const NFTA_CT_DIRECTION: u16 = 3;
+from_libc!(u32: NFT_CT_STATE);
 // payload
 pub const NFTA_PAYLOAD_DREG: u16 = 1;
 pub const NFTA_PAYLOAD_BASE: u16 = 2;
 pub const NFTA_PAYLOAD_OFFSET: u16 = 3;
 pub const NFTA_PAYLOAD_LEN: u16 = 4;
-pub const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
-pub const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+/// A payload *write*: not one of ours.
+pub const NFTA_PAYLOAD_SREG: u16 = 5;
+from_libc!(u32: NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER);
 // lookup
 pub const NFTA_LOOKUP_SET: u16 = 1;
 pub const NFTA_LOOKUP_SREG: u16 = 2;
 pub const NFTA_LOOKUP_DREG: u16 = 3;
 pub const NFTA_LOOKUP_SET_ID: u16 = 4;
 pub const NFTA_LOOKUP_FLAGS: u16 = 5;
-pub const NFT_LOOKUP_F_INV: u32 = 1;
+from_libc!(u32: NFT_LOOKUP_F_INV);
 // range
 pub const NFTA_RANGE_SREG: u16 = 1;
 pub const NFTA_RANGE_OP: u16 = 2;
 pub const NFTA_RANGE_FROM_DATA: u16 = 3;
 pub const NFTA_RANGE_TO_DATA: u16 = 4;
-pub const NFT_RANGE_EQ: u32 = 0;
-pub const NFT_RANGE_NEQ: u32 = 1;
+from_libc!(u32: NFT_RANGE_EQ, NFT_RANGE_NEQ);
 // counter
 pub const NFTA_COUNTER_BYTES: u16 = 1;
 pub const NFTA_COUNTER_PACKETS: u16 = 2;
 // log
 pub const NFTA_LOG_GROUP: u16 = 1;
 pub const NFTA_LOG_PREFIX: u16 = 2;
+pub const NFTA_LOG_SNAPLEN: u16 = 3;
+pub const NFTA_LOG_QTHRESHOLD: u16 = 4;
+pub const NFTA_LOG_LEVEL: u16 = 5;
+pub const NFTA_LOG_FLAGS: u16 = 6;
+/// The level the kernel reports for a log without a group (`LOGLEVEL_WARNING`).
+pub const NFT_LOG_DEFAULT_LEVEL: u32 = 4;
 // limit
 pub const NFTA_LIMIT_RATE: u16 = 1;
 pub const NFTA_LIMIT_UNIT: u16 = 2;
 pub const NFTA_LIMIT_BURST: u16 = 3;
 pub const NFTA_LIMIT_TYPE: u16 = 4;
 pub const NFTA_LIMIT_FLAGS: u16 = 5;
-pub const NFT_LIMIT_PKTS: u32 = 0;
+from_libc!(u32: NFT_LIMIT_PKTS);
 /// nft's default burst for `limit rate N/second`.
 pub const NFT_LIMIT_DEFAULT_BURST: u32 = 5;
 
@@ -185,12 +195,8 @@ pub const NFTA_SET_ID: u16 = 10;
 pub const NFTA_SET_USERDATA: u16 = 13;
 pub const NFTA_SET_DESC_CONCAT: u16 = 2;
 pub const NFTA_SET_FIELD_LEN: u16 = 1;
-pub const NFT_SET_ANONYMOUS: u32 = 0x1;
-pub const NFT_SET_INTERVAL: u32 = 0x4;
-pub const NFT_SET_MAP: u32 = 0x8;
+from_libc!(u32: NFT_SET_ANONYMOUS, NFT_SET_INTERVAL, NFT_SET_MAP, NFT_DATA_VERDICT);
 pub const NFT_SET_CONCAT: u32 = 0x80;
-/// `NFT_DATA_VERDICT`: the data type of a verdict map.
-pub const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
 
 pub const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 pub const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -201,9 +207,29 @@ pub const NFTA_SET_ELEM_DATA: u16 = 2;
 pub const NFTA_SET_ELEM_FLAGS: u16 = 3;
 pub const NFTA_SET_ELEM_USERDATA: u16 = 6;
 pub const NFTA_SET_ELEM_KEY_END: u16 = 10;
-pub const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
+from_libc!(u32: NFT_SET_ELEM_INTERVAL_END);
 
+// Generation (`enum nft_gen_attributes`)
 pub const NFTA_GEN_ID: u16 = 1;
+pub const NFTA_GEN_PROC_PID: u16 = 2;
+pub const NFTA_GEN_PROC_NAME: u16 = 3;
+
+// Trace events (`enum nft_trace_attributes`, `enum nft_trace_types`)
+pub const NFTA_TRACE_TABLE: u16 = 1;
+pub const NFTA_TRACE_CHAIN: u16 = 2;
+pub const NFTA_TRACE_RULE_HANDLE: u16 = 3;
+pub const NFTA_TRACE_TYPE: u16 = 4;
+pub const NFTA_TRACE_VERDICT: u16 = 5;
+pub const NFTA_TRACE_ID: u16 = 6;
+pub const NFTA_TRACE_POLICY: u16 = 16;
+from_libc!(u32: NFT_TRACETYPE_POLICY, NFT_TRACETYPE_RETURN, NFT_TRACETYPE_RULE);
+
+// NFLOG (linux/netfilter/nfnetlink_log.h)
+from_libc!(u16:
+    NFULNL_MSG_PACKET, NFULNL_MSG_CONFIG, NFULA_CFG_CMD, NFULA_CFG_MODE, NFULA_CFG_QTHRESH,
+    NFULA_IFINDEX_INDEV, NFULA_IFINDEX_OUTDEV, NFULA_PAYLOAD, NFULA_PREFIX,
+);
+from_libc!(u8: NFULNL_CFG_CMD_BIND, NFULNL_CFG_CMD_UNBIND, NFULNL_COPY_PACKET);
 
 // nftables datatypes (src/datatype.h, enum datatypes), for NFTA_SET_KEY_TYPE
 pub const TYPE_VERDICT: u32 = 1;
@@ -237,10 +263,8 @@ pub const NFTNL_SET_ELEM_F_INTERVAL_OPEN: u32 = 0x1;
 /// nft refuses longer comments (`NFTNL_UDATA_COMMENT_MAXLEN`).
 pub const NFTNL_UDATA_COMMENT_MAXLEN: usize = 128;
 
-/// `IFNAMSIZ`.
-pub const IFNAMSIZ: usize = 16;
+from_libc!(usize: IFNAMSIZ);
 /// `NFT_NAME_MAXLEN` includes the NUL.
 pub const NFT_NAME_MAXLEN: usize = 256;
 
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_ICMPV6: u8 = 58;
+from_libc!(u8: IPPROTO_ICMP, IPPROTO_ICMPV6);

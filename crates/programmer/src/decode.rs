@@ -28,9 +28,10 @@ use netlink_packet_netfilter::nftables::{
 };
 
 use crate::consts::*;
-use crate::encode::addr_offset;
+use crate::encode::{addr_offset, icmp_proto};
+use crate::expr::{nested_value, verdict_data, Expr};
 use crate::netlink::Reply;
-use crate::nla::AttrIter;
+use crate::nla::{be_u32, be_u64, c_str, AttrIter};
 
 /// Comment prefix of the marker rule that stands for a rule we cannot
 /// decode (written by someone else, or by a different version of us).
@@ -69,21 +70,6 @@ pub fn parse(reply: &Reply) -> Result<NfTablesMessage, Error> {
             source,
         }
     })
-}
-
-fn be_u32(v: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
-}
-
-fn be_u64(v: &[u8]) -> Option<u64> {
-    Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))
-}
-
-/// The `NFTA_DATA_VALUE` inside a raw `NFTA_*_DATA` nest.
-fn nested_value(v: &[u8]) -> Option<Vec<u8>> {
-    AttrIter::new(v)
-        .find(|(k, _)| *k == NFTA_DATA_VALUE)
-        .map(|(_, v)| v.to_vec())
 }
 
 // ---------------------------------------------------------------------------
@@ -314,11 +300,11 @@ pub fn elements(reply: &Reply, out: &mut Vec<KElem>) -> Result<(), Error> {
             let mut e = KElem::default();
             for (k, v) in AttrIter::new(elem) {
                 match k {
-                    NFTA_SET_ELEM_KEY => e.key = nested_value(v).unwrap_or_default(),
-                    NFTA_SET_ELEM_KEY_END => e.key_end = nested_value(v),
+                    NFTA_SET_ELEM_KEY => e.key = nested_value(v).unwrap_or_default().to_vec(),
+                    NFTA_SET_ELEM_KEY_END => e.key_end = nested_value(v).map(<[u8]>::to_vec),
                     NFTA_SET_ELEM_FLAGS => e.flags = be_u32(v).unwrap_or(0),
                     NFTA_SET_ELEM_DATA => match AttrIter::new(v).next() {
-                        Some((NFTA_DATA_VERDICT, verdict)) => e.verdict = raw_verdict(verdict),
+                        Some((NFTA_DATA_VERDICT, verdict)) => e.verdict = verdict_data(verdict),
                         _ => e.other_data = true,
                     },
                     _ => {}
@@ -328,23 +314,6 @@ pub fn elements(reply: &Reply, out: &mut Vec<KElem>) -> Result<(), Error> {
         }
     }
     Ok(())
-}
-
-/// `NFTA_DATA_VERDICT` contents: code and chain.
-fn raw_verdict(v: &[u8]) -> Option<(i32, Option<String>)> {
-    let mut code = None;
-    let mut chain = None;
-    for (k, x) in AttrIter::new(v) {
-        match k {
-            NFTA_VERDICT_CODE => code = be_u32(x).map(|c| c as i32),
-            NFTA_VERDICT_CHAIN => {
-                let s = x.split(|&c| c == 0).next().unwrap_or(&[]);
-                chain = Some(String::from_utf8_lossy(s).into_owned());
-            }
-            _ => {}
-        }
-    }
-    code.map(|c| (c, chain))
 }
 
 fn ir_verdict(code: i32, chain: Option<String>) -> Option<Verdict> {
@@ -576,87 +545,12 @@ pub fn ir_set(family: TableFamily, k: &KSet, elems: &[KElem]) -> Option<IrSet> {
 // ---------------------------------------------------------------------------
 // Rules
 
-/// One expression of a kernel rule, reduced to what we need to recognise
-/// our patterns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expr {
-    MetaLoad {
-        key: u32,
-        dreg: u32,
-    },
-    MetaSet {
-        key: u32,
-        sreg: u32,
-    },
-    CtLoad {
-        key: u32,
-        dreg: u32,
-        direction: bool,
-    },
-    Cmp {
-        sreg: u32,
-        op: u32,
-        data: Vec<u8>,
-    },
-    Bitwise {
-        sreg: u32,
-        dreg: u32,
-        len: u32,
-        mask: Vec<u8>,
-        xor: Vec<u8>,
-        op: u32,
-    },
-    Payload {
-        dreg: u32,
-        base: u32,
-        offset: u32,
-        len: u32,
-    },
-    Lookup {
-        sreg: u32,
-        dreg: Option<u32>,
-        set: String,
-        flags: u32,
-    },
-    Range {
-        sreg: u32,
-        op: u32,
-        from: Vec<u8>,
-        to: Vec<u8>,
-    },
-    Counter {
-        packets: u64,
-        bytes: u64,
-    },
-    Log {
-        prefix: Option<String>,
-        group: Option<u16>,
-        extra: bool,
-    },
-    Limit {
-        rate: u64,
-        unit: u64,
-        burst: u32,
-        kind: u32,
-        flags: u32,
-    },
-    Verdict {
-        code: i32,
-        chain: Option<String>,
-    },
-    ImmediateData {
-        dreg: u32,
-        data: Vec<u8>,
-    },
-    Unknown(String),
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KRule {
     pub table: String,
     pub chain: String,
     pub handle: u64,
-    pub exprs: Vec<Expr>,
+    pub exprs: Vec<Expr<'static>>,
     pub comment: Option<String>,
 }
 
@@ -684,16 +578,7 @@ pub fn rule(reply: &Reply) -> Result<KRule, Error> {
             NFTA_RULE_HANDLE => r.handle = be_u64(v).unwrap_or(0),
             NFTA_RULE_EXPRESSIONS => {
                 for (_, e) in AttrIter::new(v) {
-                    let mut name = String::new();
-                    let mut data: &[u8] = &[];
-                    for (k, x) in AttrIter::new(e) {
-                        match k {
-                            NFTA_EXPR_NAME => name = c_str(x),
-                            NFTA_EXPR_DATA => data = x,
-                            _ => {}
-                        }
-                    }
-                    r.exprs.push(expr(name, data));
+                    r.exprs.push(Expr::parse_elem(e));
                 }
             }
             NFTA_RULE_USERDATA => r.comment = udata_comment(v, NFTNL_UDATA_RULE_COMMENT),
@@ -709,158 +594,6 @@ pub fn rule(reply: &Reply) -> Result<KRule, Error> {
     Ok(r)
 }
 
-fn c_str(v: &[u8]) -> String {
-    let s = v.split(|&c| c == 0).next().unwrap_or(&[]);
-    String::from_utf8_lossy(s).into_owned()
-}
-
-/// An expression's attributes indexed by type (all expression attribute
-/// types we read are < 16).
-struct ExprAttrs<'a>([Option<&'a [u8]>; 16]);
-
-impl<'a> ExprAttrs<'a> {
-    fn new(data: &'a [u8]) -> Self {
-        let mut a = [None; 16];
-        for (k, v) in AttrIter::new(data) {
-            if let Some(slot) = a.get_mut(k as usize) {
-                *slot = Some(v);
-            }
-        }
-        ExprAttrs(a)
-    }
-
-    fn get(&self, k: u16) -> Option<&'a [u8]> {
-        self.0.get(k as usize).copied().flatten()
-    }
-
-    fn u32(&self, k: u16) -> Option<u32> {
-        be_u32(self.get(k)?)
-    }
-
-    fn has(&self, k: u16) -> bool {
-        self.get(k).is_some()
-    }
-
-    /// The `NFTA_DATA_VALUE` inside nested data attribute `k`.
-    fn value(&self, k: u16) -> Option<Vec<u8>> {
-        nested_value(self.get(k)?)
-    }
-}
-
-fn expr(name: String, data: &[u8]) -> Expr {
-    let a = ExprAttrs::new(data);
-    let parsed = match name.as_str() {
-        "meta" => match (
-            a.u32(NFTA_META_KEY),
-            a.u32(NFTA_META_DREG),
-            a.u32(NFTA_META_SREG),
-        ) {
-            (Some(key), Some(dreg), None) => Some(Expr::MetaLoad { key, dreg }),
-            (Some(key), None, Some(sreg)) => Some(Expr::MetaSet { key, sreg }),
-            _ => None,
-        },
-        "cmp" => (|| {
-            Some(Expr::Cmp {
-                sreg: a.u32(NFTA_CMP_SREG)?,
-                op: a.u32(NFTA_CMP_OP)?,
-                data: a.value(NFTA_CMP_DATA)?,
-            })
-        })(),
-        // NFTA_BITWISE_DATA (7) means a shift: not ours.
-        "bitwise" if !a.has(7) => (|| {
-            Some(Expr::Bitwise {
-                sreg: a.u32(NFTA_BITWISE_SREG)?,
-                dreg: a.u32(NFTA_BITWISE_DREG)?,
-                len: a.u32(NFTA_BITWISE_LEN)?,
-                mask: a.value(NFTA_BITWISE_MASK)?,
-                xor: a.value(NFTA_BITWISE_XOR)?,
-                op: a.u32(NFTA_BITWISE_OP).unwrap_or(NFT_BITWISE_BOOL),
-            })
-        })(),
-        // NFTA_PAYLOAD_SREG (5) means a payload write: not ours.
-        "payload" if !a.has(5) => (|| {
-            Some(Expr::Payload {
-                dreg: a.u32(NFTA_PAYLOAD_DREG)?,
-                base: a.u32(NFTA_PAYLOAD_BASE)?,
-                offset: a.u32(NFTA_PAYLOAD_OFFSET)?,
-                len: a.u32(NFTA_PAYLOAD_LEN)?,
-            })
-        })(),
-        "lookup" => (|| {
-            Some(Expr::Lookup {
-                sreg: a.u32(NFTA_LOOKUP_SREG)?,
-                dreg: a.u32(NFTA_LOOKUP_DREG),
-                set: c_str(a.get(NFTA_LOOKUP_SET)?),
-                flags: a.u32(NFTA_LOOKUP_FLAGS).unwrap_or(0),
-            })
-        })(),
-        "immediate" => (|| {
-            let dreg = a.u32(NFTA_IMMEDIATE_DREG)?;
-            let (k, v) = AttrIter::new(a.get(NFTA_IMMEDIATE_DATA)?).next()?;
-            match (dreg, k) {
-                (NFT_REG_VERDICT, NFTA_DATA_VERDICT) => {
-                    let (code, chain) = raw_verdict(v)?;
-                    Some(Expr::Verdict { code, chain })
-                }
-                (_, NFTA_DATA_VALUE) => Some(Expr::ImmediateData {
-                    dreg,
-                    data: v.to_vec(),
-                }),
-                _ => None,
-            }
-        })(),
-        "ct" => (|| {
-            Some(Expr::CtLoad {
-                key: a.u32(NFTA_CT_KEY)?,
-                dreg: a.u32(NFTA_CT_DREG)?,
-                direction: a.has(3),
-            })
-        })(),
-        "counter" => Some(Expr::Counter {
-            packets: a.get(NFTA_COUNTER_PACKETS).and_then(be_u64).unwrap_or(0),
-            bytes: a.get(NFTA_COUNTER_BYTES).and_then(be_u64).unwrap_or(0),
-        }),
-        "range" => (|| {
-            Some(Expr::Range {
-                sreg: a.u32(NFTA_RANGE_SREG)?,
-                op: a.u32(NFTA_RANGE_OP)?,
-                from: a.value(NFTA_RANGE_FROM_DATA)?,
-                to: a.value(NFTA_RANGE_TO_DATA)?,
-            })
-        })(),
-        "log" => {
-            let prefix = a.get(NFTA_LOG_PREFIX).map(c_str);
-            let group = a
-                .get(NFTA_LOG_GROUP)
-                .and_then(|v| Some(u16::from_be_bytes(v.get(..2)?.try_into().ok()?)));
-            // Anything beyond nft's defaults for `log prefix … [group N]`
-            // (the kernel reports snaplen/qthreshold 0 for NFLOG, level 4
-            // and flags 0 for the kernel log) is a log we did not write.
-            let nonzero = |k: u16| a.get(k).is_some_and(|v| v.iter().any(|&b| b != 0));
-            let extra = nonzero(3)
-                || nonzero(4)
-                || nonzero(6)
-                || a.get(5).is_some_and(|v| be_u32(v) != Some(4));
-            Some(Expr::Log {
-                prefix,
-                group,
-                extra,
-            })
-        }
-        "limit" => (|| {
-            Some(Expr::Limit {
-                rate: be_u64(a.get(NFTA_LIMIT_RATE)?)?,
-                unit: be_u64(a.get(NFTA_LIMIT_UNIT)?)?,
-                burst: a.u32(NFTA_LIMIT_BURST).unwrap_or(0),
-                kind: a.u32(NFTA_LIMIT_TYPE).unwrap_or(0),
-                flags: a.u32(NFTA_LIMIT_FLAGS).unwrap_or(0),
-            })
-        })(),
-        _ => None,
-    };
-    parsed.unwrap_or(Expr::Unknown(name))
-}
-
 /// IR rule for a kernel rule: the decoded rule, or a foreign marker.
 pub fn ir_rule(family: TableFamily, k: &KRule) -> Rule {
     match decode_exprs(family, &k.exprs) {
@@ -871,24 +604,7 @@ pub fn ir_rule(family: TableFamily, k: &KRule) -> Rule {
             comment: k.comment.clone(),
         },
         None => {
-            let names: Vec<&str> = k
-                .exprs
-                .iter()
-                .map(|e| match e {
-                    Expr::MetaLoad { .. } | Expr::MetaSet { .. } => "meta",
-                    Expr::CtLoad { .. } => "ct",
-                    Expr::Cmp { .. } => "cmp",
-                    Expr::Bitwise { .. } => "bitwise",
-                    Expr::Payload { .. } => "payload",
-                    Expr::Lookup { .. } => "lookup",
-                    Expr::Range { .. } => "range",
-                    Expr::Counter { .. } => "counter",
-                    Expr::Log { .. } => "log",
-                    Expr::Limit { .. } => "limit",
-                    Expr::Verdict { .. } | Expr::ImmediateData { .. } => "immediate",
-                    Expr::Unknown(n) => n.as_str(),
-                })
-                .collect();
+            let names: Vec<&str> = k.exprs.iter().map(Expr::name).collect();
             let mut what = format!("handle {} [{}]", k.handle, names.join(" "));
             if let Some(c) = &k.comment {
                 what.push_str(&format!(" comment {c:?}"));
@@ -898,18 +614,14 @@ pub fn ir_rule(family: TableFamily, k: &KRule) -> Rule {
     }
 }
 
-type Decoded = (Vec<Match>, Vec<Stmt>, Option<Verdict>);
+pub(crate) type Decoded = (Vec<Match>, Vec<Stmt>, Option<Verdict>);
 
 /// Recognises exactly the expression sequences `encode::rule_exprs` writes.
-fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
+pub(crate) fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
     let mut matches = Vec::new();
     let mut stmts = Vec::new();
     let mut verdict = None;
-    let icmp_proto = if family.is_v6() {
-        IPPROTO_ICMPV6
-    } else {
-        IPPROTO_ICMP
-    };
+    let icmp_proto = icmp_proto(family);
     let mut l4: Option<u8> = None;
     let mut i = 0;
     // Matches come first, then statements, then the verdict.
@@ -944,7 +656,7 @@ fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
                         let (name, wildcard) = if data.len() == IFNAMSIZ {
                             (ifname_from_key(data)?, false)
                         } else if !data.is_empty() && data.len() < IFNAMSIZ && !data.contains(&0) {
-                            (String::from_utf8(data.clone()).ok()?, true)
+                            (String::from_utf8(data.to_vec()).ok()?, true)
                         } else {
                             return None;
                         };
@@ -964,11 +676,12 @@ fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
                         sreg: NFT_REG_1,
                         dreg: Some(NFT_REG_VERDICT),
                         set,
-                        flags: 0,
+                        flags: None | Some(0),
+                        ..
                     } => {
                         verdict = Some(Verdict::IfNameVmap {
                             dir,
-                            map: set.clone(),
+                            map: set.to_string(),
                         });
                         i += 2;
                     }
@@ -978,7 +691,7 @@ fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
             Expr::CtLoad {
                 key: NFT_CT_STATE,
                 dreg: NFT_REG_1,
-                direction: false,
+                direction: None,
             } => {
                 let Expr::Bitwise {
                     sreg: NFT_REG_1,
@@ -986,7 +699,7 @@ fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
                     len: 4,
                     mask,
                     xor,
-                    op: NFT_BITWISE_BOOL,
+                    op: None | Some(NFT_BITWISE_BOOL),
                 } = e.get(i + 1)?
                 else {
                     return None;
@@ -1032,7 +745,7 @@ fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
                     len: 4,
                     mask,
                     xor,
-                    op: NFT_BITWISE_BOOL,
+                    op: None | Some(NFT_BITWISE_BOOL),
                 } => match e.get(i + 2)? {
                     Expr::Cmp {
                         sreg: NFT_REG_1,
@@ -1064,7 +777,7 @@ fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
                 },
                 _ => return None,
             },
-            Expr::ImmediateData {
+            Expr::Immediate {
                 dreg: NFT_REG_1,
                 data,
             } => {
@@ -1173,41 +886,54 @@ fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
                 kind: NFT_LIMIT_PKTS,
                 flags: 0,
             } => {
-                let Expr::Log {
+                let (prefix, group) = plain_log(e.get(i + 1)?)?;
+                stmts.push(Stmt::Log {
                     prefix,
                     group,
-                    extra: false,
-                } = e.get(i + 1)?
-                else {
-                    return None;
-                };
-                stmts.push(Stmt::Log {
-                    prefix: prefix.clone().unwrap_or_default(),
-                    group: *group,
                     rate_per_second: Some(u32::try_from(*rate).ok()?),
                 });
                 i += 2;
             }
-            Expr::Log {
-                prefix,
-                group,
-                extra: false,
-            } => {
+            log @ Expr::Log { .. } => {
+                let (prefix, group) = plain_log(log)?;
                 stmts.push(Stmt::Log {
-                    prefix: prefix.clone().unwrap_or_default(),
-                    group: *group,
+                    prefix,
+                    group,
                     rate_per_second: None,
                 });
                 i += 1;
             }
             Expr::Verdict { code, chain } => {
-                verdict = Some(ir_verdict(*code, chain.clone())?);
+                verdict = Some(ir_verdict(*code, chain.as_deref().map(str::to_owned))?);
                 i += 1;
             }
             _ => return None,
         }
     }
     Some((matches, stmts, verdict))
+}
+
+/// A log statement as nft writes `log [prefix …] [group N]`: its prefix and
+/// group. Anything beyond nft's defaults (the kernel reports snaplen and
+/// queue threshold 0 for NFLOG, level 4 and flags 0 for the kernel log) is
+/// a log we did not write.
+fn plain_log(e: &Expr) -> Option<(String, Option<u16>)> {
+    let Expr::Log {
+        prefix,
+        group,
+        snaplen,
+        qthreshold,
+        level,
+        flags,
+    } = e
+    else {
+        return None;
+    };
+    let default = snaplen.unwrap_or(0) == 0
+        && qthreshold.unwrap_or(0) == 0
+        && flags.unwrap_or(0) == 0
+        && level.is_none_or(|l| l == NFT_LOG_DEFAULT_LEVEL);
+    default.then(|| (prefix.as_deref().unwrap_or_default().to_owned(), *group))
 }
 
 fn neg(op: u32) -> Option<bool> {
@@ -1296,7 +1022,7 @@ fn decode_addr(
             len: blen,
             mask,
             xor,
-            op: NFT_BITWISE_BOOL,
+            op: None | Some(NFT_BITWISE_BOOL),
         } if *blen as usize == alen && mask.len() == alen && xor.iter().all(|&b| b == 0) => {
             let prefix = mask_prefix(mask)?;
             let Expr::Cmp {
@@ -1328,10 +1054,11 @@ fn decode_addr(
             dreg: None,
             set,
             flags,
+            ..
         } => Some((
             Match::Addr {
                 dir,
-                target: AddrTarget::Set(set.clone()),
+                target: AddrTarget::Set(set.to_string()),
                 negate: lookup_negate(*flags)?,
             },
             1,
@@ -1359,6 +1086,7 @@ fn decode_addr(
                 dreg: None,
                 set,
                 flags,
+                ..
             } = rest.get(2)?
             else {
                 return None;
@@ -1366,7 +1094,7 @@ fn decode_addr(
             Some((
                 Match::NamedPort {
                     dir,
-                    set: set.clone(),
+                    set: set.to_string(),
                     negate: lookup_negate(*flags)?,
                 },
                 3,
@@ -1376,8 +1104,8 @@ fn decode_addr(
     }
 }
 
-fn lookup_negate(flags: u32) -> Option<bool> {
-    match flags {
+fn lookup_negate(flags: Option<u32>) -> Option<bool> {
+    match flags.unwrap_or(0) {
         0 => Some(false),
         NFT_LOOKUP_F_INV => Some(true),
         _ => None,
@@ -1477,10 +1205,11 @@ fn decode_port(dir: Dir, rest: &[Expr]) -> Option<(Match, usize)> {
             dreg: None,
             set,
             flags,
+            ..
         } => Some((
             Match::Port {
                 dir,
-                target: PortTarget::Set(set.clone()),
+                target: PortTarget::Set(set.to_string()),
                 negate: lookup_negate(*flags)?,
             },
             1,

@@ -17,11 +17,10 @@ use compiler::nft::{
     ElementDelta, RulesetPatch, Set, SetDelta, SetElement, SetKey, Table, TableFamily, TablePatch,
     TABLE_NAME,
 };
-use tracing::{debug, warn};
 
 use crate::batch::Batch;
 use crate::consts::{NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM};
-use crate::{describe_failure, encode, netlink, ApplyReport, Error, NftProgrammer, Transaction};
+use crate::{encode, ApplyReport, Error, NftProgrammer};
 
 impl NftProgrammer {
     /// Applies set element changes to sets we committed earlier, in ONE
@@ -75,88 +74,6 @@ impl NftProgrammer {
                 patch.elements.apply_to_table(t);
             }
         })
-    }
-
-    /// Our tables as last committed, or [`Error::NotCommitted`].
-    fn committed_tables(&self) -> Result<&BTreeMap<TableFamily, Table>, Error> {
-        self.committed.as_ref().ok_or_else(|| Error::NotCommitted {
-            object: "our tables (nothing committed or adopted yet)".into(),
-        })
-    }
-
-    /// Finishes `b` (encoded since `started`) and sends it, unless it is
-    /// empty; see [`send_transaction`](Self::send_transaction).
-    fn send_unless_empty(
-        &mut self,
-        mut b: Batch,
-        started: Instant,
-        commit: impl FnOnce(&mut BTreeMap<TableFamily, Table>),
-    ) -> Result<ApplyReport, Error> {
-        b.finish();
-        let mut tx = Transaction { batch: b };
-        let report = ApplyReport::planned(&tx, started);
-        if tx.is_empty() {
-            return Ok(report);
-        }
-        self.send_transaction(&mut tx, report, commit)
-    }
-
-    /// Sends `tx`; on commit lets `commit` update the committed state and
-    /// remembers the generation (trusted only if ours was the only commit
-    /// since we looked). On [`Error::Transaction`] nothing changed.
-    pub(crate) fn send_transaction(
-        &mut self,
-        tx: &mut Transaction,
-        mut report: ApplyReport,
-        commit: impl FnOnce(&mut BTreeMap<TableFamily, Table>),
-    ) -> Result<ApplyReport, Error> {
-        let gen_before = self.generation()?;
-        let offsets = tx.batch.offsets();
-        let t1 = Instant::now();
-        let outcome = self.sock.send_batch(&mut tx.batch.w.buf, &offsets);
-        report.kernel_time = t1.elapsed();
-        match outcome.map_err(Error::Send)? {
-            netlink::BatchOutcome::Committed { acked } => {
-                debug!(
-                    messages = report.messages,
-                    bytes = report.bytes,
-                    acked,
-                    ?report.kinds,
-                    "transaction committed"
-                );
-                commit(self.committed.get_or_insert_with(Default::default));
-                let gen_after = self.generation()?;
-                self.committed_gen = (gen_after == gen_before.wrapping_add(1)).then_some(gen_after);
-                Ok(report)
-            }
-            netlink::BatchOutcome::Rejected(errors) => {
-                let first = &errors[0];
-                let object = describe_failure(tx, first);
-                let kind = tx
-                    .batch
-                    .msgs
-                    .get(first.index)
-                    .map(|m| m.kind)
-                    .unwrap_or("?");
-                warn!(%object, errno = first.errno, message = ?first.message, "transaction rejected");
-                Err(Error::Transaction {
-                    object,
-                    kind,
-                    errno: first.errno,
-                    message: first.message.clone(),
-                    other_errors: errors.len() - 1,
-                })
-            }
-            netlink::BatchOutcome::Unknown { errors_seen } => {
-                warn!(
-                    errors = errors_seen.len(),
-                    "transaction outcome unknown; forgetting committed state"
-                );
-                self.committed = None;
-                self.committed_gen = None;
-                Err(Error::StateUnknown)
-            }
-        }
     }
 }
 

@@ -16,9 +16,11 @@ use compiler::nft::{
 };
 use ipnet::IpNet;
 
+use std::borrow::Cow;
+
 use crate::batch::{Batch, Subject};
 use crate::consts::*;
-use crate::netlink::{NLM_F_APPEND, NLM_F_CREATE};
+use crate::expr::{put_verdict, Data, Expr};
 use crate::nla::Writer;
 
 #[derive(Debug, thiserror::Error)]
@@ -133,68 +135,51 @@ pub fn new_chain(
 }
 
 pub fn del_chain(b: &mut Batch, family: TableFamily, table: &str, chain: &str) {
-    b.begin(
-        NFT_MSG_DELCHAIN,
-        0,
+    let subject = Subject::Chain {
         family,
-        Subject::Chain {
-            family,
-            chain: chain.to_owned(),
-        },
+        chain: chain.to_owned(),
+    };
+    by_name(
+        b,
+        NFT_MSG_DELCHAIN,
+        family,
+        subject,
+        [(NFTA_CHAIN_TABLE, table), (NFTA_CHAIN_NAME, chain)],
     );
-    b.w.put_str(NFTA_CHAIN_TABLE, table);
-    b.w.put_str(NFTA_CHAIN_NAME, chain);
-    b.end();
 }
 
 /// `DELRULE` naming only the chain: deletes all its rules (`flush chain`).
 pub fn flush_chain(b: &mut Batch, family: TableFamily, table: &str, chain: &str) {
-    b.begin(
-        NFT_MSG_DELRULE,
-        0,
+    let subject = Subject::Chain {
         family,
-        Subject::Chain {
-            family,
-            chain: chain.to_owned(),
-        },
+        chain: chain.to_owned(),
+    };
+    by_name(
+        b,
+        NFT_MSG_DELRULE,
+        family,
+        subject,
+        [(NFTA_RULE_TABLE, table), (NFTA_RULE_CHAIN, chain)],
     );
-    b.w.put_str(NFTA_RULE_TABLE, table);
-    b.w.put_str(NFTA_RULE_CHAIN, chain);
+}
+
+/// A message that names its object and nothing else (a deletion).
+fn by_name(b: &mut Batch, t: u8, family: TableFamily, subject: Subject, names: [(u16, &str); 2]) {
+    b.begin(t, 0, family, subject);
+    for (attr, name) in names {
+        b.w.put_str(attr, name);
+    }
     b.end();
 }
 
 // ---------------------------------------------------------------------------
 // Rules
 
-/// Appends one rule (`NEWRULE`, `NLM_F_CREATE | NLM_F_APPEND`).
+/// Appends one rule, #`index` of its chain (`NEWRULE`, `NLM_F_CREATE |
+/// NLM_F_APPEND`); with `nftrace`, followed by `meta nftrace set 1` (for
+/// `nftpolicy explain --kernel`; not an IR statement, as it never belongs in
+/// a compiled ruleset).
 pub fn new_rule(
-    b: &mut Batch,
-    family: TableFamily,
-    table: &str,
-    chain: &str,
-    index: usize,
-    rule: &Rule,
-) -> Result<(), Error> {
-    new_rule_with(b, family, table, chain, index, rule, false)
-}
-
-/// Appends `rule` followed by `meta nftrace set 1` (for `nftpolicy explain
-/// --kernel`; not an IR statement, as it never belongs in a compiled
-/// ruleset).
-pub fn new_trace_rule(
-    b: &mut Batch,
-    family: TableFamily,
-    table: &str,
-    chain: &str,
-    rule: &Rule,
-) -> Result<(), Error> {
-    new_rule_with(b, family, table, chain, 0, rule, true)
-}
-
-/// `NFT_META_NFTRACE` (nf_tables.h `enum nft_meta_keys`).
-const NFT_META_NFTRACE: u32 = 12;
-
-fn new_rule_with(
     b: &mut Batch,
     family: TableFamily,
     table: &str,
@@ -203,55 +188,50 @@ fn new_rule_with(
     rule: &Rule,
     nftrace: bool,
 ) -> Result<(), Error> {
-    let subject = || {
-        Subject::Rule {
-            family,
-            chain: chain.to_owned(),
-            index,
-            comment: rule.comment.clone(),
-        }
-        .to_string()
+    let subject = || Subject::Rule {
+        family,
+        chain: chain.to_owned(),
+        index,
+        comment: rule.comment.clone(),
     };
-    check_comment(subject, &rule.comment)?;
+    let object = || subject().to_string();
+    check_comment(object, &rule.comment)?;
     let start = b.w.len();
     b.begin(
         NFT_MSG_NEWRULE,
         NLM_F_CREATE | NLM_F_APPEND,
         family,
-        Subject::Rule {
-            family,
-            chain: chain.to_owned(),
-            index,
-            comment: rule.comment.clone(),
-        },
+        subject(),
     );
     b.w.put_str(NFTA_RULE_TABLE, table);
     b.w.put_str(NFTA_RULE_CHAIN, chain);
-    let exprs = b.w.nest_start(NFTA_RULE_EXPRESSIONS);
-    if let Err(e) = rule_exprs(b, family, rule, &subject) {
+    let (w, set_ids) = b.writer_and_set_ids();
+    let exprs = w.nest_start(NFTA_RULE_EXPRESSIONS);
+    let set_id = |set: &str| set_ids.get(&family)?.get(set).copied();
+    if let Err(e) = rule_exprs(family, rule, &set_id, &object, &mut |e| e.write(w)) {
         b.abandon();
         debug_assert_eq!(b.w.len(), start);
         return Err(e);
     }
     if nftrace {
-        let e = expr_begin(&mut b.w, "immediate");
-        b.w.put_u32_be(NFTA_IMMEDIATE_DREG, NFT_REG_1);
-        let d = b.w.nest_start(NFTA_IMMEDIATE_DATA);
-        b.w.put(NFTA_DATA_VALUE, &[1u8]);
-        b.w.nest_end(d);
-        expr_end(&mut b.w, e);
-        let e = expr_begin(&mut b.w, "meta");
-        b.w.put_u32_be(NFTA_META_KEY, NFT_META_NFTRACE);
-        b.w.put_u32_be(NFTA_META_SREG, NFT_REG_1);
-        expr_end(&mut b.w, e);
+        Expr::Immediate {
+            dreg: NFT_REG_1,
+            data: Data::of(&[1]),
+        }
+        .write(w);
+        Expr::MetaSet {
+            key: NFT_META_NFTRACE,
+            sreg: NFT_REG_1,
+        }
+        .write(w);
     }
-    b.w.nest_end(exprs);
+    w.nest_end(exprs);
     if let Some(c) = &rule.comment {
         put_udata_comment(&mut b.w, NFTA_RULE_USERDATA, NFTNL_UDATA_RULE_COMMENT, c);
     }
     if b.w.overflowed() {
         b.abandon();
-        return Err(Error::TooLarge { object: subject() });
+        return Err(Error::TooLarge { object: object() });
     }
     b.end();
     Ok(())
@@ -268,11 +248,59 @@ fn put_udata_comment(w: &mut Writer, attr: u16, tlv_type: u8, comment: &str) {
     w.put(attr, &v);
 }
 
-fn rule_exprs(
-    b: &mut Batch,
+fn meta_load<'r>(key: u32, dreg: u32) -> Expr<'r> {
+    Expr::MetaLoad { key, dreg }
+}
+
+fn cmp<'r>(op: u32, data: &[u8]) -> Expr<'r> {
+    Expr::Cmp {
+        sreg: NFT_REG_1,
+        op,
+        data: Data::of(data),
+    }
+}
+
+/// `reg1 = (reg1 & mask) ^ xor`; `with_op` as nft writes it for
+/// operations on values (not for prefix masks or flag tests).
+fn bitwise<'r>(mask: &[u8], xor: &[u8], with_op: bool) -> Expr<'r> {
+    Expr::Bitwise {
+        sreg: NFT_REG_1,
+        dreg: NFT_REG_1,
+        op: with_op.then_some(NFT_BITWISE_BOOL),
+        len: mask.len() as u32,
+        mask: Data::of(mask),
+        xor: Data::of(xor),
+    }
+}
+
+fn payload<'r>(base: u32, offset: u32, len: u32, dreg: u32) -> Expr<'r> {
+    Expr::Payload {
+        dreg,
+        base,
+        offset,
+        len,
+    }
+}
+
+fn lookup<'r>(set: &'r str, set_id: Option<u32>, negate: bool) -> Expr<'r> {
+    Expr::Lookup {
+        sreg: NFT_REG_1,
+        dreg: None,
+        set: Cow::Borrowed(set),
+        set_id,
+        flags: negate.then_some(NFT_LOOKUP_F_INV),
+    }
+}
+
+/// Lowers `rule` to the expressions nft writes for it, in order, handing
+/// each to `out`. `set_id` gives the batch id of a set created in the same
+/// transaction. The inverse is `decode::decode_exprs`.
+pub(crate) fn rule_exprs<'r>(
     family: TableFamily,
-    rule: &Rule,
+    rule: &'r Rule,
+    set_id: &dyn Fn(&str) -> Option<u32>,
     object: &dyn Fn() -> String,
+    out: &mut dyn FnMut(Expr<'r>),
 ) -> Result<(), Error> {
     // The protocol the packet is known to have, from an earlier
     // `meta l4proto X` match: ICMP matches need it as a dependency, and nft
@@ -295,37 +323,37 @@ fn rule_exprs(
                         name: name.clone(),
                     });
                 }
-                meta_load(&mut b.w, ifname_key(*dir), NFT_REG_1);
-                let op = cmp_op(*negate);
+                out(meta_load(ifname_key(*dir), NFT_REG_1));
                 if *wildcard {
-                    cmp(&mut b.w, NFT_REG_1, op, name.as_bytes());
+                    out(cmp(cmp_op(*negate), name.as_bytes()));
                 } else {
-                    cmp(&mut b.w, NFT_REG_1, op, &ifname_bytes(name));
+                    out(cmp(cmp_op(*negate), &ifname_bytes(name)));
                 }
             }
             Match::CtState(states) => {
-                let e = expr_begin(&mut b.w, "ct");
-                b.w.put_u32_be(NFTA_CT_KEY, NFT_CT_STATE);
-                b.w.put_u32_be(NFTA_CT_DREG, NFT_REG_1);
-                expr_end(&mut b.w, e);
+                out(Expr::CtLoad {
+                    key: NFT_CT_STATE,
+                    dreg: NFT_REG_1,
+                    direction: None,
+                });
                 // ct state is host-endian in the register (netlink.md).
-                bitwise(&mut b.w, NFT_REG_1, &states.0.to_ne_bytes(), &[0; 4], false);
-                cmp(&mut b.w, NFT_REG_1, NFT_CMP_NEQ, &[0; 4]);
+                out(bitwise(&states.0.to_ne_bytes(), &[0; 4], false));
+                out(cmp(NFT_CMP_NEQ, &[0; 4]));
             }
             Match::Mark {
                 mask,
                 value,
                 negate,
             } => {
-                meta_load(&mut b.w, NFT_META_MARK, NFT_REG_1);
+                out(meta_load(NFT_META_MARK, NFT_REG_1));
                 if *mask != u32::MAX {
-                    bitwise(&mut b.w, NFT_REG_1, &mask.to_ne_bytes(), &[0; 4], true);
+                    out(bitwise(&mask.to_ne_bytes(), &[0; 4], true));
                 }
-                cmp(&mut b.w, NFT_REG_1, cmp_op(*negate), &value.to_ne_bytes());
+                out(cmp(cmp_op(*negate), &value.to_ne_bytes()));
             }
             Match::L4Proto { proto, negate } => {
-                meta_load(&mut b.w, NFT_META_L4PROTO, NFT_REG_1);
-                cmp(&mut b.w, NFT_REG_1, cmp_op(*negate), &[*proto]);
+                out(meta_load(NFT_META_L4PROTO, NFT_REG_1));
+                out(cmp(cmp_op(*negate), &[*proto]));
                 if !negate {
                     l4 = Some(*proto);
                 }
@@ -349,43 +377,35 @@ fn rule_exprs(
                         if prefix == alen * 8 || (prefix > 0 && prefix % 8 == 0) {
                             // Byte-aligned prefix: nft loads just those bytes.
                             let n = prefix / 8;
-                            payload_load(
-                                &mut b.w,
+                            out(payload(
                                 NFT_PAYLOAD_NETWORK_HEADER,
                                 offset,
                                 n as u32,
                                 NFT_REG_1,
-                            );
-                            cmp(&mut b.w, NFT_REG_1, op, &bytes[..n]);
+                            ));
+                            out(cmp(op, &bytes[..n]));
                         } else {
-                            payload_load(
-                                &mut b.w,
+                            let alen32 = alen as u32;
+                            out(payload(
                                 NFT_PAYLOAD_NETWORK_HEADER,
                                 offset,
-                                alen as u32,
+                                alen32,
                                 NFT_REG_1,
-                            );
+                            ));
                             let mask = prefix_mask(prefix, alen);
-                            bitwise(
-                                &mut b.w,
-                                NFT_REG_1,
-                                &mask[..alen],
-                                &[0u8; 16][..alen],
-                                false,
-                            );
-                            cmp(&mut b.w, NFT_REG_1, op, &bytes[..alen]);
+                            out(bitwise(&mask[..alen], &[0u8; 16][..alen], false));
+                            out(cmp(op, &bytes[..alen]));
                         }
                     }
                     AddrTarget::Set(set) => {
-                        payload_load(
-                            &mut b.w,
+                        let alen32 = alen as u32;
+                        out(payload(
                             NFT_PAYLOAD_NETWORK_HEADER,
                             offset,
-                            alen as u32,
+                            alen32,
                             NFT_REG_1,
-                        );
-                        let id = b.set_id(family, set);
-                        lookup(&mut b.w, NFT_REG_1, None, set, id, *negate);
+                        ));
+                        out(lookup(set, set_id(set), *negate));
                     }
                 }
             }
@@ -394,13 +414,8 @@ fn rule_exprs(
                 target,
                 negate,
             } => {
-                payload_load(
-                    &mut b.w,
-                    NFT_PAYLOAD_TRANSPORT_HEADER,
-                    port_offset(*dir),
-                    2,
-                    NFT_REG_1,
-                );
+                let offset = port_offset(*dir);
+                out(payload(NFT_PAYLOAD_TRANSPORT_HEADER, offset, 2, NFT_REG_1));
                 match target {
                     PortTarget::Range { min, max } => {
                         if min > max {
@@ -410,73 +425,64 @@ fn rule_exprs(
                                 max: *max,
                             });
                         }
+                        let (lo, hi) = (min.to_be_bytes(), max.to_be_bytes());
                         if min == max {
-                            cmp(&mut b.w, NFT_REG_1, cmp_op(*negate), &min.to_be_bytes());
+                            out(cmp(cmp_op(*negate), &lo));
                         } else if !negate {
-                            cmp(&mut b.w, NFT_REG_1, NFT_CMP_GTE, &min.to_be_bytes());
-                            cmp(&mut b.w, NFT_REG_1, NFT_CMP_LTE, &max.to_be_bytes());
+                            out(cmp(NFT_CMP_GTE, &lo));
+                            out(cmp(NFT_CMP_LTE, &hi));
                         } else {
-                            range(
-                                &mut b.w,
-                                NFT_REG_1,
-                                NFT_RANGE_NEQ,
-                                &min.to_be_bytes(),
-                                &max.to_be_bytes(),
-                            );
+                            out(Expr::Range {
+                                sreg: NFT_REG_1,
+                                op: NFT_RANGE_NEQ,
+                                from: Data::of(&lo),
+                                to: Data::of(&hi),
+                            });
                         }
                     }
-                    PortTarget::Set(set) => {
-                        let id = b.set_id(family, set);
-                        lookup(&mut b.w, NFT_REG_1, None, set, id, *negate);
-                    }
+                    PortTarget::Set(set) => out(lookup(set, set_id(set), *negate)),
                 }
             }
             Match::NamedPort { dir, set, negate } => {
                 let (offset, alen) = addr_offset(family, *dir);
                 // Concatenation: each field starts on a 32-bit register.
                 let (proto_reg, port_reg) = named_port_regs(alen);
-                payload_load(
-                    &mut b.w,
+                let alen32 = alen as u32;
+                out(payload(
                     NFT_PAYLOAD_NETWORK_HEADER,
                     offset,
-                    alen as u32,
+                    alen32,
                     NFT_REG_1,
-                );
-                meta_load(&mut b.w, NFT_META_L4PROTO, proto_reg);
-                payload_load(
-                    &mut b.w,
+                ));
+                out(meta_load(NFT_META_L4PROTO, proto_reg));
+                out(payload(
                     NFT_PAYLOAD_TRANSPORT_HEADER,
                     port_offset(*dir),
                     2,
                     port_reg,
-                );
-                let id = b.set_id(family, set);
-                lookup(&mut b.w, NFT_REG_1, None, set, id, *negate);
+                ));
+                out(lookup(set, set_id(set), *negate));
             }
             Match::Icmp {
                 icmp_type,
                 code,
                 negate,
             } => {
-                let proto = if family.is_v6() {
-                    IPPROTO_ICMPV6
-                } else {
-                    IPPROTO_ICMP
-                };
+                let proto = icmp_proto(family);
                 if l4 != Some(proto) {
-                    meta_load(&mut b.w, NFT_META_L4PROTO, NFT_REG_1);
-                    cmp(&mut b.w, NFT_REG_1, NFT_CMP_EQ, &[proto]);
+                    out(meta_load(NFT_META_L4PROTO, NFT_REG_1));
+                    out(cmp(NFT_CMP_EQ, &[proto]));
                     l4 = Some(proto);
                 }
                 let op = cmp_op(*negate);
                 match code {
                     None => {
-                        payload_load(&mut b.w, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, NFT_REG_1);
-                        cmp(&mut b.w, NFT_REG_1, op, &[*icmp_type]);
+                        out(payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 1, NFT_REG_1));
+                        out(cmp(op, &[*icmp_type]));
                     }
                     Some(code) => {
-                        payload_load(&mut b.w, NFT_PAYLOAD_TRANSPORT_HEADER, 0, 2, NFT_REG_1);
-                        cmp(&mut b.w, NFT_REG_1, op, &[*icmp_type, *code]);
+                        out(payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 2, NFT_REG_1));
+                        out(cmp(op, &[*icmp_type, *code]));
                     }
                 }
             }
@@ -484,34 +490,26 @@ fn rule_exprs(
     }
     for s in &rule.stmts {
         match s {
-            Stmt::Counter => {
-                let e = expr_begin(&mut b.w, "counter");
-                expr_end(&mut b.w, e);
-            }
+            Stmt::Counter => out(Expr::Counter {
+                packets: 0,
+                bytes: 0,
+            }),
             Stmt::SetMark { clear, set } => {
                 let keep = !(clear | set);
                 if keep == 0 {
                     // `meta mark set 0x…`: nothing of the old mark survives.
-                    let e = expr_begin(&mut b.w, "immediate");
-                    b.w.put_u32_be(NFTA_IMMEDIATE_DREG, NFT_REG_1);
-                    let d = b.w.nest_start(NFTA_IMMEDIATE_DATA);
-                    b.w.put(NFTA_DATA_VALUE, &set.to_ne_bytes());
-                    b.w.nest_end(d);
-                    expr_end(&mut b.w, e);
+                    out(Expr::Immediate {
+                        dreg: NFT_REG_1,
+                        data: Data::of(&set.to_ne_bytes()),
+                    });
                 } else {
-                    meta_load(&mut b.w, NFT_META_MARK, NFT_REG_1);
-                    bitwise(
-                        &mut b.w,
-                        NFT_REG_1,
-                        &keep.to_ne_bytes(),
-                        &set.to_ne_bytes(),
-                        true,
-                    );
+                    out(meta_load(NFT_META_MARK, NFT_REG_1));
+                    out(bitwise(&keep.to_ne_bytes(), &set.to_ne_bytes(), true));
                 }
-                let e = expr_begin(&mut b.w, "meta");
-                b.w.put_u32_be(NFTA_META_KEY, NFT_META_MARK);
-                b.w.put_u32_be(NFTA_META_SREG, NFT_REG_1);
-                expr_end(&mut b.w, e);
+                out(Expr::MetaSet {
+                    key: NFT_META_MARK,
+                    sreg: NFT_REG_1,
+                });
             }
             Stmt::Log {
                 prefix,
@@ -525,53 +523,58 @@ fn rule_exprs(
                     });
                 }
                 if let Some(rate) = rate_per_second {
-                    let e = expr_begin(&mut b.w, "limit");
-                    b.w.put_u64_be(NFTA_LIMIT_RATE, *rate as u64);
-                    b.w.put_u64_be(NFTA_LIMIT_UNIT, 1);
-                    b.w.put_u32_be(NFTA_LIMIT_BURST, NFT_LIMIT_DEFAULT_BURST);
-                    b.w.put_u32_be(NFTA_LIMIT_TYPE, NFT_LIMIT_PKTS);
-                    b.w.put_u32_be(NFTA_LIMIT_FLAGS, 0);
-                    expr_end(&mut b.w, e);
+                    out(Expr::Limit {
+                        rate: *rate as u64,
+                        unit: 1,
+                        burst: NFT_LIMIT_DEFAULT_BURST,
+                        kind: NFT_LIMIT_PKTS,
+                        flags: 0,
+                    });
                 }
-                let e = expr_begin(&mut b.w, "log");
-                if !prefix.is_empty() {
-                    b.w.put_str(NFTA_LOG_PREFIX, prefix);
-                }
-                if let Some(g) = group {
-                    b.w.put_u16_be(NFTA_LOG_GROUP, *g);
-                }
-                expr_end(&mut b.w, e);
+                out(Expr::Log {
+                    prefix: (!prefix.is_empty()).then_some(Cow::Borrowed(prefix.as_str())),
+                    group: *group,
+                    snaplen: None,
+                    qthreshold: None,
+                    level: None,
+                    flags: None,
+                });
             }
         }
     }
     match &rule.verdict {
         None => {}
         Some(Verdict::IfNameVmap { dir, map }) => {
-            meta_load(&mut b.w, ifname_key(*dir), NFT_REG_1);
-            let id = b.set_id(family, map);
-            let e = expr_begin(&mut b.w, "lookup");
-            b.w.put_u32_be(NFTA_LOOKUP_SREG, NFT_REG_1);
-            b.w.put_u32_be(NFTA_LOOKUP_DREG, NFT_REG_VERDICT);
-            b.w.put_str(NFTA_LOOKUP_SET, map);
-            if let Some(id) = id {
-                b.w.put_u32_be(NFTA_LOOKUP_SET_ID, id);
-            }
-            expr_end(&mut b.w, e);
+            out(meta_load(ifname_key(*dir), NFT_REG_1));
+            out(Expr::Lookup {
+                sreg: NFT_REG_1,
+                dreg: Some(NFT_REG_VERDICT),
+                set: Cow::Borrowed(map),
+                set_id: set_id(map),
+                flags: None,
+            });
         }
         Some(v) => {
             let (code, chain) = verdict_code(v).ok_or_else(|| Error::MapVerdict {
                 object: object(),
                 verdict: v.clone(),
             })?;
-            let e = expr_begin(&mut b.w, "immediate");
-            b.w.put_u32_be(NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT);
-            let d = b.w.nest_start(NFTA_IMMEDIATE_DATA);
-            put_verdict(&mut b.w, code, chain);
-            b.w.nest_end(d);
-            expr_end(&mut b.w, e);
+            out(Expr::Verdict {
+                code,
+                chain: chain.map(Cow::Borrowed),
+            });
         }
     }
     Ok(())
+}
+
+/// `IPPROTO_ICMP` / `IPPROTO_ICMPV6`: the protocol of the family's ICMP.
+pub(crate) fn icmp_proto(family: TableFamily) -> u8 {
+    if family.is_v6() {
+        IPPROTO_ICMPV6
+    } else {
+        IPPROTO_ICMP
+    }
 }
 
 /// The register holding the 32-bit slot `slot` of the register file, named
@@ -604,16 +607,6 @@ pub fn verdict_code(v: &Verdict) -> Option<(i32, Option<&str>)> {
         Verdict::Goto(c) => (NFT_GOTO, Some(c.as_str())),
         Verdict::IfNameVmap { .. } => return None,
     })
-}
-
-/// `NFTA_DATA_VERDICT { CODE, [CHAIN] }`.
-fn put_verdict(w: &mut Writer, code: i32, chain: Option<&str>) {
-    let v = w.nest_start(NFTA_DATA_VERDICT);
-    w.put_u32_be(NFTA_VERDICT_CODE, code as u32);
-    if let Some(c) = chain {
-        w.put_str(NFTA_VERDICT_CHAIN, c);
-    }
-    w.nest_end(v);
 }
 
 fn ifname_key(dir: IfDir) -> u32 {
@@ -683,103 +676,6 @@ fn prefix_mask(prefix: usize, alen: usize) -> [u8; 16] {
     m
 }
 
-// Expression writers, each with its attributes in the order libnftnl emits
-// them.
-
-fn expr_begin(w: &mut Writer, name: &str) -> (usize, usize) {
-    let elem = w.nest_start(NFTA_LIST_ELEM);
-    w.put_str(NFTA_EXPR_NAME, name);
-    let data = w.nest_start(NFTA_EXPR_DATA);
-    (elem, data)
-}
-
-fn expr_end(w: &mut Writer, (elem, data): (usize, usize)) {
-    w.nest_end(data);
-    w.nest_end(elem);
-}
-
-fn meta_load(w: &mut Writer, key: u32, dreg: u32) {
-    let e = expr_begin(w, "meta");
-    w.put_u32_be(NFTA_META_KEY, key);
-    w.put_u32_be(NFTA_META_DREG, dreg);
-    expr_end(w, e);
-}
-
-fn cmp(w: &mut Writer, sreg: u32, op: u32, data: &[u8]) {
-    let e = expr_begin(w, "cmp");
-    w.put_u32_be(NFTA_CMP_SREG, sreg);
-    w.put_u32_be(NFTA_CMP_OP, op);
-    let d = w.nest_start(NFTA_CMP_DATA);
-    w.put(NFTA_DATA_VALUE, data);
-    w.nest_end(d);
-    expr_end(w, e);
-}
-
-/// `reg = (reg & mask) ^ xor`. nft writes `NFTA_BITWISE_OP` for binary
-/// operations on values (`meta mark & …`) but not for prefix masks or flag
-/// tests; we follow it so the bytes match.
-fn bitwise(w: &mut Writer, reg: u32, mask: &[u8], xor: &[u8], with_op: bool) {
-    let e = expr_begin(w, "bitwise");
-    w.put_u32_be(NFTA_BITWISE_SREG, reg);
-    w.put_u32_be(NFTA_BITWISE_DREG, reg);
-    if with_op {
-        w.put_u32_be(NFTA_BITWISE_OP, NFT_BITWISE_BOOL);
-    }
-    w.put_u32_be(NFTA_BITWISE_LEN, mask.len() as u32);
-    let m = w.nest_start(NFTA_BITWISE_MASK);
-    w.put(NFTA_DATA_VALUE, mask);
-    w.nest_end(m);
-    let x = w.nest_start(NFTA_BITWISE_XOR);
-    w.put(NFTA_DATA_VALUE, xor);
-    w.nest_end(x);
-    expr_end(w, e);
-}
-
-fn payload_load(w: &mut Writer, base: u32, offset: u32, len: u32, dreg: u32) {
-    let e = expr_begin(w, "payload");
-    w.put_u32_be(NFTA_PAYLOAD_DREG, dreg);
-    w.put_u32_be(NFTA_PAYLOAD_BASE, base);
-    w.put_u32_be(NFTA_PAYLOAD_OFFSET, offset);
-    w.put_u32_be(NFTA_PAYLOAD_LEN, len);
-    expr_end(w, e);
-}
-
-fn lookup(
-    w: &mut Writer,
-    sreg: u32,
-    dreg: Option<u32>,
-    set: &str,
-    set_id: Option<u32>,
-    invert: bool,
-) {
-    let e = expr_begin(w, "lookup");
-    w.put_u32_be(NFTA_LOOKUP_SREG, sreg);
-    if let Some(d) = dreg {
-        w.put_u32_be(NFTA_LOOKUP_DREG, d);
-    }
-    w.put_str(NFTA_LOOKUP_SET, set);
-    if let Some(id) = set_id {
-        w.put_u32_be(NFTA_LOOKUP_SET_ID, id);
-    }
-    if invert {
-        w.put_u32_be(NFTA_LOOKUP_FLAGS, NFT_LOOKUP_F_INV);
-    }
-    expr_end(w, e);
-}
-
-fn range(w: &mut Writer, sreg: u32, op: u32, from: &[u8], to: &[u8]) {
-    let e = expr_begin(w, "range");
-    w.put_u32_be(NFTA_RANGE_SREG, sreg);
-    w.put_u32_be(NFTA_RANGE_OP, op);
-    let f = w.nest_start(NFTA_RANGE_FROM_DATA);
-    w.put(NFTA_DATA_VALUE, from);
-    w.nest_end(f);
-    let t = w.nest_start(NFTA_RANGE_TO_DATA);
-    w.put(NFTA_DATA_VALUE, to);
-    w.nest_end(t);
-    expr_end(w, e);
-}
-
 // ---------------------------------------------------------------------------
 // Sets and maps
 
@@ -828,34 +724,21 @@ fn udata_comment(v: &mut Vec<u8>, t: u8, c: &str) {
 /// `NFTA_SET_DESC_CONCAT` for them (it does only for interval
 /// concatenations, which the IR has none of), and neither do we.
 pub fn new_set(b: &mut Batch, family: TableFamily, table: &str, set: &Set) -> Result<(), Error> {
-    let object = || format!("set {}", set.name);
-    check_name(object, &set.name)?;
-    check_comment(object, &set.comment)?;
     let (key_type, key_len, flags, byteorder) = set_key_spec(family, set.key);
-    let id = b.alloc_set_id(family, &set.name);
-    b.begin(
-        NFT_MSG_NEWSET,
-        NLM_F_CREATE,
+    new_set_message(
+        b,
         family,
-        Subject::Set {
-            family,
-            set: set.name.clone(),
+        table,
+        SetHeader {
+            what: "set",
+            name: &set.name,
+            comment: &set.comment,
+            flags,
+            key: (key_type, key_len),
+            data: None,
+            udata: &[(NFTNL_UDATA_SET_KEYBYTEORDER, byteorder)],
         },
-    );
-    b.w.put_str(NFTA_SET_TABLE, table);
-    b.w.put_str(NFTA_SET_NAME, &set.name);
-    b.w.put_u32_be(NFTA_SET_FLAGS, flags);
-    b.w.put_u32_be(NFTA_SET_KEY_TYPE, key_type);
-    b.w.put_u32_be(NFTA_SET_KEY_LEN, key_len);
-    b.w.put_u32_be(NFTA_SET_ID, id);
-    let mut ud = Vec::with_capacity(16);
-    udata_u32(&mut ud, NFTNL_UDATA_SET_KEYBYTEORDER, byteorder);
-    if let Some(c) = &set.comment {
-        udata_comment(&mut ud, NFTNL_UDATA_SET_COMMENT, c);
-    }
-    b.w.put(NFTA_SET_USERDATA, &ud);
-    b.end();
-    Ok(())
+    )
 }
 
 /// `NEWSET` for a verdict map `ifname : verdict`. The key byte order
@@ -867,32 +750,72 @@ pub fn new_map(
     table: &str,
     map: &VerdictMap,
 ) -> Result<(), Error> {
-    let object = || format!("map {}", map.name);
-    check_name(object, &map.name)?;
-    check_comment(object, &map.comment)?;
-    let id = b.alloc_set_id(family, &map.name);
-    b.begin(
-        NFT_MSG_NEWSET,
-        NLM_F_CREATE,
+    new_set_message(
+        b,
         family,
-        Subject::Set {
-            family,
-            set: map.name.clone(),
+        table,
+        SetHeader {
+            what: "map",
+            name: &map.name,
+            comment: &map.comment,
+            flags: NFT_SET_MAP,
+            key: (TYPE_IFNAME, IFNAMSIZ as u32),
+            data: Some((NFT_DATA_VERDICT, 0)),
+            udata: &[
+                (NFTNL_UDATA_SET_KEYBYTEORDER, BYTEORDER_HOST_ENDIAN),
+                (NFTNL_UDATA_SET_DATABYTEORDER, BYTEORDER_INVALID),
+                (NFTNL_UDATA_SET_DATA_INTERVAL, 0),
+            ],
         },
-    );
+    )
+}
+
+/// What a `NEWSET` of a set or a map says.
+struct SetHeader<'a> {
+    /// `set` or `map`, for errors.
+    what: &'static str,
+    name: &'a str,
+    comment: &'a Option<String>,
+    flags: u32,
+    /// Key type and length.
+    key: (u32, u32),
+    /// Data type and length, for a map.
+    data: Option<(u32, u32)>,
+    /// `u32` userdata TLVs, before the comment.
+    udata: &'a [(u8, u32)],
+}
+
+/// `NEWSET`, attributes in nft's order.
+fn new_set_message(
+    b: &mut Batch,
+    family: TableFamily,
+    table: &str,
+    h: SetHeader<'_>,
+) -> Result<(), Error> {
+    let object = || format!("{} {}", h.what, h.name);
+    check_name(object, h.name)?;
+    check_comment(object, h.comment)?;
+    let id = b.alloc_set_id(family, h.name);
+    let subject = Subject::Set {
+        family,
+        set: h.name.to_owned(),
+    };
+    b.begin(NFT_MSG_NEWSET, NLM_F_CREATE, family, subject);
     b.w.put_str(NFTA_SET_TABLE, table);
-    b.w.put_str(NFTA_SET_NAME, &map.name);
-    b.w.put_u32_be(NFTA_SET_FLAGS, NFT_SET_MAP);
-    b.w.put_u32_be(NFTA_SET_KEY_TYPE, TYPE_IFNAME);
-    b.w.put_u32_be(NFTA_SET_KEY_LEN, IFNAMSIZ as u32);
-    b.w.put_u32_be(NFTA_SET_DATA_TYPE, NFT_DATA_VERDICT);
-    b.w.put_u32_be(NFTA_SET_DATA_LEN, 0);
+    b.w.put_str(NFTA_SET_NAME, h.name);
+    b.w.put_u32_be(NFTA_SET_FLAGS, h.flags);
+    b.w.put_u32_be(NFTA_SET_KEY_TYPE, h.key.0);
+    b.w.put_u32_be(NFTA_SET_KEY_LEN, h.key.1);
+    if let Some((data_type, data_len)) = h.data {
+        b.w.put_u32_be(NFTA_SET_DATA_TYPE, data_type);
+        b.w.put_u32_be(NFTA_SET_DATA_LEN, data_len);
+    }
     b.w.put_u32_be(NFTA_SET_ID, id);
     let mut ud = Vec::with_capacity(24);
-    udata_u32(&mut ud, NFTNL_UDATA_SET_KEYBYTEORDER, BYTEORDER_HOST_ENDIAN);
-    udata_u32(&mut ud, NFTNL_UDATA_SET_DATABYTEORDER, BYTEORDER_INVALID);
-    udata_u32(&mut ud, NFTNL_UDATA_SET_DATA_INTERVAL, 0);
-    if let Some(c) = &map.comment {
+    for (t, v) in h.udata {
+        udata_u32(&mut ud, *t, *v);
+    }
+    if let Some(c) = h.comment {
         udata_comment(&mut ud, NFTNL_UDATA_SET_COMMENT, c);
     }
     b.w.put(NFTA_SET_USERDATA, &ud);
@@ -901,18 +824,17 @@ pub fn new_map(
 }
 
 pub fn del_set(b: &mut Batch, family: TableFamily, table: &str, set: &str) {
-    b.begin(
-        NFT_MSG_DELSET,
-        0,
+    let subject = Subject::Set {
         family,
-        Subject::Set {
-            family,
-            set: set.to_owned(),
-        },
+        set: set.to_owned(),
+    };
+    by_name(
+        b,
+        NFT_MSG_DELSET,
+        family,
+        subject,
+        [(NFTA_SET_TABLE, table), (NFTA_SET_NAME, set)],
     );
-    b.w.put_str(NFTA_SET_TABLE, table);
-    b.w.put_str(NFTA_SET_NAME, set);
-    b.end();
 }
 
 // ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ mod consts;
 mod decode;
 mod elements;
 mod encode;
-pub mod iptables;
+mod expr;
 pub mod monitor;
 mod netlink;
 pub mod nflog;
@@ -41,14 +41,13 @@ mod nla;
 mod plan;
 mod readback;
 mod rebuild;
-pub mod testutil;
 pub mod trace;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use compiler::nft::{Ruleset, Table, TableFamily, TABLE_NAME};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use batch::Subject;
 pub use decode::{FOREIGN_RULE_PREFIX, FOREIGN_SET_PREFIX};
@@ -267,42 +266,16 @@ impl NftProgrammer {
     /// Deletes our tables (both families) and nothing else — for switching
     /// to another backend. Tables that do not exist are not an error.
     pub fn remove_all(&mut self) -> Result<(), Error> {
+        let t0 = Instant::now();
         let mut b = batch::Batch::new();
         for family in [TableFamily::Ip, TableFamily::Ip6] {
             encode::destroy_table(&mut b, family, TABLE_NAME);
         }
         b.finish();
-        let offsets = b.offsets();
-        match self
-            .sock
-            .send_batch(&mut b.w.buf, &offsets)
-            .map_err(Error::Send)?
-        {
-            netlink::BatchOutcome::Committed { .. } => {
-                self.committed = Some(BTreeMap::new());
-                self.committed_gen = None;
-                Ok(())
-            }
-            netlink::BatchOutcome::Rejected(errors) => {
-                let e = &errors[0];
-                Err(Error::Transaction {
-                    object: b
-                        .msgs
-                        .get(e.index)
-                        .map(|m| m.subject.to_string())
-                        .unwrap_or_default(),
-                    kind: b.msgs.get(e.index).map(|m| m.kind).unwrap_or("?"),
-                    errno: e.errno,
-                    message: e.message.clone(),
-                    other_errors: errors.len() - 1,
-                })
-            }
-            netlink::BatchOutcome::Unknown { .. } => {
-                self.committed = None;
-                self.committed_gen = None;
-                Err(Error::StateUnknown)
-            }
-        }
+        let mut tx = Transaction { batch: b };
+        let report = ApplyReport::planned(&tx, t0);
+        self.send_transaction(&mut tx, report, |committed| committed.clear())?;
+        Ok(())
     }
 
     /// Whether the kernel's copy of our tables differs from the last
@@ -330,6 +303,75 @@ impl NftProgrammer {
         Ok(drift)
     }
 
+    /// The netlink port id of the programmer's socket. nf_tables
+    /// notifications of our own commits carry it, so a
+    /// [`crate::monitor::Monitor`] can tell them from foreign changes.
+    pub fn port_id(&self) -> Result<u32, Error> {
+        self.sock.port_id().map_err(Error::Open)
+    }
+
+    /// Our tables as last committed, or [`Error::NotCommitted`].
+    fn committed_tables(&self) -> Result<&BTreeMap<TableFamily, Table>, Error> {
+        self.committed.as_ref().ok_or_else(|| Error::NotCommitted {
+            object: "our tables (nothing committed or adopted yet)".into(),
+        })
+    }
+
+    /// Finishes `b` (encoded since `started`) and sends it, unless it is
+    /// empty; see [`send_transaction`](Self::send_transaction).
+    fn send_unless_empty(
+        &mut self,
+        mut b: batch::Batch,
+        started: Instant,
+        commit: impl FnOnce(&mut BTreeMap<TableFamily, Table>),
+    ) -> Result<ApplyReport, Error> {
+        b.finish();
+        let mut tx = Transaction { batch: b };
+        let report = ApplyReport::planned(&tx, started);
+        if tx.is_empty() {
+            return Ok(report);
+        }
+        self.send_transaction(&mut tx, report, commit)
+    }
+
+    /// Sends `tx`; on commit lets `commit` update the committed state and
+    /// remembers the generation (trusted only if ours was the only commit
+    /// since we looked). On [`Error::Transaction`] nothing changed; on
+    /// [`Error::StateUnknown`] the committed state is forgotten.
+    pub(crate) fn send_transaction(
+        &mut self,
+        tx: &mut Transaction,
+        mut report: ApplyReport,
+        commit: impl FnOnce(&mut BTreeMap<TableFamily, Table>),
+    ) -> Result<ApplyReport, Error> {
+        let gen_before = self.generation()?;
+        let t1 = Instant::now();
+        let outcome = crate::commit(&mut self.sock, tx);
+        report.kernel_time = t1.elapsed();
+        match outcome {
+            Ok(acked) => {
+                debug!(
+                    messages = report.messages,
+                    bytes = report.bytes,
+                    acked,
+                    ?report.kinds,
+                    "transaction committed"
+                );
+                commit(self.committed.get_or_insert_with(Default::default));
+                let gen_after = self.generation()?;
+                self.committed_gen = (gen_after == gen_before.wrapping_add(1)).then_some(gen_after);
+                Ok(report)
+            }
+            Err(e) => {
+                if matches!(e, Error::StateUnknown) {
+                    self.committed = None;
+                    self.committed_gen = None;
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Counters of the rules of one chain of our table, in rule order
     /// (rules without a counter report 0).
     pub fn read_counters(
@@ -353,7 +395,7 @@ impl NftProgrammer {
                     .exprs
                     .iter()
                     .find_map(|e| match e {
-                        decode::Expr::Counter { packets, bytes } => Some((*packets, *bytes)),
+                        expr::Expr::Counter { packets, bytes } => Some((*packets, *bytes)),
                         _ => None,
                     })
                     .unwrap_or((0, 0));
@@ -388,6 +430,48 @@ pub(crate) fn canonical_set(s: &mut compiler::nft::Set) {
     }
     s.elements.sort_unstable();
     s.elements.dedup();
+}
+
+/// Sends `tx` on `sock` as one atomic transaction: `Ok(acked)` when the
+/// kernel committed it (`acked`: BATCH_END was acknowledged),
+/// [`Error::Transaction`] naming the first failing object when it was
+/// rolled back, [`Error::StateUnknown`] when replies were lost.
+pub(crate) fn commit(sock: &mut netlink::Socket, tx: &mut Transaction) -> Result<bool, Error> {
+    // BATCH_END: without it the kernel would process nothing of the batch
+    // and report no error either.
+    tx.batch.finish();
+    let offsets = tx.batch.offsets();
+    match sock
+        .send_batch(&mut tx.batch.w.buf, &offsets)
+        .map_err(Error::Send)?
+    {
+        netlink::BatchOutcome::Committed { acked } => Ok(acked),
+        netlink::BatchOutcome::Rejected(errors) => {
+            let first = &errors[0];
+            let object = describe_failure(tx, first);
+            let kind = tx
+                .batch
+                .msgs
+                .get(first.index)
+                .map(|m| m.kind)
+                .unwrap_or("?");
+            warn!(%object, errno = first.errno, message = ?first.message, "transaction rejected");
+            Err(Error::Transaction {
+                object,
+                kind,
+                errno: first.errno,
+                message: first.message.clone(),
+                other_errors: errors.len() - 1,
+            })
+        }
+        netlink::BatchOutcome::Unknown { errors_seen } => {
+            warn!(
+                errors = errors_seen.len(),
+                "transaction outcome unknown; forgetting committed state"
+            );
+            Err(Error::StateUnknown)
+        }
+    }
 }
 
 /// Names the object a failing message concerned; for element messages,

@@ -1,35 +1,20 @@
-//! The `NETLINK_NETFILTER` transport: one socket for the programmer's life,
-//! batches sent in one `sendmsg`, replies drained without blocking, dumps.
+//! The one `NETLINK_NETFILTER` socket type: open and bind, subscribe to a
+//! multicast group, send a batch in one `sendmsg` and collect its ACKs and
+//! errors, send a request (a GET, a dump, an NFLOG config) and collect its
+//! replies, and receive datagrams without blocking. The programmer's
+//! transactions and read-back, the notification monitor, kernel tracing and
+//! the NFLOG listener all use it.
 //!
 //! The rules it follows, and why, are in `docs/netlink.md` ("Transport").
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
 
 use tracing::{debug, trace};
 
-use crate::nla::{AttrIter, NLMSG_HDRLEN};
-
-pub const NETLINK_NETFILTER: i32 = 12;
-const SOL_NETLINK: i32 = 270;
-const NETLINK_CAP_ACK: i32 = 10;
-const NETLINK_EXT_ACK: i32 = 11;
-
-pub const NLM_F_REQUEST: u16 = 0x1;
-pub const NLM_F_ACK: u16 = 0x4;
-pub const NLM_F_DUMP_INTR: u16 = 0x10;
-pub const NLM_F_DUMP: u16 = 0x300;
-pub const NLM_F_CREATE: u16 = 0x400;
-pub const NLM_F_APPEND: u16 = 0x800;
-/// In an `NLMSG_ERROR` reply: the original message's payload was left out.
-const NLM_F_CAPPED: u16 = 0x100;
-/// In an `NLMSG_ERROR` reply: extended-ACK attributes follow.
-const NLM_F_ACK_TLVS: u16 = 0x200;
-
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLMSGERR_ATTR_MSG: u16 = 1;
-const NLMSGERR_ATTR_OFFS: u16 = 2;
+use crate::consts::*;
+use crate::nla::{align4, c_str, AttrIter, NLMSG_HDRLEN};
 
 /// Receive buffer for one datagram. Dumps come in ≤ 32 KiB skbs; batch
 /// error replies are small (capped), but take no chances.
@@ -41,6 +26,12 @@ const RCVBUF_BYTES: usize = 8 << 20;
 const SNDBUF_BYTES: usize = 4 << 20;
 /// A dump that stalls this long is reported, not waited for forever.
 const RECV_TIMEOUT_SECS: i64 = 10;
+/// Receive buffer of a group subscriber: a burst of notifications (a whole
+/// `nft -f` of someone else's table, say) or of trace events must not
+/// overrun it; 4 MiB holds tens of thousands. Overruns are still reported.
+const GROUP_RCVBUF_BYTES: usize = 4 << 20;
+/// Datagram buffer of a group subscriber (grown when a datagram is larger).
+const GROUP_RECV_BUF: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -49,6 +40,12 @@ pub enum Error {
     #[error("failed to set socket option {option}")]
     SetOption {
         option: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to subscribe to netlink group {group}")]
+    Subscribe {
+        group: u32,
         #[source]
         source: io::Error,
     },
@@ -114,7 +111,20 @@ pub struct Reply {
     pub payload: Vec<u8>,
 }
 
-/// The programmer's netlink socket.
+/// What one non-blocking receive found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Nothing queued.
+    Empty,
+    /// Datagrams were lost (the receive buffer overran, or one did not fit
+    /// ours — which grows for the next one).
+    Overrun,
+    /// One datagram of this many bytes: read it with [`Socket::messages`].
+    Datagram(usize),
+}
+
+/// A `NETLINK_NETFILTER` socket in the network namespace of the thread that
+/// opened it.
 #[derive(Debug)]
 pub struct Socket {
     fd: OwnedFd,
@@ -123,23 +133,19 @@ pub struct Socket {
     rx: Vec<u8>,
 }
 
-fn last_err() -> io::Error {
-    io::Error::last_os_error()
-}
-
-fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
+fn setsockopt<T>(fd: &OwnedFd, level: i32, name: i32, value: &T) -> io::Result<()> {
     // SAFETY: `value` lives across the call and its size is passed.
     let rc = unsafe {
         libc::setsockopt(
-            fd,
+            fd.as_raw_fd(),
             level,
             name,
-            &value as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
+            value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc < 0 {
-        Err(last_err())
+        Err(io::Error::last_os_error())
     } else {
         Ok(())
     }
@@ -148,21 +154,64 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> 
 /// `SO_*BUFFORCE` needs CAP_NET_ADMIN (which programming nf_tables needs
 /// anyway); fall back to the capped `SO_*BUF` otherwise.
 fn set_buf(
-    fd: i32,
+    fd: &OwnedFd,
     force: i32,
     plain: i32,
     bytes: usize,
     option: &'static str,
 ) -> Result<(), Error> {
     let v = bytes.min(i32::MAX as usize / 2) as i32;
-    setsockopt_int(fd, libc::SOL_SOCKET, force, v)
-        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, plain, v))
+    setsockopt(fd, libc::SOL_SOCKET, force, &v)
+        .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, plain, &v))
         .map_err(|source| Error::SetOption { option, source })
 }
 
 impl Socket {
-    /// Opens a socket in the current thread's network namespace.
+    /// Opens a socket for transactions and requests in the current thread's
+    /// network namespace: extended ACKs, capped error replies, buffers large
+    /// enough for any batch's replies, and a bounded wait for a reply.
     pub fn open() -> Result<Socket, Error> {
+        let sock = Socket::bound(RECV_BUF)?;
+        let fd = &sock.fd;
+        for (option, name) in [
+            ("NETLINK_EXT_ACK", NETLINK_EXT_ACK),
+            ("NETLINK_CAP_ACK", NETLINK_CAP_ACK),
+        ] {
+            setsockopt(fd, SOL_NETLINK, name, &1i32)
+                .map_err(|source| Error::SetOption { option, source })?;
+        }
+        let (snd, rcv) = ("SO_SNDBUFFORCE", "SO_RCVBUFFORCE");
+        set_buf(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, SNDBUF_BYTES, snd)?;
+        set_buf(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, RCVBUF_BYTES, rcv)?;
+        let tv = libc::timeval {
+            tv_sec: RECV_TIMEOUT_SECS,
+            tv_usec: 0,
+        };
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv).map_err(|source| {
+            Error::SetOption {
+                option: "SO_RCVTIMEO",
+                source,
+            }
+        })?;
+        debug!("opened NETLINK_NETFILTER socket");
+        Ok(sock)
+    }
+
+    /// Opens a socket subscribed to the multicast `group`
+    /// (`NFNLGRP_NFTABLES` notifications, `NFNLGRP_NFTRACE` events):
+    /// messages sent to the group from now on are received.
+    pub fn subscribe(group: u32) -> Result<Socket, Error> {
+        let sock = Socket::bound(GROUP_RECV_BUF)?;
+        // Best effort: a bigger buffer only makes overruns rarer.
+        let _ = sock.set_receive_buffer(GROUP_RCVBUF_BYTES);
+        setsockopt(&sock.fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, &group)
+            .map_err(|source| Error::Subscribe { group, source })?;
+        debug!(group, "subscribed to a NETLINK_NETFILTER group");
+        Ok(sock)
+    }
+
+    /// A socket bound to a port id the kernel picks.
+    fn bound(rx_len: usize) -> Result<Socket, Error> {
         // SAFETY: plain syscall; the fd is owned right after.
         let raw = unsafe {
             libc::socket(
@@ -172,12 +221,11 @@ impl Socket {
             )
         };
         if raw < 0 {
-            return Err(Error::Open(last_err()));
+            return Err(Error::Open(io::Error::last_os_error()));
         }
         // SAFETY: `raw` is a fresh descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
+        let addr = kernel_addr();
         // SAFETY: addr is a valid sockaddr_nl of the given size.
         let rc = unsafe {
             libc::bind(
@@ -187,53 +235,7 @@ impl Socket {
             )
         };
         if rc < 0 {
-            return Err(Error::Open(last_err()));
-        }
-        setsockopt_int(raw, SOL_NETLINK, NETLINK_EXT_ACK, 1).map_err(|source| {
-            Error::SetOption {
-                option: "NETLINK_EXT_ACK",
-                source,
-            }
-        })?;
-        setsockopt_int(raw, SOL_NETLINK, NETLINK_CAP_ACK, 1).map_err(|source| {
-            Error::SetOption {
-                option: "NETLINK_CAP_ACK",
-                source,
-            }
-        })?;
-        set_buf(
-            raw,
-            libc::SO_SNDBUFFORCE,
-            libc::SO_SNDBUF,
-            SNDBUF_BYTES,
-            "SO_SNDBUFFORCE",
-        )?;
-        set_buf(
-            raw,
-            libc::SO_RCVBUFFORCE,
-            libc::SO_RCVBUF,
-            RCVBUF_BYTES,
-            "SO_RCVBUFFORCE",
-        )?;
-        let tv = libc::timeval {
-            tv_sec: RECV_TIMEOUT_SECS,
-            tv_usec: 0,
-        };
-        // SAFETY: tv lives across the call and its size is passed.
-        let rc = unsafe {
-            libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const libc::timeval as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(Error::SetOption {
-                option: "SO_RCVTIMEO",
-                source: last_err(),
-            });
+            return Err(Error::Open(io::Error::last_os_error()));
         }
         // Sequence numbers only need to be unique on this socket; starting
         // from the clock keeps them distinct from a previous socket's.
@@ -242,20 +244,29 @@ impl Socket {
             .map(|d| d.as_secs() as u32)
             .unwrap_or(1)
             | 1;
-        debug!("opened NETLINK_NETFILTER socket");
         Ok(Socket {
             fd,
             sndbuf: SNDBUF_BYTES,
             next_seq,
-            rx: vec![0u8; RECV_BUF],
+            rx: vec![0u8; rx_len],
         })
+    }
+
+    /// Sets the socket receive buffer (`SO_RCVBUFFORCE`, else `SO_RCVBUF`).
+    pub fn set_receive_buffer(&self, bytes: usize) -> Result<(), Error> {
+        set_buf(
+            &self.fd,
+            libc::SO_RCVBUFFORCE,
+            libc::SO_RCVBUF,
+            bytes,
+            "SO_RCVBUFFORCE",
+        )
     }
 
     /// The port id the kernel bound this socket to: nf_tables
     /// notifications of our commits carry it as `nlmsg_pid`.
     pub fn port_id(&self) -> Result<u32, Error> {
-        // SAFETY: zeroed sockaddr_nl is valid; its size is passed.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut addr = kernel_addr();
         let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
         // SAFETY: addr and len are valid for writing.
         let rc = unsafe {
@@ -266,7 +277,7 @@ impl Socket {
             )
         };
         if rc < 0 {
-            return Err(Error::Receive(last_err()));
+            return Err(Error::Receive(io::Error::last_os_error()));
         }
         Ok(addr.nl_pid)
     }
@@ -286,7 +297,7 @@ impl Socket {
         let want = bytes + 64 * 1024;
         if want > self.sndbuf {
             set_buf(
-                self.fd.as_raw_fd(),
+                &self.fd,
                 libc::SO_SNDBUFFORCE,
                 libc::SO_SNDBUF,
                 want,
@@ -300,8 +311,7 @@ impl Socket {
 
     fn send_all(&mut self, buf: &[u8]) -> Result<(), Error> {
         self.ensure_sndbuf(buf.len())?;
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
+        let addr = kernel_addr();
         loop {
             // SAFETY: buf and addr are valid for the given lengths.
             let rc = unsafe {
@@ -315,7 +325,7 @@ impl Socket {
                 )
             };
             if rc < 0 {
-                let e = last_err();
+                let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -337,9 +347,44 @@ impl Socket {
         }
     }
 
-    /// Receives one datagram. `Ok(None)` = nothing queued (non-blocking).
-    /// `Err(ENOBUFS)` is returned as `Ok(Some(Err(())))`-like via the flag.
-    fn recv(&mut self, nonblocking: bool) -> Result<RecvResult, Error> {
+    /// Whether a datagram (or a pending error such as an overrun) is
+    /// waiting, within `timeout`.
+    pub fn wait_readable(&self, timeout: Duration) -> Result<bool, Error> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        loop {
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(Error::Receive(e));
+            }
+            // POLLERR is how a pending ENOBUFS shows; receive reports it.
+            return Ok(rc > 0);
+        }
+    }
+
+    /// Receives one datagram without blocking.
+    pub fn receive(&mut self) -> Result<Received, Error> {
+        self.recv(true)
+    }
+
+    /// The messages of the datagram [`receive`](Self::receive) reported as
+    /// `Datagram(len)`.
+    pub fn messages(&self, len: usize) -> NlMsgIter<'_> {
+        NlMsgIter::new(&self.rx[..len])
+    }
+
+    /// Receives one datagram; blocking ones wait up to the socket's receive
+    /// timeout.
+    fn recv(&mut self, nonblocking: bool) -> Result<Received, Error> {
         loop {
             let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 } | libc::MSG_TRUNC;
             // SAFETY: rx is a valid writable buffer of its length.
@@ -352,11 +397,11 @@ impl Socket {
                 )
             };
             if rc < 0 {
-                let e = last_err();
+                let e = io::Error::last_os_error();
                 match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) if nonblocking => return Ok(RecvResult::Empty),
-                    Some(libc::ENOBUFS) => return Ok(RecvResult::Overrun),
+                    Some(libc::EAGAIN) if nonblocking => return Ok(Received::Empty),
+                    Some(libc::ENOBUFS) => return Ok(Received::Overrun),
                     _ => return Err(Error::Receive(e)),
                 }
             }
@@ -365,9 +410,9 @@ impl Socket {
                 // MSG_TRUNC reports the real length: grow and let the caller
                 // treat the lost datagram as an overrun.
                 self.rx.resize(n.next_power_of_two(), 0);
-                return Ok(RecvResult::Overrun);
+                return Ok(Received::Overrun);
             }
-            return Ok(RecvResult::Data(n));
+            return Ok(Received::Datagram(n));
         }
     }
 
@@ -375,9 +420,9 @@ impl Socket {
     fn drain_stale(&mut self) -> Result<(), Error> {
         loop {
             match self.recv(true)? {
-                RecvResult::Empty => return Ok(()),
-                RecvResult::Overrun => continue,
-                RecvResult::Data(n) => trace!(bytes = n, "discarded stale netlink data"),
+                Received::Empty => return Ok(()),
+                Received::Overrun => continue,
+                Received::Datagram(n) => trace!(bytes = n, "discarded stale netlink data"),
             }
         }
     }
@@ -412,12 +457,12 @@ impl Socket {
         let mut overrun = false;
         loop {
             let len = match self.recv(true)? {
-                RecvResult::Empty => break,
-                RecvResult::Overrun => {
+                Received::Empty => break,
+                Received::Overrun => {
                     overrun = true;
                     continue;
                 }
-                RecvResult::Data(len) => len,
+                Received::Datagram(len) => len,
             };
             for msg in NlMsgIter::new(&self.rx[..len]) {
                 let msg = msg.map_err(Error::MalformedReply)?;
@@ -470,9 +515,11 @@ impl Socket {
         }
     }
 
-    /// Sends one request (a GET, dump or not) and collects its replies
-    /// until NLMSG_DONE (dump) or the ACK (non-dump; `NLM_F_ACK` is set
-    /// here). An error reply becomes `Error::Request`.
+    /// Sends one request (a GET, dump or not, or a configuration message)
+    /// and collects its replies until NLMSG_DONE (dump) or the ACK
+    /// (non-dump; `NLM_F_ACK` is set here). An error reply becomes
+    /// `Error::Request`. Messages of other sequence numbers (stale replies,
+    /// multicast traffic) are skipped.
     pub fn request(&mut self, msg: &mut [u8]) -> Result<Vec<Reply>, Error> {
         self.drain_stale()?;
         let seq = self.take_seqs(1);
@@ -487,9 +534,9 @@ impl Socket {
         let mut interrupted = false;
         loop {
             let len = match self.recv(false)? {
-                RecvResult::Empty => continue,
-                RecvResult::Overrun => return Err(Error::DumpOverrun),
-                RecvResult::Data(len) => len,
+                Received::Empty => continue,
+                Received::Overrun => return Err(Error::DumpOverrun),
+                Received::Datagram(len) => len,
             };
             for m in NlMsgIter::new(&self.rx[..len]) {
                 let m = m.map_err(Error::MalformedReply)?;
@@ -530,25 +577,41 @@ impl Socket {
     }
 }
 
-enum RecvResult {
-    Empty,
-    Overrun,
-    Data(usize),
+/// The kernel's address (port id 0), also what `bind` takes to autobind.
+fn kernel_addr() -> libc::sockaddr_nl {
+    // SAFETY: a zeroed sockaddr_nl is valid.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    addr
 }
 
-struct NlMsg<'a> {
-    msg_type: u16,
-    flags: u16,
-    seq: u32,
-    payload: &'a [u8],
+/// One netlink message of a received datagram.
+#[derive(Debug, Clone, Copy)]
+pub struct NlMsg<'a> {
+    pub msg_type: u16,
+    pub flags: u16,
+    pub seq: u32,
+    /// Port id of the sender (for notifications: of the committing socket).
+    pub port: u32,
+    /// Everything after the `nlmsghdr`.
+    pub payload: &'a [u8],
 }
 
-struct NlMsgIter<'a> {
+impl<'a> NlMsg<'a> {
+    /// For an nfnetlink message: the `nfgenmsg` family and the attributes
+    /// after it; `None` when the payload is too short for an `nfgenmsg`.
+    pub fn nfgen(&self) -> Option<(u8, &'a [u8])> {
+        (self.payload.len() >= 4).then(|| (self.payload[0], &self.payload[4..]))
+    }
+}
+
+/// The messages of one datagram; a malformed length ends it with an error.
+pub struct NlMsgIter<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> NlMsgIter<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub fn new(buf: &'a [u8]) -> Self {
         NlMsgIter { buf }
     }
 }
@@ -573,9 +636,10 @@ impl<'a> Iterator for NlMsgIter<'a> {
             msg_type: u16::from_ne_bytes([b[4], b[5]]),
             flags: u16::from_ne_bytes([b[6], b[7]]),
             seq: u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+            port: u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
             payload: &b[NLMSG_HDRLEN..len],
         };
-        let next = crate::nla::align4(len).min(b.len());
+        let next = align4(len).min(b.len());
         self.buf = &b[next..];
         Some(Ok(msg))
     }
@@ -607,17 +671,14 @@ fn parse_error(flags: u16, payload: &[u8]) -> Result<ParsedError, String> {
     let skip = if flags & NLM_F_CAPPED != 0 {
         4 + NLMSG_HDRLEN
     } else {
-        4 + crate::nla::align4(orig_len)
+        4 + align4(orig_len)
     };
     if skip > payload.len() {
         return Ok(parsed);
     }
     for (kind, value) in AttrIter::new(&payload[skip..]) {
         match kind {
-            NLMSGERR_ATTR_MSG => {
-                let s = value.split(|&c| c == 0).next().unwrap_or(&[]);
-                parsed.message = Some(String::from_utf8_lossy(s).into_owned());
-            }
+            NLMSGERR_ATTR_MSG => parsed.message = Some(c_str(value)),
             NLMSGERR_ATTR_OFFS if value.len() >= 4 => {
                 parsed.offset = Some(u32::from_ne_bytes([value[0], value[1], value[2], value[3]]));
             }

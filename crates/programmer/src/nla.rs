@@ -174,6 +174,22 @@ impl<'a> Iterator for AttrIter<'a> {
     }
 }
 
+/// A NUL-terminated string attribute's text.
+pub fn c_str(v: &[u8]) -> String {
+    let s = v.split(|&c| c == 0).next().unwrap_or(&[]);
+    String::from_utf8_lossy(s).into_owned()
+}
+
+/// A big-endian `u32` attribute's value.
+pub fn be_u32(v: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
+}
+
+/// A big-endian `u64` attribute's value.
+pub fn be_u64(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -180,7 +180,7 @@ fn all_set_elems(f: TableFamily, s: &Set) -> Result<Vec<RawElem>, Error> {
 
 fn add_rules(b: &mut Batch, f: TableFamily, table: &str, c: &Chain) -> Result<(), Error> {
     for (i, r) in c.rules.iter().enumerate() {
-        encode::new_rule(b, f, table, &c.name, i, r)?;
+        encode::new_rule(b, f, table, &c.name, i, r, false)?;
     }
     Ok(())
 }

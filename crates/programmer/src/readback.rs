@@ -7,7 +7,7 @@ use tracing::debug;
 
 use crate::consts::*;
 use crate::decode::{self, IrSet, KElem, KRule};
-use crate::netlink::{self, Socket, NLM_F_DUMP};
+use crate::netlink::{self, Socket};
 use crate::nla::Writer;
 
 /// How often a read is retried when the ruleset changes underneath it.

@@ -22,13 +22,6 @@ use crate::{canonical, encode, plan};
 use crate::{ApplyReport, Error, NftProgrammer, Transaction};
 
 impl NftProgrammer {
-    /// The netlink port id of the programmer's socket. nf_tables
-    /// notifications of our own commits carry it, so a
-    /// [`crate::monitor::Monitor`] can tell them from foreign changes.
-    pub fn port_id(&self) -> Result<u32, Error> {
-        self.sock.port_id().map_err(Error::Open)
-    }
-
     /// Makes the kernel hold `desired` by destroying our tables and
     /// creating `desired` whole, in ONE atomic transaction (see the module
     /// docs). On success the committed state is `desired`; on

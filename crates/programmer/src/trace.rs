@@ -11,9 +11,7 @@
 //! in another when the session ends (also on drop); nothing else changes.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use compiler::nft::{
@@ -23,8 +21,9 @@ use compiler::nft::{
 
 use crate::batch::Batch;
 use crate::consts::*;
-use crate::netlink::{self, BatchOutcome, NETLINK_NETFILTER};
-use crate::nla::AttrIter;
+use crate::netlink::{self, NlMsg, Received, Socket};
+use crate::nla::{be_u32, be_u64, c_str, AttrIter};
+use crate::Transaction;
 
 /// The table holding the marking chain while a trace runs.
 pub const TRACE_TABLE: &str = "nftpolicy-trace";
@@ -32,32 +31,14 @@ pub const TRACE_TABLE: &str = "nftpolicy-trace";
 pub const TRACE_CHAIN: &str = "trace-FORWARD";
 pub const TRACE_PRIORITY: i32 = -300;
 
-const SOL_NETLINK: i32 = 270;
-const NETLINK_ADD_MEMBERSHIP: i32 = 1;
-const NFNLGRP_NFTRACE: i32 = 9;
-const NFT_MSG_TRACE: u8 = 17;
-
-// nf_tables.h `enum nft_trace_attributes`
-const NFTA_TRACE_TABLE: u16 = 1;
-const NFTA_TRACE_CHAIN: u16 = 2;
-const NFTA_TRACE_RULE_HANDLE: u16 = 3;
-const NFTA_TRACE_TYPE: u16 = 4;
-const NFTA_TRACE_VERDICT: u16 = 5;
-const NFTA_TRACE_ID: u16 = 6;
-const NFTA_TRACE_POLICY: u16 = 16;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("failed to open the trace event socket")]
-    Open(#[source] io::Error),
-    #[error("failed to subscribe to nftables trace events")]
-    Subscribe(#[source] io::Error),
-    #[error("failed to receive trace events")]
-    Receive(#[source] io::Error),
-    #[error("failed to talk to nf_tables")]
-    Netlink(#[source] netlink::Error),
-    #[error("the kernel rejected the trace rule: {0}")]
-    Rejected(String),
+    /// Subscribing to trace events, receiving them, or opening the socket
+    /// that installs the trace rule.
+    #[error(transparent)]
+    Socket(#[from] netlink::Error),
+    #[error("failed to change the trace table {TRACE_TABLE}")]
+    Commit(#[source] crate::Error),
     #[error("invalid trace rule")]
     Encode(#[source] crate::encode::Error),
 }
@@ -187,11 +168,10 @@ impl TraceEvent {
 /// until [`TraceSession::stop`] (or drop) removes it.
 #[derive(Debug)]
 pub struct TraceSession {
-    events: OwnedFd,
-    nft: netlink::Socket,
+    events: Socket,
+    nft: Socket,
     family: TableFamily,
     installed: bool,
-    rx: Vec<u8>,
     /// Events read so far, by trace id, in order of arrival.
     by_id: BTreeMap<u32, Vec<TraceEvent>>,
     /// Trace ids in order of their first event.
@@ -202,14 +182,13 @@ impl TraceSession {
     /// Subscribes to trace events, then installs the marking rule (in this
     /// order, so that no event of a marked packet is missed).
     pub fn start(filter: TraceFilter) -> Result<TraceSession, TraceError> {
-        let events = open_subscriber()?;
-        let nft = netlink::Socket::open().map_err(TraceError::Netlink)?;
+        let events = Socket::subscribe(NFNLGRP_NFTRACE)?;
+        let nft = Socket::open()?;
         let mut s = TraceSession {
             events,
             nft,
             family: filter.family(),
             installed: false,
-            rx: vec![0u8; 1 << 16],
             by_id: BTreeMap::new(),
             order: Vec::new(),
         };
@@ -234,39 +213,24 @@ impl TraceSession {
             },
         )
         .map_err(TraceError::Encode)?;
-        crate::encode::new_trace_rule(&mut b, family, TRACE_TABLE, TRACE_CHAIN, &filter.rule())
-            .map_err(TraceError::Encode)?;
+        crate::encode::new_rule(
+            &mut b,
+            family,
+            TRACE_TABLE,
+            TRACE_CHAIN,
+            0,
+            &filter.rule(),
+            true,
+        )
+        .map_err(TraceError::Encode)?;
         s.installed = true; // from here on, drop tries to remove it
         s.send(b)?;
         Ok(s)
     }
 
-    fn send(&mut self, mut b: Batch) -> Result<(), TraceError> {
-        b.finish();
-        let offsets = b.offsets();
-        match self
-            .nft
-            .send_batch(&mut b.w.buf, &offsets)
-            .map_err(TraceError::Netlink)?
-        {
-            BatchOutcome::Committed { .. } => Ok(()),
-            BatchOutcome::Rejected(errors) => Err(TraceError::Rejected(
-                errors
-                    .iter()
-                    .map(|e| {
-                        format!(
-                            "{}: {}",
-                            b.msgs.get(e.index).map(|m| m.kind).unwrap_or("?"),
-                            netlink::errno_text(e.errno, e.message.as_deref())
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )),
-            BatchOutcome::Unknown { .. } => {
-                Err(TraceError::Rejected("kernel replies were lost".into()))
-            }
-        }
+    fn send(&mut self, b: Batch) -> Result<(), TraceError> {
+        crate::commit(&mut self.nft, &mut Transaction { batch: b }).map_err(TraceError::Commit)?;
+        Ok(())
     }
 
     /// Removes the marking rule's table.
@@ -288,31 +252,22 @@ impl TraceSession {
     /// (possibly none).
     pub fn next_events(&mut self, timeout: Duration) -> Result<Vec<TraceEvent>, TraceError> {
         let mut out = Vec::new();
-        if !poll_readable(&self.events, timeout).map_err(TraceError::Receive)? {
+        if !self.events.wait_readable(timeout)? {
             return Ok(out);
         }
         loop {
-            // SAFETY: rx is a valid writable buffer of its length.
-            let rc = unsafe {
-                libc::recv(
-                    self.events.as_raw_fd(),
-                    self.rx.as_mut_ptr() as *mut libc::c_void,
-                    self.rx.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => break,
-                    // Overrun: events were lost; the walk of that packet is
-                    // incomplete, but later packets still trace.
-                    Some(libc::ENOBUFS) => continue,
-                    _ => return Err(TraceError::Receive(e)),
-                }
+            match self.events.receive()? {
+                Received::Empty => break,
+                // Overrun: events were lost; the walk of that packet is
+                // incomplete, but later packets still trace.
+                Received::Overrun => continue,
+                Received::Datagram(n) => out.extend(
+                    self.events
+                        .messages(n)
+                        .filter_map(Result::ok)
+                        .filter_map(|m| decode_trace(&m)),
+                ),
             }
-            out.extend(decode_messages(&self.rx[..rc as usize]));
         }
         Ok(out)
     }
@@ -358,119 +313,13 @@ impl Drop for TraceSession {
     }
 }
 
-fn open_subscriber() -> Result<OwnedFd, TraceError> {
-    // SAFETY: plain syscall; the fd is owned right after.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_NETFILTER,
-        )
-    };
-    if raw < 0 {
-        return Err(TraceError::Open(io::Error::last_os_error()));
+/// One `NFT_MSG_TRACE` message; `None` for other messages and without an
+/// id or type.
+fn decode_trace(msg: &NlMsg<'_>) -> Option<TraceEvent> {
+    if msg.msg_type != msg_type(NFT_MSG_TRACE) {
+        return None;
     }
-    // SAFETY: `raw` is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: addr is a valid sockaddr_nl of the given size.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as u16;
-    let rc = unsafe {
-        libc::bind(
-            raw,
-            &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(TraceError::Open(io::Error::last_os_error()));
-    }
-    setsockopt_int(&fd, SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTRACE)
-        .map_err(TraceError::Subscribe)?;
-    // A packet's walk is a few dozen events; a large buffer keeps a burst
-    // of traced packets from overrunning it. Best effort.
-    let _ = setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 4 << 20);
-    Ok(fd)
-}
-
-pub(crate) fn setsockopt_int(fd: &OwnedFd, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: `value` lives across the call and its size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            &value as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// Whether `fd` became readable within `timeout`.
-pub(crate) fn poll_readable(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    loop {
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut p, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(rc > 0);
-    }
-}
-
-/// The netlink messages of one datagram: (type, nfgenmsg family, attributes).
-pub(crate) fn messages(buf: &[u8]) -> Vec<(u16, u8, &[u8])> {
-    let mut out = Vec::new();
-    let mut rest = buf;
-    while rest.len() >= 16 {
-        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len < 16 || len > rest.len() {
-            break;
-        }
-        let msg_type = u16::from_ne_bytes([rest[4], rest[5]]);
-        let body = &rest[16..len];
-        if body.len() >= 4 {
-            out.push((msg_type, body[0], &body[4..]));
-        }
-        rest = &rest[crate::nla::align4(len).min(rest.len())..];
-    }
-    out
-}
-
-fn be_u32(v: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
-}
-
-fn c_str(v: &[u8]) -> String {
-    let end = v.iter().position(|&b| b == 0).unwrap_or(v.len());
-    String::from_utf8_lossy(&v[..end]).into_owned()
-}
-
-fn decode_messages(buf: &[u8]) -> Vec<TraceEvent> {
-    messages(buf)
-        .into_iter()
-        .filter(|(t, _, _)| *t == msg_type(NFT_MSG_TRACE))
-        .filter_map(|(_, family, attrs)| decode_trace(family, attrs))
-        .collect()
-}
-
-/// One `NFT_MSG_TRACE` message; `None` without an id or type.
-fn decode_trace(family: u8, attrs: &[u8]) -> Option<TraceEvent> {
+    let (family, attrs) = msg.nfgen()?;
     let mut e = TraceEvent {
         id: 0,
         kind: TraceKind::Other(0),
@@ -487,11 +336,7 @@ fn decode_trace(family: u8, attrs: &[u8]) -> Option<TraceEvent> {
         match t {
             NFTA_TRACE_TABLE => e.table = c_str(v),
             NFTA_TRACE_CHAIN => e.chain = c_str(v),
-            NFTA_TRACE_RULE_HANDLE => {
-                e.rule_handle = v
-                    .get(..8)
-                    .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
-            }
+            NFTA_TRACE_RULE_HANDLE => e.rule_handle = be_u64(v),
             NFTA_TRACE_TYPE => kind = be_u32(v),
             NFTA_TRACE_ID => id = be_u32(v),
             NFTA_TRACE_POLICY => e.policy = be_u32(v),
@@ -509,9 +354,9 @@ fn decode_trace(family: u8, attrs: &[u8]) -> Option<TraceEvent> {
     }
     e.id = id?;
     e.kind = match kind? {
-        1 => TraceKind::Policy,
-        2 => TraceKind::Return,
-        3 => TraceKind::Rule,
+        NFT_TRACETYPE_POLICY => TraceKind::Policy,
+        NFT_TRACETYPE_RETURN => TraceKind::Return,
+        NFT_TRACETYPE_RULE => TraceKind::Rule,
         k => TraceKind::Other(k),
     };
     Some(e)
@@ -522,6 +367,27 @@ mod tests {
     use super::*;
     use crate::nla::Writer;
 
+    /// Installing and removing really change the kernel (a batch the kernel
+    /// silently ignores, one without BATCH_END say, would pass unnoticed
+    /// everywhere but in a real trace).
+    #[test]
+    fn a_session_installs_its_table_and_removes_it() {
+        let _ns = testkit::netns::Netns::enter("trace-table").expect("a test netns (needs root)");
+        let filter = TraceFilter {
+            src: "198.18.0.1".parse().unwrap(),
+            dst: "198.18.0.2".parse().unwrap(),
+            protocol: 6,
+            dst_port: Some(80),
+        };
+        let mut p = crate::NftProgrammer::new().unwrap();
+        let session = TraceSession::start(filter).unwrap();
+        let table = p.read_back(TableFamily::Ip, TRACE_TABLE).unwrap();
+        let chain = &table.expect("the trace table is installed").chains[TRACE_CHAIN];
+        assert_eq!(chain.rules.len(), 1, "{chain:?}");
+        session.stop().unwrap();
+        assert_eq!(p.read_back(TableFamily::Ip, TRACE_TABLE).unwrap(), None);
+    }
+
     #[test]
     fn decodes_a_rule_event_with_a_jump() {
         let mut w = Writer::default();
@@ -529,14 +395,16 @@ mod tests {
         w.put_str(NFTA_TRACE_TABLE, "nftpolicy");
         w.put_str(NFTA_TRACE_CHAIN, "filter-FORWARD");
         w.put_u64_be(NFTA_TRACE_RULE_HANDLE, 7);
-        w.put_u32_be(NFTA_TRACE_TYPE, 3);
+        w.put_u32_be(NFTA_TRACE_TYPE, NFT_TRACETYPE_RULE);
         let v = w.nest_start(NFTA_TRACE_VERDICT);
         w.put_u32_be(NFTA_VERDICT_CODE, NFT_JUMP as u32);
         w.put_str(NFTA_VERDICT_CHAIN, "cali-FORWARD");
         w.nest_end(v);
         w.put_u32_be(NFTA_TRACE_ID, 0xdead);
         w.end_msg(m);
-        let events = decode_messages(&w.buf);
+        let events: Vec<TraceEvent> = netlink::NlMsgIter::new(&w.buf)
+            .filter_map(|m| decode_trace(&m.unwrap()))
+            .collect();
         assert_eq!(events.len(), 1);
         let e = &events[0];
         assert_eq!((e.id, e.kind, e.family), (0xdead, TraceKind::Rule, 2));

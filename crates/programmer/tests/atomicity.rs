@@ -5,30 +5,17 @@ mod common;
 
 use common::*;
 use compiler::nft::*;
-use programmer::{Error, NftProgrammer};
-
-fn snapshot(p: &mut NftProgrammer) -> (Option<Table>, Option<Table>) {
-    (
-        p.read_back(TableFamily::Ip, TABLE_NAME).unwrap(),
-        p.read_back(TableFamily::Ip6, TABLE_NAME).unwrap(),
-    )
-}
+use programmer::Error;
 
 #[test]
 fn jump_to_missing_chain_rolls_back_everything() {
-    let (_ns, mut p) = setup("atom-jump");
-    let good = sample_ruleset();
-    p.apply(&good).unwrap();
+    let (_ns, mut p, good) = setup_sample("atom-jump");
     let before = snapshot(&mut p);
 
     // Many valid changes, then one rule jumping to a chain that does not
     // exist, then more valid changes.
     let mut bad = good.clone();
-    let t = bad
-        .tables
-        .iter_mut()
-        .find(|t| t.family == TableFamily::Ip)
-        .unwrap();
+    let t = table_mut(&mut bad, TableFamily::Ip);
     t.chains.insert(
         "cali-extra".into(),
         chain(
@@ -86,19 +73,13 @@ fn jump_to_missing_chain_rolls_back_everything() {
 
 #[test]
 fn overlapping_elements_roll_back_and_name_the_set() {
-    let (_ns, mut p) = setup("atom-overlap");
-    let good = sample_ruleset();
-    p.apply(&good).unwrap();
+    let (_ns, mut p, good) = setup_sample("atom-overlap");
     let before = snapshot(&mut p);
 
     // The compiler is meant to coalesce; if it ever does not, the kernel
     // rejects the overlap (EEXIST) and nothing changes.
     let mut bad = good.clone();
-    let t = bad
-        .tables
-        .iter_mut()
-        .find(|t| t.family == TableFamily::Ip)
-        .unwrap();
+    let t = table_mut(&mut bad, TableFamily::Ip);
     t.chains
         .get_mut("to-wl2")
         .unwrap()
@@ -131,9 +112,7 @@ fn overlapping_elements_roll_back_and_name_the_set() {
 
 #[test]
 fn invalid_ir_is_refused_before_anything_is_sent() {
-    let (_ns, mut p) = setup("atom-ir");
-    let good = sample_ruleset();
-    p.apply(&good).unwrap();
+    let (_ns, mut p, good) = setup_sample("atom-ir");
     let mut bad = good.clone();
     bad.tables[0]
         .chains

@@ -8,8 +8,8 @@ use compiler::{compile_nftables, CompileOptions};
 use model::convert::kube_to_calico;
 use model::kube::{parse_manifests, Manifest};
 use model::state::ClusterState;
-use programmer::testutil::Netns;
 use programmer::NftProgrammer;
+use testkit::netns::Netns;
 
 fn add(state: &mut ClusterState, yaml: &str) {
     for m in parse_manifests("test", yaml).unwrap() {

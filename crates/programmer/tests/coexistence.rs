@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use compiler::nft::*;
-use programmer::testutil::nft_available;
 
 const KUBE_PROXY: &str = "table ip kube-proxy {
   set cluster-ips { type ipv4_addr; elements = { 198.18.100.1, 198.18.100.2 }; }
@@ -18,8 +17,7 @@ table ip6 nftpolicy-other { chain c { counter; }; }
 
 #[test]
 fn other_tables_survive_apply_and_remove_all() {
-    if !nft_available() {
-        eprintln!("skipping: the nft binary (the stand-in for kube-proxy) is not installed");
+    if !nft_for("the stand-in for kube-proxy") {
         return;
     }
     let (ns, mut p) = setup("coexist");

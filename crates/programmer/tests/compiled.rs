@@ -5,29 +5,13 @@
 //! the desired ruleset.
 
 mod common;
+use common::canonical;
 
 use std::path::Path;
 
-use compiler::nft::{Ruleset, SetElement, TableFamily, TABLE_NAME};
+use compiler::nft::{TableFamily, TABLE_NAME};
 use compiler::{compile_nftables, CompileOptions};
 use model::scenario::{Scenario, NODES};
-
-/// The desired ruleset in read-back form (sorted, de-duplicated elements).
-fn canonical(rs: &Ruleset) -> Ruleset {
-    let mut rs = rs.clone();
-    for t in &mut rs.tables {
-        for s in t.sets.values_mut() {
-            for e in &mut s.elements {
-                if let SetElement::Net(n) = e {
-                    *n = n.trunc();
-                }
-            }
-            s.elements.sort();
-            s.elements.dedup();
-        }
-    }
-    rs
-}
 
 #[test]
 fn every_scenario_step_applies_and_reads_back() {
@@ -74,7 +58,7 @@ fn every_scenario_step_applies_and_reads_back() {
 fn nft_lists_our_programming_like_the_compilers_text_rendering() {
     // Two independent lowerings of the same IR — our netlink encoding and
     // compiler::render_nft's nft syntax loaded by nft — must list the same.
-    if !programmer::testutil::nft_available() {
+    if !testkit::netns::nft_available() {
         eprintln!("skipping: the nft binary (the oracle) is not installed");
         return;
     }
@@ -86,7 +70,7 @@ fn nft_lists_our_programming_like_the_compilers_text_rendering() {
         .collect();
     files.sort();
     let (ns, mut p) = common::setup("compiled-nft");
-    let reference = programmer::testutil::Netns::create("compiled-ref").unwrap();
+    let reference = testkit::netns::Netns::create("compiled-ref").unwrap();
     let mut mismatches = Vec::new();
     for file in &files {
         let scenario = Scenario::load(file).unwrap();

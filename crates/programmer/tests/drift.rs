@@ -4,18 +4,14 @@ mod common;
 
 use common::*;
 use compiler::nft::*;
-use programmer::testutil::nft_available;
 use programmer::{NftProgrammer, FOREIGN_RULE_PREFIX};
 
 #[test]
 fn foreign_changes_are_drift_and_the_next_apply_repairs_them() {
-    if !nft_available() {
-        eprintln!("skipping: the nft binary (used to tamper) is not installed");
+    if !nft_for("used to tamper") {
         return;
     }
-    let (ns, mut p) = setup("drift");
-    let rs = sample_ruleset();
-    p.apply(&rs).unwrap();
+    let (ns, mut p, rs) = setup_sample("drift");
     assert!(!p.has_drift().unwrap());
 
     // Someone adds rules to our table: one we can express, one we cannot.
@@ -58,17 +54,7 @@ fn foreign_changes_are_drift_and_the_next_apply_repairs_them() {
     );
 
     // Someone deletes an element.
-    ns.nft(&[
-        "delete",
-        "element",
-        "ip",
-        TABLE_NAME,
-        "addrs",
-        "{",
-        "198.19.1.0/24",
-        "}",
-    ])
-    .unwrap();
+    delete_an_element(&ns);
     assert!(p.has_drift().unwrap());
     p.adopt().unwrap();
     let r = p.apply(&rs).unwrap();
@@ -81,9 +67,7 @@ fn foreign_changes_are_drift_and_the_next_apply_repairs_them() {
 
 #[test]
 fn a_new_programmer_adopts_the_existing_tables() {
-    let (_ns, mut p) = setup("drift-adopt");
-    let rs = sample_ruleset();
-    p.apply(&rs).unwrap();
+    let (_ns, p, rs) = setup_sample("drift-adopt");
     drop(p);
     // An agent restart: the first apply reads what is there and sends
     // nothing (no duplicate rules).

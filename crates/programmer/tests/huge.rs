@@ -7,6 +7,7 @@
 //! `encode::elements`; the socket's send buffer grows with the batch).
 
 mod common;
+use common::canonical;
 
 use std::net::Ipv4Addr;
 
@@ -45,23 +46,6 @@ fn policy(rules: Vec<Value>) -> Resource {
         "metadata": {"name": "default.huge", "namespace": "default"},
         "spec": {"selector": "app == 'web'", "types": ["Ingress"], "ingress": rules},
     }))
-}
-
-/// The desired ruleset in read-back form (sorted, de-duplicated elements).
-fn canonical(rs: &Ruleset) -> Ruleset {
-    let mut rs = rs.clone();
-    for t in &mut rs.tables {
-        for s in t.sets.values_mut() {
-            for e in &mut s.elements {
-                if let SetElement::Net(n) = e {
-                    *n = n.trunc();
-                }
-            }
-            s.elements.sort();
-            s.elements.dedup();
-        }
-    }
-    rs
 }
 
 /// Compiles `state` for the local node, programs it, and checks the kernel

@@ -22,10 +22,7 @@ fn apply_checked(p: &mut NftProgrammer, rs: &Ruleset) -> ApplyReport {
 }
 
 fn ip(rs: &mut Ruleset) -> &mut Table {
-    rs.tables
-        .iter_mut()
-        .find(|t| t.family == TableFamily::Ip)
-        .unwrap()
+    table_mut(rs, TableFamily::Ip)
 }
 
 fn kinds(pairs: &[(&'static str, usize)]) -> BTreeMap<&'static str, usize> {

@@ -4,8 +4,8 @@
 mod common;
 
 use common::*;
-use programmer::testutil::{nft_available, Netns};
 use programmer::NftProgrammer;
+use testkit::netns::Netns;
 
 /// Attribute tree for readable diffs.
 fn tree(b: &[u8], depth: usize, out: &mut String) {
@@ -100,8 +100,7 @@ fn strip_set_typeof(msg_type: u16, attrs: &[u8]) -> Vec<u8> {
 
 #[test]
 fn sample_ruleset_encodes_like_nft() {
-    if !nft_available() {
-        eprintln!("skipping: the nft binary (the oracle) is not installed");
+    if !nft_for("the oracle") {
         return;
     }
     let rs = sample_ruleset();

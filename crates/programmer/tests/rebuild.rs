@@ -5,15 +5,7 @@ mod common;
 
 use common::*;
 use compiler::nft::*;
-use programmer::testutil::nft_available;
-use programmer::{Error, NftProgrammer};
-
-fn snapshot(p: &mut NftProgrammer) -> (Option<Table>, Option<Table>) {
-    (
-        p.read_back(TableFamily::Ip, TABLE_NAME).unwrap(),
-        p.read_back(TableFamily::Ip6, TABLE_NAME).unwrap(),
-    )
-}
+use programmer::Error;
 
 fn table(rs: &Ruleset, family: TableFamily) -> Option<Table> {
     rs.tables.iter().find(|t| t.family == family).cloned()
@@ -21,26 +13,13 @@ fn table(rs: &Ruleset, family: TableFamily) -> Option<Table> {
 
 #[test]
 fn rebuild_repairs_tampering_that_makes_every_diff_fail() {
-    if !nft_available() {
-        eprintln!("skipping: the nft binary (used to tamper) is not installed");
+    if !nft_for("used to tamper") {
         return;
     }
-    let (ns, mut p) = setup("rebuild-tamper");
-    let rs = sample_ruleset();
-    p.apply(&rs).unwrap();
+    let (ns, mut p, rs) = setup_sample("rebuild-tamper");
 
     // Someone deletes an element behind our back...
-    ns.nft(&[
-        "delete",
-        "element",
-        "ip",
-        TABLE_NAME,
-        "addrs",
-        "{",
-        "198.19.1.0/24",
-        "}",
-    ])
-    .unwrap();
+    delete_an_element(&ns);
     // ...and the next desired state deletes it too: the diff carries a
     // DELSETELEM of an element that is gone, which the kernel rejects.
     let mut desired = rs.clone();
@@ -99,17 +78,11 @@ fn rebuild_creates_our_tables_when_none_exist() {
 
 #[test]
 fn a_rejected_rebuild_leaves_the_old_tables_in_force() {
-    let (_ns, mut p) = setup("rebuild-atomic");
-    let good = sample_ruleset();
-    p.apply(&good).unwrap();
+    let (_ns, mut p, good) = setup_sample("rebuild-atomic");
     let before = snapshot(&mut p);
 
     let mut bad = good.clone();
-    let t = bad
-        .tables
-        .iter_mut()
-        .find(|t| t.family == TableFamily::Ip6)
-        .unwrap();
+    let t = table_mut(&mut bad, TableFamily::Ip6);
     t.chains.insert(
         "cali-broken".into(),
         chain(

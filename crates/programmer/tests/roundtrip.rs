@@ -6,7 +6,13 @@ mod common;
 
 use common::*;
 use compiler::nft::{TableFamily, TABLE_NAME};
-use programmer::testutil::{nft_available, Netns};
+use testkit::netns::Netns;
+
+fn read_back(p: &mut programmer::NftProgrammer, family: TableFamily) -> compiler::nft::Table {
+    p.read_back(family, TABLE_NAME)
+        .unwrap()
+        .expect("table exists")
+}
 
 fn assert_tables_eq(got: &compiler::nft::Table, want: &compiler::nft::Table) {
     assert_eq!(got.sets, want.sets, "sets of {:?}", want.family);
@@ -34,11 +40,7 @@ fn apply_then_read_back_equals_desired() {
     assert_eq!(report.kinds.get("NEWCHAIN"), Some(&12));
     assert_eq!(report.kinds.get("NEWSET"), Some(&16));
     for t in &rs.tables {
-        let back = p
-            .read_back(t.family, TABLE_NAME)
-            .unwrap()
-            .expect("table exists");
-        assert_tables_eq(&back, t);
+        assert_tables_eq(&read_back(&mut p, t.family), t);
     }
     assert!(!p.has_drift().unwrap());
     // Nothing changed: nothing to send.
@@ -49,13 +51,10 @@ fn apply_then_read_back_equals_desired() {
 
 #[test]
 fn nft_lists_our_ruleset_exactly_as_its_own() {
-    if !nft_available() {
-        eprintln!("skipping: the nft binary (the oracle) is not installed");
+    if !nft_for("the oracle") {
         return;
     }
-    let (ns, mut p) = setup("rt-nft");
-    let rs = sample_ruleset();
-    p.apply(&rs).unwrap();
+    let (ns, _p, rs) = setup_sample("rt-nft");
     let ours = ns.nft(&["list", "ruleset"]).unwrap();
 
     let reference = Netns::create("rt-ref").unwrap();
@@ -118,19 +117,14 @@ fn read_back_of_a_missing_table_is_none() {
 #[test]
 fn ruleset_written_by_nft_reads_back_as_the_ir() {
     // The decoder against nft's encoding (not just ours).
-    if !nft_available() {
-        eprintln!("skipping: the nft binary (the oracle) is not installed");
+    if !nft_for("the oracle") {
         return;
     }
     let (ns, mut p) = setup("rt-fromnft");
     let rs = sample_ruleset();
     ns.nft_script(&[], &render(&rs)).unwrap();
     for t in &rs.tables {
-        let back = p
-            .read_back(t.family, TABLE_NAME)
-            .unwrap()
-            .expect("table exists");
-        assert_tables_eq(&back, t);
+        assert_tables_eq(&read_back(&mut p, t.family), t);
     }
     // Adopting it means the same ruleset needs no change.
     p.adopt().unwrap();

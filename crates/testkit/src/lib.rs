@@ -1,11 +1,13 @@
-//! Test support shared by `watcher`'s integration tests and the kernel lab
-//! (`lab`, and through it `xtask`).
+//! Test support, one home per concern: [`netns`] (network namespaces),
+//! [`etcd`] (a real etcd server), [`cluster`] (cluster states and the load
+//! tests' synthetic cluster), and tool lookup.
 //!
-//! It depends on no workspace crate: `watcher` uses it as a dev-dependency
-//! and `lab` as a dependency, and neither has to depend on the other. It
-//! also pulls in nothing that needs `protoc` (no etcd client), so `xtask`
-//! stays free of `etcd-client`.
+//! It depends only on `model`, so every other crate can use it (as a
+//! dev-dependency; `lab` and `bench` as a dependency) without a cycle. It
+//! pulls in nothing that needs `protoc` (no etcd client), so `xtask` stays
+//! free of `etcd-client`.
 
+pub mod cluster;
 pub mod etcd;
 pub mod netns;
 

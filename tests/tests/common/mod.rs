@@ -9,35 +9,16 @@ use std::time::{Duration, Instant};
 use compiler::nft::{Ruleset, Table, TableFamily, TABLE_NAME};
 use compiler::{compile_nftables, CompileOptions};
 use lab::agents::in_namespace;
-use model::scenario::{ResolvedProbe, Scenario, StepState};
+use lab::Lab;
+use model::scenario::{Probe, ResolvedProbe, Scenario, StepState};
 use programmer::NftProgrammer;
 
-/// A small cluster for the etcd tests: web (node1) denies all ingress,
-/// client (node2) is free.
-pub const WEB_DENY_ALL: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: default}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: default, labels: {app: web}}
-spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-status: {podIP: 198.18.1.10, podIPs: [{ip: 198.18.1.10}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: default, labels: {app: client}}
-spec: {nodeName: node2, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-status: {podIP: 198.18.1.11, podIPs: [{ip: 198.18.1.11}]}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: web-deny-all, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: web}}
-  ingress: []
-"#;
+/// A small cluster for the etcd tests (`manifests/web-deny-all.yaml`):
+/// web (node1) denies all ingress, client (node2) is free.
+pub fn web_deny_all() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/manifests/web-deny-all.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
 
 /// A fresh etcd holding `manifests`, written with `nftpolicy apply` from
 /// `cluster.yaml` in the returned directory.
@@ -86,39 +67,19 @@ pub fn kernel(node_ns: &str) -> Tables {
     .unwrap()
 }
 
-/// One node with web, client and intruder in namespace shop; web admits
-/// client on port 80 only.
-pub const SHOP: &str = r#"
-name: shop
-objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: shop}}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: web, namespace: shop, labels: {app: web}}
-    spec: {nodeName: node1, containers: [{name: w, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: client, namespace: shop, labels: {app: client}}
-    spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: v1
-    kind: Pod
-    metadata: {name: intruder, namespace: shop, labels: {app: intruder}}
-    spec: {nodeName: node1, containers: [{name: i, ports: [{containerPort: 80, protocol: TCP}]}]}
-  - apiVersion: networking.k8s.io/v1
-    kind: NetworkPolicy
-    metadata: {name: web-from-client, namespace: shop}
-    spec:
-      podSelector: {matchLabels: {app: web}}
-      ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 80}]}]
-probes:
-  - {from: shop/client, to: shop/web, port: 80, expect: allow}
-  - {from: shop/intruder, to: shop/web, port: 80, expect: deny}
-"#;
+/// A lab test's scenario: `tests/tests/scenarios/<name>.yaml`.
+pub fn scenario(name: &str) -> Scenario {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/scenarios")
+        .join(format!("{name}.yaml"));
+    Scenario::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
 
-/// [`SHOP`]'s cluster state and its probes (client → web allowed,
-/// intruder → web denied).
+/// The shop (`scenarios/shop.yaml`: one node with web, client and
+/// intruder in namespace shop; web admits client on port 80 only): its
+/// cluster state and probes (client → web allowed, intruder → web denied).
 pub fn shop() -> (StepState, Vec<ResolvedProbe>) {
-    let scenario = Scenario::parse("shop.yaml", SHOP).unwrap();
+    let scenario = scenario("shop");
     let state = scenario.states().unwrap().remove(0);
     let probes = scenario.steps[0]
         .probes
@@ -149,4 +110,27 @@ pub fn wait_kernel(node_ns: &str, want: &Tables, what: &str, timeout: Duration) 
         timeout,
         || &kernel(node_ns) == want,
     )
+}
+
+/// `probes` resolved against `state` (pods by name, no externals).
+pub fn resolve(state: &StepState, probes: &[Probe]) -> Vec<ResolvedProbe> {
+    probes
+        .iter()
+        .map(|p| state.resolve_probe(p, &[]).unwrap())
+        .collect()
+}
+
+/// Probes `probes` in `lab` and asserts each gets its expected verdict
+/// (`when` says at which point of the test).
+pub fn assert_probes(lab: &mut Lab, probes: &[ResolvedProbe], when: &str) {
+    let results = lab.probe_all(probes).unwrap();
+    for (p, r) in probes.iter().zip(&results) {
+        assert_eq!(
+            r.allowed,
+            Some(p.probe.expect_allow),
+            "{when}: {}: {}",
+            p.probe,
+            r.detail
+        );
+    }
 }

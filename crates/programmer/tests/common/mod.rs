@@ -1,21 +1,74 @@
 //! Shared by the integration tests: a sample IR using every match,
-//! statement and verdict kind; an IR → nft syntax renderer (the oracle's
+//! statement and verdict kind (a golden file, `golden/sample-ruleset.yaml`); an IR → nft syntax renderer (the oracle's
 //! input, written independently of the netlink encoder); a parser for
 //! `nft --debug=mnl` output.
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
-
 use compiler::nft::*;
-use programmer::testutil::Netns;
 use programmer::NftProgrammer;
+use testkit::netns::Netns;
 
 /// Enters a fresh namespace and opens a programmer in it.
 pub fn setup(tag: &str) -> (Netns, NftProgrammer) {
     let ns = Netns::enter(tag).expect("create test netns (needs root and iproute2)");
     let p = NftProgrammer::new().expect("open netlink socket");
     (ns, p)
+}
+
+/// Whether the `nft` binary is there for what the test uses it for
+/// (`role`); says so on stderr when it is not.
+pub fn nft_for(role: &str) -> bool {
+    let ok = testkit::netns::nft_available();
+    if !ok {
+        eprintln!("skipping: the nft binary ({role}) is not installed");
+    }
+    ok
+}
+
+/// [`setup`], with [`sample_ruleset`] applied; returns it.
+pub fn setup_sample(tag: &str) -> (Netns, NftProgrammer, Ruleset) {
+    let (ns, mut p) = setup(tag);
+    let rs = sample_ruleset();
+    p.apply(&rs).unwrap();
+    (ns, p, rs)
+}
+
+/// Both of our tables as the kernel holds them.
+pub fn snapshot(p: &mut NftProgrammer) -> (Option<Table>, Option<Table>) {
+    (
+        p.read_back(TableFamily::Ip, TABLE_NAME).unwrap(),
+        p.read_back(TableFamily::Ip6, TABLE_NAME).unwrap(),
+    )
+}
+
+/// `rs` in read-back form (see `programmer::canonical`).
+pub fn canonical(rs: &Ruleset) -> Ruleset {
+    Ruleset {
+        tables: rs.tables.iter().map(programmer::canonical).collect(),
+    }
+}
+
+/// What someone else does behind our back: deletes an element of the
+/// sample ruleset's `ip` set `addrs` with `nft`.
+pub fn delete_an_element(ns: &Netns) {
+    ns.nft(&[
+        "delete",
+        "element",
+        "ip",
+        TABLE_NAME,
+        "addrs",
+        "{ 198.19.1.0/24 }",
+    ])
+    .unwrap();
+}
+
+/// The `family` table of `rs`.
+pub fn table_mut(rs: &mut Ruleset, family: TableFamily) -> &mut Table {
+    rs.tables
+        .iter_mut()
+        .find(|t| t.family == family)
+        .expect("the ruleset has a table of that family")
 }
 
 pub fn net(s: &str) -> ipnet::IpNet {
@@ -102,542 +155,27 @@ pub fn ifname(dir: IfDir, name: &str, wildcard: bool, negate: bool) -> Match {
     }
 }
 
-fn insert_chain(t: &mut Table, c: Chain) {
-    t.chains.insert(c.name.clone(), c);
-}
-
-fn insert_set(t: &mut Table, s: Set) {
-    t.sets.insert(s.name.clone(), s);
-}
-
-/// One table of the given family using every IR construct.
-pub fn sample_table(family: TableFamily) -> Table {
-    let v6 = family.is_v6();
-    let pick = |a: &'static str, b: &'static str| if v6 { b } else { a };
-    let mut t = Table::new(family, TABLE_NAME);
-    let icmp = if v6 { 58 } else { 1 };
-
-    insert_set(
-        &mut t,
-        Set {
-            name: "addrs".into(),
-            key: SetKey::Addr,
-            elements: if v6 {
-                vec![
-                    SetElement::Net(net("fd00:198:18::/48")),
-                    SetElement::Net(net("fd00:198:19::1/128")),
-                    SetElement::Net(net("fd00:198:19::2/127")),
-                ]
-            } else {
-                vec![
-                    SetElement::Net(net("198.18.0.0/16")),
-                    SetElement::Net(net("198.19.0.1/32")),
-                    SetElement::Net(net("198.19.0.2/31")),
-                    SetElement::Net(net("198.19.1.0/24")),
-                ]
-            },
-            comment: Some("selector: role == 'db'".into()),
-        },
-    );
-    // Everything: 0.0.0.0/0 (an open interval starting at 0).
-    insert_set(
-        &mut t,
-        Set {
-            name: "anyaddr".into(),
-            key: SetKey::Addr,
-            elements: vec![SetElement::Net(net(pick("0.0.0.0/0", "::/0")))],
-            comment: None,
-        },
-    );
-    // An interval that runs to the end of the key space, not from 0.
-    insert_set(
-        &mut t,
-        Set {
-            name: "upper".into(),
-            key: SetKey::Addr,
-            elements: vec![
-                SetElement::Net(net(pick("198.18.0.0/15", "fd00:198:18::/48"))),
-                SetElement::Net(net(pick("240.0.0.0/4", "ff00::/8"))),
-            ],
-            comment: None,
-        },
-    );
-    insert_set(
-        &mut t,
-        Set {
-            name: "empty".into(),
-            key: SetKey::Addr,
-            elements: vec![],
-            comment: None,
-        },
-    );
-    insert_set(
-        &mut t,
-        Set {
-            name: "ports".into(),
-            key: SetKey::Port,
-            elements: vec![
-                SetElement::Ports { min: 0, max: 0 },
-                SetElement::Ports { min: 80, max: 80 },
-                SetElement::Ports {
-                    min: 8000,
-                    max: 8010,
-                },
-                SetElement::Ports {
-                    min: 65000,
-                    max: 65535,
-                },
-            ],
-            comment: Some("ports".into()),
-        },
-    );
-    insert_set(
-        &mut t,
-        Set {
-            name: "named".into(),
-            key: SetKey::NamedPort,
-            elements: if v6 {
-                vec![
-                    SetElement::NamedPort("fd00:198:18::1".parse().unwrap(), 6, 80),
-                    SetElement::NamedPort("fd00:198:18::2".parse().unwrap(), 17, 53),
-                ]
-            } else {
-                vec![
-                    SetElement::NamedPort("198.18.0.1".parse().unwrap(), 6, 80),
-                    SetElement::NamedPort("198.18.0.2".parse().unwrap(), 17, 53),
-                ]
-            },
-            comment: None,
-        },
-    );
-    t.maps.insert(
-        "ingress".into(),
-        VerdictMap {
-            name: "ingress".into(),
-            elements: BTreeMap::from([
-                ("cali1234".to_owned(), Verdict::Goto("to-wl".into())),
-                ("cali5678".to_owned(), Verdict::Goto("to-wl2".into())),
-                ("calidrop".to_owned(), Verdict::Drop),
-            ]),
-            comment: Some("workload dispatch".into()),
-        },
-    );
-    t.maps.insert(
-        "egress".into(),
-        VerdictMap {
-            name: "egress".into(),
-            elements: BTreeMap::new(),
-            comment: None,
-        },
-    );
-
-    let rules = vec![
-        rule(
-            vec![Match::CtState(
-                CtStates::ESTABLISHED.union(CtStates::RELATED),
-            )],
-            vec![],
-            Some(Verdict::Accept),
-            "conntrack",
-        ),
-        rule(
-            vec![Match::CtState(CtStates::INVALID)],
-            vec![Stmt::Counter],
-            Some(Verdict::Drop),
-            "",
-        ),
-        rule(
-            vec![ifname(IfDir::In, "cali1234", false, false)],
-            vec![],
-            Some(Verdict::Jump("to-wl".into())),
-            "exact iif",
-        ),
-        rule(
-            vec![ifname(IfDir::Out, "cali", true, false)],
-            vec![],
-            Some(Verdict::Goto("to-wl".into())),
-            "wildcard oif",
-        ),
-        rule(
-            vec![ifname(IfDir::In, "tunl", true, true)],
-            vec![],
-            Some(Verdict::Return),
-            "",
-        ),
-        rule(
-            vec![ifname(IfDir::Out, "eth0", false, true)],
-            vec![Stmt::Counter],
-            None,
-            "",
-        ),
-        rule(
-            vec![Match::Mark {
-                mask: 0x10000,
-                value: 0x10000,
-                negate: false,
-            }],
-            vec![],
-            Some(Verdict::Accept),
-            "mark & mask",
-        ),
-        rule(
-            vec![Match::Mark {
-                mask: 0xffff_ffff,
-                value: 0x20,
-                negate: true,
-            }],
-            vec![],
-            Some(Verdict::Return),
-            "",
-        ),
-        rule(vec![l4(6)], vec![], None, ""),
-        rule(
-            vec![Match::L4Proto {
-                proto: 17,
-                negate: true,
-            }],
-            vec![],
-            None,
-            "",
-        ),
-        rule(
-            vec![addr(
-                Dir::Src,
-                pick("198.18.0.0/16", "fd00:198:18::/48"),
-                false,
-            )],
-            vec![],
-            Some(Verdict::Accept),
-            "aligned cidr",
-        ),
-        rule(
-            vec![addr(
-                Dir::Dst,
-                pick("198.18.0.0/15", "fd00:198:18::/47"),
-                true,
-            )],
-            vec![],
-            Some(Verdict::Drop),
-            "unaligned cidr",
-        ),
-        rule(
-            vec![addr(
-                Dir::Src,
-                pick("198.18.0.1/32", "fd00:198:18::1/128"),
-                false,
-            )],
-            vec![],
-            None,
-            "host",
-        ),
-        rule(
-            vec![addr(Dir::Dst, pick("0.0.0.0/0", "::/0"), false)],
-            vec![],
-            None,
-            "any",
-        ),
-        rule(
-            vec![addr_set(Dir::Src, "addrs", false)],
-            vec![],
-            Some(Verdict::Accept),
-            "",
-        ),
-        rule(
-            vec![addr_set(Dir::Dst, "addrs", true)],
-            vec![],
-            Some(Verdict::Drop),
-            "",
-        ),
-        rule(
-            vec![l4(6), dport(80, 80, false)],
-            vec![],
-            Some(Verdict::Accept),
-            "single port",
-        ),
-        rule(
-            vec![l4(17), dport(53, 53, true)],
-            vec![],
-            Some(Verdict::Drop),
-            "",
-        ),
-        rule(
-            vec![l4(6), dport(8000, 8010, false)],
-            vec![],
-            Some(Verdict::Accept),
-            "port range",
-        ),
-        rule(
-            vec![l4(6), dport(8000, 8010, true)],
-            vec![],
-            Some(Verdict::Drop),
-            "negated range",
-        ),
-        rule(
-            vec![
-                l4(17),
-                Match::Port {
-                    dir: Dir::Src,
-                    target: PortTarget::Set("ports".into()),
-                    negate: false,
-                },
-            ],
-            vec![],
-            Some(Verdict::Accept),
-            "",
-        ),
-        rule(
-            vec![
-                l4(6),
-                Match::Port {
-                    dir: Dir::Dst,
-                    target: PortTarget::Set("ports".into()),
-                    negate: true,
-                },
-            ],
-            vec![],
-            Some(Verdict::Drop),
-            "",
-        ),
-        rule(
-            vec![Match::NamedPort {
-                dir: Dir::Dst,
-                set: "named".into(),
-                negate: false,
-            }],
-            vec![],
-            Some(Verdict::Accept),
-            "named port",
-        ),
-        rule(
-            vec![Match::NamedPort {
-                dir: Dir::Src,
-                set: "named".into(),
-                negate: true,
-            }],
-            vec![],
-            Some(Verdict::Drop),
-            "",
-        ),
-        rule(
-            vec![
-                l4(icmp),
-                Match::Icmp {
-                    icmp_type: if v6 { 128 } else { 8 },
-                    code: None,
-                    negate: false,
-                },
-            ],
-            vec![],
-            Some(Verdict::Accept),
-            "echo",
-        ),
-        rule(
-            vec![
-                l4(icmp),
-                Match::Icmp {
-                    icmp_type: if v6 { 1 } else { 3 },
-                    code: Some(if v6 { 4 } else { 1 }),
-                    negate: false,
-                },
-            ],
-            vec![],
-            Some(Verdict::Accept),
-            "",
-        ),
-        rule(
-            vec![
-                l4(icmp),
-                Match::Icmp {
-                    icmp_type: 3,
-                    code: None,
-                    negate: true,
-                },
-            ],
-            vec![],
-            Some(Verdict::Drop),
-            "",
-        ),
-        rule(
-            vec![
-                l4(icmp),
-                Match::Icmp {
-                    icmp_type: 3,
-                    code: Some(1),
-                    negate: true,
-                },
-            ],
-            vec![],
-            Some(Verdict::Drop),
-            "",
-        ),
-        rule(
-            vec![],
-            vec![Stmt::SetMark {
-                clear: 0x000e_0000,
-                set: 0x0001_0000,
-            }],
-            None,
-            "set mark bits",
-        ),
-        rule(
-            vec![],
-            vec![Stmt::SetMark {
-                clear: !0x42,
-                set: 0x42,
-            }],
-            None,
-            "",
-        ),
-        rule(
-            vec![],
-            vec![Stmt::SetMark {
-                clear: 0,
-                set: 0x100,
-            }],
-            None,
-            "set bit",
-        ),
-        rule(
-            vec![],
-            vec![Stmt::SetMark {
-                clear: 0x200,
-                set: 0,
-            }],
-            None,
-            "clear bit",
-        ),
-        rule(
-            vec![],
-            vec![Stmt::Log {
-                prefix: "calico-drop".into(),
-                group: None,
-                rate_per_second: None,
-            }],
-            None,
-            "",
-        ),
-        rule(
-            vec![],
-            vec![Stmt::Log {
-                prefix: "nflog".into(),
-                group: Some(5),
-                rate_per_second: None,
-            }],
-            None,
-            "",
-        ),
-        rule(
-            vec![],
-            vec![Stmt::Log {
-                prefix: "limited".into(),
-                group: None,
-                rate_per_second: Some(10),
-            }],
-            None,
-            "",
-        ),
-        rule(
-            vec![],
-            vec![
-                Stmt::Counter,
-                Stmt::Log {
-                    prefix: String::new(),
-                    group: Some(7),
-                    rate_per_second: Some(3),
-                },
-            ],
-            None,
-            "",
-        ),
-        rule(
-            vec![
-                l4(6),
-                addr_set(Dir::Src, "upper", false),
-                dport(443, 443, false),
-            ],
-            vec![Stmt::Counter],
-            Some(Verdict::Accept),
-            "combined",
-        ),
-        rule(vec![addr_set(Dir::Dst, "anyaddr", false)], vec![], None, ""),
-        rule(vec![addr_set(Dir::Dst, "empty", true)], vec![], None, ""),
-        rule(
-            vec![],
-            vec![],
-            Some(Verdict::IfNameVmap {
-                dir: IfDir::In,
-                map: "ingress".into(),
-            }),
-            "dispatch",
-        ),
-        rule(
-            vec![],
-            vec![],
-            Some(Verdict::IfNameVmap {
-                dir: IfDir::Out,
-                map: "egress".into(),
-            }),
-            "",
-        ),
-        rule(vec![], vec![], Some(Verdict::Drop), "default deny"),
-    ];
-    insert_chain(&mut t, chain("cali-pol", rules));
-    insert_chain(
-        &mut t,
-        chain(
-            "to-wl",
-            vec![rule(
-                vec![],
-                vec![Stmt::Counter],
-                Some(Verdict::Return),
-                "to-wl",
-            )],
-        ),
-    );
-    insert_chain(&mut t, chain("to-wl2", vec![]));
-    insert_chain(
-        &mut t,
-        base_chain(
-            "filter-FORWARD",
-            Hook::Forward,
-            -10,
-            ChainPolicy::Drop,
-            vec![rule(
-                vec![],
-                vec![],
-                Some(Verdict::Jump("cali-pol".into())),
-                "to policy",
-            )],
-        ),
-    );
-    insert_chain(
-        &mut t,
-        base_chain("filter-INPUT", Hook::Input, 0, ChainPolicy::Accept, vec![]),
-    );
-    insert_chain(
-        &mut t,
-        base_chain(
-            "filter-OUTPUT",
-            Hook::Output,
-            5,
-            ChainPolicy::Accept,
-            vec![rule(vec![], vec![Stmt::Counter], None, "")],
-        ),
-    );
-    t
-}
-
+/// A ruleset of both families using every IR construct (every match,
+/// statement and verdict kind, every set key, intervals to the end of the
+/// key space, a verdict map, base chains): the golden file
+/// `tests/golden/sample-ruleset.yaml`.
 pub fn sample_ruleset() -> Ruleset {
-    Ruleset {
-        tables: vec![
-            sample_table(TableFamily::Ip),
-            sample_table(TableFamily::Ip6),
-        ],
-    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/sample-ruleset.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-// ---------------------------------------------------------------------------
-// IR → nft syntax (independent of the encoder: it is the oracle's input)
+/// The `family` table of [`sample_ruleset`].
+pub fn sample_table(family: TableFamily) -> Table {
+    sample_ruleset()
+        .tables
+        .into_iter()
+        .find(|t| t.family == family)
+        .expect("both families")
+}
 
 fn q(s: &str) -> String {
     format!("\"{s}\"")

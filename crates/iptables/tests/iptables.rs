@@ -4,70 +4,42 @@
 //! restore leaving the previous rules, and removal of everything of ours.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
+use std::sync::atomic::Ordering;
 
 use compiler::render_iptables::{chain_name, to_iptables, IpFamily, IptablesRulesets};
 use compiler::{compile, CompileOptions};
-use model::convert::{interface_name, kube_to_calico};
-use model::kube::{parse_manifests, Manifest};
-use model::state::ClusterState;
-use programmer::iptables::{parse_iptables_save, Backend, Error, IptablesProgrammer};
+use iptables::{parse_iptables_save, Backend, Error, IptablesProgrammer};
+use model::convert::interface_name;
+use testkit::cluster::{pod, state, web_deny_all, DEFAULT_NAMESPACE as NS};
 
 // ---- fixtures -----------------------------------------------------------
 
 /// A network namespace that exists while this value does (removed on drop,
-/// also when the test panics).
-struct Netns(String);
+/// also when the test panics), with the iptables tools run inside it.
+struct Netns(testkit::netns::Netns);
 
 impl Netns {
     fn new(tag: &str) -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "nptest-iptp{}-{tag}{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("ip netns add");
-        assert!(st.success(), "ip netns add {name} (needs root)");
-        Netns(name)
+        Netns(
+            testkit::netns::Netns::create(&format!("iptp-{tag}"))
+                .expect("ip netns add (needs root)"),
+        )
     }
 
-    fn prefix(&self) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.0.clone()]
+    fn name(&self) -> &str {
+        self.0.name()
     }
 
     fn programmer(&self, backend: Backend) -> IptablesProgrammer {
-        IptablesProgrammer::new(backend).with_command_prefix(self.prefix())
+        IptablesProgrammer::new(backend).with_command_prefix(self.0.command_prefix())
     }
 
     /// Runs a command inside; panics when it fails.
     fn sh(&self, argv: &[&str], stdin: &str) -> String {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(argv)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{argv:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.0
+            .exec_with_input(argv, stdin)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn save(&self, backend: Backend, f: IpFamily) -> String {
@@ -96,66 +68,12 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn state(yaml: &str) -> ClusterState {
-    let mut s = ClusterState::new();
-    for m in parse_manifests("test.yaml", yaml).unwrap() {
-        match m {
-            Manifest::Kube(o) => {
-                if let Some(r) = kube_to_calico(&o).unwrap() {
-                    s.upsert(r);
-                }
-            }
-            Manifest::Calico(r) => {
-                s.upsert(r);
-            }
-        }
-    }
-    s
-}
-
-fn pod(name: &str, node: &str, ips: &[&str], labels: &str, ports: &str) -> String {
-    let ip_list: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
-    format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c, ports: [{ports}]}}]}}\nstatus: {{podIP: \"{}\", podIPs: [{}]}}\n",
-        ips[0],
-        ip_list.join(", ")
-    )
-}
-
-const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n";
-const DENY_ALL: &str = "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-deny-all, namespace: default}\nspec: {podSelector: {matchLabels: {app: web}}, ingress: []}\n";
-
-fn seed() -> String {
-    format!(
-        "{NS}{}{}{DENY_ALL}",
-        pod(
-            "web",
-            "node1",
-            &["198.18.128.1"],
-            "app: web",
-            "{containerPort: 80}"
-        ),
-        pod(
-            "client",
-            "node2",
-            &["198.18.128.2"],
-            "app: client",
-            "{containerPort: 80}"
-        )
-    )
-}
-
 /// web (node1, dual stack) accepts clients on `ports`; clients live on node2.
 fn allow_clients(clients: usize, ports: &str) -> String {
     let mut y = format!(
         "{NS}{}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: web-from-clients, namespace: default}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - from: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n    ports: [{ports}]\n",
         pod(
+            "default",
             "web",
             "node1",
             &["198.18.128.1", "fd00:198:18::1"],
@@ -165,6 +83,7 @@ fn allow_clients(clients: usize, ports: &str) -> String {
     );
     for i in 0..clients {
         y.push_str(&pod(
+            "default",
             &format!("client-{i}"),
             "node2",
             &[
@@ -230,7 +149,7 @@ fn assert_kernel_holds(ns: &Netns, backend: Backend, want: &IptablesRulesets) {
 #[test]
 fn first_sync_writes_everything_and_reads_back() {
     let ns = Netns::new("seed");
-    let want = rulesets(&seed());
+    let want = rulesets(&web_deny_all());
     let mut p = ns.programmer(Backend::Legacy);
     let r = p.apply(&want).unwrap();
     assert!(r.read_back, "the first apply reads the kernel");
@@ -334,7 +253,7 @@ fn a_changed_policy_rewrites_only_its_chain() {
     assert_kernel_holds(&ns, Backend::Legacy, &named);
 
     // Back to the deny-all seed: policy chain and sets go, sets after rules.
-    let seed = rulesets(&seed());
+    let seed = rulesets(&web_deny_all());
     let r = p.apply(&seed).unwrap();
     assert!(r.chains_deleted.contains(&(IpFamily::V4, chain)), "{r:?}");
     assert_eq!(r.sets_destroyed.len(), 4, "{r:?}");
@@ -376,7 +295,7 @@ spec:
 fn a_failing_restore_leaves_the_previous_rules() {
     let ns = Netns::new("fail");
     let mut p = ns.programmer(Backend::Legacy);
-    let good = rulesets(&seed());
+    let good = rulesets(&web_deny_all());
     p.apply(&good).unwrap();
     let before = ns.rules(Backend::Legacy, IpFamily::V4);
 
@@ -575,7 +494,7 @@ fn the_nft_variant_programs_and_removes_the_same() {
     p.apply(&a).unwrap();
     assert_kernel_holds(&ns, Backend::Nft, &a);
     // Deleting a chain (the policy's) needs the second transaction.
-    let b = rulesets(&seed());
+    let b = rulesets(&web_deny_all());
     let r = p.apply(&b).unwrap();
     assert!(!r.chains_deleted.is_empty(), "{r:?}");
     assert_kernel_holds(&ns, Backend::Nft, &b);
@@ -593,7 +512,7 @@ fn a_missing_tool_is_a_named_error() {
     let mut tools = compiler_tools();
     tools.save_v4 = "iptables-no-such-save".into();
     let mut p = ns.programmer(Backend::Legacy).with_tools(tools);
-    let err = p.apply(&rulesets(&seed())).unwrap_err();
+    let err = p.apply(&rulesets(&web_deny_all())).unwrap_err();
     assert!(
         matches!(
             err,
@@ -608,8 +527,8 @@ fn a_missing_tool_is_a_named_error() {
     assert_eq!(p.stats().iptables_save_errors, 1);
 }
 
-fn compiler_tools() -> programmer::iptables::Tools {
-    programmer::iptables::Tools::for_backend(Backend::Legacy)
+fn compiler_tools() -> iptables::Tools {
+    iptables::Tools::for_backend(Backend::Legacy)
 }
 
 // ---- real packets ---------------------------------------------------------
@@ -630,15 +549,26 @@ fn add_pod(node: &Netns, pod: &str, ip: &str) -> Netns {
         assert!(st.success(), "{argv:?}");
     };
     run(&[
-        "ip", "link", "add", &hif, "netns", &node.0, "type", "veth", "peer", "name", "eth0",
-        "netns", &ns.0,
+        "ip",
+        "link",
+        "add",
+        &hif,
+        "netns",
+        node.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
     ]);
-    run(&["ip", "-n", &ns.0, "link", "set", "lo", "up"]);
-    run(&["ip", "-n", &ns.0, "link", "set", "eth0", "up"]);
+    run(&["ip", "-n", ns.name(), "link", "set", "lo", "up"]);
+    run(&["ip", "-n", ns.name(), "link", "set", "eth0", "up"]);
     run(&[
         "ip",
         "-n",
-        &ns.0,
+        ns.name(),
         "addr",
         "add",
         &format!("{ip}/32"),
@@ -648,18 +578,18 @@ fn add_pod(node: &Netns, pod: &str, ip: &str) -> Netns {
     run(&[
         "ip",
         "-n",
-        &ns.0,
+        ns.name(),
         "route",
         "add",
         "198.18.0.0/15",
         "dev",
         "eth0",
     ]);
-    run(&["ip", "-n", &node.0, "link", "set", &hif, "up"]);
+    run(&["ip", "-n", node.name(), "link", "set", &hif, "up"]);
     run(&[
         "ip",
         "-n",
-        &node.0,
+        node.name(),
         "route",
         "add",
         &format!("{ip}/32"),
@@ -703,7 +633,7 @@ fn packets_follow_the_policy() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut servers = Vec::new();
     for port in [80u16, 81, 8081] {
-        let (ns, stop) = (web.0.clone(), stop.clone());
+        let (ns, stop) = (web.name().to_owned(), stop.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         servers.push(std::thread::spawn(move || {
             in_netns(&ns, move || {
@@ -720,7 +650,7 @@ fn packets_follow_the_policy() {
         rx.recv().unwrap();
     }
     let connects = |from: &Netns, port: u16, tries: u32| {
-        let ns = from.0.clone();
+        let ns = from.name().to_owned();
         in_netns(&ns, move || {
             (0..tries).any(|_| {
                 std::net::TcpStream::connect_timeout(
