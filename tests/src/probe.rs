@@ -21,7 +21,7 @@ use crate::LabError;
 /// UDP has no handshake: a lost first datagram (e.g. while a neighbour
 /// entry resolves) is sent again this often until the probe times out.
 const UDP_RESEND: Duration = Duration::from_millis(250);
-const REQUEST: &[u8] = b"nplab probe\n";
+pub(crate) const REQUEST: &[u8] = b"nplab probe\n";
 
 /// What one probe saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +138,9 @@ async fn run_one(p: Prepared, timeout: Duration) -> Result<ProbeResult, LabError
     let mut stage = "connecting";
     let outcome = match p.protocol {
         Protocol::Udp => tokio::time::timeout(timeout, datagram(socket, p.dst, &mut stage)).await,
+        p_ if serve::is_ipip(p_) => {
+            tokio::time::timeout(timeout, raw_datagram(socket, p.dst, &mut stage)).await
+        }
         _ => tokio::time::timeout(timeout, stream(socket, p.dst, &mut stage)).await,
     };
     let elapsed = start.elapsed();
@@ -185,6 +188,40 @@ async fn stream(socket: Socket, dst: SocketAddr, stage: &mut &'static str) -> Ou
             reply.extend_from_slice(&buf[..n]);
             if n == 0 || reply.ends_with(b"\n") {
                 return Ok(reply);
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(reply) => Outcome::Reply(reply),
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// IP-in-IP: a raw packet of protocol 4 carrying the request (again every
+/// [`UDP_RESEND`]) until the destination's raw server answers.
+async fn raw_datagram(socket: Socket, dst: SocketAddr, stage: &mut &'static str) -> Outcome {
+    let v4 = dst.is_ipv4();
+    let result = async {
+        let socket = tokio::net::UdpSocket::from_std(socket.into())?;
+        socket.connect(dst).await?;
+        *stage = "waiting for the answer";
+        let mut buf = [0u8; 2048];
+        loop {
+            socket.send(REQUEST).await?;
+            let answer = tokio::time::timeout(UDP_RESEND, async {
+                loop {
+                    let n = socket.recv(&mut buf).await?;
+                    let payload = serve::raw_payload(&buf[..n], v4);
+                    // Requests from the far end's own probes are not answers.
+                    if payload != REQUEST {
+                        return Ok::<_, std::io::Error>(payload.to_vec());
+                    }
+                }
+            })
+            .await;
+            if let Ok(received) = answer {
+                return received;
             }
         }
     }

@@ -22,7 +22,8 @@ pub struct SyncArgs {
     pub once: bool,
 }
 
-/// Returns false if some object had to be skipped (the rest is programmed).
+/// Returns false if some object was rejected or skipped (the rest is
+/// programmed; rejected objects fail closed).
 pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
     if !args.once {
         bail!("sync without --once is `nftpolicy run`");
@@ -31,7 +32,7 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
     let opts = args.dataplane.compile_options();
     let logical = compiler::compile(&state, &opts)?;
     for (key, why) in &logical.rejected {
-        eprintln!("error: skipped {key}: {why}");
+        eprintln!("error: rejected {key}: {why}");
     }
     let summary = format!(
         "node {}: {} endpoints, {} active policies",

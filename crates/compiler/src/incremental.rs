@@ -743,8 +743,14 @@ impl IncrementalCompiler {
             profiles: &started_profiles,
         };
         let log_denied = opts.log_denied;
-        let (endpoints, chains, mut ip_sets, members) =
-            wanted.build(Builder::new(marks, log_denied, &[], ip_sets, true));
+        let (endpoints, chains, mut ip_sets, members) = wanted.build(Builder::new(
+            marks,
+            log_denied,
+            opts.encap,
+            &[],
+            ip_sets,
+            true,
+        ));
         let (endpoints, chains) = if members.is_empty() {
             logical.ip_sets = ip_sets;
             (endpoints, chains)
@@ -753,8 +759,9 @@ impl IncrementalCompiler {
                 ip_sets.remove(id);
             }
             let nets = state.labelled_nets();
-            let (endpoints, chains, ip_sets, members) =
-                wanted.build(Builder::new(marks, log_denied, &nets, ip_sets, true));
+            let (endpoints, chains, ip_sets, members) = wanted.build(Builder::new(
+                marks, log_denied, opts.encap, &nets, ip_sets, true,
+            ));
             for (id, objects) in &members {
                 let m = Membership::of(&ip_sets[id], objects, &nets);
                 self.add_set(id.clone(), m);
