@@ -211,10 +211,13 @@ async fn raw_datagram(socket: Socket, dst: SocketAddr, stage: &mut &'static str)
             socket.send(REQUEST).await?;
             let answer = tokio::time::timeout(UDP_RESEND, async {
                 loop {
-                    let n = socket.recv(&mut buf).await?;
+                    // A raw socket sees every IP-in-IP packet its namespace
+                    // receives (until connect, even other peers'): only the
+                    // destination's answers count, not its own probes'
+                    // requests.
+                    let (n, from) = socket.recv_from(&mut buf).await?;
                     let payload = serve::raw_payload(&buf[..n], v4);
-                    // Requests from the far end's own probes are not answers.
-                    if payload != REQUEST {
+                    if from.ip() == dst.ip() && payload != REQUEST {
                         return Ok::<_, std::io::Error>(payload.to_vec());
                     }
                 }

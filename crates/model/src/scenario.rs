@@ -80,10 +80,10 @@ impl NodeConfig {
     pub fn agent_args(&self) -> Vec<String> {
         let mut args = Vec::new();
         if self.allow_vxlan_packets_from_workloads {
-            args.push("--allow-vxlan-packets-from-workloads=true".to_owned());
+            args.push("--allow-vxlan-packets-from-workloads".to_owned());
         }
         if self.allow_ipip_packets_from_workloads {
-            args.push("--allow-ipip-packets-from-workloads=true".to_owned());
+            args.push("--allow-ipip-packets-from-workloads".to_owned());
         }
         args
     }
