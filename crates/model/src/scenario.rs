@@ -995,3 +995,83 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+name: t
+objects:
+  - {apiVersion: v1, kind: Namespace, metadata: {name: ns}}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: a, namespace: ns, labels: {app: a}}
+    spec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: b, namespace: ns}
+    spec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+  - apiVersion: projectcalico.org/v3
+    kind: NetworkPolicy
+    metadata: {name: p, namespace: ns}
+    spec: {selector: app == 'a', ingress: [{action: Allow, http: {methods: [GET]}}]}
+probes:
+  - {from: ns/b, to: ns/a, port: 80, expect: deny}
+"#;
+
+    #[test]
+    fn a_rejected_object_must_be_listed_and_a_listed_one_rejected() {
+        let err = Scenario::parse("t.yaml", BASE).unwrap_err().to_string();
+        assert!(
+            err.contains("projectcalico.org/v3 NetworkPolicy ns/p is rejected (spec.ingress[0].http: not implemented")
+                && err.contains("list it under `rejected:`"),
+            "{err}"
+        );
+        let listed = BASE.replace(
+            "name: t\n",
+            "name: t\nrejected: [{apiVersion: projectcalico.org/v3, kind: NetworkPolicy, namespace: ns, name: p}]\n",
+        );
+        let s = Scenario::parse("t.yaml", &listed).unwrap();
+        let outcomes = s.check_model().unwrap();
+        assert!(outcomes.iter().all(ProbeOutcome::passed), "{outcomes:?}");
+        let accepted = listed.replace("http: {methods: [GET]}", "protocol: TCP");
+        let err = Scenario::parse("t.yaml", &accepted)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ns/p is listed under `rejected:` but nftpolicy accepts it"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ipip_probes_have_no_port_and_config_sets_the_agent_flags() {
+        let text = BASE
+            .replace(
+                "  - apiVersion: projectcalico.org/v3\n    kind: NetworkPolicy\n    metadata: {name: p, namespace: ns}\n    spec: {selector: app == 'a', ingress: [{action: Allow, http: {methods: [GET]}}]}\n",
+                "",
+            )
+            .replace(
+                "  - {from: ns/b, to: ns/a, port: 80, expect: deny}",
+                "  - {from: ns/b, to: ns/a, protocol: IPIP, expect: allow}",
+            )
+            .replace("name: t\n", "name: t\nconfig: {allowIPIPPacketsFromWorkloads: true}\n");
+        let s = Scenario::parse("t.yaml", &text).unwrap();
+        assert_eq!(
+            s.config.agent_args(),
+            ["--allow-ipip-packets-from-workloads"]
+        );
+        assert_eq!(s.steps[0].probes[0].to_string(), "ns/b -> ns/a IPIP");
+        assert!(s.check_model().unwrap()[0].passed());
+        // felix's default drops it.
+        let dropped = text.replace("config: {allowIPIPPacketsFromWorkloads: true}\n", "");
+        let s = Scenario::parse("t.yaml", &dropped).unwrap();
+        assert!(!s.check_model().unwrap()[0].passed());
+        let with_port = text.replace("protocol: IPIP,", "protocol: IPIP, port: 80,");
+        let err = Scenario::parse("t.yaml", &with_port)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("an IPIP probe has no port"), "{err}");
+    }
+}
