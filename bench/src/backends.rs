@@ -327,7 +327,8 @@ impl Dataplane for Iptables {
         for r in self.last.iter().flat_map(|l| l.iter()) {
             s.chains += r.chains.len();
             s.rules += r.chains.values().map(Vec::len).sum::<usize>()
-                + r.hooks.values().map(Vec::len).sum::<usize>();
+                + r.hooks.values().map(Vec::len).sum::<usize>()
+                + r.appended.values().map(Vec::len).sum::<usize>();
             s.sets += r.ipsets.len();
             s.set_elements += r.ipsets.values().map(|x| x.members.len()).sum::<usize>();
         }

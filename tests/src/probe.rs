@@ -137,9 +137,11 @@ async fn run_one(p: Prepared, timeout: Duration) -> Result<ProbeResult, LabError
     let start = Instant::now();
     let mut stage = "connecting";
     let outcome = match p.protocol {
-        Protocol::Udp => tokio::time::timeout(timeout, datagram(socket, p.dst, &mut stage)).await,
+        Protocol::Udp => {
+            tokio::time::timeout(timeout, datagram(socket, p.dst, &mut stage, false)).await
+        }
         p_ if serve::is_ipip(p_) => {
-            tokio::time::timeout(timeout, raw_datagram(socket, p.dst, &mut stage)).await
+            tokio::time::timeout(timeout, datagram(socket, p.dst, &mut stage, true)).await
         }
         _ => tokio::time::timeout(timeout, stream(socket, p.dst, &mut stage)).await,
     };
@@ -198,10 +200,13 @@ async fn stream(socket: Socket, dst: SocketAddr, stage: &mut &'static str) -> Ou
     }
 }
 
-/// IP-in-IP: a raw packet of protocol 4 carrying the request (again every
-/// [`UDP_RESEND`]) until the destination's raw server answers.
-async fn raw_datagram(socket: Socket, dst: SocketAddr, stage: &mut &'static str) -> Outcome {
-    let v4 = dst.is_ipv4();
+/// UDP: send a datagram (again every [`UDP_RESEND`]) until one is answered.
+/// The socket is connected, so an ICMP port unreachable surfaces as
+/// "connection refused" instead of a timeout. IP-in-IP (`raw`): the same
+/// with a raw packet of protocol 4 — but a raw socket sees every IP-in-IP
+/// packet its namespace receives (until connected, even other peers'), so
+/// only the destination's answers count, not its own probes' requests.
+async fn datagram(socket: Socket, dst: SocketAddr, stage: &mut &'static str, raw: bool) -> Outcome {
     let result = async {
         let socket = tokio::net::UdpSocket::from_std(socket.into())?;
         socket.connect(dst).await?;
@@ -211,44 +216,19 @@ async fn raw_datagram(socket: Socket, dst: SocketAddr, stage: &mut &'static str)
             socket.send(REQUEST).await?;
             let answer = tokio::time::timeout(UDP_RESEND, async {
                 loop {
-                    // A raw socket sees every IP-in-IP packet its namespace
-                    // receives (until connect, even other peers'): only the
-                    // destination's answers count, not its own probes'
-                    // requests.
                     let (n, from) = socket.recv_from(&mut buf).await?;
-                    let payload = serve::raw_payload(&buf[..n], v4);
+                    if !raw {
+                        return Ok::<_, std::io::Error>(buf[..n].to_vec());
+                    }
+                    let payload = serve::raw_payload(&buf[..n], dst.is_ipv4());
                     if from.ip() == dst.ip() && payload != REQUEST {
-                        return Ok::<_, std::io::Error>(payload.to_vec());
+                        return Ok(payload.to_vec());
                     }
                 }
             })
             .await;
             if let Ok(received) = answer {
                 return received;
-            }
-        }
-    }
-    .await;
-    match result {
-        Ok(reply) => Outcome::Reply(reply),
-        Err(e) => Outcome::Failed(e),
-    }
-}
-
-/// UDP: send a datagram (again every [`UDP_RESEND`]) until one is answered.
-/// The socket is connected, so an ICMP port unreachable surfaces as
-/// "connection refused" instead of a timeout.
-async fn datagram(socket: Socket, dst: SocketAddr, stage: &mut &'static str) -> Outcome {
-    let result = async {
-        let socket = tokio::net::UdpSocket::from_std(socket.into())?;
-        socket.connect(dst).await?;
-        *stage = "waiting for the answer";
-        let mut buf = [0u8; 2048];
-        loop {
-            socket.send(REQUEST).await?;
-            if let Ok(received) = tokio::time::timeout(UDP_RESEND, socket.recv(&mut buf)).await {
-                let n = received?;
-                return Ok(buf[..n].to_vec());
             }
         }
     }

@@ -9,11 +9,14 @@
 use std::path::Path;
 use std::time::Duration;
 
+use common::check_probes;
 use compiler::nft::{Match, TableFamily, Verdict, TABLE_NAME};
 use lab::agents::in_namespace;
 use lab::{nftpolicy_binary, write_state, Lab};
 use model::scenario::{PodInfo, ResolvedProbe, Scenario, StepState, NODES};
 use programmer::NftProgrammer;
+
+mod common;
 
 const POLICY_CHAIN: &str = "cali-pi-default.web-deny-all";
 /// Denied connections sent while the counter is watched.
@@ -65,19 +68,6 @@ fn resolve(state: &StepState, probes: &[model::scenario::Probe]) -> Vec<Resolved
         .iter()
         .map(|p| state.resolve_probe(p, &[]).unwrap())
         .collect()
-}
-
-fn check_probes(lab: &mut Lab, probes: &[ResolvedProbe], what: &str) {
-    let results = lab.probe_all(probes).unwrap();
-    for (p, r) in probes.iter().zip(&results) {
-        assert_eq!(
-            r.allowed,
-            Some(p.probe.expect_allow),
-            "{what}: {}: {}",
-            p.probe,
-            r.detail
-        );
-    }
 }
 
 /// Packets counted by the policy chain's rule (its only one: "no rule

@@ -4,9 +4,12 @@
 
 use std::time::Duration;
 
+use common::check_probes;
 use lab::{nftpolicy_binary, write_state, Lab};
 use model::kube::KubeKind;
 use model::scenario::Scenario;
+
+mod common;
 
 const SCENARIO: &str = r#"
 name: fail-closed
@@ -53,15 +56,6 @@ fn unknown_workload_interfaces_are_dropped() {
         write_state(&dir, &known).unwrap();
         lab.program_nodes(&dir, &nftpolicy, backend, Duration::from_secs(30))
             .unwrap();
-        let results = lab.probe_all(&probes).unwrap();
-        for (p, r) in probes.iter().zip(&results) {
-            assert_eq!(
-                r.allowed,
-                Some(p.probe.expect_allow),
-                "{backend}: {}: {}",
-                p.probe,
-                r.detail
-            );
-        }
+        check_probes(&mut lab, &probes, backend);
     }
 }

@@ -14,8 +14,11 @@
 use std::process::Command;
 use std::time::Duration;
 
+use common::check_probes;
 use lab::{nftpolicy_binary, write_state, Lab};
 use model::scenario::{Scenario, NODES};
+
+mod common;
 
 const SCENARIO: &str = r#"
 name: forward-placement
@@ -149,16 +152,7 @@ fn other_forward_rules_see_policy_accepted_packets() {
             .iter()
             .map(|p| state.resolve_probe(p, &[]).unwrap())
             .collect();
-        let results = lab.probe_all(&probes).unwrap();
-        for (p, r) in probes.iter().zip(&results) {
-            assert_eq!(
-                r.allowed,
-                Some(p.probe.expect_allow),
-                "{backend}: {}: {}",
-                p.probe,
-                r.detail
-            );
-        }
+        check_probes(&mut lab, &probes, backend);
         for node in NODES {
             assert!(
                 foreign_count(&lab, backend, node) > 0,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use compiler::nft::{Ruleset, Table, TableFamily, TABLE_NAME};
 use compiler::{compile_nftables, CompileOptions};
 use lab::agents::in_namespace;
+use lab::Lab;
 use model::scenario::{ResolvedProbe, Scenario, StepState};
 use programmer::NftProgrammer;
 
@@ -149,4 +150,18 @@ pub fn wait_kernel(node_ns: &str, want: &Tables, what: &str, timeout: Duration) 
         timeout,
         || &kernel(node_ns) == want,
     )
+}
+
+/// Runs `probes` in `lab` and asserts each got its expected verdict.
+pub fn check_probes(lab: &mut Lab, probes: &[ResolvedProbe], what: &str) {
+    let results = lab.probe_all(probes).unwrap();
+    for (p, r) in probes.iter().zip(&results) {
+        assert_eq!(
+            r.allowed,
+            Some(p.probe.expect_allow),
+            "{what}: {}: {}",
+            p.probe,
+            r.detail
+        );
+    }
 }
