@@ -128,7 +128,7 @@ pub struct LogicalRuleset {
     /// IP sets by id, with members of both families.
     pub ip_sets: BTreeMap<String, IpSet>,
     /// Objects rejected ([`model::reject`]: their stubs fail closed) or
-    /// that could not be compiled, by name, with the reason.
+    /// that could not be compiled, with the reason, in key order.
     pub rejected: Vec<(ResourceKey, String)>,
     /// Policies with a chain on this node (felix's "active" policies).
     pub active_policies: Vec<PolicyId>,
@@ -446,11 +446,10 @@ pub(crate) fn compile_recording(
 ) -> Result<Compiled, CompileError> {
     let marks = MarkBits::from_mask(opts.mark_mask)?;
     let (policies, unresolved) = state.resolved_policies();
-    let mut rejected: Vec<(ResourceKey, String)> = state
-        .rejected()
-        .map(|(key, why)| (key, why.to_owned()))
-        .collect();
-    rejected.extend(unresolved);
+    // By key, one entry per object (the incremental compiler keeps it so).
+    let mut rejected: BTreeMap<ResourceKey, String> = unresolved.into_iter().collect();
+    rejected.extend(state.rejected().map(|(key, why)| (key, why.to_owned())));
+    let rejected: Vec<(ResourceKey, String)> = rejected.into_iter().collect();
     let nets = state.labelled_nets();
     let mut b = Builder::new(
         marks,
