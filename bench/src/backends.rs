@@ -82,7 +82,8 @@ fn iptables_size(rs: &compiler::render_iptables::IptablesRulesets) -> Size {
     for r in rs.iter() {
         s.chains += r.chains.len();
         s.rules += r.chains.values().map(Vec::len).sum::<usize>()
-            + r.hooks.values().map(Vec::len).sum::<usize>();
+            + r.hooks.values().map(Vec::len).sum::<usize>()
+            + r.appended.values().map(Vec::len).sum::<usize>();
         s.sets += r.ipsets.len();
         s.set_elements += r.ipsets.values().map(|x| x.members.len()).sum::<usize>();
     }

@@ -1,7 +1,8 @@
 //! The incremental compiler gives exactly what a full compile gives, after
 //! every kind of change, on generated clusters (with network sets that
-//! overlap pod addresses, so that nets inside nets are exercised); and its
-//! element deltas turn the previous ruleset into the new one.
+//! overlap pod addresses, so that nets inside nets are exercised, and
+//! endpoints and policies that are now and then rejected); and its element
+//! deltas turn the previous ruleset into the new one.
 
 use std::collections::BTreeMap;
 
@@ -143,6 +144,13 @@ fn incremental_equals_full_compile() {
                         if rng.random_bool(0.2) {
                             w.spec.ports.retain(|p| p.name != "http");
                         }
+                        // Now and then rejected (model::reject): it drops
+                        // its own traffic, and stays in the sets.
+                        if rng.random_bool(0.1) {
+                            model::reject::mark_rejected(&mut w.metadata.annotations, "test");
+                        } else if rng.random_bool(0.3) {
+                            w.metadata.annotations.clear();
+                        }
                         let r = Resource::WorkloadEndpoint(w);
                         change(&mut state, &mut changes, r.key(), Some(r));
                     }
@@ -155,7 +163,11 @@ fn incremental_equals_full_compile() {
                         }
                     }
                     _ => {
-                        let p = bench::policy(&scale, rng.random_range(0..200), &mut rng);
+                        let mut p = bench::policy(&scale, rng.random_range(0..200), &mut rng);
+                        if rng.random_bool(0.2) {
+                            // Its selected endpoints drop in its directions.
+                            model::reject::mark_rejected(&mut p.metadata.annotations, "test");
+                        }
                         let r = Resource::NetworkPolicy(p);
                         change(&mut state, &mut changes, r.key(), Some(r));
                     }

@@ -84,13 +84,17 @@ pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeO
     };
     let mut lab = Lab::build(&first_pods, &scenario.externals, &node_names)?;
     lab.set_probe_timeout(opts.probe_timeout);
+    lab.set_rejections_expected(!scenario.rejected.is_empty());
+    // The scenario's node configuration, as agent flags.
+    let mut agent_args = opts.extra_args.clone();
+    agent_args.extend(scenario.config.agent_args());
     let mut agents = match &etcd {
         Some(etcd) => Some(crate::Agents::start(
             &lab,
             etcd,
             &opts.nftpolicy,
             &opts.backend,
-            &opts.extra_args,
+            &agent_args,
         )?),
         None => None,
     };
@@ -111,7 +115,7 @@ pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeO
                 &dir,
                 &opts.nftpolicy,
                 &opts.backend,
-                &opts.extra_args,
+                &agent_args,
                 opts.sync_timeout,
             )?;
         }
@@ -192,6 +196,14 @@ impl Lab {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let failure = match waiter.finish(remaining) {
                 Ok(Finished { status, .. }) if status.success() => None,
+                // Programmed, with rejected objects enforced as drops.
+                Ok(Finished { status, output })
+                    if self.rejections_expected()
+                        && status.code() == Some(1)
+                        && only_rejections(&output) =>
+                {
+                    None
+                }
                 Ok(Finished { status, output }) => Some((status.to_string(), output)),
                 Err(output) => Some((format!("still running after {timeout:?}, killed"), output)),
             };
@@ -214,6 +226,12 @@ impl Lab {
         });
         first_error.map_or(Ok(()), Err)
     }
+}
+
+/// `nftpolicy sync` output whose only errors name rejected objects.
+fn only_rejections(output: &str) -> bool {
+    let errors: Vec<&str> = output.lines().filter(|l| l.starts_with("error:")).collect();
+    !errors.is_empty() && errors.iter().all(|l| l.starts_with("error: rejected "))
 }
 
 struct Finished {

@@ -85,6 +85,9 @@ pub struct Lab {
     next_endpoint_index: u32,
     sctp: bool,
     probe_timeout: Duration,
+    /// `nftpolicy sync` exiting 1 because objects were rejected (and are
+    /// enforced as drops) is what the scenario expects.
+    rejections_expected: bool,
     pub(crate) workdir: tempfile::TempDir,
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -136,6 +139,7 @@ impl Lab {
             next_endpoint_index: FIRST_ENDPOINT_INDEX,
             sctp: false,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
+            rejections_expected: false,
             workdir,
             runtime: Some(runtime),
         };
@@ -205,6 +209,17 @@ impl Lab {
     }
 
     /// How long a probe may take before it counts as denied.
+    /// Whether programming may report rejected objects (exit status 1 with
+    /// only `error: rejected …` lines): they are then enforced as drops,
+    /// which is what a scenario listing them under `rejected:` tests.
+    pub fn set_rejections_expected(&mut self, expected: bool) {
+        self.rejections_expected = expected;
+    }
+
+    pub(crate) fn rejections_expected(&self) -> bool {
+        self.rejections_expected
+    }
+
     pub fn set_probe_timeout(&mut self, timeout: Duration) {
         self.probe_timeout = timeout;
     }
@@ -611,6 +626,20 @@ impl Lab {
     /// ports aimed at them. An error means the lab is wrong (a probe end it
     /// does not have, an answer from the wrong host), not a verdict.
     pub fn probe_all(&mut self, probes: &[ResolvedProbe]) -> Result<Vec<ProbeResult>, LabError> {
+        for p in probes.iter().filter(|p| p.probe.is_ipip()) {
+            // Every endpoint answers IP-in-IP (no port to declare): the
+            // raw server starts where a probe first aims at it.
+            if let ProbeEnd::Pod { namespace, name } = &p.probe.to {
+                let key = (namespace.clone(), name.clone());
+                let mut ep = self.pods.remove(&key).ok_or_else(|| LabError::Probe {
+                    probe: p.probe.to_string(),
+                    reason: format!("{} is not in the lab", p.probe.to),
+                })?;
+                let served = self.serve(&mut ep, p.port, p.probe.protocol);
+                self.pods.insert(key, ep);
+                served?;
+            }
+        }
         for p in probes {
             if let ProbeEnd::External(name) = &p.probe.to {
                 let mut ep = self.externals.remove(name).ok_or_else(|| {

@@ -21,7 +21,7 @@ use crate::LabError;
 /// UDP has no handshake: a lost first datagram (e.g. while a neighbour
 /// entry resolves) is sent again this often until the probe times out.
 const UDP_RESEND: Duration = Duration::from_millis(250);
-const REQUEST: &[u8] = b"nplab probe\n";
+pub(crate) const REQUEST: &[u8] = b"nplab probe\n";
 
 /// What one probe saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +137,12 @@ async fn run_one(p: Prepared, timeout: Duration) -> Result<ProbeResult, LabError
     let start = Instant::now();
     let mut stage = "connecting";
     let outcome = match p.protocol {
-        Protocol::Udp => tokio::time::timeout(timeout, datagram(socket, p.dst, &mut stage)).await,
+        Protocol::Udp => {
+            tokio::time::timeout(timeout, datagram(socket, p.dst, &mut stage, false)).await
+        }
+        p_ if serve::is_ipip(p_) => {
+            tokio::time::timeout(timeout, datagram(socket, p.dst, &mut stage, true)).await
+        }
         _ => tokio::time::timeout(timeout, stream(socket, p.dst, &mut stage)).await,
     };
     let elapsed = start.elapsed();
@@ -197,8 +202,11 @@ async fn stream(socket: Socket, dst: SocketAddr, stage: &mut &'static str) -> Ou
 
 /// UDP: send a datagram (again every [`UDP_RESEND`]) until one is answered.
 /// The socket is connected, so an ICMP port unreachable surfaces as
-/// "connection refused" instead of a timeout.
-async fn datagram(socket: Socket, dst: SocketAddr, stage: &mut &'static str) -> Outcome {
+/// "connection refused" instead of a timeout. IP-in-IP (`raw`): the same
+/// with a raw packet of protocol 4 — but a raw socket sees every IP-in-IP
+/// packet its namespace receives (until connected, even other peers'), so
+/// only the destination's answers count, not its own probes' requests.
+async fn datagram(socket: Socket, dst: SocketAddr, stage: &mut &'static str, raw: bool) -> Outcome {
     let result = async {
         let socket = tokio::net::UdpSocket::from_std(socket.into())?;
         socket.connect(dst).await?;
@@ -206,9 +214,21 @@ async fn datagram(socket: Socket, dst: SocketAddr, stage: &mut &'static str) -> 
         let mut buf = [0u8; 2048];
         loop {
             socket.send(REQUEST).await?;
-            if let Ok(received) = tokio::time::timeout(UDP_RESEND, socket.recv(&mut buf)).await {
-                let n = received?;
-                return Ok(buf[..n].to_vec());
+            let answer = tokio::time::timeout(UDP_RESEND, async {
+                loop {
+                    let (n, from) = socket.recv_from(&mut buf).await?;
+                    if !raw {
+                        return Ok::<_, std::io::Error>(buf[..n].to_vec());
+                    }
+                    let payload = serve::raw_payload(&buf[..n], dst.is_ipv4());
+                    if from.ip() == dst.ip() && payload != REQUEST {
+                        return Ok(payload.to_vec());
+                    }
+                }
+            })
+            .await;
+            if let Ok(received) = answer {
+                return received;
             }
         }
     }

@@ -4,7 +4,9 @@
 //! by the lab's tokio runtime.
 //!
 //! Every server answers with `nplab <identity> <port>/<protocol>\n`, so a
-//! probe can tell that the right endpoint answered.
+//! probe can tell that the right endpoint answered. IP-in-IP (protocol 4,
+//! no port) is served by a raw socket answering each probe request with a
+//! raw packet of its own.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use model::calico::Protocol;
+use model::state::IPIP_PROTOCOL;
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
@@ -34,8 +37,23 @@ pub(crate) fn socket_type(protocol: Protocol) -> Option<(Type, socket2::Protocol
         Protocol::Udp => Some((Type::DGRAM, socket2::Protocol::UDP)),
         // One-to-one style SCTP behaves like TCP at the socket API.
         Protocol::Sctp => Some((Type::STREAM, socket2::Protocol::from(libc::IPPROTO_SCTP))),
+        p if is_ipip(p) => Some((Type::RAW, socket2::Protocol::from(libc::IPPROTO_IPIP))),
         _ => None,
     }
+}
+
+pub(crate) fn is_ipip(protocol: Protocol) -> bool {
+    protocol.number() == IPIP_PROTOCOL
+}
+
+/// The payload of a packet read from a raw socket: IPv4 raw sockets hand
+/// over the IP header too, IPv6 ones do not.
+pub(crate) fn raw_payload(packet: &[u8], v4: bool) -> &[u8] {
+    if !v4 {
+        return packet;
+    }
+    let header = packet.first().map_or(0, |b| usize::from(b & 0x0f) * 4);
+    packet.get(header..).unwrap_or_default()
 }
 
 /// Bound (and, for streams, listening) non-blocking sockets on `port`, one
@@ -62,7 +80,7 @@ pub(crate) fn open(
                 .iter()
                 .map(|addr| {
                     let socket = Socket::new(Domain::for_address(*addr), ty, Some(proto))?;
-                    if addr.is_ipv6() {
+                    if addr.is_ipv6() && ty != Type::RAW {
                         // The IPv4 socket serves IPv4; keep the two apart.
                         socket.set_only_v6(true)?;
                     }
@@ -90,6 +108,13 @@ pub(crate) fn spawn(
         Protocol::Udp => {
             let socket = tokio::net::UdpSocket::from_std(socket.into())?;
             set.spawn(serve_datagrams(socket, reply));
+        }
+        p if is_ipip(p) => {
+            let v4 = socket.domain()? == Domain::IPV4;
+            // A raw socket is a datagram socket to tokio: recv_from and
+            // send_to work on it as on UDP (the port is 0).
+            let socket = tokio::net::UdpSocket::from_std(socket.into())?;
+            set.spawn(serve_raw(socket, reply, v4));
         }
         _ => {
             // tokio's TcpListener only uses accept/read/write, which work
@@ -125,6 +150,19 @@ async fn serve_streams(listener: tokio::net::TcpListener, reply: Arc<str>) {
             })
             .await;
         });
+    }
+}
+
+/// Answers probe requests only: a raw socket sees every IP-in-IP packet
+/// the namespace receives, answers of other servers included.
+async fn serve_raw(socket: tokio::net::UdpSocket, reply: Arc<str>, v4: bool) {
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            if raw_payload(&buf[..n], v4) == crate::probe::REQUEST {
+                let _ = socket.send_to(reply.as_bytes(), peer).await;
+            }
+        }
     }
 }
 

@@ -307,11 +307,20 @@ impl OurTable {
                 .keys()
                 .map(|c| (c.clone(), r.chain_hashes(c).unwrap()))
                 .collect(),
+            // Ours at the top of a built-in chain, then ours appended to it
+            // (other rules, if any, sit between and are not ours).
             hooks: r
                 .hooks
-                .iter()
-                .map(|(c, rules)| {
-                    let hashes = rules.iter().filter_map(|r| rule_hash(r)).map(str::to_owned);
+                .keys()
+                .chain(r.appended.keys())
+                .map(|c| {
+                    let rules = r
+                        .hooks
+                        .get(c)
+                        .into_iter()
+                        .chain(r.appended.get(c))
+                        .flatten();
+                    let hashes = rules.filter_map(|r| rule_hash(r)).map(str::to_owned);
                     (c.clone(), hashes.collect::<Vec<_>>())
                 })
                 .filter(|(_, h)| !h.is_empty())

@@ -93,6 +93,37 @@ pub struct DataplaneArgs {
     /// At most this many `--log-denied` records per second per rule.
     #[arg(long, env = "NFTPOLICY_LOG_RATE", default_value_t = 10)]
     pub log_rate: u32,
+    #[command(flatten)]
+    pub encap: WorkloadEncapArgs,
+}
+
+/// Encapsulated packets workloads may send: felix drops VXLAN and IP-in-IP
+/// sent by workloads (first thing in every `cali-fw-` chain) unless allowed.
+#[derive(Debug, Clone, Args)]
+pub struct WorkloadEncapArgs {
+    /// Let workloads send VXLAN packets (UDP to --vxlan-port), which are
+    /// otherwise dropped whatever policy says (felix's
+    /// AllowVXLANPacketsFromWorkloads).
+    #[arg(long, env = "NFTPOLICY_ALLOW_VXLAN_PACKETS_FROM_WORKLOADS", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
+    pub allow_vxlan_packets_from_workloads: bool,
+    /// Let workloads send IP-in-IP packets (IP protocol 4), which are
+    /// otherwise dropped whatever policy says (felix's
+    /// AllowIPIPPacketsFromWorkloads).
+    #[arg(long, env = "NFTPOLICY_ALLOW_IPIP_PACKETS_FROM_WORKLOADS", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
+    pub allow_ipip_packets_from_workloads: bool,
+    /// The UDP port of VXLAN packets workloads may not send (felix's VXLANPort).
+    #[arg(long, env = "NFTPOLICY_VXLAN_PORT", default_value_t = 4789, value_parser = clap::value_parser!(u16).range(1..))]
+    pub vxlan_port: u16,
+}
+
+impl WorkloadEncapArgs {
+    pub fn encap(&self) -> model::state::WorkloadEncap {
+        model::state::WorkloadEncap {
+            allow_vxlan: self.allow_vxlan_packets_from_workloads,
+            allow_ipip: self.allow_ipip_packets_from_workloads,
+            vxlan_port: self.vxlan_port,
+        }
+    }
 }
 
 fn non_empty(s: &str) -> Result<String, String> {
@@ -134,6 +165,7 @@ impl DataplaneArgs {
                 group: self.log_group,
                 rate_per_second: self.log_rate,
             }),
+            encap: self.encap.encap(),
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct ExplainArgs {
     #[command(flatten)]
     pub tls: EtcdTlsArgs,
     #[command(flatten)]
+    pub encap: crate::dataplane::WorkloadEncapArgs,
+    #[command(flatten)]
     pub kernel: crate::explain_kernel::KernelArgs,
 }
 
@@ -56,7 +58,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
     if src.is_ipv6() != dst.is_ipv6() {
         bail!("{src} and {dst} are of different address families");
     }
-    let eval = Evaluator::new(&state);
+    let eval = Evaluator::with_encap(&state, args.encap.encap());
     let verdict = eval.evaluate(&Packet {
         src,
         dst,

@@ -28,8 +28,9 @@ pub struct Metrics {
     /// From receiving a datastore change to the kernel's acknowledgement of
     /// the transaction carrying it.
     pub programming_latency: Histogram,
-    /// Objects skipped now because they could not be decoded or compiled
-    /// (`nftpolicy_rejected_objects`), each logged once when it became so.
+    /// Objects rejected now: not decodable (skipped), or enforced as a drop
+    /// of what they cover until fixed (`nftpolicy_rejected_objects`), each
+    /// logged once when it became so.
     pub rejected: RejectedObjects,
     /// Resyncs that found the kernel changed behind our back.
     pub resyncs_repaired: IntCounter,
@@ -83,7 +84,7 @@ impl Metrics {
             )?,
             rejected: RejectedObjects::new(IntGauge::new(
                 "nftpolicy_rejected_objects",
-                "Objects currently skipped because they could not be decoded or compiled (named in the log when they became so).",
+                "Objects currently rejected: not decodable (skipped), or unsupported and enforced as a drop of the endpoints they cover (named in the log when they became so).",
             )?),
             resyncs_repaired: IntCounter::new(
                 "nftpolicy_resync_repairs_total",
@@ -158,9 +159,10 @@ impl Metrics {
     }
 }
 
-/// The objects skipped right now, behind the `nftpolicy_rejected_objects`
+/// The objects rejected right now, behind the `nftpolicy_rejected_objects`
 /// gauge: datastore values that do not decode (tracked by their datastore
-/// key from the update stream) plus the objects the latest apply could not
+/// key from the update stream) plus the objects the latest apply enforced
+/// as rejected (stubs that fail closed, see `model::reject`) or could not
 /// compile. Each is logged once when it becomes rejected (or its reason
 /// changes) and once when it stops being rejected, however many applies
 /// happen in between.
@@ -231,7 +233,7 @@ impl RejectedObjects {
             .set((s.undecodable.len() + s.uncompilable.len()) as i64);
     }
 
-    /// Replaces the compile rejections with those of the latest apply.
+    /// Replaces the compile-time rejections with those of the latest apply.
     pub fn compiled(&self, rejected: &[(ResourceKey, String)]) {
         let mut s = self.lock();
         let now: BTreeMap<String, String> = rejected
@@ -240,7 +242,10 @@ impl RejectedObjects {
             .collect();
         for (key, why) in &now {
             if s.uncompilable.get(key) != Some(why) {
-                warn!(object = %key, "rejected (cannot be compiled, skipped): {why}");
+                warn!(
+                    object = %key,
+                    "rejected (what it covers drops all traffic until it is fixed): {why}"
+                );
             }
         }
         for key in s.uncompilable.keys() {

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use crate::dataplane::{load_files, DataplaneArgs};
 
-/// Prints the ruleset; returns false if some object had to be skipped.
+/// Prints the ruleset; returns false if some object was rejected or skipped.
 pub fn run(args: &DataplaneArgs, paths: &[PathBuf]) -> anyhow::Result<bool> {
     let (state, skipped) = load_files(paths)?;
     let logical = compiler::compile(&state, &args.compile_options())?;
     for (key, why) in &logical.rejected {
-        eprintln!("error: skipped {key}: {why}");
+        eprintln!("error: rejected {key}: {why}");
     }
     print!("{}", ::dataplane::render(args.kind(), &logical));
     Ok(skipped == 0 && logical.rejected.is_empty())

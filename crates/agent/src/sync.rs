@@ -23,7 +23,8 @@ pub struct SyncArgs {
     pub once: bool,
 }
 
-/// Returns false if some object had to be skipped (the rest is programmed).
+/// Returns false if some object was rejected or skipped (the rest is
+/// programmed; rejected objects fail closed).
 pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
     if !args.once {
         bail!("sync without --once is `nftpolicy run`");
@@ -38,7 +39,7 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
     let applied = pipeline.apply(&state, &Changes::new());
     if let Some(logical) = pipeline.logical() {
         for (key, why) in &logical.rejected {
-            eprintln!("error: skipped {key}: {why}");
+            eprintln!("error: rejected {key}: {why}");
         }
     }
     applied?;

@@ -92,9 +92,9 @@ fn bad_input_is_named_and_the_rest_still_runs() {
             "name: c\nobjects:\n  - {apiVersion: v1, kind: Service, metadata: {name: svc}}\n".into(),
             "v1/Service \"svc\": unsupported kind",
         ),
-        ("d-cidr", policy("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 198.18.0.0/99}}]}]}"), "NetworkPolicy ns/broken: spec.ingress[0].from[0]: ipBlock.cidr: \"198.18.0.0/99\" is not a valid CIDR"),
-        ("e-port0", policy("{podSelector: {}, ingress: [{ports: [{port: 0}]}]}"), "NetworkPolicy ns/broken: spec.ingress[0].ports[0]: port 0 out of range 1-65535"),
-        ("f-port65536", policy("{podSelector: {}, egress: [{ports: [{port: 65536}]}]}"), "NetworkPolicy ns/broken: spec.egress[0].ports[0]: port 65536 out of range 1-65535"),
+        ("d-cidr", policy("{podSelector: {}, ingress: [{from: [{ipBlock: {cidr: 198.18.0.0/99}}]}]}"), "NetworkPolicy ns/broken is rejected (spec.ingress[0].from[0]: ipBlock.cidr: \"198.18.0.0/99\" is not a valid CIDR"),
+        ("e-port0", policy("{podSelector: {}, ingress: [{ports: [{port: 0}]}]}"), "NetworkPolicy ns/broken is rejected (spec.ingress[0].ports[0]: port 0 out of range 1-65535"),
+        ("f-port65536", policy("{podSelector: {}, egress: [{ports: [{port: 65536}]}]}"), "NetworkPolicy ns/broken is rejected (spec.egress[0].ports[0]: port 65536 out of range 1-65535"),
         ("g-endport", policy("{podSelector: {}, ingress: [{ports: [{port: 8080, endPort: 8000}]}]}"), "endPort 8000 is below port 8080"),
         ("h-selector", policy("{podSelector: {matchLabels: {'bad key!': x}}}"), "NetworkPolicy ns/broken: spec.podSelector: invalid label key \"bad key!\""),
         (

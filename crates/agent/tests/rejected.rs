@@ -1,8 +1,11 @@
-//! A malformed policy among good ones, through `nftpolicy run` with a file
-//! datastore in a fresh network namespace: the good policies are
-//! programmed, the bad one is named in the log, and
-//! `nftpolicy_rejected_objects` is 1 — and stays 1 over further applies
-//! (it is a gauge of what is rejected now, not a count of applies).
+//! Rejected policies among good ones, through `nftpolicy run` with a file
+//! datastore in a fresh network namespace: one whose selector does not
+//! parse (skipped: nothing to fail closed on) and one with a field nftpolicy
+//! does not implement (its stub drops the ingress of the endpoints it
+//! selects). The good policies are programmed, each bad one is named in
+//! the log once, and `nftpolicy_rejected_objects` is 2 — and stays 2 over
+//! further applies (it is a gauge of what is rejected now, not a count of
+//! applies); fixing them clears it.
 //!
 //! Needs root (network namespace, nf_tables).
 
@@ -123,6 +126,21 @@ fn a_malformed_policy_is_named_once_counted_once_and_the_rest_is_programmed() {
         "broken.yaml",
         &policy("broken-policy", "app == "),
     );
+    // Egress only, so that the ingress policies stay in force.
+    let unsupported = |extra: &str| {
+        policy("unsupported", "app == 'web'")
+            .replace("types: [Ingress]", "types: [Egress]")
+            .replace("ingress:", "egress:")
+            .replace(
+                "destination: {ports: [80]}",
+                &format!("destination: {{ports: [80]{extra}}}"),
+            )
+    };
+    write(
+        &manifests,
+        "unsupported.yaml",
+        &unsupported(", services: {name: api}"),
+    );
     let log = dir.path().join("agent.log");
 
     let _agent = Agent(
@@ -142,7 +160,7 @@ fn a_malformed_policy_is_named_once_counted_once_and_the_rest_is_programmed() {
     let m = wait_for("the first apply", &log, |m| {
         metric(m, "felix_active_local_policies") == Some(2)
     });
-    assert_eq!(metric(&m, "nftpolicy_rejected_objects"), Some(1), "{m}");
+    assert_eq!(metric(&m, "nftpolicy_rejected_objects"), Some(2), "{m}");
     let ruleset = ns.nft(&["list", "table", "ip", "nftpolicy"]).unwrap();
     for good in ["good-one", "good-two"] {
         assert!(
@@ -151,6 +169,14 @@ fn a_malformed_policy_is_named_once_counted_once_and_the_rest_is_programmed() {
         );
     }
     assert!(!ruleset.contains("broken-policy"), "{ruleset}");
+    // The half-understood one fails closed: a's egress drops, naming it.
+    let fw = ns
+        .nft(&["list", "chain", "ip", "nftpolicy", "cali-fw-cali-a"])
+        .unwrap();
+    assert!(
+        fw.contains("drop comment \"Rejected policy ns/default/unsupported: drop all egress until it is fixed\""),
+        "{fw}"
+    );
 
     // Further applies: two more endpoints, one at a time.
     for (n, (pod, ip)) in [("b", "198.18.0.2"), ("c", "198.18.0.3")]
@@ -161,29 +187,35 @@ fn a_malformed_policy_is_named_once_counted_once_and_the_rest_is_programmed() {
         let m = wait_for(&format!("endpoint {pod} programmed"), &log, |m| {
             metric(m, "felix_active_local_endpoints") == Some(n as i64 + 2)
         });
-        assert_eq!(metric(&m, "nftpolicy_rejected_objects"), Some(1), "{m}");
+        assert_eq!(metric(&m, "nftpolicy_rejected_objects"), Some(2), "{m}");
     }
 
     let text = std::fs::read_to_string(&log).unwrap()
         + &std::fs::read_to_string(dir.path().join("agent.err")).unwrap();
-    let naming: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("broken-policy") && l.contains("rejected"))
-        .collect();
-    assert_eq!(
-        naming.len(),
-        1,
-        "the agent's log should name broken-policy once as rejected:\n{text}"
-    );
+    for (name, why) in [
+        ("broken-policy", "spec.selector"),
+        ("unsupported", "services: not implemented by nftpolicy"),
+    ] {
+        let naming: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(name) && l.contains("rejected") && l.contains(why))
+            .collect();
+        assert_eq!(
+            naming.len(),
+            1,
+            "the agent's log should name {name} once as rejected ({why}):\n{text}"
+        );
+    }
 
-    // Fixing it clears the gauge.
+    // Fixing them clears the gauge.
     write(
         &manifests,
         "broken.yaml",
         &policy("broken-policy", "app == 'db'"),
     );
-    wait_for("the fixed policy", &log, |m| {
+    write(&manifests, "unsupported.yaml", &unsupported(""));
+    wait_for("the fixed policies", &log, |m| {
         metric(m, "nftpolicy_rejected_objects") == Some(0)
-            && metric(m, "felix_active_local_policies") == Some(2)
+            && metric(m, "felix_active_local_policies") == Some(3)
     });
 }

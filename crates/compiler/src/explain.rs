@@ -35,6 +35,17 @@ pub fn chain_path(state: &ClusterState, v: &EndpointVerdict) -> ChainPath {
         PolicyType::Ingress => (CHAIN_TO_WL_DISPATCH, format!("cali-tw-{iface}")),
     };
     let mut chains = vec![CHAIN_FORWARD.to_owned(), dispatch.to_owned(), ep_chain];
+    // Encapsulated packets and rejections drop in the endpoint's own chain,
+    // before any policy.
+    if matches!(
+        v.decision,
+        Decision::Encapsulated(_) | Decision::Rejected(_)
+    ) {
+        return ChainPath {
+            chains,
+            verdict: "drop",
+        };
+    }
     // Policies are walked in order until one decides (or passes).
     let stop = match &v.decision {
         Decision::PolicyRule { policy, .. } => Some(policy.clone()),

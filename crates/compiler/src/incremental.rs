@@ -512,6 +512,7 @@ impl IncrementalCompiler {
             return Ok(Outcome::Rebuilt);
         }
         let (net_changes, named_changes) = self.member_changes(state, changes);
+        self.note_rejections(state, changes);
         let node = &self.options().node;
         let is_local = |r: Option<&Resource>| matches!(r, Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node);
         let local: Vec<&ResourceKey> = changes
@@ -530,6 +531,25 @@ impl IncrementalCompiler {
             net_changes,
             named_changes,
         )))
+    }
+
+    /// Keeps the ruleset's list of rejected objects (in key order, as a full
+    /// compile makes it) up to date with the changed endpoints and sets.
+    fn note_rejections(
+        &mut self,
+        state: &ClusterState,
+        changes: &BTreeMap<ResourceKey, Option<Resource>>,
+    ) {
+        let rejected = &mut self.logical.as_mut().expect("checked by update").rejected;
+        for key in changes.keys() {
+            let at = rejected.partition_point(|(k, _)| k < key);
+            if rejected.get(at).is_some_and(|(k, _)| k == key) {
+                rejected.remove(at);
+            }
+            if let Some(why) = state.get(key).and_then(|r| r.metadata().rejection()) {
+                rejected.insert(at, (key.clone(), why.to_owned()));
+            }
+        }
     }
 
     /// Every change is to an endpoint or a network set; local endpoint
@@ -743,8 +763,14 @@ impl IncrementalCompiler {
             profiles: &started_profiles,
         };
         let log_denied = opts.log_denied;
-        let (endpoints, chains, mut ip_sets, members) =
-            wanted.build(Builder::new(marks, log_denied, &[], ip_sets, true));
+        let (endpoints, chains, mut ip_sets, members) = wanted.build(Builder::new(
+            marks,
+            log_denied,
+            opts.encap,
+            &[],
+            ip_sets,
+            true,
+        ));
         let (endpoints, chains) = if members.is_empty() {
             logical.ip_sets = ip_sets;
             (endpoints, chains)
@@ -753,8 +779,9 @@ impl IncrementalCompiler {
                 ip_sets.remove(id);
             }
             let nets = state.labelled_nets();
-            let (endpoints, chains, ip_sets, members) =
-                wanted.build(Builder::new(marks, log_denied, &nets, ip_sets, true));
+            let (endpoints, chains, ip_sets, members) = wanted.build(Builder::new(
+                marks, log_denied, opts.encap, &nets, ip_sets, true,
+            ));
             for (id, objects) in &members {
                 let m = Membership::of(&ip_sets[id], objects, &nets);
                 self.add_set(id.clone(), m);

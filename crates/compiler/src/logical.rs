@@ -11,7 +11,8 @@ use ipnet::IpNet;
 use model::calico::{Action, Kind, PolicyType, Port, ResourceKey, WorkloadEndpoint};
 use model::selector::Selector;
 use model::state::{
-    ClusterState, LabelledNets, PolicyId, ResolvedEntity, ResolvedPolicy, ResolvedRule,
+    ClusterState, Encap, LabelledNets, PolicyId, Rejection, ResolvedEntity, ResolvedPolicy,
+    ResolvedRule, WorkloadEncap, IPIP_PROTOCOL,
 };
 use sha2::{Digest, Sha224};
 
@@ -55,6 +56,9 @@ pub struct CompileOptions {
     pub endpoint_to_host: EndpointToHostAction,
     /// `--log-denied`: an NFLOG record before every policy drop.
     pub log_denied: Option<LogDenied>,
+    /// Encapsulated packets workloads may send (felix drops VXLAN and
+    /// IP-in-IP from workloads unless told otherwise).
+    pub encap: WorkloadEncap,
 }
 
 /// Rate-limited logging of denied packets to an NFLOG group, with a prefix
@@ -72,6 +76,7 @@ impl CompileOptions {
             mark_mask: DEFAULT_MARK_MASK,
             endpoint_to_host: EndpointToHostAction::default(),
             log_denied: None,
+            encap: WorkloadEncap::default(),
         }
     }
 }
@@ -122,7 +127,8 @@ pub struct LogicalRuleset {
     pub endpoints: BTreeMap<String, LocalEndpoint>,
     /// IP sets by id, with members of both families.
     pub ip_sets: BTreeMap<String, IpSet>,
-    /// Objects that could not be compiled, by name, with the reason.
+    /// Objects rejected ([`model::reject`]: their stubs fail closed) or
+    /// that could not be compiled, with the reason, in key order.
     pub rejected: Vec<(ResourceKey, String)>,
     /// Policies with a chain on this node (felix's "active" policies).
     pub active_policies: Vec<PolicyId>,
@@ -211,6 +217,30 @@ pub struct PolicyMatch {
     pub not_icmp: Option<(u8, Option<u8>)>,
     pub src: EntityMatch,
     pub dst: EntityMatch,
+}
+
+impl PolicyMatch {
+    /// Whether the rule exists in the IPv4 (`v6 == false`) or IPv6 table:
+    /// its ipVersion allows it, and — felix's `FilterRuleToIPVersion` — none
+    /// of its CIDR lists (nets, notNets, source or destination) holds only
+    /// the other family's CIDRs. Such a rule is left out of the family
+    /// altogether: dropping just the CIDRs would leave a match-anything
+    /// rule, "which would be a security hole".
+    pub fn in_family(&self, v6: bool) -> bool {
+        if self.ip_version.is_some_and(|v| (v == 6) != v6) {
+            return false;
+        }
+        let other_family_only =
+            |nets: &[IpNet]| !nets.is_empty() && nets.iter().all(|n| n.addr().is_ipv6() != v6);
+        ![
+            &self.src.nets,
+            &self.src.not_nets,
+            &self.dst.nets,
+            &self.dst.not_nets,
+        ]
+        .into_iter()
+        .any(|nets| other_family_only(nets))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -317,7 +347,8 @@ pub(crate) type RecordSets<'r> =
 
 /// What one local endpoint's chains are made of: the policies selecting
 /// it (positions in the resolved policy list, in policy order) and its
-/// profiles that exist.
+/// profiles that exist — or, in a direction a rejected object covers, only
+/// that rejection (its chain then drops everything new).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct EndpointUse {
     pub key: ResourceKey,
@@ -325,6 +356,8 @@ pub(crate) struct EndpointUse {
     pub egress: Vec<usize>,
     pub ingress: Vec<usize>,
     pub profiles: Vec<String>,
+    pub egress_rejected: Option<Rejection>,
+    pub ingress_rejected: Option<Rejection>,
 }
 
 impl EndpointUse {
@@ -343,6 +376,29 @@ impl EndpointUse {
                 .map(|(i, _)| i)
                 .collect()
         };
+        let (mut egress, mut ingress) = (
+            selecting(PolicyType::Egress),
+            selecting(PolicyType::Ingress),
+        );
+        let rejected =
+            |selected: &[usize]| state.rejection_for(ep, selected.iter().map(|&i| &policies[i]));
+        let (egress_rejected, ingress_rejected) = (rejected(&egress), rejected(&ingress));
+        if egress_rejected.is_some() {
+            egress.clear();
+        }
+        if ingress_rejected.is_some() {
+            ingress.clear();
+        }
+        let profiles = if egress_rejected.is_some() && ingress_rejected.is_some() {
+            vec![]
+        } else {
+            ep.spec
+                .profiles
+                .iter()
+                .filter(|p| state.profile(p).is_some())
+                .cloned()
+                .collect()
+        };
         EndpointUse {
             key: ResourceKey::new(
                 Kind::WorkloadEndpoint,
@@ -350,15 +406,18 @@ impl EndpointUse {
                 &ep.metadata.name,
             ),
             interface: ep.spec.interface_name.clone(),
-            egress: selecting(PolicyType::Egress),
-            ingress: selecting(PolicyType::Ingress),
-            profiles: ep
-                .spec
-                .profiles
-                .iter()
-                .filter(|p| state.profile(p).is_some())
-                .cloned()
-                .collect(),
+            egress,
+            ingress,
+            profiles,
+            egress_rejected,
+            ingress_rejected,
+        }
+    }
+
+    pub(crate) fn rejected(&self, dir: PolicyType) -> Option<&Rejection> {
+        match dir {
+            PolicyType::Egress => self.egress_rejected.as_ref(),
+            PolicyType::Ingress => self.ingress_rejected.as_ref(),
         }
     }
 
@@ -386,11 +445,16 @@ pub(crate) fn compile_recording(
     record: Option<&mut RecordSets<'_>>,
 ) -> Result<Compiled, CompileError> {
     let marks = MarkBits::from_mask(opts.mark_mask)?;
-    let (policies, rejected) = state.resolved_policies();
+    let (policies, unresolved) = state.resolved_policies();
+    // By key, one entry per object (the incremental compiler keeps it so).
+    let mut rejected: BTreeMap<ResourceKey, String> = unresolved.into_iter().collect();
+    rejected.extend(state.rejected().map(|(key, why)| (key, why.to_owned())));
+    let rejected: Vec<(ResourceKey, String)> = rejected.into_iter().collect();
     let nets = state.labelled_nets();
     let mut b = Builder::new(
         marks,
         opts.log_denied,
+        opts.encap,
         &nets,
         BTreeMap::new(),
         record.is_some(),
@@ -533,6 +597,7 @@ fn intersect_sorted(a: &[usize], b: &[usize]) -> Vec<usize> {
 pub(crate) struct Builder<'a> {
     marks: MarkBits,
     log_denied: Option<LogDenied>,
+    encap: WorkloadEncap,
     nets: &'a [LabelledNets<'a>],
     index: LabelIndex<'a>,
     ip_sets: BTreeMap<String, IpSet>,
@@ -555,6 +620,7 @@ impl<'a> Builder<'a> {
     pub(crate) fn new(
         marks: MarkBits,
         log_denied: Option<LogDenied>,
+        encap: WorkloadEncap,
         nets: &'a [LabelledNets<'a>],
         ip_sets: BTreeMap<String, IpSet>,
         record: bool,
@@ -562,6 +628,7 @@ impl<'a> Builder<'a> {
         Builder {
             marks,
             log_denied,
+            encap,
             nets,
             index: LabelIndex::new(nets),
             ip_sets,
@@ -668,6 +735,29 @@ impl<'a> Builder<'a> {
                 "Clear the accept and pass bits",
             ),
         ];
+        if dir == PolicyType::Egress {
+            rules.extend(encap_drops(self.encap));
+        }
+        if let Some(r) = u.rejected(dir) {
+            let what = format!(
+                "Rejected {}: drop all {} until it is fixed",
+                r.object,
+                dir_word(dir)
+            );
+            if let Some(log) = self.log_denied {
+                let id = match &r.object {
+                    model::state::RejectedObject::Policy(id) => id.to_string(),
+                    other => other.to_string().replace(' ', ":"),
+                };
+                rules.push(rule(
+                    vec![],
+                    log_denied_action(log, &format!("{id} {} rejected", dir_word(dir))),
+                    &format!("{what}: log denied"),
+                ));
+            }
+            rules.push(rule(vec![], LAction::Drop, &what));
+            return LChain { name, rules };
+        }
         if !selected.is_empty() {
             rules.push(rule(
                 vec![],
@@ -997,6 +1087,42 @@ fn static_chains(m: MarkBits, to_host: EndpointToHostAction) -> [LChain; 5] {
             },
         ]
     }
+}
+
+/// felix's first rules of every `cali-fw-` chain: a workload may not send
+/// VXLAN or IP-in-IP packets (it could inject them into the overlay), unless
+/// the node is configured to allow them.
+fn encap_drops(encap: WorkloadEncap) -> Vec<LRule> {
+    let mut out = Vec::new();
+    let drop = |protocol: u8, ports: Vec<(u16, u16)>, comment: &str| LRule {
+        conditions: vec![],
+        policy_match: Some(PolicyMatch {
+            protocol: Some(protocol),
+            dst: EntityMatch {
+                ports,
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+        action: LAction::Drop,
+        comment: comment.to_owned(),
+    };
+    for e in [Encap::Vxlan, Encap::Ipip] {
+        match e {
+            Encap::Vxlan if !encap.allow_vxlan => out.push(drop(
+                17,
+                vec![(encap.vxlan_port, encap.vxlan_port)],
+                "Drop VXLAN encapped packets originating in workloads",
+            )),
+            Encap::Ipip if !encap.allow_ipip => out.push(drop(
+                IPIP_PROTOCOL,
+                vec![],
+                "Drop IPinIP encapped packets originating in workloads",
+            )),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The `--log-denied` action for a drop described by `what` (policy id

@@ -317,17 +317,9 @@ impl Lowering<'_> {
     /// The match lists (alternatives, ORed as separate rules) for a Calico
     /// rule in this family; `None` when it can never match here.
     fn policy_match(&mut self, pm: &PolicyMatch) -> Option<Vec<Vec<Match>>> {
-        let v6 = self.family.is_v6();
-        if let Some(v) = pm.ip_version {
-            if (v == 6) != v6 {
-                return None;
-            }
-        }
         // Checked before any set is made, so that every set of a table is
         // used by one of its rules (an incremental compile counts on it).
-        let only_other_family =
-            |nets: &[IpNet]| !nets.is_empty() && nets.iter().all(|n| n.addr().is_ipv6() != v6);
-        if only_other_family(&pm.src.nets) || only_other_family(&pm.dst.nets) {
+        if !pm.in_family(self.family.is_v6()) {
             return None;
         }
         let mut m = Vec::new();

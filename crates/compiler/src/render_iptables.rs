@@ -1,6 +1,7 @@
 //! Logical ruleset → felix's iptables mode: per family (IPv4, IPv6) the
 //! `filter` table chains as `iptables-restore` rule arguments, the hook rules
-//! at the top of the built-in `FORWARD`/`INPUT` chains, and the IP sets for
+//! in the built-in `FORWARD`/`INPUT` chains (jumps at the top, `FORWARD`'s
+//! accept at the end, as felix places them), and the IP sets for
 //! `ipset restore` — first as plain data ([`IptablesRuleset`]), then as text
 //! ([`render_restore`], [`render_ipset_restore`], [`render`]).
 //!
@@ -195,6 +196,11 @@ pub struct IptablesRuleset {
     /// Our rules at the top of built-in chains (`FORWARD`, `INPUT`), in
     /// order; each is the rule's arguments after `-I <chain> <n>`.
     pub hooks: BTreeMap<String, Vec<String>>,
+    /// Our rules at the end of built-in chains, in order (arguments after
+    /// `-A <chain>`): `FORWARD`'s accept of what policy allowed, appended
+    /// as felix does, so that other software's `FORWARD` rules (kube-proxy's,
+    /// docker's) still see the packets policy accepted.
+    pub appended: BTreeMap<String, Vec<String>>,
     /// Our chains (all `cali-…`), each rule as the arguments after
     /// `-A <chain>`, starting with the `cali:<hash>` comment.
     pub chains: BTreeMap<String, Vec<String>>,
@@ -600,6 +606,7 @@ pub fn to_iptables_family(l: &LogicalRuleset, family: IpFamily) -> IptablesRules
     chains.append(&mut r.extra);
 
     let mut hooks = BTreeMap::new();
+    let mut appended = BTreeMap::new();
     for (builtin, target) in HOOKS {
         let rules = vec![
             Rule {
@@ -613,12 +620,17 @@ pub fn to_iptables_family(l: &LogicalRuleset, family: IpFamily) -> IptablesRules
                 Some("--jump ACCEPT".into()),
             ),
         ];
-        hooks.insert(builtin.to_owned(), finish_chain(builtin, &rules));
+        let mut rules = finish_chain(builtin, &rules);
+        if builtin == "FORWARD" {
+            appended.insert(builtin.to_owned(), rules.split_off(1));
+        }
+        hooks.insert(builtin.to_owned(), rules);
     }
 
     IptablesRuleset {
         family,
         hooks,
+        appended,
         chains: chains
             .iter()
             .map(|(name, rules)| (name.clone(), finish_chain(name, rules)))
@@ -808,7 +820,7 @@ impl Renderer<'_> {
         comment: &str,
     ) -> Option<(Vec<Rule>, Vec<String>)> {
         let fam = self.family;
-        if pm.ip_version.is_some_and(|v| v != fam.version()) {
+        if !pm.in_family(fam.is_v6()) {
             return None;
         }
         let mut src = self.entity_nets(&pm.src)?;
@@ -1051,7 +1063,8 @@ fn common_prefix<'a>(mut names: impl Iterator<Item = &'a str>) -> String {
 /// The `iptables-restore --noflush` input that writes the whole ruleset
 /// into a table holding none of it: forward references (`:chain - -`, which
 /// also flush a chain that exists) for every chain, the chains' rules, and
-/// the hook rules inserted at the top of `FORWARD`/`INPUT`.
+/// the hook rules inserted at the top of `FORWARD`/`INPUT` (and appended to
+/// `FORWARD`).
 pub fn render_restore(rs: &IptablesRuleset) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "*{TABLE}");
@@ -1067,6 +1080,11 @@ pub fn render_restore(rs: &IptablesRuleset) -> String {
         // Each insert goes to the top: insert in reverse to keep the order.
         for r in rules.iter().rev() {
             let _ = writeln!(out, "-I {builtin} 1 {r}");
+        }
+    }
+    for (builtin, rules) in &rs.appended {
+        for r in rules {
+            let _ = writeln!(out, "-A {builtin} {r}");
         }
     }
     let _ = writeln!(out, "COMMIT");

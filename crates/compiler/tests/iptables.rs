@@ -146,6 +146,7 @@ fn check_well_formed(rs: &IptablesRuleset) {
         .chains
         .iter()
         .chain(rs.hooks.iter())
+        .chain(rs.appended.iter())
         .flat_map(|(c, rules)| rules.iter().map(move |r| (c, r)));
     for (chain, rule) in all_rules {
         assert!(chain.len() <= MAX_CHAIN_NAME_LEN, "{chain}");
@@ -216,7 +217,12 @@ fn hook_rules_carry_felixs_own_hashes() {
             r.hooks["INPUT"][0],
             "-m comment --comment \"cali:Cz_u1IQiXIMmKD4c\" --jump cali-INPUT"
         );
-        assert!(r.hooks["FORWARD"][1].ends_with("-m mark --mark 0x10000/0x10000 --jump ACCEPT"));
+        // felix appends FORWARD's accept (other software's FORWARD rules
+        // still see what policy accepted); INPUT's sits under its jump.
+        assert_eq!(r.hooks["FORWARD"].len(), 1);
+        assert_eq!(r.appended["FORWARD"].len(), 1);
+        assert!(r.appended["FORWARD"][0].ends_with("-m mark --mark 0x10000/0x10000 --jump ACCEPT"));
+        assert!(r.hooks["INPUT"][1].ends_with("-m mark --mark 0x10000/0x10000 --jump ACCEPT"));
     }
 }
 

@@ -8,9 +8,11 @@
 //! 2. per family, one `iptables-restore --noflush` transaction rewriting
 //!    only the chains whose `cali:` rule hashes differ (a forward reference
 //!    `:chain - -` creates or flushes the chain, then its rules are
-//!    appended), creating new chains, fixing our hook rules at the top of
-//!    `FORWARD` / `INPUT` (recognised by their `cali:` comment, never
-//!    duplicated), and deleting chains no longer wanted (flushed, then `-X`
+//!    appended), creating new chains, fixing our hook rules — jumps at the
+//!    top of `FORWARD` / `INPUT`, `FORWARD`'s accept appended at its end as
+//!    felix does, so other software's rules still see accepted packets
+//!    (recognised by their `cali:` comment, never duplicated) — and
+//!    deleting chains no longer wanted (flushed, then `-X`
 //!    once nothing refers to them);
 //! 3. `ipset restore` destroying sets no longer wanted — only after the
 //!    rules that used them are gone.
@@ -622,6 +624,7 @@ fn empty_ruleset(family: IpFamily) -> IptablesRuleset {
     IptablesRuleset {
         family,
         hooks: BTreeMap::new(),
+        appended: BTreeMap::new(),
         chains: BTreeMap::new(),
         ipsets: BTreeMap::new(),
     }
@@ -883,23 +886,32 @@ fn plan_table(
         .filter(|c| !want.chains.contains_key(*c))
         .collect();
 
-    // Hook rules: ours first, in order, then whatever else was there.
+    // Hook rules: ours at the top, in order, then whatever else was there,
+    // then ours to append (FORWARD's accept, as felix places it).
     let mut hook_lines = Vec::new();
-    let builtins: BTreeSet<&String> = want.hooks.keys().chain(cur.others.keys()).collect();
+    let builtins: BTreeSet<&String> = want
+        .hooks
+        .keys()
+        .chain(want.appended.keys())
+        .chain(cur.others.keys())
+        .collect();
     for chain in builtins {
-        let ours: Vec<OtherRule> = want
-            .hooks
-            .get(chain)
-            .map(|rules| {
-                rules
-                    .iter()
-                    .map(|r| OtherRule {
-                        hash: rule_hash(r).map(str::to_owned),
-                        args: r.clone(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let ours_of = |placed: &BTreeMap<String, Vec<String>>| -> Vec<OtherRule> {
+            placed
+                .get(chain)
+                .map(|rules| {
+                    rules
+                        .iter()
+                        .map(|r| OtherRule {
+                            hash: rule_hash(r).map(str::to_owned),
+                            args: r.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let ours = ours_of(&want.hooks);
+        let ours_last = ours_of(&want.appended);
         let present = cur.others.get(chain).cloned().unwrap_or_default();
         let foreign: Vec<OtherRule> = present
             .iter()
@@ -909,6 +921,7 @@ fn plan_table(
         let expected: Vec<Option<&String>> = ours
             .iter()
             .chain(&foreign)
+            .chain(&ours_last)
             .map(|r| r.hash.as_ref())
             .collect();
         let actual: Vec<Option<&String>> = present.iter().map(|r| r.hash.as_ref()).collect();
@@ -919,12 +932,16 @@ fn plan_table(
             for r in ours.iter().rev() {
                 hook_lines.push(format!("-I {chain} 1 {}", r.args));
             }
+            for r in &ours_last {
+                hook_lines.push(format!("-A {chain} {}", r.args));
+            }
             p.hooks_written.push((f, chain.clone()));
         }
-        if !ours.is_empty() || HOOK_CHAINS.contains(&chain.as_str()) {
-            after
-                .others
-                .insert(chain.clone(), ours.into_iter().chain(foreign).collect());
+        if !ours.is_empty() || !ours_last.is_empty() || HOOK_CHAINS.contains(&chain.as_str()) {
+            after.others.insert(
+                chain.clone(),
+                ours.into_iter().chain(foreign).chain(ours_last).collect(),
+            );
         }
     }
 

@@ -102,7 +102,8 @@ fn rulesets(yaml: &str) -> IptablesRulesets {
 }
 
 /// The kernel's chains (ours) with their rule hashes equal the desired ones,
-/// and FORWARD / INPUT start with our hook rules.
+/// FORWARD / INPUT start with our hook rules, and FORWARD ends with our
+/// appended accept.
 fn assert_kernel_holds(ns: &Netns, backend: Backend, want: &IptablesRulesets) {
     for rs in want.iter() {
         let saved = ns.save(backend, rs.family);
@@ -120,13 +121,26 @@ fn assert_kernel_holds(ns: &Netns, backend: Backend, want: &IptablesRulesets) {
         }
         for (builtin, hooks) in &rs.hooks {
             let rules = &t.others[builtin];
+            let appended = rs.appended.get(builtin).map_or(&[][..], Vec::as_slice);
             let ours = rules.iter().filter(|r| r.hash.is_some()).count();
-            assert_eq!(ours, hooks.len(), "{builtin}: no duplicates\n{saved}");
+            assert_eq!(
+                ours,
+                hooks.len() + appended.len(),
+                "{builtin}: no duplicates\n{saved}"
+            );
             for (i, h) in hooks.iter().enumerate() {
                 assert_eq!(
                     rules[i].hash.as_deref(),
                     compiler::render_iptables::rule_hash(h),
                     "{builtin} rule {i}\n{saved}"
+                );
+            }
+            let tail = &rules[rules.len() - appended.len()..];
+            for (r, h) in tail.iter().zip(appended) {
+                assert_eq!(
+                    r.hash.as_deref(),
+                    compiler::render_iptables::rule_hash(h),
+                    "{builtin}: appended last\n{saved}"
                 );
             }
         }
@@ -404,8 +418,8 @@ fn drift_is_found_and_repaired() {
         .collect();
     assert_eq!(fwd.len(), 3, "{saved}");
     assert!(
-        fwd[2].contains("198.18.200.0/24"),
-        "theirs kept, below ours: {saved}"
+        fwd[1].contains("198.18.200.0/24"),
+        "theirs kept, between our jump and our appended accept: {saved}"
     );
     assert!(!saved.contains("cali-stale"));
 
@@ -413,6 +427,61 @@ fn drift_is_found_and_repaired() {
     p.invalidate();
     let r = p.apply(&want).unwrap();
     assert!(r.read_back && r.is_noop(), "{r:?}");
+}
+
+/// felix's placement: the jump to cali-FORWARD at the top, the accept of
+/// what policy allowed at the end, so other software's FORWARD rules see
+/// the packets policy accepted; kept at the end when others append later.
+#[test]
+fn forwards_accept_stays_below_other_software_rules() {
+    let ns = Netns::new("append");
+    let theirs = |net: &str| {
+        ns.sh(
+            &["iptables-legacy", "-A", "FORWARD", "-d", net, "-j", "DROP"],
+            "",
+        )
+    };
+    theirs("198.18.201.0/24");
+    let mut p = ns.programmer(Backend::Legacy);
+    let want = rulesets(&web_deny_all());
+    p.apply(&want).unwrap();
+    let forward = || -> Vec<String> {
+        ns.save(Backend::Legacy, IpFamily::V4)
+            .lines()
+            .filter(|l| l.starts_with("-A FORWARD"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let fwd = forward();
+    assert_eq!(fwd.len(), 3, "{fwd:#?}");
+    assert!(fwd[0].ends_with("-j cali-FORWARD"), "{fwd:#?}");
+    assert!(fwd[1].contains("198.18.201.0/24"), "{fwd:#?}");
+    assert!(
+        fwd[2].contains("Policy explicitly accepted packet"),
+        "{fwd:#?}"
+    );
+
+    // Another program appends after us: the next read-back moves our
+    // accept to the end again (and changes nothing else).
+    theirs("198.18.202.0/24");
+    p.invalidate();
+    let r = p.apply(&want).unwrap();
+    assert_eq!(
+        r.hooks_written,
+        vec![(IpFamily::V4, "FORWARD".to_owned())],
+        "{r:?}"
+    );
+    assert!(r.chains_written.is_empty(), "{r:?}");
+    let fwd = forward();
+    assert_eq!(fwd.len(), 4, "{fwd:#?}");
+    assert!(fwd[2].contains("198.18.202.0/24"), "{fwd:#?}");
+    assert!(
+        fwd[3].contains("Policy explicitly accepted packet"),
+        "{fwd:#?}"
+    );
+    assert_kernel_holds(&ns, Backend::Legacy, &want);
+    p.invalidate();
+    assert!(p.apply(&want).unwrap().is_noop());
 }
 
 #[test]

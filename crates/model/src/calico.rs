@@ -1,9 +1,13 @@
 //! Calico v3 resources as stored in etcd (`apiVersion: projectcalico.org/v3`).
 //!
-//! Only the subset nftpolicy enforces is modelled. Unknown *fields* are ignored
-//! (real Calico writes more than we read), but unknown *values* of the fields we
-//! do read (an action, a protocol, a port string) are decode errors, so a policy
-//! is never half-understood.
+//! Only the subset nftpolicy enforces is modelled, and decoding is strict:
+//! every field is either read, or listed in [`crate::fields`] as accepted
+//! and ignored (with the reason it cannot change which packets are allowed);
+//! an unknown or unimplemented field, and an unknown *value* of a field we
+//! read (an action, a protocol, a port string), make the object rejected.
+//! A rejected object whose scope can still be read decodes into a stub that
+//! fails closed ([`crate::reject`]); one whose scope cannot is an error.
+//! Either way nothing is half-understood.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -44,6 +48,16 @@ pub struct ObjectMeta {
     pub uid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
+}
+
+impl ObjectMeta {
+    /// Why nftpolicy rejected this object, if it did: the stub's
+    /// [`REJECTED_ANNOTATION`](crate::reject::REJECTED_ANNOTATION).
+    pub fn rejection(&self) -> Option<&str> {
+        self.annotations
+            .get(crate::reject::REJECTED_ANNOTATION)
+            .map(String::as_str)
+    }
 }
 
 /// The kinds of resource nftpolicy reads.
@@ -216,17 +230,6 @@ impl Resource {
         }
     }
 
-    fn api_version(&self) -> &str {
-        match self {
-            Resource::NetworkPolicy(r) => &r.api_version,
-            Resource::GlobalNetworkPolicy(r) => &r.api_version,
-            Resource::Profile(r) => &r.api_version,
-            Resource::WorkloadEndpoint(r) => &r.api_version,
-            Resource::NetworkSet(r) => &r.api_version,
-            Resource::GlobalNetworkSet(r) => &r.api_version,
-        }
-    }
-
     pub fn key(&self) -> ResourceKey {
         let kind = self.kind();
         let meta = self.metadata();
@@ -259,24 +262,38 @@ impl Resource {
         Self::from_value(what, value)
     }
 
+    /// Decodes a resource strictly (see the module docs): a valid resource;
+    /// for a rejected one whose scope can be read, its stub
+    /// ([`crate::reject`]); otherwise an error naming the object.
     pub fn from_value(what: &str, value: serde_json::Value) -> Result<Resource, DecodeError> {
         let described = describe_value(what, &value);
-        let resource: Resource =
-            serde_json::from_value(value).map_err(|e| DecodeError::Invalid {
-                what: described.clone(),
-                reason: e.to_string(),
-            })?;
-        if resource.api_version() != API_VERSION {
-            return Err(DecodeError::ApiVersion {
-                what: described,
-                found: resource.api_version().to_owned(),
-            });
+        if let Some(found) = value.get("apiVersion") {
+            if found.as_str() != Some(API_VERSION) {
+                return Err(DecodeError::ApiVersion {
+                    what: described,
+                    found: found
+                        .as_str()
+                        .map_or_else(|| found.to_string(), str::to_owned),
+                });
+            }
         }
-        resource.validate().map_err(|reason| DecodeError::Invalid {
+        let problems = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .and_then(crate::fields::calico)
+            .map(|fields| crate::fields::check(fields, &value))
+            .unwrap_or_default();
+        let decoded = decode_typed(&value).and_then(|r| r.validate().map(|()| r));
+        let reason = match (decoded, problems.is_empty()) {
+            (Ok(r), true) => return Ok(r),
+            (Ok(_), false) => crate::fields::describe(&problems),
+            (Err(e), true) => e,
+            (Err(e), false) => format!("{}; {e}", crate::fields::describe(&problems)),
+        };
+        crate::reject::calico_stub(&value, &reason).ok_or(DecodeError::Invalid {
             what: described,
             reason,
-        })?;
-        Ok(resource)
+        })
     }
 
     pub fn to_json(&self) -> String {
@@ -318,6 +335,30 @@ impl Resource {
     }
 }
 
+/// serde's decoding of `value` by its `kind`, with errors naming the field
+/// (`spec.ingress[0].action: unknown variant …`).
+fn decode_typed(value: &serde_json::Value) -> Result<Resource, String> {
+    fn typed<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T, String> {
+        serde_path_to_error::deserialize(value).map_err(|e| match e.path().to_string().as_str() {
+            "." => e.inner().to_string(),
+            path => format!("{path}: {}", e.inner()),
+        })
+    }
+    match value.get("kind").and_then(|k| k.as_str()) {
+        Some("NetworkPolicy") => typed(value).map(Resource::NetworkPolicy),
+        Some("GlobalNetworkPolicy") => typed(value).map(Resource::GlobalNetworkPolicy),
+        Some("Profile") => typed(value).map(Resource::Profile),
+        Some("WorkloadEndpoint") => typed(value).map(Resource::WorkloadEndpoint),
+        Some("NetworkSet") => typed(value).map(Resource::NetworkSet),
+        Some("GlobalNetworkSet") => typed(value).map(Resource::GlobalNetworkSet),
+        Some(other) => Err(format!(
+            "kind {other:?} is not one nftpolicy reads ({})",
+            Kind::ALL.map(Kind::name).join(", ")
+        )),
+        None => Err("kind is missing".into()),
+    }
+}
+
 fn describe_value(what: &str, value: &serde_json::Value) -> String {
     let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("?");
     let meta = value.get("metadata");
@@ -354,6 +395,7 @@ fn validate_policy_spec(spec: &PolicySpec) -> Result<(), String> {
 fn validate_rules(field: &str, rules: &[Rule]) -> Result<(), String> {
     for (i, rule) in rules.iter().enumerate() {
         let at = format!("{field}[{i}]");
+        validate_icmp(&at, rule)?;
         for (side, entity) in [("source", &rule.source), ("destination", &rule.destination)] {
             let at = format!("{at}.{side}");
             for (f, s) in [
@@ -380,6 +422,44 @@ fn validate_rules(field: &str, rules: &[Rule]) -> Result<(), String> {
         if let Some(v) = rule.ip_version {
             if v != 4 && v != 6 {
                 return Err(format!("{at}.ipVersion: {v} is neither 4 nor 6"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// libcalico-go's rules for ICMP matches: only with protocol ICMP or
+/// ICMPv6 (an ICMP match on TCP could never hold, or would be dropped and
+/// widen the rule), a code only with a type (felix ignores a lone code,
+/// which would widen the rule), and an ipVersion that agrees with the
+/// protocol.
+fn validate_icmp(at: &str, rule: &Rule) -> Result<(), String> {
+    let icmp_family = |p: Option<Protocol>| match p.map(|p| Protocol::from_number(p.number())) {
+        Some(Protocol::Icmp) => Some(4),
+        Some(Protocol::IcmpV6) => Some(6),
+        _ => None,
+    };
+    for (f, icmp) in [("icmp", &rule.icmp), ("notICMP", &rule.not_icmp)] {
+        let Some(icmp) = icmp else { continue };
+        if icmp_family(rule.protocol).is_none() {
+            return Err(format!(
+                "{at}.{f}: ICMP matches need protocol ICMP or ICMPv6"
+            ));
+        }
+        if icmp.code.is_some() && icmp.icmp_type.is_none() {
+            return Err(format!("{at}.{f}: a code needs a type"));
+        }
+    }
+    for (f, p) in [
+        ("protocol", rule.protocol),
+        ("notProtocol", rule.not_protocol),
+    ] {
+        if let (Some(want), Some(v)) = (icmp_family(p), rule.ip_version) {
+            if want != v {
+                return Err(format!(
+                    "{at}: {f} {} needs ipVersion {want}, not {v}",
+                    p.expect("icmp_family is Some")
+                ));
             }
         }
     }
@@ -862,25 +942,83 @@ mod tests {
             r
         );
 
-        let bad = json.replace("\"Allow\"", "\"Permit\"");
+        // A bad value rejects the policy; its selector still reads, so it
+        // decodes into a stub naming the reason (crate::reject).
+        let rejected = |bad: String| -> String {
+            let r = Resource::from_json("k", bad.as_bytes()).unwrap();
+            assert_eq!(
+                r.key(),
+                ResourceKey::new(Kind::NetworkPolicy, Some("ns"), "p")
+            );
+            r.metadata().rejection().expect("rejected").to_owned()
+        };
+        let why = rejected(json.replace("\"Allow\"", "\"Permit\""));
+        assert!(
+            why.contains("spec.ingress[0].action") && why.contains("Permit"),
+            "{why}"
+        );
+        let why = rejected(json.replace("8000:8080", "8080:8000"));
+        assert!(why.contains("start is above end"), "{why}");
+        let why = rejected(json.replace("\"TCP\"", "\"ICMP\""));
+        assert!(why.contains("ports are only allowed"), "{why}");
+        let why = rejected(json.replace("\"types\"", "\"type\""));
+        assert_eq!(why, "spec.type: unknown field");
+
+        // A selector that does not parse: nothing to fail closed on.
+        let bad = json.replace("app == 'web'", "app = 'web'");
         let err = Resource::from_json("key1", bad.as_bytes()).unwrap_err();
         assert!(
-            err.to_string().contains("key1: NetworkPolicy ns/p"),
+            err.to_string()
+                .starts_with("key1: NetworkPolicy ns/p: spec.selector"),
             "{err}"
         );
-        assert!(err.to_string().contains("Permit"), "{err}");
+    }
 
-        let bad = json.replace("8000:8080", "8080:8000");
-        let err = Resource::from_json("k", bad.as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("start is above end"), "{err}");
-
-        let bad = json.replace("\"TCP\"", "\"ICMP\"");
-        let err = Resource::from_json("k", bad.as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("ports are only allowed"), "{err}");
-
-        let bad = json.replace("app == 'web'", "app = 'web'");
-        let err = Resource::from_json("k", bad.as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("spec.selector"), "{err}");
+    #[test]
+    fn icmp_matches_follow_libcalico_validation() {
+        let rule = |r: &str| {
+            let json = format!(
+                r#"{{"apiVersion":"projectcalico.org/v3","kind":"GlobalNetworkPolicy",
+                    "metadata":{{"name":"g"}},"spec":{{"ingress":[{r}]}}}}"#
+            );
+            let r = Resource::from_json("k", json.as_bytes()).unwrap();
+            r.metadata().rejection().map(str::to_owned)
+        };
+        assert_eq!(
+            rule(r#"{"action":"Allow","protocol":"ICMP","icmp":{"type":8}}"#),
+            None
+        );
+        assert_eq!(
+            rule(
+                r#"{"action":"Allow","protocol":"ICMPv6","ipVersion":6,"icmp":{"type":128,"code":0}}"#
+            ),
+            None
+        );
+        for (r, want) in [
+            (
+                r#"{"action":"Allow","protocol":"TCP","icmp":{"type":8}}"#,
+                "need protocol ICMP",
+            ),
+            (
+                r#"{"action":"Allow","icmp":{"type":8}}"#,
+                "need protocol ICMP",
+            ),
+            (
+                r#"{"action":"Allow","protocol":"ICMP","icmp":{"code":0}}"#,
+                "a code needs a type",
+            ),
+            (
+                r#"{"action":"Allow","protocol":"ICMP","ipVersion":6}"#,
+                "needs ipVersion 4",
+            ),
+            (
+                r#"{"action":"Allow","notProtocol":"ICMPv6","ipVersion":4}"#,
+                "needs ipVersion 6",
+            ),
+        ] {
+            let why = rule(r).expect(r);
+            assert!(why.contains(want), "{r}: {why}");
+        }
     }
 
     #[test]

@@ -9,8 +9,12 @@
 //!   order 1000, one Allow rule per (peer × protocol).
 //!
 //! Everything Kubernetes' API server would reject (bad CIDRs, port 0,
-//! `endPort` below `port`, malformed label selectors) is rejected here with
-//! an error naming the object, so nothing half-valid reaches a dataplane.
+//! `endPort` below `port`, malformed label selectors) is rejected here, so
+//! nothing half-valid reaches a dataplane. Rejections narrow
+//! ([`crate::reject`]): a NetworkPolicy rejected for a bad rule (or marked
+//! rejected by strict decoding) still isolates the pods its podSelector
+//! selects — it becomes a stub with no rules, in the directions it names —
+//! and only one whose podSelector cannot be read is an error naming it.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +30,7 @@ use crate::calico::{
     Protocol, Resource, Rule, WorkloadEndpoint, WorkloadEndpointSpec,
 };
 use crate::kube::KubeObject;
+use crate::reject;
 use crate::selector::Selector;
 
 pub const K8S_POLICY_PREFIX: &str = "knp.default.";
@@ -114,15 +119,25 @@ pub fn namespace_to_profile(ns: &Namespace) -> Result<Profile, String> {
         action: calico::Action::Allow,
         ..Default::default()
     };
+    let mut metadata = ObjectMeta {
+        name: namespace_profile_name(&name),
+        ..Default::default()
+    };
+    let rules = match crate::kube::rejection(&ns.metadata) {
+        // A rejected namespace still labels its pods (selectors keep seeing
+        // them), but its pods drop all traffic until it is fixed.
+        Some(reason) => {
+            reject::mark_rejected(&mut metadata.annotations, reason);
+            vec![]
+        }
+        None => vec![allow()],
+    };
     Ok(Profile {
         api_version: calico::API_VERSION.into(),
-        metadata: ObjectMeta {
-            name: namespace_profile_name(&name),
-            ..Default::default()
-        },
+        metadata,
         spec: ProfileSpec {
-            ingress: vec![allow()],
-            egress: vec![allow()],
+            ingress: rules.clone(),
+            egress: rules,
             labels_to_apply,
         },
     })
@@ -164,6 +179,12 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
         // Not (or no longer) networked: Calico has no endpoint for it.
         return Ok(None);
     }
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        // In the host's network namespace, with the node's addresses:
+        // Calico makes no endpoint for it, so no selector matches the node
+        // through it.
+        return Ok(None);
+    }
     let mut labels = pod.metadata.labels.clone().unwrap_or_default();
     validate_labels(&labels)?;
     labels.insert(calico::LABEL_NAMESPACE.into(), namespace.clone());
@@ -195,14 +216,18 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
         }
     }
     let ip_networks = ips.into_iter().map(IpNet::from).collect();
+    let mut metadata = ObjectMeta {
+        name: workload_endpoint_name(&node, &name, "eth0"),
+        namespace: Some(namespace.clone()),
+        labels,
+        ..Default::default()
+    };
+    if let Some(reason) = crate::kube::rejection(&pod.metadata) {
+        reject::mark_rejected(&mut metadata.annotations, reason);
+    }
     Ok(Some(WorkloadEndpoint {
         api_version: calico::API_VERSION.into(),
-        metadata: ObjectMeta {
-            name: workload_endpoint_name(&node, &name, "eth0"),
-            namespace: Some(namespace.clone()),
-            labels,
-            ..Default::default()
-        },
+        metadata,
         spec: WorkloadEndpointSpec {
             orchestrator: ORCHESTRATOR_K8S.into(),
             workload: String::new(),
@@ -230,9 +255,44 @@ pub fn network_policy_to_calico(
         .clone()
         .unwrap_or_else(|| "default".into());
     let spec = np.spec.clone().unwrap_or_default();
+    // What the policy applies to must be readable; the rest may be rejected.
     let selector = k8s_selector_to_calico(spec.pod_selector.as_ref(), SelectorKind::Pod)
         .map_err(|e| format!("spec.podSelector: {e}"))?;
+    let mut metadata = ObjectMeta {
+        name: k8s_policy_name(&name),
+        namespace: Some(namespace),
+        ..Default::default()
+    };
+    let converted = match crate::kube::rejection(&np.metadata) {
+        Some(reason) => Err(reason.to_owned()),
+        None => k8s_policy_rules(&spec),
+    };
+    let (types, ingress, egress) = match converted {
+        Ok(parts) => parts,
+        Err(reason) => {
+            reject::mark_rejected(&mut metadata.annotations, &reason);
+            (k8s_policy_directions(&spec), vec![], vec![])
+        }
+    };
+    Ok(calico::NetworkPolicy {
+        api_version: calico::API_VERSION.into(),
+        metadata,
+        spec: PolicySpec {
+            tier: None,
+            order: Some(K8S_POLICY_ORDER),
+            selector,
+            namespace_selector: None,
+            types,
+            ingress,
+            egress,
+        },
+    })
+}
 
+/// A policy's types and rules, or why they cannot be enforced.
+type PolicyParts = (Vec<PolicyType>, Vec<Rule>, Vec<Rule>);
+
+fn k8s_policy_rules(spec: &netv1::NetworkPolicySpec) -> Result<PolicyParts, String> {
     let mut ingress = Vec::new();
     for (i, r) in spec.ingress.iter().flatten().enumerate() {
         ingress.extend(
@@ -247,7 +307,6 @@ pub fn network_policy_to_calico(
                 .map_err(|e| format!("spec.egress[{i}]{e}"))?,
         );
     }
-
     let types = match &spec.policy_types {
         Some(types) if !types.is_empty() => types
             .iter()
@@ -259,34 +318,25 @@ pub fn network_policy_to_calico(
                 )),
             })
             .collect::<Result<Vec<_>, _>>()?,
-        // The API server's defaulting: Ingress always, Egress when the
-        // policy has egress rules.
-        _ => {
-            let mut t = vec![PolicyType::Ingress];
-            if spec.egress.as_ref().is_some_and(|e| !e.is_empty()) {
-                t.push(PolicyType::Egress);
-            }
-            t
-        }
+        _ => k8s_policy_directions(spec),
     };
+    Ok((types, ingress, egress))
+}
 
-    Ok(calico::NetworkPolicy {
-        api_version: calico::API_VERSION.into(),
-        metadata: ObjectMeta {
-            name: k8s_policy_name(&name),
-            namespace: Some(namespace),
-            ..Default::default()
-        },
-        spec: PolicySpec {
-            tier: None,
-            order: Some(K8S_POLICY_ORDER),
-            selector,
-            namespace_selector: None,
-            types,
-            ingress,
-            egress,
-        },
-    })
+/// The directions a policy names: its policyTypes, or the API server's
+/// defaulting (Ingress always, Egress when it has egress rules); both when
+/// a policyType cannot be read, so a rejected policy drops whatever it may
+/// have meant.
+fn k8s_policy_directions(spec: &netv1::NetworkPolicySpec) -> Vec<PolicyType> {
+    let types = spec
+        .policy_types
+        .as_ref()
+        .map(|t| serde_json::Value::from(t.clone()));
+    let egress = spec
+        .egress
+        .as_ref()
+        .map(|e| serde_json::Value::from(vec![serde_json::Value::Null; e.len()]));
+    reject::directions(types.as_ref(), egress.as_ref())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -677,38 +727,111 @@ spec:
     }
 
     #[test]
-    fn rejects_invalid_policies_naming_the_object() {
+    fn invalid_policies_are_rejected_and_still_isolate_their_pods() {
         let base = |body: &str| {
-            format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bad, namespace: ns}}\nspec:\n  podSelector: {{}}\n{body}")
+            format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bad, namespace: ns}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n{body}")
         };
-        for (body, want) in [
-            ("  ingress: [{ports: [{port: 0}]}]", "port 0 out of range"),
+        for (body, want, types) in [
+            (
+                "  ingress: [{ports: [{port: 0}]}]",
+                "port 0 out of range",
+                "[Ingress]",
+            ),
             (
                 "  ingress: [{ports: [{port: 65536}]}]",
                 "port 65536 out of range",
+                "[Ingress]",
             ),
             (
                 "  ingress: [{ports: [{port: 90, endPort: 80}]}]",
                 "endPort 80 is below port 90",
+                "[Ingress]",
             ),
             (
-                "  ingress: [{from: [{ipBlock: {cidr: 198.18.0.0/33}}]}]",
-                "not a valid CIDR",
+                "  policyTypes: [Egress]\n  egress: [{to: [{ipBlock: {cidr: 198.18.0.0/33}}]}]",
+                "spec.egress[0].to[0]: ipBlock.cidr: \"198.18.0.0/33\" is not a valid CIDR",
+                "[Egress]",
             ),
             (
                 "  ingress: [{from: [{podSelector: {matchLabels: {'a b': x}}}]}]",
                 "invalid label key",
+                "[Ingress]",
             ),
             (
                 "  ingress: [{ports: [{protocol: ICMP, port: 1}]}]",
                 "not TCP, UDP or SCTP",
+                "[Ingress]",
             ),
-            ("  policyTypes: [Sideways]", "Sideways"),
+            ("  policyTypes: [Sideways]", "Sideways", "[Ingress, Egress]"),
+            (
+                "  egress: [{to: [{ipBlock: {cidr: 198.19.0.0/16}, serviceAccount: x}]}]",
+                "spec.egress[0].to[0].serviceAccount: unknown field",
+                "[Ingress, Egress]",
+            ),
+            (
+                "  ingress: {from: []}",
+                "spec.ingress: invalid type",
+                "[Ingress]",
+            ),
         ] {
-            let err = convert(&base(body)).unwrap_err().to_string();
-            assert!(err.starts_with("NetworkPolicy ns/bad: "), "{err}");
-            assert!(err.contains(want), "{body}: {err}");
+            let r = convert(&base(body)).unwrap();
+            let Resource::NetworkPolicy(p) = &r else {
+                panic!()
+            };
+            let why = r.metadata().rejection().unwrap_or_else(|| panic!("{body}"));
+            assert!(why.contains(want), "{body}: {why}");
+            assert_eq!(
+                p.spec.selector,
+                "projectcalico.org/orchestrator == 'k8s' && app == 'web'"
+            );
+            assert_eq!(format!("{:?}", p.spec.types), types, "{body}");
+            assert!(p.spec.ingress.is_empty() && p.spec.egress.is_empty());
         }
+        // Without a readable podSelector there is nothing to isolate: an
+        // error naming the object.
+        let err = convert(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: ns}\nspec:\n  podSelector: {matchLabels: {'a b': x}}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("NetworkPolicy ns/bad: spec.podSelector"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn what_the_api_server_adds_is_accepted() {
+        let r = convert(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: web
+  namespace: ns
+  uid: 0b5d5a4e-3b8e-4a51-a3f4-5d1f0e6f7a10
+  resourceVersion: "4711"
+  generation: 2
+  creationTimestamp: "2024-05-01T10:00:00Z"
+  annotations: {kubectl.kubernetes.io/last-applied-configuration: "{}"}
+  managedFields: [{manager: kubectl, operation: Apply, apiVersion: networking.k8s.io/v1}]
+spec: {podSelector: {}, policyTypes: [Ingress]}
+status: {conditions: []}
+"#,
+        )
+        .unwrap();
+        assert_eq!(r.metadata().rejection(), None);
+    }
+
+    #[test]
+    fn host_network_pods_have_no_endpoint() {
+        let m = parse_manifests(
+            "t.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ns}\nspec: {nodeName: n1, hostNetwork: true, containers: [{name: c}]}\nstatus: {podIP: 198.18.0.1}\n",
+        )
+        .unwrap();
+        let Manifest::Kube(obj) = &m[0] else { panic!() };
+        assert_eq!(kube_to_calico(obj), Ok(None));
     }
 
     #[test]

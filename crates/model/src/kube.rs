@@ -1,14 +1,40 @@
 //! Kubernetes inputs: Namespace, Pod and NetworkPolicy (networking.k8s.io/v1),
 //! as `kubectl get -o yaml` prints them, in multi-document YAML and `v1/List`s.
 //! Calico v3 resources may appear in the same files ([`Manifest::Calico`]).
+//!
+//! Decoding is strict ([`crate::fields`]): an object with an unknown or
+//! unimplemented field is decoded anyway and marked rejected (the
+//! [`REJECTED_ANNOTATION`](crate::reject::REJECTED_ANNOTATION) holds the
+//! reason), so its conversion ([`crate::convert`]) yields a stub that fails
+//! closed. A NetworkPolicy whose spec does not even decode is kept as its
+//! podSelector and directions, marked the same way.
 
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::calico::{self, Resource};
+use crate::calico::{self, PolicyType, Resource};
+use crate::{fields, reject};
+
+/// The rejection reason a Kubernetes object carries, if any.
+pub fn rejection(meta: &ObjectMeta) -> Option<&str> {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(reject::REJECTED_ANNOTATION))
+        .map(String::as_str)
+}
+
+/// Marks a Kubernetes object rejected for `reason` (kept if already marked).
+pub fn mark_rejected(meta: &mut ObjectMeta, reason: &str) {
+    reject::mark_rejected(
+        meta.annotations.get_or_insert_with(Default::default),
+        reason,
+    );
+}
 
 /// One Kubernetes object nftpolicy understands.
 // Decoded once and moved into a conversion: boxing would only add noise.
@@ -93,6 +119,27 @@ impl KubeObject {
                 Some(o.metadata.namespace.as_deref().unwrap_or("default"))
             }
         }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            KubeObject::Namespace(o) => &o.metadata,
+            KubeObject::Pod(o) => &o.metadata,
+            KubeObject::NetworkPolicy(o) => &o.metadata,
+        }
+    }
+
+    pub fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            KubeObject::Namespace(o) => &mut o.metadata,
+            KubeObject::Pod(o) => &mut o.metadata,
+            KubeObject::NetworkPolicy(o) => &mut o.metadata,
+        }
+    }
+
+    /// Why nftpolicy rejected this object, if it did (see [`crate::reject`]).
+    pub fn rejection(&self) -> Option<&str> {
+        rejection(self.metadata())
     }
 
     pub fn key(&self) -> KubeKey {
@@ -216,12 +263,34 @@ pub fn parse_value(
             if name.is_empty() {
                 return Err(invalid("metadata.name is missing".into()));
             }
-            let obj = match kind.as_str() {
-                "Namespace" => serde_json::from_value(value).map(KubeObject::Namespace),
-                "Pod" => serde_json::from_value(value).map(KubeObject::Pod),
-                _ => serde_json::from_value(value).map(KubeObject::NetworkPolicy),
-            }
-            .map_err(|e| invalid(e.to_string()))?;
+            let problems = fields::kubernetes(&kind)
+                .map(|f| fields::check(f, &value))
+                .unwrap_or_default();
+            let decoded = match kind.as_str() {
+                "Namespace" => typed(&value).map(KubeObject::Namespace),
+                "Pod" => typed(&value).map(KubeObject::Pod),
+                _ => typed(&value).map(KubeObject::NetworkPolicy),
+            };
+            let obj = match (decoded, problems.is_empty()) {
+                (Ok(obj), true) => obj,
+                (Ok(mut obj), false) => {
+                    mark_rejected(obj.metadata_mut(), &fields::describe(&problems));
+                    obj
+                }
+                (Err(e), _) => {
+                    let reason = if problems.is_empty() {
+                        e
+                    } else {
+                        format!("{}; {e}", fields::describe(&problems))
+                    };
+                    match kind.as_str() {
+                        "NetworkPolicy" => network_policy_outline(&value, &reason)
+                            .map(KubeObject::NetworkPolicy)
+                            .ok_or_else(|| invalid(reason))?,
+                        _ => return Err(invalid(reason)),
+                    }
+                }
+            };
             out.push(Manifest::Kube(obj));
         }
         _ => {
@@ -234,6 +303,42 @@ pub fn parse_value(
         }
     }
     Ok(())
+}
+
+/// serde's decoding of a Kubernetes object, with errors naming the field.
+fn typed<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| match e.path().to_string().as_str() {
+        "." => e.inner().to_string(),
+        path => format!("{path}: {}", e.inner()),
+    })
+}
+
+/// A NetworkPolicy whose spec does not decode, kept as what it applies to
+/// (podSelector and directions) and marked rejected; `None` when even that
+/// cannot be read.
+fn network_policy_outline(value: &serde_json::Value, reason: &str) -> Option<NetworkPolicy> {
+    let mut metadata = ObjectMeta::deserialize(value.get("metadata")?).ok()?;
+    mark_rejected(&mut metadata, reason);
+    let spec = value.get("spec").unwrap_or(&serde_json::Value::Null);
+    let pod_selector = match spec.get("podSelector") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => Some(LabelSelector::deserialize(v).ok()?),
+    };
+    let policy_types = reject::directions(spec.get("policyTypes"), spec.get("egress"))
+        .into_iter()
+        .map(|t| match t {
+            PolicyType::Ingress => "Ingress".to_owned(),
+            PolicyType::Egress => "Egress".to_owned(),
+        })
+        .collect();
+    Some(NetworkPolicy {
+        metadata,
+        spec: Some(NetworkPolicySpec {
+            pod_selector,
+            policy_types: Some(policy_types),
+            ..Default::default()
+        }),
+    })
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! nftpolicy's model of the policy world.
 //!
 //! - [`calico`]: Calico v3 resources as stored in etcd;
+//! - [`fields`]: every field of every kind read, and what is done with it
+//!   (used, ignored and why, unimplemented: rejected);
+//! - [`reject`]: what a rejected object still does (rejections narrow);
 //! - [`kube`]: Kubernetes inputs (Namespace, Pod, NetworkPolicy, List);
 //! - [`convert`]: Kubernetes → Calico, as calico-kube-controllers does it;
 //! - [`selector`]: the Calico selector language;
@@ -13,7 +16,9 @@
 
 pub mod calico;
 pub mod convert;
+pub mod fields;
 pub mod kube;
+pub mod reject;
 pub mod scenario;
 pub mod selector;
 pub mod semantics;

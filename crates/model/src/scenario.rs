@@ -21,7 +21,7 @@ use crate::calico::{self, Protocol, Resource, ResourceKey};
 use crate::convert::{self, interface_name};
 use crate::kube::{self, KubeKey, KubeKind, KubeObject, Manifest};
 use crate::semantics::{Evaluator, Packet, Verdict};
-use crate::state::ClusterState;
+use crate::state::{ClusterState, WorkloadEncap, IPIP_PROTOCOL};
 
 /// The nodes the lab builds; pods without a node are spread over them.
 pub const NODES: [&str; 2] = ["node1", "node2"];
@@ -47,6 +47,46 @@ pub struct Scenario {
     pub path: PathBuf,
     pub externals: Vec<External>,
     pub steps: Vec<Step>,
+    /// The nodes' configuration (what felix's FelixConfiguration would say).
+    pub config: NodeConfig,
+    /// Objects the scenario expects nftpolicy to reject (and so to fail
+    /// closed on), as `kind namespace/name` texts ([`ObjectRef::text`]).
+    pub rejected: Vec<String>,
+}
+
+/// Node configuration a scenario runs with, in felix's names; each key is
+/// an `nftpolicy` flag in the lab.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `--allow-vxlan-packets-from-workloads`.
+    #[serde(default, rename = "allowVXLANPacketsFromWorkloads")]
+    pub allow_vxlan_packets_from_workloads: bool,
+    /// `--allow-ipip-packets-from-workloads`.
+    #[serde(default, rename = "allowIPIPPacketsFromWorkloads")]
+    pub allow_ipip_packets_from_workloads: bool,
+}
+
+impl NodeConfig {
+    pub fn encap(&self) -> WorkloadEncap {
+        WorkloadEncap {
+            allow_vxlan: self.allow_vxlan_packets_from_workloads,
+            allow_ipip: self.allow_ipip_packets_from_workloads,
+            ..WorkloadEncap::default()
+        }
+    }
+
+    /// The `nftpolicy sync`/`run` flags that configure a node this way.
+    pub fn agent_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.allow_vxlan_packets_from_workloads {
+            args.push("--allow-vxlan-packets-from-workloads".to_owned());
+        }
+        if self.allow_ipip_packets_from_workloads {
+            args.push("--allow-ipip-packets-from-workloads".to_owned());
+        }
+        args
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -63,8 +103,8 @@ pub struct Step {
     pub probes: Vec<Probe>,
 }
 
-/// An object to delete: Kubernetes kinds by default; Calico resources when
-/// `apiVersion: projectcalico.org/v3` is given.
+/// An object to delete (or expected to be rejected): Kubernetes kinds by
+/// default; Calico resources when `apiVersion: projectcalico.org/v3` is given.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ObjectRef {
@@ -74,6 +114,40 @@ pub struct ObjectRef {
     #[serde(default)]
     pub namespace: Option<String>,
     pub name: String,
+}
+
+impl ObjectRef {
+    /// `NetworkPolicy ns/name` (Kubernetes) or `projectcalico.org/v3
+    /// GlobalNetworkPolicy name`; namespaced kinds default to `default`.
+    pub fn text(&self) -> String {
+        let calico = self.api_version.as_deref() == Some(calico::API_VERSION);
+        let namespaced = if calico {
+            calico::Kind::ALL
+                .into_iter()
+                .find(|k| k.name() == self.kind)
+                .is_none_or(|k| k.is_namespaced())
+        } else {
+            self.kind != "Namespace"
+        };
+        object_text(
+            calico,
+            &self.kind,
+            namespaced.then(|| self.namespace.as_deref().unwrap_or("default")),
+            &self.name,
+        )
+    }
+}
+
+fn object_text(calico: bool, kind: &str, namespace: Option<&str>, name: &str) -> String {
+    let api = if calico {
+        format!("{} ", calico::API_VERSION)
+    } else {
+        String::new()
+    };
+    match namespace {
+        Some(ns) => format!("{api}{kind} {ns}/{name}"),
+        None => format!("{api}{kind} {name}"),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -122,13 +196,24 @@ pub struct Probe {
     pub family: Family,
 }
 
+impl Probe {
+    /// An IP-in-IP probe: protocol 4, no port.
+    pub fn is_ipip(&self) -> bool {
+        self.protocol.number() == IPIP_PROTOCOL
+    }
+}
+
 impl fmt::Display for Probe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} -> {} {}/{}",
-            self.from, self.to, self.port, self.protocol
-        )?;
+        if self.is_ipip() {
+            write!(f, "{} -> {} IPIP", self.from, self.to)?;
+        } else {
+            write!(
+                f,
+                "{} -> {} {}/{}",
+                self.from, self.to, self.port, self.protocol
+            )?;
+        }
         if self.family == Family::V6 {
             f.write_str(" (IPv6)")?;
         }
@@ -161,6 +246,10 @@ struct RawScenario {
     probes: Option<Vec<RawProbe>>,
     #[serde(default)]
     steps: Option<Vec<RawStep>>,
+    #[serde(default)]
+    config: NodeConfig,
+    #[serde(default)]
+    rejected: Vec<ObjectRef>,
 }
 
 #[derive(Deserialize)]
@@ -179,7 +268,8 @@ struct RawStep {
 struct RawProbe {
     from: String,
     to: String,
-    port: serde_json::Value,
+    #[serde(default)]
+    port: Option<serde_json::Value>,
     #[serde(default)]
     protocol: Option<String>,
     expect: String,
@@ -201,23 +291,29 @@ impl RawProbe {
                 _ => Err(format!("{s:?} is neither namespace/pod nor ext/NAME")),
             }
         };
-        let port = match &self.port {
-            serde_json::Value::Number(n) => match n.as_u64() {
-                Some(p) if (1..=65535).contains(&p) => ProbePort::Number(p as u16),
-                _ => return Err(format!("port {n} out of range 1-65535")),
-            },
-            serde_json::Value::String(s) => match s.parse::<u32>() {
-                Ok(p) if (1..=65535).contains(&p) => ProbePort::Number(p as u16),
-                Ok(p) => return Err(format!("port {p} out of range 1-65535")),
-                Err(_) => ProbePort::Name(s.clone()),
-            },
-            other => return Err(format!("port {other} is neither a number nor a name")),
-        };
         let protocol = match self.protocol.as_deref() {
             None | Some("TCP") => Protocol::Tcp,
             Some("UDP") => Protocol::Udp,
             Some("SCTP") => Protocol::Sctp,
-            Some(p) => return Err(format!("protocol {p:?} is not TCP, UDP or SCTP")),
+            Some("IPIP") => Protocol::Number(IPIP_PROTOCOL),
+            Some(p) => return Err(format!("protocol {p:?} is not TCP, UDP, SCTP or IPIP")),
+        };
+        let port = match (&self.port, protocol.number() == IPIP_PROTOCOL) {
+            (None, true) => ProbePort::Number(0),
+            (Some(_), true) => return Err("an IPIP probe has no port".into()),
+            (None, false) => return Err("port is missing".into()),
+            (Some(serde_json::Value::Number(n)), false) => match n.as_u64() {
+                Some(p) if (1..=65535).contains(&p) => ProbePort::Number(p as u16),
+                _ => return Err(format!("port {n} out of range 1-65535")),
+            },
+            (Some(serde_json::Value::String(s)), false) => match s.parse::<u32>() {
+                Ok(p) if (1..=65535).contains(&p) => ProbePort::Number(p as u16),
+                Ok(p) => return Err(format!("port {p} out of range 1-65535")),
+                Err(_) => ProbePort::Name(s.clone()),
+            },
+            (Some(other), false) => {
+                return Err(format!("port {other} is neither a number nor a name"))
+            }
         };
         let expect_allow = match self.expect.as_str() {
             "allow" => true,
@@ -334,11 +430,37 @@ impl Scenario {
             path: PathBuf::from(path),
             externals: raw.externals,
             steps,
+            config: raw.config,
+            rejected: raw.rejected.iter().map(ObjectRef::text).collect(),
         };
         scenario.assign_nodes_and_addresses();
         // Resolve everything now, so a bad scenario fails at load, naming
         // the file, step and object, before any kernel work starts.
-        for (i, st) in scenario.states()?.iter().enumerate() {
+        let states = scenario.states()?;
+        // Every object nftpolicy rejects must be one the scenario expects to
+        // be rejected (and every one it expects must be): a scenario never
+        // passes because something was silently replaced by a drop.
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, st) in states.iter().enumerate() {
+            for (object, reason) in &st.rejected {
+                if !scenario.rejected.contains(object) {
+                    return Err(ScenarioError::Step {
+                        path: path.to_owned(),
+                        step: i + 1,
+                        reason: format!(
+                            "{object} is rejected ({reason}); list it under `rejected:` if that is what the scenario tests"
+                        ),
+                    });
+                }
+                seen.insert(object.clone());
+            }
+        }
+        if let Some(missing) = scenario.rejected.iter().find(|o| !seen.contains(*o)) {
+            return Err(format_err(format!(
+                "{missing} is listed under `rejected:` but nftpolicy accepts it"
+            )));
+        }
+        for (i, st) in states.iter().enumerate() {
             for (j, probe) in scenario.steps[i].probes.iter().enumerate() {
                 st.resolve_probe(probe, &scenario.externals)
                     .map_err(|reason| ScenarioError::Step {
@@ -406,7 +528,7 @@ impl Scenario {
     pub fn check_model(&self) -> Result<Vec<ProbeOutcome>, ScenarioError> {
         let mut outcomes = Vec::new();
         for (i, st) in self.states()?.iter().enumerate() {
-            let eval = Evaluator::new(&st.cluster);
+            let eval = Evaluator::with_encap(&st.cluster, self.config.encap());
             for probe in &self.steps[i].probes {
                 let resolved = st
                     .resolve_probe(probe, &self.externals)
@@ -452,6 +574,9 @@ pub struct StepState {
     /// Calico resources written directly in the scenario.
     pub native: BTreeMap<ResourceKey, Resource>,
     pub cluster: ClusterState,
+    /// Objects nftpolicy rejected ([`crate::reject`]), as
+    /// [`ObjectRef::text`]s, with the reason.
+    pub rejected: BTreeMap<String, String>,
 }
 
 impl StepState {
@@ -504,15 +629,30 @@ impl StepState {
             }
         }
         let mut cluster = ClusterState::new();
-        for obj in self.kube.values() {
+        let mut rejected = BTreeMap::new();
+        for (key, obj) in &self.kube {
             if let Some(r) = convert::kube_to_calico(obj).map_err(|e| e.to_string())? {
+                if let Some(why) = r.metadata().rejection() {
+                    let text = object_text(
+                        false,
+                        &key.kind.to_string(),
+                        key.namespace.as_deref(),
+                        &key.name,
+                    );
+                    rejected.insert(text, why.to_owned());
+                }
                 cluster.upsert(r);
             }
         }
-        for r in self.native.values() {
+        for (key, r) in &self.native {
+            if let Some(why) = r.metadata().rejection() {
+                let text = object_text(true, key.kind.name(), key.namespace.as_deref(), &key.name);
+                rejected.insert(text, why.to_owned());
+            }
             cluster.upsert(r.clone());
         }
         self.cluster = cluster;
+        self.rejected = rejected;
         Ok(())
     }
 
@@ -574,6 +714,8 @@ impl StepState {
             return Err(format!("{src} and {dst} are of different families"));
         }
         let port = match (&probe.port, &dst_pod) {
+            // Every endpoint of the lab answers IP-in-IP.
+            _ if probe.is_ipip() => 0,
             (ProbePort::Number(n), None) => *n,
             (ProbePort::Name(n), None) => {
                 return Err(format!("named port {n:?} on an external host"))
@@ -689,7 +831,7 @@ impl ResolvedProbe {
             dst: self.dst,
             protocol: self.probe.protocol,
             src_port: None,
-            dst_port: Some(self.port),
+            dst_port: (!self.probe.is_ipip()).then_some(self.port),
             icmp: None,
         }
     }
@@ -852,4 +994,84 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+name: t
+objects:
+  - {apiVersion: v1, kind: Namespace, metadata: {name: ns}}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: a, namespace: ns, labels: {app: a}}
+    spec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: b, namespace: ns}
+    spec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+  - apiVersion: projectcalico.org/v3
+    kind: NetworkPolicy
+    metadata: {name: p, namespace: ns}
+    spec: {selector: app == 'a', ingress: [{action: Allow, http: {methods: [GET]}}]}
+probes:
+  - {from: ns/b, to: ns/a, port: 80, expect: deny}
+"#;
+
+    #[test]
+    fn a_rejected_object_must_be_listed_and_a_listed_one_rejected() {
+        let err = Scenario::parse("t.yaml", BASE).unwrap_err().to_string();
+        assert!(
+            err.contains("projectcalico.org/v3 NetworkPolicy ns/p is rejected (spec.ingress[0].http: not implemented")
+                && err.contains("list it under `rejected:`"),
+            "{err}"
+        );
+        let listed = BASE.replace(
+            "name: t\n",
+            "name: t\nrejected: [{apiVersion: projectcalico.org/v3, kind: NetworkPolicy, namespace: ns, name: p}]\n",
+        );
+        let s = Scenario::parse("t.yaml", &listed).unwrap();
+        let outcomes = s.check_model().unwrap();
+        assert!(outcomes.iter().all(ProbeOutcome::passed), "{outcomes:?}");
+        let accepted = listed.replace("http: {methods: [GET]}", "protocol: TCP");
+        let err = Scenario::parse("t.yaml", &accepted)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ns/p is listed under `rejected:` but nftpolicy accepts it"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ipip_probes_have_no_port_and_config_sets_the_agent_flags() {
+        let text = BASE
+            .replace(
+                "  - apiVersion: projectcalico.org/v3\n    kind: NetworkPolicy\n    metadata: {name: p, namespace: ns}\n    spec: {selector: app == 'a', ingress: [{action: Allow, http: {methods: [GET]}}]}\n",
+                "",
+            )
+            .replace(
+                "  - {from: ns/b, to: ns/a, port: 80, expect: deny}",
+                "  - {from: ns/b, to: ns/a, protocol: IPIP, expect: allow}",
+            )
+            .replace("name: t\n", "name: t\nconfig: {allowIPIPPacketsFromWorkloads: true}\n");
+        let s = Scenario::parse("t.yaml", &text).unwrap();
+        assert_eq!(
+            s.config.agent_args(),
+            ["--allow-ipip-packets-from-workloads"]
+        );
+        assert_eq!(s.steps[0].probes[0].to_string(), "ns/b -> ns/a IPIP");
+        assert!(s.check_model().unwrap()[0].passed());
+        // felix's default drops it.
+        let dropped = text.replace("config: {allowIPIPPacketsFromWorkloads: true}\n", "");
+        let s = Scenario::parse("t.yaml", &dropped).unwrap();
+        assert!(!s.check_model().unwrap()[0].passed());
+        let with_port = text.replace("protocol: IPIP,", "protocol: IPIP, port: 80,");
+        let err = Scenario::parse("t.yaml", &with_port)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("an IPIP probe has no port"), "{err}");
+    }
 }

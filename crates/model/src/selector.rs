@@ -363,6 +363,18 @@ impl Selector {
         }
     }
 
+    /// A `namespaceSelector` as libcalico-go applies it to endpoints: every
+    /// label key prefixed (see [`Selector::with_label_prefix`]), and every
+    /// `all()` inside it turned into `has(projectcalico.org/namespace)`
+    /// ("every namespace", which global resources are not in).
+    #[must_use]
+    pub fn namespace_selector_with_prefix(&self, prefix: &str) -> Selector {
+        let prefixed = self.with_label_prefix(prefix);
+        Selector {
+            root: prefixed.root.all_to_namespaced(),
+        }
+    }
+
     /// The conjunction of `self` and `other`. `all()` is the identity on
     /// either side; otherwise the result is `self && other`, flattened if
     /// either side is itself an `&&` chain (`(a && b).and(c)` is `a && b && c`).
@@ -527,6 +539,22 @@ impl Expr {
                     .map(|e| e.with_label_prefix(prefix))
                     .collect(),
             ),
+        }
+    }
+
+    /// `all()` → `has(NAMESPACE_LABEL)`, everywhere in the tree (the shape
+    /// is kept, so the constructors' invariants still hold).
+    fn all_to_namespaced(self) -> Expr {
+        match self {
+            Expr::All => Expr::Has(NAMESPACE_LABEL.to_owned()),
+            Expr::Not(operand) => Expr::Not(Box::new(operand.all_to_namespaced())),
+            Expr::And(operands) => {
+                Expr::And(operands.into_iter().map(Expr::all_to_namespaced).collect())
+            }
+            Expr::Or(operands) => {
+                Expr::Or(operands.into_iter().map(Expr::all_to_namespaced).collect())
+            }
+            leaf => leaf,
         }
     }
 
@@ -1432,6 +1460,22 @@ mod tests {
                 .with_label_prefix("q."),
             sel("has(q.p/a)")
         );
+    }
+
+    #[test]
+    fn namespace_selectors_turn_all_into_every_namespace() {
+        let s = sel("all()").namespace_selector_with_prefix("pcns.");
+        assert_eq!(s.canonical(), "has(projectcalico.org/namespace)");
+        let s = sel("team == 'a' || !(all() && has(x)) || global()")
+            .namespace_selector_with_prefix("pcns.");
+        expect![[
+            r#"pcns.team == "a" || !(has(projectcalico.org/namespace) && has(pcns.x)) || global()"#
+        ]]
+        .assert_eq(&s.canonical());
+        assert_eq!(sel(&s.canonical()), s);
+        // A quoted "all()" is a value, not the function.
+        let s = sel("a == 'all()'").namespace_selector_with_prefix("pcns.");
+        assert_eq!(s.canonical(), "pcns.a == \"all()\"");
     }
 
     #[test]

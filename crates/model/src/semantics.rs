@@ -4,6 +4,11 @@
 //!
 //! Evaluation order, per endpoint and direction (the sender's egress, then
 //! the receiver's ingress), as felix's `cali-fw-`/`cali-tw-` chains do it:
+//! 0. egress only: VXLAN (UDP to the VXLAN port) and IP-in-IP (protocol 4)
+//!    are dropped unless allowed ([`WorkloadEncap`]); then, if a rejected
+//!    object covers the endpoint in this direction — the endpoint itself,
+//!    one of its profiles, or a rejected policy selecting it — dropped
+//!    ([`crate::reject`]: rejections narrow, never widen);
 //! 1. the policies that select the endpoint and have that direction in their
 //!    types, by `order` then id; each policy's rules in order: the first rule
 //!    that matches decides — Allow accepts (for this direction), Deny drops,
@@ -24,7 +29,8 @@ use crate::calico::{
     Action, IcmpFields, PolicyType, Port, Protocol, ResourceKey, WorkloadEndpoint,
 };
 use crate::state::{
-    ClusterState, LabelledNets, PolicyId, ResolvedEntity, ResolvedPolicy, ResolvedRule,
+    ClusterState, Encap, LabelledNets, PolicyId, Rejection, ResolvedEntity, ResolvedPolicy,
+    ResolvedRule, WorkloadEncap,
 };
 
 /// One connection attempt, as the first packet shows it.
@@ -59,6 +65,11 @@ pub enum Decision {
     },
     /// No policy decided and no profile rule matched.
     NoProfileMatched,
+    /// An encapsulated packet sent by a workload (egress only).
+    Encapsulated(Encap),
+    /// A rejected object covers the endpoint in this direction: all its
+    /// traffic drops until the object is fixed.
+    Rejected(Rejection),
 }
 
 impl fmt::Display for Decision {
@@ -79,6 +90,19 @@ impl fmt::Display for Decision {
                 action,
             } => write!(f, "{action:?} by rule {index} of profile {profile}"),
             Decision::NoProfileMatched => write!(f, "Deny: no policy or profile rule matched"),
+            Decision::Encapsulated(e) => write!(
+                f,
+                "Deny: {e} packets from workloads are dropped (allow them with --allow-{}-packets-from-workloads)",
+                match e {
+                    Encap::Vxlan => "vxlan",
+                    Encap::Ipip => "ipip",
+                }
+            ),
+            Decision::Rejected(r) => write!(
+                f,
+                "Deny: {} is rejected ({}); it drops all traffic here until it is fixed",
+                r.object, r.reason
+            ),
         }
     }
 }
@@ -127,15 +151,23 @@ pub struct Evaluator<'a> {
     state: &'a ClusterState,
     policies: Vec<ResolvedPolicy>,
     nets: Vec<LabelledNets<'a>>,
+    encap: WorkloadEncap,
 }
 
 impl<'a> Evaluator<'a> {
+    /// The engine with felix's default configuration.
     pub fn new(state: &'a ClusterState) -> Self {
+        Self::with_encap(state, WorkloadEncap::default())
+    }
+
+    /// The engine for a node that lets workloads send what `encap` allows.
+    pub fn with_encap(state: &'a ClusterState, encap: WorkloadEncap) -> Self {
         let (policies, _errors) = state.resolved_policies();
         Evaluator {
             state,
             policies,
             nets: state.labelled_nets(),
+            encap,
         }
     }
 
@@ -182,6 +214,16 @@ impl<'a> Evaluator<'a> {
             passed_by: None,
             logged: Vec::new(),
         };
+        if dir == PolicyType::Egress {
+            if let Some(e) = self.encap.dropped(packet.protocol, packet.dst_port) {
+                verdict.decision = Decision::Encapsulated(e);
+                return verdict;
+            }
+        }
+        if let Some(r) = self.state.rejection_for(ep, policies.iter().copied()) {
+            verdict.decision = Decision::Rejected(r);
+            return verdict;
+        }
         if let Some(last) = policies.last() {
             'tier: for p in &policies {
                 for (index, rule) in p.rules(dir).iter().enumerate() {
@@ -257,6 +299,23 @@ impl<'a> Evaluator<'a> {
             if (v == 6) != v6 {
                 return false;
             }
+        }
+        // felix's FilterRuleToIPVersion: a CIDR list holding only the other
+        // family's CIDRs takes the rule out of this family altogether
+        // (rather than leaving an unconditional rule behind).
+        let other_family_only = |nets: &[ipnet::IpNet]| {
+            !nets.is_empty() && nets.iter().all(|n| n.addr().is_ipv6() != v6)
+        };
+        if [
+            &rule.source.nets,
+            &rule.source.not_nets,
+            &rule.destination.nets,
+            &rule.destination.not_nets,
+        ]
+        .into_iter()
+        .any(|nets| other_family_only(nets))
+        {
+            return false;
         }
         if let Some(proto) = rule.protocol {
             if proto.number() != p.protocol.number() {

@@ -16,7 +16,7 @@ use crate::calico::{
     self, Action, IcmpFields, Kind, PolicySpec, PolicyType, Port, Protocol, Resource, ResourceKey,
     Rule, WorkloadEndpoint,
 };
-use crate::convert::K8S_POLICY_PREFIX;
+use crate::convert::{namespace_profile_name, K8S_POLICY_PREFIX};
 use crate::selector::{LabelView, Labels, Selector};
 
 /// Every resource, keyed by kind, namespace and name.
@@ -143,11 +143,16 @@ impl ClusterState {
                 endpoint: Some(w),
             }),
             Resource::NetworkSet(s) => {
-                let mut labels = s.metadata.labels.clone();
-                labels.insert(
-                    calico::LABEL_NAMESPACE.into(),
-                    s.metadata.namespace.clone().unwrap_or_default(),
-                );
+                // As libcalico-go hands it to felix: its labels, its
+                // namespace's, and the namespace label, so a rule's
+                // namespaceSelector + selector reach it as they reach pods.
+                let namespace = s.metadata.namespace.as_deref().unwrap_or("default");
+                let mut labels = Labels::new();
+                if let Some(profile) = self.profile(&namespace_profile_name(namespace)) {
+                    labels.extend(profile.spec.labels_to_apply.clone());
+                }
+                labels.extend(s.metadata.labels.clone());
+                labels.insert(calico::LABEL_NAMESPACE.into(), namespace.to_owned());
                 Some(LabelledNets {
                     labels: LabelView::Owned(labels),
                     nets: &s.spec.nets,
@@ -166,10 +171,11 @@ impl ClusterState {
         }
     }
 
-    /// The policies, each resolved (selectors parsed and namespace-scoped).
-    /// Resources were validated when decoded, so resolution cannot fail here
-    /// except for a resource built in code; such a policy is skipped with
-    /// its error returned beside the list.
+    /// The policies, each resolved (selectors parsed and namespace-scoped),
+    /// rejected ones ([`ResolvedPolicy::rejected`]) included. Resources were
+    /// validated when decoded, so resolution cannot fail here except for a
+    /// resource built in code; such a policy is skipped with its error
+    /// returned beside the list.
     pub fn resolved_policies(&self) -> (Vec<ResolvedPolicy>, Vec<(ResourceKey, String)>) {
         let mut ok = Vec::new();
         let mut errors = Vec::new();
@@ -187,13 +193,141 @@ impl ClusterState {
                 }
                 _ => continue,
             };
-            match ResolvedPolicy::new(id, spec) {
+            match ResolvedPolicy::new(id, spec, r.metadata().rejection()) {
                 Ok(p) => ok.push(p),
                 Err(e) => errors.push((r.key(), e)),
             }
         }
         ok.sort_by(|a, b| a.sort_key().partial_cmp(&b.sort_key()).unwrap());
         (ok, errors)
+    }
+}
+
+impl ClusterState {
+    /// Every object nftpolicy rejected ([`crate::reject`]), with the reason.
+    pub fn rejected(&self) -> impl Iterator<Item = (ResourceKey, &str)> {
+        self.resources()
+            .filter_map(|r| r.metadata().rejection().map(|why| (r.key(), why)))
+    }
+
+    /// Why `ep` drops all its traffic in `dir` (see [`crate::reject`]): it
+    /// is rejected itself, or one of its profiles is, or one of the
+    /// policies selecting it in `dir` (`selecting`, in policy order) is.
+    pub fn rejection_for<'p>(
+        &self,
+        ep: &WorkloadEndpoint,
+        selecting: impl IntoIterator<Item = &'p ResolvedPolicy>,
+    ) -> Option<Rejection> {
+        if let Some(reason) = ep.metadata.rejection() {
+            return Some(Rejection {
+                object: RejectedObject::Endpoint(ResourceKey::new(
+                    Kind::WorkloadEndpoint,
+                    Some(ep.metadata.namespace.as_deref().unwrap_or("default")),
+                    &ep.metadata.name,
+                )),
+                reason: reason.to_owned(),
+            });
+        }
+        for name in &ep.spec.profiles {
+            if let Some(reason) = self.profile(name).and_then(|p| p.metadata.rejection()) {
+                return Some(Rejection {
+                    object: RejectedObject::Profile(name.clone()),
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+        selecting.into_iter().find_map(|p| {
+            p.rejected.as_ref().map(|reason| Rejection {
+                object: RejectedObject::Policy(p.id.clone()),
+                reason: reason.clone(),
+            })
+        })
+    }
+}
+
+/// A rejected object that makes an endpoint drop all its traffic in a
+/// direction until it is fixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub object: RejectedObject,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RejectedObject {
+    /// The endpoint itself.
+    Endpoint(ResourceKey),
+    /// A profile the endpoint uses.
+    Profile(String),
+    /// A policy selecting the endpoint.
+    Policy(PolicyId),
+}
+
+impl fmt::Display for RejectedObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RejectedObject::Endpoint(key) => write!(f, "endpoint {key}"),
+            RejectedObject::Profile(name) => write!(f, "profile {name}"),
+            RejectedObject::Policy(id) => write!(f, "policy {id}"),
+        }
+    }
+}
+
+/// Encapsulated packets felix drops when a workload sends them (first in
+/// every `cali-fw-` chain), so that a pod cannot inject packets into the
+/// VXLAN or IP-in-IP overlay; felix's `AllowVXLANPacketsFromWorkloads`,
+/// `AllowIPIPPacketsFromWorkloads` and `VXLANPort`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadEncap {
+    pub allow_vxlan: bool,
+    pub allow_ipip: bool,
+    /// UDP destination port of VXLAN (felix's default 4789).
+    pub vxlan_port: u16,
+}
+
+impl Default for WorkloadEncap {
+    /// felix's defaults: both dropped, VXLAN on port 4789.
+    fn default() -> Self {
+        WorkloadEncap {
+            allow_vxlan: false,
+            allow_ipip: false,
+            vxlan_port: 4789,
+        }
+    }
+}
+
+/// An encapsulation a workload may not send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    /// UDP to the VXLAN port.
+    Vxlan,
+    /// IP protocol 4 (IP in IP).
+    Ipip,
+}
+
+/// IP protocol 4: IPv4 encapsulated in IP.
+pub const IPIP_PROTOCOL: u8 = 4;
+
+impl WorkloadEncap {
+    /// The encapsulation a packet from a workload is dropped for, if any.
+    pub fn dropped(&self, protocol: Protocol, dst_port: Option<u16>) -> Option<Encap> {
+        let p = protocol.number();
+        if !self.allow_vxlan && p == Protocol::Udp.number() && dst_port == Some(self.vxlan_port) {
+            return Some(Encap::Vxlan);
+        }
+        if !self.allow_ipip && p == IPIP_PROTOCOL {
+            return Some(Encap::Ipip);
+        }
+        None
+    }
+}
+
+impl fmt::Display for Encap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Encap::Vxlan => "VXLAN",
+            Encap::Ipip => "IP-in-IP",
+        })
     }
 }
 
@@ -275,10 +409,17 @@ pub struct ResolvedPolicy {
     pub types: Vec<PolicyType>,
     pub ingress: Vec<ResolvedRule>,
     pub egress: Vec<ResolvedRule>,
+    /// Rejected ([`crate::reject`]): the endpoints it selects drop all
+    /// traffic in its directions; its rules are not read.
+    pub rejected: Option<String>,
 }
 
 impl ResolvedPolicy {
-    pub fn new(id: PolicyId, spec: &PolicySpec) -> Result<ResolvedPolicy, String> {
+    pub fn new(
+        id: PolicyId,
+        spec: &PolicySpec,
+        rejected: Option<&str>,
+    ) -> Result<ResolvedPolicy, String> {
         let namespace = match &id {
             PolicyId::Kubernetes { namespace, .. } | PolicyId::Namespaced { namespace, .. } => {
                 Some(namespace.as_str())
@@ -291,13 +432,16 @@ impl ResolvedPolicy {
         match namespace {
             Some(ns) => selector = namespace_is(ns).and(&selector),
             None => {
-                if let Some(ns_sel) = &spec.namespace_selector {
+                if let Some(ns_sel) = spec.namespace_selector.as_deref().filter(|s| !s.is_empty()) {
                     let ns_sel = parse("spec.namespaceSelector", ns_sel)?;
                     selector = scoped_namespace_selector(&ns_sel).and(&selector);
                 }
             }
         }
         let rules = |field: &str, rules: &[Rule]| -> Result<Vec<ResolvedRule>, String> {
+            if rejected.is_some() {
+                return Ok(vec![]);
+            }
             rules
                 .iter()
                 .enumerate()
@@ -313,6 +457,7 @@ impl ResolvedPolicy {
             types: spec.effective_types(),
             ingress: rules("spec.ingress", &spec.ingress)?,
             egress: rules("spec.egress", &spec.egress)?,
+            rejected: rejected.map(str::to_owned),
         })
     }
 
@@ -340,15 +485,12 @@ pub fn namespace_is(ns: &str) -> Selector {
 }
 
 /// A namespaceSelector as written (`user == 'bob'`) → a selector over
-/// endpoint labels (`pcns.user == "bob"`). `all()` means every namespaced
-/// thing, so it becomes `has(projectcalico.org/namespace)`, which global
-/// network sets do not match.
+/// endpoint labels (`pcns.user == "bob"`), as libcalico-go's
+/// `getEndpointSelector` does it: `all()` means every namespaced thing, so
+/// it becomes `has(projectcalico.org/namespace)`, which global network sets
+/// do not match.
 pub fn scoped_namespace_selector(ns_sel: &Selector) -> Selector {
-    if ns_sel.is_all() {
-        Selector::parse(&format!("has({})", calico::LABEL_NAMESPACE)).expect("valid")
-    } else {
-        ns_sel.with_label_prefix(calico::NAMESPACE_LABEL_PREFIX)
-    }
+    ns_sel.namespace_selector_with_prefix(calico::NAMESPACE_LABEL_PREFIX)
 }
 
 /// A rule with its entity selectors scoped to the policy's namespace.
@@ -377,9 +519,16 @@ pub struct ResolvedEntity {
 
 impl ResolvedRule {
     pub fn new(rule: &Rule, namespace: Option<&str>) -> Result<ResolvedRule, String> {
+        // felix (calc/rule_convert.go): without an ipVersion, protocol ICMP
+        // makes a rule IPv4-only and ICMPv6 IPv6-only.
+        let implied_version = match rule.protocol.map(|p| Protocol::from_number(p.number())) {
+            Some(Protocol::Icmp) => Some(4),
+            Some(Protocol::IcmpV6) => Some(6),
+            _ => None,
+        };
         Ok(ResolvedRule {
             action: rule.action,
-            ip_version: rule.ip_version,
+            ip_version: rule.ip_version.or(implied_version),
             protocol: rule.protocol,
             not_protocol: rule.not_protocol,
             icmp: rule.icmp.clone(),
@@ -393,33 +542,41 @@ impl ResolvedRule {
 }
 
 impl ResolvedEntity {
-    /// libcalico-go's rule conversion: a namespaceSelector picks namespaces
-    /// by their labels (`pcns.` prefix); without one, a selector in a
-    /// namespaced policy only sees its own namespace.
+    /// libcalico-go's rule conversion (`getEndpointSelector` in
+    /// `updateprocessors/rules.go`): a namespaceSelector picks namespaces by
+    /// their labels (`pcns.` prefix); without one, a namespaced policy's rule
+    /// sees only its own namespace. That scope applies as soon as any
+    /// selector field is used — `selector`, `notSelector` or
+    /// `namespaceSelector` — and becomes the rule's positive selector
+    /// (`scope ∧ selector`, or the scope alone), while `notSelector` stays as
+    /// written: a rule with only `notSelector: app == 'x'` in namespace `ns`
+    /// matches `ns == 'ns' ∧ ¬(app == 'x')`, never other namespaces, hosts
+    /// or external addresses. An empty selector text counts as unset.
     pub fn new(e: &calico::EntityRule, namespace: Option<&str>) -> Result<ResolvedEntity, String> {
         let parse = |field: &str, s: &Option<String>| -> Result<Option<Selector>, String> {
             s.as_deref()
+                .filter(|s| !s.is_empty())
                 .map(|s| Selector::parse(s).map_err(|err| format!("{field}: {err}")))
                 .transpose()
         };
         let sel = parse("selector", &e.selector)?;
         let not_sel = parse("notSelector", &e.not_selector)?;
         let ns_sel = parse("namespaceSelector", &e.namespace_selector)?;
+        let uses_selectors = sel.is_some() || not_sel.is_some() || ns_sel.is_some();
         let scope = match (&ns_sel, namespace) {
             (Some(ns_sel), _) => Some(scoped_namespace_selector(ns_sel)),
             (None, Some(ns)) => Some(namespace_is(ns)),
             (None, None) => None,
         };
-        let combine = |s: Option<Selector>, explicit_ns: bool| match (s, &scope) {
+        let selector = match (sel, scope) {
             (Some(s), Some(scope)) => Some(scope.and(&s)),
             (Some(s), None) => Some(s),
-            // A namespaceSelector alone selects whole namespaces.
-            (None, Some(scope)) if explicit_ns => Some(scope.clone()),
+            (None, Some(scope)) if uses_selectors => Some(scope),
             (None, _) => None,
         };
         Ok(ResolvedEntity {
-            selector: combine(sel, ns_sel.is_some()),
-            not_selector: combine(not_sel, false),
+            selector,
+            not_selector: not_sel,
             nets: e.nets.clone(),
             not_nets: e.not_nets.clone(),
             ports: e.ports.clone(),
@@ -487,5 +644,60 @@ mod tests {
         // No selector at all: any source, whatever the namespace.
         let r = ResolvedEntity::new(&calico::EntityRule::default(), Some("shop")).unwrap();
         assert!(r.selector.is_none());
+    }
+
+    #[test]
+    fn a_lone_not_selector_is_scoped_to_the_policy_namespace() {
+        let e = calico::EntityRule {
+            not_selector: Some("app == 'cli'".into()),
+            ..Default::default()
+        };
+        let r = ResolvedEntity::new(&e, Some("shop")).unwrap();
+        assert_eq!(r.selector, Some(namespace_is("shop")));
+        assert_eq!(
+            r.not_selector,
+            Some(Selector::parse("app == 'cli'").unwrap())
+        );
+        // In a global policy nothing scopes it.
+        let r = ResolvedEntity::new(&e, None).unwrap();
+        assert_eq!(r.selector, None);
+        // With a namespaceSelector, that is the scope (the notSelector stays).
+        let e = calico::EntityRule {
+            not_selector: Some("app == 'cli'".into()),
+            namespace_selector: Some("all()".into()),
+            ..Default::default()
+        };
+        let r = ResolvedEntity::new(&e, None).unwrap();
+        assert_eq!(
+            r.selector.unwrap().canonical(),
+            "has(projectcalico.org/namespace)"
+        );
+        assert_eq!(r.not_selector.unwrap().canonical(), "app == \"cli\"");
+    }
+
+    #[test]
+    fn icmp_without_ip_version_is_one_family() {
+        let rule = |p: Protocol| calico::Rule {
+            protocol: Some(p),
+            ..Default::default()
+        };
+        assert_eq!(
+            ResolvedRule::new(&rule(Protocol::Icmp), None)
+                .unwrap()
+                .ip_version,
+            Some(4)
+        );
+        assert_eq!(
+            ResolvedRule::new(&rule(Protocol::IcmpV6), None)
+                .unwrap()
+                .ip_version,
+            Some(6)
+        );
+        assert_eq!(
+            ResolvedRule::new(&rule(Protocol::Tcp), None)
+                .unwrap()
+                .ip_version,
+            None
+        );
     }
 }

@@ -528,16 +528,26 @@ mod tests {
         let dir = dir.path().to_path_buf();
         std::fs::write(
             dir.join("a.yaml"),
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: a}\nspec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: unreadable, namespace: a}\nspec: {podSelector: {matchLabels: {'a b': c}}}\n",
         )
         .unwrap();
         std::fs::write(dir.join("b.yaml"), "kind: [").unwrap();
         let loaded = load(std::slice::from_ref(&dir)).unwrap();
-        assert_eq!(loaded.state.len(), 1, "the namespace profile is kept");
+        // The namespace profile, and the bad policy as a stub that still
+        // isolates the pods it selects (model::reject).
+        assert_eq!(loaded.state.len(), 2, "{:?}", loaded.state);
+        let rejected: Vec<(ResourceKey, &str)> = loaded.state.rejected().collect();
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].0.name, "knp.default.bad");
+        assert!(rejected[0].1.contains("port 0"), "{rejected:?}");
+        // What cannot be read at all is named and left out.
         let errors: Vec<String> = loaded.errors.iter().map(|e| e.to_string()).collect();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(
-            errors[0].contains("NetworkPolicy a/bad") && errors[0].contains("port 0"),
+            errors[0].contains("NetworkPolicy a/unreadable")
+                && errors[0].contains("invalid label key"),
             "{errors:?}"
         );
         assert!(errors[1].contains("b.yaml: malformed YAML"), "{errors:?}");

@@ -320,14 +320,19 @@ async fn malformed_values_are_reported_by_key_and_the_rest_flows() {
             _ => None,
         })
         .collect();
-    assert_eq!(invalid.len(), 3, "{:#?}", s.log);
+    assert_eq!(invalid.len(), 2, "{:#?}", s.log);
     assert!(invalid[syntax.as_str()].contains(&syntax), "{invalid:?}");
-    assert!(invalid[action.as_str()].contains("Permit"), "{invalid:?}");
     assert!(
         invalid[wrong_name.as_str()].contains("kns.other"),
         "{invalid:?}"
     );
-    assert_eq!(s.cache.state.len(), 2);
+    // An unknown action rejects the policy, but its selector reads: it
+    // flows as a stub that fails closed (model::reject), naming the value.
+    let rejected: Vec<(ResourceKey, &str)> = s.cache.state.rejected().collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].0.etcd_key(), action);
+    assert!(rejected[0].1.contains("Permit"), "{rejected:?}");
+    assert_eq!(s.cache.state.len(), 3);
     assert_eq!(s.cache.state, etcd_state(&mut c).await);
 
     // Fixed: it flows. Broken: a Delete comes first, so nothing stale stays.
@@ -578,12 +583,30 @@ async fn controller_apply_is_idempotent_and_dry_run_writes_nothing() {
     let gone = controller::apply(&c, &finished, false).await.unwrap();
     assert_eq!(actions(&gone), [(wep, Action::Deleted)]);
 
-    // A bad object fails the whole apply, naming it, and writes nothing.
+    // A policy that cannot be enforced but whose podSelector reads is
+    // written as its rejected stub: agents drop what it selects until it is
+    // fixed, and say why.
+    let rejected = manifests(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: b}\n\
+         spec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n",
+    );
+    let written = controller::apply(&c, &rejected, false).await.unwrap();
+    let stored = c.get(written[0].key.etcd_key(), None).await.unwrap();
+    let stored = String::from_utf8_lossy(stored.kvs()[0].value()).into_owned();
+    assert!(
+        stored.contains(
+            r#""nftpolicy.io/rejected":"spec.ingress[0].ports[0]: port 0 out of range 1-65535""#
+        ),
+        "{stored}"
+    );
+
+    // One whose podSelector cannot be read fails the whole apply, naming
+    // it, and writes nothing.
     let before = revision(&mut c).await;
     let bad = manifests(
         &(namespace("b", "")
             + "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: b}\n\
-               spec: {podSelector: {}, ingress: [{ports: [{port: 0}]}]}\n"),
+               spec: {podSelector: {matchLabels: {'a b': c}}}\n"),
     );
     let err = controller::apply(&c, &bad, false).await.unwrap_err();
     assert!(
