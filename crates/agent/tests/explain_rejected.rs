@@ -41,9 +41,13 @@ impl Drop for TempFile {
     }
 }
 
+/// A file of its own per call: the tests of this binary run in parallel,
+/// and each one's guard removes its file.
 fn cluster() -> TempFile {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let p = std::env::temp_dir().join(format!(
-        "nftpolicy-explain-rejected-{}.yaml",
+        "nftpolicy-explain-rejected-{}-{n}.yaml",
         std::process::id()
     ));
     std::fs::write(&p, CLUSTER).unwrap();
