@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask e2e` (scenarios against the kernel dataplane)
 //! and `cargo xtask test` (everything CI runs).
 
+mod apiserver;
 mod bench;
 
 use std::io::Write;
@@ -66,6 +67,10 @@ enum Task {
     /// the demo and the model check there (what `cargo xtask test` does
     /// last): the repository must work with nothing beside it.
     FreshClone,
+    /// Serve the fake Kubernetes API server (a test double, not a cluster)
+    /// on loopback until Ctrl-C, and write a kubeconfig for kubectl and
+    /// `nftpolicy --datastore kubernetes:FILE`.
+    Apiserver(apiserver::ApiserverArgs),
 }
 
 #[derive(clap::Args)]
@@ -131,6 +136,7 @@ fn main() -> ExitCode {
         Task::FuzzTargets(args) => fuzz_targets::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::FreshClone => fresh_clone::run(),
+        Task::Apiserver(args) => apiserver::run(&args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

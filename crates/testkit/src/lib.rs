@@ -1,11 +1,15 @@
 //! Test support shared by `watcher`'s integration tests and the kernel lab
-//! (`lab`, and through it `xtask`).
+//! (`lab`, and through it `xtask`): a real etcd ([`etcd`]), running code in
+//! a network namespace ([`netns`]), and a fake Kubernetes API server that is
+//! a **test double** ([`apiserver`]), since no kube-apiserver can be
+//! installed where the tests run.
 //!
 //! It depends on no workspace crate: `watcher` uses it as a dev-dependency
 //! and `lab` as a dependency, and neither has to depend on the other. It
 //! also pulls in nothing that needs `protoc` (no etcd client), so `xtask`
 //! stays free of `etcd-client`.
 
+pub mod apiserver;
 pub mod etcd;
 pub mod netns;
 
