@@ -490,7 +490,7 @@ impl Store {
                 _ => {}
             }
             let meta = obj["metadata"].as_object_mut().expect("key_of made it");
-            for field in ["uid", "creationTimestamp"] {
+            for field in ["uid", "creationTimestamp", "resourceVersion"] {
                 meta.insert(field.into(), current["metadata"][field].clone());
             }
             let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
