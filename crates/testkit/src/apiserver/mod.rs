@@ -765,9 +765,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Reply {
             None | Some("") => None,
             Some(sel) => match sel.strip_prefix("metadata.name=") {
                 Some(n) if !n.contains(',') => Some(n.to_owned()),
-                _ => return failure(&Failure::bad_request(format!(
+                _ => {
+                    return failure(&Failure::bad_request(format!(
                     "the test double supports only fieldSelector=metadata.name=NAME, not {sel:?}"
-                ))),
+                )))
+                }
             },
         },
     };

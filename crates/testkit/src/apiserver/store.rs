@@ -544,8 +544,8 @@ impl Store {
         );
         let current = self.get(type_index, &key)?;
         if type_index == NAMESPACES {
-            for inner in 0..TYPES.len() {
-                if !TYPES[inner].namespaced {
+            for (inner, t) in TYPES.iter().enumerate() {
+                if !t.namespaced {
                     continue;
                 }
                 let keys: Vec<Key> = self.objects[inner]
@@ -730,7 +730,7 @@ fn encode_continue(rv: u64, last: &Key) -> String {
 
 fn decode_continue(token: &str) -> Result<(u64, Key), Failure> {
     let bad = || Failure::bad_request(format!("continue key {token:?} is not valid"));
-    if token.len() % 2 != 0 {
+    if !token.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes: Vec<u8> = (0..token.len())

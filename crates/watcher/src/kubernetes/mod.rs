@@ -30,6 +30,8 @@
 //! arrives ([`tracker`] keeps its resource version, the Calico key and a
 //! hash per object).
 
+pub mod lease;
+pub mod mirror;
 pub mod object;
 pub mod reflector;
 pub mod tracker;
@@ -201,7 +203,7 @@ pub async fn run_with(
         }));
     }
     drop(msg_tx);
-    let abort = AbortOnDrop(reflectors);
+    let abort = AbortOnDrop(reflectors.iter().map(|t| t.abort_handle()).collect());
     let mut source = Source::new(tx);
     let result = loop {
         let msg = tokio::select! {
@@ -224,7 +226,8 @@ pub async fn run_with(
     result
 }
 
-struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+/// Aborts its tasks when dropped (also when the future holding it is).
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
