@@ -140,6 +140,55 @@ impl EtcdServer {
         })
     }
 
+    /// Every Calico resource in the store (keys under
+    /// `/calico/resources/v3/projectcalico.org/`), and the revision read at.
+    pub fn resources(&self) -> Result<(i64, Vec<model::calico::Resource>), LabError> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let prefix = model::calico::ETCD_PREFIX.as_bytes();
+        let mut end = prefix.to_vec();
+        *end.last_mut().expect("a prefix") += 1;
+        let body = serde_json::json!({"key": b64.encode(prefix), "range_end": b64.encode(&end)});
+        let port = self
+            .tls
+            .as_ref()
+            .map_or(self.client_port(), |t| t.plain_port);
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .map_err(|e| LabError::io("connecting to etcd", e))?;
+        let (status, text) =
+            crate::agents::http(stream, "POST", "/v3/kv/range", Some(&body.to_string()))
+                .map_err(|e| LabError::io("reading etcd", e))?;
+        let bad = |detail: String| LabError::Command {
+            what: "etcd /v3/kv/range".into(),
+            detail,
+        };
+        if status != 200 {
+            return Err(bad(format!("HTTP {status}: {text}")));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("{e}: {text}")))?;
+        let revision = json_number(&text, "revision").ok_or_else(|| bad(text.clone()))?;
+        let mut out = Vec::new();
+        for kv in v["kvs"].as_array().into_iter().flatten() {
+            let decode = |f: &str| {
+                b64.decode(kv[f].as_str().unwrap_or(""))
+                    .map_err(|e| bad(format!("{f}: {e}")))
+            };
+            let key = String::from_utf8_lossy(&decode("key")?).into_owned();
+            let value = decode("value")?;
+            let mut r = model::calico::Resource::from_json(&key, &value)
+                .map_err(|e| bad(e.to_string()))?;
+            // Namespaced values may leave their namespace to the key.
+            if let Some(k) = model::calico::ResourceKey::from_etcd_key(&key) {
+                if r.metadata().namespace.is_none() {
+                    r.metadata_mut().namespace = k.namespace.clone();
+                }
+            }
+            out.push(r);
+        }
+        Ok((revision, out))
+    }
+
     fn wait_ready(&mut self) -> Result<(), LabError> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {

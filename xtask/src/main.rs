@@ -87,9 +87,17 @@ struct E2eArgs {
     probe_timeout_ms: u64,
     /// `file`: `nftpolicy sync --once` per node and step. `etcd`: a real
     /// etcd written with `nftpolicy apply|delete`, one `nftpolicy run`
-    /// agent per node.
+    /// agent per node. `kubernetes`: the fake API server (a test double)
+    /// written as a user would, agents watching it (KDD mode).
+    /// `kubernetes-etcd`: the fake API server, `nftpolicy controller`
+    /// writing a real etcd, agents on etcd.
     #[arg(long, value_enum, default_value_t = DatastoreChoice::File)]
     datastore: DatastoreChoice,
+    /// With an API-server datastore: write the steps with the real
+    /// `kubectl` (create, replace, replace --subresource=status, delete)
+    /// or with plain HTTP requests.
+    #[arg(long, value_enum, default_value_t = ApiClientChoice::Kubectl)]
+    api_client: ApiClientChoice,
     /// Instead of scenario files: N generated clusters, each checked model
     /// = nftables = iptables (failures shrunk into target/fuzz-failures).
     #[arg(long, value_name = "N", conflicts_with_all = ["paths", "no_program"])]
@@ -106,6 +114,14 @@ struct E2eArgs {
 enum DatastoreChoice {
     File,
     Etcd,
+    Kubernetes,
+    KubernetesEtcd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ApiClientChoice {
+    Kubectl,
+    Http,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -240,6 +256,20 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     opts.datastore = match args.datastore {
         DatastoreChoice::File => lab::Datastore::File,
         DatastoreChoice::Etcd => lab::Datastore::Etcd,
+        DatastoreChoice::Kubernetes => lab::Datastore::Kubernetes,
+        DatastoreChoice::KubernetesEtcd => lab::Datastore::KubernetesViaEtcd,
+    };
+    let api = matches!(
+        opts.datastore,
+        lab::Datastore::Kubernetes | lab::Datastore::KubernetesViaEtcd
+    );
+    opts.api_client = match args.api_client {
+        ApiClientChoice::Http => lab::ApiClient::Http,
+        ApiClientChoice::Kubectl if api && opts.program => lab::ApiClient::Kubectl(
+            lab::netns::find_tool("kubectl")
+                .context("kubectl not found (cargo xtask test installs it; or --api-client http)")?,
+        ),
+        ApiClientChoice::Kubectl => lab::ApiClient::Http,
     };
 
     let stdout = std::io::stdout();
@@ -248,8 +278,22 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     let mut total = Tally::default();
     for backend in backends {
         opts.backend = (*backend).to_owned();
+        let writer = match &opts.api_client {
+            lab::ApiClient::Http => "HTTP",
+            lab::ApiClient::Kubectl(_) => "kubectl",
+        };
         let mode = if opts.program && opts.datastore == lab::Datastore::Etcd {
             format!("nodes programmed by nftpolicy run agents over etcd, backend {backend}")
+        } else if opts.program && opts.datastore == lab::Datastore::Kubernetes {
+            format!(
+                "steps written with {writer} to the fake API server (a test double), \
+                 nodes programmed by nftpolicy run agents watching it (KDD), backend {backend}"
+            )
+        } else if opts.program && opts.datastore == lab::Datastore::KubernetesViaEtcd {
+            format!(
+                "steps written with {writer} to the fake API server (a test double), \
+                 nftpolicy controller -> etcd -> nftpolicy run agents, backend {backend}"
+            )
         } else if opts.program {
             format!("nodes programmed by nftpolicy sync, backend {backend}")
         } else {
@@ -318,6 +362,7 @@ fn test() -> anyhow::Result<bool> {
                 no_program: false,
                 probe_timeout_ms: 1500,
                 datastore: DatastoreChoice::File,
+                api_client: ApiClientChoice::Http,
                 fuzz: None,
                 seed: None,
                 paths: default_scenario_paths(),
@@ -331,6 +376,7 @@ fn test() -> anyhow::Result<bool> {
                     no_program: false,
                     probe_timeout_ms: 1500,
                     datastore: DatastoreChoice::Etcd,
+                    api_client: ApiClientChoice::Http,
                     fuzz: None,
                     seed: None,
                     paths: default_scenario_paths(),
@@ -350,6 +396,7 @@ fn test() -> anyhow::Result<bool> {
                 no_program: false,
                 probe_timeout_ms: 1500,
                 datastore: DatastoreChoice::File,
+                api_client: ApiClientChoice::Http,
                 fuzz: Some(200),
                 seed: Some(1),
                 paths: Vec::new(),
