@@ -84,7 +84,14 @@ impl Agents {
         backend: &str,
         extra_args: &[String],
     ) -> Result<Agents, LabError> {
-        Agents::start_relayed(lab, &etcd.url(), etcd.client_port(), nftpolicy, backend, extra_args)
+        Agents::start_relayed(
+            lab,
+            &etcd.url(),
+            etcd.client_port(),
+            nftpolicy,
+            backend,
+            extra_args,
+        )
     }
 
     /// Like [`Agents::start`], but every agent watches the Kubernetes API
@@ -98,7 +105,14 @@ impl Agents {
         backend: &str,
         extra_args: &[String],
     ) -> Result<Agents, LabError> {
-        Agents::start_relayed(lab, &api.datastore(), api.port(), nftpolicy, backend, extra_args)
+        Agents::start_relayed(
+            lab,
+            &api.datastore(),
+            api.port(),
+            nftpolicy,
+            backend,
+            extra_args,
+        )
     }
 
     /// Agents on `--datastore url`, whose server listens on the host's

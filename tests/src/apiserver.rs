@@ -166,10 +166,18 @@ impl LabApi {
     fn write_kubectl(&self, bin: &Path, dir: &Path, plan: &Plan) -> Result<(), LabError> {
         std::fs::create_dir_all(dir).map_err(|e| LabError::io(dir.display().to_string(), e))?;
         let steps: [(&str, &[Value], &[&str]); 4] = [
-            ("delete", &plan.delete, &["delete", "--ignore-not-found", "-f"]),
+            (
+                "delete",
+                &plan.delete,
+                &["delete", "--ignore-not-found", "-f"],
+            ),
             ("create", &plan.create, &["create", "-f"]),
             ("replace", &plan.replace, &["replace", "-f"]),
-            ("status", &plan.status, &["replace", "--subresource=status", "-f"]),
+            (
+                "status",
+                &plan.status,
+                &["replace", "--subresource=status", "-f"],
+            ),
         ];
         for (name, objects, args) in steps {
             if objects.is_empty() {
@@ -345,8 +353,8 @@ impl Controller {
         if api.server.apply(&ns).is_err() {
             return Err(LabError::Setup("creating kube-system".into()));
         }
-        let file = std::fs::File::create(&log)
-            .map_err(|e| LabError::io(log.display().to_string(), e))?;
+        let file =
+            std::fs::File::create(&log).map_err(|e| LabError::io(log.display().to_string(), e))?;
         let file2 = file
             .try_clone()
             .map_err(|e| LabError::io(log.display().to_string(), e))?;
@@ -406,16 +414,17 @@ impl Controller {
             // the scenario's.
             held.retain(|r| r.key() != self.lease_namespace);
             let matches = held.len() == state.cluster.len()
-                && held
-                    .iter()
-                    .all(|r| state.cluster.get(&r.key()) == Some(r));
+                && held.iter().all(|r| state.cluster.get(&r.key()) == Some(r));
             if matches {
                 return Ok(revision);
             }
             if Instant::now() >= deadline {
                 let held: Vec<String> = held.iter().map(|r| r.key().to_string()).collect();
-                let want: Vec<String> =
-                    state.cluster.resources().map(|r| r.key().to_string()).collect();
+                let want: Vec<String> = state
+                    .cluster
+                    .resources()
+                    .map(|r| r.key().to_string())
+                    .collect();
                 return Err(LabError::Program {
                     node: "-".into(),
                     command: "nftpolicy controller".into(),

@@ -95,22 +95,20 @@ pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeO
         _ => None,
     };
     let etcd = match (opts.program, opts.datastore) {
-        (true, Datastore::Etcd | Datastore::KubernetesViaEtcd) => {
-            Some(crate::EtcdServer::start()?)
-        }
+        (true, Datastore::Etcd | Datastore::KubernetesViaEtcd) => Some(crate::EtcdServer::start()?),
         _ => None,
     };
     let mut lab = Lab::build(&first_pods, &scenario.externals, &node_names)?;
     lab.set_probe_timeout(opts.probe_timeout);
     let mut controller = match (&api, &etcd, opts.datastore) {
-        (Some(api), Some(etcd), Datastore::KubernetesViaEtcd) => Some(
-            crate::apiserver::Controller::start(
+        (Some(api), Some(etcd), Datastore::KubernetesViaEtcd) => {
+            Some(crate::apiserver::Controller::start(
                 &opts.nftpolicy,
                 api,
                 etcd,
                 lab.workdir().join("controller.log"),
-            )?,
-        ),
+            )?)
+        }
         _ => None,
     };
     let mut agents = match (&api, &etcd) {

@@ -176,8 +176,8 @@ impl EtcdServer {
             };
             let key = String::from_utf8_lossy(&decode("key")?).into_owned();
             let value = decode("value")?;
-            let mut r = model::calico::Resource::from_json(&key, &value)
-                .map_err(|e| bad(e.to_string()))?;
+            let mut r =
+                model::calico::Resource::from_json(&key, &value).map_err(|e| bad(e.to_string()))?;
             // Namespaced values may leave their namespace to the key.
             if let Some(k) = model::calico::ResourceKey::from_etcd_key(&key) {
                 if r.metadata().namespace.is_none() {

@@ -265,10 +265,11 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     );
     opts.api_client = match args.api_client {
         ApiClientChoice::Http => lab::ApiClient::Http,
-        ApiClientChoice::Kubectl if api && opts.program => lab::ApiClient::Kubectl(
-            lab::netns::find_tool("kubectl")
-                .context("kubectl not found (cargo xtask test installs it; or --api-client http)")?,
-        ),
+        ApiClientChoice::Kubectl if api && opts.program => {
+            lab::ApiClient::Kubectl(lab::netns::find_tool("kubectl").context(
+                "kubectl not found (cargo xtask test installs it; or --api-client http)",
+            )?)
+        }
         ApiClientChoice::Kubectl => lab::ApiClient::Http,
     };
 

@@ -19,8 +19,9 @@
 //! - faults on demand: [`FakeApiServer::compact`] (watches and continue
 //!   tokens from before it get `410 Gone`), [`FakeApiServer::drop_connections`]
 //!   (every open connection, watches included, is cut),
-//!   [`FakeApiServer::expire_watches`] (compaction, and `410 Gone` on every
-//!   open watch),
+//!   [`FakeApiServer::stall_watches`] and [`FakeApiServer::expire_watches`]
+//!   (watches fall behind, then compaction and `410 Gone` on every open
+//!   watch: the changes they missed are found only by relisting),
 //!   [`FakeApiServer::stop`] / [`FakeApiServer::resume`] (a restart: nothing
 //!   listens in between; the state survives, as a real API server's does in
 //!   etcd), [`FakeApiServer::deny`] (RBAC: a 403 naming user, verb and
@@ -252,6 +253,13 @@ impl FakeApiServer {
         self.shared.store().compact()
     }
 
+    /// Open watches stop receiving changes, as watchers that fell behind
+    /// the API server's watch cache; [`Self::expire_watches`] then ends
+    /// them with `410 Gone`, and the changes they missed are never sent.
+    pub fn stall_watches(&self) {
+        self.shared.store().stall_watches()
+    }
+
     /// Compacts, and ends every open watch with a `410 Gone` event (as a
     /// real API server does when a watcher falls behind its cache).
     pub fn expire_watches(&self) -> u64 {
@@ -270,7 +278,8 @@ impl FakeApiServer {
     pub fn stop(&mut self) {
         if let Some((stop, done)) = self.accepting.take() {
             let _ = stop.send(());
-            let _ = done.recv_timeout(Duration::from_secs(5));
+            // Until the listener is closed: nothing may connect after this.
+            let _ = done.recv();
         }
         self.drop_connections();
     }

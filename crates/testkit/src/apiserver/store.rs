@@ -198,6 +198,8 @@ struct Watcher {
     type_index: usize,
     filter: Filter,
     bookmarks: bool,
+    /// Fell behind: gets nothing more (see [`Store::stall_watches`]).
+    stalled: bool,
     tx: mpsc::UnboundedSender<WatchMsg>,
 }
 
@@ -284,7 +286,7 @@ impl Store {
     ) {
         let rv = self.rv;
         self.watchers.retain(|w| {
-            if w.type_index != type_index || !w.filter.matches(&key) {
+            if w.stalled || w.type_index != type_index || !w.filter.matches(&key) {
                 return !w.tx.is_closed();
             }
             w.tx.send(WatchMsg::Event {
@@ -683,6 +685,7 @@ impl Store {
             type_index,
             filter,
             bookmarks,
+            stalled: false,
             tx,
         });
         rx
@@ -693,15 +696,24 @@ impl Store {
     pub fn bookmark(&mut self) {
         let rv = self.rv;
         self.watchers.retain(|w| {
-            if !w.bookmarks {
+            if !w.bookmarks || w.stalled {
                 return !w.tx.is_closed();
             }
             w.tx.send(WatchMsg::Bookmark(rv)).is_ok()
         });
     }
 
+    /// Open watches stop receiving changes (new ones still do): they have
+    /// fallen behind, until [`Store::expire_watches`] ends them.
+    pub fn stall_watches(&mut self) {
+        for w in &mut self.watchers {
+            w.stalled = true;
+        }
+    }
+
     /// Compacts and ends every open watch with `410 Gone`, as a real API
-    /// server does to watchers that fell behind its watch cache.
+    /// server does to watchers that fell behind its watch cache; changes
+    /// they were not sent are never sent.
     pub fn expire_watches(&mut self) -> u64 {
         let rv = self.compact();
         for w in self.watchers.drain(..) {
