@@ -384,6 +384,12 @@ fn test() -> anyhow::Result<bool> {
                 })
             },
         ),
+        (
+            "e2e through the fake Kubernetes API server (a test double): KDD agents, \
+             nftables, every scenario; iptables and controller -> etcd on the step scenarios, \
+             written with kubectl",
+            &kubernetes_e2e,
+        ),
         ("cargo-fuzz targets, 15 s each", &|| {
             fuzz_targets::run(&fuzz_targets::FuzzTargetsArgs::ci())
         }),
@@ -445,6 +451,56 @@ fn test() -> anyhow::Result<bool> {
         started.elapsed().as_secs_f64()
     );
     Ok(true)
+}
+
+/// The scenarios with several steps: what changes between steps must be
+/// enforced by the running agents.
+const STEP_SCENARIOS: &[&str] = &[
+    "tests/scenarios/steps-pod-recreate.yaml",
+    "tests/scenarios/steps-policy-delete.yaml",
+    "tests/scenarios/steps-namespace-label-change.yaml",
+    "tests/scenarios/steps-pod-label-change.yaml",
+];
+
+/// `cargo xtask test`'s Kubernetes API phase: every scenario through KDD
+/// agents (nftables, steps written over HTTP); the step scenarios with the
+/// iptables backend and through controller -> etcd, written with kubectl.
+fn kubernetes_e2e() -> anyhow::Result<bool> {
+    let steps: Vec<PathBuf> = STEP_SCENARIOS.iter().map(|p| root().join(p)).collect();
+    let runs = [
+        (
+            BackendChoice::Nftables,
+            DatastoreChoice::Kubernetes,
+            ApiClientChoice::Http,
+            default_scenario_paths(),
+        ),
+        (
+            BackendChoice::Iptables,
+            DatastoreChoice::Kubernetes,
+            ApiClientChoice::Kubectl,
+            steps.clone(),
+        ),
+        (
+            BackendChoice::Nftables,
+            DatastoreChoice::KubernetesEtcd,
+            ApiClientChoice::Kubectl,
+            steps,
+        ),
+    ];
+    let mut ok = true;
+    for (backend, datastore, api_client, paths) in runs {
+        ok &= e2e(&E2eArgs {
+            backend,
+            no_program: false,
+            probe_timeout_ms: 1500,
+            datastore,
+            api_client,
+            fuzz: None,
+            seed: None,
+            paths,
+        })?;
+    }
+    Ok(ok)
 }
 
 fn run_status(cmd: &mut Command) -> anyhow::Result<bool> {
