@@ -128,6 +128,14 @@ pub fn apply(args: &ApplyArgs, delete: bool) -> anyhow::Result<bool> {
 }
 
 pub fn controller(args: &ControllerArgs) -> anyhow::Result<bool> {
+    if ClusterAccess::from_datastore(&args.datastore).is_some() {
+        anyhow::bail!(
+            "--datastore {:?}: the controller writes etcd (etcd mode); set the datastore \
+             (nftpolicy-config's `datastore`) to etcd://HOST:2379[,…]. With the datastore \
+             `kubernetes` the agents watch the API server themselves and no controller is needed",
+            args.datastore
+        );
+    }
     let cfg = etcd_config(&args.datastore, &args.tls)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
