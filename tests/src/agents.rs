@@ -278,6 +278,15 @@ impl Agents {
         self.spawn(i)
     }
 
+    /// The process id of `node`'s agent (`ip netns exec` execs it), if it
+    /// runs.
+    pub fn pid(&self, node: &str) -> Result<Option<u32>, LabError> {
+        Ok(self.agents[self.index(node)?]
+            .child
+            .as_ref()
+            .map(|c| c.id()))
+    }
+
     /// `node`'s agent's `/status`.
     pub fn status(&self, node: &str) -> Result<AgentStatus, LabError> {
         let agent = &self.agents[self.index(node)?];
