@@ -74,7 +74,9 @@ pub enum Update {
 impl Update {
     /// The datastore revision of the update: for etcd, the mod revision of
     /// the change (of the snapshot for `InSync` and for deletions found by a
-    /// relist); for files, the generation of the directory read (1, 2, …).
+    /// relist); for files, the generation of the directory read (1, 2, …);
+    /// for the Kubernetes API server, the resource version up to which every
+    /// watched kind has been delivered (see [`kubernetes`]).
     /// The agent can timestamp updates on receipt to measure programming
     /// latency per revision.
     pub fn revision(&self) -> Option<i64> {
