@@ -26,7 +26,7 @@ use lab::{EtcdServer, Lab};
 
 use crate::cluster::{
     api_namespaces_and_policies, api_pod, cluster_yaml, histogram, initial_role, pod_yaml,
-    LATENCY_METRIC, NODE,
+    LATENCY_METRIC, LOCAL_PODS, NODE,
 };
 
 /// How long the agent may take to apply the whole cluster, or one change.
@@ -91,6 +91,11 @@ pub fn run(args: &LatencyArgs) -> anyhow::Result<bool> {
         "(p50/p99: linear interpolation inside the histogram's buckets; mean: sum/count; \
          RSS after the initial sync; sync CPU: the agent's user+system time until then)"
     );
+    let (pod, wep) = wire_sizes()?;
+    println!(
+        "one pod on the wire: {pod} bytes of JSON from the API server (KDD), \
+         {wep} bytes of WorkloadEndpoint from etcd (etcd mode)"
+    );
     Ok(true)
 }
 
@@ -105,6 +110,20 @@ struct Measured {
     rss_kib: u64,
     peak_kib: u64,
     sync_cpu: Duration,
+}
+
+/// The size of one pod as the API server sends it and of the
+/// WorkloadEndpoint etcd mode stores for it.
+fn wire_sizes() -> anyhow::Result<(usize, usize)> {
+    let pod = api_pod(LOCAL_PODS + 1, "frontend");
+    let bytes = serde_json::to_vec(&pod)?.len();
+    let mut out = Vec::new();
+    model::kube::parse_value("pod", 0, pod, &mut out)?;
+    let Some(model::kube::Manifest::Kube(obj)) = out.pop() else {
+        bail!("not a Kubernetes object");
+    };
+    let wep = model::convert::kube_to_calico(&obj)?.context("the pod has an endpoint")?;
+    Ok((bytes, wep.to_json().len()))
 }
 
 /// VmRSS and VmHWM of `pid`, in KiB.

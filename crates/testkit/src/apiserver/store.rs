@@ -596,12 +596,28 @@ impl Store {
                 (rv, Some(after))
             }
         };
-        let objects = self.objects_at(type_index, at);
+        // The live objects, unless they changed since `at` (then rebuilt).
+        let changed_since = self
+            .history
+            .iter()
+            .rev()
+            .take_while(|c| c.rv > at)
+            .any(|c| c.type_index == type_index);
+        let rebuilt;
+        let objects = if changed_since {
+            rebuilt = self.objects_at(type_index, at);
+            &rebuilt
+        } else {
+            &self.objects[type_index]
+        };
+        let start = match &after {
+            Some(a) => std::ops::Bound::Excluded(a.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
         let mut items = Vec::new();
         let mut iter = objects
-            .iter()
+            .range((start, std::ops::Bound::Unbounded))
             .filter(|(k, _)| filter.matches(k))
-            .filter(|(k, _)| after.as_ref().is_none_or(|a| *k > a))
             .peekable();
         let limit = limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
         let mut last = None;

@@ -146,7 +146,10 @@ impl std::fmt::Display for ClusterAccess {
 /// Tuning of the Kubernetes source; the defaults suit production.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeOptions {
-    /// Objects per LIST page (client-go's default).
+    /// Objects per LIST page. client-go's default is 500; a page of
+    /// Deployment pods is then about 1.8 MB of JSON and decoding it is the
+    /// agent's peak memory: at 100 per page a KDD agent with 10,000 pods
+    /// stays at 69 MiB instead of 104 MiB (`cargo xtask latency`).
     pub page_size: u32,
     /// Server-side timeout of each WATCH (it is resumed at once after).
     pub watch_timeout_secs: u32,
@@ -160,7 +163,7 @@ pub struct KubeOptions {
 impl Default for KubeOptions {
     fn default() -> Self {
         KubeOptions {
-            page_size: 500,
+            page_size: 100,
             watch_timeout_secs: 290,
             backoff_min: Duration::ZERO,
             give_up_when_refused: false,
@@ -181,11 +184,12 @@ pub async fn run_with(
     tx: mpsc::Sender<Update>,
 ) -> Result<(), KubeError> {
     let client = access.client().await?;
-    let (msg_tx, mut msg_rx) = mpsc::channel::<(Watched, Msg)>(256);
+    // Short queues: each message may hold a whole decoded object.
+    let (msg_tx, mut msg_rx) = mpsc::channel::<(Watched, Msg)>(16);
     let mut reflectors = Vec::new();
     for kind in Watched::ALL {
         let api: Api<RawObject> = Api::all_with(client.clone(), &kind.api_resource());
-        let (kind_tx, mut kind_rx) = mpsc::channel(64);
+        let (kind_tx, mut kind_rx) = mpsc::channel(4);
         reflectors.push(tokio::spawn(reflector::run(
             api,
             kind,
