@@ -36,10 +36,40 @@ fn log(lab: &Lab) -> String {
     std::fs::read_to_string(lab.workdir().join("agent-node1.log")).unwrap_or_default()
 }
 
+/// Waits until the agent has applied everything the API server holds.
+fn caught_up(agents: &mut Agents, api: &LabApi) {
+    agents
+        .wait_applied(api.server.resource_version() as i64, TIMEOUT)
+        .unwrap();
+}
+
+/// `nftpolicy explain` of intruder → web over the API server: exit code,
+/// stdout, stderr.
+fn explain_intruder(nftpolicy: &std::path::Path, api: &LabApi) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(nftpolicy)
+        .args([
+            "explain",
+            "--from",
+            "shop/intruder",
+            "--to",
+            "shop/web",
+            "--port",
+            "80",
+        ])
+        .arg("--datastore")
+        .arg(format!("kubernetes:{}", api.agent_kubeconfig.display()))
+        .env_remove("NFTPOLICY_DATASTORE")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn kdd_agent_lives_through_api_server_faults() {
-    let t0 = std::time::Instant::now();
-    let stage = |n: &str| eprintln!("[{:?}] {n}", t0.elapsed());
     let nftpolicy = lab::nftpolicy_binary();
     let (state, probes) = common::shop();
     let mut lab = Lab::build(&state.pods(), &[], &["node1"]).unwrap();
@@ -52,7 +82,6 @@ fn kdd_agent_lives_through_api_server_faults() {
     agents.wait_applied(rv as i64, TIMEOUT).unwrap();
     assert_eq!(verdicts(&mut lab, &probes), (true, false), "shop enforced");
 
-    stage("1.");
     // 1. The API server restarts; the policy is deleted while it is down.
     //    The rules stay in force meanwhile; after the restart the relist
     //    finds the deletion.
@@ -69,22 +98,18 @@ fn kdd_agent_lives_through_api_server_faults() {
         log(&lab)
     );
     server.server.resume().unwrap();
-    agents
-        .wait_applied(server.server.resource_version() as i64, TIMEOUT)
-        .unwrap();
+    caught_up(&mut agents, &server);
     assert_eq!(
         verdicts(&mut lab, &probes),
         (true, true),
         "deletion found after the restart"
     );
 
-    stage("2.");
     // 2. Back as an event.
     let rv = server.server.apply(&web_from_client()).unwrap();
     agents.wait_applied(rv as i64, TIMEOUT).unwrap();
     assert_eq!(verdicts(&mut lab, &probes), (true, false));
 
-    stage("3.");
     // 3. The agent's watches fall behind and expire (410 Gone after a
     //    compaction); the deletion made meanwhile was never sent on them,
     //    only the relist finds it.
@@ -98,9 +123,7 @@ fn kdd_agent_lives_through_api_server_faults() {
         "not delivered yet"
     );
     server.server.expire_watches();
-    agents
-        .wait_applied(server.server.resource_version() as i64, TIMEOUT)
-        .unwrap();
+    caught_up(&mut agents, &server);
     assert_eq!(
         verdicts(&mut lab, &probes),
         (true, true),
@@ -109,7 +132,6 @@ fn kdd_agent_lives_through_api_server_faults() {
     assert!(server.server.requests("list", "networkpolicies") > lists);
     assert!(log(&lab).contains("410 Gone"), "{}", log(&lab));
 
-    stage("4.");
     // 4. Malformed objects are rejected by name; the rest is programmed.
     let mut bad_policy = web_from_client();
     bad_policy["metadata"]["name"] = json!("port-zero");
@@ -140,26 +162,10 @@ fn kdd_agent_lives_through_api_server_faults() {
     }
 
     // `explain` reads the same API server once.
-    let explain = std::process::Command::new(&nftpolicy)
-        .args([
-            "explain",
-            "--from",
-            "shop/intruder",
-            "--to",
-            "shop/web",
-            "--port",
-            "80",
-        ])
-        .arg("--datastore")
-        .arg(format!("kubernetes:{}", server.agent_kubeconfig.display()))
-        .env_remove("NFTPOLICY_DATASTORE")
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&explain.stdout);
-    assert_eq!(explain.status.code(), Some(1), "denied: {said}");
+    let (code, said, _) = explain_intruder(&nftpolicy, &server);
+    assert_eq!(code, Some(1), "denied: {said}");
     assert!(said.contains("DENIED"), "{said}");
 
-    stage("5.");
     // 5. RBAC takes the agent's right to list pods away; its watches are
     //    cut. It says which permission is missing, is not ready, and the
     //    rules stay in force; granted again, it is ready.
@@ -184,23 +190,8 @@ fn kdd_agent_lives_through_api_server_faults() {
         "rules stay in force"
     );
     // `explain` gives up at once on a refusal, naming it.
-    let explain = std::process::Command::new(&nftpolicy)
-        .args([
-            "explain",
-            "--from",
-            "shop/intruder",
-            "--to",
-            "shop/web",
-            "--port",
-            "80",
-        ])
-        .arg("--datastore")
-        .arg(format!("kubernetes:{}", server.agent_kubeconfig.display()))
-        .env_remove("NFTPOLICY_DATASTORE")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&explain.stderr);
-    assert_eq!(explain.status.code(), Some(2), "{err}");
+    let (code, _, err) = explain_intruder(&nftpolicy, &server);
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("refused to list pods (403 Forbidden)"),
         "{err}"
