@@ -65,7 +65,7 @@ pub const TYPES: &[ResourceType] = &[
         singular: "namespace",
         kind: "Namespace",
         namespaced: false,
-        status: false,
+        status: true,
         short_names: &["ns"],
     },
     ResourceType {
@@ -412,7 +412,7 @@ impl Store {
         meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
         meta.insert("generation".into(), json!(1));
         meta.remove("deletionTimestamp");
-        if t.status {
+        if t.status && type_index != NAMESPACES {
             object
                 .as_object_mut()
                 .expect("an object")
