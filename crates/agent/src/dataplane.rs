@@ -137,7 +137,7 @@ pub struct EtcdTlsArgs {
 /// cluster state and how many objects were skipped because they could not
 /// be read. See [`crate::datastore`].
 pub fn load_datastore(url: &str, tls: &EtcdTlsArgs) -> anyhow::Result<(ClusterState, usize)> {
-    crate::datastore::Datastore::parse(url, tls)?.load()
+    crate::datastore::Datastore::parse(url, tls)?.load(url)
 }
 
 pub fn load_files(paths: &[PathBuf]) -> anyhow::Result<(ClusterState, usize)> {

@@ -68,22 +68,19 @@ impl Datastore {
 
     /// Reads the datastore once: the cluster state and how many objects
     /// were skipped because they could not be read (each named on stderr).
-    pub fn load(self) -> anyhow::Result<(ClusterState, usize)> {
+    /// Errors name the datastore as `url` (what the user wrote).
+    pub fn load(self, url: &str) -> anyhow::Result<(ClusterState, usize)> {
         match self {
             Datastore::Files(path) => crate::dataplane::load_files(&[path]),
-            Datastore::Etcd(cfg) => {
-                let shown = cfg.endpoints.join(",");
-                snapshot(Source::Etcd(cfg), &shown)
-            }
+            Datastore::Etcd(cfg) => snapshot(Source::Etcd(cfg), url),
             Datastore::Kubernetes(access) => {
-                let shown = access.to_string();
                 // A refused request will not be granted within the timeout:
                 // say so now.
                 let options = KubeOptions {
                     give_up_when_refused: true,
                     ..KubeOptions::default()
                 };
-                snapshot(Source::Kubernetes(access, options), &shown)
+                snapshot(Source::Kubernetes(access, options), url)
             }
         }
     }
