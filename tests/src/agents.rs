@@ -1,7 +1,8 @@
-//! Node agents over etcd: one `nftpolicy run` daemon per lab node, inside
-//! the node's namespace, and the step writer that puts a scenario step into
-//! etcd with `nftpolicy apply|delete` and waits until every agent has
-//! programmed it.
+//! Node agents over etcd or the Kubernetes API (the test double): one
+//! `nftpolicy run` daemon per lab node, inside the node's namespace, and
+//! the step writer that puts a scenario step into etcd with `nftpolicy
+//! apply|delete` and waits until every agent has programmed it (for the
+//! API server, see [`crate::apiserver`]).
 //!
 //! A node namespace has a loopback of its own, so the etcd on the host's
 //! 127.0.0.1 is out of its reach. Each node therefore gets a small TCP relay:
@@ -65,6 +66,7 @@ pub struct Agents {
     nftpolicy: PathBuf,
     backend: String,
     extra_args: Vec<String>,
+    /// Their `--datastore`.
     etcd_url: String,
     /// Runs the etcd relays; dropping it closes them.
     relays: Option<tokio::runtime::Runtime>,
@@ -82,23 +84,64 @@ impl Agents {
         backend: &str,
         extra_args: &[String],
     ) -> Result<Agents, LabError> {
+        Agents::start_relayed(
+            lab,
+            &etcd.url(),
+            etcd.client_port(),
+            nftpolicy,
+            backend,
+            extra_args,
+        )
+    }
+
+    /// Like [`Agents::start`], but every agent watches the Kubernetes API
+    /// server `api` (the test double) itself: `--datastore
+    /// kubernetes:<kubeconfig>`, KDD mode. `applied_revision` is then the
+    /// API server's resource version.
+    pub fn start_kubernetes(
+        lab: &Lab,
+        api: &crate::LabApi,
+        nftpolicy: &Path,
+        backend: &str,
+        extra_args: &[String],
+    ) -> Result<Agents, LabError> {
+        Agents::start_relayed(
+            lab,
+            &api.datastore(),
+            api.port(),
+            nftpolicy,
+            backend,
+            extra_args,
+        )
+    }
+
+    /// Agents on `--datastore url`, whose server listens on the host's
+    /// 127.0.0.1:`port`, relayed into every node namespace.
+    fn start_relayed(
+        lab: &Lab,
+        url: &str,
+        port: u16,
+        nftpolicy: &Path,
+        backend: &str,
+        extra_args: &[String],
+    ) -> Result<Agents, LabError> {
         let relays = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name("nplab-etcd-relay")
+            .thread_name("nplab-relay")
             .enable_all()
             .build()
-            .map_err(|e| LabError::io("starting the etcd relay runtime", e))?;
+            .map_err(|e| LabError::io("starting the relay runtime", e))?;
         let mut agents = Agents {
             agents: Vec::new(),
             nftpolicy: nftpolicy.to_owned(),
             backend: backend.to_owned(),
             extra_args: extra_args.to_vec(),
-            etcd_url: etcd.url(),
+            etcd_url: url.to_owned(),
             relays: Some(relays),
         };
         for node in &lab.nodes {
             let netns_path = node.netns.path();
-            agents.relay(&netns_path, etcd.client_port())?;
+            agents.relay(&netns_path, port)?;
             agents.agents.push(Agent {
                 node: node.name.clone(),
                 netns_path,
@@ -199,6 +242,7 @@ impl Agents {
         let mut cmd = Command::new(ip);
         cmd.args(["netns", "exec", &netns])
             .arg(&self.nftpolicy)
+            .env_remove("KUBECONFIG")
             .args(["run", "--node", &agent.node])
             .args(["--datastore", &self.etcd_url])
             .args(["--backend", &self.backend])
@@ -232,6 +276,15 @@ impl Agents {
             return Err(LabError::Setup(format!("the agent of {node} still runs")));
         }
         self.spawn(i)
+    }
+
+    /// The process id of `node`'s agent (`ip netns exec` execs it), if it
+    /// runs.
+    pub fn pid(&self, node: &str) -> Result<Option<u32>, LabError> {
+        Ok(self.agents[self.index(node)?]
+            .child
+            .as_ref()
+            .map(|c| c.id()))
     }
 
     /// `node`'s agent's `/status`.

@@ -33,6 +33,8 @@ pub struct E2eOptions {
     pub datastore: Datastore,
     /// Extra arguments for `nftpolicy sync` (or `run`), e.g. `--mark-mask`.
     pub extra_args: Vec<String>,
+    /// With an API-server datastore: how steps are written to it.
+    pub api_client: crate::ApiClient,
 }
 
 /// How the nodes get each step.
@@ -43,6 +45,13 @@ pub enum Datastore {
     /// A real etcd written with `nftpolicy apply|delete`, and one
     /// `nftpolicy run` agent per node (see [`crate::agents`]).
     Etcd,
+    /// The fake Kubernetes API server (a test double) written as a user
+    /// would, and one `nftpolicy run --datastore kubernetes:…` agent per
+    /// node (KDD mode; see [`crate::apiserver`]).
+    Kubernetes,
+    /// The fake API server, `nftpolicy controller` mirroring it into a real
+    /// etcd, and one agent per node on etcd.
+    KubernetesViaEtcd,
 }
 
 impl E2eOptions {
@@ -56,6 +65,7 @@ impl E2eOptions {
             sync_timeout: Duration::from_secs(30),
             datastore: Datastore::File,
             extra_args: Vec::new(),
+            api_client: crate::ApiClient::Http,
         }
     }
 }
@@ -77,9 +87,15 @@ pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeO
     }
     let node_names: Vec<&str> = nodes.iter().map(String::as_str).collect();
     let first_pods = states.first().map(|s| s.pods()).unwrap_or_default();
-    // Dropped in reverse: agents, then the lab, then etcd.
+    // Dropped in reverse: agents, controller, the lab, etcd, API server.
+    let api = match (opts.program, opts.datastore) {
+        (true, Datastore::Kubernetes | Datastore::KubernetesViaEtcd) => {
+            Some(crate::LabApi::start()?)
+        }
+        _ => None,
+    };
     let etcd = match (opts.program, opts.datastore) {
-        (true, Datastore::Etcd) => Some(crate::EtcdServer::start()?),
+        (true, Datastore::Etcd | Datastore::KubernetesViaEtcd) => Some(crate::EtcdServer::start()?),
         _ => None,
     };
     let mut lab = Lab::build(&first_pods, &scenario.externals, &node_names)?;
@@ -88,36 +104,66 @@ pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeO
     // The scenario's node configuration, as agent flags.
     let mut agent_args = opts.extra_args.clone();
     agent_args.extend(scenario.config.agent_args());
-    let mut agents = match &etcd {
-        Some(etcd) => Some(crate::Agents::start(
+    let mut controller = match (&api, &etcd, opts.datastore) {
+        (Some(api), Some(etcd), Datastore::KubernetesViaEtcd) => {
+            Some(crate::apiserver::Controller::start(
+                &opts.nftpolicy,
+                api,
+                etcd,
+                lab.workdir().join("controller.log"),
+            )?)
+        }
+        _ => None,
+    };
+    let mut agents = match (&api, &etcd) {
+        (Some(api), None) => Some(crate::Agents::start_kubernetes(
+            &lab,
+            api,
+            &opts.nftpolicy,
+            &opts.backend,
+            &agent_args,
+        )?),
+        (_, Some(etcd)) => Some(crate::Agents::start(
             &lab,
             etcd,
             &opts.nftpolicy,
             &opts.backend,
             &agent_args,
         )?),
-        None => None,
+        (None, None) => None,
     };
 
     let mut outcomes = Vec::new();
     for (i, (state, step)) in states.iter().zip(&scenario.steps).enumerate() {
         let step_no = i + 1;
         lab.sync_pods(&state.pods())?;
-        if let (Some(etcd), Some(agents)) = (&etcd, agents.as_mut()) {
-            let dir = lab.workdir().join(format!("step-{step_no}"));
-            let previous = i.checked_sub(1).map(|p| &states[p]);
-            let revision = crate::agents::write_step(&opts.nftpolicy, etcd, &dir, previous, state)?;
-            agents.wait_applied(revision, opts.sync_timeout)?;
-        } else if opts.program {
-            let dir = lab.workdir().join(format!("step-{step_no}"));
-            crate::write_state(&dir, state)?;
-            lab.program_nodes_with(
-                &dir,
-                &opts.nftpolicy,
-                &opts.backend,
-                &agent_args,
-                opts.sync_timeout,
-            )?;
+        let dir = lab.workdir().join(format!("step-{step_no}"));
+        let previous = i.checked_sub(1).map(|p| &states[p]);
+        match (&api, &etcd, agents.as_mut()) {
+            (Some(api), etcd, Some(agents)) => {
+                let revision = api.write_step(&opts.api_client, &dir, previous, state)?;
+                let revision = match (etcd, controller.as_mut()) {
+                    (Some(etcd), Some(c)) => c.wait_etcd(etcd, state, opts.sync_timeout)?,
+                    _ => revision as i64,
+                };
+                agents.wait_applied(revision, opts.sync_timeout)?;
+            }
+            (None, Some(etcd), Some(agents)) => {
+                let revision =
+                    crate::agents::write_step(&opts.nftpolicy, etcd, &dir, previous, state)?;
+                agents.wait_applied(revision, opts.sync_timeout)?;
+            }
+            _ if opts.program => {
+                crate::write_state(&dir, state)?;
+                lab.program_nodes_with(
+                    &dir,
+                    &opts.nftpolicy,
+                    &opts.backend,
+                    &agent_args,
+                    opts.sync_timeout,
+                )?;
+            }
+            _ => {}
         }
         let resolved = step
             .probes

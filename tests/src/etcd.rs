@@ -116,10 +116,9 @@ impl EtcdServer {
         self.process.log()
     }
 
-    /// The store's current revision (the header of a range read).
-    pub fn revision(&self) -> Result<i64, LabError> {
-        // A range over a key nobody writes; only the header matters.
-        let body = r#"{"key":"bnBsYWItcmV2aXNpb24="}"#;
+    /// A range read through the gateway (`body` is its JSON request): the
+    /// answer's text, which holds the header revision and the key-values.
+    fn range(&self, body: &str) -> Result<String, LabError> {
         let port = self
             .tls
             .as_ref()
@@ -127,17 +126,53 @@ impl EtcdServer {
         let stream = TcpStream::connect(("127.0.0.1", port))
             .map_err(|e| LabError::io("connecting to etcd", e))?;
         let (status, text) = crate::agents::http(stream, "POST", "/v3/kv/range", Some(body))
-            .map_err(|e| LabError::io("reading etcd's revision", e))?;
+            .map_err(|e| LabError::io("reading etcd", e))?;
         if status != 200 {
-            return Err(LabError::Command {
-                what: "etcd /v3/kv/range".into(),
-                detail: format!("HTTP {status}: {text}"),
-            });
+            return Err(range_error(format!("HTTP {status}: {text}")));
         }
-        json_number(&text, "revision").ok_or_else(|| LabError::Command {
-            what: "etcd /v3/kv/range".into(),
-            detail: format!("no header revision in {text}"),
-        })
+        Ok(text)
+    }
+
+    /// The store's current revision (the header of a range read).
+    pub fn revision(&self) -> Result<i64, LabError> {
+        // A range over a key nobody writes; only the header matters.
+        let text = self.range(r#"{"key":"bnBsYWItcmV2aXNpb24="}"#)?;
+        json_number(&text, "revision")
+            .ok_or_else(|| range_error(format!("no header revision in {text}")))
+    }
+
+    /// Every Calico resource in the store (keys under
+    /// `/calico/resources/v3/projectcalico.org/`), and the revision read at.
+    pub fn resources(&self) -> Result<(i64, Vec<model::calico::Resource>), LabError> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let prefix = model::calico::ETCD_PREFIX.as_bytes();
+        let mut end = prefix.to_vec();
+        *end.last_mut().expect("a prefix") += 1;
+        let body = serde_json::json!({"key": b64.encode(prefix), "range_end": b64.encode(&end)});
+        let text = self.range(&body.to_string())?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| range_error(format!("{e}: {text}")))?;
+        let revision = json_number(&text, "revision").ok_or_else(|| range_error(text.clone()))?;
+        let mut out = Vec::new();
+        for kv in v["kvs"].as_array().into_iter().flatten() {
+            let decode = |f: &str| {
+                b64.decode(kv[f].as_str().unwrap_or(""))
+                    .map_err(|e| range_error(format!("{f}: {e}")))
+            };
+            let key = String::from_utf8_lossy(&decode("key")?).into_owned();
+            let value = decode("value")?;
+            let mut r = model::calico::Resource::from_json(&key, &value)
+                .map_err(|e| range_error(e.to_string()))?;
+            // Namespaced values may leave their namespace to the key.
+            if let Some(k) = model::calico::ResourceKey::from_etcd_key(&key) {
+                if r.metadata().namespace.is_none() {
+                    r.metadata_mut().namespace = k.namespace.clone();
+                }
+            }
+            out.push(r);
+        }
+        Ok((revision, out))
     }
 
     fn wait_ready(&mut self) -> Result<(), LabError> {
@@ -158,6 +193,13 @@ impl EtcdServer {
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
+    }
+}
+
+fn range_error(detail: String) -> LabError {
+    LabError::Command {
+        what: "etcd /v3/kv/range".into(),
+        detail,
     }
 }
 

@@ -20,6 +20,7 @@
 //! removed on drop, on Ctrl-C, and — after a crash — by the next run.
 
 pub mod agents;
+pub mod apiserver;
 mod e2e;
 pub mod etcd;
 pub mod generate;
@@ -30,6 +31,7 @@ mod probe;
 mod serve;
 
 pub use agents::Agents;
+pub use apiserver::{ApiClient, LabApi};
 pub use e2e::{run_scenario, Datastore, E2eOptions};
 pub use etcd::EtcdServer;
 pub use lab::{Lab, INFRA_V4, INFRA_V6};

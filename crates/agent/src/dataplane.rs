@@ -3,7 +3,6 @@
 //! the cluster state from a datastore.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
@@ -170,8 +169,6 @@ impl DataplaneArgs {
     }
 }
 
-/// Reads a `--datastore` URL (`file:PATH`) into a cluster state. Objects that
-/// cannot be read are named on stderr and skipped; the count is returned.
 /// Client TLS files for an etcd datastore (all optional).
 #[derive(Debug, Clone, Default, Args)]
 pub struct EtcdTlsArgs {
@@ -186,69 +183,11 @@ pub struct EtcdTlsArgs {
     pub etcd_key: Option<PathBuf>,
 }
 
-/// Reads a datastore once (`file:PATH`, or etcd: `etcd://`, `etcds://`,
-/// `http(s)://`): the cluster state and how many objects were skipped
-/// because they could not be read.
+/// Reads a `--datastore` once (`file:PATH`, etcd, Kubernetes): the
+/// cluster state and how many objects were skipped because they could not
+/// be read. See [`crate::datastore`].
 pub fn load_datastore(url: &str, tls: &EtcdTlsArgs) -> anyhow::Result<(ClusterState, usize)> {
-    match url.split_once(':') {
-        Some(("file", path)) => load_files(&[PathBuf::from(path)]),
-        Some(("etcd" | "etcds" | "http" | "https", _)) => etcd_snapshot(url, tls),
-        _ => bail!("datastore {url:?}: expected file:PATH or etcd://HOST:2379[,…]"),
-    }
-}
-
-/// How long reading an etcd datastore may take, retries included: the
-/// etcd source retries an unreachable etcd forever, a command must not.
-const ETCD_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// The cluster state in etcd, read once: the etcd source's updates up to its
-/// first complete snapshot (`InSync`), and how many objects could not be
-/// decoded (named on stderr and left out, as `file:` does).
-fn etcd_snapshot(url: &str, tls: &EtcdTlsArgs) -> anyhow::Result<(ClusterState, usize)> {
-    let cfg = watcher::etcd::EtcdConfig::from_url(url)
-        .with_context(|| format!("--datastore {url:?}"))?
-        .with_tls(
-            tls.etcd_ca.clone(),
-            tls.etcd_cert.clone(),
-            tls.etcd_key.clone(),
-        );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let (mut rx, task) = watcher::Source::Etcd(cfg).spawn(256);
-        let mut cache = watcher::Cache::new();
-        let deadline = tokio::time::Instant::now() + ETCD_SNAPSHOT_TIMEOUT;
-        loop {
-            let update = match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(update)) => update,
-                Ok(None) => {
-                    let why = match task.await {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "the etcd source ended".to_owned(),
-                    };
-                    bail!("datastore {url}: {why}");
-                }
-                Err(_) => bail!(
-                    "datastore {url}: no complete read within {ETCD_SNAPSHOT_TIMEOUT:?}{}",
-                    cache
-                        .disconnected
-                        .as_deref()
-                        .map(|d| format!(" ({d})"))
-                        .unwrap_or_default()
-                ),
-            };
-            let in_sync = matches!(update, watcher::Update::InSync { .. });
-            cache.apply(update);
-            if in_sync {
-                for (key, why) in &cache.invalid {
-                    eprintln!("error: skipped {key}: {why}");
-                }
-                task.abort();
-                return Ok((cache.state, cache.invalid.len()));
-            }
-        }
-    })
+    crate::datastore::Datastore::parse(url, tls)?.load(url)
 }
 
 pub fn load_files(paths: &[PathBuf]) -> anyhow::Result<(ClusterState, usize)> {

@@ -25,8 +25,10 @@ pub struct ExplainArgs {
     /// Use the pods' IPv6 addresses.
     #[arg(long)]
     pub ipv6: bool,
-    /// Where the cluster state comes from: `file:PATH`, or
-    /// `etcd://HOST:2379[,…]` (also `etcds://`, `https://`) read once.
+    /// Where the cluster state comes from, read once: `file:PATH`,
+    /// `etcd://HOST:2379[,…]` (also `etcds://`, `https://`), `kubernetes`
+    /// (in-cluster, or the kubeconfig in KUBECONFIG) or
+    /// `kubernetes:KUBECONFIG`.
     #[arg(long, env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
     #[command(flatten)]

@@ -10,6 +10,7 @@ mod config;
 mod controller;
 mod daemon;
 mod dataplane;
+mod datastore;
 mod explain;
 mod explain_kernel;
 mod http;
@@ -80,7 +81,8 @@ enum Command {
     Apply(controller::ApplyArgs),
     /// Delete the Calico resources standing for Kubernetes objects from etcd.
     Delete(controller::ApplyArgs),
-    /// Keep etcd in sync with a directory of Kubernetes manifests.
+    /// Keep etcd in sync with the Kubernetes API server (or, with --from, a
+    /// directory of manifests): the policy controller of etcd mode.
     Controller(controller::ControllerArgs),
     /// Program this node's kernel from a datastore (`--once`).
     Sync(sync::SyncArgs),

@@ -12,8 +12,10 @@ use crate::dataplane::{load_datastore, DataplaneArgs, EtcdTlsArgs};
 pub struct SyncArgs {
     #[command(flatten)]
     pub dataplane: DataplaneArgs,
-    /// Where the cluster state comes from: `file:PATH`, or
-    /// `etcd://HOST:2379[,…]` (also `etcds://`, `https://`) read once.
+    /// Where the cluster state comes from, read once: `file:PATH`,
+    /// `etcd://HOST:2379[,…]` (also `etcds://`, `https://`), `kubernetes`
+    /// (in-cluster, or the kubeconfig in KUBECONFIG) or
+    /// `kubernetes:KUBECONFIG`.
     #[arg(long, env = "NFTPOLICY_DATASTORE")]
     pub datastore: String,
     #[command(flatten)]

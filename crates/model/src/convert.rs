@@ -49,7 +49,8 @@ pub struct ConvertError {
 }
 
 /// Converts one Kubernetes object into the Calico resource that stands for
-/// it. A pod without a node or an address yet has no endpoint: `Ok(None)`.
+/// it. A pod without a node or an address yet, a finished pod (Succeeded,
+/// Failed) and a `hostNetwork` pod have no endpoint: `Ok(None)`.
 pub fn kube_to_calico(obj: &KubeObject) -> Result<Option<Resource>, ConvertError> {
     let err = |reason: String| ConvertError {
         object: obj.key().to_string(),
@@ -173,6 +174,12 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
         .unwrap_or_else(|| "default".into());
     let spec = pod.spec.as_ref();
     let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        // The pod shares its node's network namespace and addresses: there
+        // is no interface to police, and its (node) IP must not join pod
+        // selector sets. Calico's converter skips such pods too.
+        return Ok(None);
+    }
     let ips = pod_ips(pod)?;
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     if node.is_empty() || ips.is_empty() || matches!(phase, Some("Succeeded" | "Failed")) {
@@ -847,6 +854,29 @@ status: {conditions: []}
             format!("{labels:?}"),
             r#"[("pcns.kubernetes.io/metadata.name", "bob-apps"), ("pcns.projectcalico.org/name", "bob-apps"), ("pcns.user", "bob")]"#
         );
+    }
+
+    #[test]
+    fn pods_without_an_endpoint_of_their_own() {
+        let pod = |extra_spec: &str, status: &str| {
+            let m = parse_manifests(
+                "t.yaml",
+                &format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: a}}\n\
+                     spec: {{nodeName: n1, containers: [{{name: c}}]{extra_spec}}}\n\
+                     status: {status}\n"
+                ),
+            )
+            .unwrap();
+            let Manifest::Kube(obj) = &m[0] else { panic!() };
+            kube_to_calico(obj).unwrap()
+        };
+        let running = "{phase: Running, podIP: 198.18.0.5}";
+        assert!(pod("", running).is_some());
+        assert_eq!(pod(", hostNetwork: true", running), None, "host network");
+        assert_eq!(pod("", "{phase: Pending}"), None, "no address yet");
+        assert_eq!(pod("", "{phase: Succeeded, podIP: 198.18.0.5}"), None);
+        assert_eq!(pod("", "{phase: Failed, podIP: 198.18.0.5}"), None);
     }
 
     #[test]

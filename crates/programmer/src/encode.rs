@@ -374,7 +374,7 @@ pub(crate) fn rule_exprs<'r>(
                             })?;
                         let prefix = prefix as usize;
                         let op = cmp_op(*negate);
-                        if prefix == alen * 8 || (prefix > 0 && prefix % 8 == 0) {
+                        if prefix == alen * 8 || (prefix > 0 && prefix.is_multiple_of(8)) {
                             // Byte-aligned prefix: nft loads just those bytes.
                             let n = prefix / 8;
                             out(payload(
@@ -581,7 +581,7 @@ pub(crate) fn icmp_proto(family: TableFamily) -> u8 {
 /// as nft names it: the 128-bit `NFT_REG_n` when the slot starts one, else
 /// `NFT_REG32_nn`.
 fn reg_for_slot(slot: u32) -> u32 {
-    if slot % 4 == 0 {
+    if slot.is_multiple_of(4) {
         NFT_REG_1 + slot / 4
     } else {
         NFT_REG32_00 + slot

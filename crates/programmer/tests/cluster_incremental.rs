@@ -21,7 +21,11 @@ fn add(state: &mut ClusterState, yaml: &str) {
 }
 
 fn pod(i: u32, app: &str) -> String {
-    let node = if i % 10 == 0 { "node1" } else { "node2" };
+    let node = if i.is_multiple_of(10) {
+        "node1"
+    } else {
+        "node2"
+    };
     let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 128, 1)) + i);
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod{i}, namespace: shop, labels: {{app: {app}}}}}\nspec: {{nodeName: {node}, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n"

@@ -1,12 +1,15 @@
 //! Test support, one home per concern: [`netns`] (network namespaces),
 //! [`etcd`] (a real etcd server), [`cluster`] (cluster states and the load
-//! tests' synthetic cluster), and tool lookup.
+//! tests' synthetic cluster), tool lookup, and a fake Kubernetes API server
+//! that is a **test double** ([`apiserver`]), since no kube-apiserver can
+//! be installed where the tests run.
 //!
 //! It depends only on `model`, so every other crate can use it (as a
 //! dev-dependency; `lab` and `bench` as a dependency) without a cycle. It
 //! pulls in nothing that needs `protoc` (no etcd client), so `xtask` stays
 //! free of `etcd-client`.
 
+pub mod apiserver;
 pub mod cluster;
 pub mod etcd;
 pub mod netns;

@@ -176,7 +176,7 @@ fn holds(stored: &[u8], r: &Resource, json: &str) -> bool {
 
 /// Writes `r` at its key unless it is already there. `known` is a first
 /// read the caller already has (from a listing), saving a GET.
-async fn put_resource(
+pub(crate) async fn put_resource(
     kv: &mut KvClient,
     r: &Resource,
     dry_run: bool,
@@ -232,7 +232,7 @@ async fn put_resource(
 
 /// Deletes `key` if it exists and `owned` accepts its value (re-checked on
 /// every fresh read). Nothing to delete → `Unchanged` with no value.
-async fn delete_key(
+pub(crate) async fn delete_key(
     kv: &mut KvClient,
     key: &ResourceKey,
     dry_run: bool,

@@ -5,6 +5,9 @@
 //!   once ([`files::load`]) or watched ([`files::watch`]);
 //! - [`etcd`]: Calico's etcd v3 layout, listed then watched, with reconnect,
 //!   relist and reconcile ([`etcd::run`]);
+//! - [`kubernetes`]: the Kubernetes API server (Calico's KDD mode):
+//!   Namespaces, Pods and NetworkPolicies listed and watched with kube-rs,
+//!   converted as they arrive ([`kubernetes::run`]);
 //! - [`controller`]: writes Kubernetes objects into etcd as Calico resources
 //!   (`apply`, `delete`, `sync_dir`, `run_controller`).
 //!
@@ -23,6 +26,7 @@ use tokio::task::JoinHandle;
 pub mod controller;
 pub mod etcd;
 pub mod files;
+pub mod kubernetes;
 
 /// One change from a datastore.
 ///
@@ -70,7 +74,9 @@ pub enum Update {
 impl Update {
     /// The datastore revision of the update: for etcd, the mod revision of
     /// the change (of the snapshot for `InSync` and for deletions found by a
-    /// relist); for files, the generation of the directory read (1, 2, …).
+    /// relist); for files, the generation of the directory read (1, 2, …);
+    /// for the Kubernetes API server, the resource version up to which every
+    /// watched kind has been delivered (see [`kubernetes`]).
     /// The agent can timestamp updates on receipt to measure programming
     /// latency per revision.
     pub fn revision(&self) -> Option<i64> {
@@ -155,6 +161,8 @@ pub enum Source {
     Files { paths: Vec<PathBuf>, poll: Duration },
     /// An etcd v3 cluster in Calico's layout.
     Etcd(etcd::EtcdConfig),
+    /// The Kubernetes API server.
+    Kubernetes(kubernetes::ClusterAccess, kubernetes::KubeOptions),
 }
 
 /// What ended a source task.
@@ -164,6 +172,8 @@ pub enum SourceError {
     Etcd(#[from] etcd::EtcdError),
     #[error(transparent)]
     Files(#[from] files::FileError),
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubeError),
 }
 
 impl Source {
@@ -183,6 +193,9 @@ impl Source {
                     .await
                     .map_err(SourceError::from),
                 Source::Etcd(cfg) => etcd::run(cfg, tx).await.map_err(SourceError::from),
+                Source::Kubernetes(access, options) => kubernetes::run_with(access, options, tx)
+                    .await
+                    .map_err(SourceError::from),
             }
         });
         (rx, task)

@@ -12,6 +12,8 @@ pub(crate) enum Object {
     ServiceAccount(Box<ServiceAccount>),
     ClusterRole(Box<ClusterRole>),
     ClusterRoleBinding(Box<ClusterRoleBinding>),
+    Role(Box<Role>),
+    RoleBinding(Box<RoleBinding>),
     ConfigMap(Box<ConfigMap>),
 }
 
@@ -114,6 +116,10 @@ pub(crate) fn deploy_docs() -> &'static [Doc] {
                     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                         Object::ClusterRoleBinding(typed(&value, &what))
                     }
+                    ("rbac.authorization.k8s.io/v1", "Role") => Object::Role(typed(&value, &what)),
+                    ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                        Object::RoleBinding(typed(&value, &what))
+                    }
                     (api, kind) => panic!(
                         "{what}: {api}/{kind} is not a kind this test knows; \
                          teach crates/agent/tests/manifests/ to check it"
@@ -133,6 +139,8 @@ pub(crate) fn meta_of(o: &Object) -> &ObjectMeta {
         Object::ServiceAccount(x) => &x.metadata,
         Object::ClusterRole(x) => &x.metadata,
         Object::ClusterRoleBinding(x) => &x.metadata,
+        Object::Role(x) => &x.metadata,
+        Object::RoleBinding(x) => &x.metadata,
         Object::ConfigMap(x) => &x.metadata,
     }
 }
@@ -247,8 +255,11 @@ pub(crate) fn resolved_env(c: &Container, namespace: &str, what: &str) -> BTreeM
                 }
                 v
             } else if let Some(f) = &from.field_ref {
-                assert_eq!(f.field_path, "spec.nodeName", "{what}: {}", e.name);
-                Some("node-from-spec-nodename".to_owned())
+                match f.field_path.as_str() {
+                    "spec.nodeName" => Some("node-from-spec-nodename".to_owned()),
+                    "metadata.name" => Some("pod-from-metadata-name".to_owned()),
+                    other => panic!("{what}: {}: fieldRef {other} is not checked", e.name),
+                }
             } else {
                 panic!(
                     "{what}: {}: only configMapKeyRef and fieldRef are checked",
@@ -449,8 +460,19 @@ pub(crate) fn agent_runs_on_every_node_in_the_host_network() {
     );
     assert_eq!(
         spec.automount_service_account_token,
-        Some(false),
-        "the agent never calls the API"
+        Some(true),
+        "the agent watches the API server with its token (KDD mode)"
+    );
+    // The default datastore is the API server: nothing else to deploy.
+    let config = config_map("kube-system", "nftpolicy-config").unwrap();
+    assert_eq!(
+        config
+            .data
+            .as_ref()
+            .unwrap()
+            .get("datastore")
+            .map(String::as_str),
+        Some("kubernetes")
     );
     let tolerates = |key: Option<&str>, effect: Option<&str>| {
         spec.tolerations.iter().flatten().any(|t| {
@@ -644,7 +666,6 @@ pub(crate) fn controller_needs_no_privilege() {
     let d = the_controller();
     assert_eq!(d.metadata.name.as_deref(), Some("nftpolicy-controller"));
     let s = d.spec.as_ref().unwrap();
-    assert_eq!(s.replicas, Some(1), "one writer into etcd");
     let spec = s.template.spec.as_ref().unwrap();
     assert_ne!(spec.host_network, Some(true));
     let pod_sc = spec.security_context.as_ref().unwrap();
@@ -659,37 +680,34 @@ pub(crate) fn controller_needs_no_privilege() {
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     let argv = effective_argv(c);
     assert_eq!(argv[1], "controller");
-    // --from is the mounted manifests ConfigMap, and what it holds parses.
-    let from = argv
-        .windows(2)
-        .find(|w| w[0] == "--from")
-        .map(|w| w[1].clone())
-        .expect("--from");
-    let mount = c
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| m.mount_path == from)
-        .unwrap_or_else(|| panic!("--from {from} is not a mounted volume"));
-    let volume = spec
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .unwrap();
-    let cm_name = &volume
-        .config_map
-        .as_ref()
-        .expect("--from mounts a ConfigMap")
-        .name;
-    let cm = config_map("kube-system", cm_name).expect("the manifests ConfigMap ships in deploy/");
-    for (key, text) in cm.data.iter().flatten() {
-        assert!(
-            [".yaml", ".yml", ".json"].iter().any(|e| key.ends_with(e)),
-            "{cm_name}/{key}: the controller reads only *.yaml, *.yml, *.json"
-        );
-        model::kube::parse_manifests(key, text).unwrap_or_else(|e| panic!("{cm_name}/{key}: {e}"));
+    // It watches the API server (no --from), and more than one replica
+    // only with the leader election on, each under its own name.
+    assert!(!argv.iter().any(|a| a.starts_with("--from")), "{argv:?}");
+    let env = resolved_env(c, "kube-system", "Deployment");
+    let elect = !argv.iter().any(|a| a == "--leader-elect=false")
+        && env
+            .get("NFTPOLICY_LEADER_ELECT")
+            .is_none_or(|v| v == "true");
+    assert!(
+        s.replicas == Some(1) || elect,
+        "replicas {:?} without leader election: two writers into etcd",
+        s.replicas
+    );
+    if elect {
+        let identity = c
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "NFTPOLICY_LEADER_IDENTITY")
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        assert_eq!(identity, Some("metadata.name"), "each replica's own name");
     }
+    assert_eq!(
+        spec.automount_service_account_token,
+        Some(true),
+        "the controller watches the API server"
+    );
 }
 
 #[test]
@@ -793,11 +811,32 @@ pub(crate) fn every_env_value_is_accepted_by_the_binary() {
             }
             match name.as_str() {
                 "NFTPOLICY_DATASTORE" | "NFTPOLICY_ETCD" => {
-                    if !(sub == "run" && value.starts_with("file:")) {
-                        watcher::etcd::EtcdConfig::from_url(value)
-                            .unwrap_or_else(|e| panic!("{what}: {name}={value:?}: {e}"));
+                    let kubernetes = watcher::kubernetes::ClusterAccess::from_datastore(value);
+                    match kubernetes {
+                        Some(access) => {
+                            access.unwrap_or_else(|e| panic!("{what}: {name}={value:?}: {e}"));
+                            if sub == "controller" {
+                                // etcd mode's controller with the shipped
+                                // (KDD) setting: it must say what to set.
+                                let out = nftpolicy()
+                                    .args(["controller", "--datastore", value])
+                                    .output()
+                                    .unwrap();
+                                let err = String::from_utf8_lossy(&out.stderr);
+                                assert!(
+                                    !out.status.success() && err.contains("etcd mode"),
+                                    "{what}: {err}"
+                                );
+                            }
+                        }
+                        None if sub == "run" && value.starts_with("file:") => {}
+                        None => {
+                            watcher::etcd::EtcdConfig::from_url(value)
+                                .unwrap_or_else(|e| panic!("{what}: {name}={value:?}: {e}"));
+                        }
                     }
                 }
+                "NFTPOLICY_LEADER_IDENTITY" => assert!(!value.is_empty(), "{what}: {name}"),
                 "NFTPOLICY_ETCD_CA" | "NFTPOLICY_ETCD_CERT" | "NFTPOLICY_ETCD_KEY" => {
                     assert!(
                         mounts.iter().any(|m| Path::new(value).starts_with(m)),
@@ -845,30 +884,71 @@ pub(crate) fn every_env_value_is_accepted_by_the_binary() {
 #[test]
 pub(crate) fn rbac_is_read_only_and_bound_to_existing_accounts() {
     let docs = deploy_docs();
-    let roles: BTreeMap<&str, &ClusterRole> = docs
+    let check_read_only = |what: &str, rules: &[PolicyRule]| {
+        for rule in rules {
+            for verb in &rule.verbs {
+                assert!(
+                    ["get", "list", "watch"].contains(&verb.as_str()),
+                    "{what}: verb {verb} is not read-only"
+                );
+            }
+            for r in rule.resources.iter().flatten() {
+                assert!(
+                    ["namespaces", "pods", "networkpolicies"].contains(&r.as_str()),
+                    "{what}: resource {r} is more than nftpolicy needs"
+                );
+            }
+            assert!(rule.non_resource_urls.is_none(), "{what}");
+            assert!(rule.resource_names.is_none(), "{what}");
+        }
+    };
+    let cluster_roles: BTreeMap<&str, &ClusterRole> = docs
         .iter()
         .filter_map(|d| match &d.object {
             Object::ClusterRole(r) => Some((name_of(&d.object), &**r)),
             _ => None,
         })
         .collect();
-    for (name, role) in &roles {
+    for (name, role) in &cluster_roles {
         assert!(role.aggregation_rule.is_none(), "{name}");
+        check_read_only(
+            &format!("ClusterRole {name}"),
+            role.rules.as_deref().unwrap_or_default(),
+        );
+    }
+    // The only write: the controller's leader-election Lease.
+    let roles: BTreeMap<&str, &Role> = docs
+        .iter()
+        .filter_map(|d| match &d.object {
+            Object::Role(r) => Some((name_of(&d.object), &**r)),
+            _ => None,
+        })
+        .collect();
+    for (name, role) in &roles {
         for rule in role.rules.iter().flatten() {
+            assert_eq!(
+                rule.api_groups.as_deref(),
+                Some(&["coordination.k8s.io".to_owned()][..]),
+                "Role {name}"
+            );
+            assert_eq!(
+                rule.resources.as_deref(),
+                Some(&["leases".to_owned()][..]),
+                "Role {name}"
+            );
             for verb in &rule.verbs {
                 assert!(
-                    ["get", "list", "watch"].contains(&verb.as_str()),
-                    "ClusterRole {name}: verb {verb} is not read-only"
+                    ["create", "get", "update"].contains(&verb.as_str()),
+                    "Role {name}: {verb}"
                 );
+                if verb != "create" {
+                    assert_eq!(
+                        rule.resource_names.as_deref(),
+                        Some(&["nftpolicy-controller".to_owned()][..]),
+                        "Role {name}: {verb} on its own Lease only"
+                    );
+                }
             }
-            for r in rule.resources.iter().flatten() {
-                assert!(
-                    ["namespaces", "pods", "networkpolicies"].contains(&r.as_str()),
-                    "ClusterRole {name}: resource {r} is more than the controller needs"
-                );
-            }
-            assert!(rule.non_resource_urls.is_none(), "{name}");
-            assert!(rule.resource_names.is_none(), "{name}");
         }
     }
     let accounts: BTreeSet<(String, String)> = docs
@@ -881,19 +961,32 @@ pub(crate) fn rbac_is_read_only_and_bound_to_existing_accounts() {
             )
         })
         .collect();
-    let mut bound = BTreeSet::new();
+    let mut bound: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for d in docs {
-        let Object::ClusterRoleBinding(b) = &d.object else {
-            continue;
+        let (role_ref, subjects) = match &d.object {
+            Object::ClusterRoleBinding(b) => {
+                assert_eq!(b.role_ref.kind, "ClusterRole", "{}", d.what);
+                assert!(
+                    cluster_roles.contains_key(b.role_ref.name.as_str()),
+                    "{}: no role {}",
+                    d.what,
+                    b.role_ref.name
+                );
+                (&b.role_ref, &b.subjects)
+            }
+            Object::RoleBinding(b) => {
+                assert_eq!(b.role_ref.kind, "Role", "{}", d.what);
+                assert!(
+                    roles.contains_key(b.role_ref.name.as_str()),
+                    "{}: no role {}",
+                    d.what,
+                    b.role_ref.name
+                );
+                (&b.role_ref, &b.subjects)
+            }
+            _ => continue,
         };
-        assert_eq!(b.role_ref.kind, "ClusterRole", "{}", d.what);
-        assert!(
-            roles.contains_key(b.role_ref.name.as_str()),
-            "{}: no role {}",
-            d.what,
-            b.role_ref.name
-        );
-        for s in b.subjects.iter().flatten() {
+        for s in subjects.iter().flatten() {
             assert_eq!(s.kind, "ServiceAccount", "{}", d.what);
             let key = (s.namespace.clone().unwrap_or_default(), s.name.clone());
             assert!(
@@ -901,13 +994,14 @@ pub(crate) fn rbac_is_read_only_and_bound_to_existing_accounts() {
                 "{}: no ServiceAccount {key:?}",
                 d.what
             );
-            bound.insert(key);
+            bound.entry(key).or_default().push(role_ref.name.clone());
         }
     }
-    // The agent reads only etcd: no role.
-    assert!(
-        !bound.contains(&("kube-system".to_owned(), "nftpolicy-node".to_owned())),
-        "the agent's account is bound to a role it does not need"
+    // The agent watches the API server: bound to its read-only role, and
+    // to nothing that writes.
+    assert_eq!(
+        bound.get(&("kube-system".to_owned(), "nftpolicy-node".to_owned())),
+        Some(&vec!["nftpolicy-node".to_owned()]),
     );
 }
 

@@ -1,0 +1,411 @@
+//! The Kubernetes source against the fake API server (a test double, see
+//! testkit::apiserver): what the agent and the controller get from it, and
+//! how it lives through faults.
+
+use std::time::Duration;
+
+use model::calico::{Kind, ResourceKey};
+use serde_json::{json, Value};
+use testkit::apiserver::FakeApiServer;
+use tokio::sync::mpsc;
+use watcher::kubernetes::{ClusterAccess, KubeError, KubeOptions};
+use watcher::{Cache, Update};
+
+struct Fixture {
+    api: FakeApiServer,
+    _dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let api = FakeApiServer::start().expect("the fake API server starts");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(
+        &kubeconfig,
+        Some("system:serviceaccount:kube-system:nftpolicy-node"),
+    )
+    .unwrap();
+    Fixture {
+        api,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"team": name}}})
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+fn policy(ns: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"podSelector": {}},
+    })
+}
+
+fn wep(ns: &str, node: &str, pod: &str) -> ResourceKey {
+    ResourceKey::new(
+        Kind::WorkloadEndpoint,
+        Some(ns),
+        &model::convert::workload_endpoint_name(node, pod, "eth0"),
+    )
+}
+
+/// A running source and the cache its updates fold into.
+struct Watching {
+    rx: mpsc::Receiver<Update>,
+    task: tokio::task::JoinHandle<Result<(), KubeError>>,
+    cache: Cache,
+    seen: Vec<Update>,
+}
+
+fn options() -> KubeOptions {
+    KubeOptions {
+        page_size: 2,
+        ..KubeOptions::default()
+    }
+}
+
+fn start(f: &Fixture, options: KubeOptions) -> Watching {
+    let (tx, rx) = mpsc::channel(64);
+    let access = ClusterAccess::Kubeconfig(f.kubeconfig.clone());
+    let task = tokio::spawn(watcher::kubernetes::run_with(access, options, tx));
+    Watching {
+        rx,
+        task,
+        cache: Cache::new(),
+        seen: Vec::new(),
+    }
+}
+
+impl Watching {
+    /// Folds updates until `done` holds of the cache and the last update;
+    /// panics with everything seen after 20 s.
+    async fn until(&mut self, what: &str, done: impl Fn(&Cache, &Update) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let u = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(u)) => u,
+                Ok(None) => panic!("the source ended waiting for {what}: {:?}", self.seen),
+                Err(_) => panic!("no {what} within 20 s; seen: {:#?}", self.seen),
+            };
+            self.cache.apply(u.clone());
+            self.seen.push(u.clone());
+            if done(&self.cache, &u) {
+                return;
+            }
+        }
+    }
+
+    async fn in_sync(&mut self) {
+        self.until("InSync", |_, u| matches!(u, Update::InSync { .. }))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_in_pages_converts_and_names_what_it_rejects() {
+    let f = fixture();
+    f.api.apply(&namespace("a")).unwrap();
+    f.api.apply(&namespace("b")).unwrap();
+    for i in 0..5 {
+        f.api
+            .apply(&pod(
+                "a",
+                &format!("p{i}"),
+                "n1",
+                &format!("198.18.0.{}", 10 + i),
+            ))
+            .unwrap();
+    }
+    let mut host = pod("a", "host", "n1", "198.18.0.1");
+    host["spec"]["hostNetwork"] = json!(true);
+    f.api.apply(&host).unwrap();
+    let mut pending = pod("a", "pending", "n1", "198.18.0.2");
+    pending.as_object_mut().unwrap().remove("status");
+    f.api.apply(&pending).unwrap();
+    let mut done = pod("a", "done", "n1", "198.18.0.3");
+    done["status"]["phase"] = json!("Succeeded");
+    f.api.apply(&done).unwrap();
+    f.api.apply(&policy("a", "deny")).unwrap();
+    // Malformed objects the double stores as sent (no validation).
+    let mut bad_pod = pod("b", "bad", "n1", "198.18.0.20");
+    bad_pod["spec"]["containers"] = json!(3);
+    f.api.apply(&bad_pod).unwrap();
+    let mut bad_policy = policy("b", "port-zero");
+    bad_policy["spec"]["ingress"] = json!([{"ports": [{"port": 0}]}]);
+    f.api.apply(&bad_policy).unwrap();
+
+    let mut w = start(&f, options());
+    w.in_sync().await;
+    let state = &w.cache.state;
+    for i in 0..5 {
+        assert!(
+            state.get(&wep("a", "n1", &format!("p{i}"))).is_some(),
+            "p{i}"
+        );
+    }
+    for no_endpoint in ["host", "pending", "done"] {
+        assert!(
+            state.get(&wep("a", "n1", no_endpoint)).is_none(),
+            "{no_endpoint} has no endpoint"
+        );
+    }
+    assert!(state
+        .get(&ResourceKey::new(Kind::Profile, None, "kns.a"))
+        .is_some());
+    assert!(state
+        .get(&ResourceKey::new(
+            Kind::NetworkPolicy,
+            Some("a"),
+            "knp.default.deny"
+        ))
+        .is_some());
+    let rejected: Vec<(&String, &String)> = w.cache.invalid.iter().collect();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert_eq!(rejected[0].0, "NetworkPolicy b/port-zero");
+    assert!(
+        rejected[0].1.contains("port 0 out of range"),
+        "{rejected:?}"
+    );
+    assert_eq!(rejected[1].0, "Pod b/bad");
+    // Paginated: 9 pods at 2 per page.
+    assert_eq!(f.api.requests("list", "pods"), 5);
+
+    // Fixing the pod clears its rejection (an InSync re-reports the rest).
+    f.api.apply(&pod("b", "bad", "n1", "198.18.0.20")).unwrap();
+    w.until("the fixed pod", |c, u| {
+        matches!(u, Update::InSync { .. }) && !c.invalid.contains_key("Pod b/bad")
+    })
+    .await;
+    assert!(w.cache.state.get(&wep("b", "n1", "bad")).is_some());
+    assert_eq!(w.cache.invalid.len(), 1);
+    w.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_events_and_a_pod_that_changes_key() {
+    let f = fixture();
+    f.api.apply(&namespace("a")).unwrap();
+    let mut w = start(&f, options());
+    w.in_sync().await;
+    f.api.apply(&pod("a", "web", "n1", "198.18.0.10")).unwrap();
+    w.until("the pod", |c, _| {
+        c.state.get(&wep("a", "n1", "web")).is_some()
+    })
+    .await;
+    // Recreated on another node under the same name.
+    f.api.delete(&pod("a", "web", "n1", "")).unwrap();
+    f.api.apply(&pod("a", "web", "n2", "198.18.0.11")).unwrap();
+    w.until("the moved pod", |c, _| {
+        c.state.get(&wep("a", "n2", "web")).is_some()
+            && c.state.get(&wep("a", "n1", "web")).is_none()
+    })
+    .await;
+    // A finished pod's endpoint goes.
+    let mut finished = pod("a", "web", "n2", "198.18.0.11");
+    finished["status"]["phase"] = json!("Failed");
+    f.api.apply(&finished).unwrap();
+    w.until("the finished pod", |c, _| {
+        c.state.get(&wep("a", "n2", "web")).is_none()
+    })
+    .await;
+    // Deleting the namespace takes its profile.
+    f.api.delete(&namespace("a")).unwrap();
+    w.until("the namespace deletion", |c, _| {
+        c.state
+            .get(&ResourceKey::new(Kind::Profile, None, "kns.a"))
+            .is_none()
+    })
+    .await;
+    // The revision the source reports reaches the API server's, through
+    // bookmarks, once every kind has caught up.
+    let rv = f.api.resource_version() as i64;
+    w.until("the API server's revision", |c, _| c.revision >= rv)
+        .await;
+    w.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_and_compaction_lose_no_deletion() {
+    let mut f = fixture();
+    f.api.apply(&namespace("a")).unwrap();
+    for name in ["keep", "gone-while-down", "gone-before-compaction"] {
+        f.api.apply(&pod("a", name, "n1", "198.18.0.10")).unwrap();
+    }
+    f.api.apply(&policy("a", "gone-too")).unwrap();
+    let mut w = start(&f, options());
+    w.in_sync().await;
+    assert_eq!(w.cache.state.workload_endpoints().count(), 3);
+
+    // Connections cut: watches resume from their resource version.
+    f.api.drop_connections();
+    f.api
+        .apply(&pod("a", "added-after-cut", "n1", "198.18.0.12"))
+        .unwrap();
+    w.until("the pod added after the cut", |c, _| {
+        c.state.get(&wep("a", "n1", "added-after-cut")).is_some()
+    })
+    .await;
+
+    // A restart: nothing listens for a while, objects are deleted meanwhile.
+    f.api.stop();
+    f.api
+        .delete(&pod("a", "gone-while-down", "n1", ""))
+        .unwrap();
+    w.until("the outage", |_, u| {
+        matches!(u, Update::Disconnected { .. })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(u) = w.rx.try_recv() {
+        w.cache.apply(u.clone());
+        w.seen.push(u);
+    }
+    assert!(
+        w.cache
+            .state
+            .get(&wep("a", "n1", "gone-while-down"))
+            .is_some(),
+        "nothing learnt while the API server is down: {:#?}",
+        w.seen
+    );
+    f.api.resume().unwrap();
+    w.until("the deletion made while down", |c, _| {
+        c.state.get(&wep("a", "n1", "gone-while-down")).is_none()
+    })
+    .await;
+    w.in_sync().await;
+
+    // Down again; deletions, then a compaction: the watch's version is
+    // gone, so the source relists and reconciles.
+    let lists_before = f.api.requests("list", "pods");
+    f.api.stop();
+    f.api
+        .delete(&pod("a", "gone-before-compaction", "n1", ""))
+        .unwrap();
+    f.api.delete(&policy("a", "gone-too")).unwrap();
+    f.api.compact();
+    f.api.resume().unwrap();
+    w.until("the reconciled relist", |c, u| {
+        matches!(u, Update::InSync { .. })
+            && c.state
+                .get(&wep("a", "n1", "gone-before-compaction"))
+                .is_none()
+    })
+    .await;
+    assert!(f.api.requests("list", "pods") > lists_before, "relisted");
+    assert!(w
+        .cache
+        .state
+        .get(&ResourceKey::new(
+            Kind::NetworkPolicy,
+            Some("a"),
+            "knp.default.gone-too"
+        ))
+        .is_none());
+    assert!(w.cache.state.get(&wep("a", "n1", "keep")).is_some());
+
+    // Open watches fall behind (the deletion is never sent on them) and
+    // expire with 410 Gone after a compaction: only the relist finds it.
+    let lists_before = f.api.requests("list", "pods");
+    f.api.stall_watches();
+    f.api.delete(&pod("a", "keep", "n1", "")).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        w.cache.state.get(&wep("a", "n1", "keep")).is_some() && w.rx.is_empty(),
+        "nothing delivered while stalled"
+    );
+    f.api.expire_watches();
+    w.until("the relist after 410", |c, u| {
+        matches!(u, Update::InSync { .. }) && c.state.get(&wep("a", "n1", "keep")).is_none()
+    })
+    .await;
+    assert!(w
+        .seen
+        .iter()
+        .any(|u| matches!(u, Update::Disconnected { reason } if reason.contains("410 Gone"))));
+    assert!(f.api.requests("list", "pods") > lists_before, "relisted");
+    w.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_names_the_missing_permission() {
+    let f = fixture();
+    f.api.apply(&namespace("a")).unwrap();
+    f.api.deny(None, "list", "pods");
+    let mut w = start(&f, options());
+    w.until("the refusal", |_, u| {
+        matches!(u, Update::Disconnected { .. })
+    })
+    .await;
+    let Some(Update::Disconnected { reason }) = w.seen.last() else {
+        unreachable!()
+    };
+    for words in [
+        "403",
+        "list pods",
+        "get, list and watch on pods",
+        "nftpolicy-node",
+    ] {
+        assert!(reason.contains(words), "{words:?} in {reason}");
+    }
+    assert!(!w.seen.iter().any(|u| matches!(u, Update::InSync { .. })));
+    // Granted: in sync (after the backoff).
+    f.api.allow_all();
+    w.in_sync().await;
+    w.task.abort();
+
+    // A one-shot read gives up at once instead.
+    f.api.deny(None, "watch", "networkpolicies");
+    let mut once = start(
+        &f,
+        KubeOptions {
+            give_up_when_refused: true,
+            ..options()
+        },
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), &mut once.task)
+        .await
+        .expect("gives up at once")
+        .unwrap();
+    let err = ended.unwrap_err().to_string();
+    assert!(
+        err.contains("watch networkpolicies.networking.k8s.io"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_errors_are_clear() {
+    let missing = ClusterAccess::Kubeconfig("/nonexistent/kubeconfig".into());
+    let Err(err) = missing.client().await else {
+        panic!("a missing kubeconfig is an error")
+    };
+    let err = err.to_string();
+    assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
+    assert_eq!(
+        ClusterAccess::from_datastore("kubernetes:/a/b")
+            .unwrap()
+            .unwrap(),
+        ClusterAccess::Kubeconfig("/a/b".into())
+    );
+    assert!(ClusterAccess::from_datastore("kubernetes:")
+        .unwrap()
+        .is_err());
+    assert!(ClusterAccess::from_datastore("kubernetesx")
+        .unwrap()
+        .is_err());
+    assert!(ClusterAccess::from_datastore("etcd://a").is_none());
+}
