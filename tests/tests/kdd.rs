@@ -146,10 +146,13 @@ fn kdd_agent_lives_through_api_server_faults() {
     server.server.apply(&bad_pod).unwrap();
     let rv = server.server.apply(&web_from_client()).unwrap();
     agents.wait_applied(rv as i64, TIMEOUT).unwrap();
+    // The rejected policy narrows (issue 16): the pods it selects drop all
+    // ingress until it is fixed, whatever the good policy allows.
     assert_eq!(
         verdicts(&mut lab, &probes),
-        (true, false),
-        "the good policy enforced"
+        (false, false),
+        "the rejected policy's pods drop ingress\n{}",
+        log(&lab)
     );
     let metrics = agents.metrics("node1").unwrap();
     assert!(
@@ -165,6 +168,17 @@ fn kdd_agent_lives_through_api_server_faults() {
     let (code, said, _) = explain_intruder(&nftpolicy, &server);
     assert_eq!(code, Some(1), "denied: {said}");
     assert!(said.contains("DENIED"), "{said}");
+    assert!(said.contains("port-zero"), "explain names the rejected policy: {said}");
+
+    // Fixed, the policy is enforced as written again.
+    bad_policy["spec"]["ingress"][0]["ports"] = json!([{"port": 80}]);
+    let rv = server.server.apply(&bad_policy).unwrap();
+    agents.wait_applied(rv as i64, TIMEOUT).unwrap();
+    assert_eq!(
+        verdicts(&mut lab, &probes),
+        (true, false),
+        "the good policies enforced"
+    );
 
     // 5. RBAC takes the agent's right to list pods away; its watches are
     //    cut. It says which permission is missing, is not ready, and the
