@@ -46,17 +46,9 @@ pub fn chain_path(state: &ClusterState, v: &EndpointVerdict) -> ChainPath {
             verdict: "drop",
         };
     }
-    // Policies are walked in order until one decides (or passes).
-    let stop = match &v.decision {
-        Decision::PolicyRule { policy, .. } => Some(policy.clone()),
-        _ => v.passed_by.as_ref().map(|(p, _)| p.clone()),
-    };
-    for p in &v.policies {
-        chains.push(policy_chain(p, v.direction));
-        if Some(p) == stop.as_ref() {
-            break;
-        }
-    }
+    // The policy chains the packet was sent to: tier by tier, each tier
+    // until a policy decides or passes.
+    chains.extend(v.traversed.iter().map(|p| policy_chain(p, v.direction)));
     if let Decision::ProfileRule { profile, .. } = &v.decision {
         chains.push(profile_chain(profile, v.direction));
     }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use base64::Engine;
 use ipnet::IpNet;
-use model::calico::{Action, Kind, PolicyType, Port, ResourceKey, WorkloadEndpoint};
+use model::calico::{Action, Kind, PolicyType, Port, ResourceKey, TierAction, WorkloadEndpoint};
 use model::selector::Selector;
 use model::state::{
     ClusterState, Encap, LabelledNets, PolicyId, Rejection, ResolvedEntity, ResolvedPolicy,
@@ -449,6 +449,7 @@ pub(crate) fn compile_recording(
     // By key, one entry per object (the incremental compiler keeps it so).
     let mut rejected: BTreeMap<ResourceKey, String> = unresolved.into_iter().collect();
     rejected.extend(state.rejected().map(|(key, why)| (key, why.to_owned())));
+    rejected.extend(state.tier_rejections());
     let rejected: Vec<(ResourceKey, String)> = rejected.into_iter().collect();
     let nets = state.labelled_nets();
     let mut b = Builder::new(
@@ -758,13 +759,24 @@ impl<'a> Builder<'a> {
             rules.push(rule(vec![], LAction::Drop, &what));
             return LChain { name, rules };
         }
-        if !selected.is_empty() {
+        // felix's tiers (rules/endpoints.go): per tier with a policy for
+        // this endpoint and direction, clear the pass bit, jump to each
+        // policy while it stays clear, return once one accepted; at the end,
+        // unless the tier's defaultAction is Pass, drop what no policy
+        // passed. A Pass (or a defaultAction Pass) goes on to the next tier
+        // — whose first rule clears the pass bit again — or the profiles.
+        let tiers: Vec<&[usize]> = selected
+            .chunk_by(|&a, &b| policies[a].tier_rank == policies[b].tier_rank)
+            .collect();
+        for tier in tiers {
+            let info = &policies[tier[0]].tier;
+            let name = &info.name;
             rules.push(rule(
                 vec![],
                 LAction::ClearMark(m.pass),
-                "Start of tier default",
+                &format!("Start of tier {name}"),
             ));
-            for &i in selected {
+            for &i in tier {
                 let p = &policies[i];
                 rules.push(rule(
                     vec![Cond::MarkClear(m.pass)],
@@ -777,22 +789,26 @@ impl<'a> Builder<'a> {
                     "Return if policy accepted",
                 ));
             }
-            if let (Some(log), Some(&last)) = (self.log_denied, selected.last()) {
-                // Named after the last policy that selected the endpoint:
-                // with one policy (the usual deny-all), the one that denied.
+            if info.default_action == TierAction::Pass {
+                continue;
+            }
+            if let (Some(log), Some(&last)) = (self.log_denied, tier.last()) {
+                // Named after the last policy of the tier that selected the
+                // endpoint: with one policy (the usual deny-all), the one
+                // that denied.
                 rules.push(rule(
                     vec![Cond::MarkClear(m.pass)],
                     log_denied_action(
                         log,
                         &format!("{} {} end-of-tier", policies[last].id, dir_word(dir)),
                     ),
-                    "Log denied: end of tier default",
+                    &format!("Log denied: end of tier {name}"),
                 ));
             }
             rules.push(rule(
                 vec![Cond::MarkClear(m.pass)],
                 LAction::Drop,
-                "End of tier default. Drop if no policies passed packet",
+                &format!("End of tier {name}. Drop if no policies passed packet"),
             ));
         }
         for profile in profiles {

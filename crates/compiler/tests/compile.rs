@@ -4,7 +4,7 @@
 use compiler::nft::{Match, Ruleset, SetElement, TableFamily};
 use compiler::{compile_nftables, CompileOptions};
 use expect_test::expect_file;
-use testkit::cluster::{state, web_deny_all, DEFAULT_NAMESPACE};
+use testkit::cluster::{state, tiered, web_deny_all, DEFAULT_NAMESPACE};
 
 fn compile(yaml: &str, opts: &CompileOptions) -> Ruleset {
     compile_nftables(&state(yaml), opts).unwrap().1
@@ -19,6 +19,12 @@ fn seed_web_deny_all_golden() {
     let rs = compile(&web_deny_all(), &CompileOptions::new("node1"));
     expect_file!["golden/seed-web-deny-all.node1.nft"]
         .assert_eq(&compiler::render_nft::render(&rs));
+}
+
+#[test]
+fn tiers_golden() {
+    let rs = compile(&tiered(), &CompileOptions::new("node1"));
+    expect_file!["golden/tiers.node1.nft"].assert_eq(&compiler::render_nft::render(&rs));
 }
 
 #[test]

@@ -116,6 +116,12 @@ fn seed_web_deny_all_golden() {
 }
 
 #[test]
+fn tiers_golden() {
+    let rs = rulesets(&testkit::cluster::tiered(), &CompileOptions::new("node1"));
+    expect_file!["golden/iptables-tiers.node1.txt"].assert_eq(&render(&rs));
+}
+
+#[test]
 fn complex_cluster_golden() {
     let rs = rulesets(&complex_cluster(), &CompileOptions::new("node1"));
     expect_file!["golden/iptables-complex.node1.txt"].assert_eq(&render(&rs));

@@ -31,6 +31,23 @@ pub const NAMESPACE_LABEL_PREFIX: &str = "pcns.";
 /// Name label the `kns.` profile applies (`pcns.projectcalico.org/name`).
 pub const NAMESPACE_NAME_LABEL: &str = "projectcalico.org/name";
 pub const DEFAULT_TIER: &str = "default";
+/// The `default` tier's order, which Calico fixes (libcalico-go's
+/// `DefaultTierOrder`); a tier without an order comes after every other.
+pub const DEFAULT_TIER_ORDER: f64 = 1_000_000.0;
+/// Calico's staged policy kinds: what-if policies that never change which
+/// packets pass. nftpolicy ignores them (see [`is_ignored_kind`]).
+pub const STAGED_KINDS: [&str; 3] = [
+    "StagedNetworkPolicy",
+    "StagedGlobalNetworkPolicy",
+    "StagedKubernetesNetworkPolicy",
+];
+
+/// Whether `kind` (of `apiVersion: projectcalico.org/v3`) is one nftpolicy
+/// skips without reading: the staged policies, which felix only reports on
+/// (flow logs) and never enforces. Skipping them cannot widen anything.
+pub fn is_ignored_kind(kind: &str) -> bool {
+    STAGED_KINDS.contains(&kind)
+}
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -69,16 +86,18 @@ pub enum Kind {
     WorkloadEndpoint,
     NetworkSet,
     GlobalNetworkSet,
+    Tier,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::NetworkPolicy,
         Kind::GlobalNetworkPolicy,
         Kind::Profile,
         Kind::WorkloadEndpoint,
         Kind::NetworkSet,
         Kind::GlobalNetworkSet,
+        Kind::Tier,
     ];
 
     /// The plural used in etcd keys.
@@ -90,6 +109,7 @@ impl Kind {
             Kind::WorkloadEndpoint => "workloadendpoints",
             Kind::NetworkSet => "networksets",
             Kind::GlobalNetworkSet => "globalnetworksets",
+            Kind::Tier => "tiers",
         }
     }
 
@@ -112,6 +132,7 @@ impl Kind {
             Kind::WorkloadEndpoint => "WorkloadEndpoint",
             Kind::NetworkSet => "NetworkSet",
             Kind::GlobalNetworkSet => "GlobalNetworkSet",
+            Kind::Tier => "Tier",
         }
     }
 }
@@ -184,6 +205,7 @@ pub enum Resource {
     WorkloadEndpoint(WorkloadEndpoint),
     NetworkSet(NetworkSet),
     GlobalNetworkSet(GlobalNetworkSet),
+    Tier(Tier),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -205,6 +227,7 @@ impl Resource {
             Resource::WorkloadEndpoint(_) => Kind::WorkloadEndpoint,
             Resource::NetworkSet(_) => Kind::NetworkSet,
             Resource::GlobalNetworkSet(_) => Kind::GlobalNetworkSet,
+            Resource::Tier(_) => Kind::Tier,
         }
     }
 
@@ -216,6 +239,7 @@ impl Resource {
             Resource::WorkloadEndpoint(r) => &r.metadata,
             Resource::NetworkSet(r) => &r.metadata,
             Resource::GlobalNetworkSet(r) => &r.metadata,
+            Resource::Tier(r) => &r.metadata,
         }
     }
 
@@ -227,6 +251,7 @@ impl Resource {
             Resource::WorkloadEndpoint(r) => &mut r.metadata,
             Resource::NetworkSet(r) => &mut r.metadata,
             Resource::GlobalNetworkSet(r) => &mut r.metadata,
+            Resource::Tier(r) => &mut r.metadata,
         }
     }
 
@@ -307,9 +332,9 @@ impl Resource {
             return Err("metadata.name is empty".into());
         }
         match self {
-            Resource::NetworkPolicy(p) => validate_policy_spec(&p.spec),
+            Resource::NetworkPolicy(p) => validate_policy_spec(&p.metadata.name, &p.spec),
             Resource::GlobalNetworkPolicy(p) => {
-                validate_policy_spec(&p.spec)?;
+                validate_policy_spec(&p.metadata.name, &p.spec)?;
                 if let Some(s) = &p.spec.namespace_selector {
                     parse_selector("spec.namespaceSelector", s)?;
                 }
@@ -331,8 +356,39 @@ impl Resource {
                 Ok(())
             }
             Resource::NetworkSet(_) | Resource::GlobalNetworkSet(_) => Ok(()),
+            Resource::Tier(t) => validate_tier(t),
         }
     }
+}
+
+/// libcalico-go's checks on a Tier: a name that is a DNS label, and the
+/// `default` tier's order fixed at [`DEFAULT_TIER_ORDER`].
+fn validate_tier(t: &Tier) -> Result<(), String> {
+    let name = &t.metadata.name;
+    let label_ok = name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !label_ok {
+        return Err(format!(
+            "metadata.name {name:?}: a tier name is a DNS label (lowercase letters, digits and '-', at most 63)"
+        ));
+    }
+    if name == DEFAULT_TIER {
+        if let Some(order) = t.spec.order.filter(|o| *o != DEFAULT_TIER_ORDER) {
+            return Err(format!(
+                "spec.order {order}: the default tier's order is {DEFAULT_TIER_ORDER}"
+            ));
+        }
+    }
+    if let Some(order) = t.spec.order {
+        if !order.is_finite() {
+            return Err(format!("spec.order {order} is not a number"));
+        }
+    }
+    Ok(())
 }
 
 /// serde's decoding of `value` by its `kind`, with errors naming the field
@@ -351,6 +407,7 @@ fn decode_typed(value: &serde_json::Value) -> Result<Resource, String> {
         Some("WorkloadEndpoint") => typed(value).map(Resource::WorkloadEndpoint),
         Some("NetworkSet") => typed(value).map(Resource::NetworkSet),
         Some("GlobalNetworkSet") => typed(value).map(Resource::GlobalNetworkSet),
+        Some("Tier") => typed(value).map(Resource::Tier),
         Some(other) => Err(format!(
             "kind {other:?} is not one nftpolicy reads ({})",
             Kind::ALL.map(Kind::name).join(", ")
@@ -379,17 +436,28 @@ fn parse_selector(field: &str, text: &str) -> Result<Selector, String> {
     Selector::parse(text).map_err(|e: SelectorError| format!("{field}: {e}"))
 }
 
-fn validate_policy_spec(spec: &PolicySpec) -> Result<(), String> {
+fn validate_policy_spec(name: &str, spec: &PolicySpec) -> Result<(), String> {
     parse_selector("spec.selector", &spec.selector)?;
-    if let Some(tier) = &spec.tier {
-        if tier != DEFAULT_TIER {
-            return Err(format!(
-                "spec.tier {tier:?}: only the {DEFAULT_TIER:?} tier is supported"
-            ));
-        }
-    }
+    validate_tiered_name(name, spec.tier())?;
     validate_rules("spec.ingress", &spec.ingress)?;
     validate_rules("spec.egress", &spec.egress)
+}
+
+/// libcalico-go's naming rule for tiered policies
+/// (`names.ValidateTieredPolicyName`): a policy in tier `t` other than
+/// `default` is named `t.<name>` — `foo` in tier `security` is
+/// `security.foo`. In the default tier the prefix is optional (nftpolicy
+/// keeps its names as they are: Kubernetes policies are `knp.default.…`).
+pub fn validate_tiered_name(name: &str, tier: &str) -> Result<(), String> {
+    if tier == DEFAULT_TIER {
+        return Ok(());
+    }
+    match name.strip_prefix(tier).and_then(|r| r.strip_prefix('.')) {
+        Some(rest) if !rest.is_empty() => Ok(()),
+        _ => Err(format!(
+            "metadata.name {name:?}: a policy in tier {tier:?} must be named \"{tier}.<name>\" (Calico's tiered policy names)"
+        )),
+    }
 }
 
 fn validate_rules(field: &str, rules: &[Rule]) -> Result<(), String> {
@@ -513,6 +581,14 @@ pub struct PolicySpec {
 }
 
 impl PolicySpec {
+    /// The tier the policy belongs to (`default` when not given).
+    pub fn tier(&self) -> &str {
+        self.tier
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .unwrap_or(DEFAULT_TIER)
+    }
+
     /// The policy types in force: as written, or Calico's default (Ingress,
     /// plus Egress when egress rules exist).
     pub fn effective_types(&self) -> Vec<PolicyType> {
@@ -799,6 +875,38 @@ impl<'de> Deserialize<'de> for Port {
             Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
+}
+
+/// A policy tier: tiers apply in `order` (none: last), then by name; a
+/// policy's `Pass` and the end of a tier with `defaultAction: Pass` go on to
+/// the next tier. The `default` tier exists whether or not it is written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tier {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: TierSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TierSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<f64>,
+    /// What happens at the end of the tier to a packet that policies of
+    /// the tier selected but none decided: Deny (Calico's default) or Pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_action: Option<TierAction>,
+}
+
+/// A tier's `defaultAction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum TierAction {
+    #[default]
+    Deny,
+    Pass,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -334,6 +334,8 @@ const NETWORK_SET_SPEC: Fields = &[
     ),
 ];
 
+const TIER_SPEC: Fields = &[("order", Field::Used), ("defaultAction", Field::Used)];
+
 /// A Calico v3 resource of `kind` with `spec` fields `spec`.
 macro_rules! calico_kind {
     ($spec:expr) => {
@@ -355,6 +357,7 @@ pub fn calico(kind: &str) -> Option<Fields> {
         "Profile" => calico_kind!(PROFILE_SPEC),
         "WorkloadEndpoint" => calico_kind!(WORKLOAD_ENDPOINT_SPEC),
         "NetworkSet" | "GlobalNetworkSet" => calico_kind!(NETWORK_SET_SPEC),
+        "Tier" => calico_kind!(TIER_SPEC),
         _ => return None,
     })
 }

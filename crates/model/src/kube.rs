@@ -256,6 +256,9 @@ pub fn parse_value(
                 parse_value(what, index, item, out)?;
             }
         }
+        // Staged policies only preview what a policy would do; felix never
+        // enforces them, so they are skipped (see calico::is_ignored_kind).
+        (calico::API_VERSION, kind) if calico::is_ignored_kind(kind) => {}
         (calico::API_VERSION, _) => {
             out.push(Manifest::Calico(Resource::from_value(what, value)?));
         }

@@ -1,6 +1,10 @@
 //! Rejected objects: what nftpolicy does with an object it cannot enforce
 //! as written — one with an unknown or unimplemented field
-//! ([`crate::fields`]), an invalid value, or a tier other than `default`.
+//! ([`crate::fields`]), an invalid value, or (for a policy in a tier other
+//! than `default`) a name without its tier's prefix. A policy whose Tier
+//! does not exist is rejected the same way while the tier is missing
+//! ([`crate::state::ClusterState::tier_rejections`]); a Tier that cannot be
+//! read is an error (no stub), so its policies are in a missing tier.
 //!
 //! **Rejections narrow, never widen.** When the part of the object that
 //! says *what it applies to* can still be read, the object is kept as a

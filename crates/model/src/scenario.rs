@@ -651,6 +651,10 @@ impl StepState {
             }
             cluster.upsert(r.clone());
         }
+        for (key, why) in cluster.tier_rejections() {
+            let text = object_text(true, key.kind.name(), key.namespace.as_deref(), &key.name);
+            rejected.insert(text, why);
+        }
         self.cluster = cluster;
         self.rejected = rejected;
         Ok(())

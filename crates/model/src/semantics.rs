@@ -9,14 +9,24 @@
 //!    object covers the endpoint in this direction — the endpoint itself,
 //!    one of its profiles, or a rejected policy selecting it — dropped
 //!    ([`crate::reject`]: rejections narrow, never widen);
-//! 1. the policies that select the endpoint and have that direction in their
-//!    types, by `order` then id; each policy's rules in order: the first rule
-//!    that matches decides — Allow accepts (for this direction), Deny drops,
-//!    Pass leaves the tier, Log records and goes on;
-//! 2. if some policy applied and none allowed, denied or passed: dropped at
-//!    the end of the tier;
-//! 3. otherwise (no policy, or Pass) the endpoint's profiles in order, the
-//!    same way; no profile rule matched: dropped.
+//! 1. tier by tier, in tier order ([`ClusterState::tiers`]), the tiers
+//!    with a policy that selects the endpoint and has that direction in its
+//!    types (a tier with none is skipped); within a tier its policies by
+//!    `order` then id; each policy's rules in order: the first rule that
+//!    matches decides — Allow accepts (for this direction), Deny drops,
+//!    Pass skips the rest of the tier and goes on to the next one, Log
+//!    records and goes on;
+//! 2. at the end of a tier none of whose policies allowed, denied or
+//!    passed: the tier's `defaultAction` — Deny (the default) drops, Pass
+//!    goes on to the next tier;
+//! 3. after the last tier, the endpoint's profiles in order, the same way;
+//!    no profile rule matched: dropped.
+//!
+//! This is felix's `cali-tw-`/`cali-fw-` chain (felix/rules/endpoints.go):
+//! per tier "Start of tier" clears the pass bit, each policy chain is
+//! jumped to while the pass bit is clear, "Return if policy accepted";
+//! then, unless the tier's defaultAction is Pass, "Drop if no policies
+//! passed packet" while the pass bit is still clear.
 //!
 //! Selectors are evaluated the way the kernel sees them: as IP sets. A
 //! source "matches" `role == 'db'` when its address is in the set of
@@ -26,7 +36,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::calico::{
-    Action, IcmpFields, PolicyType, Port, Protocol, ResourceKey, WorkloadEndpoint,
+    Action, IcmpFields, PolicyType, Port, Protocol, ResourceKey, TierAction, WorkloadEndpoint,
 };
 use crate::state::{
     ClusterState, Encap, LabelledNets, PolicyId, Rejection, ResolvedEntity, ResolvedPolicy,
@@ -51,12 +61,14 @@ pub struct Packet {
 pub enum Decision {
     /// A policy rule with action Allow or Deny matched.
     PolicyRule {
+        tier: String,
         policy: PolicyId,
         index: usize,
         action: Action,
     },
-    /// Policies applied but none allowed, denied or passed the packet.
-    EndOfTier { last_policy: PolicyId },
+    /// Policies of a tier (with defaultAction Deny) applied but none
+    /// allowed, denied or passed the packet.
+    EndOfTier { tier: String, last_policy: PolicyId },
     /// A profile rule matched (Kubernetes namespace profiles allow all).
     ProfileRule {
         profile: String,
@@ -76,13 +88,17 @@ impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Decision::PolicyRule {
+                tier,
                 policy,
                 index,
                 action,
-            } => write!(f, "{action:?} by rule {index} of policy {policy}"),
-            Decision::EndOfTier { last_policy } => write!(
+            } => write!(
                 f,
-                "Deny at end of tier: policies selected the endpoint (last {last_policy}) but none allowed"
+                "{action:?} by rule {index} of policy {policy} in tier {tier}"
+            ),
+            Decision::EndOfTier { tier, last_policy } => write!(
+                f,
+                "Deny at end of tier {tier}: its policies selected the endpoint (last {last_policy}) but none allowed, denied or passed"
             ),
             Decision::ProfileRule {
                 profile,
@@ -114,9 +130,14 @@ pub struct EndpointVerdict {
     pub direction: PolicyType,
     pub allowed: bool,
     pub decision: Decision,
-    /// The policies consulted, in evaluation order.
+    /// The policies selecting the endpoint in this direction, in
+    /// evaluation order.
     pub policies: Vec<PolicyId>,
-    /// A Pass rule that sent evaluation on to the profiles.
+    /// The policies whose chains the packet went through, in order (a
+    /// Pass skips the rest of its tier; a decision ends the walk).
+    pub traversed: Vec<PolicyId>,
+    /// The last Pass rule that sent evaluation on to the next tier or the
+    /// profiles.
     pub passed_by: Option<(PolicyId, usize)>,
     /// Log rules that matched on the way: (policy or profile, rule index).
     pub logged: Vec<(String, usize)>,
@@ -211,6 +232,7 @@ impl<'a> Evaluator<'a> {
             allowed: false,
             decision: Decision::NoProfileMatched,
             policies: policies.iter().map(|p| p.id.clone()).collect(),
+            traversed: Vec::new(),
             passed_by: None,
             logged: Vec::new(),
         };
@@ -224,34 +246,9 @@ impl<'a> Evaluator<'a> {
             verdict.decision = Decision::Rejected(r);
             return verdict;
         }
-        if let Some(last) = policies.last() {
-            'tier: for p in &policies {
-                for (index, rule) in p.rules(dir).iter().enumerate() {
-                    if !self.rule_matches(rule, packet) {
-                        continue;
-                    }
-                    match rule.action {
-                        Action::Log => verdict.logged.push((p.id.to_string(), index)),
-                        Action::Pass => {
-                            verdict.passed_by = Some((p.id.clone(), index));
-                            break 'tier;
-                        }
-                        action @ (Action::Allow | Action::Deny) => {
-                            verdict.allowed = action == Action::Allow;
-                            verdict.decision = Decision::PolicyRule {
-                                policy: p.id.clone(),
-                                index,
-                                action,
-                            };
-                            return verdict;
-                        }
-                    }
-                }
-            }
-            if verdict.passed_by.is_none() {
-                verdict.decision = Decision::EndOfTier {
-                    last_policy: last.id.clone(),
-                };
+        for tier in policies.chunk_by(|a, b| a.tier_rank == b.tier_rank) {
+            if let Some(decided) = self.evaluate_tier(tier, dir, packet, &mut verdict) {
+                verdict.allowed = decided == Action::Allow;
                 return verdict;
             }
         }
@@ -290,6 +287,53 @@ impl<'a> Evaluator<'a> {
             }
         }
         verdict
+    }
+
+    /// One tier's policies (all selecting the endpoint in `dir`): the
+    /// action that ends evaluation (Allow or Deny, with the decision
+    /// recorded in `verdict`), or `None` to go on to the next tier.
+    fn evaluate_tier(
+        &self,
+        tier: &[&ResolvedPolicy],
+        dir: PolicyType,
+        packet: &Packet,
+        verdict: &mut EndpointVerdict,
+    ) -> Option<Action> {
+        for p in tier {
+            verdict.traversed.push(p.id.clone());
+            for (index, rule) in p.rules(dir).iter().enumerate() {
+                if !self.rule_matches(rule, packet) {
+                    continue;
+                }
+                match rule.action {
+                    Action::Log => verdict.logged.push((p.id.to_string(), index)),
+                    Action::Pass => {
+                        verdict.passed_by = Some((p.id.clone(), index));
+                        return None;
+                    }
+                    action @ (Action::Allow | Action::Deny) => {
+                        verdict.decision = Decision::PolicyRule {
+                            tier: p.tier.name.clone(),
+                            policy: p.id.clone(),
+                            index,
+                            action,
+                        };
+                        return Some(action);
+                    }
+                }
+            }
+        }
+        let last = tier.last()?;
+        match last.tier.default_action {
+            TierAction::Pass => None,
+            TierAction::Deny => {
+                verdict.decision = Decision::EndOfTier {
+                    tier: last.tier.name.clone(),
+                    last_policy: last.id.clone(),
+                };
+                Some(Action::Deny)
+            }
+        }
     }
 
     /// Whether `rule`'s match criteria all hold for `packet`.

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use crate::calico::{
     self, Action, IcmpFields, Kind, PolicySpec, PolicyType, Port, Protocol, Resource, ResourceKey,
-    Rule, WorkloadEndpoint,
+    Rule, TierAction, WorkloadEndpoint,
 };
 use crate::convert::{namespace_profile_name, K8S_POLICY_PREFIX};
 use crate::selector::{LabelView, Labels, Selector};
@@ -171,12 +171,71 @@ impl ClusterState {
         }
     }
 
+    /// The tiers in evaluation order: by `order` (none last), then by name;
+    /// the `default` tier (order [`calico::DEFAULT_TIER_ORDER`]) is there
+    /// whether or not a Tier resource names it.
+    pub fn tiers(&self) -> Vec<TierInfo> {
+        let mut tiers: Vec<TierInfo> = self
+            .of_kind(Kind::Tier)
+            .filter_map(|r| match r {
+                Resource::Tier(t) => Some(TierInfo {
+                    name: t.metadata.name.clone(),
+                    order: t.spec.order,
+                    default_action: t.spec.default_action.unwrap_or_default(),
+                }),
+                _ => None,
+            })
+            .collect();
+        if !tiers.iter().any(|t| t.name == calico::DEFAULT_TIER) {
+            tiers.push(TierInfo {
+                name: calico::DEFAULT_TIER.to_owned(),
+                order: Some(calico::DEFAULT_TIER_ORDER),
+                default_action: TierAction::Deny,
+            });
+        }
+        tiers.sort_by(|a, b| {
+            let key = |t: &TierInfo| t.order.unwrap_or(f64::INFINITY);
+            key(a)
+                .total_cmp(&key(b))
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        tiers
+    }
+
+    /// Policies whose tier does not exist, with the reason. felix does not
+    /// program a policy whose tier is missing (the tier is invalid in its
+    /// calculation graph) and Calico's API server refuses to create one;
+    /// leaving it out could widen (a Deny in it would vanish), so nftpolicy
+    /// rejects it instead: the endpoints it selects drop all traffic in its
+    /// directions until the tier exists ([`crate::reject`]).
+    pub fn tier_rejections(&self) -> Vec<(ResourceKey, String)> {
+        let tiers = self.tiers();
+        self.resources()
+            .filter_map(|r| {
+                let spec = match r {
+                    Resource::NetworkPolicy(p) => &p.spec,
+                    Resource::GlobalNetworkPolicy(p) => &p.spec,
+                    _ => return None,
+                };
+                if r.metadata().rejection().is_some() {
+                    return None;
+                }
+                let tier = spec.tier();
+                (!tiers.iter().any(|t| t.name == tier)).then(|| (r.key(), missing_tier(tier)))
+            })
+            .collect()
+    }
+
     /// The policies, each resolved (selectors parsed and namespace-scoped),
-    /// rejected ones ([`ResolvedPolicy::rejected`]) included. Resources were
-    /// validated when decoded, so resolution cannot fail here except for a
-    /// resource built in code; such a policy is skipped with its error
-    /// returned beside the list.
+    /// in evaluation order — tier by tier ([`ClusterState::tiers`]), within
+    /// a tier by `order` then id —, rejected ones
+    /// ([`ResolvedPolicy::rejected`]) included: those with a rejected stub
+    /// and those whose tier does not exist. Resources were validated when
+    /// decoded, so resolution cannot fail here except for a resource built
+    /// in code; such a policy is skipped with its error returned beside
+    /// the list.
     pub fn resolved_policies(&self) -> (Vec<ResolvedPolicy>, Vec<(ResourceKey, String)>) {
+        let tiers = self.tiers();
         let mut ok = Vec::new();
         let mut errors = Vec::new();
         for r in self.resources() {
@@ -193,13 +252,62 @@ impl ClusterState {
                 }
                 _ => continue,
             };
-            match ResolvedPolicy::new(id, spec, r.metadata().rejection()) {
-                Ok(p) => ok.push(p),
+            let name = spec.tier();
+            let (rank, tier, missing) = match tiers.iter().position(|t| t.name == name) {
+                Some(i) => (i, tiers[i].clone(), None),
+                None => (
+                    tiers.len(),
+                    TierInfo {
+                        name: name.to_owned(),
+                        order: None,
+                        default_action: TierAction::Deny,
+                    },
+                    Some(missing_tier(name)),
+                ),
+            };
+            let rejected = r.metadata().rejection().or(missing.as_deref());
+            match ResolvedPolicy::new(id, spec, rejected) {
+                Ok(mut p) => {
+                    p.tier = tier;
+                    p.tier_rank = rank;
+                    ok.push(p);
+                }
                 Err(e) => errors.push((r.key(), e)),
             }
         }
-        ok.sort_by(|a, b| a.sort_key().partial_cmp(&b.sort_key()).unwrap());
+        ok.sort_by(|a, b| {
+            let (ka, kb) = (a.sort_key(), b.sort_key());
+            ka.0.cmp(&kb.0)
+                .then_with(|| ka.1.total_cmp(&kb.1))
+                .then_with(|| ka.2.cmp(&kb.2))
+        });
         (ok, errors)
+    }
+}
+
+fn missing_tier(tier: &str) -> String {
+    format!(
+        "spec.tier {tier:?}: no such Tier (create the Tier resource; until then the policy drops what it selects)"
+    )
+}
+
+/// A tier as evaluation sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TierInfo {
+    pub name: String,
+    /// `None`: after every tier with an order.
+    pub order: Option<f64>,
+    pub default_action: TierAction,
+}
+
+impl Default for TierInfo {
+    /// The `default` tier.
+    fn default() -> Self {
+        TierInfo {
+            name: calico::DEFAULT_TIER.to_owned(),
+            order: Some(calico::DEFAULT_TIER_ORDER),
+            default_action: TierAction::Deny,
+        }
     }
 }
 
@@ -403,6 +511,9 @@ impl fmt::Display for PolicyId {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedPolicy {
     pub id: PolicyId,
+    /// The tier it belongs to, and that tier's place among the tiers.
+    pub tier: TierInfo,
+    pub tier_rank: usize,
     pub order: Option<f64>,
     /// Which endpoints it applies to (namespace scoping included).
     pub selector: Selector,
@@ -452,6 +563,11 @@ impl ResolvedPolicy {
         };
         Ok(ResolvedPolicy {
             id: id.clone(),
+            tier: TierInfo {
+                name: spec.tier().to_owned(),
+                ..TierInfo::default()
+            },
+            tier_rank: 0,
             order: spec.order,
             selector,
             types: spec.effective_types(),
@@ -461,9 +577,14 @@ impl ResolvedPolicy {
         })
     }
 
-    /// Felix's order: by `order` ascending (none last), then by id.
-    pub fn sort_key(&self) -> (f64, String) {
-        (self.order.unwrap_or(f64::INFINITY), self.id.to_string())
+    /// Felix's order: by tier, then by `order` ascending (none last),
+    /// then by id.
+    pub fn sort_key(&self) -> (usize, f64, String) {
+        (
+            self.tier_rank,
+            self.order.unwrap_or(f64::INFINITY),
+            self.id.to_string(),
+        )
     }
 
     pub fn applies(&self, dir: PolicyType) -> bool {

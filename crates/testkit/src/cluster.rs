@@ -43,6 +43,49 @@ pub fn web_deny_all() -> String {
     )
 }
 
+/// [`web_deny_all`] with Calico tiers in front of the default tier:
+/// `security` (order 100) with a Deny and a Pass for web's ingress, and
+/// `soft` (order 200, defaultAction Pass) allowing client — the goldens of
+/// felix's per-tier endpoint chains.
+pub fn tiered() -> String {
+    format!(
+        "{}---
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {{name: security}}
+spec: {{order: 100}}
+---
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {{name: soft}}
+spec: {{order: 200, defaultAction: Pass}}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: security.web-guard}}
+spec:
+  tier: security
+  order: 10
+  selector: app == 'web'
+  types: [Ingress]
+  ingress:
+  - {{action: Deny, protocol: TCP, destination: {{ports: [22]}}}}
+  - {{action: Pass}}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: soft.web-from-client, namespace: default}}
+spec:
+  tier: soft
+  selector: app == 'web'
+  types: [Ingress]
+  ingress:
+  - {{action: Allow, source: {{selector: app == 'client'}}}}
+",
+        web_deny_all()
+    )
+}
+
 /// The cluster state `yaml` (Kubernetes and/or Calico manifests) stands
 /// for, as the policy controller would store it; panics on anything it
 /// cannot read (a test's own input).
