@@ -1130,6 +1130,60 @@ mod tests {
     }
 
     #[test]
+    fn tiers_decode_strictly_and_tiered_policies_carry_their_prefix() {
+        let tier = |spec: &str| {
+            Resource::from_json(
+                "k",
+                format!(
+                    r#"{{"apiVersion":"projectcalico.org/v3","kind":"Tier","metadata":{{"name":"security"}},"spec":{spec}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        let Ok(Resource::Tier(t)) = tier(r#"{"order":100,"defaultAction":"Pass"}"#) else {
+            panic!()
+        };
+        assert_eq!(t.spec.order, Some(100.0));
+        assert_eq!(t.spec.default_action, Some(TierAction::Pass));
+        assert_eq!(
+            ResourceKey::from_etcd_key("/calico/resources/v3/projectcalico.org/tiers/security"),
+            Some(ResourceKey::new(Kind::Tier, None, "security"))
+        );
+        // No stub for a Tier: an unknown field or action is an error, and
+        // its policies are then in a missing tier (rejected, fail closed).
+        for bad in [r#"{"defaultAction":"Allow"}"#, r#"{"order":1,"colour":"red"}"#] {
+            let err = tier(bad).unwrap_err().to_string();
+            assert!(err.starts_with("k: Tier security: "), "{err}");
+        }
+        let err = Resource::from_json(
+            "k",
+            br#"{"apiVersion":"projectcalico.org/v3","kind":"Tier","metadata":{"name":"default"},"spec":{"order":5}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("the default tier's order is 1000000"), "{err}");
+
+        let gnp = |name: &str, tier: &str| {
+            let json = format!(
+                r#"{{"apiVersion":"projectcalico.org/v3","kind":"GlobalNetworkPolicy",
+                    "metadata":{{"name":"{name}"}},"spec":{{"tier":"{tier}","selector":"all()"}}}}"#
+            );
+            Resource::from_json("k", json.as_bytes())
+                .unwrap()
+                .metadata()
+                .rejection()
+                .map(str::to_owned)
+        };
+        assert_eq!(gnp("security.block", "security"), None);
+        assert_eq!(gnp("block", "default"), None);
+        assert_eq!(gnp("default.block", "default"), None);
+        for (name, tier) in [("block", "security"), ("other.block", "security"), ("security.", "security")] {
+            let why = gnp(name, tier).expect(name);
+            assert!(why.contains("must be named \"security.<name>\""), "{why}");
+        }
+        assert!(is_ignored_kind("StagedNetworkPolicy") && !is_ignored_kind("Tier"));
+    }
+
+    #[test]
     fn protocols_by_name_and_number_are_equal() {
         assert_eq!("6".parse::<Protocol>().unwrap(), Protocol::Tcp);
         assert!("FOO".parse::<Protocol>().is_err());

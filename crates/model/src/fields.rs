@@ -547,6 +547,9 @@ mod tests {
             r#"{"apiVersion":"projectcalico.org/v3","kind":"GlobalNetworkSet","metadata":{"name":"s"},
                 "spec":{"nets":["198.18.0.0/24"]}}"#
                 .to_owned(),
+            r#"{"apiVersion":"projectcalico.org/v3","kind":"Tier","metadata":{"name":"t"},
+                "spec":{"order":100,"defaultAction":"Pass"}}"#
+                .to_owned(),
         ];
         for doc in docs {
             let r = Resource::from_json("test", doc.as_bytes()).unwrap();

@@ -740,6 +740,64 @@ mod tests {
         assert_eq!(unique.len(), texts.len());
     }
 
+    fn tiered(yaml: &str) -> ClusterState {
+        let mut s = ClusterState::new();
+        for doc in yaml.split("---") {
+            s.upsert(Resource::from_yaml("test", doc).unwrap());
+        }
+        s
+    }
+
+    #[test]
+    fn tiers_sort_by_order_then_name_with_the_default_tier_implicit() {
+        let s = tiered(
+            "{apiVersion: projectcalico.org/v3, kind: Tier, metadata: {name: zulu}, spec: {order: 100}}
+---
+{apiVersion: projectcalico.org/v3, kind: Tier, metadata: {name: last}}
+---
+{apiVersion: projectcalico.org/v3, kind: Tier, metadata: {name: alpha}, spec: {order: 100, defaultAction: Pass}}
+---
+{apiVersion: projectcalico.org/v3, kind: Tier, metadata: {name: late}, spec: {order: 2000000}}",
+        );
+        let tiers = s.tiers();
+        let names: Vec<&str> = tiers.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["alpha", "zulu", "default", "late", "last"]);
+        assert_eq!(tiers[0].default_action, TierAction::Pass);
+        assert_eq!(tiers[2], TierInfo::default());
+    }
+
+    #[test]
+    fn policies_sort_by_tier_then_order_and_a_missing_tier_rejects() {
+        let s = tiered(
+            "{apiVersion: projectcalico.org/v3, kind: Tier, metadata: {name: security}, spec: {order: 10}}
+---
+{apiVersion: projectcalico.org/v3, kind: GlobalNetworkPolicy, metadata: {name: a-first}, spec: {order: 1}}
+---
+{apiVersion: projectcalico.org/v3, kind: GlobalNetworkPolicy, metadata: {name: security.late}, spec: {tier: security, order: 50}}
+---
+{apiVersion: projectcalico.org/v3, kind: NetworkPolicy, metadata: {name: security.early, namespace: ns}, spec: {tier: security, order: 5}}
+---
+{apiVersion: projectcalico.org/v3, kind: GlobalNetworkPolicy, metadata: {name: gone.p}, spec: {tier: gone}}",
+        );
+        let (policies, errors) = s.resolved_policies();
+        assert!(errors.is_empty());
+        let ids: Vec<String> = policies.iter().map(|p| p.id.to_string()).collect();
+        assert_eq!(
+            ids,
+            ["ns/ns/security.early", "gnp/security.late", "gnp/a-first", "gnp/gone.p"]
+        );
+        assert!(policies[..3].iter().all(|p| p.rejected.is_none()));
+        let why = policies[3].rejected.as_deref().unwrap();
+        assert!(why.contains("spec.tier \"gone\": no such Tier"), "{why}");
+        assert_eq!(
+            s.tier_rejections(),
+            [(
+                ResourceKey::new(Kind::GlobalNetworkPolicy, None, "gone.p"),
+                why.to_owned()
+            )]
+        );
+    }
+
     #[test]
     fn entity_selectors_are_namespace_scoped() {
         let e = calico::EntityRule {
