@@ -1151,7 +1151,10 @@ mod tests {
         );
         // No stub for a Tier: an unknown field or action is an error, and
         // its policies are then in a missing tier (rejected, fail closed).
-        for bad in [r#"{"defaultAction":"Allow"}"#, r#"{"order":1,"colour":"red"}"#] {
+        for bad in [
+            r#"{"defaultAction":"Allow"}"#,
+            r#"{"order":1,"colour":"red"}"#,
+        ] {
             let err = tier(bad).unwrap_err().to_string();
             assert!(err.starts_with("k: Tier security: "), "{err}");
         }
@@ -1160,7 +1163,11 @@ mod tests {
             br#"{"apiVersion":"projectcalico.org/v3","kind":"Tier","metadata":{"name":"default"},"spec":{"order":5}}"#,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("the default tier's order is 1000000"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("the default tier's order is 1000000"),
+            "{err}"
+        );
 
         let gnp = |name: &str, tier: &str| {
             let json = format!(
@@ -1176,7 +1183,11 @@ mod tests {
         assert_eq!(gnp("security.block", "security"), None);
         assert_eq!(gnp("block", "default"), None);
         assert_eq!(gnp("default.block", "default"), None);
-        for (name, tier) in [("block", "security"), ("other.block", "security"), ("security.", "security")] {
+        for (name, tier) in [
+            ("block", "security"),
+            ("other.block", "security"),
+            ("security.", "security"),
+        ] {
             let why = gnp(name, tier).expect(name);
             assert!(why.contains("must be named \"security.<name>\""), "{why}");
         }

@@ -195,9 +195,7 @@ impl ClusterState {
         }
         tiers.sort_by(|a, b| {
             let key = |t: &TierInfo| t.order.unwrap_or(f64::INFINITY);
-            key(a)
-                .total_cmp(&key(b))
-                .then_with(|| a.name.cmp(&b.name))
+            key(a).total_cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
         });
         tiers
     }
@@ -784,7 +782,12 @@ mod tests {
         let ids: Vec<String> = policies.iter().map(|p| p.id.to_string()).collect();
         assert_eq!(
             ids,
-            ["ns/ns/security.early", "gnp/security.late", "gnp/a-first", "gnp/gone.p"]
+            [
+                "ns/ns/security.early",
+                "gnp/security.late",
+                "gnp/a-first",
+                "gnp/gone.p"
+            ]
         );
         assert!(policies[..3].iter().all(|p| p.rejected.is_none()));
         let why = policies[3].rejected.as_deref().unwrap();
