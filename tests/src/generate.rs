@@ -205,6 +205,14 @@ pub struct GenProbe {
     pub expect_allow: bool,
 }
 
+/// A Calico resource as written: `Tier` or `GlobalNetworkPolicy`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenCalico {
+    pub kind: &'static str,
+    pub name: String,
+    pub spec: Value,
+}
+
 /// One generated cluster with its probes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Case {
@@ -212,6 +220,8 @@ pub struct Case {
     pub namespaces: Vec<GenNamespace>,
     pub pods: Vec<GenPod>,
     pub policies: Vec<GenPolicy>,
+    /// Calico tiers and tiered GlobalNetworkPolicies (in some cases).
+    pub calico: Vec<GenCalico>,
     pub externals: Vec<(String, String)>,
     pub probes: Vec<GenProbe>,
 }
@@ -256,14 +266,124 @@ pub fn case(seed: u64, index: u64) -> Case {
         .map(|(n, ip)| ((*n).to_owned(), (*ip).to_owned()))
         .collect();
     let probes = (0..12).map(|_| random_probe(&mut rng, &pods)).collect();
+    // Drawn last, so that the rest of a case is what it was before tiers.
+    let calico = random_tiers(&mut rng);
     Case {
         name: format!("fuzz-{seed}-{index}"),
         namespaces,
         pods,
         policies,
+        calico,
         externals,
         probes,
     }
+}
+
+const TIERS: [&str; 2] = ["t-alpha", "t-beta"];
+
+/// In some cases, Calico tiers (random order and defaultAction) and
+/// GlobalNetworkPolicies in them or in the default tier, with Allow, Deny
+/// and Pass rules: felix's per-tier evaluation against the model.
+fn random_tiers(rng: &mut Rng) -> Vec<GenCalico> {
+    let mut out = Vec::new();
+    if !rng.chance(40) {
+        return out;
+    }
+    let tiers = &TIERS[..rng.between(1, TIERS.len())];
+    for name in tiers {
+        let mut spec = Value::Mapping(Mapping::new());
+        if rng.chance(80) {
+            insert(
+                &mut spec,
+                "order",
+                Value::from(*rng.pick(&[100.0, 200.0, 2e6])),
+            );
+        }
+        if rng.chance(70) {
+            insert(
+                &mut spec,
+                "defaultAction",
+                s(pick_str(rng, &["Deny", "Pass"])),
+            );
+        }
+        out.push(GenCalico {
+            kind: "Tier",
+            name: (*name).to_owned(),
+            spec,
+        });
+    }
+    for i in 0..rng.between(1, 3) {
+        let tier = if rng.chance(80) {
+            *rng.pick(tiers)
+        } else {
+            model::calico::DEFAULT_TIER
+        };
+        let mut spec = map([("tier", s(tier)), ("selector", random_calico_selector(rng))]);
+        if rng.chance(50) {
+            insert(
+                &mut spec,
+                "order",
+                Value::from(*rng.pick(&[1.0, 5.0, 10.0])),
+            );
+        }
+        const TYPES: [&[&str]; 3] = [&["Ingress"], &["Egress"], &["Ingress", "Egress"]];
+        let types: &[&str] = *rng.pick(&TYPES);
+        insert(
+            &mut spec,
+            "types",
+            Value::Sequence(types.iter().map(|t| s(t)).collect()),
+        );
+        for t in types {
+            let rules = (0..rng.between(1, 2))
+                .map(|_| random_calico_rule(rng, *t == "Ingress"))
+                .collect();
+            insert(&mut spec, &t.to_lowercase(), Value::Sequence(rules));
+        }
+        out.push(GenCalico {
+            kind: "GlobalNetworkPolicy",
+            name: format!("{tier}.g{i}"),
+            spec,
+        });
+    }
+    out
+}
+
+fn random_calico_selector(rng: &mut Rng) -> Value {
+    let (key, values) = *rng.pick(&POD_LABELS);
+    match rng.below(4) {
+        0 => s("all()"),
+        1 => s(&format!("has({key})")),
+        _ => s(&format!("{key} == '{}'", rng.pick(values))),
+    }
+}
+
+fn random_calico_rule(rng: &mut Rng, ingress: bool) -> Value {
+    let mut rule = map([("action", s(pick_str(rng, &["Allow", "Deny", "Pass"])))]);
+    let mut source = Value::Mapping(Mapping::new());
+    let mut destination = Value::Mapping(Mapping::new());
+    if rng.chance(50) {
+        let peer = if ingress {
+            &mut source
+        } else {
+            &mut destination
+        };
+        insert(peer, "selector", random_calico_selector(rng));
+    }
+    if rng.chance(50) {
+        let (protocol, ports): (&str, &[u16]) =
+            *rng.pick(&[("TCP", &[80, 5432, 8080][..]), ("UDP", &[53, 5353])]);
+        insert(&mut rule, "protocol", s(protocol));
+        if rng.chance(60) {
+            let port = Value::from(*rng.pick(ports));
+            insert(&mut destination, "ports", Value::Sequence(vec![port]));
+        }
+    }
+    for (key, entity) in [("source", source), ("destination", destination)] {
+        if entity.as_mapping().is_some_and(|m| !m.is_empty()) {
+            insert(&mut rule, key, entity);
+        }
+    }
+    rule
 }
 
 fn random_labels(rng: &mut Rng, vocabulary: &[(&str, &[&str])]) -> BTreeMap<String, String> {
@@ -550,6 +670,14 @@ impl Case {
                 ("spec", p.spec.clone()),
             ]));
         }
+        for c in &self.calico {
+            objects.push(map([
+                ("apiVersion", s(model::calico::API_VERSION)),
+                ("kind", s(c.kind)),
+                ("metadata", map([("name", s(&c.name))])),
+                ("spec", c.spec.clone()),
+            ]));
+        }
         let externals = self
             .externals
             .iter()
@@ -602,6 +730,16 @@ impl Case {
         for i in 0..self.policies.len() {
             let mut c = self.clone();
             c.policies.remove(i);
+            out.push(c);
+        }
+        // Calico policies (a Tier stays while a policy is in it: a policy
+        // in a missing tier is rejected, which the scenario would not list).
+        for (i, p) in self.calico.iter().enumerate() {
+            if p.kind == "Tier" {
+                continue;
+            }
+            let mut c = self.clone();
+            c.calico.remove(i);
             out.push(c);
         }
         for i in 0..self.policies.len() {
@@ -713,6 +851,9 @@ mod tests {
             "family: IPv6",
             "from: ext/",
             "to: ext/",
+            "kind: Tier",
+            "defaultAction: Pass",
+            "action: Pass",
         ] {
             assert!(text.contains(feature), "no case has {feature:?}");
         }
