@@ -327,7 +327,7 @@ fn random_tiers(rng: &mut Rng) -> Vec<GenCalico> {
             );
         }
         const TYPES: [&[&str]; 3] = [&["Ingress"], &["Egress"], &["Ingress", "Egress"]];
-        let types: &[&str] = *rng.pick(&TYPES);
+        let types = rng.pick(&TYPES).to_vec();
         insert(
             &mut spec,
             "types",
@@ -335,7 +335,7 @@ fn random_tiers(rng: &mut Rng) -> Vec<GenCalico> {
         );
         for t in types {
             let rules = (0..rng.between(1, 2))
-                .map(|_| random_calico_rule(rng, *t == "Ingress"))
+                .map(|_| random_calico_rule(rng, t == "Ingress"))
                 .collect();
             insert(&mut spec, &t.to_lowercase(), Value::Sequence(rules));
         }
