@@ -186,7 +186,7 @@ fn default_scenario_paths() -> Vec<PathBuf> {
 }
 
 fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut cmd = testkit::cargo_command();
     cmd.current_dir(root());
     cmd
 }
