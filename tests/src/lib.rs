@@ -73,12 +73,11 @@ pub fn nftpolicy_binary() -> std::path::PathBuf {
         return p.into();
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status =
-        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "-q", "-p", "nftpolicy"])
-            .current_dir(&root)
-            .status()
-            .expect("running cargo build -p nftpolicy");
+    let status = testkit::cargo_command()
+        .args(["build", "-q", "-p", "nftpolicy"])
+        .current_dir(&root)
+        .status()
+        .expect("running cargo build -p nftpolicy");
     assert!(status.success(), "cargo build -p nftpolicy failed");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)

@@ -66,6 +66,15 @@ const SEED: u64 = 0x0063_7261_7368;
 /// equal slices of [0, 1.5 T].
 const ROUNDS: usize = 4;
 const SPREAD: f64 = 1.5;
+/// When a kill round kills the agent, after the new state lands.
+#[derive(Clone, Copy)]
+enum KillAt {
+    /// This long after.
+    After(Duration),
+    /// Once the agent has logged the new state as programmed.
+    Logged,
+}
+
 /// What the agent logs once a transaction is committed.
 const PROGRAMMED: &str = "dataplane programmed";
 /// Bound on every convergence wait (a debug build applying the big change).
@@ -496,6 +505,39 @@ fn kill_rounds(make: impl FnOnce(&Path, &Path, &Path) -> Box<dyn Backend>) {
         backend.wait(&node_ns, Left::Old, "back to the old state");
     };
 
+    // Swaps the new state in, kills the agent at `at`, judges what the
+    // kernel holds, and restarts the agent until it has the new state.
+    let kill_and_restart = |agents: &mut Agents, at: KillAt, what: &str| -> Left {
+        fresh_agent_at_old(agents);
+        let before = new_state_programmed(&log);
+        swap_in(&parked, &live);
+        match at {
+            KillAt::After(delay) => std::thread::sleep(delay),
+            KillAt::Logged => wait_new_state_programmed(&log, before),
+        }
+        agents.stop("node1", Signal::SIGKILL).unwrap();
+        wait_tools_gone(&node_ns);
+        let logged = new_state_programmed(&log) > before;
+        let state = backend.judge(&node_ns, what);
+        eprintln!(
+            "{what}: the kernel holds the {state:?} ruleset{}",
+            match (state, logged) {
+                (Left::New, false) => " (killed after the commit, before the log line)",
+                (Left::Old, true) => " (logged as programmed?)",
+                _ => "",
+            }
+        );
+        assert!(
+            !(state == Left::Old && logged),
+            "{what}: the agent logged {PROGRAMMED:?} but the kernel holds the old ruleset"
+        );
+        // A restarted agent converges to the new state.
+        agents.restart("node1").unwrap();
+        agents.wait_applied(1, CONVERGE_TIMEOUT).unwrap();
+        backend.wait(&node_ns, Left::New, "after restart");
+        state
+    };
+
     eprintln!("{name}: set up in {:?}", setup.elapsed());
     let started = Instant::now();
     let mut rng = Rng::new(SEED);
@@ -517,40 +559,34 @@ fn kill_rounds(make: impl FnOnce(&Path, &Path, &Path) -> Box<dyn Backend>) {
         );
 
         // The kill, in this round's slice of [0, SPREAD × T].
-        fresh_agent_at_old(&mut agents);
         let fraction = (round as f64 + rng.below(1_000) as f64 / 1_000.0) / ROUNDS as f64 * SPREAD;
         let delay = t.mul_f64(fraction);
-        let before = new_state_programmed(&log);
-        swap_in(&parked, &live);
-        std::thread::sleep(delay);
-        agents.stop("node1", Signal::SIGKILL).unwrap();
-        wait_tools_gone(&node_ns);
-        let logged = new_state_programmed(&log) > before;
         let what = format!("{name} kill {round} at {fraction:.2} T ({delay:?} of {t:?})");
-        let state = backend.judge(&node_ns, &what);
-        eprintln!(
-            "{what}: the kernel holds the {state:?} ruleset{}",
-            match (state, logged) {
-                (Left::New, false) => " (killed after the commit, before the log line)",
-                (Left::Old, true) => " (logged as programmed?)",
-                _ => "",
-            }
-        );
-        assert!(
-            !(state == Left::Old && logged),
-            "{what}: the agent logged {PROGRAMMED:?} but the kernel holds the old ruleset"
-        );
-        left.push(state);
-
-        // A restarted agent converges to the new state.
-        agents.restart("node1").unwrap();
-        agents.wait_applied(1, CONVERGE_TIMEOUT).unwrap();
-        backend.wait(&node_ns, Left::New, "after restart");
+        left.push(kill_and_restart(&mut agents, KillAt::After(delay), &what));
+    }
+    // On a loaded machine T varies from round to round, and the timed
+    // kills can all land on one side of the commit. Each side is then
+    // covered by one more kill placed for it: at once (before the agent
+    // has read the file), or once the agent has logged the commit.
+    if !left.contains(&Left::Old) {
+        left.push(kill_and_restart(
+            &mut agents,
+            KillAt::After(Duration::ZERO),
+            &format!("{name} extra kill at once"),
+        ));
+    }
+    if !left.contains(&Left::New) {
+        left.push(kill_and_restart(
+            &mut agents,
+            KillAt::Logged,
+            &format!("{name} extra kill after the commit was logged"),
+        ));
     }
     let old = left.iter().filter(|s| **s == Left::Old).count();
     let new = left.len() - old;
     eprintln!(
-        "{name}: {ROUNDS} kills in {:?}: {old} left the old ruleset, {new} the new one",
+        "{name}: {} kills in {:?}: {old} left the old ruleset, {new} the new one",
+        left.len(),
         started.elapsed()
     );
     assert!(old > 0, "{name}: no kill landed before the commit");

@@ -63,7 +63,7 @@ pub fn run() -> anyhow::Result<bool> {
         );
     }
     let cargo_in_clone = |args: &[&str]| {
-        let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        let mut cmd = crate::cargo();
         cmd.current_dir(&clone)
             .env("CARGO_TARGET_DIR", &clone_target)
             .args(args);
@@ -93,7 +93,7 @@ pub fn run() -> anyhow::Result<bool> {
 /// The target directory cargo uses for this checkout (honours
 /// `CARGO_TARGET_DIR` and cargo configuration).
 fn target_dir(root: &Path) -> anyhow::Result<PathBuf> {
-    let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let out = crate::cargo()
         .current_dir(root)
         .args(["metadata", "--format-version", "1", "--no-deps"])
         .output()

@@ -47,8 +47,9 @@ enum Task {
     /// installs missing tools).
     Demo(demo::DemoArgs),
     /// The project's one test command (what CI runs): install missing
-    /// tools, `cargo test --workspace`, the model check and the nftables e2e.
-    Test,
+    /// tools, `cargo test --workspace`, the model check, the e2e runs, the
+    /// fuzzers, the soak and the fresh-clone check.
+    Test(TestArgs),
     /// Dataplane benchmark: nftables over netlink vs `nft -f` vs iptables
     /// mode (needs root); results in target/bench.
     Bench(bench::BenchArgs),
@@ -145,7 +146,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::E2e(args) => e2e(&args),
-        Task::Test => test(),
+        Task::Test(args) => test(&args),
         Task::Bench(args) => bench::bench(&args),
         Task::Latency(args) => latency::run(&args),
         Task::Soak(args) => soak::run(&args),
@@ -186,7 +187,7 @@ fn default_scenario_paths() -> Vec<PathBuf> {
 }
 
 fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut cmd = testkit::cargo_command();
     cmd.current_dir(root());
     cmd
 }
@@ -336,7 +337,15 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
 // ---------------------------------------------------------------------------
 // cargo xtask test
 
-fn test() -> anyhow::Result<bool> {
+#[derive(clap::Args)]
+struct TestArgs {
+    /// Start at this phase (1-based; the tool check always runs), to go on
+    /// after a failure has been fixed. CI runs every phase.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(usize))]
+    from_phase: usize,
+}
+
+fn test(args: &TestArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let scenario_paths: Vec<String> = default_scenario_paths()
         .iter()
@@ -416,6 +425,14 @@ fn test() -> anyhow::Result<bool> {
     ];
     let mut done = Vec::new();
     for (i, (name, phase)) in phases.iter().enumerate() {
+        if i > 0 && i + 1 < args.from_phase {
+            println!(
+                "\n==== [{}/{}] {name}: skipped (--from-phase)",
+                i + 1,
+                phases.len()
+            );
+            continue;
+        }
         println!("\n==== [{}/{}] {name}", i + 1, phases.len());
         let phase_start = Instant::now();
         let ok = match phase() {
@@ -445,10 +462,16 @@ fn test() -> anyhow::Result<bool> {
     for (n, t) in &done {
         println!("ok      {n} ({t:.1}s)");
     }
+    let skipped = args.from_phase.saturating_sub(2).min(phases.len() - 1);
     println!(
-        "cargo xtask test: all {} phases passed in {:.1}s",
-        phases.len(),
-        started.elapsed().as_secs_f64()
+        "cargo xtask test: all {} phases passed in {:.1}s{}",
+        phases.len() - skipped,
+        started.elapsed().as_secs_f64(),
+        if skipped > 0 {
+            format!(" ({skipped} skipped with --from-phase)")
+        } else {
+            String::new()
+        }
     );
     Ok(true)
 }

@@ -18,6 +18,35 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 
+/// A `cargo` command (the one running us, if any) without the variables
+/// cargo sets for the program it runs (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`,
+/// …). Build scripts such as ring's watch `CARGO_MANIFEST_DIR`: a nested
+/// `cargo build` that inherits it from `cargo xtask` or from a test would
+/// see it change and rebuild them (and all that depends on them) every
+/// time the caller changes.
+pub fn cargo_command() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_for_the_run = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            );
+        if set_for_the_run {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 /// What went wrong setting up test support; the callers turn it into their
 /// own error type or a panic.
 #[derive(Debug, thiserror::Error)]
