@@ -168,7 +168,10 @@ fn kdd_agent_lives_through_api_server_faults() {
     let (code, said, _) = explain_intruder(&nftpolicy, &server);
     assert_eq!(code, Some(1), "denied: {said}");
     assert!(said.contains("DENIED"), "{said}");
-    assert!(said.contains("port-zero"), "explain names the rejected policy: {said}");
+    assert!(
+        said.contains("port-zero"),
+        "explain names the rejected policy: {said}"
+    );
 
     // Fixed, the policy is enforced as written again.
     bad_policy["spec"]["ingress"][0]["ports"] = json!([{"port": 80}]);
