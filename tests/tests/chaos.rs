@@ -408,6 +408,7 @@ impl Chaos {
 }
 
 fn chaos(backend: &'static str) {
+    let nftpolicy = nftpolicy_binary();
     let started = Instant::now();
     let (state, probes) = shop();
     assert_eq!(
@@ -445,8 +446,7 @@ fn chaos(backend: &'static str) {
     } else {
         Vec::new()
     };
-    let mut agents =
-        Agents::start_file(&lab, &datastore, &nftpolicy_binary(), backend, &extra).unwrap();
+    let mut agents = Agents::start_file(&lab, &datastore, &nftpolicy, backend, &extra).unwrap();
     agents.wait_applied(1, TIMEOUT).unwrap();
     assert_probes(&mut lab, &probes, &format!("{backend}: before the faults"));
 
