@@ -8,7 +8,8 @@
 //! to-workload chain flushed; iptables: all our chains flushed, web's
 //! to-workload chain flushed); the policy widened and narrowed again in the
 //! datastore; a malformed file added and removed; the datastore directory
-//! removed and restored; SIGTERM.
+//! removed, our rules tampered with while it is gone, the directory
+//! restored; SIGTERM.
 //!
 //! Each fault is judged by what it allows: the agent's own faults and the
 //! datastore's (restart, malformed input, an unreadable datastore, SIGTERM)
@@ -402,9 +403,96 @@ impl Chaos {
         fault.settled = Some(end);
     }
 
+    /// Tampering: runs `program args` in the node (as an admin would) and
+    /// waits until the agent has repaired what it did.
+    /// Tampering: runs it in the node (as an admin would) and waits until
+    /// the agent has repaired what it did.
+    fn tamper(&mut self, t: &Tampering, name: &str, response: &str) {
+        self.begin(name, response, Allows::AnythingUntilRepaired, self.expect);
+        let args: Vec<&str> = t.args.iter().map(String::as_str).collect();
+        in_node(&self.node_ns, t.program, &args, t.stdin.as_deref());
+        self.settle();
+    }
+
     fn iptables(&self) -> bool {
         self.backend == "iptables"
     }
+}
+
+/// A command that tampers with our rules in the node.
+struct Tampering {
+    name: String,
+    program: &'static str,
+    args: Vec<String>,
+    stdin: Option<String>,
+}
+
+fn tampering(name: &str, program: &'static str, args: &[&str], stdin: Option<String>) -> Tampering {
+    Tampering {
+        name: name.to_owned(),
+        program,
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        stdin,
+    }
+}
+
+/// nftables: our table deleted; web's to-workload chain flushed; what the
+/// agent does about it.
+fn tamperings_nftables(web_tw: &str) -> (Tampering, Tampering, String) {
+    (
+        tampering(
+            "our table deleted (nft delete table)",
+            "nft",
+            &["delete", "table", "ip", TABLE_NAME],
+            None,
+        ),
+        tampering(
+            "web's to-workload chain flushed (nft flush chain)",
+            "nft",
+            &["flush", "chain", "ip", TABLE_NAME, web_tw],
+            None,
+        ),
+        "nf_tables notification: resync at once, repaired in one transaction".to_owned(),
+    )
+}
+
+/// iptables: all our chains flushed (one `iptables-restore --noflush`);
+/// web's to-workload chain flushed; what the agent does about it.
+fn tamperings_iptables(node_ns: &str, web_tw: &str) -> (Tampering, Tampering, String) {
+    let save = in_node(node_ns, "iptables-legacy-save", &["-t", "filter"], None);
+    let ours: Vec<&str> = save
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|chain| chain.starts_with("cali-"))
+        .collect();
+    assert!(ours.contains(&web_tw), "no {web_tw} in:\n{save}");
+    let mut flush = String::from("*filter\n");
+    for chain in &ours {
+        let _ = writeln!(flush, ":{chain} - [0:0]");
+    }
+    flush.push_str("COMMIT\n");
+    (
+        tampering(
+            &format!(
+                "all {} of our chains flushed (iptables-restore --noflush)",
+                ours.len()
+            ),
+            "iptables-legacy-restore",
+            &["--noflush"],
+            Some(flush),
+        ),
+        tampering(
+            "web's to-workload chain flushed (iptables -F)",
+            "iptables-legacy",
+            &["-t", "filter", "-F", web_tw],
+            None,
+        ),
+        format!(
+            "periodic resync (--resync-interval {IPTABLES_RESYNC_SECS} here, 90 by default) \
+             finds the drift and re-applies"
+        ),
+    )
 }
 
 fn chaos(backend: &'static str) {
@@ -486,82 +574,13 @@ fn chaos(backend: &'static str) {
     c.prober.hold(HOLD_ROUNDS);
 
     // Tampering, twice.
-    if c.iptables() {
-        let save = in_node(&c.node_ns, "iptables-legacy-save", &["-t", "filter"], None);
-        let ours: Vec<&str> = save
-            .lines()
-            .filter_map(|l| l.strip_prefix(':'))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|chain| chain.starts_with("cali-"))
-            .collect();
-        assert!(ours.contains(&web_tw.as_str()), "no {web_tw} in:\n{save}");
-        let mut flush = String::from("*filter\n");
-        for chain in &ours {
-            let _ = writeln!(flush, ":{chain} - [0:0]");
-        }
-        flush.push_str("COMMIT\n");
-        let response = format!(
-            "periodic resync (--resync-interval {IPTABLES_RESYNC_SECS} here, 90 by default) \
-             finds the drift and re-applies"
-        );
-        c.begin(
-            &format!(
-                "all {} of our chains flushed (iptables-restore --noflush)",
-                ours.len()
-            ),
-            &response,
-            Allows::AnythingUntilRepaired,
-            SHOP,
-        );
-        in_node(
-            &c.node_ns,
-            "iptables-legacy-restore",
-            &["--noflush"],
-            Some(&flush),
-        );
-        c.settle();
-        c.begin(
-            "web's to-workload chain flushed (iptables -F)",
-            &response,
-            Allows::AnythingUntilRepaired,
-            SHOP,
-        );
-        in_node(
-            &c.node_ns,
-            "iptables-legacy",
-            &["-t", "filter", "-F", &web_tw],
-            None,
-        );
-        c.settle();
+    let (all, one, response) = if c.iptables() {
+        tamperings_iptables(&c.node_ns, &web_tw)
     } else {
-        let response = "nf_tables notification: resync at once, repaired in one transaction";
-        c.begin(
-            "our table deleted (nft delete table)",
-            response,
-            Allows::AnythingUntilRepaired,
-            SHOP,
-        );
-        in_node(
-            &c.node_ns,
-            "nft",
-            &["delete", "table", "ip", TABLE_NAME],
-            None,
-        );
-        c.settle();
-        c.begin(
-            "web's to-workload chain flushed (nft flush chain)",
-            response,
-            Allows::AnythingUntilRepaired,
-            SHOP,
-        );
-        in_node(
-            &c.node_ns,
-            "nft",
-            &["flush", "chain", "ip", TABLE_NAME, &web_tw],
-            None,
-        );
-        c.settle();
-    }
+        tamperings_nftables(&web_tw)
+    };
+    c.tamper(&all, &all.name, &response);
+    c.tamper(&one, &one.name, &response);
     c.prober.hold(HOLD_ROUNDS);
 
     // The policy changes in the datastore, and back.
@@ -609,7 +628,7 @@ fn chaos(backend: &'static str) {
 
     // The datastore directory goes away, then comes back.
     c.begin(
-        "datastore directory removed, restored",
+        "datastore directory removed",
         "keeps the last dataplane, not ready (felix_resync_state 0) until it can read it again",
         Allows::Nothing,
         SHOP,
@@ -620,6 +639,15 @@ fn chaos(backend: &'static str) {
         c.agents.status("node1").is_ok_and(|s| !s.ready)
     });
     c.prober.hold(HOLD_ROUNDS);
+    c.tamper(
+        &all,
+        &format!(
+            "{}, while the datastore is gone; then the directory restored",
+            all.name
+        ),
+        "repaired all the same (towards its last write), still not ready; \
+         ready again once the directory is back",
+    );
     std::fs::rename(&away, &c.datastore).unwrap();
     wait_for("the agent ready again", TIMEOUT, || {
         c.agents.status("node1").is_ok_and(|s| s.ready)
