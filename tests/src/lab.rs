@@ -680,6 +680,26 @@ impl Lab {
         results
     }
 
+    /// Starts `probe` and returns at once; `done` gets its result on the
+    /// lab's runtime when it is decided (answered, refused, or
+    /// [`Lab::probe_timeout`] passed). For probing continuously while
+    /// something else happens. The destination must already serve the
+    /// probe's port: pods serve their declared ports, external hosts the
+    /// ports a [`Lab::probe_all`] aimed at them.
+    pub fn launch_probe(
+        &self,
+        probe: &ResolvedProbe,
+        done: impl FnOnce(Result<ProbeResult, LabError>) + Send + 'static,
+    ) -> Result<(), LabError> {
+        let src = self.endpoint(&probe.probe.from, probe.src, &probe.probe.to_string())?;
+        self.endpoint(&probe.probe.to, probe.dst, &probe.probe.to_string())?;
+        let prepared = probe::prepare(&src.netns, probe, self.sctp)?;
+        let timeout = self.probe_timeout;
+        self.runtime()
+            .spawn(async move { done(probe::run_one(prepared, timeout).await) });
+        Ok(())
+    }
+
     /// The endpoint at one end of a probe, checking it has the address the
     /// probe uses.
     fn endpoint(&self, end: &ProbeEnd, ip: IpAddr, probe: &str) -> Result<&Endpoint, LabError> {

@@ -129,7 +129,7 @@ enum Outcome {
     Failed(std::io::Error),
 }
 
-async fn run_one(p: Prepared, timeout: Duration) -> Result<ProbeResult, LabError> {
+pub(crate) async fn run_one(p: Prepared, timeout: Duration) -> Result<ProbeResult, LabError> {
     let socket = match p.socket {
         Ok(s) => s,
         Err(skipped) => return Ok(skipped),

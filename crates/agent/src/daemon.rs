@@ -375,8 +375,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
             }
             _ = resync.tick() => {
                 // Queued behind any apply on the programmer thread; a resync
-                // that finds no drift sends nothing back.
-                if sync.in_sync && applied_once {
+                // that finds no drift sends nothing back. It repairs towards
+                // our last write, so it also runs while the datastore is
+                // out of reach: the last good dataplane is kept, not left
+                // to whoever tampers with it meanwhile.
+                if applied_once {
                     job_tx.send(Job::Resync)?;
                 }
             }
@@ -388,7 +391,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                 health.last_tick.store(now_secs(), Ordering::Relaxed);
             }
             Some(()) = async { kernel_changes.as_mut()?.recv().await }, if kernel_changes.is_some() => {
-                if sync.in_sync && applied_once {
+                if applied_once {
                     job_tx.send(Job::Resync)?;
                 }
             }

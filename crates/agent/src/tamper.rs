@@ -4,9 +4,12 @@
 //!   ([`programmer::monitor::Monitor`]) and, when someone other than our
 //!   programmer commits a change to our tables, asks the daemon loop for a
 //!   resync (drift check + repair) at once, instead of leaving the node
-//!   mis-enforcing until the next periodic resync. A burst of changes (an
-//!   admin's whole `nft -f`) becomes one resync: after the first change the
-//!   thread collects further ones for [`DEBOUNCE`] before asking.
+//!   mis-enforcing until the next periodic resync. One `nft` command or
+//!   `nft -f` file is one transaction, reported whole; a script of several
+//!   becomes one resync: after a change the thread collects further ones
+//!   until none came for [`QUIET`] (at most [`DEBOUNCE`]) before asking.
+//!   (It used to wait the whole [`DEBOUNCE`] after every change, which was
+//!   most of the time a deleted table stayed deleted.)
 //! * **Repeated kernel failures**: when diffs keep failing (our committed
 //!   state and the kernel disagree in a way re-reading does not fix), the
 //!   daemon has `dataplane::Pipeline::rebuild` replace our tables whole in
@@ -20,8 +23,10 @@ use programmer::monitor::{ForeignChange, Monitor};
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-/// After a foreign change, how long further changes are gathered into the
-/// same resync.
+/// After a foreign change, further changes are gathered into the same
+/// resync until none came for this long…
+pub const QUIET: Duration = Duration::from_millis(20);
+/// …or this long has passed since the first.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// How long one wait for notifications lasts; only bounds how late the
 /// thread notices that the daemon is gone.
@@ -107,8 +112,8 @@ fn watch(mut monitor: Monitor, own_port: u32, tx: mpsc::Sender<()>) {
     }
 }
 
-/// Swallows further changes for [`DEBOUNCE`] (they are covered by the same
-/// resync).
+/// Swallows further changes (they are covered by the same resync) until
+/// none came for [`QUIET`], at most [`DEBOUNCE`] in all.
 fn gather_more(monitor: &mut Monitor, own_port: u32) {
     let until = Instant::now() + DEBOUNCE;
     loop {
@@ -116,7 +121,7 @@ fn gather_more(monitor: &mut Monitor, own_port: u32) {
         if left.is_zero() {
             return;
         }
-        match monitor.wait_foreign(own_port, left) {
+        match monitor.wait_foreign(own_port, left.min(QUIET)) {
             Ok(Some(change)) => debug!(%change, "further foreign change"),
             Ok(None) => return,
             Err(e) => {
