@@ -227,7 +227,14 @@ mod tests {
         let policy = raw(
             r#"{"metadata":{"name":"np","namespace":"a"},"spec":{"podSelector":{},"ingress":[{"ports":[{"port":0}]}]}}"#,
         );
-        let err = policy.into_calico(Watched::NetworkPolicy).unwrap_err();
-        assert!(err.contains("port 0 out of range"), "{err}");
+        // What it selects can be read: a stub that fails closed, with the
+        // reason (model::reject).
+        let Some(Resource::NetworkPolicy(stub)) =
+            policy.into_calico(Watched::NetworkPolicy).unwrap()
+        else {
+            panic!("a NetworkPolicy stub")
+        };
+        let reason = stub.metadata.rejection().unwrap_or_default();
+        assert!(reason.contains("port 0 out of range"), "{reason}");
     }
 }
