@@ -16,7 +16,7 @@ pub mod netns;
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 
 /// What went wrong setting up test support; the callers turn it into their
 /// own error type or a panic.
@@ -82,4 +82,36 @@ pub fn free_loopback_port() -> Result<u16, TestkitError> {
         .local_addr()
         .map(|a| a.port())
         .map_err(|e| TestkitError::io("finding a free loopback port", e))
+}
+
+/// The members of ipset `name` in `ipset save` output, as it prints them.
+pub fn ipset_members(save: &str, name: &str) -> std::collections::BTreeSet<String> {
+    let prefix = format!("add {name} ");
+    save.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Panics, naming `what` and showing the exit status and stderr, unless the
+/// command exited 0.
+#[track_caller]
+pub fn assert_success(out: &Output, what: impl std::fmt::Display) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `cmd` to completion and returns its output; panics as
+/// [`assert_success`] does unless it started and exited 0.
+#[track_caller]
+pub fn output_ok(cmd: &mut Command, what: impl std::fmt::Display) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    assert_success(&out, what);
+    out
 }
