@@ -74,7 +74,7 @@ fn kdd_agent_lives_through_api_server_faults() {
     let (state, probes) = common::shop();
     let mut lab = Lab::build(&state.pods(), &[], &["node1"]).unwrap();
     let api = LabApi::start().unwrap();
-    let mut agents = Agents::start_kubernetes(&lab, &api, &nftpolicy, "nftables", &[]).unwrap();
+    let mut agents = Agents::start(&lab, &api, &nftpolicy, "nftables", &[]).unwrap();
     let dir = lab.workdir().join("step-1");
     let rv = api
         .write_step(&ApiClient::Http, &dir, None, &state)
@@ -168,7 +168,10 @@ fn kdd_agent_lives_through_api_server_faults() {
     let (code, said, _) = explain_intruder(&nftpolicy, &server);
     assert_eq!(code, Some(1), "denied: {said}");
     assert!(said.contains("DENIED"), "{said}");
-    assert!(said.contains("port-zero"), "explain names the rejected policy: {said}");
+    assert!(
+        said.contains("port-zero"),
+        "explain names the rejected policy: {said}"
+    );
 
     // Fixed, the policy is enforced as written again.
     bad_policy["spec"]["ingress"][0]["ports"] = json!([{"port": 80}]);
