@@ -105,6 +105,15 @@ pub fn assert_success(out: &Output, what: impl std::fmt::Display) {
     );
 }
 
+/// Panics unless the command exited with `code` and its stderr says
+/// `says`; shows the stderr either way.
+#[track_caller]
+pub fn assert_refused(out: &Output, code: i32, says: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    assert!(stderr.contains(says), "{stderr}");
+}
+
 /// Runs `cmd` to completion and returns its output; panics as
 /// [`assert_success`] does unless it started and exited 0.
 #[track_caller]
