@@ -1049,17 +1049,11 @@ fn decode_addr(
                 2,
             ))
         }
-        lookup @ Expr::Lookup { .. } => {
-            let (set, negate) = set_lookup(lookup)?;
-            Some((
-                Match::Addr {
-                    dir,
-                    target: AddrTarget::Set(set),
-                    negate,
-                },
-                1,
-            ))
-        }
+        lookup @ Expr::Lookup { .. } => set_match(lookup, |set, negate| Match::Addr {
+            dir,
+            target: AddrTarget::Set(set),
+            negate,
+        }),
         Expr::MetaLoad {
             key: NFT_META_L4PROTO,
             dreg: proto_reg,
@@ -1083,6 +1077,13 @@ fn decode_addr(
         }
         _ => None,
     }
+}
+
+/// A set lookup (see [`set_lookup`]) as the match `matched` makes of the
+/// set's name and negation.
+fn set_match(e: &Expr, matched: impl FnOnce(String, bool) -> Match) -> Option<(Match, usize)> {
+    let (set, negate) = set_lookup(e)?;
+    Some((matched(set, negate), 1))
 }
 
 /// A set lookup of register 1 that matches (or, inverted, does not match)
@@ -1194,17 +1195,11 @@ fn decode_port(dir: Dir, rest: &[Expr]) -> Option<(Match, usize)> {
                 1,
             ))
         }
-        lookup @ Expr::Lookup { .. } => {
-            let (set, negate) = set_lookup(lookup)?;
-            Some((
-                Match::Port {
-                    dir,
-                    target: PortTarget::Set(set),
-                    negate,
-                },
-                1,
-            ))
-        }
+        lookup @ Expr::Lookup { .. } => set_match(lookup, |set, negate| Match::Port {
+            dir,
+            target: PortTarget::Set(set),
+            negate,
+        }),
         _ => None,
     }
 }
