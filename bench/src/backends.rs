@@ -146,25 +146,26 @@ pub fn delta_script(delta: &ElementDelta) -> String {
     for d in &delta.sets {
         let fam = d.family.keyword();
         let table = compiler::nft::TABLE_NAME;
-        let list = |v: &[SetElement]| v.iter().map(element_text).collect::<Vec<_>>().join(", ");
-        if !d.remove.is_empty() {
-            let _ = writeln!(
-                out,
-                "delete element {fam} {table} {} {{ {} }}",
-                d.set,
-                list(&d.remove)
-            );
-        }
-        if !d.add.is_empty() {
-            let _ = writeln!(
-                adds,
-                "add element {fam} {table} {} {{ {} }}",
-                d.set,
-                list(&d.add)
-            );
-        }
+        let set = (fam, table, d.set.as_str());
+        element_line(&mut out, "delete", set, d.remove.iter().map(element_text));
+        element_line(&mut adds, "add", set, d.add.iter().map(element_text));
     }
     out + &adds
+}
+
+/// `<verb> element <family> <table> <set> { … }` for `elements`; nothing
+/// when there are none.
+fn element_line(
+    script: &mut String,
+    verb: &str,
+    (family, table, set): (&str, &str, &str),
+    elements: impl IntoIterator<Item = String>,
+) {
+    let list: Vec<String> = elements.into_iter().collect();
+    if !list.is_empty() {
+        let list = list.join(", ");
+        let _ = writeln!(script, "{verb} element {family} {table} {set} {{ {list} }}");
+    }
 }
 
 fn run_nft(script: &str) -> anyhow::Result<()> {
@@ -279,22 +280,8 @@ fn diff_table(o: &Table, t: &Table, out: &mut String) {
                     before.difference(&after).map(|e| element_text(e)).collect();
                 let added: BTreeSet<String> =
                     after.difference(&before).map(|e| element_text(e)).collect();
-                if !gone.is_empty() {
-                    let list: Vec<String> = gone.into_iter().collect();
-                    let _ = writeln!(
-                        out,
-                        "delete element {fam} {name} {sname} {{ {} }}",
-                        list.join(", ")
-                    );
-                }
-                if !added.is_empty() {
-                    let list: Vec<String> = added.into_iter().collect();
-                    let _ = writeln!(
-                        adds,
-                        "add element {fam} {name} {sname} {{ {} }}",
-                        list.join(", ")
-                    );
-                }
+                element_line(out, "delete", (fam, name, sname), gone);
+                element_line(&mut adds, "add", (fam, name, sname), added);
             }
             None => {
                 block.sets.insert(sname.clone(), s.clone());

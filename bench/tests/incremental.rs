@@ -185,27 +185,24 @@ fn incremental_equals_full_compile() {
                 inc.ruleset() == &ruleset,
                 "seed {seed} step {step}: nftables ruleset differs"
             );
-            match outcome {
+            let mut patched = before;
+            let what = match outcome {
                 Outcome::Elements(delta) => {
                     fast += 1;
-                    let mut patched = before;
                     delta.apply_to(&mut patched);
-                    assert!(
-                        patched == ruleset,
-                        "seed {seed} step {step}: the delta does not turn the old ruleset into the new"
-                    );
+                    "delta"
                 }
                 Outcome::Patch(patch) => {
                     patches += 1;
-                    let mut patched = before;
                     patch.apply_to(&mut patched);
-                    assert!(
-                        patched == ruleset,
-                        "seed {seed} step {step}: the patch does not turn the old ruleset into the new"
-                    );
+                    "patch"
                 }
-                Outcome::Rebuilt => {}
-            }
+                Outcome::Rebuilt => continue,
+            };
+            assert!(
+                patched == ruleset,
+                "seed {seed} step {step}: the {what} does not turn the old ruleset into the new"
+            );
         }
         assert!(fast > 30, "most steps take the element path ({fast})");
         assert!(

@@ -44,6 +44,44 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// notification of an applied revision but their status endpoint.
 const POLL: Duration = Duration::from_millis(20);
 
+/// A datastore agents can be started on.
+pub trait AgentDatastore {
+    /// The agents' `--datastore`.
+    fn datastore_arg(&self) -> String;
+    /// The port of the server on the host's 127.0.0.1, relayed into every
+    /// node namespace; `None` where no server is involved.
+    fn relayed_port(&self) -> Option<u16>;
+}
+
+impl AgentDatastore for EtcdServer {
+    fn datastore_arg(&self) -> String {
+        self.url()
+    }
+    fn relayed_port(&self) -> Option<u16> {
+        Some(self.client_port())
+    }
+}
+
+impl AgentDatastore for crate::LabApi {
+    fn datastore_arg(&self) -> String {
+        self.datastore()
+    }
+    fn relayed_port(&self) -> Option<u16> {
+        Some(self.port())
+    }
+}
+
+/// The file datastore: the lab's files are on the shared filesystem, so
+/// no relay is needed.
+impl AgentDatastore for Path {
+    fn datastore_arg(&self) -> String {
+        format!("file:{}", self.display())
+    }
+    fn relayed_port(&self) -> Option<u16> {
+        None
+    }
+}
+
 /// What an agent's `/status` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentStatus {
@@ -74,74 +112,44 @@ pub struct Agents {
 
 impl Agents {
     /// Starts one `nftpolicy run --backend <backend> [extra_args]` per node
-    /// of `lab`, against `etcd`. Returns once every agent runs (not
-    /// necessarily ready: see [`Agents::wait_applied`]). Logs go to
+    /// of `lab`, on `datastore`: etcd, the Kubernetes API server (the test
+    /// double; `--datastore kubernetes:<kubeconfig>`, KDD mode, and
+    /// `applied_revision` is then its resource version), or a directory of
+    /// files. Returns once every agent runs (not necessarily ready: see
+    /// [`Agents::wait_applied`]). Logs go to
     /// `<lab workdir>/agent-<node>.log`.
     pub fn start(
         lab: &Lab,
-        etcd: &EtcdServer,
+        datastore: &(impl AgentDatastore + ?Sized),
         nftpolicy: &Path,
         backend: &str,
         extra_args: &[String],
     ) -> Result<Agents, LabError> {
-        Agents::start_relayed(
-            lab,
-            &etcd.url(),
-            etcd.client_port(),
-            nftpolicy,
-            backend,
-            extra_args,
-        )
-    }
-
-    /// Like [`Agents::start`], but every agent watches the Kubernetes API
-    /// server `api` (the test double) itself: `--datastore
-    /// kubernetes:<kubeconfig>`, KDD mode. `applied_revision` is then the
-    /// API server's resource version.
-    pub fn start_kubernetes(
-        lab: &Lab,
-        api: &crate::LabApi,
-        nftpolicy: &Path,
-        backend: &str,
-        extra_args: &[String],
-    ) -> Result<Agents, LabError> {
-        Agents::start_relayed(
-            lab,
-            &api.datastore(),
-            api.port(),
-            nftpolicy,
-            backend,
-            extra_args,
-        )
-    }
-
-    /// Agents on `--datastore url`, whose server listens on the host's
-    /// 127.0.0.1:`port`, relayed into every node namespace.
-    fn start_relayed(
-        lab: &Lab,
-        url: &str,
-        port: u16,
-        nftpolicy: &Path,
-        backend: &str,
-        extra_args: &[String],
-    ) -> Result<Agents, LabError> {
-        let relays = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("nplab-relay")
-            .enable_all()
-            .build()
-            .map_err(|e| LabError::io("starting the relay runtime", e))?;
+        let port = datastore.relayed_port();
+        let relays = match port {
+            Some(_) => Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("nplab-relay")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| LabError::io("starting the relay runtime", e))?,
+            ),
+            None => None,
+        };
         let mut agents = Agents {
             agents: Vec::new(),
             nftpolicy: nftpolicy.to_owned(),
             backend: backend.to_owned(),
             extra_args: extra_args.to_vec(),
-            etcd_url: url.to_owned(),
-            relays: Some(relays),
+            etcd_url: datastore.datastore_arg(),
+            relays,
         };
         for node in &lab.nodes {
             let netns_path = node.netns.path();
-            agents.relay(&netns_path, port)?;
+            if let Some(port) = port {
+                agents.relay(&netns_path, port)?;
+            }
             agents.agents.push(Agent {
                 node: node.name.clone(),
                 netns_path,
@@ -155,10 +163,9 @@ impl Agents {
         Ok(agents)
     }
 
-    /// Like [`Agents::start`], but every agent reads the file datastore
-    /// `--datastore file:<dir>` (the lab's files are on the shared
-    /// filesystem, so no relay is needed). Their `applied_revision` counts
-    /// the datastore's re-reads since each agent started.
+    /// [`Agents::start`] on the file datastore `--datastore file:<dir>`.
+    /// Their `applied_revision` counts the datastore's re-reads since each
+    /// agent started.
     pub fn start_file(
         lab: &Lab,
         dir: &Path,
@@ -166,26 +173,7 @@ impl Agents {
         backend: &str,
         extra_args: &[String],
     ) -> Result<Agents, LabError> {
-        let mut agents = Agents {
-            agents: Vec::new(),
-            nftpolicy: nftpolicy.to_owned(),
-            backend: backend.to_owned(),
-            extra_args: extra_args.to_vec(),
-            etcd_url: format!("file:{}", dir.display()),
-            relays: None,
-        };
-        for node in &lab.nodes {
-            agents.agents.push(Agent {
-                node: node.name.clone(),
-                netns_path: node.netns.path(),
-                child: None,
-                log: lab.workdir().join(format!("agent-{}.log", node.name)),
-            });
-        }
-        for i in 0..agents.agents.len() {
-            agents.spawn(i)?;
-        }
-        Ok(agents)
+        Agents::start(lab, dir, nftpolicy, backend, extra_args)
     }
 
     /// Listens on 127.0.0.1:`port` inside the namespace at `netns_path` and
@@ -297,10 +285,10 @@ impl Agents {
                 applied_revision,
                 ready: body.contains("\"ready\":true"),
             }),
-            _ => Err(LabError::Command {
-                what: format!("GET /status of the agent on {node}"),
-                detail: format!("HTTP {code}: {body}"),
-            }),
+            _ => Err(LabError::command(
+                format!("GET /status of the agent on {node}"),
+                format!("HTTP {code}: {body}"),
+            )),
         }
     }
 
@@ -309,10 +297,10 @@ impl Agents {
         let agent = &self.agents[self.index(node)?];
         let (code, body) = get(&agent.netns_path, METRICS_ADDR, "/metrics")?;
         if code != 200 {
-            return Err(LabError::Command {
-                what: format!("GET /metrics of the agent on {node}"),
-                detail: format!("HTTP {code}: {body}"),
-            });
+            return Err(LabError::command(
+                format!("GET /metrics of the agent on {node}"),
+                format!("HTTP {code}: {body}"),
+            ));
         }
         Ok(body)
     }
@@ -399,12 +387,17 @@ impl Drop for Agents {
 }
 
 fn stop_child(agent: &mut Agent, signal: Signal) {
-    let Some(mut child) = agent.child.take() else {
+    let Some(child) = agent.child.take() else {
         return;
     };
     let pid = Pid::from_raw(child.id() as i32);
     let _ = kill(pid, signal);
-    let deadline = Instant::now() + STOP_TIMEOUT;
+    reap(child, Instant::now() + STOP_TIMEOUT);
+}
+
+/// Waits for `child` to exit until `deadline`, then kills it; either way
+/// it is reaped.
+pub fn reap(mut child: Child, deadline: Instant) {
     loop {
         match child.try_wait() {
             Ok(Some(_)) | Err(_) => return,
@@ -434,6 +427,13 @@ pub fn in_namespace<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result
 /// Runs `f` on a fresh thread inside the namespace at `path`.
 fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T, LabError> {
     crate::netns::run_in_path(path, f)
+}
+
+/// `GET path` from 127.0.0.1:`port` inside the network namespace named
+/// `netns`: the status code and the body.
+pub fn http_get(netns: &str, port: u16, path: &str) -> Result<(u16, String), LabError> {
+    let netns_path = Path::new(crate::netns::NETNS_DIR).join(netns);
+    get(&netns_path, &format!("127.0.0.1:{port}"), path)
 }
 
 /// `GET path` from `addr` inside the namespace at `netns_path`.
@@ -571,14 +571,14 @@ pub fn nftpolicy_etcd(
         .output()
         .map_err(|e| LabError::io(format!("running {shown}"), e))?;
     if !out.status.success() {
-        return Err(LabError::Command {
-            what: shown,
-            detail: format!(
+        return Err(LabError::command(
+            shown,
+            format!(
                 "{}{}",
                 String::from_utf8_lossy(&out.stderr),
                 String::from_utf8_lossy(&out.stdout)
             ),
-        });
+        ));
     }
     Ok(())
 }

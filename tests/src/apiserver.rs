@@ -155,10 +155,10 @@ impl LabApi {
         let (code, text) = crate::agents::http(stream, method, path, body.as_deref())
             .map_err(|e| LabError::io(format!("{method} {path}"), e))?;
         if !ok.contains(&code) {
-            return Err(LabError::Command {
-                what: format!("{method} {path} on the fake API server"),
-                detail: format!("HTTP {code}: {text}"),
-            });
+            return Err(LabError::command(
+                format!("{method} {path} on the fake API server"),
+                format!("HTTP {code}: {text}"),
+            ));
         }
         Ok(())
     }
@@ -202,14 +202,14 @@ impl LabApi {
                 .output()
                 .map_err(|e| LabError::io(format!("running {}", bin.display()), e))?;
             if !out.status.success() {
-                return Err(LabError::Command {
-                    what: format!("kubectl {} {}", args.join(" "), file.display()),
-                    detail: format!(
+                return Err(LabError::command(
+                    format!("kubectl {} {}", args.join(" "), file.display()),
+                    format!(
                         "{}{}",
                         String::from_utf8_lossy(&out.stderr),
                         String::from_utf8_lossy(&out.stdout)
                     ),
-                });
+                ));
             }
         }
         Ok(())

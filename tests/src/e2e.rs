@@ -149,23 +149,14 @@ pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeO
         }
         _ => None,
     };
-    let mut agents = match (&api, &etcd) {
-        (Some(api), None) => Some(crate::Agents::start_kubernetes(
-            &lab,
-            api,
-            &opts.nftpolicy,
-            &opts.backend,
-            &agent_args,
-        )?),
-        (_, Some(etcd)) => Some(crate::Agents::start(
-            &lab,
-            etcd,
-            &opts.nftpolicy,
-            &opts.backend,
-            &agent_args,
-        )?),
+    let served: Option<&dyn crate::AgentDatastore> = match (&api, &etcd) {
+        (Some(api), None) => Some(api),
+        (_, Some(etcd)) => Some(etcd),
         (None, None) => None,
     };
+    let mut agents = served
+        .map(|d| crate::Agents::start(&lab, d, &opts.nftpolicy, &opts.backend, &agent_args))
+        .transpose()?;
 
     let mut outcomes = Vec::new();
     for (i, (state, step)) in states.iter().zip(&scenario.steps).enumerate() {

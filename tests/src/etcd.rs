@@ -197,10 +197,7 @@ impl EtcdServer {
 }
 
 fn range_error(detail: String) -> LabError {
-    LabError::Command {
-        what: "etcd /v3/kv/range".into(),
-        detail,
-    }
+    LabError::command("etcd /v3/kv/range", detail)
 }
 
 /// The first `"name": N` or `"name": "N"` in a JSON text (etcd's gateway

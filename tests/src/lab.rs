@@ -500,19 +500,24 @@ impl Lab {
         }
         ep.netns.ip_batch(&ep_cmds)?;
 
+        self.on_other_nodes(ep, |ip| match ip {
+            IpAddr::V4(_) => format!("route add {} via {}", host_prefix(ip), node.v4),
+            IpAddr::V6(_) => format!("route add {} via {}", host_prefix(ip), node.v6),
+        })
+    }
+
+    /// Runs `ip` command `cmd(address)` for each of the endpoint's
+    /// addresses on every node but its own.
+    fn on_other_nodes(
+        &self,
+        ep: &Endpoint,
+        cmd: impl Fn(IpAddr) -> String,
+    ) -> Result<(), LabError> {
+        let cmds: Vec<String> = ep.ips.iter().map(|ip| cmd(*ip)).collect();
         for (i, other) in self.nodes.iter().enumerate() {
-            if i == ep.node {
-                continue;
+            if i != ep.node {
+                other.netns.ip_batch(&cmds)?;
             }
-            let cmds: Vec<String> = ep
-                .ips
-                .iter()
-                .map(|ip| match ip {
-                    IpAddr::V4(_) => format!("route add {} via {}", host_prefix(*ip), node.v4),
-                    IpAddr::V6(_) => format!("route add {} via {}", host_prefix(*ip), node.v6),
-                })
-                .collect();
-            other.netns.ip_batch(&cmds)?;
         }
         Ok(())
     }
@@ -525,17 +530,7 @@ impl Lab {
         ep.servers.abort_all();
         let node = &self.nodes[ep.node];
         node.netns.ip_batch(&[format!("link del {}", ep.host_if)])?;
-        for (i, other) in self.nodes.iter().enumerate() {
-            if i == ep.node {
-                continue;
-            }
-            let cmds: Vec<String> = ep
-                .ips
-                .iter()
-                .map(|ip| format!("route del {}", host_prefix(*ip)))
-                .collect();
-            other.netns.ip_batch(&cmds)?;
-        }
+        self.on_other_nodes(&ep, |ip| format!("route del {}", host_prefix(ip)))?;
         drop(ep);
         Ok(())
     }

@@ -30,7 +30,7 @@ mod objects;
 mod probe;
 mod serve;
 
-pub use agents::Agents;
+pub use agents::{AgentDatastore, Agents};
 pub use apiserver::{ApiClient, LabApi};
 pub use e2e::{run_scenario, Datastore, E2eOptions};
 pub use etcd::EtcdServer;
@@ -43,14 +43,10 @@ pub use probe::ProbeResult;
 /// lab itself misbehaved (an answer from the wrong host).
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{what} failed: {detail}")]
-    Command { what: String, detail: String },
+    /// An I/O error or a failed command, as the shared test support words
+    /// them.
+    #[error(transparent)]
+    Support(testkit::TestkitError),
     #[error("lab setup: {0}")]
     Setup(String),
     #[error("programming {node} ({command}) failed: {status}\n{output}")]
@@ -95,11 +91,18 @@ pub(crate) fn trace(msg: impl FnOnce() -> String) {
 }
 
 impl LabError {
+    pub(crate) fn command(what: impl Into<String>, detail: impl Into<String>) -> LabError {
+        LabError::Support(testkit::TestkitError::Command {
+            what: what.into(),
+            detail: detail.into(),
+        })
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> LabError {
-        LabError::Io {
+        LabError::Support(testkit::TestkitError::Io {
             what: what.into(),
             source,
-        }
+        })
     }
 }
 
@@ -107,9 +110,8 @@ impl LabError {
 impl From<testkit::TestkitError> for LabError {
     fn from(e: testkit::TestkitError) -> LabError {
         match e {
-            testkit::TestkitError::Io { what, source } => LabError::Io { what, source },
-            testkit::TestkitError::Command { what, detail } => LabError::Command { what, detail },
             testkit::TestkitError::Missing(what) => LabError::Setup(what),
+            e => LabError::Support(e),
         }
     }
 }

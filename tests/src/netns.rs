@@ -171,10 +171,10 @@ impl Netns {
             .map_err(|e| LabError::io(format!("running ip netns add {name}"), e))?;
         if !out.status.success() {
             live.remove(name);
-            return Err(LabError::Command {
-                what: format!("ip netns add {name}"),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
+            return Err(LabError::command(
+                format!("ip netns add {name}"),
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
         }
         Ok(Netns {
             name: name.to_owned(),
@@ -236,13 +236,13 @@ impl Netns {
             .wait_with_output()
             .map_err(|e| LabError::io(what.clone(), e))?;
         if !out.status.success() || write.is_err() {
-            return Err(LabError::Command {
+            return Err(LabError::command(
                 what,
-                detail: format!(
+                format!(
                     "{}\ncommands:\n{script}",
                     String::from_utf8_lossy(&out.stderr).trim()
                 ),
-            });
+            ));
         }
         Ok(())
     }

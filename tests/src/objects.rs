@@ -24,13 +24,11 @@ pub fn write_state(dir: &Path, state: &StepState) -> Result<Vec<PathBuf>, LabErr
         written.push(path);
         Ok::<(), LabError>(())
     };
+    let stem = |kind: &dyn std::fmt::Display, namespace: Option<&str>, name: &str| {
+        format!("{kind}-{}-{name}", namespace.unwrap_or("_"))
+    };
     for (key, obj) in &state.kube {
-        let stem = format!(
-            "{}-{}-{}",
-            key.kind,
-            key.namespace.as_deref().unwrap_or("_"),
-            key.name
-        );
+        let stem = stem(&key.kind, key.namespace.as_deref(), &key.name);
         let yaml = match obj {
             KubeObject::Namespace(o) => serde_yaml::to_string(o),
             KubeObject::Pod(o) => serde_yaml::to_string(o),
@@ -39,13 +37,8 @@ pub fn write_state(dir: &Path, state: &StepState) -> Result<Vec<PathBuf>, LabErr
         write(stem, yaml)?;
     }
     for (key, resource) in &state.native {
-        let stem = format!(
-            "calico-{}-{}-{}",
-            key.kind,
-            key.namespace.as_deref().unwrap_or("_"),
-            key.name
-        );
-        write(stem, serde_yaml::to_string(resource))?;
+        let stem = stem(&key.kind, key.namespace.as_deref(), &key.name);
+        write(format!("calico-{stem}"), serde_yaml::to_string(resource))?;
     }
     Ok(written)
 }

@@ -42,19 +42,13 @@ fn fixture() -> Fixture {
     let datastore = lab.workdir().join("state");
     write_state(&datastore, &state).expect("state written");
     let bin = lab::nftpolicy_binary();
-    let out = Command::new(ip())
-        .args(["netns", "exec", lab.node_namespace("node1").unwrap()])
+    let mut sync = Command::new(ip());
+    sync.args(["netns", "exec", lab.node_namespace("node1").unwrap()])
         .arg(&bin)
         .args(["sync", "--once", "--node", "node1", "--log-denied"])
         .args(["--log-group", &LOG_GROUP.to_string()])
-        .arg(format!("--datastore=file:{}", datastore.display()))
-        .output()
-        .expect("running nftpolicy sync");
-    assert!(
-        out.status.success(),
-        "sync failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .arg(format!("--datastore=file:{}", datastore.display()));
+    testkit::output_ok(&mut sync, "nftpolicy sync");
     let probes = scenario.steps[0]
         .probes
         .iter()
@@ -192,20 +186,23 @@ fn assert_agree(e: &Explained, expect_verdict: &str) {
     assert!(e.stdout.contains("\nagree "), "{}", e.stdout);
 }
 
+/// Explains `probe`: model and kernel agree it is dropped, and the kernel's
+/// path went through `chain`. The explanation and that path.
+fn dropped_after(f: &mut Fixture, probe: &ResolvedProbe, chain: &str) -> (Explained, Vec<String>) {
+    let e = explain(f, probe);
+    assert_agree(&e, "drop");
+    let (kernel, _) = e.kernel_path();
+    assert!(kernel.iter().any(|c| c == chain), "{}", e.stdout);
+    (e, kernel)
+}
+
 #[test]
 fn kernel_trace_agrees_with_the_model() {
     let mut f = fixture();
     let probes = f.probes.clone();
 
     // Ingress deny-all: dropped at the end of web's tier, after the policy.
-    let e = explain(&mut f, &probes[0]);
-    assert_agree(&e, "drop");
-    let (kernel, _) = e.kernel_path();
-    assert!(
-        kernel.contains(&"cali-pi-default.web-deny-all".to_owned()),
-        "{}",
-        e.stdout
-    );
+    let (e, _) = dropped_after(&mut f, &probes[0], "cali-pi-default.web-deny-all");
     assert!(
         e.stdout.contains("End of tier default"),
         "the dropping rule's comment is shown:\n{}",
@@ -213,14 +210,8 @@ fn kernel_trace_agrees_with_the_model() {
     );
 
     // Egress deny-all: dropped in locked's cali-fw- chain; ingress never runs.
-    let e = explain(&mut f, &probes[1]);
-    assert_agree(&e, "drop");
-    let (kernel, _) = e.kernel_path();
-    assert!(
-        kernel.contains(&"cali-po-default.locked-egress-deny-all".to_owned()),
-        "{}",
-        e.stdout
-    );
+    let policy = "cali-po-default.locked-egress-deny-all";
+    let (e, kernel) = dropped_after(&mut f, &probes[1], policy);
     assert!(
         !kernel.iter().any(|c| c.starts_with("cali-tw-")),
         "{}",
@@ -243,12 +234,7 @@ fn explain_kernel_in_iptables_mode_says_it_is_nftables_only() {
         .arg(format!("--datastore=file:{}", dir.display()))
         .output()
         .unwrap();
-    let stderr2 = String::from_utf8_lossy(&out2.stderr);
-    assert_eq!(out2.status.code(), Some(2), "{stderr2}");
-    assert!(
-        stderr2.contains("kernel tracing is nftables-only"),
-        "{stderr2}"
-    );
+    testkit::assert_refused(&out2, 2, "kernel tracing is nftables-only");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -40,28 +40,13 @@ probes:
 /// The other program's rules, per backend, as commands in a node's netns.
 fn foreign_rules(backend: &str) -> Vec<Vec<&'static str>> {
     match backend {
-        "iptables" => vec![
+        "iptables" => {
+            let append = ["iptables-legacy", "-A", "FORWARD", "-p", "tcp", "--dport"];
             vec![
-                "iptables-legacy",
-                "-A",
-                "FORWARD",
-                "-p",
-                "tcp",
-                "--dport",
-                "80",
-            ],
-            vec![
-                "iptables-legacy",
-                "-A",
-                "FORWARD",
-                "-p",
-                "tcp",
-                "--dport",
-                "8080",
-                "-j",
-                "DROP",
-            ],
-        ],
+                [&append[..], &["80"]].concat(),
+                [&append[..], &["8080", "-j", "DROP"]].concat(),
+            ]
+        }
         _ => vec![vec![
             "nft",
             "add table inet other; \
@@ -74,15 +59,9 @@ fn foreign_rules(backend: &str) -> Vec<Vec<&'static str>> {
 
 fn in_node(lab: &Lab, node: &str, argv: &[&str]) -> String {
     let ns = lab.node_namespace(node).expect("the lab has the node");
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(argv)
-        .output()
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{argv:?} in {node}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = testkit::output_ok(
+        Command::new("ip").args(["netns", "exec", ns]).args(argv),
+        format!("{argv:?} in {node}"),
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -74,7 +74,7 @@ fn kdd_agent_lives_through_api_server_faults() {
     let (state, probes) = common::shop();
     let mut lab = Lab::build(&state.pods(), &[], &["node1"]).unwrap();
     let api = LabApi::start().unwrap();
-    let mut agents = Agents::start_kubernetes(&lab, &api, &nftpolicy, "nftables", &[]).unwrap();
+    let mut agents = Agents::start(&lab, &api, &nftpolicy, "nftables", &[]).unwrap();
     let dir = lab.workdir().join("step-1");
     let rv = api
         .write_step(&ApiClient::Http, &dir, None, &state)

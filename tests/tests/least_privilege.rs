@@ -9,13 +9,11 @@
 //! privileges are dropped (setns needs CAP_SYS_ADMIN): the agent itself
 //! never changes namespace, so CAP_NET_ADMIN is all it needs.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lab::agents::in_namespace;
+use lab::agents::{http_get, in_namespace};
 use lab::{nftpolicy_binary, write_state, Lab};
 use model::scenario::ResolvedProbe;
 
@@ -69,22 +67,6 @@ fn capability_set(pid: u32, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(&format!("{name}:")))
         .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"));
     u64::from_str_radix(line.trim(), 16).unwrap()
-}
-
-/// `GET path` from 127.0.0.1:`port` inside `node_ns`.
-fn get(node_ns: &str, port: u16, path: &str) -> std::io::Result<String> {
-    let mut stream = in_namespace(node_ns, move || {
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5))
-    })
-    .unwrap()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
 }
 
 /// Kills the agent when the test ends, passing or failing.
@@ -167,23 +149,15 @@ fn sync_and_run_with_only_cap_net_admin(iptables_tools: &[&str]) {
     let step1: PathBuf = lab.workdir().join("step1");
     write_state(&step1, &states[0]).unwrap();
     let datastore = format!("file:{}", step1.display());
-    let out = least_privileged(
-        &node_ns,
-        &nftpolicy,
-        &[
-            &["sync", "--once", "--node", "node1", "--backend", "nftables"][..],
-            iptables_tools,
-            &["--datastore", &datastore],
-        ]
-        .concat(),
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "sync --once with only CAP_NET_ADMIN failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    let args = [
+        &["sync", "--once", "--node", "node1", "--backend", "nftables"][..],
+        iptables_tools,
+        &["--datastore", &datastore],
+    ]
+    .concat();
+    testkit::output_ok(
+        &mut least_privileged(&node_ns, &nftpolicy, &args),
+        "sync --once with only CAP_NET_ADMIN",
     );
     assert_eq!(kernel(&node_ns), desired(&step1), "after sync --once");
     assert_probes(&mut lab, &probes(0), "sync --once with only CAP_NET_ADMIN");
@@ -228,8 +202,8 @@ fn sync_and_run_with_only_cap_net_admin(iptables_tools: &[&str]) {
     // Health and metrics answer on 127.0.0.1 inside the node...
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        match get(&node_ns, HEALTH_PORT, "/readiness") {
-            Ok(r) if r.starts_with("HTTP/1.1 200") => break,
+        match http_get(&node_ns, HEALTH_PORT, "/readiness") {
+            Ok((200, _)) => break,
             other => assert!(
                 Instant::now() < deadline,
                 "/readiness on 127.0.0.1:{HEALTH_PORT}: {other:?}"
@@ -238,8 +212,8 @@ fn sync_and_run_with_only_cap_net_admin(iptables_tools: &[&str]) {
         // Polling a listener that has no readiness signal but itself.
         std::thread::sleep(Duration::from_millis(50));
     }
-    let metrics = get(&node_ns, METRICS_PORT, "/metrics").unwrap();
-    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    let (code, metrics) = http_get(&node_ns, METRICS_PORT, "/metrics").unwrap();
+    assert_eq!(code, 200, "{metrics}");
     // ...and are bound to 127.0.0.1 only: that is the whole listening list.
     let out = Command::new("ip")
         .args(["netns", "exec", &node_ns, "ss", "-ltnH"])
@@ -327,14 +301,9 @@ fn sync_with_legacy_iptables_tools_needs_net_admin_and_net_raw() {
         "the failure does not name the tool and the capability: {stderr}"
     );
 
-    let out = with_caps("+net_admin,+net_raw", &node_ns, &nftpolicy, &args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sync --once with CAP_NET_ADMIN and CAP_NET_RAW failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    testkit::output_ok(
+        &mut with_caps("+net_admin,+net_raw", &node_ns, &nftpolicy, &args),
+        "sync --once with CAP_NET_ADMIN and CAP_NET_RAW",
     );
     assert_eq!(kernel(&node_ns), desired(&dir));
     let probes: Vec<ResolvedProbe> = scenario.steps[0]

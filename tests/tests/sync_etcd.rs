@@ -12,7 +12,7 @@ use serde::Deserialize;
 use testkit::netns::Netns;
 
 mod common;
-use common::{desired, etcd_holding, kernel, web_deny_all};
+use common::{desired, etcd_holding, kernel, web_deny_all, Tables};
 
 /// Carries connections to 127.0.0.1:`port` inside `ns` to the host's
 /// 127.0.0.1:`port` (where the test's etcd or API server listens), as a
@@ -62,6 +62,20 @@ fn sync_once(nftpolicy: &Path, ns: &Netns, datastore: &str) -> Output {
         .expect("running nftpolicy sync")
 }
 
+/// `sync --once` from `datastore` succeeds and leaves in the kernel the
+/// ruleset of the files in `dir`; returns what the kernel holds.
+fn sync_like_files(nftpolicy: &Path, ns: &Netns, datastore: &str, dir: &Path) -> Tables {
+    let out = sync_once(nftpolicy, ns, datastore);
+    testkit::assert_success(&out, format_args!("sync --once from {datastore}"));
+    let programmed = kernel(ns.name());
+    assert_eq!(
+        programmed,
+        desired(dir),
+        "the kernel holds the cluster's ruleset"
+    );
+    programmed
+}
+
 #[test]
 fn sync_once_programs_an_etcd_datastore_like_the_same_files() {
     let nftpolicy = lab::nftpolicy_binary();
@@ -69,18 +83,7 @@ fn sync_once_programs_an_etcd_datastore_like_the_same_files() {
 
     let ns = Netns::create("syncetcd").unwrap();
     relay_etcd_into(&ns, etcd.client_port());
-    let out = sync_once(&nftpolicy, &ns, &etcd.url());
-    assert!(
-        out.status.success(),
-        "sync --once from etcd failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let programmed = kernel(ns.name());
-    assert_eq!(
-        programmed,
-        desired(dir.path()),
-        "the kernel holds the cluster's ruleset"
-    );
+    let programmed = sync_like_files(&nftpolicy, &ns, &etcd.url(), dir.path());
     let ip = programmed.0.as_ref().expect("an ip table");
     assert!(
         ip.chains.keys().any(|c| c.contains("web-deny-all")),
@@ -125,18 +128,7 @@ fn sync_once_programs_a_kubernetes_datastore_like_the_same_files() {
     let ns = Netns::create("synckube").unwrap();
     relay_etcd_into(&ns, api.port());
     let datastore = api.datastore();
-    let out = sync_once(&nftpolicy, &ns, &datastore);
-    assert!(
-        out.status.success(),
-        "sync --once from the API server failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let programmed = kernel(ns.name());
-    assert_eq!(
-        programmed,
-        desired(dir.path()),
-        "the kernel holds the cluster's ruleset"
-    );
+    let programmed = sync_like_files(&nftpolicy, &ns, &datastore, dir.path());
 
     // A kubeconfig that is not there: a clear error at once (an API server
     // that does not answer takes the same 15-s path as etcd above), the

@@ -30,6 +30,16 @@ use crate::BackendChoice;
 /// The scenario whose pods and policy the demo shows.
 const SCENARIO: &str = "tests/scenarios/web-deny-all.yaml";
 const POLICY_CHAIN: &str = "cali-pi-default.web-deny-all";
+/// The iptables policy chain with its counters, as the demo shows it.
+const LIST_POLICY_CHAIN: [&str; 7] = [
+    "iptables-legacy",
+    "-w",
+    "-L",
+    POLICY_CHAIN,
+    "-v",
+    "-n",
+    "-x",
+];
 const NODES: [&str; 2] = model::scenario::NODES;
 /// How long agents may take to start, or to apply a change.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -204,13 +214,8 @@ impl Demo {
             "[{backend}] 2. Apply NetworkPolicy default/web-deny-all"
         ));
         println!("  podSelector app=web, ingress: [] — web accepts no connections at all.");
-        self.publish(with_policy)?;
-        let waited = self.wait_chain(&agents, backend, true)?;
-        println!(
-            "  (the agents picked the change up and programmed it in {:.1}s)",
-            waited.as_secs_f64()
-        );
-        self.matrix(with_policy, backend)?;
+        let took = "the agents picked the change up and programmed it in";
+        self.change(&agents, backend, with_policy, true, took)?;
         println!("  client → web is denied on every port; web → client still works (the policy is ingress-only).");
 
         subheading(&format!(
@@ -223,13 +228,8 @@ impl Demo {
         self.explain()?;
 
         subheading(&format!("[{backend}] 5. Delete the policy"));
-        self.publish(after)?;
-        let waited = self.wait_chain(&agents, backend, false)?;
-        println!(
-            "  (chain {POLICY_CHAIN} removed after {:.1}s)",
-            waited.as_secs_f64()
-        );
-        self.matrix(after, backend)?;
+        let took = format!("chain {POLICY_CHAIN} removed after");
+        self.change(&agents, backend, after, false, &took)?;
         println!("  Everything is allowed again.");
         drop(agents);
         Ok(())
@@ -263,6 +263,22 @@ impl Demo {
     }
 
     /// Waits until the policy chain exists (or is gone) on web's node.
+    /// Publishes `state`, waits until the policy chain is there (or gone),
+    /// says how long that `took`, and shows the matrix.
+    fn change(
+        &mut self,
+        agents: &Agents,
+        backend: &str,
+        state: &StepState,
+        present: bool,
+        took: &str,
+    ) -> anyhow::Result<()> {
+        self.publish(state)?;
+        let waited = self.wait_chain(agents, backend, present)?;
+        println!("  ({took} {:.1}s)", waited.as_secs_f64());
+        self.matrix(state, backend)
+    }
+
     fn wait_chain(
         &self,
         agents: &Agents,
@@ -430,15 +446,7 @@ impl Demo {
         let read_counter = |demo: &Demo| -> anyhow::Result<u64> {
             match backend {
                 "iptables" => {
-                    let listing = demo.in_node_text(&[
-                        "iptables-legacy",
-                        "-w",
-                        "-L",
-                        POLICY_CHAIN,
-                        "-v",
-                        "-n",
-                        "-x",
-                    ])?;
+                    let listing = demo.in_node_text(&LIST_POLICY_CHAIN)?;
                     iptables_first_rule_packets(&listing)
                         .context("no rule in the iptables policy chain")
                 }
@@ -462,15 +470,7 @@ impl Demo {
                     println!("    {line}");
                 }
                 println!("\n  iptables-legacy -L {POLICY_CHAIN} -v -n -x:\n");
-                let listing = self.in_node_text(&[
-                    "iptables-legacy",
-                    "-w",
-                    "-L",
-                    POLICY_CHAIN,
-                    "-v",
-                    "-n",
-                    "-x",
-                ])?;
+                let listing = self.in_node_text(&LIST_POLICY_CHAIN)?;
                 indent(&listing);
                 println!("  A packet to web walks {tw_chain} → {POLICY_CHAIN}; no rule there accepts it, so {tw_chain} drops it at the end of the tier.");
             }
@@ -767,19 +767,8 @@ impl Drop for Agents {
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
         for a in &mut self.agents {
-            let Some(mut child) = a.child.take() else {
-                continue;
-            };
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(POLL),
-                }
+            if let Some(child) = a.child.take() {
+                lab::agents::reap(child, deadline);
             }
         }
     }

@@ -238,7 +238,7 @@ fn measure_kubernetes(nftpolicy: &Path, pods: usize, changes: usize) -> anyhow::
     }
     let lab = Lab::build(&[], &[], &[NODE])?;
     let started = Instant::now();
-    let mut agents = Agents::start_kubernetes(&lab, &api, nftpolicy, "nftables", &[])?;
+    let mut agents = Agents::start(&lab, &api, nftpolicy, "nftables", &[])?;
     agents.wait_applied(api.server.resource_version() as i64, APPLY_TIMEOUT)?;
     let initial = started.elapsed();
     let pid = agents.pid(NODE)?.context("the agent is not running")?;

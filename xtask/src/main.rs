@@ -111,6 +111,28 @@ struct E2eArgs {
     paths: Vec<PathBuf>,
 }
 
+impl E2eArgs {
+    /// A programmed run of scenario files with the default probe timeout,
+    /// as `cargo xtask test` runs them.
+    fn ci(
+        backend: BackendChoice,
+        datastore: DatastoreChoice,
+        api_client: ApiClientChoice,
+        paths: Vec<PathBuf>,
+    ) -> E2eArgs {
+        E2eArgs {
+            backend,
+            no_program: false,
+            probe_timeout_ms: 1500,
+            datastore,
+            api_client,
+            fuzz: None,
+            seed: None,
+            paths,
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DatastoreChoice {
     File,
@@ -367,30 +389,22 @@ fn test(args: &TestArgs) -> anyhow::Result<bool> {
             )
         }),
         ("e2e, both backends", &|| {
-            e2e(&E2eArgs {
-                backend: BackendChoice::Both,
-                no_program: false,
-                probe_timeout_ms: 1500,
-                datastore: DatastoreChoice::File,
-                api_client: ApiClientChoice::Http,
-                fuzz: None,
-                seed: None,
-                paths: default_scenario_paths(),
-            })
+            e2e(&E2eArgs::ci(
+                BackendChoice::Both,
+                DatastoreChoice::File,
+                ApiClientChoice::Http,
+                default_scenario_paths(),
+            ))
         }),
         (
             "e2e over etcd with nftpolicy run agents, nftables backend",
             &|| {
-                e2e(&E2eArgs {
-                    backend: BackendChoice::Nftables,
-                    no_program: false,
-                    probe_timeout_ms: 1500,
-                    datastore: DatastoreChoice::Etcd,
-                    api_client: ApiClientChoice::Http,
-                    fuzz: None,
-                    seed: None,
-                    paths: default_scenario_paths(),
-                })
+                e2e(&E2eArgs::ci(
+                    BackendChoice::Nftables,
+                    DatastoreChoice::Etcd,
+                    ApiClientChoice::Http,
+                    default_scenario_paths(),
+                ))
             },
         ),
         (
@@ -408,14 +422,14 @@ fn test(args: &TestArgs) -> anyhow::Result<bool> {
         ),
         ("fuzz: 200 cases, seed 1", &|| {
             e2e(&E2eArgs {
-                backend: BackendChoice::Both,
-                no_program: false,
-                probe_timeout_ms: 1500,
-                datastore: DatastoreChoice::File,
-                api_client: ApiClientChoice::Http,
                 fuzz: Some(200),
                 seed: Some(1),
-                paths: Vec::new(),
+                ..E2eArgs::ci(
+                    BackendChoice::Both,
+                    DatastoreChoice::File,
+                    ApiClientChoice::Http,
+                    Vec::new(),
+                )
             })
         }),
         (
@@ -512,16 +526,7 @@ fn kubernetes_e2e() -> anyhow::Result<bool> {
     ];
     let mut ok = true;
     for (backend, datastore, api_client, paths) in runs {
-        ok &= e2e(&E2eArgs {
-            backend,
-            no_program: false,
-            probe_timeout_ms: 1500,
-            datastore,
-            api_client,
-            fuzz: None,
-            seed: None,
-            paths,
-        })?;
+        ok &= e2e(&E2eArgs::ci(backend, datastore, api_client, paths))?;
     }
     Ok(ok)
 }

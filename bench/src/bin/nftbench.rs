@@ -136,53 +136,45 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     }
 
     let base = PacketPoint::default();
-    type Sweep = (&'static str, Vec<usize>, fn(&mut PacketPoint, usize));
-    let sweeps: Vec<Sweep> = vec![
-        (
-            "total_policies",
-            if quick {
-                vec![10, 300]
-            } else {
-                vec![10, 1_000, 3_000]
-            },
-            |p, v| p.total_policies = v,
-        ),
-        (
-            "selecting_receiver",
-            if quick { vec![1, 30] } else { vec![1, 10, 100] },
-            |p, v| p.selecting_receiver = v,
-        ),
-        (
-            "rules_per_policy",
-            if quick { vec![1, 20] } else { vec![1, 10, 50] },
-            |p, v| {
-                p.selecting_receiver = 10;
-                p.rules_per_policy = v
-            },
-        ),
-        (
-            "ports_cidrs",
-            if quick { vec![1, 30] } else { vec![1, 10, 100] },
-            |p, v| {
-                p.selecting_receiver = 10;
-                p.ports_cidrs = v
-            },
-        ),
-        (
-            "local_endpoints",
-            if quick {
-                vec![2, 100]
-            } else {
-                vec![2, 50, 500]
-            },
-            |p, v| p.local_endpoints = v,
-        ),
+    // (dimension, values with --quick, values without, how to set it)
+    type Sweep = (
+        &'static str,
+        &'static [usize],
+        &'static [usize],
+        fn(&mut PacketPoint, usize),
+    );
+    let sweeps: [Sweep; 5] = [
+        ("total_policies", &[10, 300], &[10, 1_000, 3_000], |p, v| {
+            p.total_policies = v;
+        }),
+        ("selecting_receiver", &[1, 30], &[1, 10, 100], |p, v| {
+            p.selecting_receiver = v;
+        }),
+        ("rules_per_policy", &[1, 20], &[1, 10, 50], |p, v| {
+            p.selecting_receiver = 10;
+            p.rules_per_policy = v;
+        }),
+        ("ports_cidrs", &[1, 30], &[1, 10, 100], |p, v| {
+            p.selecting_receiver = 10;
+            p.ports_cidrs = v;
+        }),
+        ("local_endpoints", &[2, 100], &[2, 50, 500], |p, v| {
+            p.local_endpoints = v;
+        }),
     ];
-    let total: usize = sweeps.iter().map(|s| s.1.len() * KINDS.len()).sum();
+    let values = |(_, quick_values, full_values, _): &Sweep| {
+        if quick {
+            *quick_values
+        } else {
+            *full_values
+        }
+    };
+    let total: usize = sweeps.iter().map(|s| values(s).len() * KINDS.len()).sum();
     let mut done = 0;
-    for (dim, values, set) in sweeps {
+    for sweep in &sweeps {
+        let (dim, _, _, set) = *sweep;
         let mut dim_results: Vec<PacketResult> = Vec::new();
-        for v in values {
+        for &v in values(sweep) {
             let mut point = base;
             set(&mut point, v);
             for kind in KINDS {

@@ -139,12 +139,7 @@ fn an_unreadable_datastore_or_empty_node_is_refused() {
         .args(["render", "--node", "node1", "/nonexistent/manifests"])
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("/nonexistent/manifests: no such file or directory"),
-        "{err}"
-    );
+    testkit::assert_refused(&out, 2, "/nonexistent/manifests: no such file or directory");
     assert!(out.stdout.is_empty(), "no ruleset is printed");
     let out = nftpolicy()
         .args(["render", "--node", "", "/tmp"])

@@ -67,21 +67,21 @@ fn nftpolicy(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `nftpolicy explain` over the cluster file, from one pod to another on
+/// one port, with `extra` arguments: (exit code, stdout).
+fn explain(f: &TempFile, from: &str, to: &str, port: &str, extra: &[&str]) -> (i32, String) {
+    let datastore = format!("file:{}", f.0.display());
+    let mut args = vec!["explain", "--datastore", &datastore];
+    args.extend(["--from", from, "--to", to, "--port", port]);
+    args.extend(extra);
+    let (code, out, _) = nftpolicy(&args);
+    (code, out)
+}
+
 #[test]
 fn explain_names_the_rejected_policy_that_drops() {
     let f = cluster();
-    let datastore = format!("file:{}", f.0.display());
-    let (code, out, _) = nftpolicy(&[
-        "explain",
-        "--datastore",
-        &datastore,
-        "--from",
-        "shop/web",
-        "--to",
-        "shop/api",
-        "--port",
-        "80",
-    ]);
+    let (code, out) = explain(&f, "shop/web", "shop/api", "80", &[]);
     assert_eq!(code, 1, "denied: {out}");
     assert!(out.contains("DENIED"), "{out}");
     assert!(
@@ -93,44 +93,21 @@ fn explain_names_the_rejected_policy_that_drops() {
         "{out}"
     );
     // The other way round the rejected policy names no direction: allowed.
-    let (code, out, _) = nftpolicy(&[
-        "explain",
-        "--datastore",
-        &datastore,
-        "--from",
-        "shop/api",
-        "--to",
-        "shop/web",
-        "--port",
-        "80",
-    ]);
+    let (code, out) = explain(&f, "shop/api", "shop/web", "80", &[]);
     assert_eq!(code, 0, "{out}");
 }
 
 #[test]
 fn explain_names_the_encapsulation_drop_and_its_switch() {
     let f = cluster();
-    let datastore = format!("file:{}", f.0.display());
-    let args = [
-        "explain",
-        "--datastore",
-        &datastore,
-        "--from",
-        "shop/api",
-        "--to",
-        "shop/web",
-        "--port",
-        "4789/UDP",
-    ];
-    let (code, out, _) = nftpolicy(&args);
+    let (code, out) = explain(&f, "shop/api", "shop/web", "4789/UDP", &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.contains("Deny: VXLAN packets from workloads are dropped (allow them with --allow-vxlan-packets-from-workloads)"),
         "{out}"
     );
-    let mut allowed = args.to_vec();
-    allowed.push("--allow-vxlan-packets-from-workloads");
-    let (code, out, _) = nftpolicy(&allowed);
+    let allow = ["--allow-vxlan-packets-from-workloads"];
+    let (code, out) = explain(&f, "shop/api", "shop/web", "4789/UDP", &allow);
     assert_eq!(code, 0, "{out}");
 }
 

@@ -134,15 +134,11 @@ fn split_parts(rendered: &str) -> Vec<(String, String)> {
 }
 
 fn render(manifests: &Path, node: &str) -> String {
-    let out = nftpolicy()
-        .args(["render", "--backend", "iptables", "--node", node])
-        .arg(manifests)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "render failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = testkit::output_ok(
+        nftpolicy()
+            .args(["render", "--backend", "iptables", "--node", node])
+            .arg(manifests),
+        "render",
     );
     String::from_utf8(out.stdout).unwrap()
 }

@@ -10,12 +10,13 @@ use ipnet::IpNet;
 
 use compiler::render_iptables::{
     chain_name, render, render_ipset_restore, render_restore, rule_hash, to_iptables, IpFamily,
-    IpSetType, IptablesRuleset, IptablesRulesets, MAX_CHAIN_NAME_LEN,
+    IpSetSpec, IpSetType, IptablesRuleset, IptablesRulesets, MAX_CHAIN_NAME_LEN,
 };
 use compiler::{compile, CompileOptions};
 use expect_test::expect_file;
 use model::convert::interface_name;
 use testkit::cluster::{pod, state, web_deny_all};
+use testkit::ipset_members;
 
 /// Exercises every iptables special case: >15 ports, several CIDRs with
 /// excepts (v4 and v6), numeric + named ports, a policy name too long for a
@@ -387,23 +388,18 @@ fn many_interfaces_make_a_dispatch_prefix_tree() {
 #[test]
 fn ipsets_hold_members_as_ipset_prints_them() {
     let rs = rulesets(&complex_cluster(), &CompileOptions::new("node1"));
-    let named: Vec<_> = rs
-        .v4
-        .ipsets
-        .iter()
-        .filter(|(_, s)| s.kind == IpSetType::HashIpPort)
-        .collect();
+    fn named_ports(r: &IptablesRuleset) -> Vec<(&String, &IpSetSpec)> {
+        let sets = r.ipsets.iter();
+        sets.filter(|(_, s)| s.kind == IpSetType::HashIpPort)
+            .collect()
+    }
+    let named = named_ports(&rs.v4);
     assert!(!named.is_empty());
     for (name, s) in &named {
         assert!(name.starts_with("cali40n:"));
         assert!(s.members.iter().all(|m| m.contains(",tcp:")), "{s:?}");
     }
-    let v6_named: Vec<_> = rs
-        .v6
-        .ipsets
-        .iter()
-        .filter(|(_, s)| s.kind == IpSetType::HashIpPort)
-        .collect();
+    let v6_named = named_ports(&rs.v6);
     assert!(v6_named
         .iter()
         .any(|(_, s)| s.members.contains("fd00:198:18::1:1,tcp:9090")));
@@ -424,22 +420,10 @@ fn ipsets_hold_members_as_ipset_prints_them() {
 
 // ---- kernel check -------------------------------------------------------
 
-/// A network namespace that exists while this value does.
-struct Netns(testkit::netns::Netns);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        Netns(
-            testkit::netns::Netns::create(&format!("ipt-{tag}"))
-                .expect("ip netns add (needs root)"),
-        )
-    }
-
-    /// Runs `argv` inside with `stdin`: (success, stdout + stderr).
-    fn run(&self, argv: &[&str], stdin: &str) -> (bool, String) {
-        let (ok, stdout, stderr) = self.0.output(argv, stdin).unwrap();
-        (ok, stdout + &stderr)
-    }
+/// Runs `argv` inside `ns` with `stdin`: (success, stdout + stderr).
+fn run(ns: &testkit::netns::Netns, argv: &[&str], stdin: &str) -> (bool, String) {
+    let (ok, stdout, stderr) = ns.output(argv, stdin).unwrap();
+    (ok, stdout + &stderr)
 }
 
 fn restore_bins(f: IpFamily) -> (&'static str, &'static str) {
@@ -457,18 +441,20 @@ fn every_payload_is_accepted_by_ipset_and_iptables_restore() {
         ("cplx", complex_cluster(), "node2"),
     ] {
         let rs = rulesets(&yaml, &CompileOptions::new(node));
-        let ns = Netns::new(tag);
+        // Exists while this value does.
+        let ns = testkit::netns::Netns::create(&format!("ipt-{tag}"))
+            .expect("ip netns add (needs root)");
         for r in rs.iter() {
-            let (ok, out) = ns.run(&["ipset", "restore"], &render_ipset_restore(r));
+            let (ok, out) = run(&ns, &["ipset", "restore"], &render_ipset_restore(r));
             assert!(ok, "ipset restore ({tag} {node} {}): {out}", r.family);
             let (restore, save) = restore_bins(r.family);
             let payload = render_restore(r);
-            let (ok, out) = ns.run(&[restore, "--noflush", "--test"], &payload);
+            let (ok, out) = run(&ns, &[restore, "--noflush", "--test"], &payload);
             assert!(ok, "{restore} --test ({tag} {node}): {out}\n{payload}");
             // And for real: the kernel's checks run only on commit.
-            let (ok, out) = ns.run(&[restore, "--noflush"], &payload);
+            let (ok, out) = run(&ns, &[restore, "--noflush"], &payload);
             assert!(ok, "{restore} ({tag} {node}): {out}\n{payload}");
-            let (ok, saved) = ns.run(&[save, "-t", "filter"], "");
+            let (ok, saved) = run(&ns, &[save, "-t", "filter"], "");
             assert!(ok, "{saved}");
             for (chain, rules) in &r.chains {
                 let n = saved
@@ -484,17 +470,12 @@ fn every_payload_is_accepted_by_ipset_and_iptables_restore() {
             assert_eq!(forward.len(), 2, "{saved}");
             assert!(forward[0].ends_with("-j cali-FORWARD"));
         }
-        let (ok, sets) = ns.run(&["ipset", "save"], "");
+        let (ok, sets) = run(&ns, &["ipset", "save"], "");
         assert!(ok);
         // What ipset prints back is exactly what we rendered.
         for r in rs.iter() {
             for (name, set) in &r.ipsets {
-                let got: BTreeSet<String> = sets
-                    .lines()
-                    .filter_map(|l| l.strip_prefix(&format!("add {name} ")))
-                    .map(str::to_owned)
-                    .collect();
-                assert_eq!(got, set.members, "{name}");
+                assert_eq!(ipset_members(&sets, name), set.members, "{name}");
             }
         }
     }

@@ -12,6 +12,7 @@ use compiler::{compile, CompileOptions};
 use iptables::{parse_iptables_save, Backend, Error, IptablesProgrammer};
 use model::convert::interface_name;
 use testkit::cluster::{pod, state, web_deny_all, DEFAULT_NAMESPACE as NS};
+use testkit::ipset_members;
 
 // ---- fixtures -----------------------------------------------------------
 
@@ -66,6 +67,16 @@ impl Netns {
     fn ipsets(&self) -> String {
         self.sh(&["ipset", "save"], "")
     }
+}
+
+/// A namespace whose kernel `backend` has been programmed with one client
+/// allowed to web on port 80: the namespace, its programmer, the rulesets.
+fn with_one_client(tag: &str, backend: Backend) -> (Netns, IptablesProgrammer, IptablesRulesets) {
+    let ns = Netns::new(tag);
+    let mut p = ns.programmer(backend);
+    let want = rulesets(&allow_clients(1, "{port: 80}"));
+    p.apply(&want).unwrap();
+    (ns, p, want)
 }
 
 /// web (node1, dual stack) accepts clients on `ports`; clients live on node2.
@@ -148,12 +159,7 @@ fn assert_kernel_holds(ns: &Netns, backend: Backend, want: &IptablesRulesets) {
     let sets = ns.ipsets();
     for rs in want.iter() {
         for (name, spec) in &rs.ipsets {
-            let members: BTreeSet<String> = sets
-                .lines()
-                .filter_map(|l| l.strip_prefix(&format!("add {name} ")))
-                .map(str::to_owned)
-                .collect();
-            assert_eq!(members, spec.members, "{name}");
+            assert_eq!(ipset_members(&sets, name), spec.members, "{name}");
         }
     }
 }
@@ -237,10 +243,7 @@ fn a_new_remote_pod_is_only_an_ipset_member_add() {
 
 #[test]
 fn a_changed_policy_rewrites_only_its_chain() {
-    let ns = Netns::new("pol");
-    let mut p = ns.programmer(Backend::Legacy);
-    let before = rulesets(&allow_clients(1, "{port: 80}"));
-    p.apply(&before).unwrap();
+    let (ns, mut p, _) = with_one_client("pol", Backend::Legacy);
     let after = rulesets(&allow_clients(1, "{port: 80}, {port: 443}"));
     let r = p.apply(&after).unwrap();
     let chain = chain_name("cali-pi-default.web-from-clients");
@@ -359,10 +362,7 @@ fn a_failing_restore_leaves_the_previous_rules() {
 
 #[test]
 fn drift_is_found_and_repaired() {
-    let ns = Netns::new("drift");
-    let mut p = ns.programmer(Backend::Legacy);
-    let want = rulesets(&allow_clients(1, "{port: 80}"));
-    p.apply(&want).unwrap();
+    let (ns, mut p, want) = with_one_client("drift", Backend::Legacy);
 
     // Someone flushes one of our chains, deletes a hook rule, puts a rule
     // of theirs above ours, leaves a stale chain and set of ours, and
@@ -557,10 +557,7 @@ fn the_nft_variant_programs_and_removes_the_same() {
         eprintln!("iptables-nft-restore not installed: skipped");
         return;
     }
-    let ns = Netns::new("nft");
-    let mut p = ns.programmer(Backend::Nft);
-    let a = rulesets(&allow_clients(1, "{port: 80}"));
-    p.apply(&a).unwrap();
+    let (ns, mut p, a) = with_one_client("nft", Backend::Nft);
     assert_kernel_holds(&ns, Backend::Nft, &a);
     // Deleting a chain (the policy's) needs the second transaction.
     let b = rulesets(&web_deny_all());

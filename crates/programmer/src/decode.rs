@@ -1049,20 +1049,11 @@ fn decode_addr(
                 2,
             ))
         }
-        Expr::Lookup {
-            sreg: NFT_REG_1,
-            dreg: None,
-            set,
-            flags,
-            ..
-        } => Some((
-            Match::Addr {
-                dir,
-                target: AddrTarget::Set(set.to_string()),
-                negate: lookup_negate(*flags)?,
-            },
-            1,
-        )),
+        lookup @ Expr::Lookup { .. } => set_match(lookup, |set, negate| Match::Addr {
+            dir,
+            target: AddrTarget::Set(set),
+            negate,
+        }),
         Expr::MetaLoad {
             key: NFT_META_L4PROTO,
             dreg: proto_reg,
@@ -1081,35 +1072,39 @@ fn decode_addr(
             {
                 return None;
             }
-            let Expr::Lookup {
-                sreg: NFT_REG_1,
-                dreg: None,
-                set,
-                flags,
-                ..
-            } = rest.get(2)?
-            else {
-                return None;
-            };
-            Some((
-                Match::NamedPort {
-                    dir,
-                    set: set.to_string(),
-                    negate: lookup_negate(*flags)?,
-                },
-                3,
-            ))
+            let (set, negate) = set_lookup(rest.get(2)?)?;
+            Some((Match::NamedPort { dir, set, negate }, 3))
         }
         _ => None,
     }
 }
 
-fn lookup_negate(flags: Option<u32>) -> Option<bool> {
-    match flags.unwrap_or(0) {
-        0 => Some(false),
-        NFT_LOOKUP_F_INV => Some(true),
-        _ => None,
-    }
+/// A set lookup (see [`set_lookup`]) as the match `matched` makes of the
+/// set's name and negation.
+fn set_match(e: &Expr, matched: impl FnOnce(String, bool) -> Match) -> Option<(Match, usize)> {
+    let (set, negate) = set_lookup(e)?;
+    Some((matched(set, negate), 1))
+}
+
+/// A set lookup of register 1 that matches (or, inverted, does not match)
+/// without mapping to a verdict: the set's name and whether it is negated.
+fn set_lookup(e: &Expr) -> Option<(String, bool)> {
+    let Expr::Lookup {
+        sreg: NFT_REG_1,
+        dreg: None,
+        set,
+        flags,
+        ..
+    } = e
+    else {
+        return None;
+    };
+    let negate = match flags.unwrap_or(0) {
+        0 => false,
+        NFT_LOOKUP_F_INV => true,
+        _ => return None,
+    };
+    Some((set.to_string(), negate))
 }
 
 /// Prefix length of a contiguous network mask.
@@ -1200,20 +1195,11 @@ fn decode_port(dir: Dir, rest: &[Expr]) -> Option<(Match, usize)> {
                 1,
             ))
         }
-        Expr::Lookup {
-            sreg: NFT_REG_1,
-            dreg: None,
-            set,
-            flags,
-            ..
-        } => Some((
-            Match::Port {
-                dir,
-                target: PortTarget::Set(set.to_string()),
-                negate: lookup_negate(*flags)?,
-            },
-            1,
-        )),
+        lookup @ Expr::Lookup { .. } => set_match(lookup, |set, negate| Match::Port {
+            dir,
+            target: PortTarget::Set(set),
+            negate,
+        }),
         _ => None,
     }
 }
@@ -1268,35 +1254,32 @@ mod tests {
             flags: if end { NFT_SET_ELEM_INTERVAL_END } else { 0 },
             ..KElem::default()
         };
-        // Descending, with nft's zero element and an open interval.
-        let elems = vec![
-            el([128, 0, 0, 0], false),
-            el([100, 128, 0, 0], true),
-            el([100, 64, 0, 0], false),
-            el([0, 0, 0, 0], true),
+        let cases = [
+            // Descending, with nft's zero element and an open interval.
+            (
+                [
+                    el([128, 0, 0, 0], false),
+                    el([100, 128, 0, 0], true),
+                    el([100, 64, 0, 0], false),
+                    el([0, 0, 0, 0], true),
+                ],
+                ["100.64.0.0/10", "128.0.0.0/1"],
+            ),
+            // Adjacent intervals stay apart.
+            (
+                [
+                    el([198, 18, 0, 0], false),
+                    el([198, 18, 1, 0], true),
+                    el([198, 18, 1, 0], false),
+                    el([198, 18, 2, 0], true),
+                ],
+                ["198.18.0.0/24", "198.18.1.0/24"],
+            ),
         ];
-        let got = interval_set_elements(TableFamily::Ip, SetKey::Addr, &elems).unwrap();
-        assert_eq!(
-            got,
-            vec![
-                SetElement::Net(n("100.64.0.0/10")),
-                SetElement::Net(n("128.0.0.0/1"))
-            ]
-        );
-        // Adjacent intervals stay apart.
-        let elems = vec![
-            el([198, 18, 0, 0], false),
-            el([198, 18, 1, 0], true),
-            el([198, 18, 1, 0], false),
-            el([198, 18, 2, 0], true),
-        ];
-        let got = interval_set_elements(TableFamily::Ip, SetKey::Addr, &elems).unwrap();
-        assert_eq!(
-            got,
-            vec![
-                SetElement::Net(n("198.18.0.0/24")),
-                SetElement::Net(n("198.18.1.0/24"))
-            ]
-        );
+        for (elems, want) in cases {
+            let got = interval_set_elements(TableFamily::Ip, SetKey::Addr, &elems).unwrap();
+            let want: Vec<_> = want.iter().map(|w| SetElement::Net(n(w))).collect();
+            assert_eq!(got, want);
+        }
     }
 }

@@ -273,6 +273,12 @@ fn bitwise<'r>(mask: &[u8], xor: &[u8], with_op: bool) -> Expr<'r> {
     }
 }
 
+/// Loads `len` bytes of the network header at `offset` (an address or
+/// its prefix) into register 1.
+fn address_load<'r>(offset: u32, len: usize) -> Expr<'r> {
+    payload(NFT_PAYLOAD_NETWORK_HEADER, offset, len as u32, NFT_REG_1)
+}
+
 fn payload<'r>(base: u32, offset: u32, len: u32, dreg: u32) -> Expr<'r> {
     Expr::Payload {
         dreg,
@@ -377,34 +383,17 @@ pub(crate) fn rule_exprs<'r>(
                         if prefix == alen * 8 || (prefix > 0 && prefix.is_multiple_of(8)) {
                             // Byte-aligned prefix: nft loads just those bytes.
                             let n = prefix / 8;
-                            out(payload(
-                                NFT_PAYLOAD_NETWORK_HEADER,
-                                offset,
-                                n as u32,
-                                NFT_REG_1,
-                            ));
+                            out(address_load(offset, n));
                             out(cmp(op, &bytes[..n]));
                         } else {
-                            let alen32 = alen as u32;
-                            out(payload(
-                                NFT_PAYLOAD_NETWORK_HEADER,
-                                offset,
-                                alen32,
-                                NFT_REG_1,
-                            ));
+                            out(address_load(offset, alen));
                             let mask = prefix_mask(prefix, alen);
                             out(bitwise(&mask[..alen], &[0u8; 16][..alen], false));
                             out(cmp(op, &bytes[..alen]));
                         }
                     }
                     AddrTarget::Set(set) => {
-                        let alen32 = alen as u32;
-                        out(payload(
-                            NFT_PAYLOAD_NETWORK_HEADER,
-                            offset,
-                            alen32,
-                            NFT_REG_1,
-                        ));
+                        out(address_load(offset, alen));
                         out(lookup(set, set_id(set), *negate));
                     }
                 }
@@ -447,13 +436,7 @@ pub(crate) fn rule_exprs<'r>(
                 let (offset, alen) = addr_offset(family, *dir);
                 // Concatenation: each field starts on a 32-bit register.
                 let (proto_reg, port_reg) = named_port_regs(alen);
-                let alen32 = alen as u32;
-                out(payload(
-                    NFT_PAYLOAD_NETWORK_HEADER,
-                    offset,
-                    alen32,
-                    NFT_REG_1,
-                ));
+                out(address_load(offset, alen));
                 out(meta_load(NFT_META_L4PROTO, proto_reg));
                 out(payload(
                     NFT_PAYLOAD_TRANSPORT_HEADER,

@@ -312,17 +312,26 @@ mod tests {
         Ruleset { tables: vec![t] }
     }
 
-    #[test]
-    fn a_change_by_nft_to_our_table_is_reported() {
+    /// A namespace whose table holds chain c1, a monitor opened after it,
+    /// and the programmer with its port id; `None` where nft is missing.
+    fn watched(tag: &str) -> Option<(Netns, NftProgrammer, Monitor, u32)> {
         if !nft_available() {
             eprintln!("skipping: the nft binary is not installed");
-            return;
+            return None;
         }
-        let ns = Netns::enter("mon-nft").unwrap();
+        let ns = Netns::enter(tag).unwrap();
         let mut p = NftProgrammer::new().unwrap();
         p.apply(&our_ruleset(&["c1"])).unwrap();
-        let mut m = Monitor::open().unwrap();
+        let m = Monitor::open().unwrap();
         let own = p.port_id().unwrap();
+        Some((ns, p, m, own))
+    }
+
+    #[test]
+    fn a_change_by_nft_to_our_table_is_reported() {
+        let Some((ns, _p, mut m, own)) = watched("mon-nft") else {
+            return;
+        };
         ns.nft(&["add", "chain", "ip", TABLE_NAME, "intruder"])
             .unwrap();
         let change = m.wait_foreign(own, WAIT).unwrap().expect("a change");
@@ -355,15 +364,9 @@ mod tests {
 
     #[test]
     fn a_change_to_another_table_is_not_reported() {
-        if !nft_available() {
-            eprintln!("skipping: the nft binary is not installed");
+        let Some((ns, _p, mut m, own)) = watched("mon-other") else {
             return;
-        }
-        let ns = Netns::enter("mon-other").unwrap();
-        let mut p = NftProgrammer::new().unwrap();
-        p.apply(&our_ruleset(&["c1"])).unwrap();
-        let mut m = Monitor::open().unwrap();
-        let own = p.port_id().unwrap();
+        };
         ns.nft(&["add", "table", "ip", "kube-proxy"]).unwrap();
         ns.nft(&["add", "chain", "ip", "kube-proxy", "c1"]).unwrap();
         // Same table name in a family we do not program.

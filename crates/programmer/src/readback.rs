@@ -35,6 +35,19 @@ fn request(t: u8, flags: u16, family: u8, attrs: impl FnOnce(&mut Writer)) -> Ve
     w.buf
 }
 
+/// Sends a request built by [`request`] and collects its replies; `op`
+/// names it in the error.
+fn query(
+    sock: &mut Socket,
+    op: &'static str,
+    (t, flags, family): (u8, u16, u8),
+    attrs: impl FnOnce(&mut Writer),
+) -> Result<Vec<netlink::Reply>, Error> {
+    let mut msg = request(t, flags, family, attrs);
+    sock.request(&mut msg)
+        .map_err(|source| Error::Netlink { op, source })
+}
+
 fn parse_all(replies: &[netlink::Reply]) -> Result<Vec<NfTablesMessage>, Error> {
     replies
         .iter()
@@ -44,11 +57,12 @@ fn parse_all(replies: &[netlink::Reply]) -> Result<Vec<NfTablesMessage>, Error> 
 
 /// `NFT_MSG_GETGEN`: the ruleset generation, bumped by every commit.
 pub fn gen_id(sock: &mut Socket) -> Result<u32, Error> {
-    let mut msg = request(NFT_MSG_GETGEN, 0, 0, |_| {});
-    let replies = sock.request(&mut msg).map_err(|source| Error::Netlink {
-        op: "read the ruleset generation",
-        source,
-    })?;
+    let replies = query(
+        sock,
+        "read the ruleset generation",
+        (NFT_MSG_GETGEN, 0, 0),
+        |_| {},
+    )?;
     for m in parse_all(&replies)? {
         if let Some(id) = decode::gen_id(&m) {
             return Ok(id);
@@ -111,11 +125,12 @@ fn read_table_once(
     }
     let mut table = Table::new(family, name);
 
-    let mut msg = request(NFT_MSG_GETCHAIN, NLM_F_DUMP, fam, |_| {});
-    let replies = sock.request(&mut msg).map_err(|source| Error::Netlink {
-        op: "dump chains",
-        source,
-    })?;
+    let replies = query(
+        sock,
+        "dump chains",
+        (NFT_MSG_GETCHAIN, NLM_F_DUMP, fam),
+        |_| {},
+    )?;
     for m in parse_all(&replies)? {
         if let NfTablesMessage::NewChain(c) = m {
             let k = decode::chain(&c)?;
@@ -125,12 +140,8 @@ fn read_table_once(
         }
     }
 
-    let mut msg = request(NFT_MSG_GETSET, NLM_F_DUMP, fam, |w| {
+    let replies = query(sock, "dump sets", (NFT_MSG_GETSET, NLM_F_DUMP, fam), |w| {
         w.put_str(NFTA_SET_TABLE, name)
-    });
-    let replies = sock.request(&mut msg).map_err(|source| Error::Netlink {
-        op: "dump sets",
-        source,
     })?;
     let mut ksets = Vec::new();
     for m in parse_all(&replies)? {
@@ -174,13 +185,10 @@ fn read_table_once(
 }
 
 fn read_elements(sock: &mut Socket, fam: u8, table: &str, set: &str) -> Result<Vec<KElem>, Error> {
-    let mut msg = request(NFT_MSG_GETSETELEM, NLM_F_DUMP, fam, |w| {
+    let what = (NFT_MSG_GETSETELEM, NLM_F_DUMP, fam);
+    let replies = query(sock, "dump set elements", what, |w| {
         w.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
         w.put_str(NFTA_SET_ELEM_LIST_SET, set);
-    });
-    let replies = sock.request(&mut msg).map_err(|source| Error::Netlink {
-        op: "dump set elements",
-        source,
     })?;
     let mut out = Vec::new();
     for r in &replies {
@@ -196,15 +204,12 @@ pub fn read_rules(
     table: &str,
     chain: Option<&str>,
 ) -> Result<Vec<KRule>, Error> {
-    let mut msg = request(NFT_MSG_GETRULE, NLM_F_DUMP, family.nfproto(), |w| {
+    let what = (NFT_MSG_GETRULE, NLM_F_DUMP, family.nfproto());
+    let replies = query(sock, "dump rules", what, |w| {
         w.put_str(NFTA_RULE_TABLE, table);
         if let Some(c) = chain {
             w.put_str(NFTA_RULE_CHAIN, c);
         }
-    });
-    let replies = sock.request(&mut msg).map_err(|source| Error::Netlink {
-        op: "dump rules",
-        source,
     })?;
     let mut out = Vec::new();
     for r in &replies {

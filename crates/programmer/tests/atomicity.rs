@@ -42,23 +42,14 @@ fn jump_to_missing_chain_rolls_back_everything() {
         .push(rule(vec![], vec![Stmt::Counter], None, "after"));
 
     let err = p.apply(&bad).unwrap_err();
-    match &err {
-        Error::Transaction {
-            object,
-            kind,
-            errno,
-            ..
-        } => {
-            assert_eq!(*kind, "NEWRULE");
-            assert_eq!(*errno, libc::ENOENT);
-            assert!(
-                object.contains("cali-pol") && object.contains("broken jump"),
-                "{object}"
-            );
-            assert!(object.contains("rule #3"), "{object}");
-        }
-        other => panic!("unexpected error {other:?}"),
-    }
+    let (kind, errno, object) = rejected(&err);
+    assert_eq!(kind, "NEWRULE");
+    assert_eq!(errno, libc::ENOENT);
+    assert!(
+        object.contains("cali-pol") && object.contains("broken jump"),
+        "{object}"
+    );
+    assert!(object.contains("rule #3"), "{object}");
     let msg = err.to_string();
     assert!(msg.contains("broken jump"), "{msg}");
 
@@ -89,22 +80,12 @@ fn overlapping_elements_roll_back_and_name_the_set() {
     s.elements.push(SetElement::Net(net("198.19.7.0/24")));
     s.elements.sort();
 
-    let err = p.apply(&bad).unwrap_err();
-    match &err {
-        Error::Transaction {
-            object,
-            kind,
-            errno,
-            ..
-        } => {
-            assert_eq!(*kind, "NEWSETELEM");
-            assert_eq!(*errno, libc::EEXIST);
-            assert!(object.contains("set ip nftpolicy upper"), "{object}");
-            // The extended ACK points at the offending element.
-            assert!(object.contains("198.19.7.0"), "{object}");
-        }
-        other => panic!("unexpected error {other:?}"),
-    }
+    let (kind, errno, object) = rejected(&p.apply(&bad).unwrap_err());
+    assert_eq!(kind, "NEWSETELEM");
+    assert_eq!(errno, libc::EEXIST);
+    assert!(object.contains("set ip nftpolicy upper"), "{object}");
+    // The extended ACK points at the offending element.
+    assert!(object.contains("198.19.7.0"), "{object}");
     assert_eq!(snapshot(&mut p), before);
     assert!(!p.has_drift().unwrap());
     assert!(p.plan(&good).unwrap().is_empty());

@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use compiler::nft::*;
-use programmer::Error;
 
 fn table(rs: &Ruleset, family: TableFamily) -> Option<Table> {
     rs.tables.iter().find(|t| t.family == family).cloned()
@@ -40,13 +39,9 @@ fn rebuild_repairs_tampering_that_makes_every_diff_fail() {
             vec![rule(vec![], vec![], Some(Verdict::Drop), "new")],
         ),
     );
-    match p.apply(&desired) {
-        Err(Error::Transaction { kind, errno, .. }) => {
-            assert_eq!(kind, "DELSETELEM");
-            assert_eq!(errno, libc::ENOENT);
-        }
-        other => panic!("expected the kernel to reject the diff, got {other:?}"),
-    }
+    let (kind, errno, _) = rejected(&p.apply(&desired).unwrap_err());
+    assert_eq!(kind, "DELSETELEM");
+    assert_eq!(errno, libc::ENOENT);
 
     let report = p.rebuild(&desired).unwrap();
     assert_eq!(report.kinds.get("DESTROYTABLE"), Some(&2));
@@ -95,19 +90,10 @@ fn a_rejected_rebuild_leaves_the_old_tables_in_force() {
             )],
         ),
     );
-    match p.rebuild(&bad) {
-        Err(Error::Transaction {
-            kind,
-            errno,
-            object,
-            ..
-        }) => {
-            assert_eq!(kind, "NEWRULE");
-            assert_eq!(errno, libc::ENOENT);
-            assert!(object.contains("broken jump"), "{object}");
-        }
-        other => panic!("expected the kernel to reject the rebuild, got {other:?}"),
-    }
+    let (kind, errno, object) = rejected(&p.rebuild(&bad).unwrap_err());
+    assert_eq!(kind, "NEWRULE");
+    assert_eq!(errno, libc::ENOENT);
+    assert!(object.contains("broken jump"), "{object}");
     // Both tables are still there, exactly as before (the destroys at the
     // start of the batch were rolled back with the rest).
     assert_eq!(snapshot(&mut p), before);

@@ -16,7 +16,7 @@ pub mod netns;
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 
 /// A `cargo` command (the one running us, if any) without the variables
 /// cargo sets for the program it runs (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`,
@@ -111,4 +111,45 @@ pub fn free_loopback_port() -> Result<u16, TestkitError> {
         .local_addr()
         .map(|a| a.port())
         .map_err(|e| TestkitError::io("finding a free loopback port", e))
+}
+
+/// The members of ipset `name` in `ipset save` output, as it prints them.
+pub fn ipset_members(save: &str, name: &str) -> std::collections::BTreeSet<String> {
+    let prefix = format!("add {name} ");
+    save.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Panics, naming `what` and showing the exit status and stderr, unless the
+/// command exited 0.
+#[track_caller]
+pub fn assert_success(out: &Output, what: impl std::fmt::Display) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Panics unless the command exited with `code` and its stderr says
+/// `says`; shows the stderr either way.
+#[track_caller]
+pub fn assert_refused(out: &Output, code: i32, says: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    assert!(stderr.contains(says), "{stderr}");
+}
+
+/// Runs `cmd` to completion and returns its output; panics as
+/// [`assert_success`] does unless it started and exited 0.
+#[track_caller]
+pub fn output_ok(cmd: &mut Command, what: impl std::fmt::Display) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    assert_success(&out, what);
+    out
 }

@@ -299,6 +299,21 @@ fn any_value(_: &[u8]) -> bool {
 
 /// The Kubernetes workload endpoints of pod `namespace/pod`, found by their
 /// `spec.pod` (for a pod whose node is not known).
+/// Deletes the endpoints [`pod_endpoints`] found, each only while it still
+/// holds the value read.
+async fn delete_endpoints(
+    kv: &mut KvClient,
+    found: Vec<(ResourceKey, Vec<u8>, i64)>,
+    dry_run: bool,
+    changes: &mut Vec<Change>,
+) -> Result<(), Error> {
+    for (key, v, rev) in found {
+        let known = Some(Some((v, rev)));
+        changes.push(delete_key(kv, &key, dry_run, &is_k8s_endpoint, known).await?);
+    }
+    Ok(())
+}
+
 async fn pod_endpoints(
     kv: &mut KvClient,
     namespace: &str,
@@ -373,17 +388,8 @@ pub async fn apply(
         match t {
             Target::Put(r) => changes.push(put_resource(&mut kv, &r, dry_run, None).await?),
             Target::NoEndpoint { namespace, pod } => {
-                for (key, v, rev) in pod_endpoints(&mut kv, &namespace, &pod).await? {
-                    let change = delete_key(
-                        &mut kv,
-                        &key,
-                        dry_run,
-                        &is_k8s_endpoint,
-                        Some(Some((v, rev))),
-                    )
-                    .await?;
-                    changes.push(change);
-                }
+                let found = pod_endpoints(&mut kv, &namespace, &pod).await?;
+                delete_endpoints(&mut kv, found, dry_run, &mut changes).await?;
             }
         }
     }
@@ -441,17 +447,7 @@ pub async fn delete(
                                 revision: None,
                             });
                         }
-                        for (key, v, rev) in found {
-                            let change = delete_key(
-                                &mut kv,
-                                &key,
-                                dry_run,
-                                &is_k8s_endpoint,
-                                Some(Some((v, rev))),
-                            )
-                            .await?;
-                            changes.push(change);
-                        }
+                        delete_endpoints(&mut kv, found, dry_run, &mut changes).await?;
                         continue;
                     }
                 }

@@ -57,6 +57,14 @@ impl Stream {
         }
     }
 
+    /// Starts the source and receives until its first InSync.
+    async fn in_sync(cfg: EtcdConfig, buffer: usize) -> Stream {
+        let mut s = Stream::start(cfg, buffer);
+        s.until("in sync", |_, u| matches!(u, Update::InSync { .. }))
+            .await;
+        s
+    }
+
     async fn next(&mut self) -> Update {
         match tokio::time::timeout(DEADLINE, self.rx.recv()).await {
             Ok(Some(u)) => {
@@ -125,6 +133,11 @@ fn key(kind: Kind, ns: Option<&str>, name: &str) -> String {
     ResourceKey::new(kind, ns, name).etcd_key()
 }
 
+/// Writes profile `name` labelled `label`; the revision of the write.
+async fn put_profile(c: &mut Client, name: &str, label: &str) -> i64 {
+    put(c, &key(Kind::Profile, None, name), &profile(name, label)).await
+}
+
 async fn put(c: &mut Client, key: &str, value: &str) -> i64 {
     c.put(key, value, None)
         .await
@@ -174,12 +187,7 @@ async fn compact_all(c: &mut Client) -> i64 {
 /// Writes a key and waits for its upsert: the watch is live.
 async fn wait_for_live_watch(c: &mut Client, s: &mut Stream) {
     let sentinel = key(Kind::Profile, None, "kns.sentinel");
-    let rev = put(
-        c,
-        &sentinel,
-        &profile("kns.sentinel", &s.log.len().to_string()),
-    )
-    .await;
+    let rev = put_profile(c, "kns.sentinel", &s.log.len().to_string()).await;
     s.until("the sentinel", |_, u| {
         matches!(u, Update::Upsert { key, revision, .. } if key.etcd_key() == sentinel && *revision == rev)
     })
@@ -269,12 +277,7 @@ async fn snapshot_then_watch() {
 async fn one_dead_endpoint_of_several_is_skipped() {
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
-    put(
-        &mut c,
-        &key(Kind::Profile, None, "kns.a"),
-        &profile("kns.a", "1"),
-    )
-    .await;
+    put_profile(&mut c, "kns.a", "1").await;
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://127.0.0.1:{}", l.local_addr().unwrap().port())
@@ -302,16 +305,9 @@ async fn malformed_values_are_reported_by_key_and_the_rest_flows() {
     )
     .await;
     put(&mut c, &wrong_name, &profile("kns.other", "1")).await;
-    put(
-        &mut c,
-        &key(Kind::Profile, None, "kns.good2"),
-        &profile("kns.good2", "1"),
-    )
-    .await;
+    put_profile(&mut c, "kns.good2", "1").await;
 
-    let mut s = Stream::start(config(&[etcd.endpoint()]), 16);
-    s.until("in sync", |_, u| matches!(u, Update::InSync { .. }))
-        .await;
+    let mut s = Stream::in_sync(config(&[etcd.endpoint()]), 16).await;
     let invalid: BTreeMap<&str, &str> = s
         .log
         .iter()
@@ -374,9 +370,7 @@ async fn compaction_while_the_consumer_is_stopped() {
     );
     put(&mut c, &a, &profile("kns.a", "0")).await;
     put(&mut c, &b, &profile("kns.b", "0")).await;
-    let mut s = Stream::start(config(&[etcd.endpoint()]), 1);
-    s.until("in sync", |_, u| matches!(u, Update::InSync { .. }))
-        .await;
+    let mut s = Stream::in_sync(config(&[etcd.endpoint()]), 1).await;
     let mark = s.log.len();
 
     del(&mut c, &a).await;
@@ -411,9 +405,7 @@ async fn compaction_while_cut_off_relists_and_reconciles() {
     put(&mut c, &a, &profile("kns.a", "0")).await;
     put(&mut c, &b, &policy("n", "b", "all()")).await;
     put(&mut c, &unchanged, &profile("kns.same", "0")).await;
-    let mut s = Stream::start(config(&[proxy.endpoint()]), 16);
-    s.until("in sync", |_, u| matches!(u, Update::InSync { .. }))
-        .await;
+    let mut s = Stream::in_sync(config(&[proxy.endpoint()]), 16).await;
     wait_for_live_watch(&mut c, &mut s).await;
 
     proxy.cut();
@@ -456,9 +448,7 @@ async fn etcd_killed_and_restarted() {
     );
     put(&mut c, &a, &profile("kns.a", "0")).await;
     put(&mut c, &b, &profile("kns.b", "0")).await;
-    let mut s = Stream::start(config(&[etcd.endpoint()]), 16);
-    s.until("in sync", |_, u| matches!(u, Update::InSync { .. }))
-        .await;
+    let mut s = Stream::in_sync(config(&[etcd.endpoint()]), 16).await;
     wait_for_live_watch(&mut c, &mut s).await;
 
     etcd.kill();
@@ -475,12 +465,7 @@ async fn etcd_killed_and_restarted() {
     let mut c = etcd.client().await;
     del(&mut c, &a).await;
     put(&mut c, &b, &profile("kns.b", "1")).await;
-    put(
-        &mut c,
-        &key(Kind::Profile, None, "kns.c"),
-        &profile("kns.c", "1"),
-    )
-    .await;
+    put_profile(&mut c, "kns.c", "1").await;
     let expected = etcd_state(&mut c).await;
     s.until_converged(&expected).await;
     assert!(s.log.iter().any(|u| is_delete_of(u, &a)));
@@ -747,15 +732,7 @@ async fn controller_delete() {
     assert!(done
         .iter()
         .all(|c| c.value.is_some() && c.revision.is_some()));
-    let left = c
-        .get(
-            ETCD_PREFIX,
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        )
-        .await
-        .unwrap();
-    let left: Vec<&str> = left.kvs().iter().map(|kv| kv.key_str().unwrap()).collect();
-    assert_eq!(left, [foreign.as_str()]);
+    assert_eq!(common::calico_keys(&mut c).await, [foreign.as_str()]);
 
     let again = controller::delete(&c, &m, false).await.unwrap();
     assert!(
@@ -914,12 +891,7 @@ async fn tls_with_client_certificates() {
     let etcd = Etcd::start_tls().await;
     let certs = etcd.tls.clone().unwrap();
     let mut c = etcd.client().await;
-    put(
-        &mut c,
-        &key(Kind::Profile, None, "kns.a"),
-        &profile("kns.a", "1"),
-    )
-    .await;
+    put_profile(&mut c, "kns.a", "1").await;
 
     let url = format!("etcd://127.0.0.1:{}", etcd.client_port);
     let cfg = EtcdConfig::from_url(&url).unwrap().with_tls(

@@ -19,13 +19,9 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let api = FakeApiServer::start().expect("the fake API server starts");
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(
-        &kubeconfig,
-        Some("system:serviceaccount:kube-system:nftpolicy-node"),
-    )
-    .unwrap();
+    let (dir, kubeconfig) = api
+        .temp_kubeconfig(Some("system:serviceaccount:kube-system:nftpolicy-node"))
+        .unwrap();
     Fixture {
         api,
         _dir: dir,

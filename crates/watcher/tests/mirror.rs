@@ -6,7 +6,6 @@ mod common;
 
 use std::time::Duration;
 
-use etcd_client::GetOptions;
 use model::calico::ETCD_PREFIX;
 use serde_json::json;
 use testkit::apiserver::FakeApiServer;
@@ -27,21 +26,9 @@ fn pod(name: &str, ip: &str) -> serde_json::Value {
 
 /// etcd's keys under Calico's prefix, without it.
 async fn keys(c: &mut etcd_client::Client) -> Vec<String> {
-    let r = c
-        .get(
-            ETCD_PREFIX,
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        )
-        .await
-        .unwrap();
-    r.kvs()
-        .iter()
-        .map(|kv| {
-            kv.key_str()
-                .unwrap()
-                .trim_start_matches(ETCD_PREFIX)
-                .to_owned()
-        })
+    let keys = common::calico_keys(c).await;
+    keys.iter()
+        .map(|k| k.trim_start_matches(ETCD_PREFIX).to_owned())
         .collect()
 }
 
@@ -85,13 +72,11 @@ async fn mirrors_the_api_server_into_etcd() {
     api.apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "a"}}))
         .unwrap();
     api.apply(&pod("web", "198.18.0.10")).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(
-        &kubeconfig,
-        Some("system:serviceaccount:kube-system:nftpolicy-controller"),
-    )
-    .unwrap();
+    let (_dir, kubeconfig) = api
+        .temp_kubeconfig(Some(
+            "system:serviceaccount:kube-system:nftpolicy-controller",
+        ))
+        .unwrap();
     let etcd_cfg = EtcdConfig::from_url(&etcd.endpoint()).unwrap();
     let (stats_tx, mut stats) = mpsc::unbounded_channel::<MirrorStats>();
     let access = ClusterAccess::Kubeconfig(kubeconfig.clone());

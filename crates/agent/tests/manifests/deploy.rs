@@ -153,14 +153,37 @@ pub(crate) fn namespace_of(o: &Object) -> &str {
     meta_of(o).namespace.as_deref().unwrap_or("")
 }
 
-pub(crate) fn config_maps() -> Vec<&'static ConfigMap> {
-    deploy_docs()
-        .iter()
-        .filter_map(|d| match &d.object {
-            Object::ConfigMap(c) => Some(&**c),
+/// Every document of one kind under deploy/, typed: `objects!(ConfigMap)`
+/// iterates over the `&'static ConfigMap`s.
+macro_rules! objects {
+    ($kind:ident) => {
+        deploy_docs().iter().filter_map(|d| match &d.object {
+            Object::$kind(x) => Some(&**x),
             _ => None,
         })
+    };
+}
+
+/// The only document of its kind under deploy/.
+fn the_one<T>(kind: &str, all: impl Iterator<Item = &'static T>) -> &'static T {
+    let all: Vec<&T> = all.collect();
+    assert_eq!(all.len(), 1, "one {kind} under deploy/");
+    all[0]
+}
+
+/// (namespace, name) of every ServiceAccount under deploy/.
+fn service_accounts() -> BTreeSet<(String, String)> {
+    objects!(ServiceAccount)
+        .map(|a| {
+            let m = &a.metadata;
+            let ns = m.namespace.clone().unwrap_or_default();
+            (ns, m.name.clone().unwrap_or_default())
+        })
         .collect()
+}
+
+pub(crate) fn config_maps() -> Vec<&'static ConfigMap> {
+    objects!(ConfigMap).collect()
 }
 
 pub(crate) fn config_map(namespace: &str, name: &str) -> Option<&'static ConfigMap> {
@@ -171,27 +194,11 @@ pub(crate) fn config_map(namespace: &str, name: &str) -> Option<&'static ConfigM
 }
 
 pub(crate) fn the_daemonset() -> &'static DaemonSet {
-    let all: Vec<&DaemonSet> = deploy_docs()
-        .iter()
-        .filter_map(|d| match &d.object {
-            Object::DaemonSet(x) => Some(&**x),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(all.len(), 1, "one DaemonSet under deploy/");
-    all[0]
+    the_one("DaemonSet", objects!(DaemonSet))
 }
 
 pub(crate) fn the_controller() -> &'static Deployment {
-    let all: Vec<&Deployment> = deploy_docs()
-        .iter()
-        .filter_map(|d| match &d.object {
-            Object::Deployment(x) => Some(&**x),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(all.len(), 1, "one Deployment under deploy/");
-    all[0]
+    the_one("Deployment", objects!(Deployment))
 }
 
 /// Every pod template under deploy/: (what, namespace, pod spec).
@@ -349,16 +356,7 @@ pub(crate) fn workloads_select_their_own_pods_and_reference_what_exists() {
             );
         }
     }
-    let service_accounts: BTreeSet<(String, String)> = deploy_docs()
-        .iter()
-        .filter(|d| matches!(d.object, Object::ServiceAccount(_)))
-        .map(|d| {
-            (
-                namespace_of(&d.object).to_owned(),
-                name_of(&d.object).to_owned(),
-            )
-        })
-        .collect();
+    let service_accounts = service_accounts();
     for (what, ns, spec) in workloads() {
         let sa = spec
             .service_account_name
@@ -872,11 +870,9 @@ pub(crate) fn every_env_value_is_accepted_by_the_binary() {
         if !env.contains_key("NFTPOLICY_NODE") {
             cmd.args(["--node", "test-node"]);
         }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{what}: `nftpolicy render` rejects the manifest's environment: {}",
-            String::from_utf8_lossy(&out.stderr)
+        testkit::output_ok(
+            &mut cmd,
+            format!("{what}: `nftpolicy render` with the manifest's environment"),
         );
     }
 }
@@ -902,12 +898,9 @@ pub(crate) fn rbac_is_read_only_and_bound_to_existing_accounts() {
             assert!(rule.resource_names.is_none(), "{what}");
         }
     };
-    let cluster_roles: BTreeMap<&str, &ClusterRole> = docs
-        .iter()
-        .filter_map(|d| match &d.object {
-            Object::ClusterRole(r) => Some((name_of(&d.object), &**r)),
-            _ => None,
-        })
+    let named = |m: &'static ObjectMeta| m.name.as_deref().unwrap_or("");
+    let cluster_roles: BTreeMap<&str, &ClusterRole> = objects!(ClusterRole)
+        .map(|r| (named(&r.metadata), r))
         .collect();
     for (name, role) in &cluster_roles {
         assert!(role.aggregation_rule.is_none(), "{name}");
@@ -917,13 +910,7 @@ pub(crate) fn rbac_is_read_only_and_bound_to_existing_accounts() {
         );
     }
     // The only write: the controller's leader-election Lease.
-    let roles: BTreeMap<&str, &Role> = docs
-        .iter()
-        .filter_map(|d| match &d.object {
-            Object::Role(r) => Some((name_of(&d.object), &**r)),
-            _ => None,
-        })
-        .collect();
+    let roles: BTreeMap<&str, &Role> = objects!(Role).map(|r| (named(&r.metadata), r)).collect();
     for (name, role) in &roles {
         for rule in role.rules.iter().flatten() {
             assert_eq!(
@@ -951,41 +938,26 @@ pub(crate) fn rbac_is_read_only_and_bound_to_existing_accounts() {
             }
         }
     }
-    let accounts: BTreeSet<(String, String)> = docs
-        .iter()
-        .filter(|d| matches!(d.object, Object::ServiceAccount(_)))
-        .map(|d| {
-            (
-                namespace_of(&d.object).to_owned(),
-                name_of(&d.object).to_owned(),
-            )
-        })
-        .collect();
+    let accounts = service_accounts();
     let mut bound: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for d in docs {
-        let (role_ref, subjects) = match &d.object {
-            Object::ClusterRoleBinding(b) => {
-                assert_eq!(b.role_ref.kind, "ClusterRole", "{}", d.what);
-                assert!(
-                    cluster_roles.contains_key(b.role_ref.name.as_str()),
-                    "{}: no role {}",
-                    d.what,
-                    b.role_ref.name
-                );
-                (&b.role_ref, &b.subjects)
-            }
-            Object::RoleBinding(b) => {
-                assert_eq!(b.role_ref.kind, "Role", "{}", d.what);
-                assert!(
-                    roles.contains_key(b.role_ref.name.as_str()),
-                    "{}: no role {}",
-                    d.what,
-                    b.role_ref.name
-                );
-                (&b.role_ref, &b.subjects)
-            }
+        let (kind, role_ref, subjects, known) = match &d.object {
+            Object::ClusterRoleBinding(b) => (
+                "ClusterRole",
+                &b.role_ref,
+                &b.subjects,
+                cluster_roles.contains_key(b.role_ref.name.as_str()),
+            ),
+            Object::RoleBinding(b) => (
+                "Role",
+                &b.role_ref,
+                &b.subjects,
+                roles.contains_key(b.role_ref.name.as_str()),
+            ),
             _ => continue,
         };
+        assert_eq!(role_ref.kind, kind, "{}", d.what);
+        assert!(known, "{}: no role {}", d.what, role_ref.name);
         for s in subjects.iter().flatten() {
             assert_eq!(s.kind, "ServiceAccount", "{}", d.what);
             let key = (s.namespace.clone().unwrap_or_default(), s.name.clone());

@@ -149,15 +149,11 @@ pub(crate) fn metadata() -> &'static (PathBuf, Vec<Package>) {
     static META: OnceLock<(PathBuf, Vec<Package>)> = OnceLock::new();
     META.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["metadata", "--no-deps", "--format-version", "1"])
-            .current_dir(workspace())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cargo metadata: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = testkit::output_ok(
+            Command::new(cargo)
+                .args(["metadata", "--no-deps", "--format-version", "1"])
+                .current_dir(workspace()),
+            "cargo metadata",
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let root = PathBuf::from(v["workspace_root"].as_str().unwrap());
@@ -383,25 +379,21 @@ pub(crate) fn dockerfile_build_context_resolves_with_the_lock_file() {
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let pkg = agent_package();
-    let out = Command::new(cargo)
-        .args([
-            "tree",
-            "--locked",
-            "--offline",
-            "-e",
-            "normal",
-            "--depth",
-            "0",
-        ])
-        .args(["-p", &pkg.name])
-        .current_dir(&ctx.0)
-        .env("CARGO_TARGET_DIR", ctx.0.join("target"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the Dockerfile's build context does not resolve with --locked: {}",
-        String::from_utf8_lossy(&out.stderr)
+    testkit::output_ok(
+        Command::new(cargo)
+            .args([
+                "tree",
+                "--locked",
+                "--offline",
+                "-e",
+                "normal",
+                "--depth",
+                "0",
+            ])
+            .args(["-p", &pkg.name])
+            .current_dir(&ctx.0)
+            .env("CARGO_TARGET_DIR", ctx.0.join("target")),
+        "resolving the Dockerfile's build context with --locked",
     );
 }
 

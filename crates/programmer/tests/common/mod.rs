@@ -64,6 +64,21 @@ pub fn delete_an_element(ns: &Netns) {
 }
 
 /// The `family` table of `rs`.
+/// The kernel's rejection of a transaction: the failing message's kind,
+/// the errno and the object it names; panics on any other error.
+#[track_caller]
+pub fn rejected(err: &programmer::Error) -> (&'static str, i32, String) {
+    match err {
+        programmer::Error::Transaction {
+            kind,
+            errno,
+            object,
+            ..
+        } => (kind, *errno, object.clone()),
+        other => panic!("expected the kernel to reject the transaction, got {other:?}"),
+    }
+}
+
 pub fn table_mut(rs: &mut Ruleset, family: TableFamily) -> &mut Table {
     rs.tables
         .iter_mut()

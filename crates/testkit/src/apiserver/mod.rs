@@ -37,7 +37,7 @@ pub mod store;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -204,6 +204,18 @@ impl FakeApiServer {
     /// bearer token; `None`: anonymous) with the `default` namespace.
     pub fn write_kubeconfig(&self, path: &Path, user: Option<&str>) -> Result<(), TestkitError> {
         write_kubeconfig(path, &self.url(), user)
+    }
+
+    /// A kubeconfig for this server as `user`, in a temporary directory
+    /// that lives as long as the returned guard.
+    pub fn temp_kubeconfig(
+        &self,
+        user: Option<&str>,
+    ) -> Result<(tempfile::TempDir, PathBuf), TestkitError> {
+        let dir = tempfile::tempdir().map_err(|e| TestkitError::io("a kubeconfig directory", e))?;
+        let path = dir.path().join("kubeconfig");
+        self.write_kubeconfig(&path, user)?;
+        Ok((dir, path))
     }
 
     /// Runs `f` on the store (for direct reads and writes by tests; every

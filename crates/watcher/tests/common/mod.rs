@@ -135,6 +135,21 @@ impl Etcd {
 
 /// A loopback TCP proxy in front of a port, whose connections the test can
 /// cut (and refuse) and restore.
+/// etcd's keys under Calico's prefix, in key order.
+pub async fn calico_keys(c: &mut Client) -> Vec<String> {
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only();
+    let r = c
+        .get(model::calico::ETCD_PREFIX, Some(options))
+        .await
+        .unwrap();
+    r.kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_owned())
+        .collect()
+}
+
 pub struct Proxy {
     pub port: u16,
     open: Arc<watch::Sender<bool>>,
