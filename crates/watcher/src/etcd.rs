@@ -850,7 +850,7 @@ mod tests {
         );
         assert!(t
             .put(
-                b"/calico/resources/v3/projectcalico.org/tiers/default",
+                b"/calico/resources/v3/projectcalico.org/felixconfigurations/default",
                 b"{}",
                 9,
                 false

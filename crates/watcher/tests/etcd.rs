@@ -217,7 +217,12 @@ async fn snapshot_then_watch() {
     .await;
     // Outside the layout: ignored.
     put(&mut c, "/calico/ipam/v2/assignment/x", "{}").await;
-    put(&mut c, &format!("{ETCD_PREFIX}tiers/default"), "{}").await;
+    put(
+        &mut c,
+        &format!("{ETCD_PREFIX}felixconfigurations/default"),
+        "{}",
+    )
+    .await;
     put(&mut c, &format!("{ETCD_PREFIX}profiles/a/b"), "{}").await;
     let snapshot = revision(&mut c).await;
 
