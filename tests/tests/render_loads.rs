@@ -59,10 +59,7 @@ fn render_output_of_every_scenario_loads_with_nft() {
         .expect("create a network namespace (needs root and iproute2)");
     let nftpolicy = nftpolicy_binary();
     let mut paths = vec![root().join("tests/scenarios")];
-    let shared = root().join("../shared/scenarios/examples");
-    if shared.is_dir() {
-        paths.push(shared);
-    }
+    paths.extend(testkit::extra_scenario_paths());
     let files = collect_files(&paths).unwrap();
     assert!(files.len() > 50, "the project's scenarios: {files:?}");
     let work = tempfile::tempdir().unwrap();

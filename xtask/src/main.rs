@@ -106,8 +106,8 @@ struct E2eArgs {
     /// Seed of the generated clusters (default: random, printed).
     #[arg(long, requires = "fuzz")]
     seed: Option<u64>,
-    /// Scenario files or directories (default: ../shared/scenarios/examples
-    /// if present, and tests/scenarios).
+    /// Scenario files or directories (default: tests/scenarios, and the
+    /// paths in NFTPOLICY_EXTRA_SCENARIOS if set).
     paths: Vec<PathBuf>,
 }
 
@@ -195,16 +195,11 @@ fn root() -> PathBuf {
         .to_owned()
 }
 
-/// The scenario paths used when none are given: the shared examples (CI
-/// clones the repository with `shared/` beside it) and the project's own.
+/// The scenario paths used when none are given: the project's own, and
+/// any named in `NFTPOLICY_EXTRA_SCENARIOS` (see testkit).
 fn default_scenario_paths() -> Vec<PathBuf> {
-    let root = root();
-    let mut paths = Vec::new();
-    let shared = root.join("../shared/scenarios/examples");
-    if shared.is_dir() {
-        paths.push(shared);
-    }
-    paths.push(root.join("tests/scenarios"));
+    let mut paths = vec![root().join("tests/scenarios")];
+    paths.extend(testkit::extra_scenario_paths());
     paths
 }
 

@@ -47,6 +47,21 @@ pub fn cargo_command() -> Command {
     cmd
 }
 
+/// Scenario files or directories to run besides the project's own
+/// `tests/scenarios`: the paths in `NFTPOLICY_EXTRA_SCENARIOS` (separated
+/// like `PATH`), e.g. another project's examples. Nothing requires any. A
+/// named path that does not exist is kept, so that loading it fails and
+/// names it instead of passing unnoticed.
+pub fn extra_scenario_paths() -> Vec<PathBuf> {
+    std::env::var_os("NFTPOLICY_EXTRA_SCENARIOS")
+        .map(|list| {
+            std::env::split_paths(&list)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// What went wrong setting up test support; the callers turn it into their
 /// own error type or a panic.
 #[derive(Debug, thiserror::Error)]
