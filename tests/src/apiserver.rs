@@ -257,7 +257,7 @@ fn kind_order(k: &KubeKey) -> u8 {
     match k.kind {
         KubeKind::Namespace => 0,
         KubeKind::Pod => 1,
-        KubeKind::NetworkPolicy => 2,
+        KubeKind::NetworkPolicy | KubeKind::Admin(_) => 2,
     }
 }
 
@@ -266,6 +266,7 @@ fn to_json(o: &KubeObject) -> Result<Value, LabError> {
         KubeObject::Namespace(x) => serde_json::to_value(x),
         KubeObject::Pod(x) => serde_json::to_value(x),
         KubeObject::NetworkPolicy(x) => serde_json::to_value(x),
+        KubeObject::Admin(x) => serde_json::to_value(x),
     };
     let mut v = v.map_err(|e| LabError::Setup(format!("serializing {}: {e}", o.key())))?;
     if let KubeObject::Pod(_) = o {

@@ -376,10 +376,26 @@ fn validate_tier(t: &Tier) -> Result<(), String> {
             "metadata.name {name:?}: a tier name is a DNS label (lowercase letters, digits and '-', at most 63)"
         ));
     }
-    if name == DEFAULT_TIER {
-        if let Some(order) = t.spec.order.filter(|o| *o != DEFAULT_TIER_ORDER) {
+    // The built-in tiers' order and action are fixed (Calico's Tier CRD
+    // rules); `default` may leave them out.
+    if let Some((_, fixed, action)) = crate::admin::BUILTIN_TIERS
+        .iter()
+        .find(|(n, _, _)| n == name)
+    {
+        let order_ok = match t.spec.order {
+            Some(order) => order == *fixed,
+            None => name == DEFAULT_TIER,
+        };
+        if !order_ok {
+            let order = t.spec.order.map_or("none".to_owned(), |o| o.to_string());
             return Err(format!(
-                "spec.order {order}: the default tier's order is {DEFAULT_TIER_ORDER}"
+                "spec.order {order}: the {name} tier's order is {fixed}"
+            ));
+        }
+        let got = t.spec.default_action.unwrap_or_default();
+        if got != *action && (name != DEFAULT_TIER || t.spec.default_action.is_some()) {
+            return Err(format!(
+                "spec.defaultAction {got:?}: the {name} tier's default action is {action:?}"
             ));
         }
     }
@@ -449,7 +465,7 @@ fn validate_policy_spec(name: &str, spec: &PolicySpec) -> Result<(), String> {
 /// `security.foo`. In the default tier the prefix is optional (nftpolicy
 /// keeps its names as they are: Kubernetes policies are `knp.default.…`).
 pub fn validate_tiered_name(name: &str, tier: &str) -> Result<(), String> {
-    if tier == DEFAULT_TIER {
+    if tier == DEFAULT_TIER || crate::admin::is_converted_name(name, tier) {
         return Ok(());
     }
     match name.strip_prefix(tier).and_then(|r| r.strip_prefix('.')) {

@@ -66,6 +66,9 @@ pub fn kube_to_calico(obj: &KubeObject) -> Result<Option<Resource>, ConvertError
         KubeObject::NetworkPolicy(np) => network_policy_to_calico(np)
             .map(|p| Some(Resource::NetworkPolicy(p)))
             .map_err(err),
+        KubeObject::Admin(p) => crate::admin::to_calico(p)
+            .map(|p| Some(Resource::GlobalNetworkPolicy(p)))
+            .map_err(err),
     }
 }
 
@@ -347,14 +350,17 @@ fn k8s_policy_directions(spec: &netv1::NetworkPolicySpec) -> Vec<PolicyType> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum SelectorKind {
+pub(crate) enum SelectorKind {
     Pod,
     Namespace,
 }
 
 /// libcalico-go's `k8sSelectorToCalico`: pod selectors are restricted to
 /// Kubernetes endpoints; an empty namespace selector means all namespaces.
-fn k8s_selector_to_calico(s: Option<&LabelSelector>, kind: SelectorKind) -> Result<String, String> {
+pub(crate) fn k8s_selector_to_calico(
+    s: Option<&LabelSelector>,
+    kind: SelectorKind,
+) -> Result<String, String> {
     let mut terms: Vec<String> = Vec::new();
     if kind == SelectorKind::Pod {
         terms.push(format!(

@@ -455,7 +455,7 @@ pub fn kubernetes(kind: &str) -> Option<Fields> {
         "Namespace" => K8S_NAMESPACE,
         "Pod" => K8S_POD,
         "NetworkPolicy" => K8S_NETWORK_POLICY,
-        _ => return None,
+        _ => return crate::admin::fields(kind),
     })
 }
 

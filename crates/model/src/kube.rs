@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::admin::{AdminKind, AdminPolicy};
 use crate::calico::{self, PolicyType, Resource};
 use crate::{fields, reject};
 
@@ -44,6 +45,8 @@ pub enum KubeObject {
     Namespace(Namespace),
     Pod(Pod),
     NetworkPolicy(NetworkPolicy),
+    /// AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy.
+    Admin(AdminPolicy),
 }
 
 /// Which Kubernetes kind an object is.
@@ -52,6 +55,7 @@ pub enum KubeKind {
     Namespace,
     Pod,
     NetworkPolicy,
+    Admin(AdminKind),
 }
 
 impl KubeKind {
@@ -60,8 +64,13 @@ impl KubeKind {
             "Namespace" => Some(KubeKind::Namespace),
             "Pod" => Some(KubeKind::Pod),
             "NetworkPolicy" => Some(KubeKind::NetworkPolicy),
-            _ => None,
+            other => AdminKind::from_name(other).map(KubeKind::Admin),
         }
+    }
+
+    /// Namespaces and the admin policies have no namespace.
+    pub fn is_namespaced(self) -> bool {
+        !matches!(self, KubeKind::Namespace | KubeKind::Admin(_))
     }
 }
 
@@ -71,6 +80,7 @@ impl fmt::Display for KubeKind {
             KubeKind::Namespace => "Namespace",
             KubeKind::Pod => "Pod",
             KubeKind::NetworkPolicy => "NetworkPolicy",
+            KubeKind::Admin(k) => k.name(),
         })
     }
 }
@@ -98,6 +108,7 @@ impl KubeObject {
             KubeObject::Namespace(_) => KubeKind::Namespace,
             KubeObject::Pod(_) => KubeKind::Pod,
             KubeObject::NetworkPolicy(_) => KubeKind::NetworkPolicy,
+            KubeObject::Admin(p) => KubeKind::Admin(p.admin_kind()),
         }
     }
 
@@ -106,6 +117,7 @@ impl KubeObject {
             KubeObject::Namespace(o) => &o.metadata,
             KubeObject::Pod(o) => &o.metadata,
             KubeObject::NetworkPolicy(o) => &o.metadata,
+            KubeObject::Admin(o) => &o.metadata,
         };
         meta.name.as_deref().unwrap_or("")
     }
@@ -113,7 +125,7 @@ impl KubeObject {
     /// The namespace, defaulted to `default` as the API server does.
     pub fn namespace(&self) -> Option<&str> {
         match self {
-            KubeObject::Namespace(_) => None,
+            KubeObject::Namespace(_) | KubeObject::Admin(_) => None,
             KubeObject::Pod(o) => Some(o.metadata.namespace.as_deref().unwrap_or("default")),
             KubeObject::NetworkPolicy(o) => {
                 Some(o.metadata.namespace.as_deref().unwrap_or("default"))
@@ -126,6 +138,7 @@ impl KubeObject {
             KubeObject::Namespace(o) => &o.metadata,
             KubeObject::Pod(o) => &o.metadata,
             KubeObject::NetworkPolicy(o) => &o.metadata,
+            KubeObject::Admin(o) => &o.metadata,
         }
     }
 
@@ -134,6 +147,7 @@ impl KubeObject {
             KubeObject::Namespace(o) => &mut o.metadata,
             KubeObject::Pod(o) => &mut o.metadata,
             KubeObject::NetworkPolicy(o) => &mut o.metadata,
+            KubeObject::Admin(o) => &mut o.metadata,
         }
     }
 
@@ -165,7 +179,7 @@ pub enum ManifestError {
     Yaml { what: String, reason: String },
     #[error("{what}: document {index} has no kind/apiVersion")]
     Untyped { what: String, index: usize },
-    #[error("{what}: {api_version}/{kind} {name:?}: unsupported kind (nftpolicy reads v1 Namespace, Pod, List, networking.k8s.io/v1 NetworkPolicy and projectcalico.org/v3 resources)")]
+    #[error("{what}: {api_version}/{kind} {name:?}: unsupported kind (nftpolicy reads v1 Namespace, Pod, List, networking.k8s.io/v1 NetworkPolicy, policy.networking.k8s.io AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy and projectcalico.org/v3 resources)")]
     UnknownKind {
         what: String,
         api_version: String,
@@ -296,6 +310,25 @@ pub fn parse_value(
             };
             out.push(Manifest::Kube(obj));
         }
+        (api, k) if AdminKind::parse(api, k).is_some() => {
+            if name.is_empty() {
+                return Err(invalid("metadata.name is missing".into()));
+            }
+            let problems = fields::kubernetes(&kind)
+                .map(|f| fields::check(f, &value))
+                .unwrap_or_default();
+            let mut obj = match typed::<AdminPolicy>(&value) {
+                Ok(obj) => obj,
+                Err(e) => admin_outline(&value).ok_or_else(|| invalid(e.clone())).map(|mut o| {
+                    mark_rejected(&mut o.metadata, &e);
+                    o
+                })?,
+            };
+            if !problems.is_empty() {
+                mark_rejected(&mut obj.metadata, &fields::describe(&problems));
+            }
+            out.push(Manifest::Kube(KubeObject::Admin(obj)));
+        }
         _ => {
             return Err(ManifestError::UnknownKind {
                 what: what.to_owned(),
@@ -313,6 +346,31 @@ fn typed<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, String> {
     serde_path_to_error::deserialize(value).map_err(|e| match e.path().to_string().as_str() {
         "." => e.inner().to_string(),
         path => format!("{path}: {}", e.inner()),
+    })
+}
+
+/// An admin policy whose rules do not decode, kept as its subject, tier
+/// and priority (and which directions it has rules for), to be marked
+/// rejected; `None` when even that cannot be read.
+fn admin_outline(value: &serde_json::Value) -> Option<AdminPolicy> {
+    let metadata = ObjectMeta::deserialize(value.get("metadata")?).ok()?;
+    let spec = value.get("spec").unwrap_or(&serde_json::Value::Null);
+    let get = |f: &str| spec.get(f).filter(|v| !v.is_null());
+    let subject = match get("subject") {
+        Some(v) => crate::admin::Subject::deserialize(v).ok()?,
+        None => crate::admin::Subject::default(),
+    };
+    Some(AdminPolicy {
+        api_version: value.get("apiVersion")?.as_str()?.to_owned(),
+        kind: value.get("kind")?.as_str()?.to_owned(),
+        metadata,
+        spec: crate::admin::AdminSpec {
+            tier: get("tier").and_then(|t| t.as_str()).map(str::to_owned),
+            priority: get("priority").and_then(serde_json::Value::as_i64),
+            subject,
+            ingress: get("ingress").map(|_| vec![]),
+            egress: get("egress").map(|_| vec![]),
+        },
     })
 }
 

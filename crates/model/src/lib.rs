@@ -1,6 +1,8 @@
 //! nftpolicy's model of the policy world.
 //!
 //! - [`calico`]: Calico v3 resources as stored in etcd;
+//! - [`admin`]: AdminNetworkPolicy, BaselineAdminNetworkPolicy and
+//!   ClusterNetworkPolicy, and their conversion into Calico tiers;
 //! - [`fields`]: every field of every kind read, and what is done with it
 //!   (used, ignored and why, unimplemented: rejected);
 //! - [`reject`]: what a rejected object still does (rejections narrow);
@@ -14,6 +16,7 @@
 //!
 //! This crate does no I/O except reading scenario files it is asked to read.
 
+pub mod admin;
 pub mod calico;
 pub mod convert;
 pub mod fields;

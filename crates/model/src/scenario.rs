@@ -127,7 +127,7 @@ impl ObjectRef {
                 .find(|k| k.name() == self.kind)
                 .is_none_or(|k| k.is_namespaced())
         } else {
-            self.kind != "Namespace"
+            KubeKind::parse(&self.kind).is_none_or(KubeKind::is_namespaced)
         };
         object_text(
             calico,
@@ -607,10 +607,9 @@ impl StepState {
             } else {
                 let kind = KubeKind::parse(&r.kind)
                     .ok_or_else(|| format!("delete: unknown kind {:?}", r.kind))?;
-                let namespace = match kind {
-                    KubeKind::Namespace => None,
-                    _ => Some(r.namespace.clone().unwrap_or_else(|| "default".into())),
-                };
+                let namespace = kind
+                    .is_namespaced()
+                    .then(|| r.namespace.clone().unwrap_or_else(|| "default".into()));
                 self.kube
                     .remove(&KubeKey {
                         kind,

@@ -172,8 +172,9 @@ impl ClusterState {
     }
 
     /// The tiers in evaluation order: by `order` (none last), then by name;
-    /// the `default` tier (order [`calico::DEFAULT_TIER_ORDER`]) is there
-    /// whether or not a Tier resource names it.
+    /// the `default` tier (order [`calico::DEFAULT_TIER_ORDER`]) and the
+    /// admin policies' tiers ([`crate::admin::BUILTIN_TIERS`]) are there
+    /// whether or not a Tier resource names them.
     pub fn tiers(&self) -> Vec<TierInfo> {
         let mut tiers: Vec<TierInfo> = self
             .of_kind(Kind::Tier)
@@ -186,12 +187,14 @@ impl ClusterState {
                 _ => None,
             })
             .collect();
-        if !tiers.iter().any(|t| t.name == calico::DEFAULT_TIER) {
-            tiers.push(TierInfo {
-                name: calico::DEFAULT_TIER.to_owned(),
-                order: Some(calico::DEFAULT_TIER_ORDER),
-                default_action: TierAction::Deny,
-            });
+        for (name, order, default_action) in crate::admin::BUILTIN_TIERS {
+            if !tiers.iter().any(|t| t.name == name) {
+                tiers.push(TierInfo {
+                    name: name.to_owned(),
+                    order: Some(order),
+                    default_action,
+                });
+            }
         }
         tiers.sort_by(|a, b| {
             let key = |t: &TierInfo| t.order.unwrap_or(f64::INFINITY);

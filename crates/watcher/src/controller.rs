@@ -415,6 +415,14 @@ pub async fn delete(
             Manifest::Kube(KubeObject::Namespace(_)) => {
                 ResourceKey::new(Kind::Profile, None, &namespace_profile_name(m_name(m)))
             }
+            Manifest::Kube(KubeObject::Admin(p)) => ResourceKey::new(
+                Kind::GlobalNetworkPolicy,
+                None,
+                &p.calico_name().ok_or_else(|| Error::Convert {
+                    object: m_name(m).to_owned(),
+                    reason: p.tier().err().unwrap_or_default(),
+                })?,
+            ),
             Manifest::Kube(obj @ KubeObject::NetworkPolicy(_)) => ResourceKey::new(
                 Kind::NetworkPolicy,
                 obj.namespace(),
