@@ -72,7 +72,11 @@ pub const BASELINE_TIER_ORDER: f64 = 10_000_000.0;
 /// The tiers that exist without a Tier object, with their fixed order and
 /// default action (Calico's `ensureTierExists` at start-up).
 pub const BUILTIN_TIERS: [(&str, f64, TierAction); 5] = [
-    (calico::DEFAULT_TIER, calico::DEFAULT_TIER_ORDER, TierAction::Deny),
+    (
+        calico::DEFAULT_TIER,
+        calico::DEFAULT_TIER_ORDER,
+        TierAction::Deny,
+    ),
     (ADMIN_TIER, ADMIN_TIER_ORDER, TierAction::Pass),
     (BASELINE_TIER, BASELINE_TIER_ORDER, TierAction::Pass),
     (KUBE_ADMIN_TIER, ADMIN_TIER_ORDER, TierAction::Pass),
@@ -535,7 +539,11 @@ fn subject_selectors(s: &Subject) -> Result<(String, String), String> {
 
 fn rules(p: &AdminPolicy) -> Result<(Vec<Rule>, Vec<Rule>), String> {
     let kind = p.admin_kind();
-    if p.metadata.namespace.as_deref().is_some_and(|n| !n.is_empty()) {
+    if p.metadata
+        .namespace
+        .as_deref()
+        .is_some_and(|n| !n.is_empty())
+    {
         return Err("metadata.namespace: the kind is cluster-scoped".into());
     }
     match kind {
@@ -768,7 +776,9 @@ fn anp_ports(ports: Option<&[AnpPort]>) -> Result<Vec<(Option<Protocol>, Vec<Por
     Ok(finish(by))
 }
 
-fn cnp_ports(protocols: Option<&[CnpProtocol]>) -> Result<Vec<(Option<Protocol>, Vec<Port>)>, String> {
+fn cnp_ports(
+    protocols: Option<&[CnpProtocol]>,
+) -> Result<Vec<(Option<Protocol>, Vec<Port>)>, String> {
     let Some(protocols) = protocols else {
         return Ok(vec![(None, vec![])]);
     };
@@ -822,4 +832,230 @@ fn cnp_ports(protocols: Option<&[CnpProtocol]>) -> Result<Vec<(Option<Protocol>,
         by.insert(Some(proto), Vec::new());
     }
     Ok(finish(by))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calico::Resource;
+    use crate::convert::kube_to_calico;
+    use crate::kube::{parse_manifests, KubeObject, Manifest};
+
+    fn convert(yaml: &str) -> Result<Resource, String> {
+        let m = parse_manifests("t.yaml", yaml).map_err(|e| e.to_string())?;
+        let Manifest::Kube(obj @ KubeObject::Admin(_)) = &m[0] else {
+            panic!("{m:?}")
+        };
+        kube_to_calico(obj)
+            .map(|r| r.expect("a policy"))
+            .map_err(|e| e.to_string())
+    }
+
+    const ANP: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: guard, uid: 1c1c, resourceVersion: "7"}
+spec:
+  priority: 40
+  subject:
+    pods:
+      namespaceSelector: {matchLabels: {team: a}}
+      podSelector: {matchExpressions: [{key: app, operator: In, values: [web]}]}
+  ingress:
+    - name: from-b
+      action: Allow
+      from:
+        - namespaces: {matchLabels: {team: b}}
+        - pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: cli}}}
+      ports:
+        - portNumber: {port: 80}
+        - portRange: {protocol: UDP, start: 5000, end: 5010}
+        - namedPort: metrics
+  egress:
+    - action: Pass
+      to: [{networks: [198.19.0.0/16, "fd00:198:18:ff::/64"]}]
+    - action: Deny
+      to: [{namespaces: {}}]
+"#;
+
+    #[test]
+    fn converts_like_calico() {
+        // Tier adminnetworkpolicy, order = priority, name kanp.<tier>.<name>;
+        // subject → namespaceSelector + selector; one rule per protocol ×
+        // peer, protocols sorted; named ports under every protocol.
+        expect_test::expect![[r#"
+            {"kind":"GlobalNetworkPolicy","apiVersion":"projectcalico.org/v3","metadata":{"name":"kanp.adminnetworkpolicy.guard"},"spec":{"tier":"adminnetworkpolicy","order":40.0,"selector":"projectcalico.org/orchestrator == 'k8s' && app in { 'web' }","namespaceSelector":"team == 'a'","types":["Ingress","Egress"],"ingress":[{"action":"Allow","protocol":"SCTP","source":{"namespaceSelector":"team == 'b'"},"destination":{"ports":["metrics"]}},{"action":"Allow","protocol":"SCTP","source":{"selector":"projectcalico.org/orchestrator == 'k8s' && app == 'cli'","namespaceSelector":"all()"},"destination":{"ports":["metrics"]}},{"action":"Allow","protocol":"TCP","source":{"namespaceSelector":"team == 'b'"},"destination":{"ports":[80,"metrics"]}},{"action":"Allow","protocol":"TCP","source":{"selector":"projectcalico.org/orchestrator == 'k8s' && app == 'cli'","namespaceSelector":"all()"},"destination":{"ports":[80,"metrics"]}},{"action":"Allow","protocol":"UDP","source":{"namespaceSelector":"team == 'b'"},"destination":{"ports":["5000:5010","metrics"]}},{"action":"Allow","protocol":"UDP","source":{"selector":"projectcalico.org/orchestrator == 'k8s' && app == 'cli'","namespaceSelector":"all()"},"destination":{"ports":["5000:5010","metrics"]}}],"egress":[{"action":"Pass","destination":{"nets":["198.19.0.0/16","fd00:198:18:ff::/64"]}},{"action":"Deny","destination":{"namespaceSelector":"all()"}}]}}"#]]
+        .assert_eq(&convert(ANP).unwrap().to_json());
+    }
+
+    #[test]
+    fn baseline_and_cluster_policies_go_to_their_tiers() {
+        let banp = convert(
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec:\n  subject: {namespaces: {}}\n  ingress: [{action: Deny, from: [{namespaces: {}}]}]\n",
+        )
+        .unwrap();
+        let Resource::GlobalNetworkPolicy(g) = &banp else {
+            panic!()
+        };
+        assert_eq!(g.metadata.name, "kbanp.baselineadminnetworkpolicy.default");
+        assert_eq!(g.spec.tier.as_deref(), Some(BASELINE_TIER));
+        assert_eq!(g.spec.namespace_selector.as_deref(), Some("all()"));
+        assert_eq!(g.spec.types, [PolicyType::Ingress]);
+        for (tier, want) in [("Admin", KUBE_ADMIN_TIER), ("Baseline", KUBE_BASELINE_TIER)] {
+            let cnp = convert(&format!(
+                "apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: c}}\nspec:\n  tier: {tier}\n  priority: 3\n  subject: {{namespaces: {{}}}}\n  egress: [{{action: Accept, to: [{{namespaces: {{}}}}], protocols: [{{udp: {{destinationPort: {{number: 53}}}}}}, {{tcp: {{}}}}]}}]\n"
+            ))
+            .unwrap();
+            let Resource::GlobalNetworkPolicy(g) = &cnp else {
+                panic!()
+            };
+            assert_eq!(g.metadata.name, format!("kcnp.{want}.c"));
+            assert_eq!(g.spec.tier.as_deref(), Some(want));
+            assert_eq!(g.spec.order, Some(3.0));
+            // tcp without a port: every TCP port; UDP 53.
+            let rules: Vec<String> = g
+                .spec
+                .egress
+                .iter()
+                .map(|r| format!("{:?} {:?} {:?}", r.action, r.protocol, r.destination.ports))
+                .collect();
+            assert_eq!(
+                rules,
+                [
+                    "Allow Some(Tcp) []",
+                    "Allow Some(Udp) [Range { min: 53, max: 53 }]"
+                ]
+            );
+            // What nftpolicy writes to etcd reads back as the same policy.
+            assert_eq!(
+                Resource::from_json("etcd", cnp.to_json().as_bytes()),
+                Ok(cnp)
+            );
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_enforced_is_rejected_and_fails_closed() {
+        let with = |from: &str, to: &str| ANP.replace(from, to);
+        for (yaml, want, types) in [
+            (
+                with(
+                    "[{networks: [198.19.0.0/16, \"fd00:198:18:ff::/64\"]}]",
+                    "[{nodes: {}}]",
+                ),
+                "spec.egress[0].to[0].nodes: not implemented by nftpolicy",
+                "[Ingress, Egress]",
+            ),
+            (
+                with("priority: 40", "priority: 1001"),
+                "spec.priority 1001 is outside 0-1000",
+                "[Ingress, Egress]",
+            ),
+            (
+                with("start: 5000, end: 5010", "start: 5010, end: 5000"),
+                "spec.ingress[0].ports[1]: port range 5010-5000: start is above end",
+                "[Ingress, Egress]",
+            ),
+            (
+                with("action: Pass", "action: Accept"),
+                "spec.egress[0].action: \"Accept\" is not one of Allow, Deny, Pass",
+                "[Ingress, Egress]",
+            ),
+            (
+                with("198.19.0.0/16", "198.19.0.0/33"),
+                "spec.egress[0].to[0].networks[0]",
+                "[Ingress, Egress]",
+            ),
+            (
+                with("    - namespaces: {matchLabels: {team: b}}", "    - {}"),
+                "spec.ingress[0].from[0]: exactly one of",
+                "[Ingress, Egress]",
+            ),
+            (
+                with("  priority: 40", "  priority: 40\n  colour: red"),
+                "spec.colour: unknown field",
+                "[Ingress, Egress]",
+            ),
+            (
+                with("      ports:\n", "      ports: 7\n      portz:\n"),
+                "spec.ingress[0].portz: unknown field",
+                "[Ingress, Egress]",
+            ),
+        ] {
+            let r = convert(&yaml).unwrap_or_else(|e| panic!("{want}: {e}"));
+            let Resource::GlobalNetworkPolicy(g) = &r else {
+                panic!()
+            };
+            let why = r
+                .metadata()
+                .rejection()
+                .unwrap_or_else(|| panic!("{want}: accepted"));
+            assert!(why.contains(want), "{want}: {why}");
+            assert_eq!(format!("{:?}", g.spec.types), types, "{want}");
+            assert!(g.spec.ingress.is_empty() && g.spec.egress.is_empty());
+            assert_eq!(g.spec.tier.as_deref(), Some(ADMIN_TIER));
+            assert_eq!(g.spec.namespace_selector.as_deref(), Some("team == 'a'"));
+            // The stub read back from etcd is the same stub.
+            assert_eq!(
+                Resource::from_json("etcd", r.to_json().as_bytes()),
+                Ok(r.clone())
+            );
+        }
+        // A BaselineAdminNetworkPolicy has no Pass and is named default.
+        let banp = |name: &str, action: &str| {
+            convert(&format!("apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  subject: {{namespaces: {{}}}}\n  egress: [{{action: {action}, to: [{{namespaces: {{}}}}]}}]\n"))
+                .unwrap()
+                .metadata()
+                .rejection()
+                .map(str::to_owned)
+        };
+        assert_eq!(banp("default", "Allow"), None);
+        assert!(banp("default", "Pass")
+            .unwrap()
+            .contains("not one of Allow, Deny"));
+        assert!(banp("other", "Deny")
+            .unwrap()
+            .contains("is named \"default\""));
+        // Without a readable subject there is nothing to fail closed on.
+        let err = convert(&ANP.replace(
+            "podSelector: {matchExpressions: [{key: app, operator: In, values: [web]}]}",
+            "podSelector: {matchLabels: {'a b': c}}",
+        ))
+        .unwrap_err();
+        assert!(
+            err.starts_with("AdminNetworkPolicy guard: spec.subject.pods.podSelector"),
+            "{err}"
+        );
+        let err = convert("apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {name: c}\nspec: {tier: Middle, priority: 1, subject: {namespaces: {}}}\n").unwrap_err();
+        assert!(err.contains("spec.tier: Some(\"Middle\")"), "{err}");
+    }
+
+    #[test]
+    fn builtin_tiers_are_pinned_and_converted_names_valid() {
+        let tier = |name: &str, spec: &str| {
+            Resource::from_json(
+                "k",
+                format!(r#"{{"apiVersion":"projectcalico.org/v3","kind":"Tier","metadata":{{"name":"{name}"}},"spec":{spec}}}"#).as_bytes(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            tier(ADMIN_TIER, r#"{"order":1000,"defaultAction":"Pass"}"#),
+            Ok(())
+        );
+        assert!(tier(ADMIN_TIER, r#"{"order":5,"defaultAction":"Pass"}"#)
+            .unwrap_err()
+            .contains("order is 1000"));
+        assert!(tier(KUBE_BASELINE_TIER, r#"{"order":10000000}"#)
+            .unwrap_err()
+            .contains("default action is Pass"));
+        assert_eq!(tier("default", "{}"), Ok(()));
+        assert!(is_converted_name("kanp.adminnetworkpolicy.x", ADMIN_TIER));
+        assert!(!is_converted_name(
+            "kanp.adminnetworkpolicy.x",
+            KUBE_ADMIN_TIER
+        ));
+        assert!(!is_converted_name("kcnp.kube-admin.", KUBE_ADMIN_TIER));
+    }
 }

@@ -317,16 +317,23 @@ pub fn parse_value(
             let problems = fields::kubernetes(&kind)
                 .map(|f| fields::check(f, &value))
                 .unwrap_or_default();
-            let mut obj = match typed::<AdminPolicy>(&value) {
-                Ok(obj) => obj,
-                Err(e) => admin_outline(&value).ok_or_else(|| invalid(e.clone())).map(|mut o| {
-                    mark_rejected(&mut o.metadata, &e);
-                    o
-                })?,
+            let obj = match (typed::<AdminPolicy>(&value), problems.is_empty()) {
+                (Ok(obj), true) => obj,
+                (Ok(mut obj), false) => {
+                    mark_rejected(&mut obj.metadata, &fields::describe(&problems));
+                    obj
+                }
+                (Err(e), _) => {
+                    let reason = if problems.is_empty() {
+                        e
+                    } else {
+                        format!("{}; {e}", fields::describe(&problems))
+                    };
+                    let mut obj = admin_outline(&value).ok_or_else(|| invalid(reason.clone()))?;
+                    mark_rejected(&mut obj.metadata, &reason);
+                    obj
+                }
             };
-            if !problems.is_empty() {
-                mark_rejected(&mut obj.metadata, &fields::describe(&problems));
-            }
             out.push(Manifest::Kube(KubeObject::Admin(obj)));
         }
         _ => {

@@ -762,9 +762,25 @@ mod tests {
         );
         let tiers = s.tiers();
         let names: Vec<&str> = tiers.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(names, ["alpha", "zulu", "default", "late", "last"]);
+        // The admin policies' tiers are built in too (crate::admin).
+        assert_eq!(
+            names,
+            [
+                "alpha",
+                "zulu",
+                "adminnetworkpolicy",
+                "kube-admin",
+                "default",
+                "late",
+                "baselineadminnetworkpolicy",
+                "kube-baseline",
+                "last"
+            ]
+        );
         assert_eq!(tiers[0].default_action, TierAction::Pass);
-        assert_eq!(tiers[2], TierInfo::default());
+        assert_eq!(tiers[4], TierInfo::default());
+        assert_eq!(tiers[2].order, Some(1000.0));
+        assert_eq!(tiers[6].default_action, TierAction::Pass);
     }
 
     #[test]
