@@ -222,6 +222,9 @@ pub struct Case {
     pub policies: Vec<GenPolicy>,
     /// Calico tiers and tiered GlobalNetworkPolicies (in some cases).
     pub calico: Vec<GenCalico>,
+    /// AdminNetworkPolicies, a BaselineAdminNetworkPolicy and
+    /// ClusterNetworkPolicies (in some cases).
+    pub admin: Vec<GenAdmin>,
     pub externals: Vec<(String, String)>,
     pub probes: Vec<GenProbe>,
 }
@@ -268,15 +271,184 @@ pub fn case(seed: u64, index: u64) -> Case {
     let probes = (0..12).map(|_| random_probe(&mut rng, &pods)).collect();
     // Drawn last, so that the rest of a case is what it was before tiers.
     let calico = random_tiers(&mut rng);
+    let admin = random_admin_policies(&mut rng);
     Case {
         name: format!("fuzz-{seed}-{index}"),
         namespaces,
         pods,
         policies,
         calico,
+        admin,
         externals,
         probes,
     }
+}
+
+/// An admin policy as written: kind (`AdminNetworkPolicy`,
+/// `BaselineAdminNetworkPolicy`, `ClusterNetworkPolicy`), name and spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenAdmin {
+    pub kind: &'static str,
+    pub name: String,
+    pub spec: Value,
+}
+
+/// Egress `networks` of the admin policies: pods' and externals' ranges.
+const ADMIN_NETWORKS: [&str; 5] = [
+    "198.18.130.0/28",
+    "198.19.200.0/24",
+    "198.19.0.0/16",
+    "fd00:198:18:82::/64",
+    "fd00:198:18::/48",
+];
+
+/// In some cases, AdminNetworkPolicies (priorities that sometimes tie),
+/// the BaselineAdminNetworkPolicy and ClusterNetworkPolicies of both
+/// tiers, with every action, peer and port form the model implements.
+fn random_admin_policies(rng: &mut Rng) -> Vec<GenAdmin> {
+    let mut out = Vec::new();
+    if !rng.chance(40) {
+        return out;
+    }
+    for i in 0..rng.between(0, 2) {
+        out.push(GenAdmin {
+            kind: "AdminNetworkPolicy",
+            name: format!("anp{i}"),
+            spec: random_admin_spec(rng, "anp"),
+        });
+    }
+    if rng.chance(50) {
+        out.push(GenAdmin {
+            kind: "BaselineAdminNetworkPolicy",
+            name: "default".into(),
+            spec: random_admin_spec(rng, "banp"),
+        });
+    }
+    if rng.chance(40) {
+        out.push(GenAdmin {
+            kind: "ClusterNetworkPolicy",
+            name: "cnp0".into(),
+            spec: random_admin_spec(rng, "cnp"),
+        });
+    }
+    out
+}
+
+fn random_admin_spec(rng: &mut Rng, kind: &str) -> Value {
+    let subject = if rng.chance(50) {
+        map([("namespaces", random_selector(rng, &NAMESPACE_LABELS))])
+    } else {
+        map([("pods", random_namespaced_pod(rng))])
+    };
+    let mut spec = map([("subject", subject)]);
+    if kind != "banp" {
+        insert(&mut spec, "priority", Value::from(*rng.pick(&[1, 5, 5, 10])));
+    }
+    if kind == "cnp" {
+        insert(&mut spec, "tier", s(pick_str(rng, &["Admin", "Baseline"])));
+    }
+    let actions: &[&str] = match kind {
+        "anp" => &["Allow", "Deny", "Pass"],
+        "banp" => &["Allow", "Deny"],
+        _ => &["Accept", "Deny", "Pass"],
+    };
+    for (section, peer_key) in [("ingress", "from"), ("egress", "to")] {
+        if !rng.chance(60) {
+            continue;
+        }
+        let rules = (0..rng.between(1, 3))
+            .map(|_| {
+                let peers = (0..rng.between(1, 2))
+                    .map(|_| random_admin_peer(rng, section == "egress"))
+                    .collect();
+                let mut rule = map([
+                    ("action", s(pick_str(rng, actions))),
+                    (peer_key, Value::Sequence(peers)),
+                ]);
+                if rng.chance(50) {
+                    let (key, ports) = if kind == "cnp" {
+                        ("protocols", (0..rng.between(1, 2)).map(|_| random_cnp_protocol(rng)).collect())
+                    } else {
+                        ("ports", (0..rng.between(1, 2)).map(|_| random_anp_port(rng)).collect())
+                    };
+                    insert(&mut rule, key, Value::Sequence(ports));
+                }
+                rule
+            })
+            .collect();
+        insert(&mut spec, section, Value::Sequence(rules));
+    }
+    spec
+}
+
+fn random_namespaced_pod(rng: &mut Rng) -> Value {
+    map([
+        ("namespaceSelector", random_selector(rng, &NAMESPACE_LABELS)),
+        ("podSelector", random_selector(rng, &POD_LABELS)),
+    ])
+}
+
+fn random_admin_peer(rng: &mut Rng, egress: bool) -> Value {
+    match rng.below(if egress { 10 } else { 8 }) {
+        0..=3 => map([("namespaces", random_selector(rng, &NAMESPACE_LABELS))]),
+        4..=7 => map([("pods", random_namespaced_pod(rng))]),
+        _ => {
+            let nets = (0..rng.between(1, 2))
+                .map(|_| s(pick_str(rng, &ADMIN_NETWORKS)))
+                .collect();
+            map([("networks", Value::Sequence(nets))])
+        }
+    }
+}
+
+fn random_anp_port(rng: &mut Rng) -> Value {
+    let protocol = pick_str(rng, &["TCP", "UDP"]);
+    match rng.below(3) {
+        0 => {
+            let mut n = map([("port", Value::from(*rng.pick(&NUMERIC_PORTS)))]);
+            if rng.chance(70) {
+                insert(&mut n, "protocol", s(protocol));
+            }
+            map([("portNumber", n)])
+        }
+        1 => map([("namedPort", s(pick_str(rng, &NAMED_PORTS)))]),
+        _ => {
+            let (lo, hi) = *rng.pick(&PORT_RANGES);
+            map([(
+                "portRange",
+                map([
+                    ("protocol", s(protocol)),
+                    ("start", Value::from(lo)),
+                    ("end", Value::from(hi)),
+                ]),
+            )])
+        }
+    }
+}
+
+fn random_cnp_protocol(rng: &mut Rng) -> Value {
+    if rng.chance(25) {
+        return map([("destinationNamedPort", s(pick_str(rng, &NAMED_PORTS)))]);
+    }
+    let protocol = pick_str(rng, &["tcp", "udp"]);
+    let port = match rng.below(3) {
+        0 => map([]),
+        1 => map([(
+            "destinationPort",
+            map([("number", Value::from(*rng.pick(&NUMERIC_PORTS)))]),
+        )]),
+        _ => {
+            let (lo, hi) = *rng.pick(&PORT_RANGES);
+            map([(
+                "destinationPort",
+                map([(
+                    "range",
+                    map([("start", Value::from(lo)), ("end", Value::from(hi))]),
+                )]),
+            )])
+        }
+    };
+    map([(protocol, port)])
 }
 
 const TIERS: [&str; 2] = ["t-alpha", "t-beta"];
@@ -678,6 +850,17 @@ impl Case {
                 ("spec", c.spec.clone()),
             ]));
         }
+        for a in &self.admin {
+            let api = model::admin::AdminKind::from_name(a.kind)
+                .expect("a generated admin kind")
+                .api_version();
+            objects.push(map([
+                ("apiVersion", s(api)),
+                ("kind", s(a.kind)),
+                ("metadata", map([("name", s(&a.name))])),
+                ("spec", a.spec.clone()),
+            ]));
+        }
         let externals = self
             .externals
             .iter()
@@ -741,6 +924,19 @@ impl Case {
             let mut c = self.clone();
             c.calico.remove(i);
             out.push(c);
+        }
+        for i in 0..self.admin.len() {
+            let mut c = self.clone();
+            c.admin.remove(i);
+            out.push(c);
+            for section in ["ingress", "egress"] {
+                // An admin rule needs a peer: rules go, not their last peer.
+                for r in 0..seq_len(&self.admin[i].spec, &[section]) {
+                    let mut c = self.clone();
+                    remove_at(&mut c.admin[i].spec, &[section], r);
+                    out.push(c);
+                }
+            }
         }
         for i in 0..self.policies.len() {
             for section in ["ingress", "egress"] {
@@ -854,6 +1050,17 @@ mod tests {
             "kind: Tier",
             "defaultAction: Pass",
             "action: Pass",
+            "kind: AdminNetworkPolicy",
+            "kind: BaselineAdminNetworkPolicy",
+            "kind: ClusterNetworkPolicy",
+            "tier: Baseline",
+            "action: Accept",
+            "namedPort:",
+            "portRange:",
+            "destinationNamedPort:",
+            "range:",
+            "networks:",
+            "pods:",
         ] {
             assert!(text.contains(feature), "no case has {feature:?}");
         }
