@@ -228,7 +228,8 @@ fn object_path(o: &Value, with_name: bool) -> String {
     let plural = match o["kind"].as_str().unwrap_or("") {
         "Namespace" => "namespaces",
         "Pod" => "pods",
-        _ => "networkpolicies",
+        kind => model::admin::AdminKind::from_name(kind)
+            .map_or("networkpolicies", model::admin::AdminKind::plural),
     };
     let ns = o["metadata"]["namespace"].as_str();
     let name = o["metadata"]["name"].as_str().unwrap_or("");

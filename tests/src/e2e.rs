@@ -102,25 +102,11 @@ pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeO
             .iter()
             .flat_map(|st| st.native.keys().map(ToString::to_string))
             .collect();
-        // Nor does it watch the admin policies' CRDs yet.
-        let admin: std::collections::BTreeSet<String> = states
-            .iter()
-            .flat_map(|st| st.kube.keys())
-            .filter(|k| matches!(k.kind, model::kube::KubeKind::Admin(_)))
-            .map(ToString::to_string)
-            .collect();
-        if !calico.is_empty() || !admin.is_empty() {
-            let detail = if calico.is_empty() {
-                format!(
-                    "Kubernetes admin policies ({}) are not watched by the Kubernetes API datastore yet",
-                    admin.into_iter().collect::<Vec<_>>().join(", ")
-                )
-            } else {
-                format!(
-                    "Calico resources ({}) are not carried by the Kubernetes API datastore",
-                    calico.into_iter().collect::<Vec<_>>().join(", ")
-                )
-            };
+        if !calico.is_empty() {
+            let detail = format!(
+                "Calico resources ({}) are not carried by the Kubernetes API datastore",
+                calico.into_iter().collect::<Vec<_>>().join(", ")
+            );
             return Ok(scenario
                 .steps
                 .iter()

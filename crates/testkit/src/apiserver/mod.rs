@@ -987,17 +987,23 @@ fn version() -> Value {
 }
 
 fn group_list() -> Value {
-    let mut groups: Vec<(&str, &str)> = TYPES
-        .iter()
-        .filter(|t| !t.group.is_empty())
-        .map(|t| (t.group, t.version))
-        .collect();
-    groups.dedup();
+    // One entry per group, its versions in the order TYPES has them.
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for t in TYPES.iter().filter(|t| !t.group.is_empty()) {
+        match groups.iter_mut().find(|(g, _)| *g == t.group) {
+            Some((_, versions)) if versions.contains(&t.version) => {}
+            Some((_, versions)) => versions.push(t.version),
+            None => groups.push((t.group, vec![t.version])),
+        }
+    }
     let groups: Vec<Value> = groups
         .into_iter()
-        .map(|(g, v)| {
-            let gv = json!({"groupVersion": format!("{g}/{v}"), "version": v});
-            json!({"name": g, "versions": [gv.clone()], "preferredVersion": gv})
+        .map(|(g, versions)| {
+            let gvs: Vec<Value> = versions
+                .iter()
+                .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                .collect();
+            json!({"name": g, "versions": gvs, "preferredVersion": gvs[0]})
         })
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})

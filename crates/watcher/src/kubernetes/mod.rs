@@ -251,13 +251,16 @@ struct KindState {
     progress: u64,
     /// During a LIST: the objects listed so far.
     listing: Option<HashSet<KubeKey>>,
+    /// An optional kind the API server does not serve: complete and
+    /// healthy with no objects, and no part of [`Source::complete`].
+    absent: bool,
 }
 
 /// The fold of the reflectors' messages into [`Update`]s.
 struct Source {
     tx: mpsc::Sender<Update>,
     tracker: Tracker,
-    kinds: [KindState; 3],
+    kinds: [KindState; Watched::ALL.len()],
     in_sync: bool,
     /// The highest revision an update carried.
     emitted: i64,
@@ -282,7 +285,12 @@ impl Source {
 
     /// The resource version up to which every kind is delivered.
     fn complete(&self) -> i64 {
-        self.kinds.iter().map(|k| k.progress).min().unwrap_or(0) as i64
+        self.kinds
+            .iter()
+            .filter(|k| !k.absent)
+            .map(|k| k.progress)
+            .min()
+            .unwrap_or(0) as i64
     }
 
     async fn send(&mut self, updates: Vec<Update>) -> Result<(), Closed> {
@@ -324,6 +332,7 @@ impl Source {
         let mut out = Vec::new();
         let effect = match msg {
             Msg::Listing => {
+                self.kinds[k].absent = false;
                 self.kinds[k].listed = false;
                 self.kinds[k].listing = Some(HashSet::new());
                 return Ok(());
@@ -363,6 +372,27 @@ impl Source {
             }
             Msg::Watching => {
                 self.kinds[k].healthy = true;
+                return self.maybe_in_sync().await;
+            }
+            Msg::Absent => {
+                let state = &mut self.kinds[k];
+                let first = !state.absent;
+                state.absent = true;
+                state.listed = true;
+                state.healthy = true;
+                state.listing = None;
+                if first {
+                    tracing::info!(
+                        kind = ?kind,
+                        "the API server does not serve {} (CRD not installed): none are enforced",
+                        kind.rbac_resource()
+                    );
+                }
+                // Objects of the kind seen before the CRD went away go.
+                let revision = self.complete().max(self.emitted);
+                self.tracker
+                    .reconcile(kind, &HashSet::new(), revision, &mut out);
+                self.send(out).await?;
                 return self.maybe_in_sync().await;
             }
             Msg::Progress { resource_version } => {

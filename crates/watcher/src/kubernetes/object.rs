@@ -7,6 +7,7 @@ use std::borrow::Cow;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::{ApiResource, DynamicResourceScope};
+use model::admin::AdminKind;
 use model::calico::Resource;
 use model::kube::{KubeKey, KubeKind, Manifest, ManifestError};
 use serde::Deserialize;
@@ -18,10 +19,36 @@ pub enum Watched {
     Namespace,
     Pod,
     NetworkPolicy,
+    AdminNetworkPolicy,
+    BaselineAdminNetworkPolicy,
+    ClusterNetworkPolicy,
 }
 
 impl Watched {
-    pub const ALL: [Watched; 3] = [Watched::Namespace, Watched::Pod, Watched::NetworkPolicy];
+    pub const ALL: [Watched; 6] = [
+        Watched::Namespace,
+        Watched::Pod,
+        Watched::NetworkPolicy,
+        Watched::AdminNetworkPolicy,
+        Watched::BaselineAdminNetworkPolicy,
+        Watched::ClusterNetworkPolicy,
+    ];
+
+    /// A kind served by a CRD a cluster may not have installed (the
+    /// network-policy-api's): its absence (404) is no outage, only no
+    /// objects of the kind.
+    pub fn optional(self) -> bool {
+        self.admin_kind().is_some()
+    }
+
+    fn admin_kind(self) -> Option<AdminKind> {
+        match self {
+            Watched::AdminNetworkPolicy => Some(AdminKind::AdminNetworkPolicy),
+            Watched::BaselineAdminNetworkPolicy => Some(AdminKind::BaselineAdminNetworkPolicy),
+            Watched::ClusterNetworkPolicy => Some(AdminKind::ClusterNetworkPolicy),
+            _ => None,
+        }
+    }
 
     pub fn index(self) -> usize {
         self as usize
@@ -32,10 +59,28 @@ impl Watched {
             Watched::Namespace => KubeKind::Namespace,
             Watched::Pod => KubeKind::Pod,
             Watched::NetworkPolicy => KubeKind::NetworkPolicy,
+            Watched::AdminNetworkPolicy
+            | Watched::BaselineAdminNetworkPolicy
+            | Watched::ClusterNetworkPolicy => {
+                KubeKind::Admin(self.admin_kind().expect("an admin kind"))
+            }
         }
     }
 
     pub fn api_resource(self) -> ApiResource {
+        if let Some(k) = self.admin_kind() {
+            let (group, version) = k
+                .api_version()
+                .split_once('/')
+                .expect("a group/version");
+            return ApiResource {
+                group: group.into(),
+                version: version.into(),
+                api_version: k.api_version().into(),
+                kind: k.name().into(),
+                plural: k.plural().into(),
+            };
+        }
         let (group, version, kind, plural) = match self {
             Watched::Namespace => ("", "v1", "Namespace", "namespaces"),
             Watched::Pod => ("", "v1", "Pod", "pods"),
@@ -45,6 +90,7 @@ impl Watched {
                 "NetworkPolicy",
                 "networkpolicies",
             ),
+            _ => unreachable!("admin kinds are answered above"),
         };
         ApiResource {
             group: group.into(),
@@ -66,6 +112,11 @@ impl Watched {
             Watched::Namespace => "namespaces",
             Watched::Pod => "pods",
             Watched::NetworkPolicy => "networkpolicies.networking.k8s.io",
+            Watched::AdminNetworkPolicy => "adminnetworkpolicies.policy.networking.k8s.io",
+            Watched::BaselineAdminNetworkPolicy => {
+                "baselineadminnetworkpolicies.policy.networking.k8s.io"
+            }
+            Watched::ClusterNetworkPolicy => "clusternetworkpolicies.policy.networking.k8s.io",
         }
     }
 }
@@ -134,7 +185,7 @@ impl RawObject {
         KubeKey {
             kind: kind.kube_kind(),
             namespace: match kind {
-                Watched::Namespace => None,
+                k if !k.kube_kind().is_namespaced() => None,
                 _ => Some(
                     self.meta
                         .namespace

@@ -49,7 +49,14 @@ pub enum Msg {
     },
     /// A request failed; the reflector backs off and retries.
     Failed(Failure),
+    /// The API server does not serve the kind (404: an optional CRD not
+    /// installed): there are no objects of it; the reflector lists again
+    /// later.
+    Absent,
 }
+
+/// How often a kind found absent is listed again.
+const ABSENT_RETRY: Duration = Duration::from_secs(30);
 
 /// A failed request, as the user needs to read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,7 +120,17 @@ pub async fn run(api: Api<RawObject>, kind: Watched, options: KubeOptions, tx: m
                     continue;
                 }
                 Ok(None) => return,
-                Err(f) => f,
+                Err(ListError::Absent) => {
+                    if tx.send(Msg::Absent).await.is_err() {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(ABSENT_RETRY) => {}
+                        _ = tx.closed() => return,
+                    }
+                    continue;
+                }
+                Err(ListError::Failed(f)) => f,
             },
             Some(rv) => match watch(&api, kind, &options, rv.clone(), &tx).await {
                 WatchEnd::Closed => return,
@@ -145,23 +162,39 @@ pub async fn run(api: Api<RawObject>, kind: Watched, options: KubeOptions, tx: m
     }
 }
 
+/// Why a LIST did not complete.
+enum ListError {
+    /// An optional kind the API server does not serve (404).
+    Absent,
+    Failed(Failure),
+}
+
+impl From<Failure> for ListError {
+    fn from(f: Failure) -> Self {
+        ListError::Failed(f)
+    }
+}
+
 /// A paginated LIST; `Ok(None)` when `tx` closed.
 async fn list(
     api: &Api<RawObject>,
     kind: Watched,
     options: &KubeOptions,
     tx: &mpsc::Sender<Msg>,
-) -> Result<Option<String>, Failure> {
+) -> Result<Option<String>, ListError> {
     if tx.send(Msg::Listing).await.is_err() {
         return Ok(None);
     }
     let mut params = ListParams::default().limit(options.page_size);
     let mut list_rv = None;
     loop {
-        let page = api
-            .list(&params)
-            .await
-            .map_err(|e| describe(kind, "list", &e))?;
+        let page = match api.list(&params).await {
+            Ok(page) => page,
+            Err(kube::Error::Api(status)) if status.code == 404 && kind.optional() => {
+                return Err(ListError::Absent)
+            }
+            Err(e) => return Err(describe(kind, "list", &e).into()),
+        };
         if list_rv.is_none() {
             list_rv = page.metadata.resource_version.clone();
         }
@@ -183,14 +216,14 @@ async fn list(
         }
     }
     let Some(rv) = list_rv.filter(|rv| !rv.is_empty()) else {
-        return Err(Failure {
+        return Err(ListError::Failed(Failure {
             reason: format!(
                 "list {}: the answer has no resourceVersion",
                 kind.rbac_resource()
             ),
             refused: false,
             expired: false,
-        });
+        }));
     };
     let resource_version = rv.parse().unwrap_or(0);
     if tx.send(Msg::Listed { resource_version }).await.is_err() {
