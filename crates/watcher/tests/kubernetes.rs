@@ -412,3 +412,57 @@ async fn configuration_errors_are_clear() {
         .is_err());
     assert!(ClusterAccess::from_datastore("etcd://a").is_none());
 }
+
+/// The network-policy-api kinds are watched like the others and become
+/// their GlobalNetworkPolicies; a cluster without their CRDs (404) is in
+/// sync with none of them, not stuck waiting for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_policies_are_watched_and_a_missing_crd_is_no_outage() {
+    let f = fixture();
+    for plural in [
+        "adminnetworkpolicies",
+        "baselineadminnetworkpolicies",
+        "clusternetworkpolicies",
+    ] {
+        f.api.unserve(plural);
+    }
+    f.api.apply(&namespace("a")).unwrap();
+    f.api.apply(&pod("a", "web", "n1", "198.18.0.10")).unwrap();
+    let mut w = start(&f, options());
+    w.in_sync().await;
+    assert!(w.cache.state.get(&wep("a", "n1", "web")).is_some());
+    assert!(
+        !w.seen.iter().any(|u| matches!(u, Update::Disconnected { .. })),
+        "a CRD that is not installed is no outage: {:?}",
+        w.seen
+    );
+    w.task.abort();
+
+    // Installed: an AdminNetworkPolicy arrives as its GlobalNetworkPolicy,
+    // in tier adminnetworkpolicy, and goes when deleted.
+    f.api.serve_all();
+    let anp = json!({
+        "apiVersion": "policy.networking.k8s.io/v1alpha1", "kind": "AdminNetworkPolicy",
+        "metadata": {"name": "guard"},
+        "spec": {"priority": 3, "subject": {"namespaces": {}},
+                 "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]},
+    });
+    f.api.apply(&anp).unwrap();
+    let mut w = start(&f, options());
+    let key = ResourceKey::new(
+        Kind::GlobalNetworkPolicy,
+        None,
+        "kanp.adminnetworkpolicy.guard",
+    );
+    w.until("the AdminNetworkPolicy", |c, _| c.state.get(&key).is_some())
+        .await;
+    let Some(model::calico::Resource::GlobalNetworkPolicy(g)) = w.cache.state.get(&key) else {
+        panic!()
+    };
+    assert_eq!(g.spec.tier.as_deref(), Some("adminnetworkpolicy"));
+    assert_eq!(g.spec.order, Some(3.0));
+    f.api.delete(&anp).unwrap();
+    w.until("the deletion", |c, _| c.state.get(&key).is_none())
+        .await;
+    w.task.abort();
+}

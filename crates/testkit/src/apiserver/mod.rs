@@ -84,6 +84,8 @@ pub struct Denial {
 struct Shared {
     store: Mutex<Store>,
     denials: Mutex<Vec<Denial>>,
+    /// Plurals answered 404, as for a CRD that is not installed.
+    unserved: Mutex<Vec<String>>,
     /// Bumped to cut every open connection.
     generation: tokio::sync::watch::Sender<u64>,
     /// Requests served, by `verb resource` (e.g. `list pods`).
@@ -160,6 +162,7 @@ impl FakeApiServer {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new(options.history)),
             denials: Mutex::new(Vec::new()),
+            unserved: Mutex::new(Vec::new()),
             generation,
             requests: Mutex::new(BTreeMap::new()),
             addr,
@@ -317,6 +320,25 @@ impl FakeApiServer {
                 verb: verb.to_owned(),
                 resource: resource.to_owned(),
             });
+    }
+
+    /// Answers every request for `plural` (e.g. `adminnetworkpolicies`)
+    /// with 404 Not Found, as a server without that CRD does, until
+    /// [`Self::serve_all`].
+    pub fn unserve(&self, plural: &str) {
+        self.shared
+            .unserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(plural.to_owned());
+    }
+
+    pub fn serve_all(&self) {
+        self.shared
+            .unserved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     pub fn allow_all(&self) {
@@ -716,6 +738,19 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Reply {
         .unwrap_or_else(|e| e.into_inner())
         .entry(format!("{verb} {resource}"))
         .or_default() += 1;
+    if shared
+        .unserved
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|p| p == t.plural)
+    {
+        return failure(&Failure::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
+    }
     let user = req
         .headers()
         .get("authorization")
