@@ -100,6 +100,15 @@ pub fn is_converted_name(name: &str, tier: &str) -> bool {
         .any(|(t, p)| *t == tier && name.strip_prefix(p).is_some_and(|r| !r.is_empty()))
 }
 
+/// Whether `name` is the name of a GlobalNetworkPolicy converted from an
+/// admin policy (of any of the four tiers): what the policy controller
+/// owns in etcd beside the Kubernetes NetworkPolicies it writes.
+pub fn is_converted_policy_name(name: &str) -> bool {
+    NAME_PREFIXES
+        .iter()
+        .any(|(t, _)| is_converted_name(name, t))
+}
+
 /// Which of the three kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AdminKind {
@@ -1057,5 +1066,7 @@ spec:
             KUBE_ADMIN_TIER
         ));
         assert!(!is_converted_name("kcnp.kube-admin.", KUBE_ADMIN_TIER));
+        assert!(is_converted_policy_name("kcnp.kube-baseline.x"));
+        assert!(!is_converted_policy_name("security.x"));
     }
 }

@@ -474,10 +474,13 @@ fn m_name(m: &Manifest) -> &str {
 }
 
 /// Whether the controller owns `key` (holding `value`): the only keys
-/// [`sync_dir`] deletes.
+/// [`sync_dir`] deletes. Besides Kubernetes NetworkPolicies, namespaces and
+/// pods, the GlobalNetworkPolicies converted from admin policies
+/// (`kanp.…`, `kbanp.…`, `kcnp.…`).
 pub fn owns(key: &ResourceKey, value: &[u8]) -> bool {
     match key.kind {
         Kind::NetworkPolicy => key.name.starts_with(K8S_POLICY_PREFIX),
+        Kind::GlobalNetworkPolicy => model::admin::is_converted_policy_name(&key.name),
         Kind::Profile => key.name.starts_with(NAMESPACE_PROFILE_PREFIX),
         Kind::WorkloadEndpoint => is_k8s_endpoint(value),
         _ => false,
