@@ -342,7 +342,11 @@ fn random_admin_spec(rng: &mut Rng, kind: &str) -> Value {
     };
     let mut spec = map([("subject", subject)]);
     if kind != "banp" {
-        insert(&mut spec, "priority", Value::from(*rng.pick(&[1, 5, 5, 10])));
+        insert(
+            &mut spec,
+            "priority",
+            Value::from(*rng.pick(&[1, 5, 5, 10])),
+        );
     }
     if kind == "cnp" {
         insert(&mut spec, "tier", s(pick_str(rng, &["Admin", "Baseline"])));
@@ -367,9 +371,19 @@ fn random_admin_spec(rng: &mut Rng, kind: &str) -> Value {
                 ]);
                 if rng.chance(50) {
                     let (key, ports) = if kind == "cnp" {
-                        ("protocols", (0..rng.between(1, 2)).map(|_| random_cnp_protocol(rng)).collect())
+                        (
+                            "protocols",
+                            (0..rng.between(1, 2))
+                                .map(|_| random_cnp_protocol(rng))
+                                .collect(),
+                        )
                     } else {
-                        ("ports", (0..rng.between(1, 2)).map(|_| random_anp_port(rng)).collect())
+                        (
+                            "ports",
+                            (0..rng.between(1, 2))
+                                .map(|_| random_anp_port(rng))
+                                .collect(),
+                        )
                     };
                     insert(&mut rule, key, Value::Sequence(ports));
                 }

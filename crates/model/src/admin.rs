@@ -708,6 +708,9 @@ fn peer_entity(peer: &Peer, ingress: bool) -> Result<EntityRule, String> {
 /// Calico's order.
 type ByProtocol = BTreeMap<Option<Protocol>, Vec<Port>>;
 
+/// Ports by protocol, in the order the rules are emitted.
+type PortGroups = Vec<(Option<Protocol>, Vec<Port>)>;
+
 fn protocol(text: Option<&str>) -> Result<Protocol, String> {
     match text.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
@@ -743,7 +746,7 @@ fn named(name: &str, by: &mut ByProtocol) -> Result<(), String> {
     Ok(())
 }
 
-fn finish(by: ByProtocol) -> Vec<(Option<Protocol>, Vec<Port>)> {
+fn finish(by: ByProtocol) -> PortGroups {
     let mut out: Vec<_> = by
         .into_iter()
         .map(|(p, ports)| (p, simplify_ports(ports)))
@@ -753,7 +756,7 @@ fn finish(by: ByProtocol) -> Vec<(Option<Protocol>, Vec<Port>)> {
     out
 }
 
-fn anp_ports(ports: Option<&[AnpPort]>) -> Result<Vec<(Option<Protocol>, Vec<Port>)>, String> {
+fn anp_ports(ports: Option<&[AnpPort]>) -> Result<PortGroups, String> {
     let Some(ports) = ports else {
         return Ok(vec![(None, vec![])]);
     };
@@ -785,9 +788,7 @@ fn anp_ports(ports: Option<&[AnpPort]>) -> Result<Vec<(Option<Protocol>, Vec<Por
     Ok(finish(by))
 }
 
-fn cnp_ports(
-    protocols: Option<&[CnpProtocol]>,
-) -> Result<Vec<(Option<Protocol>, Vec<Port>)>, String> {
+fn cnp_ports(protocols: Option<&[CnpProtocol]>) -> Result<PortGroups, String> {
     let Some(protocols) = protocols else {
         return Ok(vec![(None, vec![])]);
     };

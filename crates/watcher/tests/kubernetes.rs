@@ -432,7 +432,9 @@ async fn admin_policies_are_watched_and_a_missing_crd_is_no_outage() {
     w.in_sync().await;
     assert!(w.cache.state.get(&wep("a", "n1", "web")).is_some());
     assert!(
-        !w.seen.iter().any(|u| matches!(u, Update::Disconnected { .. })),
+        !w.seen
+            .iter()
+            .any(|u| matches!(u, Update::Disconnected { .. })),
         "a CRD that is not installed is no outage: {:?}",
         w.seen
     );

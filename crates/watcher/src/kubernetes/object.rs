@@ -69,10 +69,7 @@ impl Watched {
 
     pub fn api_resource(self) -> ApiResource {
         if let Some(k) = self.admin_kind() {
-            let (group, version) = k
-                .api_version()
-                .split_once('/')
-                .expect("a group/version");
+            let (group, version) = k.api_version().split_once('/').expect("a group/version");
             return ApiResource {
                 group: group.into(),
                 version: version.into(),
