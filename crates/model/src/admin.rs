@@ -54,7 +54,7 @@ use crate::calico::{
     TierAction,
 };
 use crate::convert::{k8s_selector_to_calico, parse_cidr, simplify_ports, SelectorKind};
-use crate::fields::{Field, Fields, METADATA};
+use crate::fields::{Field, Fields, LABEL_SELECTOR, METADATA};
 use crate::reject;
 
 pub const API_V1ALPHA1: &str = "policy.networking.k8s.io/v1alpha1";
@@ -344,15 +344,6 @@ impl AdminPolicy {
 // ---------------------------------------------------------------------------
 // Fields (see crate::fields)
 
-const LABEL_SELECTOR_REQUIREMENT: Fields = &[
-    ("key", Field::Used),
-    ("operator", Field::Used),
-    ("values", Field::Used),
-];
-const LABEL_SELECTOR: Fields = &[
-    ("matchLabels", Field::Used),
-    ("matchExpressions", Field::List(LABEL_SELECTOR_REQUIREMENT)),
-];
 const NAMESPACED_POD: Fields = &[
     ("namespaceSelector", Field::Object(LABEL_SELECTOR)),
     ("podSelector", Field::Object(LABEL_SELECTOR)),
@@ -361,10 +352,8 @@ const SUBJECT: Fields = &[
     ("namespaces", Field::Object(LABEL_SELECTOR)),
     ("pods", Field::Object(NAMESPACED_POD)),
 ];
-const INGRESS_PEER: Fields = &[
-    ("namespaces", Field::Object(LABEL_SELECTOR)),
-    ("pods", Field::Object(NAMESPACED_POD)),
-];
+/// An ingress peer has the subject's two forms.
+const INGRESS_PEER: Fields = SUBJECT;
 const NODES: Field = Field::Unimplemented(
     "matches the addresses of the nodes a label selector selects; nftpolicy has no Node resource yet",
 );

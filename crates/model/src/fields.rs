@@ -371,7 +371,7 @@ const LABEL_SELECTOR_REQUIREMENT: Fields = &[
     ("values", Field::Used),
 ];
 
-const LABEL_SELECTOR: Fields = &[
+pub(crate) const LABEL_SELECTOR: Fields = &[
     ("matchLabels", Field::Used),
     ("matchExpressions", Field::List(LABEL_SELECTOR_REQUIREMENT)),
 ];
