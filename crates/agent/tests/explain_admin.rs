@@ -6,28 +6,21 @@ mod common;
 
 use common::{nftpolicy, TempDir};
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: data}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: db, namespace: data, labels: {app: db}}
-spec: {nodeName: node1, containers: [{name: d}]}
-status: {podIP: 198.18.0.10}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: data, labels: {app: api}}
-spec: {nodeName: node1, containers: [{name: a}]}
-status: {podIP: 198.18.0.11}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: report, namespace: data, labels: {app: report}}
-spec: {nodeName: node1, containers: [{name: r}]}
-status: {podIP: 198.18.0.12}
+/// Namespace `data` with pods db, api and report (app=<name>) on node1.
+fn pods() -> String {
+    let mut out = "apiVersion: v1\nkind: Namespace\nmetadata: {name: data}\n".to_owned();
+    for (i, name) in ["db", "api", "report"].iter().enumerate() {
+        out += &format!(
+            "---\n{{apiVersion: v1, kind: Pod, metadata: {{name: {name}, namespace: data, \
+             labels: {{app: {name}}}}}, spec: {{nodeName: node1, containers: [{{name: c}}]}}, \
+             status: {{podIP: 198.18.0.{}}}}}\n",
+            10 + i
+        );
+    }
+    out
+}
+
+const POLICIES: &str = r#"
 ---
 apiVersion: policy.networking.k8s.io/v1alpha1
 kind: AdminNetworkPolicy
@@ -73,7 +66,7 @@ fn explain(dir: &TempDir, from: &str, to: &str) -> (i32, String) {
 #[test]
 fn explain_names_the_admin_tiers() {
     let dir = TempDir::new("explain-admin");
-    std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).unwrap();
+    std::fs::write(dir.path().join("cluster.yaml"), pods() + POLICIES).unwrap();
     // An ANP Deny decides in tier adminnetworkpolicy.
     let (_, out) = explain(&dir, "data/db", "data/api");
     assert!(out.contains("DENIED"), "{out}");
