@@ -175,6 +175,51 @@ impl EtcdServer {
         Ok((revision, out))
     }
 
+    /// SIGKILLs etcd (the child this guard started, by its pid); its data
+    /// stays for [`EtcdServer::restart`].
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts etcd again on its data dir and ports; waits until it answers.
+    pub fn restart(&mut self) -> Result<(), LabError> {
+        self.process
+            .respawn()
+            .map_err(|e| LabError::Setup(format!("restarting etcd: {e}")))?;
+        self.wait_ready()
+    }
+
+    /// Kills etcd, wipes its data and starts it empty on the same ports;
+    /// waits until it answers.
+    pub fn restart_empty(&mut self) -> Result<(), LabError> {
+        self.process
+            .respawn_empty()
+            .map_err(|e| LabError::Setup(format!("restarting etcd empty: {e}")))?;
+        self.wait_ready()
+    }
+
+    /// Compacts the store at its current revision (physically): no watch
+    /// can start or resume from an earlier one. Returns that revision.
+    pub fn compact(&self) -> Result<i64, LabError> {
+        let revision = self.revision()?;
+        let port = self
+            .tls
+            .as_ref()
+            .map_or(self.client_port(), |t| t.plain_port);
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .map_err(|e| LabError::io("connecting to etcd", e))?;
+        let body = format!(r#"{{"revision":"{revision}","physical":true}}"#);
+        let (status, text) = crate::agents::http(stream, "POST", "/v3/kv/compaction", Some(&body))
+            .map_err(|e| LabError::io("compacting etcd", e))?;
+        if status != 200 {
+            return Err(LabError::command(
+                "etcd /v3/kv/compaction",
+                format!("HTTP {status}: {text}"),
+            ));
+        }
+        Ok(revision)
+    }
+
     fn wait_ready(&mut self) -> Result<(), LabError> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use compiler::nft::TABLE_NAME;
 use lab::{nftpolicy_binary, write_state, Agents, Lab};
-use model::scenario::ResolvedProbe;
+use model::scenario::{ResolvedProbe, StepState};
 use nix::sys::signal::Signal;
 
 mod common;
@@ -293,9 +293,9 @@ fn judge(faults: &[Fault], rounds: &[Round]) -> (Vec<Row>, Vec<String>) {
     (rows, failures)
 }
 
-fn report(backend: &str, rows: &[Row], rounds: usize, took: Duration) -> String {
+fn report(label: &str, rows: &[Row], rounds: usize, took: Duration) -> String {
     let mut out = format!(
-        "chaos, {backend} backend: {rounds} probe rounds (client -> web:80 allowed, \
+        "chaos, {label}: {rounds} probe rounds (client -> web:80 allowed, \
          intruder -> web:80 denied, one of each every {TICK:?}) in {:.1} s\n\n\
          | fault | what nftpolicy does | wrong probes | window (fault to correct verdicts) |\n\
          |---|---|---|---|\n",
@@ -367,16 +367,105 @@ spec:
 ";
 
 struct Chaos {
+    /// Names the run in the report: the backend, and the datastore unless
+    /// it is the file datastore.
+    label: String,
     backend: &'static str,
     node_ns: String,
-    datastore: PathBuf,
     agents: Agents,
     prober: Prober,
     faults: Vec<Fault>,
     expect: Verdicts,
+    /// When the first fault (the steady state) began.
+    t0: Instant,
 }
 
 impl Chaos {
+    /// Starts probing `lab` with the agents running and the verdicts
+    /// checked once, and holds the steady state (the first row).
+    fn start(label: &str, backend: &'static str, mut lab: Lab, agents: Agents) -> Chaos {
+        let probes = shop().1;
+        assert_probes(&mut lab, &probes, &format!("{label}: before the faults"));
+        let node_ns = lab.node_namespace("node1").unwrap().to_owned();
+        let mut c = Chaos {
+            label: label.to_owned(),
+            backend,
+            node_ns,
+            agents,
+            prober: Prober::start(lab, probes),
+            faults: Vec::new(),
+            expect: SHOP,
+            t0: Instant::now(),
+        };
+        c.begin(
+            "none (steady state)",
+            "enforces the shop's policy",
+            Allows::Nothing,
+            SHOP,
+        );
+        c.prober.hold(HOLD_ROUNDS);
+        c
+    }
+
+    /// Waits until the agent reports itself not ready (`/readiness` 503,
+    /// `felix_resync_state 0`).
+    fn wait_not_ready(&self, what: &str) {
+        wait_for(
+            &format!("{what}: the agent reporting not ready"),
+            TIMEOUT,
+            || {
+                self.agents.status("node1").is_ok_and(|s| !s.ready)
+                    && self
+                        .agents
+                        .metrics("node1")
+                        .is_ok_and(|m| m.lines().any(|l| l == "felix_resync_state 0"))
+            },
+        );
+    }
+
+    /// Waits until the agent is ready again.
+    fn wait_ready(&self, what: &str) {
+        wait_for(&format!("{what}: the agent ready again"), TIMEOUT, || {
+            self.agents.status("node1").is_ok_and(|s| s.ready)
+        });
+    }
+
+    /// Stops probing, judges every round, writes the report
+    /// (`target/tmp/chaos-<label>.md`) and fails on any verdict outside
+    /// what its fault allows.
+    fn finish(self, started: Instant) {
+        let took = self.t0.elapsed();
+        let Chaos {
+            label,
+            agents,
+            prober,
+            faults,
+            ..
+        } = self;
+        let (lab, rounds) = prober.finish();
+        let (rows, failures) = judge(&faults, &rounds);
+        let table = report(&label, &rows, rounds.len(), took);
+        eprintln!(
+            "{table}\n(whole test, lab included: {:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+        let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "chaos-{}.md",
+            label.replace([' ', ',', '(', ')'], "")
+        ));
+        if let Err(e) = std::fs::write(&file, &table) {
+            eprintln!("writing {}: {e}", file.display());
+        }
+        drop(agents);
+        drop(lab);
+        assert!(
+            failures.is_empty(),
+            "{label}: {} wrong verdict(s) outside what their fault allows:\n{}\n\n{table}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
     /// Notes a fault starting now (before it is injected, so that every
     /// probe it can affect is judged against it).
     fn begin(&mut self, name: &str, response: &str, allows: Allows, after: Verdicts) {
@@ -398,13 +487,11 @@ impl Chaos {
         let end = self.prober.wait_correct(
             fault.at,
             fault.after,
-            &format!("{}: {}", self.backend, fault.name),
+            &format!("{}: {}", self.label, fault.name),
         );
         fault.settled = Some(end);
     }
 
-    /// Tampering: runs `program args` in the node (as an admin would) and
-    /// waits until the agent has repaired what it did.
     /// Tampering: runs it in the node (as an admin would) and waits until
     /// the agent has repaired what it did.
     fn tamper(&mut self, t: &Tampering, name: &str, response: &str) {
@@ -495,6 +582,25 @@ fn tamperings_iptables(node_ns: &str, web_tw: &str) -> (Tampering, Tampering, St
     )
 }
 
+/// A lab node holding the shop's pods, probing with [`PROBE_TIMEOUT`].
+fn lab_for(state: &StepState) -> Lab {
+    let mut lab = Lab::build(&state.pods(), &[], &["node1"]).unwrap();
+    lab.set_probe_timeout(PROBE_TIMEOUT);
+    lab
+}
+
+/// The shop policy's file among the manifests `write_state` wrote to `dir`.
+fn policy_file(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.to_string_lossy()
+                .contains("networkpolicy-shop-web-from-client")
+        })
+        .expect("the policy's file")
+}
+
 fn chaos(backend: &'static str) {
     let nftpolicy = nftpolicy_binary();
     let started = Instant::now();
@@ -514,20 +620,11 @@ fn chaos(backend: &'static str) {
         .expect("web")
         .interface;
     let web_tw = format!("cali-tw-{web_if}");
-    let mut lab = Lab::build(&state.pods(), &[], &["node1"]).unwrap();
-    lab.set_probe_timeout(PROBE_TIMEOUT);
-    let node_ns = lab.node_namespace("node1").unwrap().to_owned();
+    let lab = lab_for(&state);
     let workdir = lab.workdir();
     let datastore = workdir.join("datastore");
     write_state(&datastore, &state).unwrap();
-    let policy_file = std::fs::read_dir(&datastore)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.to_string_lossy()
-                .contains("networkpolicy-shop-web-from-client")
-        })
-        .expect("the policy's file");
+    let policy_file = policy_file(&datastore);
     let shop_policy = std::fs::read_to_string(&policy_file).unwrap();
     let extra: Vec<String> = if backend == "iptables" {
         vec!["--resync-interval".into(), IPTABLES_RESYNC_SECS.into()]
@@ -536,25 +633,7 @@ fn chaos(backend: &'static str) {
     };
     let mut agents = Agents::start_file(&lab, &datastore, &nftpolicy, backend, &extra).unwrap();
     agents.wait_applied(1, TIMEOUT).unwrap();
-    assert_probes(&mut lab, &probes, &format!("{backend}: before the faults"));
-
-    let mut c = Chaos {
-        backend,
-        node_ns,
-        datastore,
-        agents,
-        prober: Prober::start(lab, probes),
-        faults: Vec::new(),
-        expect: SHOP,
-    };
-    let t0 = Instant::now();
-    c.begin(
-        "none (steady state)",
-        "enforces the shop's policy",
-        Allows::Nothing,
-        SHOP,
-    );
-    c.prober.hold(HOLD_ROUNDS);
+    let mut c = Chaos::start(backend, backend, lab, agents);
 
     // The agent SIGKILLed, then restarted.
     c.begin(
@@ -611,7 +690,7 @@ fn chaos(backend: &'static str) {
         Allows::Nothing,
         SHOP,
     );
-    let malformed = c.datastore.join("500-malformed.yaml");
+    let malformed = datastore.join("500-malformed.yaml");
     replace_file(
         &malformed,
         "apiVersion: v1\nkind: [Pod\nmetadata: {name: x\n",
@@ -633,11 +712,9 @@ fn chaos(backend: &'static str) {
         Allows::Nothing,
         SHOP,
     );
-    let away = c.datastore.with_file_name("datastore-away");
-    std::fs::rename(&c.datastore, &away).unwrap();
-    wait_for("the agent reporting not ready", TIMEOUT, || {
-        c.agents.status("node1").is_ok_and(|s| !s.ready)
-    });
+    let away = datastore.with_file_name("datastore-away");
+    std::fs::rename(&datastore, &away).unwrap();
+    c.wait_not_ready("datastore removed");
     c.prober.hold(HOLD_ROUNDS);
     c.tamper(
         &all,
@@ -648,10 +725,8 @@ fn chaos(backend: &'static str) {
         "repaired all the same (towards its last write), still not ready; \
          ready again once the directory is back",
     );
-    std::fs::rename(&away, &c.datastore).unwrap();
-    wait_for("the agent ready again", TIMEOUT, || {
-        c.agents.status("node1").is_ok_and(|s| s.ready)
-    });
+    std::fs::rename(&away, &datastore).unwrap();
+    c.wait_ready("datastore restored");
     c.prober.hold(HOLD_ROUNDS);
 
     // SIGTERM: the agent exits, the rules stay.
@@ -664,32 +739,7 @@ fn chaos(backend: &'static str) {
     c.agents.stop("node1", Signal::SIGTERM).unwrap();
     c.prober.hold(HOLD_ROUNDS);
 
-    let took = t0.elapsed();
-    let Chaos {
-        agents,
-        prober,
-        faults,
-        ..
-    } = c;
-    let (lab, rounds) = prober.finish();
-    let (rows, failures) = judge(&faults, &rounds);
-    let table = report(backend, &rows, rounds.len(), took);
-    eprintln!(
-        "{table}\n(whole test, lab included: {:.1} s)",
-        started.elapsed().as_secs_f64()
-    );
-    let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-{backend}.md"));
-    if let Err(e) = std::fs::write(&file, &table) {
-        eprintln!("writing {}: {e}", file.display());
-    }
-    drop(agents);
-    drop(lab);
-    assert!(
-        failures.is_empty(),
-        "{backend}: {} wrong verdict(s) outside what their fault allows:\n{}\n\n{table}",
-        failures.len(),
-        failures.join("\n")
-    );
+    c.finish(started);
 }
 
 #[test]
@@ -700,4 +750,230 @@ fn nftables_keeps_every_verdict_outside_each_faults_window() {
 #[test]
 fn iptables_keeps_every_verdict_outside_each_faults_window() {
     chaos("iptables");
+}
+
+/// `nftpolicy apply -f <manifest>` into `etcd`, as the controller writes;
+/// etcd's revision after it.
+fn etcd_apply(nftpolicy: &Path, etcd: &lab::EtcdServer, dir: &Path, yaml: &str) -> i64 {
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    lab::agents::nftpolicy_etcd(nftpolicy, etcd, "apply", &[file]).unwrap();
+    etcd.revision().unwrap()
+}
+
+/// The same shop on the etcd datastore (nftables backend: what etcd's
+/// faults do is the same for both backends): etcd stopped, with the agent
+/// restarted while it is down; policy changes; the node cut off from etcd
+/// while the policy changes and etcd is compacted past the agent's watch;
+/// etcd wiped and restarted empty, then written again.
+#[test]
+fn etcd_keeps_every_verdict_outside_each_faults_window() {
+    let nftpolicy = nftpolicy_binary();
+    let started = Instant::now();
+    let (state, _) = shop();
+    let lab = lab_for(&state);
+    let dir = lab.workdir().join("etcd-writes");
+    let mut etcd = lab::EtcdServer::start().unwrap();
+    let revision = lab::agents::write_step(&nftpolicy, &etcd, &dir, None, &state).unwrap();
+    let shop_policy = std::fs::read_to_string(policy_file(&dir.join("apply"))).unwrap();
+    let mut agents = Agents::start(&lab, &etcd, &nftpolicy, "nftables", &[]).unwrap();
+    agents.wait_applied(revision, TIMEOUT).unwrap();
+    let mut c = Chaos::start("nftables, etcd", "nftables", lab, agents);
+
+    c.begin(
+        "etcd SIGKILLed; the agent SIGKILLed and restarted while etcd is down; etcd restarted on its data",
+        "keeps the dataplane, not ready (felix_resync_state 0) while etcd is unreachable; \
+         a new agent touches nothing before its first complete list; \
+         relists and is ready again once etcd answers",
+        Allows::Nothing,
+        SHOP,
+    );
+    etcd.kill();
+    c.wait_not_ready("etcd killed");
+    c.prober.hold(HOLD_ROUNDS);
+    c.agents.stop("node1", Signal::SIGKILL).unwrap();
+    c.agents.restart("node1").unwrap();
+    c.prober.hold(HOLD_ROUNDS);
+    c.wait_not_ready("agent restarted without etcd");
+    etcd.restart().unwrap();
+    c.wait_ready("etcd restarted");
+    c.prober.hold(HOLD_ROUNDS);
+
+    let watched = "watch event, applied";
+    c.begin(
+        "policy widened in etcd (intruder admitted)",
+        watched,
+        Allows::OldVerdictUntilApplied,
+        WIDENED,
+    );
+    etcd_apply(&nftpolicy, &etcd, &dir, WIDENED_POLICY);
+    c.settle();
+    c.begin(
+        "policy narrowed again",
+        watched,
+        Allows::OldVerdictUntilApplied,
+        SHOP,
+    );
+    etcd_apply(&nftpolicy, &etcd, &dir, &shop_policy);
+    c.settle();
+    c.prober.hold(HOLD_ROUNDS);
+
+    c.begin(
+        "the node cut off from etcd; meanwhile the policy widened and etcd compacted past the agent's watch revision",
+        "keeps the dataplane, not ready",
+        Allows::Nothing,
+        SHOP,
+    );
+    c.agents.cut_datastore();
+    c.wait_not_ready("cut off from etcd");
+    etcd_apply(&nftpolicy, &etcd, &dir, WIDENED_POLICY);
+    etcd.compact().unwrap();
+    c.prober.hold(HOLD_ROUNDS);
+    c.begin(
+        "… etcd reachable again",
+        "never resumes a watch from an old revision: reconnects (backoff), lists again, applies the difference",
+        Allows::OldVerdictUntilApplied,
+        WIDENED,
+    );
+    c.agents.restore_datastore();
+    c.settle();
+    c.wait_ready("etcd reachable again");
+    c.begin(
+        "policy narrowed again",
+        watched,
+        Allows::OldVerdictUntilApplied,
+        SHOP,
+    );
+    etcd_apply(&nftpolicy, &etcd, &dir, &shop_policy);
+    c.settle();
+    c.prober.hold(HOLD_ROUNDS);
+
+    c.begin(
+        "etcd wiped and restarted empty; later the cluster written again",
+        "an empty etcd is never programmed: keeps the dataplane, not ready, says why in the log; \
+         once written again (and writes paused for 500 ms), lists and is ready",
+        Allows::Nothing,
+        SHOP,
+    );
+    etcd.restart_empty().unwrap();
+    wait_for("the agent saying etcd is empty", TIMEOUT, || {
+        c.agents
+            .log("node1")
+            .is_ok_and(|l| l.contains("etcd holds no Calico resource"))
+    });
+    c.wait_not_ready("etcd empty");
+    c.prober.hold(HOLD_ROUNDS);
+    lab::agents::write_step(&nftpolicy, &etcd, &dir, None, &state).unwrap();
+    c.wait_ready("etcd written again");
+    c.prober.hold(HOLD_ROUNDS);
+
+    c.finish(started);
+}
+
+/// The policy's manifest as the API server takes it.
+fn json(yaml: &str) -> serde_json::Value {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+/// The same shop on the Kubernetes datastore (the fake API server, a test
+/// double; nftables backend): the API server stopped, with the agent
+/// restarted while it is down; policy changes; watches that fall behind
+/// and end with `410 Gone` while the policy changes; the node cut off
+/// from the API server.
+#[test]
+fn kubernetes_keeps_every_verdict_outside_each_faults_window() {
+    let nftpolicy = nftpolicy_binary();
+    let started = Instant::now();
+    let (state, _) = shop();
+    let lab = lab_for(&state);
+    let dir = lab.workdir().join("api-writes");
+    let mut api = lab::LabApi::start().unwrap();
+    let revision = api
+        .write_step(&lab::ApiClient::Http, &dir, None, &state)
+        .unwrap();
+    write_state(&dir, &state).unwrap();
+    let shop_policy = json(&std::fs::read_to_string(policy_file(&dir)).unwrap());
+    let widened = json(WIDENED_POLICY);
+    let mut agents = Agents::start(&lab, &api, &nftpolicy, "nftables", &[]).unwrap();
+    agents.wait_applied(revision as i64, TIMEOUT).unwrap();
+    let mut c = Chaos::start("nftables, Kubernetes API", "nftables", lab, agents);
+
+    c.begin(
+        "API server stopped; the agent SIGKILLed and restarted while it is down; API server back",
+        "keeps the dataplane, not ready while the API server is unreachable; \
+         a new agent touches nothing before its first complete list; \
+         lists again (or resumes its watches) and is ready once it answers",
+        Allows::Nothing,
+        SHOP,
+    );
+    api.server.stop();
+    c.wait_not_ready("API server stopped");
+    c.prober.hold(HOLD_ROUNDS);
+    c.agents.stop("node1", Signal::SIGKILL).unwrap();
+    c.agents.restart("node1").unwrap();
+    c.prober.hold(HOLD_ROUNDS);
+    c.wait_not_ready("agent restarted without the API server");
+    api.server.resume().unwrap();
+    c.wait_ready("API server back");
+    c.prober.hold(HOLD_ROUNDS);
+
+    let watched = "watch event, applied";
+    c.begin(
+        "policy widened in the API (intruder admitted)",
+        watched,
+        Allows::OldVerdictUntilApplied,
+        WIDENED,
+    );
+    api.server.apply(&widened).unwrap();
+    c.settle();
+    c.begin(
+        "policy narrowed again",
+        watched,
+        Allows::OldVerdictUntilApplied,
+        SHOP,
+    );
+    api.server.apply(&shop_policy).unwrap();
+    c.settle();
+    c.prober.hold(HOLD_ROUNDS);
+
+    c.begin(
+        "watches fall behind (nothing delivered), the policy widened meanwhile",
+        "cannot know: keeps the dataplane",
+        Allows::Nothing,
+        SHOP,
+    );
+    api.server.stall_watches();
+    api.server.apply(&widened).unwrap();
+    c.prober.hold(HOLD_ROUNDS);
+    c.begin(
+        "… then every watch ends with 410 Gone (the change was compacted away)",
+        "410 Gone: lists again at once (no backoff), applies the difference",
+        Allows::OldVerdictUntilApplied,
+        WIDENED,
+    );
+    api.server.expire_watches();
+    c.settle();
+    c.wait_ready("relisted after 410 Gone");
+    c.begin(
+        "the node cut off from the API server; meanwhile the policy narrowed",
+        "keeps the dataplane, not ready",
+        Allows::Nothing,
+        WIDENED,
+    );
+    c.agents.cut_datastore();
+    c.wait_not_ready("cut off from the API server");
+    api.server.apply(&shop_policy).unwrap();
+    c.prober.hold(HOLD_ROUNDS);
+    c.begin(
+        "… the API server reachable again",
+        "reconnects (client-go's backoff), lists or resumes its watches, applies the difference",
+        Allows::OldVerdictUntilApplied,
+        SHOP,
+    );
+    c.agents.restore_datastore();
+    c.settle();
+    c.wait_ready("API server reachable again");
+    c.prober.hold(HOLD_ROUNDS);
+
+    c.finish(started);
 }
