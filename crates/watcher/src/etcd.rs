@@ -24,7 +24,8 @@
 //! not written yet, a wiped one restarted empty, the wrong endpoint) sends
 //! no `Delete` and no `InSync`: it sends `Disconnected` saying why (the agent
 //! keeps the dataplane it has and reports itself not ready) and watches the
-//! prefix for the first write, then lists again. A real cluster always has
+//! prefix for the first write, then lists again (after a wipe, once the
+//! writes paused: [`REFILL_QUIET`]). A real cluster always has
 //! resources (at least the Profiles of its namespaces), so nothing legitimate
 //! is held back; deletions that arrive as watch events are applied as usual.
 //! A snapshot whose revision is lower than one seen before comes from a
@@ -612,18 +613,21 @@ impl Source {
     }
 }
 
-/// After an empty etcd receives its first write, the LIST waits until
-/// writes paused this long (a controller re-populating the store is not
-/// caught half-way: profiles without the endpoints would drop their pods)…
+/// After an empty etcd receives its first write, if this source had sent
+/// resources before (a wiped store being refilled, not a new one), the LIST
+/// waits until writes paused this long, so that a controller re-populating
+/// the store is not caught half-way (profiles without their endpoints would
+/// drop those pods)…
 pub const REFILL_QUIET: Duration = Duration::from_millis(500);
 /// …or until this long after the first write.
 pub const REFILL_MAX: Duration = Duration::from_secs(10);
 
 impl Source {
     /// After an empty LIST at `revision`: waits for writes under the prefix
-    /// to start and pause ([`REFILL_QUIET`], at most [`REFILL_MAX`]), then
-    /// asks for a LIST (as after a compaction).
+    /// to start (and, when refilling, to pause: [`REFILL_QUIET`], at most
+    /// [`REFILL_MAX`]), then asks for a LIST (as after a compaction).
     async fn await_resources(&mut self, client: &Client, revision: i64) -> End {
+        let refilling = !self.tracker.sent.is_empty();
         let mut wc = client.watch_client();
         let opts = WatchOptions::new()
             .with_prefix()
@@ -664,10 +668,10 @@ impl Source {
                 Ok(Ok(Some(r))) if r.canceled() => {
                     return End::Broken(format!("watch cancelled: {}", r.cancel_reason()))
                 }
-                Ok(Ok(Some(r))) => {
-                    if !r.events().is_empty() && first_write.is_none() {
-                        first_write = Some(tokio::time::Instant::now());
-                    }
+                Ok(Ok(Some(r))) if r.events().is_empty() => {}
+                Ok(Ok(Some(_))) if !refilling => return refill(),
+                Ok(Ok(Some(_))) => {
+                    first_write.get_or_insert_with(tokio::time::Instant::now);
                 }
                 Ok(Ok(None)) => return End::Broken("the watch stream was closed".into()),
                 Ok(Err(e)) => return End::Broken(format!("watch: {e}")),
@@ -813,6 +817,7 @@ mod tests {
             tx,
             options: EtcdOptions::default(),
             tracker: Tracker::default(),
+            revision: 0,
         };
         let client = EtcdConfig::from_url(&etcd.endpoint())
             .unwrap()
@@ -839,6 +844,7 @@ mod tests {
             ),
             End::Broken(reason) => panic!("broken: {reason}"),
             End::Closed => panic!("closed"),
+            End::Empty(r) => panic!("empty at {r}"),
         }
         assert!(
             rx.try_recv().is_err(),

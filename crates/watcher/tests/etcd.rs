@@ -476,6 +476,64 @@ async fn etcd_killed_and_restarted() {
     assert!(s.log.iter().any(|u| is_delete_of(u, &a)));
 }
 
+/// etcd wiped and restarted empty: the source deletes nothing and sends no
+/// `InSync` (an empty etcd is never taken for an empty cluster), says why
+/// in a `Disconnected`, and once the store is written again (at lower
+/// revisions than before) converges on it, values compared afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_etcd_is_not_an_empty_cluster() {
+    let mut etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let (a, b) = (
+        key(Kind::Profile, None, "kns.a"),
+        key(Kind::Profile, None, "kns.b"),
+    );
+    // Revisions well above what the refilled store will reach.
+    for i in 0..20 {
+        put(&mut c, &a, &profile("kns.a", &i.to_string())).await;
+    }
+    put(&mut c, &b, &profile("kns.b", "0")).await;
+    let mut s = Stream::in_sync(config(&[etcd.endpoint()]), 64).await;
+    wait_for_live_watch(&mut c, &mut s).await;
+    let before = s.cache.state.clone();
+
+    etcd.restart_empty().await;
+    let mark = s.log.len();
+    s.until("the empty store reported", |_, u| {
+        matches!(u, Update::Disconnected { reason } if reason == watcher::etcd::EMPTY_REASON)
+    })
+    .await;
+    // A key nftpolicy does not read makes it list again: still nothing
+    // of ours, so still nothing deleted.
+    let mut c = etcd.client().await;
+    put(
+        &mut c,
+        &format!("{ETCD_PREFIX}felixconfigurations/default"),
+        "{}",
+    )
+    .await;
+    let mut empty_reports = 0;
+    while let Ok(u) = tokio::time::timeout(watcher::etcd::REFILL_QUIET * 4, s.next()).await {
+        empty_reports += matches!(u, Update::Disconnected { .. }) as usize;
+    }
+    assert!(empty_reports >= 2, "{:#?}", &s.log[mark..]);
+    assert!(
+        !s.log[mark..]
+            .iter()
+            .any(|u| matches!(u, Update::Delete { .. } | Update::InSync { .. })),
+        "{:#?}",
+        &s.log[mark..]
+    );
+    assert_eq!(s.cache.state, before);
+
+    // Written again: kns.a at revision 2 with a value it never had.
+    put(&mut c, &a, &profile("kns.a", "new")).await;
+    put_profile(&mut c, "kns.c", "1").await;
+    let expected = etcd_state(&mut c).await;
+    s.until_converged(&expected).await;
+    assert!(s.log[mark..].iter().any(|u| is_delete_of(u, &b)));
+}
+
 fn manifests(yaml: &str) -> Vec<Manifest> {
     parse_manifests("test.yaml", yaml).unwrap()
 }

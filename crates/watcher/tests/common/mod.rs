@@ -112,6 +112,16 @@ impl Etcd {
         }
     }
 
+    /// Kills etcd, wipes its data and starts it empty on the same ports.
+    pub async fn restart_empty(&mut self) {
+        self.process
+            .respawn_empty()
+            .unwrap_or_else(|e| panic!("etcd did not restart: {e}"));
+        if let Err(log) = self.wait_ready().await {
+            panic!("etcd did not restart:\n{log}");
+        }
+    }
+
     async fn try_client(&self) -> Option<Client> {
         let mut opts = ConnectOptions::new();
         if let Some(t) = &self.tls {
