@@ -9,7 +9,12 @@
 //! to-workload chain flushed); the policy widened and narrowed again in the
 //! datastore; a malformed file added and removed; the datastore directory
 //! removed, our rules tampered with while it is gone, the directory
-//! restored; SIGTERM.
+//! restored; SIGTERM. The same shop then runs on etcd (etcd killed and
+//! restarted, the node cut off while etcd compacts past the agent's watch,
+//! etcd wiped and refilled) and on the Kubernetes API (the fake API server,
+//! a test double: stopped, watches stalled and ended with `410 Gone`, the
+//! node cut off), with the nftables backend: the datastore's faults do not
+//! depend on the backend.
 //!
 //! Each fault is judged by what it allows: the agent's own faults and the
 //! datastore's (restart, malformed input, an unreadable datastore, SIGTERM)
@@ -19,11 +24,12 @@
 //! consecutive correct rounds (bounded by [`TIMEOUT`]); any wrong verdict
 //! after it, or outside what the fault allows, fails the test. The windows
 //! are measured and reported (stderr and
-//! `target/tmp/chaos-<backend>.md`), never asserted.
+//! `target/tmp/chaos-<run>.md`), never asserted.
 //!
-//! The nftables agent runs with the default `--resync-interval` (90 s), so
-//! its repairs come from the nf_tables notification watch; the iptables
-//! agent has no notifications and runs with `--resync-interval 2`.
+//! Both agents run with the defaults (`--resync-interval` 90 s): the
+//! nftables agent repairs on nf_tables notifications, the iptables agent
+//! (legacy x_tables sends none) on its table-size check
+//! (`--iptables-check-ms`, 100 ms).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -53,8 +59,6 @@ const STABLE_ROUNDS: usize = 10;
 const HOLD_ROUNDS: usize = 10;
 /// Bound on every wait (a debug agent starting, a repair, a poll).
 const TIMEOUT: Duration = Duration::from_secs(30);
-/// The iptables agent's `--resync-interval` (its only repair path).
-const IPTABLES_RESYNC_SECS: &str = "2";
 
 /// Expected verdicts of the flows: [client → web:80, intruder → web:80].
 type Verdicts = [bool; 2];
@@ -575,10 +579,9 @@ fn tamperings_iptables(node_ns: &str, web_tw: &str) -> (Tampering, Tampering, St
             &["-t", "filter", "-F", web_tw],
             None,
         ),
-        format!(
-            "periodic resync (--resync-interval {IPTABLES_RESYNC_SECS} here, 90 by default) \
-             finds the drift and re-applies"
-        ),
+        "the table-size check (every 100 ms, --iptables-check-ms) sees the filter table \
+         change; a resync (iptables-save, compare, iptables-restore) repairs it"
+            .to_owned(),
     )
 }
 
@@ -626,12 +629,7 @@ fn chaos(backend: &'static str) {
     write_state(&datastore, &state).unwrap();
     let policy_file = policy_file(&datastore);
     let shop_policy = std::fs::read_to_string(&policy_file).unwrap();
-    let extra: Vec<String> = if backend == "iptables" {
-        vec!["--resync-interval".into(), IPTABLES_RESYNC_SECS.into()]
-    } else {
-        Vec::new()
-    };
-    let mut agents = Agents::start_file(&lab, &datastore, &nftpolicy, backend, &extra).unwrap();
+    let mut agents = Agents::start_file(&lab, &datastore, &nftpolicy, backend, &[]).unwrap();
     agents.wait_applied(1, TIMEOUT).unwrap();
     let mut c = Chaos::start(backend, backend, lab, agents);
 

@@ -57,6 +57,27 @@ impl Dataplane for IptablesDataplane {
         crate::remove_nftables_state()
     }
 
+    /// With the legacy tools: the `filter` table's entry count and size in
+    /// both families (`iptables::table_size`, one getsockopt each). The
+    /// nft-based tools have no such summary here.
+    fn change_marker(&self) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        if self.programmer.backend() != iptables::Backend::Legacy {
+            return None;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for f in compiler::render_iptables::IpFamily::ALL {
+            match iptables::table_size::legacy_table_size(f, compiler::render_iptables::TABLE) {
+                Ok(size) => size.hash(&mut h),
+                Err(e) => {
+                    tracing::debug!("reading the size of the {f:?} filter table: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(h.finish())
+    }
+
     fn stats(&self) -> Stats {
         let s = self.programmer.stats();
         Stats {

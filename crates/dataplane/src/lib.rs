@@ -198,6 +198,14 @@ pub trait Dataplane: Send {
         None
     }
 
+    /// A cheap summary of the kernel tables this backend writes that
+    /// changes when anyone changes them (compared before and after to find
+    /// tampering without a full read-back); `None` (the default) when the
+    /// backend has none.
+    fn change_marker(&self) -> Option<u64> {
+        None
+    }
+
     /// Totals for metrics; none by default.
     fn stats(&self) -> Stats {
         Stats::default()
