@@ -138,8 +138,9 @@ struct Worker {
     metrics: Arc<Metrics>,
     /// The error of the last failed apply or rebuild, until reported.
     last_error: Option<String>,
-    /// The dataplane's change marker after our last write or resync.
-    marker: Option<u64>,
+    /// The dataplane's change marker after our last write or resync (0:
+    /// none), shared with the loop's cheap check.
+    marker: Arc<AtomicU64>,
 }
 
 impl Worker {
@@ -216,15 +217,13 @@ impl Worker {
             }
             Job::Resync => (self.resync()?, -1),
             Job::Check => {
-                let now = self.node.pipeline().dataplane().change_marker();
-                if now.is_none() || now == self.marker {
+                // Again, now that no write of ours can be under way.
+                if self.read_marker() == self.marker.load(Ordering::Relaxed) {
                     return None;
                 }
-                if self.marker.is_some() {
-                    debug!("our tables changed size behind our back; comparing them in full");
-                }
+                debug!("our tables changed behind our back; comparing them in full");
                 let repaired = self.resync();
-                self.marker = self.node.pipeline().dataplane().change_marker();
+                self.marker.store(self.read_marker(), Ordering::Relaxed);
                 (repaired?, -1)
             }
             Job::Rebuild { revision } => {
@@ -242,6 +241,10 @@ impl Worker {
         })
     }
 
+    fn read_marker(&self) -> u64 {
+        self.node.pipeline().dataplane().change_marker().unwrap_or(0)
+    }
+
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>, done: mpsc::UnboundedSender<JobDone>) {
         for job in jobs {
             let wrote = matches!(job, Job::Apply { .. } | Job::Resync | Job::Rebuild { .. });
@@ -249,7 +252,7 @@ impl Worker {
             if wrote {
                 // After our own writes and comparisons: the tables as they
                 // are with nobody else's change in them.
-                self.marker = self.node.pipeline().dataplane().change_marker();
+                self.marker.store(self.read_marker(), Ordering::Relaxed);
             }
             let Some((ok, revision)) = outcome else {
                 continue;
@@ -301,11 +304,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     let dataplane = ::dataplane::open(args.dataplane.kind(), args.dataplane.iptables_tools())?;
     let own_port = dataplane.own_port();
     let mut kernel_changes = crate::tamper::spawn(&args.watch, own_port)?;
+    let marker = Arc::new(AtomicU64::new(0));
     let worker = Worker {
         node: Node::new(Pipeline::new(args.dataplane.compile_options(), dataplane)),
         metrics: metrics.clone(),
         last_error: None,
-        marker: None,
+        marker: marker.clone(),
     };
     std::thread::Builder::new()
         .name("programmer".into())
@@ -436,9 +440,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                 health.last_tick.store(now_secs(), Ordering::Relaxed);
             }
             _ = async { check.as_mut()?.tick().await; Some(()) }, if check.is_some() => {
-                // Only when nothing else is under way: an apply re-reads
-                // what it needs anyway.
-                if applied_once && !busy {
+                // Only when nothing else is under way (an apply re-reads
+                // what it needs anyway), and here, without waking the
+                // programmer thread unless the table changed.
+                let known = marker.load(Ordering::Relaxed);
+                if applied_once && !busy && known != 0
+                    && ::dataplane::legacy_filter_marker().is_some_and(|m| m != known)
+                {
                     job_tx.send(Job::Check)?;
                 }
             }

@@ -37,7 +37,7 @@ use compiler::nft::{ElementDelta, Ruleset, RulesetPatch};
 use compiler::LogicalRuleset;
 use model::calico::{Resource, ResourceKey};
 
-pub use iptables_backend::{remove_iptables_state, IptablesDataplane};
+pub use iptables_backend::{legacy_filter_marker, remove_iptables_state, IptablesDataplane};
 pub use nft_backend::{remove_nftables_state, NftDataplane};
 pub use pipeline::{Node, Pipeline};
 
