@@ -56,7 +56,10 @@ fn main() {
     .expect("the shop scenario");
     let state = scenario.states().expect("states").remove(0);
     let configs: [(&str, &[&str]); 4] = [
-        ("no check (--iptables-check-ms 0)", &["--iptables-check-ms", "0"]),
+        (
+            "no check (--iptables-check-ms 0)",
+            &["--iptables-check-ms", "0"],
+        ),
         ("check every 100 ms (default)", &[]),
         ("check every 20 ms", &["--iptables-check-ms", "20"]),
         (

@@ -119,16 +119,25 @@ impl EtcdServer {
     /// A range read through the gateway (`body` is its JSON request): the
     /// answer's text, which holds the header revision and the key-values.
     fn range(&self, body: &str) -> Result<String, LabError> {
+        self.gateway("/v3/kv/range", body)
+    }
+
+    /// `POST path` with the JSON `body` to etcd's gateway (over the plain
+    /// listener with TLS); the answer's text.
+    fn gateway(&self, path: &str, body: &str) -> Result<String, LabError> {
         let port = self
             .tls
             .as_ref()
             .map_or(self.client_port(), |t| t.plain_port);
         let stream = TcpStream::connect(("127.0.0.1", port))
             .map_err(|e| LabError::io("connecting to etcd", e))?;
-        let (status, text) = crate::agents::http(stream, "POST", "/v3/kv/range", Some(body))
-            .map_err(|e| LabError::io("reading etcd", e))?;
+        let (status, text) = crate::agents::http(stream, "POST", path, Some(body))
+            .map_err(|e| LabError::io(format!("etcd {path}"), e))?;
         if status != 200 {
-            return Err(range_error(format!("HTTP {status}: {text}")));
+            return Err(LabError::command(
+                format!("etcd {path}"),
+                format!("HTTP {status}: {text}"),
+            ));
         }
         Ok(text)
     }
@@ -202,21 +211,10 @@ impl EtcdServer {
     /// can start or resume from an earlier one. Returns that revision.
     pub fn compact(&self) -> Result<i64, LabError> {
         let revision = self.revision()?;
-        let port = self
-            .tls
-            .as_ref()
-            .map_or(self.client_port(), |t| t.plain_port);
-        let stream = TcpStream::connect(("127.0.0.1", port))
-            .map_err(|e| LabError::io("connecting to etcd", e))?;
-        let body = format!(r#"{{"revision":"{revision}","physical":true}}"#);
-        let (status, text) = crate::agents::http(stream, "POST", "/v3/kv/compaction", Some(&body))
-            .map_err(|e| LabError::io("compacting etcd", e))?;
-        if status != 200 {
-            return Err(LabError::command(
-                "etcd /v3/kv/compaction",
-                format!("HTTP {status}: {text}"),
-            ));
-        }
+        self.gateway(
+            "/v3/kv/compaction",
+            &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+        )?;
         Ok(revision)
     }
 

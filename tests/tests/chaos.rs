@@ -470,6 +470,65 @@ impl Chaos {
         );
     }
 
+    /// The policy changed in the datastore by `write`, to `after`: the old
+    /// verdicts may show until it is applied.
+    fn change_policy(&mut self, name: &str, response: &str, after: Verdicts, write: impl FnOnce()) {
+        self.begin(name, response, Allows::OldVerdictUntilApplied, after);
+        write();
+        self.settle();
+    }
+
+    /// The datastore's server stopped by `stop` (the agent must notice and
+    /// say so), the agent SIGKILLed and restarted while it is down (a new
+    /// agent touches nothing before its first complete list), the server
+    /// started again by `start`: no verdict may change.
+    fn outage<S>(
+        &mut self,
+        name: &str,
+        response: &str,
+        server: &mut S,
+        stop: impl FnOnce(&mut S),
+        start: impl FnOnce(&mut S),
+    ) {
+        self.begin(name, response, Allows::Nothing, self.expect);
+        stop(server);
+        self.wait_not_ready(name);
+        self.prober.hold(HOLD_ROUNDS);
+        self.agents.stop("node1", Signal::SIGKILL).unwrap();
+        self.agents.restart("node1").unwrap();
+        self.prober.hold(HOLD_ROUNDS);
+        self.wait_not_ready(&format!("{name}: restarted agent"));
+        start(server);
+        self.wait_ready(name);
+        self.prober.hold(HOLD_ROUNDS);
+    }
+
+    /// The node cut off from the datastore's server while `meanwhile`
+    /// changes the policy there (to `after`): nothing may change until the
+    /// node reaches the server again; then the old verdicts may show until
+    /// the change is applied.
+    fn cut_off(&mut self, name: &str, meanwhile: impl FnOnce(), back: &str, after: Verdicts) {
+        self.begin(
+            name,
+            "cannot know: keeps the dataplane, not ready",
+            Allows::Nothing,
+            self.expect,
+        );
+        self.agents.cut_datastore();
+        self.wait_not_ready(name);
+        meanwhile();
+        self.prober.hold(HOLD_ROUNDS);
+        self.begin(
+            "… reachable again",
+            back,
+            Allows::OldVerdictUntilApplied,
+            after,
+        );
+        self.agents.restore_datastore();
+        self.settle();
+        self.wait_ready(name);
+    }
+
     /// Notes a fault starting now (before it is injected, so that every
     /// probe it can affect is judged against it).
     fn begin(&mut self, name: &str, response: &str, allows: Allows, after: Verdicts) {
@@ -663,22 +722,15 @@ fn chaos(backend: &'static str) {
     // The policy changes in the datastore, and back.
     let applied =
         "file re-read (polled every 500 ms, taken once it held still for a poll), applied";
-    c.begin(
+    c.change_policy(
         "policy widened in the datastore (intruder admitted)",
         applied,
-        Allows::OldVerdictUntilApplied,
         WIDENED,
+        || replace_file(&policy_file, WIDENED_POLICY),
     );
-    replace_file(&policy_file, WIDENED_POLICY);
-    c.settle();
-    c.begin(
-        "policy narrowed again",
-        applied,
-        Allows::OldVerdictUntilApplied,
-        SHOP,
-    );
-    replace_file(&policy_file, &shop_policy);
-    c.settle();
+    c.change_policy("policy narrowed again", applied, SHOP, || {
+        replace_file(&policy_file, &shop_policy);
+    });
     c.prober.hold(HOLD_ROUNDS);
 
     // A malformed file arrives, then goes.
@@ -778,72 +830,44 @@ fn etcd_keeps_every_verdict_outside_each_faults_window() {
     agents.wait_applied(revision, TIMEOUT).unwrap();
     let mut c = Chaos::start("nftables, etcd", "nftables", lab, agents);
 
-    c.begin(
+    c.outage(
         "etcd SIGKILLed; the agent SIGKILLed and restarted while etcd is down; etcd restarted on its data",
         "keeps the dataplane, not ready (felix_resync_state 0) while etcd is unreachable; \
          a new agent touches nothing before its first complete list; \
-         relists and is ready again once etcd answers",
-        Allows::Nothing,
-        SHOP,
+         lists again and is ready once etcd answers",
+        &mut etcd,
+        lab::EtcdServer::kill,
+        |e| e.restart().unwrap(),
     );
-    etcd.kill();
-    c.wait_not_ready("etcd killed");
-    c.prober.hold(HOLD_ROUNDS);
-    c.agents.stop("node1", Signal::SIGKILL).unwrap();
-    c.agents.restart("node1").unwrap();
-    c.prober.hold(HOLD_ROUNDS);
-    c.wait_not_ready("agent restarted without etcd");
-    etcd.restart().unwrap();
-    c.wait_ready("etcd restarted");
-    c.prober.hold(HOLD_ROUNDS);
-
     let watched = "watch event, applied";
-    c.begin(
+    let (widen, narrow) = (
+        || etcd_apply(&nftpolicy, &etcd, &dir, WIDENED_POLICY),
+        || etcd_apply(&nftpolicy, &etcd, &dir, &shop_policy),
+    );
+    c.change_policy(
         "policy widened in etcd (intruder admitted)",
         watched,
-        Allows::OldVerdictUntilApplied,
         WIDENED,
+        || {
+            widen();
+        },
     );
-    etcd_apply(&nftpolicy, &etcd, &dir, WIDENED_POLICY);
-    c.settle();
-    c.begin(
-        "policy narrowed again",
-        watched,
-        Allows::OldVerdictUntilApplied,
-        SHOP,
-    );
-    etcd_apply(&nftpolicy, &etcd, &dir, &shop_policy);
-    c.settle();
+    c.change_policy("policy narrowed again", watched, SHOP, || {
+        narrow();
+    });
     c.prober.hold(HOLD_ROUNDS);
-
-    c.begin(
+    c.cut_off(
         "the node cut off from etcd; meanwhile the policy widened and etcd compacted past the agent's watch revision",
-        "keeps the dataplane, not ready",
-        Allows::Nothing,
-        SHOP,
-    );
-    c.agents.cut_datastore();
-    c.wait_not_ready("cut off from etcd");
-    etcd_apply(&nftpolicy, &etcd, &dir, WIDENED_POLICY);
-    etcd.compact().unwrap();
-    c.prober.hold(HOLD_ROUNDS);
-    c.begin(
-        "… etcd reachable again",
+        || {
+            widen();
+            etcd.compact().unwrap();
+        },
         "never resumes a watch from an old revision: reconnects (backoff), lists again, applies the difference",
-        Allows::OldVerdictUntilApplied,
         WIDENED,
     );
-    c.agents.restore_datastore();
-    c.settle();
-    c.wait_ready("etcd reachable again");
-    c.begin(
-        "policy narrowed again",
-        watched,
-        Allows::OldVerdictUntilApplied,
-        SHOP,
-    );
-    etcd_apply(&nftpolicy, &etcd, &dir, &shop_policy);
-    c.settle();
+    c.change_policy("policy narrowed again", watched, SHOP, || {
+        narrow();
+    });
     c.prober.hold(HOLD_ROUNDS);
 
     c.begin(
@@ -896,42 +920,31 @@ fn kubernetes_keeps_every_verdict_outside_each_faults_window() {
     agents.wait_applied(revision as i64, TIMEOUT).unwrap();
     let mut c = Chaos::start("nftables, Kubernetes API", "nftables", lab, agents);
 
-    c.begin(
+    c.outage(
         "API server stopped; the agent SIGKILLed and restarted while it is down; API server back",
         "keeps the dataplane, not ready while the API server is unreachable; \
          a new agent touches nothing before its first complete list; \
          lists again (or resumes its watches) and is ready once it answers",
-        Allows::Nothing,
-        SHOP,
+        &mut api.server,
+        testkit::apiserver::FakeApiServer::stop,
+        |s| s.resume().unwrap(),
     );
-    api.server.stop();
-    c.wait_not_ready("API server stopped");
-    c.prober.hold(HOLD_ROUNDS);
-    c.agents.stop("node1", Signal::SIGKILL).unwrap();
-    c.agents.restart("node1").unwrap();
-    c.prober.hold(HOLD_ROUNDS);
-    c.wait_not_ready("agent restarted without the API server");
-    api.server.resume().unwrap();
-    c.wait_ready("API server back");
-    c.prober.hold(HOLD_ROUNDS);
-
     let watched = "watch event, applied";
-    c.begin(
+    let (widen, narrow) = (
+        || {
+            api.server.apply(&widened).unwrap();
+        },
+        || {
+            api.server.apply(&shop_policy).unwrap();
+        },
+    );
+    c.change_policy(
         "policy widened in the API (intruder admitted)",
         watched,
-        Allows::OldVerdictUntilApplied,
         WIDENED,
+        widen,
     );
-    api.server.apply(&widened).unwrap();
-    c.settle();
-    c.begin(
-        "policy narrowed again",
-        watched,
-        Allows::OldVerdictUntilApplied,
-        SHOP,
-    );
-    api.server.apply(&shop_policy).unwrap();
-    c.settle();
+    c.change_policy("policy narrowed again", watched, SHOP, narrow);
     c.prober.hold(HOLD_ROUNDS);
 
     c.begin(
@@ -941,36 +954,23 @@ fn kubernetes_keeps_every_verdict_outside_each_faults_window() {
         SHOP,
     );
     api.server.stall_watches();
-    api.server.apply(&widened).unwrap();
+    widen();
     c.prober.hold(HOLD_ROUNDS);
-    c.begin(
+    c.change_policy(
         "… then every watch ends with 410 Gone (the change was compacted away)",
         "410 Gone: lists again at once (no backoff), applies the difference",
-        Allows::OldVerdictUntilApplied,
         WIDENED,
+        || {
+            api.server.expire_watches();
+        },
     );
-    api.server.expire_watches();
-    c.settle();
     c.wait_ready("relisted after 410 Gone");
-    c.begin(
+    c.cut_off(
         "the node cut off from the API server; meanwhile the policy narrowed",
-        "keeps the dataplane, not ready",
-        Allows::Nothing,
-        WIDENED,
-    );
-    c.agents.cut_datastore();
-    c.wait_not_ready("cut off from the API server");
-    api.server.apply(&shop_policy).unwrap();
-    c.prober.hold(HOLD_ROUNDS);
-    c.begin(
-        "… the API server reachable again",
+        narrow,
         "reconnects (client-go's backoff), lists or resumes its watches, applies the difference",
-        Allows::OldVerdictUntilApplied,
         SHOP,
     );
-    c.agents.restore_datastore();
-    c.settle();
-    c.wait_ready("API server reachable again");
     c.prober.hold(HOLD_ROUNDS);
 
     c.finish(started);

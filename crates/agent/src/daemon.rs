@@ -242,7 +242,11 @@ impl Worker {
     }
 
     fn read_marker(&self) -> u64 {
-        self.node.pipeline().dataplane().change_marker().unwrap_or(0)
+        self.node
+            .pipeline()
+            .dataplane()
+            .change_marker()
+            .unwrap_or(0)
     }
 
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>, done: mpsc::UnboundedSender<JobDone>) {

@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
+    WatchStream,
 };
 use model::calico::{Resource, ResourceKey, ETCD_PREFIX};
 use tokio::sync::mpsc;
@@ -552,22 +553,28 @@ impl Source {
         Ok(revision)
     }
 
-    /// WATCH from `from` until something ends it.
-    async fn watch(&mut self, client: &Client, from: i64, backoff: &mut Backoff) -> End {
+    /// Starts a WATCH of the prefix from revision `from`.
+    async fn start_watch(&self, client: &Client, from: i64) -> Result<WatchStream, End> {
         let mut wc = client
             .watch_client()
             .max_decoding_message_size(self.options.max_message_size);
         let opts = WatchOptions::new().with_prefix().with_start_revision(from);
         let start = wc.watch(ETCD_PREFIX, Some(opts));
-        let mut stream = match tokio::time::timeout(self.options.request_timeout, start).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return End::Broken(format!("starting the watch: {e}")),
-            Err(_) => {
-                return End::Broken(format!(
-                    "starting the watch: no answer within {:?}",
-                    self.options.request_timeout
-                ))
-            }
+        match tokio::time::timeout(self.options.request_timeout, start).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(End::Broken(format!("starting the watch: {e}"))),
+            Err(_) => Err(End::Broken(format!(
+                "starting the watch: no answer within {:?}",
+                self.options.request_timeout
+            ))),
+        }
+    }
+
+    /// WATCH from `from` until something ends it.
+    async fn watch(&mut self, client: &Client, from: i64, backoff: &mut Backoff) -> End {
+        let mut stream = match self.start_watch(client, from).await {
+            Ok(s) => s,
+            Err(end) => return end,
         };
         loop {
             let msg = tokio::select! {
@@ -628,20 +635,9 @@ impl Source {
     /// [`REFILL_MAX`]), then asks for a LIST (as after a compaction).
     async fn await_resources(&mut self, client: &Client, revision: i64) -> End {
         let refilling = !self.tracker.sent.is_empty();
-        let mut wc = client.watch_client();
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        let start = wc.watch(ETCD_PREFIX, Some(opts));
-        let mut stream = match tokio::time::timeout(self.options.request_timeout, start).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return End::Broken(format!("starting the watch: {e}")),
-            Err(_) => {
-                return End::Broken(format!(
-                    "starting the watch: no answer within {:?}",
-                    self.options.request_timeout
-                ))
-            }
+        let mut stream = match self.start_watch(client, revision + 1).await {
+            Ok(s) => s,
+            Err(end) => return end,
         };
         let refill = || End::Compacted("etcd holds resources again; listing them".into());
         let mut first_write: Option<tokio::time::Instant> = None;
