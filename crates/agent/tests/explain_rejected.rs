@@ -12,17 +12,11 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: shop}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop, labels: {app: web}}
-spec: {nodeName: node1, containers: [{name: w}]}
-status: {podIP: 198.18.0.10}
+{apiVersion: v1, kind: Pod, metadata: {name: web, namespace: shop, labels: {app: web}},
+ spec: {nodeName: node1, containers: [{name: w}]}, status: {podIP: 198.18.0.10}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: api, namespace: shop, labels: {app: api}}
-spec: {nodeName: node1, containers: [{name: a}]}
-status: {podIP: 198.18.0.11}
+{apiVersion: v1, kind: Pod, metadata: {name: api, namespace: shop, labels: {app: api}},
+ spec: {nodeName: node1, containers: [{name: a}]}, status: {podIP: 198.18.0.11}}
 ---
 apiVersion: projectcalico.org/v3
 kind: NetworkPolicy
