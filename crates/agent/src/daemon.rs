@@ -139,7 +139,7 @@ struct Worker {
     /// The error of the last failed apply or rebuild, until reported.
     last_error: Option<String>,
     /// The dataplane's change marker after our last write or resync (0:
-    /// none), shared with the loop's cheap check.
+    /// none), shared with the table-size check thread.
     marker: Arc<AtomicU64>,
 }
 
@@ -213,6 +213,13 @@ impl Worker {
                 return None;
             }
             Job::Apply { revision, received } => {
+                // Someone changed our tables since our last look: the
+                // apply reads the kernel back instead of trusting its
+                // belief, so it repairs that too.
+                let known = self.marker.load(Ordering::Relaxed);
+                if known != 0 && self.read_marker() != known {
+                    let _ = self.node.pipeline_mut().dataplane_mut().invalidate();
+                }
                 (self.program(revision, &received, Node::apply), revision)
             }
             Job::Resync => (self.resync()?, -1),
@@ -331,14 +338,16 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     resync.tick().await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The cheap check between resyncs (iptables, legacy tools).
-    let mut check = (args.dataplane.kind() == ::dataplane::Kind::Iptables
+    let mut table_changes = (args.dataplane.kind() == ::dataplane::Kind::Iptables
         && args.dataplane.iptables_tools() == iptables::Backend::Legacy
         && args.iptables_check_ms > 0)
         .then(|| {
-            let mut i = tokio::time::interval(Duration::from_millis(args.iptables_check_ms));
-            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            i
-        });
+            crate::tamper::spawn_table_size_check(
+                Duration::from_millis(args.iptables_check_ms),
+                marker.clone(),
+            )
+        })
+        .transpose()?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut applied_once = false;
     // Repeated kernel failures: retry with backoff (re-reading the kernel
@@ -443,14 +452,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
             _ = tick.tick() => {
                 health.last_tick.store(now_secs(), Ordering::Relaxed);
             }
-            _ = async { check.as_mut()?.tick().await; Some(()) }, if check.is_some() => {
-                // Only when nothing else is under way (an apply re-reads
-                // what it needs anyway), and here, without waking the
-                // programmer thread unless the table changed.
-                let known = marker.load(Ordering::Relaxed);
-                if applied_once && !busy && known != 0
-                    && ::dataplane::legacy_filter_marker().is_some_and(|m| m != known)
-                {
+            Some(()) = async { table_changes.as_mut()?.recv().await }, if table_changes.is_some() => {
+                // Only when no apply is under way (the next notice comes
+                // with the next check); the programmer thread compares
+                // again, after whatever it was doing.
+                if applied_once && !busy {
                     job_tx.send(Job::Check)?;
                 }
             }
