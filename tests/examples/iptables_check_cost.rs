@@ -10,7 +10,7 @@
 //! cstime of /proc/<pid>/stat, in clock ticks of 10 ms).
 //!
 //! `cargo run -p lab --example iptables_check_cost -- [SECONDS]` (root;
-//! default 60 s).
+//! default 60 s; the debug agent, or the one `NFTPOLICY_BIN` names).
 
 use std::path::Path;
 use std::time::Duration;
@@ -85,9 +85,10 @@ fn main() {
     let before: Vec<(u64, u64)> = runs.iter().map(|(_, _, a)| cpu(a)).collect();
     std::thread::sleep(Duration::from_secs(secs));
     println!(
-        "idle for {secs} s, iptables backend (legacy), shop cluster (3 pods), debug build\n\n\
+        "idle for {secs} s, iptables backend (legacy), shop cluster (3 pods), agent {}\n\n\
          | agent | agent CPU | its child processes' CPU | total per second |\n\
-         |---|---:|---:|---:|"
+         |---|---:|---:|---:|",
+        nftpolicy.display()
     );
     let ms = |ns: u64| ns as f64 / 1e6;
     for ((name, _, a), (own0, children0)) in runs.iter().zip(before) {

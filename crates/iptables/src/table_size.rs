@@ -1,8 +1,8 @@
-//! A cheap look at a legacy (x_tables) table: its entry count and size in
+//! A cheap look at a legacy (`x_tables`) table: its entry count and size in
 //! bytes, as `IPT_SO_GET_INFO` / `IP6T_SO_GET_INFO` report them — one
 //! `getsockopt` on a raw socket, no process, no copy of the rules.
 //!
-//! x_tables sends no change notifications and keeps no generation counter
+//! `x_tables` sends no change notifications and keeps no generation counter
 //! userspace can read, but every replacement of a table (each
 //! `iptables-restore`, each `iptables -A/-I/-D/-F/-X/-N`) rebuilds it, and
 //! adding, removing or flushing rules changes its entry count and size.
@@ -10,7 +10,7 @@
 //! size (`iptables -R` of a rule with the same matches, another verdict) —
 //! left to the periodic full comparison.
 //!
-//! Needs CAP_NET_RAW (the raw socket) and CAP_NET_ADMIN, as
+//! Needs `CAP_NET_RAW` (the raw socket) and `CAP_NET_ADMIN`, as
 //! `iptables-legacy-save` does. Reading a table that the namespace does not
 //! have yet instantiates it (as `iptables-legacy-save -t filter` does).
 
@@ -37,6 +37,10 @@ struct GetInfo {
     size: u32,
 }
 
+/// The size of [`GetInfo`], as the kernel's struct has it.
+const GET_INFO_LEN: libc::socklen_t = 84;
+const _: () = assert!(std::mem::size_of::<GetInfo>() == GET_INFO_LEN as usize);
+
 /// A legacy table's entry count and size in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TableSize {
@@ -46,7 +50,12 @@ pub struct TableSize {
 
 /// The size of the legacy table `table` (e.g. `filter`) of `family` in the
 /// calling thread's network namespace; `None` when the kernel has no such
-/// table (`ENOENT`: x_tables or the table's module is not loaded).
+/// table (`ENOENT`: `x_tables` or the table's module is not loaded).
+///
+/// # Errors
+///
+/// A name of 32 bytes or more; the socket or the `getsockopt` failing
+/// (`EPERM` without the capabilities above).
 pub fn legacy_table_size(family: IpFamily, table: &str) -> io::Result<Option<TableSize>> {
     if table.len() >= TABLE_NAME_LEN {
         return Err(io::Error::new(
@@ -80,7 +89,7 @@ pub fn legacy_table_size(family: IpFamily, table: &str) -> io::Result<Option<Tab
         size: 0,
     };
     info.name[..table.len()].copy_from_slice(table.as_bytes());
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<GetInfo>()).expect("small");
+    let mut len = GET_INFO_LEN;
     // SAFETY: the kernel writes at most `len` bytes into `info`, a
     // `#[repr(C)]` struct of that size with the kernel's layout.
     let rc = unsafe {
