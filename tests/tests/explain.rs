@@ -230,11 +230,7 @@ fn kernel_trace_agrees_with_the_model() {
     let guard = "cali-pi-gnp/security.guard";
     let e = explain(&mut f, &probes[4]);
     assert_agree(&e, "accept");
-    assert!(
-        e.kernel_path().0.iter().any(|c| c == guard),
-        "{}",
-        e.stdout
-    );
+    assert!(e.kernel_path().0.iter().any(|c| c == guard), "{}", e.stdout);
     // Anyone else is dropped at the end of tier security, after its policy.
     let (e, _) = dropped_after(&mut f, &probes[5], guard);
     assert!(
