@@ -233,7 +233,7 @@ fn deltas_and_patches_reach_the_kernel() {
     inc.rebuild(&state).unwrap();
     p.apply(inc.ruleset()).unwrap();
     let mut next_pod = scale.pods;
-    let (mut deltas, mut patches) = (0, 0);
+    let (mut deltas, mut patches, mut type_flips) = (0, 0, 0);
     // [deleted, created] policy chains and sets, over all patches.
     #[derive(Debug, Default)]
     struct Seen {
@@ -327,6 +327,15 @@ fn deltas_and_patches_reach_the_kernel() {
                 p.apply_patch(&patch)
                     .unwrap_or_else(|e| panic!("step {step}: {e} ({patch:?})"));
             }
+            // A network set that gives a pod selector set its first CIDR
+            // (or takes its last) turns it from a hash set into an
+            // interval set (or back): compiled in full, and the programmer
+            // re-creates the set under the rules that use it.
+            Outcome::Rebuilt if step % 8 == 3 => {
+                type_flips += 1;
+                p.apply(inc.ruleset())
+                    .unwrap_or_else(|e| panic!("step {step}: {e}"));
+            }
             Outcome::Rebuilt => panic!("step {step}: endpoint changes need no full compile"),
         }
         let want = compile_nftables(&state, &opts).unwrap().1;
@@ -342,7 +351,8 @@ fn deltas_and_patches_reach_the_kernel() {
             );
         }
     }
-    assert_eq!((deltas, patches), (40, 40));
+    assert_eq!((deltas + type_flips, patches), (40, 40));
+    assert!(type_flips > 0, "no set changed its type");
     // The patches exercised policies starting and stopping to apply here,
     // with the sets their rules use.
     assert!(

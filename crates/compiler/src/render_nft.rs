@@ -67,6 +67,9 @@ fn render_set(family: TableFamily, s: &Set, out: &mut String) {
         SetKey::Addr => {
             let _ = writeln!(out, "\t\ttype {addr}\n\t\tflags interval");
         }
+        SetKey::Host => {
+            let _ = writeln!(out, "\t\ttype {addr}");
+        }
         SetKey::Port => {
             let _ = writeln!(out, "\t\ttype inet_service\n\t\tflags interval");
         }
