@@ -420,6 +420,14 @@ pub async fn delete(
                 obj.namespace(),
                 &k8s_policy_name(obj.name()),
             ),
+            Manifest::Kube(obj @ KubeObject::ServiceAccount(_)) => ResourceKey::new(
+                Kind::Profile,
+                None,
+                &model::serviceaccount::profile_name(
+                    obj.namespace().unwrap_or("default"),
+                    obj.name(),
+                ),
+            ),
             Manifest::Kube(obj @ KubeObject::Pod(pod)) => {
                 let namespace = obj.namespace().unwrap_or("default");
                 let node = pod
