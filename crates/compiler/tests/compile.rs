@@ -63,8 +63,7 @@ spec:
 "
     );
     let rs = compile(&yaml, &CompileOptions::new("node1"));
-    expect_file!["golden/service-accounts.node1.nft"]
-        .assert_eq(&compiler::render_nft::render(&rs));
+    expect_file!["golden/service-accounts.node1.nft"].assert_eq(&compiler::render_nft::render(&rs));
 }
 
 #[test]

@@ -204,12 +204,14 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
     // The API server's ServiceAccount admission names `default` when the
     // pod names no account; the label as libcalico-go sets it (only when
     // short enough to be a label value; felix's view sets it regardless).
-    let service_account = crate::serviceaccount::pod_account(
-        spec.and_then(|s| s.service_account_name.as_deref()),
-    )
-    .to_owned();
+    let service_account =
+        crate::serviceaccount::pod_account(spec.and_then(|s| s.service_account_name.as_deref()))
+            .to_owned();
     if service_account.len() < 63 {
-        labels.insert(calico::LABEL_SERVICE_ACCOUNT.into(), service_account.clone());
+        labels.insert(
+            calico::LABEL_SERVICE_ACCOUNT.into(),
+            service_account.clone(),
+        );
     }
     let mut ports = Vec::new();
     for c in spec.map(|s| s.containers.as_slice()).unwrap_or_default() {

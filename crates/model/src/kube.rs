@@ -275,7 +275,8 @@ pub fn parse_value(
         (calico::API_VERSION, _) => {
             out.push(Manifest::Calico(Resource::from_value(what, value)?));
         }
-        ("v1", "Namespace" | "Pod" | "ServiceAccount") | ("networking.k8s.io/v1", "NetworkPolicy") => {
+        ("v1", "Namespace" | "Pod" | "ServiceAccount")
+        | ("networking.k8s.io/v1", "NetworkPolicy") => {
             if name.is_empty() {
                 return Err(invalid("metadata.name is missing".into()));
             }

@@ -563,18 +563,12 @@ impl Expr {
         match self {
             Expr::All => Expr::Has(label.to_owned()),
             Expr::Not(operand) => Expr::Not(Box::new(operand.all_to_has(label))),
-            Expr::And(operands) => Expr::And(
-                operands
-                    .into_iter()
-                    .map(|e| e.all_to_has(label))
-                    .collect(),
-            ),
-            Expr::Or(operands) => Expr::Or(
-                operands
-                    .into_iter()
-                    .map(|e| e.all_to_has(label))
-                    .collect(),
-            ),
+            Expr::And(operands) => {
+                Expr::And(operands.into_iter().map(|e| e.all_to_has(label)).collect())
+            }
+            Expr::Or(operands) => {
+                Expr::Or(operands.into_iter().map(|e| e.all_to_has(label)).collect())
+            }
             leaf => leaf,
         }
     }

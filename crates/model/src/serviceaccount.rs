@@ -99,7 +99,12 @@ pub fn felix_labels(w: &mut WorkloadEndpoint) {
     w.metadata.labels.retain(|k, _| {
         !k.starts_with(calico::NAMESPACE_LABEL_PREFIX) && !k.starts_with(LABEL_PREFIX)
     });
-    if let Some(sa) = w.spec.service_account_name.as_deref().filter(|s| !s.is_empty()) {
+    if let Some(sa) = w
+        .spec
+        .service_account_name
+        .as_deref()
+        .filter(|s| !s.is_empty())
+    {
         w.metadata
             .labels
             .insert(calico::LABEL_SERVICE_ACCOUNT.into(), sa.to_owned());
@@ -261,7 +266,10 @@ mod tests {
             canon("has(projectcalico.org/serviceaccount) && pcsa.role == 'x'")
         );
         let p = policy_selector(sel(""), Some("all()"), true, false).unwrap();
-        assert_eq!(p.canonical(), canon("has(projectcalico.org/serviceaccount)"));
+        assert_eq!(
+            p.canonical(),
+            canon("has(projectcalico.org/serviceaccount)")
+        );
         let p = policy_selector(sel(""), Some("role == 'x'"), true, false).unwrap();
         assert_eq!(p.canonical(), canon("pcsa.role == 'x'"));
         // None or empty: unchanged.

@@ -262,7 +262,9 @@ async fn service_accounts_become_profiles_and_follow_their_labels() {
     let mut p = pod("a", "worker", "n1", "198.18.0.10");
     p["spec"]["serviceAccountName"] = json!("batch");
     f.api.apply(&p).unwrap();
-    f.api.apply(&pod("a", "plain", "n1", "198.18.0.11")).unwrap();
+    f.api
+        .apply(&pod("a", "plain", "n1", "198.18.0.11"))
+        .unwrap();
     let mut w = start(&f, options());
     w.in_sync().await;
     let key = ResourceKey::new(Kind::Profile, None, "ksa.a.batch");
