@@ -228,6 +228,7 @@ fn object_path(o: &Value, with_name: bool) -> String {
     let plural = match o["kind"].as_str().unwrap_or("") {
         "Namespace" => "namespaces",
         "Pod" => "pods",
+        "ServiceAccount" => "serviceaccounts",
         _ => "networkpolicies",
     };
     let ns = o["metadata"]["namespace"].as_str();
@@ -256,8 +257,11 @@ struct Plan {
 fn kind_order(k: &KubeKey) -> u8 {
     match k.kind {
         KubeKind::Namespace => 0,
-        KubeKind::Pod => 1,
-        KubeKind::NetworkPolicy => 2,
+        // Before the pods running as them, as the API server's admission
+        // wants them.
+        KubeKind::ServiceAccount => 1,
+        KubeKind::Pod => 2,
+        KubeKind::NetworkPolicy => 3,
     }
 }
 
@@ -266,6 +270,7 @@ fn to_json(o: &KubeObject) -> Result<Value, LabError> {
         KubeObject::Namespace(x) => serde_json::to_value(x),
         KubeObject::Pod(x) => serde_json::to_value(x),
         KubeObject::NetworkPolicy(x) => serde_json::to_value(x),
+        KubeObject::ServiceAccount(x) => serde_json::to_value(x),
     };
     let mut v = v.map_err(|e| LabError::Setup(format!("serializing {}: {e}", o.key())))?;
     if let KubeObject::Pod(_) = o {

@@ -33,6 +33,7 @@ pub fn write_state(dir: &Path, state: &StepState) -> Result<Vec<PathBuf>, LabErr
             KubeObject::Namespace(o) => serde_yaml::to_string(o),
             KubeObject::Pod(o) => serde_yaml::to_string(o),
             KubeObject::NetworkPolicy(o) => serde_yaml::to_string(o),
+            KubeObject::ServiceAccount(o) => serde_yaml::to_string(o),
         };
         write(stem, yaml)?;
     }

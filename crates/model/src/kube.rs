@@ -1,4 +1,5 @@
-//! Kubernetes inputs: Namespace, Pod and NetworkPolicy (networking.k8s.io/v1),
+//! Kubernetes inputs: Namespace, Pod, ServiceAccount and NetworkPolicy
+//! (networking.k8s.io/v1),
 //! as `kubectl get -o yaml` prints them, in multi-document YAML and `v1/List`s.
 //! Calico v3 resources may appear in the same files ([`Manifest::Calico`]).
 //!
@@ -11,7 +12,7 @@
 
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::de::DeserializeOwned;
@@ -44,6 +45,8 @@ pub enum KubeObject {
     Namespace(Namespace),
     Pod(Pod),
     NetworkPolicy(NetworkPolicy),
+    /// Its labels select pods by account ([`crate::serviceaccount`]).
+    ServiceAccount(ServiceAccount),
 }
 
 /// Which Kubernetes kind an object is.
@@ -52,6 +55,7 @@ pub enum KubeKind {
     Namespace,
     Pod,
     NetworkPolicy,
+    ServiceAccount,
 }
 
 impl KubeKind {
@@ -60,6 +64,7 @@ impl KubeKind {
             "Namespace" => Some(KubeKind::Namespace),
             "Pod" => Some(KubeKind::Pod),
             "NetworkPolicy" => Some(KubeKind::NetworkPolicy),
+            "ServiceAccount" => Some(KubeKind::ServiceAccount),
             _ => None,
         }
     }
@@ -71,6 +76,7 @@ impl fmt::Display for KubeKind {
             KubeKind::Namespace => "Namespace",
             KubeKind::Pod => "Pod",
             KubeKind::NetworkPolicy => "NetworkPolicy",
+            KubeKind::ServiceAccount => "ServiceAccount",
         })
     }
 }
@@ -98,6 +104,7 @@ impl KubeObject {
             KubeObject::Namespace(_) => KubeKind::Namespace,
             KubeObject::Pod(_) => KubeKind::Pod,
             KubeObject::NetworkPolicy(_) => KubeKind::NetworkPolicy,
+            KubeObject::ServiceAccount(_) => KubeKind::ServiceAccount,
         }
     }
 
@@ -106,6 +113,7 @@ impl KubeObject {
             KubeObject::Namespace(o) => &o.metadata,
             KubeObject::Pod(o) => &o.metadata,
             KubeObject::NetworkPolicy(o) => &o.metadata,
+            KubeObject::ServiceAccount(o) => &o.metadata,
         };
         meta.name.as_deref().unwrap_or("")
     }
@@ -118,6 +126,9 @@ impl KubeObject {
             KubeObject::NetworkPolicy(o) => {
                 Some(o.metadata.namespace.as_deref().unwrap_or("default"))
             }
+            KubeObject::ServiceAccount(o) => {
+                Some(o.metadata.namespace.as_deref().unwrap_or("default"))
+            }
         }
     }
 
@@ -126,6 +137,7 @@ impl KubeObject {
             KubeObject::Namespace(o) => &o.metadata,
             KubeObject::Pod(o) => &o.metadata,
             KubeObject::NetworkPolicy(o) => &o.metadata,
+            KubeObject::ServiceAccount(o) => &o.metadata,
         }
     }
 
@@ -134,6 +146,7 @@ impl KubeObject {
             KubeObject::Namespace(o) => &mut o.metadata,
             KubeObject::Pod(o) => &mut o.metadata,
             KubeObject::NetworkPolicy(o) => &mut o.metadata,
+            KubeObject::ServiceAccount(o) => &mut o.metadata,
         }
     }
 
@@ -165,7 +178,7 @@ pub enum ManifestError {
     Yaml { what: String, reason: String },
     #[error("{what}: document {index} has no kind/apiVersion")]
     Untyped { what: String, index: usize },
-    #[error("{what}: {api_version}/{kind} {name:?}: unsupported kind (nftpolicy reads v1 Namespace, Pod, List, networking.k8s.io/v1 NetworkPolicy and projectcalico.org/v3 resources)")]
+    #[error("{what}: {api_version}/{kind} {name:?}: unsupported kind (nftpolicy reads v1 Namespace, Pod, ServiceAccount, List, networking.k8s.io/v1 NetworkPolicy and projectcalico.org/v3 resources)")]
     UnknownKind {
         what: String,
         api_version: String,
@@ -262,7 +275,8 @@ pub fn parse_value(
         (calico::API_VERSION, _) => {
             out.push(Manifest::Calico(Resource::from_value(what, value)?));
         }
-        ("v1", "Namespace") | ("v1", "Pod") | ("networking.k8s.io/v1", "NetworkPolicy") => {
+        ("v1", "Namespace" | "Pod" | "ServiceAccount")
+        | ("networking.k8s.io/v1", "NetworkPolicy") => {
             if name.is_empty() {
                 return Err(invalid("metadata.name is missing".into()));
             }
@@ -272,6 +286,7 @@ pub fn parse_value(
             let decoded = match kind.as_str() {
                 "Namespace" => typed(&value).map(KubeObject::Namespace),
                 "Pod" => typed(&value).map(KubeObject::Pod),
+                "ServiceAccount" => typed(&value).map(KubeObject::ServiceAccount),
                 _ => typed(&value).map(KubeObject::NetworkPolicy),
             };
             let obj = match (decoded, problems.is_empty()) {

@@ -890,7 +890,8 @@ pub(crate) fn rbac_is_read_only_and_bound_to_existing_accounts() {
             }
             for r in rule.resources.iter().flatten() {
                 assert!(
-                    ["namespaces", "pods", "networkpolicies"].contains(&r.as_str()),
+                    ["namespaces", "pods", "networkpolicies", "serviceaccounts"]
+                        .contains(&r.as_str()),
                     "{what}: resource {r} is more than nftpolicy needs"
                 );
             }

@@ -18,10 +18,17 @@ pub enum Watched {
     Namespace,
     Pod,
     NetworkPolicy,
+    /// Their labels select pods by account (`ksa.` profiles).
+    ServiceAccount,
 }
 
 impl Watched {
-    pub const ALL: [Watched; 3] = [Watched::Namespace, Watched::Pod, Watched::NetworkPolicy];
+    pub const ALL: [Watched; 4] = [
+        Watched::Namespace,
+        Watched::Pod,
+        Watched::NetworkPolicy,
+        Watched::ServiceAccount,
+    ];
 
     pub fn index(self) -> usize {
         self as usize
@@ -32,6 +39,7 @@ impl Watched {
             Watched::Namespace => KubeKind::Namespace,
             Watched::Pod => KubeKind::Pod,
             Watched::NetworkPolicy => KubeKind::NetworkPolicy,
+            Watched::ServiceAccount => KubeKind::ServiceAccount,
         }
     }
 
@@ -39,6 +47,7 @@ impl Watched {
         let (group, version, kind, plural) = match self {
             Watched::Namespace => ("", "v1", "Namespace", "namespaces"),
             Watched::Pod => ("", "v1", "Pod", "pods"),
+            Watched::ServiceAccount => ("", "v1", "ServiceAccount", "serviceaccounts"),
             Watched::NetworkPolicy => (
                 "networking.k8s.io",
                 "v1",
@@ -66,6 +75,7 @@ impl Watched {
             Watched::Namespace => "namespaces",
             Watched::Pod => "pods",
             Watched::NetworkPolicy => "networkpolicies.networking.k8s.io",
+            Watched::ServiceAccount => "serviceaccounts",
         }
     }
 }
