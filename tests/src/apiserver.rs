@@ -117,7 +117,18 @@ impl LabApi {
                     .join(", ")
             )));
         }
-        let plan = Plan::new(previous, state)?;
+        let mut plan = Plan::new(previous, state)?;
+        if previous.is_none() {
+            // The lab may have created some of them itself (kube-system,
+            // for the controller's Lease): those are replaced, not created.
+            let (existing, new): (Vec<Value>, Vec<Value>) =
+                std::mem::take(&mut plan.create).into_iter().partition(|o| {
+                    self.request("GET", &object_path(o, true), None, &[200])
+                        .is_ok()
+                });
+            plan.create = new;
+            plan.replace.extend(existing);
+        }
         match client {
             ApiClient::Http => self.write_http(&plan)?,
             ApiClient::Kubectl(bin) => self.write_kubectl(bin, dir, &plan)?,
@@ -415,9 +426,11 @@ impl Controller {
         loop {
             self.check_running()?;
             let (revision, mut held) = etcd.resources()?;
-            // The namespace of the controller's Lease is the lab's, not
-            // the scenario's.
-            held.retain(|r| r.key() != self.lease_namespace);
+            // The namespace of the controller's Lease is the lab's, unless
+            // the scenario has it too.
+            if state.cluster.get(&self.lease_namespace).is_none() {
+                held.retain(|r| r.key() != self.lease_namespace);
+            }
             let matches = held.len() == state.cluster.len()
                 && held.iter().all(|r| state.cluster.get(&r.key()) == Some(r));
             if matches {
