@@ -38,7 +38,7 @@ fn apply_then_read_back_equals_desired() {
     let report = p.apply(&rs).unwrap();
     assert_eq!(report.kinds.get("NEWTABLE"), Some(&2));
     assert_eq!(report.kinds.get("NEWCHAIN"), Some(&12));
-    assert_eq!(report.kinds.get("NEWSET"), Some(&16));
+    assert_eq!(report.kinds.get("NEWSET"), Some(&18));
     for t in &rs.tables {
         assert_tables_eq(&read_back(&mut p, t.family), t);
     }
