@@ -270,8 +270,31 @@ fn diff_table(o: &Table, t: &Table, out: &mut String) {
     changed_objects(&o.maps, &t.maps, &mut block.maps, |m| {
         let _ = writeln!(out, "flush map {fam} {name} {m}");
     });
+    // A set whose type changed (hash ↔ interval) is deleted and created
+    // again, under chains flushed and refilled (nft cannot retype a set,
+    // nor delete one a rule uses).
+    let retyped: BTreeSet<&str> = t
+        .sets
+        .iter()
+        .filter(|(n, s)| o.sets.get(*n).is_some_and(|os| os.key != s.key))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    for (cname, c) in &t.chains {
+        let unchanged = o.chains.get(cname) == Some(c);
+        if unchanged && compiler::nft::referenced_sets(c).any(|s| retyped.contains(s)) {
+            let _ = writeln!(out, "flush chain {fam} {name} {cname}");
+            block.chains.insert(cname.clone(), c.clone());
+        }
+    }
+    for sname in &retyped {
+        let _ = writeln!(out, "delete set {fam} {name} {sname}");
+        block
+            .sets
+            .insert((*sname).to_owned(), t.sets[*sname].clone());
+    }
     for (sname, s) in &t.sets {
         match o.sets.get(sname) {
+            _ if retyped.contains(sname.as_str()) => {}
             Some(os) if os.elements == s.elements => {}
             Some(os) => {
                 let before: HashSet<&SetElement> = os.elements.iter().collect();

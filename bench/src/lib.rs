@@ -61,7 +61,7 @@ pub fn pod_ips(i: usize) -> [IpAddr; 2] {
         0,
         0,
         (i >> 16) as u16,
-        i as u16 + 1,
+        (i as u16).wrapping_add(1),
     );
     [IpAddr::V4(v4), IpAddr::V6(v6)]
 }

@@ -1,7 +1,8 @@
 //! The incremental compiler gives exactly what a full compile gives, after
 //! every kind of change, on generated clusters (with network sets that
 //! overlap pod addresses, so that nets inside nets are exercised, and
-//! endpoints and policies that are now and then rejected); and its element
+//! endpoints and policies that are now and then rejected, and service
+//! accounts whose labels change under the pods using them); and its element
 //! deltas turn the previous ruleset into the new one.
 
 use std::collections::BTreeMap;
@@ -10,8 +11,10 @@ use bench::{generate, workload, Scale, NODE_UNDER_TEST};
 use compiler::incremental::{IncrementalCompiler, Outcome};
 use compiler::{compile_nftables, CompileOptions};
 use model::calico::{
-    GlobalNetworkSet, NetworkSet, NetworkSetSpec, ObjectMeta, Resource, ResourceKey,
+    GlobalNetworkSet, NetworkPolicy, NetworkSet, NetworkSetSpec, ObjectMeta, Profile, ProfileSpec,
+    Resource, ResourceKey, ServiceAccountMatch, WorkloadEndpoint,
 };
+use model::serviceaccount;
 use model::state::ClusterState;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -49,6 +52,61 @@ fn network_set(i: usize, rng: &mut StdRng) -> Resource {
             metadata: metadata(Some(bench::namespace_name(i % 4))),
             spec: NetworkSetSpec { nets },
         })
+    }
+}
+
+/// The profile of service account `sa<0..3>` in one of the first namespaces,
+/// with `pcsa.` labels as the model converts a ServiceAccount.
+fn account_profile(rng: &mut StdRng) -> Resource {
+    let ns = bench::namespace_name(rng.random_range(0..4));
+    let sa = format!("sa{}", rng.random_range(0..3));
+    let mut labels = BTreeMap::new();
+    labels.insert(
+        format!("{}team", serviceaccount::LABEL_PREFIX),
+        format!("t{}", rng.random_range(0..2)),
+    );
+    labels.insert(
+        format!("{}projectcalico.org/name", serviceaccount::LABEL_PREFIX),
+        sa.clone(),
+    );
+    Resource::Profile(Profile {
+        api_version: model::calico::API_VERSION.into(),
+        metadata: ObjectMeta {
+            name: serviceaccount::profile_name(&ns, &sa),
+            ..Default::default()
+        },
+        spec: ProfileSpec {
+            labels_to_apply: labels,
+            ..Default::default()
+        },
+    })
+}
+
+/// Makes `w` run as service account `sa<n>` of its namespace.
+fn service_account(w: &mut WorkloadEndpoint, n: usize) {
+    let ns = w.metadata.namespace.clone().unwrap_or_default();
+    let sa = format!("sa{n}");
+    w.spec.profiles.truncate(1);
+    w.spec.profiles.push(serviceaccount::profile_name(&ns, &sa));
+    w.spec.service_account_name = Some(sa);
+    serviceaccount::felix_labels(w);
+}
+
+/// Now and then a policy limited by service account, and a rule matching
+/// peers by account names and labels.
+fn account_matches(p: &mut NetworkPolicy, rng: &mut StdRng) {
+    if rng.random_bool(0.3) {
+        p.spec.service_account_selector = Some(format!("team == 't{}'", rng.random_range(0..2)));
+    }
+    if let Some(rule) = p.spec.ingress.first_mut() {
+        if rng.random_bool(0.4) {
+            rule.source.service_accounts = Some(ServiceAccountMatch {
+                names: vec![format!("sa{}", rng.random_range(0..3))],
+                selector: rng
+                    .random_bool(0.5)
+                    .then(|| format!("team == 't{}'", rng.random_range(0..2))),
+            });
+        }
     }
 }
 
@@ -144,6 +202,11 @@ fn incremental_equals_full_compile() {
                         if rng.random_bool(0.2) {
                             w.spec.ports.retain(|p| p.name != "http");
                         }
+                        // Now and then another service account, whose
+                        // profile's labels it inherits.
+                        if rng.random_bool(0.3) {
+                            service_account(&mut w, rng.random_range(0..3));
+                        }
                         // Now and then rejected (model::reject): it drops
                         // its own traffic, and stays in the sets.
                         if rng.random_bool(0.1) {
@@ -153,6 +216,15 @@ fn incremental_equals_full_compile() {
                         }
                         let r = Resource::WorkloadEndpoint(w);
                         change(&mut state, &mut changes, r.key(), Some(r));
+                    }
+                    8 if rng.random_bool(0.4) => {
+                        // A service account's labels change, appear or go.
+                        let r = account_profile(&mut rng);
+                        if rng.random_bool(0.2) {
+                            change(&mut state, &mut changes, r.key(), None);
+                        } else {
+                            change(&mut state, &mut changes, r.key(), Some(r));
+                        }
                     }
                     8 => {
                         let r = network_set(rng.random_range(0..10), &mut rng);
@@ -164,6 +236,7 @@ fn incremental_equals_full_compile() {
                     }
                     _ => {
                         let mut p = bench::policy(&scale, rng.random_range(0..200), &mut rng);
+                        account_matches(&mut p, &mut rng);
                         if rng.random_bool(0.2) {
                             // Its selected endpoints drop in its directions.
                             model::reject::mark_rejected(&mut p.metadata.annotations, "test");
@@ -233,7 +306,7 @@ fn deltas_and_patches_reach_the_kernel() {
     inc.rebuild(&state).unwrap();
     p.apply(inc.ruleset()).unwrap();
     let mut next_pod = scale.pods;
-    let (mut deltas, mut patches) = (0, 0);
+    let (mut deltas, mut patches, mut type_flips) = (0, 0, 0);
     // [deleted, created] policy chains and sets, over all patches.
     #[derive(Debug, Default)]
     struct Seen {
@@ -327,6 +400,15 @@ fn deltas_and_patches_reach_the_kernel() {
                 p.apply_patch(&patch)
                     .unwrap_or_else(|e| panic!("step {step}: {e} ({patch:?})"));
             }
+            // A network set that gives a pod selector set its first CIDR
+            // (or takes its last) turns it from a hash set into an
+            // interval set (or back): compiled in full, and the programmer
+            // re-creates the set under the rules that use it.
+            Outcome::Rebuilt if step % 8 == 3 => {
+                type_flips += 1;
+                p.apply(inc.ruleset())
+                    .unwrap_or_else(|e| panic!("step {step}: {e}"));
+            }
             Outcome::Rebuilt => panic!("step {step}: endpoint changes need no full compile"),
         }
         let want = compile_nftables(&state, &opts).unwrap().1;
@@ -342,7 +424,8 @@ fn deltas_and_patches_reach_the_kernel() {
             );
         }
     }
-    assert_eq!((deltas, patches), (40, 40));
+    assert_eq!((deltas + type_flips, patches), (40, 40));
+    assert!(type_flips > 0, "no set changed its type");
     // The patches exercised policies starting and stopping to apply here,
     // with the sets their rules use.
     assert!(

@@ -108,6 +108,8 @@ pub struct Agents {
     etcd_url: String,
     /// Runs the etcd relays; dropping it closes them.
     relays: Option<tokio::runtime::Runtime>,
+    /// Whether the relays carry connections (see [`Agents::cut_datastore`]).
+    relay_open: tokio::sync::watch::Sender<bool>,
 }
 
 impl Agents {
@@ -144,6 +146,7 @@ impl Agents {
             extra_args: extra_args.to_vec(),
             etcd_url: datastore.datastore_arg(),
             relays,
+            relay_open: tokio::sync::watch::Sender::new(true),
         };
         for node in &lab.nodes {
             let netns_path = node.netns.path();
@@ -188,19 +191,39 @@ impl Agents {
         let _guard = rt.enter();
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| LabError::io("relay listener", e))?;
+        let open = self.relay_open.subscribe();
         // The runtime's threads were started on the host's namespace, so
         // their connects reach the real etcd.
         rt.spawn(async move {
             while let Ok((mut inside, _)) = listener.accept().await {
+                if !*open.borrow() {
+                    continue; // cut off: the connection is closed at once
+                }
+                let mut open = open.clone();
                 tokio::spawn(async move {
                     if let Ok(mut etcd) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await
                     {
-                        let _ = tokio::io::copy_bidirectional(&mut inside, &mut etcd).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inside, &mut etcd) => {}
+                            _ = open.wait_for(|open| !*open) => {}
+                        }
                     }
                 });
             }
         });
         Ok(())
+    }
+
+    /// Cuts the nodes off from the datastore's server: every relayed
+    /// connection is closed, new ones are closed as they come, until
+    /// [`Agents::restore_datastore`] (a network partition of the nodes).
+    pub fn cut_datastore(&self) {
+        self.relay_open.send_replace(false);
+    }
+
+    /// Ends [`Agents::cut_datastore`].
+    pub fn restore_datastore(&self) {
+        self.relay_open.send_replace(true);
     }
 
     fn index(&self, node: &str) -> Result<usize, LabError> {
@@ -273,6 +296,13 @@ impl Agents {
             .child
             .as_ref()
             .map(|c| c.id()))
+    }
+
+    /// What `node`'s agents (this one and those before a restart) logged.
+    pub fn log(&self, node: &str) -> Result<String, LabError> {
+        let agent = &self.agents[self.index(node)?];
+        std::fs::read_to_string(&agent.log)
+            .map_err(|e| LabError::io(agent.log.display().to_string(), e))
     }
 
     /// `node`'s agent's `/status`.

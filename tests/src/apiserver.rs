@@ -117,7 +117,18 @@ impl LabApi {
                     .join(", ")
             )));
         }
-        let plan = Plan::new(previous, state)?;
+        let mut plan = Plan::new(previous, state)?;
+        if previous.is_none() {
+            // The lab may have created some of them itself (kube-system,
+            // for the controller's Lease): those are replaced, not created.
+            let (existing, new): (Vec<Value>, Vec<Value>) =
+                std::mem::take(&mut plan.create).into_iter().partition(|o| {
+                    self.request("GET", &object_path(o, true), None, &[200])
+                        .is_ok()
+                });
+            plan.create = new;
+            plan.replace.extend(existing);
+        }
         match client {
             ApiClient::Http => self.write_http(&plan)?,
             ApiClient::Kubectl(bin) => self.write_kubectl(bin, dir, &plan)?,
@@ -228,6 +239,7 @@ fn object_path(o: &Value, with_name: bool) -> String {
     let plural = match o["kind"].as_str().unwrap_or("") {
         "Namespace" => "namespaces",
         "Pod" => "pods",
+        "ServiceAccount" => "serviceaccounts",
         kind => model::admin::AdminKind::from_name(kind)
             .map_or("networkpolicies", model::admin::AdminKind::plural),
     };
@@ -257,8 +269,11 @@ struct Plan {
 fn kind_order(k: &KubeKey) -> u8 {
     match k.kind {
         KubeKind::Namespace => 0,
-        KubeKind::Pod => 1,
-        KubeKind::NetworkPolicy | KubeKind::Admin(_) => 2,
+        // Before the pods running as them, as the API server's admission
+        // wants them.
+        KubeKind::ServiceAccount => 1,
+        KubeKind::Pod => 2,
+        KubeKind::NetworkPolicy | KubeKind::Admin(_) => 3,
     }
 }
 
@@ -268,6 +283,7 @@ fn to_json(o: &KubeObject) -> Result<Value, LabError> {
         KubeObject::Pod(x) => serde_json::to_value(x),
         KubeObject::NetworkPolicy(x) => serde_json::to_value(x),
         KubeObject::Admin(x) => serde_json::to_value(x),
+        KubeObject::ServiceAccount(x) => serde_json::to_value(x),
     };
     let mut v = v.map_err(|e| LabError::Setup(format!("serializing {}: {e}", o.key())))?;
     if let KubeObject::Pod(_) = o {
@@ -412,9 +428,11 @@ impl Controller {
         loop {
             self.check_running()?;
             let (revision, mut held) = etcd.resources()?;
-            // The namespace of the controller's Lease is the lab's, not
-            // the scenario's.
-            held.retain(|r| r.key() != self.lease_namespace);
+            // The namespace of the controller's Lease is the lab's, unless
+            // the scenario has it too.
+            if state.cluster.get(&self.lease_namespace).is_none() {
+                held.retain(|r| r.key() != self.lease_namespace);
+            }
             let matches = held.len() == state.cluster.len()
                 && held.iter().all(|r| state.cluster.get(&r.key()) == Some(r));
             if matches {

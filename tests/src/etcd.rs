@@ -119,16 +119,25 @@ impl EtcdServer {
     /// A range read through the gateway (`body` is its JSON request): the
     /// answer's text, which holds the header revision and the key-values.
     fn range(&self, body: &str) -> Result<String, LabError> {
+        self.gateway("/v3/kv/range", body)
+    }
+
+    /// `POST path` with the JSON `body` to etcd's gateway (over the plain
+    /// listener with TLS); the answer's text.
+    fn gateway(&self, path: &str, body: &str) -> Result<String, LabError> {
         let port = self
             .tls
             .as_ref()
             .map_or(self.client_port(), |t| t.plain_port);
         let stream = TcpStream::connect(("127.0.0.1", port))
             .map_err(|e| LabError::io("connecting to etcd", e))?;
-        let (status, text) = crate::agents::http(stream, "POST", "/v3/kv/range", Some(body))
-            .map_err(|e| LabError::io("reading etcd", e))?;
+        let (status, text) = crate::agents::http(stream, "POST", path, Some(body))
+            .map_err(|e| LabError::io(format!("etcd {path}"), e))?;
         if status != 200 {
-            return Err(range_error(format!("HTTP {status}: {text}")));
+            return Err(LabError::command(
+                format!("etcd {path}"),
+                format!("HTTP {status}: {text}"),
+            ));
         }
         Ok(text)
     }
@@ -173,6 +182,40 @@ impl EtcdServer {
             out.push(r);
         }
         Ok((revision, out))
+    }
+
+    /// SIGKILLs etcd (the child this guard started, by its pid); its data
+    /// stays for [`EtcdServer::restart`].
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts etcd again on its data dir and ports; waits until it answers.
+    pub fn restart(&mut self) -> Result<(), LabError> {
+        self.process
+            .respawn()
+            .map_err(|e| LabError::Setup(format!("restarting etcd: {e}")))?;
+        self.wait_ready()
+    }
+
+    /// Kills etcd, wipes its data and starts it empty on the same ports;
+    /// waits until it answers.
+    pub fn restart_empty(&mut self) -> Result<(), LabError> {
+        self.process
+            .respawn_empty()
+            .map_err(|e| LabError::Setup(format!("restarting etcd empty: {e}")))?;
+        self.wait_ready()
+    }
+
+    /// Compacts the store at its current revision (physically): no watch
+    /// can start or resume from an earlier one. Returns that revision.
+    pub fn compact(&self) -> Result<i64, LabError> {
+        let revision = self.revision()?;
+        self.gateway(
+            "/v3/kv/compaction",
+            &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+        )?;
+        Ok(revision)
     }
 
     fn wait_ready(&mut self) -> Result<(), LabError> {

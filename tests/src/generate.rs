@@ -181,6 +181,16 @@ pub struct GenPod {
     pub ipv6: String,
     pub ports: Vec<(Option<String>, u16, String)>,
     pub labels: BTreeMap<String, String>,
+    /// `spec.serviceAccountName` (none: the `default` account).
+    pub account: Option<String>,
+}
+
+/// A ServiceAccount: its labels select pods running as it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenAccount {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -225,6 +235,9 @@ pub struct Case {
     /// AdminNetworkPolicies, a BaselineAdminNetworkPolicy and
     /// ClusterNetworkPolicies (in some cases).
     pub admin: Vec<GenAdmin>,
+    /// Service accounts (in some cases with Calico policies, which then
+    /// match by account).
+    pub accounts: Vec<GenAccount>,
     pub externals: Vec<(String, String)>,
     pub probes: Vec<GenProbe>,
 }
@@ -242,7 +255,7 @@ pub fn case(seed: u64, index: u64) -> Case {
             labels: random_labels(&mut rng, &NAMESPACE_LABELS[..2]),
         })
         .collect();
-    let pods: Vec<GenPod> = PODS
+    let mut pods: Vec<GenPod> = PODS
         .iter()
         .map(|(ns, name, node, host, ports)| GenPod {
             namespace: (*ns).to_owned(),
@@ -255,6 +268,7 @@ pub fn case(seed: u64, index: u64) -> Case {
                 .map(|(n, p, proto)| (n.map(str::to_owned), *p, (*proto).to_owned()))
                 .collect(),
             labels: random_labels(&mut rng, &POD_LABELS),
+            account: None,
         })
         .collect();
     let policies = (0..rng.between(1, 4))
@@ -270,7 +284,8 @@ pub fn case(seed: u64, index: u64) -> Case {
         .collect();
     let probes = (0..12).map(|_| random_probe(&mut rng, &pods)).collect();
     // Drawn last, so that the rest of a case is what it was before tiers.
-    let calico = random_tiers(&mut rng);
+    let mut calico = random_tiers(&mut rng);
+    let accounts = random_accounts(&mut rng, &mut pods, &mut calico);
     let admin = random_admin_policies(&mut rng);
     Case {
         name: format!("fuzz-{seed}-{index}"),
@@ -279,6 +294,7 @@ pub fn case(seed: u64, index: u64) -> Case {
         policies,
         calico,
         admin,
+        accounts,
         externals,
         probes,
     }
@@ -463,6 +479,94 @@ fn random_cnp_protocol(rng: &mut Rng) -> Value {
         }
     };
     map([(protocol, port)])
+}
+
+const ACCOUNTS: [&str; 2] = ["sa-x", "sa-y"];
+const ACCOUNT_LABELS: [(&str, &[&str]); 1] = [("team", &["red", "blue"])];
+
+/// In some cases with Calico policies: service accounts with labels in
+/// every namespace, pods running as them (or as `default`), and the
+/// policies limited by `serviceAccountSelector` and their rules' peers by
+/// `serviceAccounts` (names, selector or both). Drawn after everything
+/// else, so the rest of a case is what it was without them.
+fn random_accounts(
+    rng: &mut Rng,
+    pods: &mut [GenPod],
+    calico: &mut [GenCalico],
+) -> Vec<GenAccount> {
+    if !calico.iter().any(|c| c.kind == "GlobalNetworkPolicy") || !rng.chance(60) {
+        return vec![];
+    }
+    let mut out = Vec::new();
+    for ns in NAMESPACES {
+        for name in ACCOUNTS {
+            out.push(GenAccount {
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                labels: random_labels(rng, &ACCOUNT_LABELS),
+            });
+        }
+    }
+    for pod in pods.iter_mut() {
+        pod.account = match rng.below(3) {
+            0 => None,
+            i => Some(ACCOUNTS[i - 1].to_owned()),
+        };
+    }
+    for gnp in calico
+        .iter_mut()
+        .filter(|c| c.kind == "GlobalNetworkPolicy")
+    {
+        if rng.chance(30) {
+            insert(
+                &mut gnp.spec,
+                "serviceAccountSelector",
+                random_account_selector(rng),
+            );
+        }
+        for (section, peer) in [("ingress", "source"), ("egress", "destination")] {
+            for r in 0..seq_len(&gnp.spec, &[section]) {
+                if !rng.chance(50) {
+                    continue;
+                }
+                let mut m = Mapping::new();
+                let both = rng.chance(30);
+                if both || rng.chance(50) {
+                    let names = match rng.below(3) {
+                        0 => vec![s("default")],
+                        1 => vec![s(pick_str(rng, &ACCOUNTS))],
+                        _ => ACCOUNTS.iter().map(|a| s(a)).collect(),
+                    };
+                    m.insert(s("names"), Value::Sequence(names));
+                }
+                if both || m.is_empty() {
+                    m.insert(s("selector"), random_account_selector(rng));
+                }
+                let Some(rule) = walk_mut(&mut gnp.spec, &[section, &r.to_string()]) else {
+                    continue;
+                };
+                if walk_mut(rule, &[peer]).is_none() {
+                    insert(rule, peer, Value::Mapping(Mapping::new()));
+                }
+                if let Some(entity) = walk_mut(rule, &[peer]) {
+                    insert(entity, "serviceAccounts", Value::Mapping(m));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn random_account_selector(rng: &mut Rng) -> Value {
+    match rng.below(5) {
+        0 => s("all()"),
+        1 => s("has(team)"),
+        2 => s(&format!(
+            "projectcalico.org/name == '{}'",
+            pick_str(rng, &ACCOUNTS)
+        )),
+        _ => s(&format!("team == '{}'", pick_str(rng, ACCOUNT_LABELS[0].1))),
+    }
 }
 
 const TIERS: [&str; 2] = ["t-alpha", "t-beta"];
@@ -791,6 +895,20 @@ impl Case {
                 ),
             ]));
         }
+        for a in &self.accounts {
+            objects.push(map([
+                ("apiVersion", s("v1")),
+                ("kind", s("ServiceAccount")),
+                (
+                    "metadata",
+                    map([
+                        ("name", s(&a.name)),
+                        ("namespace", s(&a.namespace)),
+                        ("labels", labels(&a.labels)),
+                    ]),
+                ),
+            ]));
+        }
         for pod in &self.pods {
             let ports = pod
                 .ports
@@ -806,6 +924,19 @@ impl Case {
                     p
                 })
                 .collect();
+            let mut spec = map([
+                ("nodeName", s(&pod.node)),
+                (
+                    "containers",
+                    Value::Sequence(vec![map([
+                        ("name", s("main")),
+                        ("ports", Value::Sequence(ports)),
+                    ])]),
+                ),
+            ]);
+            if let Some(a) = &pod.account {
+                insert(&mut spec, "serviceAccountName", s(a));
+            }
             objects.push(map([
                 ("apiVersion", s("v1")),
                 ("kind", s("Pod")),
@@ -817,19 +948,7 @@ impl Case {
                         ("labels", labels(&pod.labels)),
                     ]),
                 ),
-                (
-                    "spec",
-                    map([
-                        ("nodeName", s(&pod.node)),
-                        (
-                            "containers",
-                            Value::Sequence(vec![map([
-                                ("name", s("main")),
-                                ("ports", Value::Sequence(ports)),
-                            ])]),
-                        ),
-                    ]),
-                ),
+                ("spec", spec),
                 (
                     "status",
                     map([
@@ -1075,6 +1194,11 @@ mod tests {
             "range:",
             "networks:",
             "pods:",
+            "kind: ServiceAccount",
+            "serviceAccountName: sa-",
+            "serviceAccountSelector:",
+            "serviceAccounts:",
+            "names:",
         ] {
             assert!(text.contains(feature), "no case has {feature:?}");
         }

@@ -9,7 +9,12 @@
 //! to-workload chain flushed); the policy widened and narrowed again in the
 //! datastore; a malformed file added and removed; the datastore directory
 //! removed, our rules tampered with while it is gone, the directory
-//! restored; SIGTERM.
+//! restored; SIGTERM. The same shop then runs on etcd (etcd killed and
+//! restarted, the node cut off while etcd compacts past the agent's watch,
+//! etcd wiped and refilled) and on the Kubernetes API (the fake API server,
+//! a test double: stopped, watches stalled and ended with `410 Gone`, the
+//! node cut off), with the nftables backend: the datastore's faults do not
+//! depend on the backend.
 //!
 //! Each fault is judged by what it allows: the agent's own faults and the
 //! datastore's (restart, malformed input, an unreadable datastore, SIGTERM)
@@ -19,11 +24,12 @@
 //! consecutive correct rounds (bounded by [`TIMEOUT`]); any wrong verdict
 //! after it, or outside what the fault allows, fails the test. The windows
 //! are measured and reported (stderr and
-//! `target/tmp/chaos-<backend>.md`), never asserted.
+//! `target/tmp/chaos-<run>.md`), never asserted.
 //!
-//! The nftables agent runs with the default `--resync-interval` (90 s), so
-//! its repairs come from the nf_tables notification watch; the iptables
-//! agent has no notifications and runs with `--resync-interval 2`.
+//! Both agents run with the defaults (`--resync-interval` 90 s): the
+//! nftables agent repairs on nf_tables notifications, the iptables agent
+//! (legacy x_tables sends none) on its table-size check
+//! (`--iptables-check-ms`, 100 ms).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -36,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use compiler::nft::TABLE_NAME;
 use lab::{nftpolicy_binary, write_state, Agents, Lab};
-use model::scenario::ResolvedProbe;
+use model::scenario::{ResolvedProbe, StepState};
 use nix::sys::signal::Signal;
 
 mod common;
@@ -53,8 +59,6 @@ const STABLE_ROUNDS: usize = 10;
 const HOLD_ROUNDS: usize = 10;
 /// Bound on every wait (a debug agent starting, a repair, a poll).
 const TIMEOUT: Duration = Duration::from_secs(30);
-/// The iptables agent's `--resync-interval` (its only repair path).
-const IPTABLES_RESYNC_SECS: &str = "2";
 
 /// Expected verdicts of the flows: [client → web:80, intruder → web:80].
 type Verdicts = [bool; 2];
@@ -293,9 +297,9 @@ fn judge(faults: &[Fault], rounds: &[Round]) -> (Vec<Row>, Vec<String>) {
     (rows, failures)
 }
 
-fn report(backend: &str, rows: &[Row], rounds: usize, took: Duration) -> String {
+fn report(label: &str, rows: &[Row], rounds: usize, took: Duration) -> String {
     let mut out = format!(
-        "chaos, {backend} backend: {rounds} probe rounds (client -> web:80 allowed, \
+        "chaos, {label}: {rounds} probe rounds (client -> web:80 allowed, \
          intruder -> web:80 denied, one of each every {TICK:?}) in {:.1} s\n\n\
          | fault | what nftpolicy does | wrong probes | window (fault to correct verdicts) |\n\
          |---|---|---|---|\n",
@@ -367,16 +371,164 @@ spec:
 ";
 
 struct Chaos {
+    /// Names the run in the report: the backend, and the datastore unless
+    /// it is the file datastore.
+    label: String,
     backend: &'static str,
     node_ns: String,
-    datastore: PathBuf,
     agents: Agents,
     prober: Prober,
     faults: Vec<Fault>,
     expect: Verdicts,
+    /// When the first fault (the steady state) began.
+    t0: Instant,
 }
 
 impl Chaos {
+    /// Starts probing `lab` with the agents running and the verdicts
+    /// checked once, and holds the steady state (the first row).
+    fn start(label: &str, backend: &'static str, mut lab: Lab, agents: Agents) -> Chaos {
+        let probes = shop().1;
+        assert_probes(&mut lab, &probes, &format!("{label}: before the faults"));
+        let node_ns = lab.node_namespace("node1").unwrap().to_owned();
+        let mut c = Chaos {
+            label: label.to_owned(),
+            backend,
+            node_ns,
+            agents,
+            prober: Prober::start(lab, probes),
+            faults: Vec::new(),
+            expect: SHOP,
+            t0: Instant::now(),
+        };
+        c.begin(
+            "none (steady state)",
+            "enforces the shop's policy",
+            Allows::Nothing,
+            SHOP,
+        );
+        c.prober.hold(HOLD_ROUNDS);
+        c
+    }
+
+    /// Waits until the agent reports itself not ready (`/readiness` 503,
+    /// `felix_resync_state 0`).
+    fn wait_not_ready(&self, what: &str) {
+        wait_for(
+            &format!("{what}: the agent reporting not ready"),
+            TIMEOUT,
+            || {
+                self.agents.status("node1").is_ok_and(|s| !s.ready)
+                    && self
+                        .agents
+                        .metrics("node1")
+                        .is_ok_and(|m| m.lines().any(|l| l == "felix_resync_state 0"))
+            },
+        );
+    }
+
+    /// Waits until the agent is ready again.
+    fn wait_ready(&self, what: &str) {
+        wait_for(&format!("{what}: the agent ready again"), TIMEOUT, || {
+            self.agents.status("node1").is_ok_and(|s| s.ready)
+        });
+    }
+
+    /// Stops probing, judges every round, writes the report
+    /// (`target/tmp/chaos-<label>.md`) and fails on any verdict outside
+    /// what its fault allows.
+    fn finish(self, started: Instant) {
+        let took = self.t0.elapsed();
+        let Chaos {
+            label,
+            agents,
+            prober,
+            faults,
+            ..
+        } = self;
+        let (lab, rounds) = prober.finish();
+        let (rows, failures) = judge(&faults, &rounds);
+        let table = report(&label, &rows, rounds.len(), took);
+        eprintln!(
+            "{table}\n(whole test, lab included: {:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+        let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "chaos-{}.md",
+            label.replace([' ', ',', '(', ')'], "")
+        ));
+        if let Err(e) = std::fs::write(&file, &table) {
+            eprintln!("writing {}: {e}", file.display());
+        }
+        drop(agents);
+        drop(lab);
+        assert!(
+            failures.is_empty(),
+            "{label}: {} wrong verdict(s) outside what their fault allows:\n{}\n\n{table}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+
+    /// The policy changed in the datastore by `write`, to `after`: the old
+    /// verdicts may show until it is applied.
+    fn change_policy(&mut self, name: &str, response: &str, after: Verdicts, write: impl FnOnce()) {
+        self.begin(name, response, Allows::OldVerdictUntilApplied, after);
+        write();
+        self.settle();
+    }
+
+    /// The datastore's server stopped by `stop` (the agent must notice and
+    /// say so), the agent SIGKILLed and restarted while it is down (a new
+    /// agent touches nothing before its first complete list), the server
+    /// started again by `start`: no verdict may change.
+    fn outage<S>(
+        &mut self,
+        name: &str,
+        response: &str,
+        server: &mut S,
+        stop: impl FnOnce(&mut S),
+        start: impl FnOnce(&mut S),
+    ) {
+        self.begin(name, response, Allows::Nothing, self.expect);
+        stop(server);
+        self.wait_not_ready(name);
+        self.prober.hold(HOLD_ROUNDS);
+        self.agents.stop("node1", Signal::SIGKILL).unwrap();
+        self.agents.restart("node1").unwrap();
+        self.prober.hold(HOLD_ROUNDS);
+        self.wait_not_ready(&format!("{name}: restarted agent"));
+        start(server);
+        self.wait_ready(name);
+        self.prober.hold(HOLD_ROUNDS);
+    }
+
+    /// The node cut off from the datastore's server while `meanwhile`
+    /// changes the policy there (to `after`): nothing may change until the
+    /// node reaches the server again; then the old verdicts may show until
+    /// the change is applied.
+    fn cut_off(&mut self, name: &str, meanwhile: impl FnOnce(), back: &str, after: Verdicts) {
+        self.begin(
+            name,
+            "cannot know: keeps the dataplane, not ready",
+            Allows::Nothing,
+            self.expect,
+        );
+        self.agents.cut_datastore();
+        self.wait_not_ready(name);
+        meanwhile();
+        self.prober.hold(HOLD_ROUNDS);
+        self.begin(
+            "… reachable again",
+            back,
+            Allows::OldVerdictUntilApplied,
+            after,
+        );
+        self.agents.restore_datastore();
+        self.settle();
+        self.wait_ready(name);
+    }
+
     /// Notes a fault starting now (before it is injected, so that every
     /// probe it can affect is judged against it).
     fn begin(&mut self, name: &str, response: &str, allows: Allows, after: Verdicts) {
@@ -398,13 +550,11 @@ impl Chaos {
         let end = self.prober.wait_correct(
             fault.at,
             fault.after,
-            &format!("{}: {}", self.backend, fault.name),
+            &format!("{}: {}", self.label, fault.name),
         );
         fault.settled = Some(end);
     }
 
-    /// Tampering: runs `program args` in the node (as an admin would) and
-    /// waits until the agent has repaired what it did.
     /// Tampering: runs it in the node (as an admin would) and waits until
     /// the agent has repaired what it did.
     fn tamper(&mut self, t: &Tampering, name: &str, response: &str) {
@@ -488,11 +638,29 @@ fn tamperings_iptables(node_ns: &str, web_tw: &str) -> (Tampering, Tampering, St
             &["-t", "filter", "-F", web_tw],
             None,
         ),
-        format!(
-            "periodic resync (--resync-interval {IPTABLES_RESYNC_SECS} here, 90 by default) \
-             finds the drift and re-applies"
-        ),
+        "the table-size check (every 100 ms, --iptables-check-ms) sees the filter table \
+         change; a resync (iptables-save, compare, iptables-restore) repairs it"
+            .to_owned(),
     )
+}
+
+/// A lab node holding the shop's pods, probing with [`PROBE_TIMEOUT`].
+fn lab_for(state: &StepState) -> Lab {
+    let mut lab = Lab::build(&state.pods(), &[], &["node1"]).unwrap();
+    lab.set_probe_timeout(PROBE_TIMEOUT);
+    lab
+}
+
+/// The shop policy's file among the manifests `write_state` wrote to `dir`.
+fn policy_file(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.to_string_lossy()
+                .contains("networkpolicy-shop-web-from-client")
+        })
+        .expect("the policy's file")
 }
 
 fn chaos(backend: &'static str) {
@@ -514,47 +682,15 @@ fn chaos(backend: &'static str) {
         .expect("web")
         .interface;
     let web_tw = format!("cali-tw-{web_if}");
-    let mut lab = Lab::build(&state.pods(), &[], &["node1"]).unwrap();
-    lab.set_probe_timeout(PROBE_TIMEOUT);
-    let node_ns = lab.node_namespace("node1").unwrap().to_owned();
+    let lab = lab_for(&state);
     let workdir = lab.workdir();
     let datastore = workdir.join("datastore");
     write_state(&datastore, &state).unwrap();
-    let policy_file = std::fs::read_dir(&datastore)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            p.to_string_lossy()
-                .contains("networkpolicy-shop-web-from-client")
-        })
-        .expect("the policy's file");
+    let policy_file = policy_file(&datastore);
     let shop_policy = std::fs::read_to_string(&policy_file).unwrap();
-    let extra: Vec<String> = if backend == "iptables" {
-        vec!["--resync-interval".into(), IPTABLES_RESYNC_SECS.into()]
-    } else {
-        Vec::new()
-    };
-    let mut agents = Agents::start_file(&lab, &datastore, &nftpolicy, backend, &extra).unwrap();
+    let mut agents = Agents::start_file(&lab, &datastore, &nftpolicy, backend, &[]).unwrap();
     agents.wait_applied(1, TIMEOUT).unwrap();
-    assert_probes(&mut lab, &probes, &format!("{backend}: before the faults"));
-
-    let mut c = Chaos {
-        backend,
-        node_ns,
-        datastore,
-        agents,
-        prober: Prober::start(lab, probes),
-        faults: Vec::new(),
-        expect: SHOP,
-    };
-    let t0 = Instant::now();
-    c.begin(
-        "none (steady state)",
-        "enforces the shop's policy",
-        Allows::Nothing,
-        SHOP,
-    );
-    c.prober.hold(HOLD_ROUNDS);
+    let mut c = Chaos::start(backend, backend, lab, agents);
 
     // The agent SIGKILLed, then restarted.
     c.begin(
@@ -586,22 +722,15 @@ fn chaos(backend: &'static str) {
     // The policy changes in the datastore, and back.
     let applied =
         "file re-read (polled every 500 ms, taken once it held still for a poll), applied";
-    c.begin(
+    c.change_policy(
         "policy widened in the datastore (intruder admitted)",
         applied,
-        Allows::OldVerdictUntilApplied,
         WIDENED,
+        || replace_file(&policy_file, WIDENED_POLICY),
     );
-    replace_file(&policy_file, WIDENED_POLICY);
-    c.settle();
-    c.begin(
-        "policy narrowed again",
-        applied,
-        Allows::OldVerdictUntilApplied,
-        SHOP,
-    );
-    replace_file(&policy_file, &shop_policy);
-    c.settle();
+    c.change_policy("policy narrowed again", applied, SHOP, || {
+        replace_file(&policy_file, &shop_policy);
+    });
     c.prober.hold(HOLD_ROUNDS);
 
     // A malformed file arrives, then goes.
@@ -611,7 +740,7 @@ fn chaos(backend: &'static str) {
         Allows::Nothing,
         SHOP,
     );
-    let malformed = c.datastore.join("500-malformed.yaml");
+    let malformed = datastore.join("500-malformed.yaml");
     replace_file(
         &malformed,
         "apiVersion: v1\nkind: [Pod\nmetadata: {name: x\n",
@@ -633,11 +762,9 @@ fn chaos(backend: &'static str) {
         Allows::Nothing,
         SHOP,
     );
-    let away = c.datastore.with_file_name("datastore-away");
-    std::fs::rename(&c.datastore, &away).unwrap();
-    wait_for("the agent reporting not ready", TIMEOUT, || {
-        c.agents.status("node1").is_ok_and(|s| !s.ready)
-    });
+    let away = datastore.with_file_name("datastore-away");
+    std::fs::rename(&datastore, &away).unwrap();
+    c.wait_not_ready("datastore removed");
     c.prober.hold(HOLD_ROUNDS);
     c.tamper(
         &all,
@@ -648,10 +775,8 @@ fn chaos(backend: &'static str) {
         "repaired all the same (towards its last write), still not ready; \
          ready again once the directory is back",
     );
-    std::fs::rename(&away, &c.datastore).unwrap();
-    wait_for("the agent ready again", TIMEOUT, || {
-        c.agents.status("node1").is_ok_and(|s| s.ready)
-    });
+    std::fs::rename(&away, &datastore).unwrap();
+    c.wait_ready("datastore restored");
     c.prober.hold(HOLD_ROUNDS);
 
     // SIGTERM: the agent exits, the rules stay.
@@ -664,32 +789,7 @@ fn chaos(backend: &'static str) {
     c.agents.stop("node1", Signal::SIGTERM).unwrap();
     c.prober.hold(HOLD_ROUNDS);
 
-    let took = t0.elapsed();
-    let Chaos {
-        agents,
-        prober,
-        faults,
-        ..
-    } = c;
-    let (lab, rounds) = prober.finish();
-    let (rows, failures) = judge(&faults, &rounds);
-    let table = report(backend, &rows, rounds.len(), took);
-    eprintln!(
-        "{table}\n(whole test, lab included: {:.1} s)",
-        started.elapsed().as_secs_f64()
-    );
-    let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chaos-{backend}.md"));
-    if let Err(e) = std::fs::write(&file, &table) {
-        eprintln!("writing {}: {e}", file.display());
-    }
-    drop(agents);
-    drop(lab);
-    assert!(
-        failures.is_empty(),
-        "{backend}: {} wrong verdict(s) outside what their fault allows:\n{}\n\n{table}",
-        failures.len(),
-        failures.join("\n")
-    );
+    c.finish(started);
 }
 
 #[test]
@@ -700,4 +800,178 @@ fn nftables_keeps_every_verdict_outside_each_faults_window() {
 #[test]
 fn iptables_keeps_every_verdict_outside_each_faults_window() {
     chaos("iptables");
+}
+
+/// `nftpolicy apply -f <manifest>` into `etcd`, as the controller writes;
+/// etcd's revision after it.
+fn etcd_apply(nftpolicy: &Path, etcd: &lab::EtcdServer, dir: &Path, yaml: &str) -> i64 {
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    lab::agents::nftpolicy_etcd(nftpolicy, etcd, "apply", &[file]).unwrap();
+    etcd.revision().unwrap()
+}
+
+/// The same shop on the etcd datastore (nftables backend: what etcd's
+/// faults do is the same for both backends): etcd stopped, with the agent
+/// restarted while it is down; policy changes; the node cut off from etcd
+/// while the policy changes and etcd is compacted past the agent's watch;
+/// etcd wiped and restarted empty, then written again.
+#[test]
+fn etcd_keeps_every_verdict_outside_each_faults_window() {
+    let nftpolicy = nftpolicy_binary();
+    let started = Instant::now();
+    let (state, _) = shop();
+    let lab = lab_for(&state);
+    let dir = lab.workdir().join("etcd-writes");
+    let mut etcd = lab::EtcdServer::start().unwrap();
+    let revision = lab::agents::write_step(&nftpolicy, &etcd, &dir, None, &state).unwrap();
+    let shop_policy = std::fs::read_to_string(policy_file(&dir.join("apply"))).unwrap();
+    let mut agents = Agents::start(&lab, &etcd, &nftpolicy, "nftables", &[]).unwrap();
+    agents.wait_applied(revision, TIMEOUT).unwrap();
+    let mut c = Chaos::start("nftables, etcd", "nftables", lab, agents);
+
+    c.outage(
+        "etcd SIGKILLed; the agent SIGKILLed and restarted while etcd is down; etcd restarted on its data",
+        "keeps the dataplane, not ready (felix_resync_state 0) while etcd is unreachable; \
+         a new agent touches nothing before its first complete list; \
+         lists again and is ready once etcd answers",
+        &mut etcd,
+        lab::EtcdServer::kill,
+        |e| e.restart().unwrap(),
+    );
+    let watched = "watch event, applied";
+    let (widen, narrow) = (
+        || etcd_apply(&nftpolicy, &etcd, &dir, WIDENED_POLICY),
+        || etcd_apply(&nftpolicy, &etcd, &dir, &shop_policy),
+    );
+    c.change_policy(
+        "policy widened in etcd (intruder admitted)",
+        watched,
+        WIDENED,
+        || {
+            widen();
+        },
+    );
+    c.change_policy("policy narrowed again", watched, SHOP, || {
+        narrow();
+    });
+    c.prober.hold(HOLD_ROUNDS);
+    c.cut_off(
+        "the node cut off from etcd; meanwhile the policy widened and etcd compacted past the agent's watch revision",
+        || {
+            widen();
+            etcd.compact().unwrap();
+        },
+        "never resumes a watch from an old revision: reconnects (backoff), lists again, applies the difference",
+        WIDENED,
+    );
+    c.change_policy("policy narrowed again", watched, SHOP, || {
+        narrow();
+    });
+    c.prober.hold(HOLD_ROUNDS);
+
+    c.begin(
+        "etcd wiped and restarted empty; later the cluster written again",
+        "an empty etcd is never programmed: keeps the dataplane, not ready, says why in the log; \
+         once written again (and writes paused for 500 ms), lists and is ready",
+        Allows::Nothing,
+        SHOP,
+    );
+    etcd.restart_empty().unwrap();
+    wait_for("the agent saying etcd is empty", TIMEOUT, || {
+        c.agents
+            .log("node1")
+            .is_ok_and(|l| l.contains("etcd holds no Calico resource"))
+    });
+    c.wait_not_ready("etcd empty");
+    c.prober.hold(HOLD_ROUNDS);
+    lab::agents::write_step(&nftpolicy, &etcd, &dir, None, &state).unwrap();
+    c.wait_ready("etcd written again");
+    c.prober.hold(HOLD_ROUNDS);
+
+    c.finish(started);
+}
+
+/// The policy's manifest as the API server takes it.
+fn json(yaml: &str) -> serde_json::Value {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+/// The same shop on the Kubernetes datastore (the fake API server, a test
+/// double; nftables backend): the API server stopped, with the agent
+/// restarted while it is down; policy changes; watches that fall behind
+/// and end with `410 Gone` while the policy changes; the node cut off
+/// from the API server.
+#[test]
+fn kubernetes_keeps_every_verdict_outside_each_faults_window() {
+    let nftpolicy = nftpolicy_binary();
+    let started = Instant::now();
+    let (state, _) = shop();
+    let lab = lab_for(&state);
+    let dir = lab.workdir().join("api-writes");
+    let mut api = lab::LabApi::start().unwrap();
+    let revision = api
+        .write_step(&lab::ApiClient::Http, &dir, None, &state)
+        .unwrap();
+    write_state(&dir, &state).unwrap();
+    let shop_policy = json(&std::fs::read_to_string(policy_file(&dir)).unwrap());
+    let widened = json(WIDENED_POLICY);
+    let mut agents = Agents::start(&lab, &api, &nftpolicy, "nftables", &[]).unwrap();
+    agents.wait_applied(revision as i64, TIMEOUT).unwrap();
+    let mut c = Chaos::start("nftables, Kubernetes API", "nftables", lab, agents);
+
+    c.outage(
+        "API server stopped; the agent SIGKILLed and restarted while it is down; API server back",
+        "keeps the dataplane, not ready while the API server is unreachable; \
+         a new agent touches nothing before its first complete list; \
+         lists again (or resumes its watches) and is ready once it answers",
+        &mut api.server,
+        testkit::apiserver::FakeApiServer::stop,
+        |s| s.resume().unwrap(),
+    );
+    let watched = "watch event, applied";
+    let (widen, narrow) = (
+        || {
+            api.server.apply(&widened).unwrap();
+        },
+        || {
+            api.server.apply(&shop_policy).unwrap();
+        },
+    );
+    c.change_policy(
+        "policy widened in the API (intruder admitted)",
+        watched,
+        WIDENED,
+        widen,
+    );
+    c.change_policy("policy narrowed again", watched, SHOP, narrow);
+    c.prober.hold(HOLD_ROUNDS);
+
+    c.begin(
+        "watches fall behind (nothing delivered), the policy widened meanwhile",
+        "cannot know: keeps the dataplane",
+        Allows::Nothing,
+        SHOP,
+    );
+    api.server.stall_watches();
+    widen();
+    c.prober.hold(HOLD_ROUNDS);
+    c.change_policy(
+        "… then every watch ends with 410 Gone (the change was compacted away)",
+        "410 Gone: lists again at once (no backoff), applies the difference",
+        WIDENED,
+        || {
+            api.server.expire_watches();
+        },
+    );
+    c.wait_ready("relisted after 410 Gone");
+    c.cut_off(
+        "the node cut off from the API server; meanwhile the policy narrowed",
+        narrow,
+        "reconnects (client-go's backoff), lists or resumes its watches, applies the difference",
+        SHOP,
+    );
+    c.prober.hold(HOLD_ROUNDS);
+
+    c.finish(started);
 }

@@ -1,7 +1,8 @@
 //! `nftpolicy explain --kernel` against a real node: the kernel's trace of
 //! a real connection must walk the model's chain path, in order, and reach
 //! the model's verdict — for an ingress deny-all (end of tier), an egress
-//! deny-all, and an allowed connection. And `--log-denied` must send an
+//! deny-all, an allowed connection, and a Calico tier that passes one
+//! client on and drops the rest at its end. And `--log-denied` must send an
 //! NFLOG record naming the denying policy.
 //!
 //! These tests need root (they create network namespaces).
@@ -219,10 +220,24 @@ fn kernel_trace_agrees_with_the_model() {
     );
 
     // Allowed, TCP and UDP: both directions' profiles accept.
-    for probe in &probes[2..] {
+    for probe in &probes[2..4] {
         let e = explain(&mut f, probe);
         assert_agree(&e, "accept");
     }
+
+    // Tier security passes client: the kernel walks the tier's policy and
+    // goes on to the profile, which accepts.
+    let guard = "cali-pi-gnp/security.guard";
+    let e = explain(&mut f, &probes[4]);
+    assert_agree(&e, "accept");
+    assert!(e.kernel_path().0.iter().any(|c| c == guard), "{}", e.stdout);
+    // Anyone else is dropped at the end of tier security, after its policy.
+    let (e, _) = dropped_after(&mut f, &probes[5], guard);
+    assert!(
+        e.stdout.contains("End of tier security"),
+        "the dropping rule's comment is shown:\n{}",
+        e.stdout
+    );
 }
 
 #[test]

@@ -94,7 +94,10 @@ fn policy_set_element(t: &Tables) -> (String, String) {
     table
         .sets
         .values()
-        .filter(|s| s.key == SetKey::Addr && policy.contains(&format!("{:?}", s.name)))
+        .filter(|s| {
+            matches!(s.key, SetKey::Addr | SetKey::Host)
+                && policy.contains(&format!("{:?}", s.name))
+        })
         .find_map(|s| {
             s.elements.iter().find_map(|e| match e {
                 SetElement::Net(n) if n.prefix_len() == n.max_prefix_len() => {

@@ -17,7 +17,7 @@ use clap::Args;
 
 use ::dataplane::{Node, Pipeline};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use watcher::{Source, Update};
 
 use crate::dataplane::{DataplaneArgs, EtcdTlsArgs};
@@ -35,6 +35,13 @@ pub struct RunArgs {
     /// ruleset (repairs drift).
     #[arg(long, env = "NFTPOLICY_RESYNC_INTERVAL", default_value = "90")]
     pub resync_interval: u64,
+    /// iptables backend with the legacy tools: every this many milliseconds,
+    /// when no apply is under way, compare the entry count and size of the
+    /// `filter` table (one getsockopt per family, no process) with what they
+    /// were after our last write; a difference runs the full comparison and
+    /// repair at once. `0` leaves repairs to --resync-interval.
+    #[arg(long, env = "NFTPOLICY_IPTABLES_CHECK_MS", default_value = "100")]
+    pub iptables_check_ms: u64,
     /// Health endpoints (`/liveness`, `/readiness`), felix's port.
     #[arg(long, env = "NFTPOLICY_HEALTH_ADDR", default_value = "127.0.0.1:9099")]
     pub health_addr: SocketAddr,
@@ -110,6 +117,9 @@ enum Job {
     },
     /// Compare the kernel with what we last wrote; repair if it differs.
     Resync,
+    /// Compare the dataplane's change marker with the one after our last
+    /// write or check; a `Resync` if it changed.
+    Check,
     /// Last resort before giving up (nftables): see `Pipeline::rebuild`.
     Rebuild { revision: i64 },
 }
@@ -128,6 +138,9 @@ struct Worker {
     metrics: Arc<Metrics>,
     /// The error of the last failed apply or rebuild, until reported.
     last_error: Option<String>,
+    /// The dataplane's change marker after our last write or resync (0:
+    /// none), shared with the table-size check thread.
+    marker: Arc<AtomicU64>,
 }
 
 impl Worker {
@@ -192,32 +205,68 @@ impl Worker {
         }
     }
 
+    /// Runs `job`; `None` when there is nothing to report.
+    fn job(&mut self, job: Job) -> Option<(bool, i64)> {
+        Some(match job {
+            Job::Updates(updates) => {
+                self.node.fold(updates);
+                return None;
+            }
+            Job::Apply { revision, received } => {
+                // Someone changed our tables since our last look: the
+                // apply reads the kernel back instead of trusting its
+                // belief, so it repairs that too.
+                let known = self.marker.load(Ordering::Relaxed);
+                if known != 0 && self.read_marker() != known {
+                    let _ = self.node.pipeline_mut().dataplane_mut().invalidate();
+                }
+                (self.program(revision, &received, Node::apply), revision)
+            }
+            Job::Resync => (self.resync()?, -1),
+            Job::Check => {
+                // Again, now that no write of ours can be under way.
+                if self.read_marker() == self.marker.load(Ordering::Relaxed) {
+                    return None;
+                }
+                debug!("our tables changed behind our back; comparing them in full");
+                let repaired = self.resync();
+                self.marker.store(self.read_marker(), Ordering::Relaxed);
+                (repaired?, -1)
+            }
+            Job::Rebuild { revision } => {
+                let ok = match self.node.rebuild() {
+                    Ok(rebuilt) => rebuilt,
+                    Err(e) => {
+                        let e = ::dataplane::error_chain(&e);
+                        error!("{e}");
+                        self.last_error = Some(e);
+                        false
+                    }
+                };
+                (ok, revision)
+            }
+        })
+    }
+
+    fn read_marker(&self) -> u64 {
+        self.node
+            .pipeline()
+            .dataplane()
+            .change_marker()
+            .unwrap_or(0)
+    }
+
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>, done: mpsc::UnboundedSender<JobDone>) {
         for job in jobs {
-            let (ok, revision) = match job {
-                Job::Updates(updates) => {
-                    self.node.fold(updates);
-                    continue;
-                }
-                Job::Apply { revision, received } => {
-                    (self.program(revision, &received, Node::apply), revision)
-                }
-                Job::Resync => match self.resync() {
-                    Some(ok) => (ok, -1),
-                    None => continue,
-                },
-                Job::Rebuild { revision } => {
-                    let ok = match self.node.rebuild() {
-                        Ok(rebuilt) => rebuilt,
-                        Err(e) => {
-                            let e = ::dataplane::error_chain(&e);
-                            error!("{e}");
-                            self.last_error = Some(e);
-                            false
-                        }
-                    };
-                    (ok, revision)
-                }
+            let wrote = matches!(job, Job::Apply { .. } | Job::Resync | Job::Rebuild { .. });
+            let outcome = self.job(job);
+            if wrote {
+                // After our own writes and comparisons: the tables as they
+                // are with nobody else's change in them.
+                self.marker.store(self.read_marker(), Ordering::Relaxed);
+            }
+            let Some((ok, revision)) = outcome else {
+                continue;
             };
             let error = self.last_error.take();
             let _ = done.send(JobDone {
@@ -266,10 +315,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     let dataplane = ::dataplane::open(args.dataplane.kind(), args.dataplane.iptables_tools())?;
     let own_port = dataplane.own_port();
     let mut kernel_changes = crate::tamper::spawn(&args.watch, own_port)?;
+    let marker = Arc::new(AtomicU64::new(0));
     let worker = Worker {
         node: Node::new(Pipeline::new(args.dataplane.compile_options(), dataplane)),
         metrics: metrics.clone(),
         last_error: None,
+        marker: marker.clone(),
     };
     std::thread::Builder::new()
         .name("programmer".into())
@@ -286,6 +337,17 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
     resync.tick().await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The cheap check between resyncs (iptables, legacy tools).
+    let mut table_changes = (args.dataplane.kind() == ::dataplane::Kind::Iptables
+        && args.dataplane.iptables_tools() == iptables::Backend::Legacy
+        && args.iptables_check_ms > 0)
+        .then(|| {
+            crate::tamper::spawn_table_size_check(
+                Duration::from_millis(args.iptables_check_ms),
+                marker.clone(),
+            )
+        })
+        .transpose()?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut applied_once = false;
     // Repeated kernel failures: retry with backoff (re-reading the kernel
@@ -389,6 +451,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
             }
             _ = tick.tick() => {
                 health.last_tick.store(now_secs(), Ordering::Relaxed);
+            }
+            Some(()) = async { table_changes.as_mut()?.recv().await }, if table_changes.is_some() => {
+                // Only when no apply is under way (the next notice comes
+                // with the next check); the programmer thread compares
+                // again, after whatever it was doing.
+                if applied_once && !busy {
+                    job_tx.send(Job::Check)?;
+                }
             }
             Some(()) = async { kernel_changes.as_mut()?.recv().await }, if kernel_changes.is_some() => {
                 if applied_once {

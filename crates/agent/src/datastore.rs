@@ -117,6 +117,12 @@ fn snapshot(source: Source, shown: &str) -> anyhow::Result<(ClusterState, usize)
                 ),
             };
             let in_sync = matches!(update, watcher::Update::InSync { .. });
+            // An empty etcd is not read as an empty cluster; say so now
+            // rather than at the timeout.
+            if matches!(&update, watcher::Update::Disconnected { reason } if reason == watcher::etcd::EMPTY_REASON)
+            {
+                bail!("datastore {shown}: {}", watcher::etcd::EMPTY_REASON);
+            }
             cache.apply(update);
             if in_sync {
                 for (key, why) in &cache.invalid {

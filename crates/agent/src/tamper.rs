@@ -10,11 +10,19 @@
 //!   until none came for [`QUIET`] (at most [`DEBOUNCE`]) before asking.
 //!   (It used to wait the whole [`DEBOUNCE`] after every change, which was
 //!   most of the time a deleted table stayed deleted.)
+//! * **Tampering with legacy iptables**, which sends no notifications: a
+//!   thread compares the `filter` table's entry count and size
+//!   ([`dataplane::legacy_filter_marker`], one getsockopt per family) every
+//!   `--iptables-check-ms` with what the programmer thread noted after its
+//!   last write, and on a difference asks the daemon loop for a check
+//!   there (which compares again, then resyncs).
 //! * **Repeated kernel failures**: when diffs keep failing (our committed
 //!   state and the kernel disagree in a way re-reading does not fix), the
 //!   daemon has `dataplane::Pipeline::rebuild` replace our tables whole in
 //!   one atomic transaction before it gives up.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -72,6 +80,37 @@ pub fn spawn(
         .spawn(move || watch(monitor, own_port, tx))?;
     info!("watching nf_tables for changes to our tables by others");
     Ok(Some(rx))
+}
+
+/// Starts the table-size check thread (iptables backend, legacy tools):
+/// every `interval` it compares [`dataplane::legacy_filter_marker`] with
+/// `marker` (what the programmer thread noted after its last write; 0:
+/// nothing yet) and yields `()` when they differ.
+pub fn spawn_table_size_check(
+    interval: Duration,
+    marker: Arc<AtomicU64>,
+) -> anyhow::Result<mpsc::Receiver<()>> {
+    let (tx, rx) = mpsc::channel(1);
+    std::thread::Builder::new()
+        .name("table-size-check".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            if tx.is_closed() {
+                return;
+            }
+            let known = marker.load(Ordering::Relaxed);
+            if known != 0 && ::dataplane::legacy_filter_marker().is_some_and(|m| m != known) {
+                match tx.try_send(()) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(())) => {}
+                    Err(mpsc::error::TrySendError::Closed(())) => return,
+                }
+            }
+        })?;
+    info!(
+        ?interval,
+        "checking the size of the iptables filter table for changes by others"
+    );
+    Ok(rx)
 }
 
 fn watch(mut monitor: Monitor, own_port: u32, tx: mpsc::Sender<()>) {

@@ -17,14 +17,10 @@ name: web-deny-all-copy
 steps:
   - apply:
       - {apiVersion: v1, kind: Namespace, metadata: {name: default}}
-      - apiVersion: v1
-        kind: Pod
-        metadata: {name: web, namespace: default, labels: {app: web}}
-        spec: {containers: [{name: web, ports: [{containerPort: 80, protocol: TCP}]}]}
-      - apiVersion: v1
-        kind: Pod
-        metadata: {name: client, namespace: default, labels: {app: client}}
-        spec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+      - {apiVersion: v1, kind: Pod, metadata: {name: web, namespace: default, labels: {app: web}},
+         spec: {containers: [{name: web, ports: [{containerPort: 80, protocol: TCP}]}]}}
+      - {apiVersion: v1, kind: Pod, metadata: {name: client, namespace: default, labels: {app: client}},
+         spec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}}
     probes:
       - {from: default/client, to: default/web, port: 80, expect: allow}
   - apply:

@@ -18,6 +18,10 @@
 //! returned as a [`RulesetPatch`]; member counts per policy, profile and
 //! set say what starts and stops being needed.
 //!
+//! A member change that turns a selector set from all host addresses
+//! (an nft hash set) to holding a CIDR (an interval set), or back, also
+//! recompiles in full: the kernel cannot change a set's type in place.
+//!
 //! Anything else — a policy, profile or namespace change — recompiles in
 //! full ([`Outcome::Rebuilt`]); the result is the same as
 //! [`compile`](crate::compile) either way (tests check this).
@@ -36,8 +40,8 @@ use crate::logical::{
 };
 use crate::lower_nft::{dispatch_maps, ip_set_name, lower_chain, to_nftables};
 use crate::nft::{
-    referenced_sets, ElementDelta, Ruleset, RulesetPatch, SetDelta, SetElement, TableFamily,
-    TablePatch,
+    referenced_sets, ElementDelta, Ruleset, RulesetPatch, SetDelta, SetElement, SetKey,
+    TableFamily, TablePatch,
 };
 
 /// What [`IncrementalCompiler::update`] did.
@@ -512,6 +516,15 @@ impl IncrementalCompiler {
             return Ok(Outcome::Rebuilt);
         }
         let (net_changes, named_changes) = self.member_changes(state, changes);
+        // A selector set is a hash set while every member is a host address
+        // and an interval set otherwise (`SetKey::Host`). The kernel cannot
+        // change a set's type in place: a change that flips one compiles in
+        // full, and the programmer re-creates the set (and refills the
+        // chains that use it) in the same transaction.
+        if self.set_type_flips(&net_changes) {
+            self.rebuild(state)?;
+            return Ok(Outcome::Rebuilt);
+        }
         self.note_rejections(state, changes);
         let node = &self.options().node;
         let is_local = |r: Option<&Resource>| matches!(r, Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node);
@@ -531,6 +544,18 @@ impl IncrementalCompiler {
             net_changes,
             named_changes,
         )))
+    }
+
+    /// Some selector set in `net_changes` now needs the other nft set type.
+    fn set_type_flips(&self, net_changes: &HashMap<String, NetChanges>) -> bool {
+        net_changes.keys().any(|id| {
+            let hosts = self.sets.get(id).is_some_and(|m| m.wide_nets == 0);
+            self.ruleset.tables.iter().any(|t| {
+                t.sets.get(&ip_set_name(id, t.family)).is_some_and(|s| {
+                    matches!(s.key, SetKey::Host | SetKey::Addr) && (s.key == SetKey::Host) != hosts
+                })
+            })
+        })
     }
 
     /// Keeps the ruleset's list of rejected objects (in key order, as a full

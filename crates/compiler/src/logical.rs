@@ -288,6 +288,17 @@ pub enum IpSetKind {
 }
 
 impl IpSet {
+    /// Every member (of both families) is a single address: the nftables
+    /// backend makes it a hash set ([`SetKey::Host`](crate::nft::SetKey)).
+    /// Decided for both families at once, as the incremental compiler
+    /// tracks it (a member that is not a host net in either family).
+    pub fn hosts_only(&self) -> bool {
+        self.nets_v4
+            .iter()
+            .chain(&self.nets_v6)
+            .all(|n| n.prefix_len() == n.max_prefix_len())
+    }
+
     /// A human-readable description, for set comments.
     pub fn describe(&self) -> String {
         match &self.kind {

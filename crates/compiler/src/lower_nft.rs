@@ -506,7 +506,11 @@ impl Lowering<'_> {
             } else {
                 let nets = if v6 { &set.nets_v6 } else { &set.nets_v4 };
                 (
-                    SetKey::Addr,
+                    if set.hosts_only() {
+                        SetKey::Host
+                    } else {
+                        SetKey::Addr
+                    },
                     nets.iter().map(|n| SetElement::Net(*n)).collect(),
                 )
             };

@@ -278,6 +278,12 @@ pub struct Set {
 pub enum SetKey {
     /// `ipv4_addr` / `ipv6_addr` (by table family), `flags interval`.
     Addr,
+    /// `ipv4_addr` / `ipv6_addr` without flags: a hash set whose elements
+    /// are single addresses (host nets). Selector sets whose members are
+    /// all pods are these: the kernel adds one hash element in about half
+    /// the time of an interval's start and end elements, and at scale set
+    /// elements are most of the kernel's cold programming time.
+    Host,
     /// `inet_service`, `flags interval`.
     Port,
     /// `ipv4_addr . inet_proto . inet_service` (or ipv6): named ports.

@@ -67,6 +67,9 @@ fn render_set(family: TableFamily, s: &Set, out: &mut String) {
         SetKey::Addr => {
             let _ = writeln!(out, "\t\ttype {addr}\n\t\tflags interval");
         }
+        SetKey::Host => {
+            let _ = writeln!(out, "\t\ttype {addr}");
+        }
         SetKey::Port => {
             let _ = writeln!(out, "\t\ttype inet_service\n\t\tflags interval");
         }
@@ -169,6 +172,14 @@ pub fn match_text(family: TableFamily, m: &Match) -> String {
             }
             format!("ct state {}", names.join(","))
         }
+        // The shortest form nft accepts for each case, so that `nft` turns
+        // this text into the same expressions the programmer encodes (the
+        // programmer's byte-level oracle test feeds it to `nft`).
+        Match::Mark {
+            mask: u32::MAX,
+            value,
+            negate,
+        } => format!("meta mark {}{value:#010x}", op(*negate)),
         Match::Mark {
             mask,
             value,
@@ -257,6 +268,7 @@ pub fn rule(family: TableFamily, r: &Rule) -> String {
             Stmt::SetMark { clear, set } => match (clear, set) {
                 (0, s) => format!("meta mark set meta mark | {s:#010x}"),
                 (c, 0) => format!("meta mark set meta mark & {:#010x}", !c),
+                (c, s) if c | s == u32::MAX => format!("meta mark set {s:#010x}"),
                 (c, s) => format!("meta mark set meta mark & {:#010x} | {s:#010x}", !c),
             },
             Stmt::Log {
@@ -268,7 +280,10 @@ pub fn rule(family: TableFamily, r: &Rule) -> String {
                 if let Some(r) = rate_per_second {
                     t.push_str(&format!("limit rate {r}/second "));
                 }
-                t.push_str(&format!("log prefix \"{prefix}\""));
+                t.push_str("log");
+                if !prefix.is_empty() {
+                    t.push_str(&format!(" prefix \"{prefix}\""));
+                }
                 if let Some(g) = group {
                     t.push_str(&format!(" group {g}"));
                 }

@@ -27,6 +27,45 @@ fn tiers_golden() {
     expect_file!["golden/tiers.node1.nft"].assert_eq(&compiler::render_nft::render(&rs));
 }
 
+/// Service accounts as felix renders them: web runs as `backend` (its
+/// profile `ksa.default.backend` comes after the namespace's in its
+/// endpoint chains); the policy's serviceAccountSelector and the rule's
+/// serviceAccounts are selectors over `pcsa.` labels and the
+/// service-account label, whose sets hold the matching pods.
+#[test]
+fn service_accounts_golden() {
+    let yaml = format!(
+        "{DEFAULT_NAMESPACE}---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: backend, namespace: default, labels: {{role: db}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: web, namespace: default, labels: {{app: web}}}}
+spec: {{nodeName: node1, serviceAccountName: backend, containers: [{{name: c}}]}}
+status: {{podIP: 198.18.128.1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: default}}
+spec: {{nodeName: node2, serviceAccountName: frontend, containers: [{{name: c}}]}}
+status: {{podIP: 198.18.128.2}}
+---
+apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata: {{name: db-ingress, namespace: default}}
+spec:
+  serviceAccountSelector: role == 'db'
+  types: [Ingress]
+  ingress:
+  - {{action: Allow, protocol: TCP, source: {{serviceAccounts: {{names: [frontend]}}}}, destination: {{ports: [5432]}}}}
+"
+    );
+    let rs = compile(&yaml, &CompileOptions::new("node1"));
+    expect_file!["golden/service-accounts.node1.nft"].assert_eq(&compiler::render_nft::render(&rs));
+}
+
 #[test]
 fn mark_mask_v2_uses_pass_bit_0x2000000() {
     let mut opts = CompileOptions::new("node1");

@@ -57,6 +57,15 @@ impl Dataplane for IptablesDataplane {
         crate::remove_nftables_state()
     }
 
+    /// With the legacy tools: [`legacy_filter_marker`]. The nft-based tools
+    /// have no such summary here.
+    fn change_marker(&self) -> Option<u64> {
+        if self.programmer.backend() != iptables::Backend::Legacy {
+            return None;
+        }
+        legacy_filter_marker()
+    }
+
     fn stats(&self) -> Stats {
         let s = self.programmer.stats();
         Stats {
@@ -68,6 +77,24 @@ impl Dataplane for IptablesDataplane {
             ..Stats::default()
         }
     }
+}
+
+/// The legacy `filter` table's entry count and size in both families
+/// (`iptables::table_size`, one getsockopt each), hashed: it changes when
+/// anyone adds, removes or flushes rules. `None` when they cannot be read.
+pub fn legacy_filter_marker() -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in compiler::render_iptables::IpFamily::ALL {
+        match iptables::table_size::legacy_table_size(f, compiler::render_iptables::TABLE) {
+            Ok(size) => size.hash(&mut h),
+            Err(e) => {
+                tracing::debug!("reading the size of the {f:?} filter table: {e}");
+                return None;
+            }
+        }
+    }
+    Some(h.finish())
 }
 
 /// Removes iptables-mode state left by an earlier run with `--backend

@@ -37,7 +37,7 @@ use compiler::nft::{ElementDelta, Ruleset, RulesetPatch};
 use compiler::LogicalRuleset;
 use model::calico::{Resource, ResourceKey};
 
-pub use iptables_backend::{remove_iptables_state, IptablesDataplane};
+pub use iptables_backend::{legacy_filter_marker, remove_iptables_state, IptablesDataplane};
 pub use nft_backend::{remove_nftables_state, NftDataplane};
 pub use pipeline::{Node, Pipeline};
 
@@ -195,6 +195,14 @@ pub trait Dataplane: Send {
     /// (so change notifications from it are not foreign); `None` (the
     /// default) when the backend does not commit over netlink.
     fn own_port(&self) -> Option<u32> {
+        None
+    }
+
+    /// A cheap summary of the kernel tables this backend writes that
+    /// changes when anyone changes them (compared before and after to find
+    /// tampering without a full read-back); `None` (the default) when the
+    /// backend has none.
+    fn change_marker(&self) -> Option<u64> {
         None
     }
 

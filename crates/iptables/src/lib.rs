@@ -30,6 +30,8 @@
 //! Commands run in the current network namespace, or behind a command
 //! prefix such as `ip netns exec NS` ([`IptablesProgrammer::with_command_prefix`]).
 
+pub mod table_size;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::Write as _;

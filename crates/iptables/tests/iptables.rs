@@ -744,3 +744,42 @@ fn packets_follow_the_policy() {
         assert_eq!(got, want, "{what}");
     }
 }
+
+/// The table-size summary (`iptables::table_size`, what the agent's
+/// `--iptables-check-ms` compares) changes when another program flushes
+/// one of our chains or deletes one rule, and not while nothing changes
+/// (packets counted by the rules do not change it).
+#[test]
+fn the_table_size_changes_when_others_change_our_chains() {
+    use iptables::table_size::legacy_table_size;
+    let (ns, _, rulesets) = with_one_client("size", Backend::Legacy);
+    let size = |f| {
+        testkit::netns::run_in(&ns.0.path(), move || {
+            legacy_table_size(f, "filter").expect("getsockopt")
+        })
+        .unwrap()
+        .expect("a filter table")
+    };
+    let (v4, v6) = (size(IpFamily::V4), size(IpFamily::V6));
+    assert_eq!(size(IpFamily::V4), v4, "nothing changed");
+    let chain = rulesets
+        .v4
+        .chains
+        .keys()
+        .find(|c| c.starts_with("cali-tw-"))
+        .unwrap()
+        .clone();
+    ns.sh(&["iptables-legacy", "-t", "filter", "-F", &chain], "");
+    let flushed = size(IpFamily::V4);
+    assert!(
+        flushed.entries < v4.entries && flushed.bytes < v4.bytes,
+        "{v4:?} -> {flushed:?}"
+    );
+    assert_eq!(size(IpFamily::V6), v6, "the other family is its own table");
+    let rule_chain = "cali-FORWARD";
+    ns.sh(
+        &["iptables-legacy", "-t", "filter", "-D", rule_chain, "1"],
+        "",
+    );
+    assert!(size(IpFamily::V4).entries < flushed.entries);
+}

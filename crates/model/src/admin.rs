@@ -510,6 +510,7 @@ pub fn to_calico(p: &AdminPolicy) -> Result<GlobalNetworkPolicy, String> {
             order,
             selector,
             namespace_selector: Some(namespace_selector),
+            service_account_selector: None,
             types,
             ingress,
             egress,

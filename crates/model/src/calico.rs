@@ -310,7 +310,12 @@ impl Resource {
             .unwrap_or_default();
         let decoded = decode_typed(&value).and_then(|r| r.validate().map(|()| r));
         let reason = match (decoded, problems.is_empty()) {
-            (Ok(r), true) => return Ok(r),
+            (Ok(mut r), true) => {
+                if let Resource::WorkloadEndpoint(w) = &mut r {
+                    crate::serviceaccount::felix_labels(w);
+                }
+                return Ok(r);
+            }
             (Ok(_), false) => crate::fields::describe(&problems),
             (Err(e), true) => e,
             (Err(e), false) => format!("{}; {e}", crate::fields::describe(&problems)),
@@ -454,6 +459,9 @@ fn parse_selector(field: &str, text: &str) -> Result<Selector, String> {
 
 fn validate_policy_spec(name: &str, spec: &PolicySpec) -> Result<(), String> {
     parse_selector("spec.selector", &spec.selector)?;
+    if let Some(s) = &spec.service_account_selector {
+        parse_selector("spec.serviceAccountSelector", s)?;
+    }
     validate_tiered_name(name, spec.tier())?;
     validate_rules("spec.ingress", &spec.ingress)?;
     validate_rules("spec.egress", &spec.egress)
@@ -490,6 +498,10 @@ fn validate_rules(field: &str, rules: &[Rule]) -> Result<(), String> {
                 if let Some(s) = s {
                     parse_selector(&format!("{at}.{f}"), s)?;
                 }
+            }
+            if let Some(m) = &entity.service_accounts {
+                crate::serviceaccount::validate_match(m)
+                    .map_err(|e| format!("{at}.serviceAccounts.{e}"))?;
             }
             let has_ports = !entity.ports.is_empty() || !entity.not_ports.is_empty();
             if has_ports {
@@ -588,6 +600,10 @@ pub struct PolicySpec {
     /// GlobalNetworkPolicy only: restricts the endpoints by namespace labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<String>,
+    /// Restricts the endpoints by their service account's labels
+    /// ([`crate::serviceaccount`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_selector: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub types: Vec<PolicyType>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -676,6 +692,10 @@ pub struct EntityRule {
     pub not_selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<String>,
+    /// Endpoints by service account: names and/or a selector over the
+    /// account's labels ([`crate::serviceaccount`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_accounts: Option<ServiceAccountMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<Port>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -686,6 +706,18 @@ impl EntityRule {
     pub fn is_empty(&self) -> bool {
         self == &EntityRule::default()
     }
+}
+
+/// A rule's `serviceAccounts`: endpoints whose service account is one of
+/// `names` and whose account's labels match `selector` (both, when both
+/// are given; neither restricts anything, as in Calico).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountMatch {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
 }
 
 /// An IP protocol, by Calico name or number.

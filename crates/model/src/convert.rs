@@ -4,7 +4,9 @@
 //! - Namespace `<ns>` → Profile `kns.<ns>` allowing all, applying the
 //!   namespace's labels to its endpoints as `pcns.<label>`;
 //! - Pod → WorkloadEndpoint `<node>-k8s-<pod>-eth0` with interface
-//!   `cali` + sha1(`<ns>.<pod>`)[:11] and the pod's named ports;
+//!   `cali` + sha1(`<ns>.<pod>`)[:11], the pod's named ports and profiles
+//!   `kns.<ns>`, `ksa.<ns>.<account>`;
+//! - ServiceAccount → Profile `ksa.<ns>.<name>` ([`crate::serviceaccount`]);
 //! - NetworkPolicy `<name>` → Calico NetworkPolicy `knp.default.<name>`,
 //!   order 1000, one Allow rule per (peer × protocol).
 //!
@@ -68,6 +70,9 @@ pub fn kube_to_calico(obj: &KubeObject) -> Result<Option<Resource>, ConvertError
             .map_err(err),
         KubeObject::Admin(p) => crate::admin::to_calico(p)
             .map(|p| Some(Resource::GlobalNetworkPolicy(p)))
+            .map_err(err),
+        KubeObject::ServiceAccount(sa) => crate::serviceaccount::to_profile(sa)
+            .map(|p| Some(Resource::Profile(p)))
             .map_err(err),
     }
 }
@@ -199,9 +204,17 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
     validate_labels(&labels)?;
     labels.insert(calico::LABEL_NAMESPACE.into(), namespace.clone());
     labels.insert(calico::LABEL_ORCHESTRATOR.into(), ORCHESTRATOR_K8S.into());
-    let service_account = spec.and_then(|s| s.service_account_name.clone());
-    if let Some(sa) = &service_account {
-        labels.insert(calico::LABEL_SERVICE_ACCOUNT.into(), sa.clone());
+    // The API server's ServiceAccount admission names `default` when the
+    // pod names no account; the label as libcalico-go sets it (only when
+    // short enough to be a label value; felix's view sets it regardless).
+    let service_account =
+        crate::serviceaccount::pod_account(spec.and_then(|s| s.service_account_name.as_deref()))
+            .to_owned();
+    if service_account.len() < 63 {
+        labels.insert(
+            calico::LABEL_SERVICE_ACCOUNT.into(),
+            service_account.clone(),
+        );
     }
     let mut ports = Vec::new();
     for c in spec.map(|s| s.containers.as_slice()).unwrap_or_default() {
@@ -226,6 +239,10 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
         }
     }
     let ip_networks = ips.into_iter().map(IpNet::from).collect();
+    let profiles = vec![
+        namespace_profile_name(&namespace),
+        crate::serviceaccount::profile_name(&namespace, &service_account),
+    ];
     let mut metadata = ObjectMeta {
         name: workload_endpoint_name(&node, &name, "eth0"),
         namespace: Some(namespace.clone()),
@@ -235,7 +252,7 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
     if let Some(reason) = crate::kube::rejection(&pod.metadata) {
         reject::mark_rejected(&mut metadata.annotations, reason);
     }
-    Ok(Some(WorkloadEndpoint {
+    let mut wep = WorkloadEndpoint {
         api_version: calico::API_VERSION.into(),
         metadata,
         spec: WorkloadEndpointSpec {
@@ -245,14 +262,16 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
             container_id: String::new(),
             pod: name.clone(),
             endpoint: "eth0".into(),
-            service_account_name: service_account,
+            service_account_name: Some(service_account),
             ip_networks,
-            profiles: vec![namespace_profile_name(&namespace)],
+            profiles,
             interface_name: interface_name(&namespace, &name),
             mac: None,
             ports,
         },
-    }))
+    };
+    crate::serviceaccount::felix_labels(&mut wep);
+    Ok(Some(wep))
 }
 
 pub fn network_policy_to_calico(
@@ -292,6 +311,7 @@ pub fn network_policy_to_calico(
             order: Some(K8S_POLICY_ORDER),
             selector,
             namespace_selector: None,
+            service_account_selector: None,
             types,
             ingress,
             egress,

@@ -177,6 +177,8 @@ pub const METADATA: Fields = &[
 
 const ICMP: Fields = &[("type", Field::Used), ("code", Field::Used)];
 
+const SERVICE_ACCOUNT_MATCH: Fields = &[("names", Field::Used), ("selector", Field::Used)];
+
 const ENTITY_RULE: Fields = &[
     ("nets", Field::Used),
     ("notNets", Field::Used),
@@ -185,10 +187,7 @@ const ENTITY_RULE: Fields = &[
     ("namespaceSelector", Field::Used),
     ("ports", Field::Used),
     ("notPorts", Field::Used),
-    (
-        "serviceAccounts",
-        Field::Unimplemented("matches endpoints by their service account"),
-    ),
+    ("serviceAccounts", Field::Object(SERVICE_ACCOUNT_MATCH)),
     (
         "services",
         Field::Unimplemented("matches a Kubernetes Service's endpoints and ports"),
@@ -228,10 +227,7 @@ macro_rules! policy_fields {
             ("types", Field::Used),
             ("ingress", Field::List(RULE)),
             ("egress", Field::List(RULE)),
-            (
-                "serviceAccountSelector",
-                Field::Unimplemented("limits the policy to endpoints of some service accounts"),
-            ),
+            ("serviceAccountSelector", Field::Used),
             (
                 "performanceHints",
                 Field::UnimplementedUnlessDefault("hints on how felix should program the policy"),
@@ -294,12 +290,7 @@ const WORKLOAD_ENDPOINT_SPEC: Fields = &[
     ("profiles", Field::Used),
     ("interfaceName", Field::Used),
     ("ports", Field::List(ENDPOINT_PORT)),
-    (
-        "serviceAccountName",
-        Field::Ignored(
-            "read only by service-account matches, which are rejected where a policy uses them",
-        ),
-    ),
+    ("serviceAccountName", Field::Used),
     (
         "mac",
         Field::Ignored("a layer-2 address; policy matches IP addresses"),
@@ -448,12 +439,31 @@ const K8S_NAMESPACE: Fields = &[
     ),
 ];
 
-/// The fields of a Kubernetes object (`v1` Namespace and Pod,
-/// `networking.k8s.io/v1` NetworkPolicy).
+const K8S_SERVICE_ACCOUNT: Fields = &[
+    ("apiVersion", Field::Used),
+    ("kind", Field::Used),
+    ("metadata", Field::Object(METADATA)),
+    (
+        "secrets",
+        Field::Ignored("credentials for the pods; policy matches the account's name and labels"),
+    ),
+    (
+        "imagePullSecrets",
+        Field::Ignored("credentials for the pods; policy matches the account's name and labels"),
+    ),
+    (
+        "automountServiceAccountToken",
+        Field::Ignored("credentials for the pods; policy matches the account's name and labels"),
+    ),
+];
+
+/// The fields of a Kubernetes object (`v1` Namespace, Pod and
+/// ServiceAccount, `networking.k8s.io/v1` NetworkPolicy).
 pub fn kubernetes(kind: &str) -> Option<Fields> {
     Some(match kind {
         "Namespace" => K8S_NAMESPACE,
         "Pod" => K8S_POD,
+        "ServiceAccount" => K8S_SERVICE_ACCOUNT,
         "NetworkPolicy" => K8S_NETWORK_POLICY,
         _ => return crate::admin::fields(kind),
     })
@@ -512,7 +522,8 @@ mod tests {
         let rule = r#"{"action":"Deny","ipVersion":4,"protocol":"ICMP","notProtocol":"TCP",
             "icmp":{"type":8,"code":0},"notICMP":{"type":0},
             "source":{"nets":["198.18.0.0/16"],"notNets":["198.18.1.0/24"],"selector":"a == 'b'",
-                      "notSelector":"c == 'd'","namespaceSelector":"all()"},
+                      "notSelector":"c == 'd'","namespaceSelector":"all()",
+                      "serviceAccounts":{"names":["sa"],"selector":"role == 'x'"}},
             "destination":{"selector":"x == 'y'"}}"#;
         let tcp_rule = r#"{"action":"Allow","protocol":"TCP",
             "source":{"ports":[1,"2:3","http"],"notPorts":[9]},
@@ -522,7 +533,7 @@ mod tests {
         let docs = [
             format!(
                 r#"{{"apiVersion":"projectcalico.org/v3","kind":"NetworkPolicy","metadata":{meta},
-                "spec":{{"tier":"default","order":10,"selector":"all()","types":["Ingress","Egress"],
+                "spec":{{"tier":"default","order":10,"selector":"all()","serviceAccountSelector":"a == 'b'","types":["Ingress","Egress"],
                 "ingress":[{rule},{tcp_rule}],"egress":[{rule}]}}}}"#
             ),
             format!(

@@ -1,4 +1,5 @@
-//! Kubernetes inputs: Namespace, Pod and NetworkPolicy (networking.k8s.io/v1),
+//! Kubernetes inputs: Namespace, Pod, ServiceAccount and NetworkPolicy
+//! (networking.k8s.io/v1),
 //! as `kubectl get -o yaml` prints them, in multi-document YAML and `v1/List`s.
 //! Calico v3 resources may appear in the same files ([`Manifest::Calico`]).
 //!
@@ -11,7 +12,7 @@
 
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::de::DeserializeOwned;
@@ -47,6 +48,8 @@ pub enum KubeObject {
     NetworkPolicy(NetworkPolicy),
     /// AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy.
     Admin(AdminPolicy),
+    /// Its labels select pods by account ([`crate::serviceaccount`]).
+    ServiceAccount(ServiceAccount),
 }
 
 /// Which Kubernetes kind an object is.
@@ -56,6 +59,7 @@ pub enum KubeKind {
     Pod,
     NetworkPolicy,
     Admin(AdminKind),
+    ServiceAccount,
 }
 
 impl KubeKind {
@@ -64,6 +68,7 @@ impl KubeKind {
             "Namespace" => Some(KubeKind::Namespace),
             "Pod" => Some(KubeKind::Pod),
             "NetworkPolicy" => Some(KubeKind::NetworkPolicy),
+            "ServiceAccount" => Some(KubeKind::ServiceAccount),
             other => AdminKind::from_name(other).map(KubeKind::Admin),
         }
     }
@@ -81,6 +86,7 @@ impl fmt::Display for KubeKind {
             KubeKind::Pod => "Pod",
             KubeKind::NetworkPolicy => "NetworkPolicy",
             KubeKind::Admin(k) => k.name(),
+            KubeKind::ServiceAccount => "ServiceAccount",
         })
     }
 }
@@ -109,6 +115,7 @@ impl KubeObject {
             KubeObject::Pod(_) => KubeKind::Pod,
             KubeObject::NetworkPolicy(_) => KubeKind::NetworkPolicy,
             KubeObject::Admin(p) => KubeKind::Admin(p.admin_kind()),
+            KubeObject::ServiceAccount(_) => KubeKind::ServiceAccount,
         }
     }
 
@@ -118,6 +125,7 @@ impl KubeObject {
             KubeObject::Pod(o) => &o.metadata,
             KubeObject::NetworkPolicy(o) => &o.metadata,
             KubeObject::Admin(o) => &o.metadata,
+            KubeObject::ServiceAccount(o) => &o.metadata,
         };
         meta.name.as_deref().unwrap_or("")
     }
@@ -130,6 +138,9 @@ impl KubeObject {
             KubeObject::NetworkPolicy(o) => {
                 Some(o.metadata.namespace.as_deref().unwrap_or("default"))
             }
+            KubeObject::ServiceAccount(o) => {
+                Some(o.metadata.namespace.as_deref().unwrap_or("default"))
+            }
         }
     }
 
@@ -139,6 +150,7 @@ impl KubeObject {
             KubeObject::Pod(o) => &o.metadata,
             KubeObject::NetworkPolicy(o) => &o.metadata,
             KubeObject::Admin(o) => &o.metadata,
+            KubeObject::ServiceAccount(o) => &o.metadata,
         }
     }
 
@@ -148,6 +160,7 @@ impl KubeObject {
             KubeObject::Pod(o) => &mut o.metadata,
             KubeObject::NetworkPolicy(o) => &mut o.metadata,
             KubeObject::Admin(o) => &mut o.metadata,
+            KubeObject::ServiceAccount(o) => &mut o.metadata,
         }
     }
 
@@ -179,7 +192,7 @@ pub enum ManifestError {
     Yaml { what: String, reason: String },
     #[error("{what}: document {index} has no kind/apiVersion")]
     Untyped { what: String, index: usize },
-    #[error("{what}: {api_version}/{kind} {name:?}: unsupported kind (nftpolicy reads v1 Namespace, Pod, List, networking.k8s.io/v1 NetworkPolicy, policy.networking.k8s.io AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy and projectcalico.org/v3 resources)")]
+    #[error("{what}: {api_version}/{kind} {name:?}: unsupported kind (nftpolicy reads v1 Namespace, Pod, ServiceAccount, List, networking.k8s.io/v1 NetworkPolicy, policy.networking.k8s.io AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy and projectcalico.org/v3 resources)")]
     UnknownKind {
         what: String,
         api_version: String,
@@ -276,7 +289,8 @@ pub fn parse_value(
         (calico::API_VERSION, _) => {
             out.push(Manifest::Calico(Resource::from_value(what, value)?));
         }
-        ("v1", "Namespace") | ("v1", "Pod") | ("networking.k8s.io/v1", "NetworkPolicy") => {
+        ("v1", "Namespace" | "Pod" | "ServiceAccount")
+        | ("networking.k8s.io/v1", "NetworkPolicy") => {
             if name.is_empty() {
                 return Err(invalid("metadata.name is missing".into()));
             }
@@ -286,6 +300,7 @@ pub fn parse_value(
             let decoded = match kind.as_str() {
                 "Namespace" => typed(&value).map(KubeObject::Namespace),
                 "Pod" => typed(&value).map(KubeObject::Pod),
+                "ServiceAccount" => typed(&value).map(KubeObject::ServiceAccount),
                 _ => typed(&value).map(KubeObject::NetworkPolicy),
             };
             let obj = match (decoded, problems.is_empty()) {

@@ -12,6 +12,8 @@
 //! - [`state`]: the cluster as a set of Calico resources, and the shared
 //!   resolution of policies and selectors;
 //! - [`semantics`]: the reference semantics (the test oracle);
+//! - [`serviceaccount`]: Calico's service-account matching (profiles,
+//!   labels and selectors);
 //! - [`scenario`]: scenario files and their results.
 //!
 //! This crate does no I/O except reading scenario files it is asked to read.
@@ -25,6 +27,7 @@ pub mod reject;
 pub mod scenario;
 pub mod selector;
 pub mod semantics;
+pub mod serviceaccount;
 pub mod state;
 
 use std::net::IpAddr;

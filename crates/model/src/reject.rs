@@ -82,11 +82,15 @@ pub fn calico_stub(value: &Value, reason: &str) -> Option<Resource> {
                 ..Default::default()
             },
         }),
-        "WorkloadEndpoint" => Resource::WorkloadEndpoint(WorkloadEndpoint {
-            api_version,
-            metadata,
-            spec: endpoint_outline(spec)?,
-        }),
+        "WorkloadEndpoint" => {
+            let mut w = WorkloadEndpoint {
+                api_version,
+                metadata,
+                spec: endpoint_outline(spec)?,
+            };
+            crate::serviceaccount::felix_labels(&mut w);
+            Resource::WorkloadEndpoint(w)
+        }
         "NetworkSet" => Resource::NetworkSet(NetworkSet {
             api_version,
             metadata,
@@ -167,11 +171,17 @@ fn policy_outline(spec: &Value, global: bool) -> Option<PolicySpec> {
     // The order only places a policy among the others; a rejected one drops
     // before any of them, so an unreadable order is simply left out.
     let order = spec.get("order").and_then(Value::as_f64);
+    // Narrows what the stub selects; unreadable, the stub selects more
+    // (drops more), never less.
+    let service_account_selector = selector_field(spec, "serviceAccountSelector")
+        .ok()
+        .flatten();
     Some(PolicySpec {
         tier,
         order,
         selector,
         namespace_selector,
+        service_account_selector,
         types: directions(spec.get("types"), spec.get("egress")),
         ingress: vec![],
         egress: vec![],
@@ -195,6 +205,8 @@ fn endpoint_outline(spec: &Value) -> Option<WorkloadEndpointSpec> {
         // Named ports keep resolving where they can (a Deny on a named port
         // must still see this endpoint); unreadable ones are left out.
         ports: optional::<Vec<EndpointPort>>(spec, "ports").unwrap_or_default(),
+        // Its account's label keeps it in the sets that select by account.
+        service_account_name: optional::<Option<String>>(spec, "serviceAccountName").flatten(),
         ..Default::default()
     })
 }

@@ -375,6 +375,16 @@ impl Selector {
         }
     }
 
+    /// Every `all()` in the selector turned into `has(label)`, as
+    /// libcalico-go's text replacement does for a GlobalNetworkPolicy's
+    /// `serviceAccountSelector` (see [`crate::serviceaccount`]).
+    #[must_use]
+    pub fn all_to_has(&self, label: &str) -> Selector {
+        Selector {
+            root: self.root.clone().all_to_has(label),
+        }
+    }
+
     /// The conjunction of `self` and `other`. `all()` is the identity on
     /// either side; otherwise the result is `self && other`, flattened if
     /// either side is itself an `&&` chain (`(a && b).and(c)` is `a && b && c`).
@@ -545,14 +555,19 @@ impl Expr {
     /// `all()` → `has(NAMESPACE_LABEL)`, everywhere in the tree (the shape
     /// is kept, so the constructors' invariants still hold).
     fn all_to_namespaced(self) -> Expr {
+        self.all_to_has(NAMESPACE_LABEL)
+    }
+
+    /// `all()` → `has(label)`, everywhere in the tree.
+    fn all_to_has(self, label: &str) -> Expr {
         match self {
-            Expr::All => Expr::Has(NAMESPACE_LABEL.to_owned()),
-            Expr::Not(operand) => Expr::Not(Box::new(operand.all_to_namespaced())),
+            Expr::All => Expr::Has(label.to_owned()),
+            Expr::Not(operand) => Expr::Not(Box::new(operand.all_to_has(label))),
             Expr::And(operands) => {
-                Expr::And(operands.into_iter().map(Expr::all_to_namespaced).collect())
+                Expr::And(operands.into_iter().map(|e| e.all_to_has(label)).collect())
             }
             Expr::Or(operands) => {
-                Expr::Or(operands.into_iter().map(Expr::all_to_namespaced).collect())
+                Expr::Or(operands.into_iter().map(|e| e.all_to_has(label)).collect())
             }
             leaf => leaf,
         }

@@ -541,15 +541,24 @@ impl ResolvedPolicy {
         let parse =
             |field: &str, s: &str| Selector::parse(s).map_err(|e| format!("{id}: {field}: {e}"));
         let mut selector = parse("spec.selector", &spec.selector)?;
+        let mut selector_written = !spec.selector.trim().is_empty();
         match namespace {
             Some(ns) => selector = namespace_is(ns).and(&selector),
             None => {
                 if let Some(ns_sel) = spec.namespace_selector.as_deref().filter(|s| !s.is_empty()) {
                     let ns_sel = parse("spec.namespaceSelector", ns_sel)?;
                     selector = scoped_namespace_selector(&ns_sel).and(&selector);
+                    selector_written = true;
                 }
             }
         }
+        let selector = crate::serviceaccount::policy_selector(
+            selector,
+            spec.service_account_selector.as_deref(),
+            namespace.is_none(),
+            selector_written,
+        )
+        .map_err(|e| format!("{id}: {e}"))?;
         let rules = |field: &str, rules: &[Rule]| -> Result<Vec<ResolvedRule>, String> {
             if rejected.is_some() {
                 return Ok(vec![]);
@@ -682,6 +691,18 @@ impl ResolvedEntity {
                 .transpose()
         };
         let sel = parse("selector", &e.selector)?;
+        // A service-account match is one more selector, before `selector`.
+        let accounts = e
+            .service_accounts
+            .as_ref()
+            .map(crate::serviceaccount::match_selector)
+            .transpose()
+            .map_err(|err| format!("serviceAccounts.{err}"))?
+            .flatten();
+        let sel = match (accounts, sel) {
+            (Some(a), Some(s)) => Some(a.and(&s)),
+            (a, s) => a.or(s),
+        };
         let not_sel = parse("notSelector", &e.not_selector)?;
         let ns_sel = parse("namespaceSelector", &e.namespace_selector)?;
         let uses_selectors = sel.is_some() || not_sel.is_some() || ns_sel.is_some();

@@ -259,7 +259,7 @@ pub fn set_shape(family: TableFamily, k: &KSet) -> SetShape {
             SetShape::Foreign
         };
     }
-    for key in [SetKey::Addr, SetKey::Port, SetKey::NamedPort] {
+    for key in [SetKey::Addr, SetKey::Host, SetKey::Port, SetKey::NamedPort] {
         let (t, len, flags, _) = crate::encode::set_key_spec(family, key);
         if k.key_type == t && k.key_len == len && k.flags == flags && k.data_type.is_none() {
             return SetShape::Set(key);
@@ -442,8 +442,30 @@ pub fn interval_set_elements(
                 min: first as u16,
                 max: last as u16,
             }),
-            SetKey::NamedPort => return None,
+            SetKey::Host | SetKey::NamedPort => return None,
         }
+    }
+    out.sort_unstable();
+    Some(out)
+}
+
+/// IR elements of a host set: one address each, as host nets.
+pub fn host_elements(family: TableFamily, elems: &[KElem]) -> Option<Vec<SetElement>> {
+    let mut out = Vec::with_capacity(elems.len());
+    for e in elems {
+        if e.flags != 0 || e.key_end.is_some() {
+            return None;
+        }
+        let addr = match (family, e.key.len()) {
+            (TableFamily::Ip, 4) => {
+                IpAddr::V4(Ipv4Addr::new(e.key[0], e.key[1], e.key[2], e.key[3]))
+            }
+            (TableFamily::Ip6, 16) => {
+                IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&e.key[..]).ok()?))
+            }
+            _ => return None,
+        };
+        out.push(SetElement::Net(IpNet::from(addr)));
     }
     out.sort_unstable();
     Some(out)
@@ -527,6 +549,7 @@ pub fn ir_set(family: TableFamily, k: &KSet, elems: &[KElem]) -> Option<IrSet> {
         SetShape::Set(key) => {
             let elements = match key {
                 SetKey::NamedPort => named_port_elements(family, elems),
+                SetKey::Host => host_elements(family, elems),
                 _ => interval_set_elements(family, key, elems),
             };
             match elements {

@@ -106,9 +106,9 @@ fn encode_set_delta(b: &mut Batch, set: &Set, d: &SetDelta) -> Result<(), encode
         comment: None,
     };
     match set.key {
-        SetKey::NamedPort => {
-            let del = encode::named_port_elems(f, &d.set, &d.remove)?;
-            let add = encode::named_port_elems(f, &d.set, &d.add)?;
+        SetKey::NamedPort | SetKey::Host => {
+            let del = encode::plain_elems(f, set.key, &d.set, &d.remove)?;
+            let add = encode::plain_elems(f, set.key, &d.set, &d.add)?;
             encode::elements(b, NFT_MSG_DELSETELEM, f, TABLE_NAME, &d.set, &del)?;
             encode::elements(b, NFT_MSG_NEWSETELEM, f, TABLE_NAME, &d.set, &add)?;
         }

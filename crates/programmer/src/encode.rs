@@ -673,6 +673,12 @@ pub fn set_key_spec(family: TableFamily, key: SetKey) -> (u32, u32, u32, u32) {
             NFT_SET_INTERVAL,
             BYTEORDER_BIG_ENDIAN,
         ),
+        SetKey::Host => (
+            if v6 { TYPE_IP6ADDR } else { TYPE_IPADDR },
+            if v6 { 16 } else { 4 },
+            0,
+            BYTEORDER_BIG_ENDIAN,
+        ),
         SetKey::Port => (TYPE_INET_SERVICE, 2, NFT_SET_INTERVAL, BYTEORDER_BIG_ENDIAN),
         SetKey::NamedPort => (
             concat_type(&[
@@ -837,7 +843,7 @@ pub fn interval_width(family: TableFamily, key: SetKey) -> usize {
         SetKey::Addr if family.is_v6() => 16,
         SetKey::Addr => 4,
         SetKey::Port => 2,
-        SetKey::NamedPort => 0,
+        SetKey::Host | SetKey::NamedPort => 0,
     }
 }
 
@@ -991,19 +997,50 @@ pub fn named_port_key(family: TableFamily, e: &SetElement) -> Option<([u8; 24], 
     Some((k, alen + 8))
 }
 
-pub fn named_port_elems<'a>(
+/// The key of a host set's element: the address of a host net of the
+/// table's family.
+pub fn host_key(family: TableFamily, e: &SetElement) -> Option<([u8; 24], usize)> {
+    let SetElement::Net(net) = e else {
+        return None;
+    };
+    if net.prefix_len() != net.max_prefix_len() {
+        return None;
+    }
+    let mut k = [0u8; 24];
+    let len = match (family, net.addr()) {
+        (TableFamily::Ip, IpAddr::V4(a)) => {
+            k[..4].copy_from_slice(&a.octets());
+            4
+        }
+        (TableFamily::Ip6, IpAddr::V6(a)) => {
+            k[..16].copy_from_slice(&a.octets());
+            16
+        }
+        _ => return None,
+    };
+    Some((k, len))
+}
+
+/// Elements of a set without intervals (named-port and host sets): one
+/// key each.
+pub fn plain_elems<'a>(
     family: TableFamily,
+    key: SetKey,
     set: &str,
     elems: impl IntoIterator<Item = &'a SetElement>,
 ) -> Result<Vec<RawElem>, Error> {
+    let key_of = match key {
+        SetKey::Host => host_key,
+        _ => named_port_key,
+    };
     elems
         .into_iter()
-        .map(|e| match named_port_key(family, e) {
+        .map(|e| match key_of(family, e) {
             Some((k, len)) => Ok(RawElem::new(&k[..len])),
             None => Err(Error::ElementKind {
                 object: format!("set {set}"),
                 element: e.clone(),
-                key: SetKey::NamedPort,
+                key,
             }),
         })
         .collect()

@@ -166,7 +166,7 @@ fn create_map(b: &mut Batch, f: TableFamily, table: &str, m: &VerdictMap) -> Res
 
 fn all_set_elems(f: TableFamily, s: &Set) -> Result<Vec<RawElem>, Error> {
     Ok(match s.key {
-        SetKey::NamedPort => encode::named_port_elems(f, &s.name, &s.elements)?,
+        SetKey::NamedPort | SetKey::Host => encode::plain_elems(f, s.key, &s.name, &s.elements)?,
         key => {
             let ivs = encode::intervals(f, s)?;
             encode::interval_elems(
@@ -375,16 +375,18 @@ fn set_delta(b: &mut Batch, f: TableFamily, table: &str, os: &Set, ns: &Set) -> 
         return Ok(());
     }
     match ns.key {
-        SetKey::NamedPort => {
+        SetKey::NamedPort | SetKey::Host => {
             let old: HashSet<_> = os.elements.iter().collect();
             let new: HashSet<_> = ns.elements.iter().collect();
-            let del = encode::named_port_elems(
+            let del = encode::plain_elems(
                 f,
+                ns.key,
                 &ns.name,
                 os.elements.iter().filter(|e| !new.contains(e)),
             )?;
-            let add = encode::named_port_elems(
+            let add = encode::plain_elems(
                 f,
+                ns.key,
                 &ns.name,
                 ns.elements.iter().filter(|e| !old.contains(e)),
             )?;

@@ -13,6 +13,9 @@ use crate::nla::Writer;
 /// How often a read is retried when the ruleset changes underneath it.
 const READ_ATTEMPTS: usize = 5;
 
+/// How often a set's elements are dumped again when a dump repeats one.
+const ELEMENT_READ_ATTEMPTS: u64 = 10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("failed to {op}")]
@@ -25,6 +28,8 @@ pub enum Error {
     Decode(#[from] decode::Error),
     #[error("the ruleset changed during each of {attempts} attempts to read it")]
     Unstable { attempts: usize },
+    #[error("set {set}: each of {attempts} dumps of its elements repeated some (the kernel kept resizing its hash table)")]
+    ElementsUnstable { set: String, attempts: usize },
 }
 
 fn request(t: u8, flags: u16, family: u8, attrs: impl FnOnce(&mut Writer)) -> Vec<u8> {
@@ -156,7 +161,7 @@ fn read_table_once(
         if decode::set_shape(family, k) == decode::SetShape::Anonymous {
             continue;
         }
-        let elems = read_elements(sock, fam, name, &k.name)?;
+        let elems = read_whole_elements(sock, fam, name, &k.name)?;
         match decode::ir_set(family, k, &elems) {
             Some(IrSet::Set(s)) => {
                 table.sets.insert(s.name.clone(), s);
@@ -182,6 +187,44 @@ fn read_table_once(
         }
     }
     Ok(Some(table))
+}
+
+/// A set's elements, dumped again until no element repeats.
+///
+/// Why: the kernel resizes a hash set's table in the background after it
+/// grows or shrinks, and a dump that spans several replies resumes by
+/// counting elements already sent. Across a resize that count lands
+/// elsewhere in the new order: the dump repeats some elements and skips as
+/// many others (measured: 100,000 pod addresses read back right after they
+/// were written came back as 100,000 elements, 86,000 of them distinct).
+/// A dump always yields as many elements as the set holds, so one without
+/// a repeat is complete. Interval sets (ordered trees) never repeat.
+fn read_whole_elements(
+    sock: &mut Socket,
+    fam: u8,
+    table: &str,
+    set: &str,
+) -> Result<Vec<KElem>, Error> {
+    for attempt in 1..=ELEMENT_READ_ATTEMPTS {
+        let elems = read_elements(sock, fam, table, set)?;
+        let mut seen = std::collections::HashSet::with_capacity(elems.len());
+        if elems
+            .iter()
+            .all(|e| seen.insert((&e.key, &e.key_end, e.flags)))
+        {
+            return Ok(elems);
+        }
+        debug!(
+            attempt,
+            set, "a set's element dump repeated elements, re-reading"
+        );
+        // The resize runs in a kernel worker; give it time to finish.
+        std::thread::sleep(std::time::Duration::from_millis(5 * attempt));
+    }
+    Err(Error::ElementsUnstable {
+        set: set.to_owned(),
+        attempts: ELEMENT_READ_ATTEMPTS as usize,
+    })
 }
 
 fn read_elements(sock: &mut Socket, fam: u8, table: &str, set: &str) -> Result<Vec<KElem>, Error> {

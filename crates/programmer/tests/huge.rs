@@ -154,3 +154,44 @@ fn a_selector_matching_twenty_thousand_pods_is_programmed_and_reads_back() {
 fn a_selector_matching_a_hundred_thousand_pods_is_programmed_and_reads_back() {
     selector_matching(100_000);
 }
+
+/// A hash set read back right after 100,000 addresses went in: the kernel
+/// resizes its table in the background meanwhile, and a dump spanning the
+/// resize repeats some elements and skips others (readback re-reads it).
+#[test]
+fn a_hash_set_read_back_while_the_kernel_resizes_it_is_complete() {
+    use compiler::nft::{Set, SetKey, Table};
+    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+    let elements: Vec<SetElement> = (1..=100_000u32)
+        .map(|i| {
+            SetElement::Net(ipnet::IpNet::from(std::net::IpAddr::V4(Ipv4Addr::from(
+                base + i,
+            ))))
+        })
+        .collect();
+    for round in 0..3 {
+        let (_ns, mut p) = common::setup("hash-resize");
+        let mut t = Table::new(TableFamily::Ip, TABLE_NAME);
+        let set = Set {
+            name: "cali40s-pods".into(),
+            key: SetKey::Host,
+            elements: elements.clone(),
+            comment: None,
+        };
+        t.sets.insert(set.name.clone(), set);
+        let rs = Ruleset { tables: vec![t] };
+        p.apply(&rs).unwrap();
+        let got = p.read_back(TableFamily::Ip, TABLE_NAME).unwrap().unwrap();
+        assert!(
+            got == rs.tables[0],
+            "round {round}: read back {} elements, {} of them distinct, of {}",
+            got.sets["cali40s-pods"].elements.len(),
+            got.sets["cali40s-pods"]
+                .elements
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            elements.len()
+        );
+    }
+}

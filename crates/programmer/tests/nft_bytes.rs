@@ -104,7 +104,7 @@ fn sample_ruleset_encodes_like_nft() {
         return;
     }
     let rs = sample_ruleset();
-    let script = render(&rs);
+    let script = compiler::render_nft::render(&rs);
     let ns = Netns::enter("bytes").unwrap();
     let (stdout, _) = ns.nft_script(&["--debug=mnl"], &script).unwrap();
     let theirs = batch_only(parse_mnl(&stdout));

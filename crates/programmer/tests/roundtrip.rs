@@ -38,7 +38,7 @@ fn apply_then_read_back_equals_desired() {
     let report = p.apply(&rs).unwrap();
     assert_eq!(report.kinds.get("NEWTABLE"), Some(&2));
     assert_eq!(report.kinds.get("NEWCHAIN"), Some(&12));
-    assert_eq!(report.kinds.get("NEWSET"), Some(&16));
+    assert_eq!(report.kinds.get("NEWSET"), Some(&18));
     for t in &rs.tables {
         assert_tables_eq(&read_back(&mut p, t.family), t);
     }
@@ -58,7 +58,9 @@ fn nft_lists_our_ruleset_exactly_as_its_own() {
     let ours = ns.nft(&["list", "ruleset"]).unwrap();
 
     let reference = Netns::create("rt-ref").unwrap();
-    reference.nft_script(&[], &render(&rs)).unwrap();
+    reference
+        .nft_script(&[], &compiler::render_nft::render(&rs))
+        .unwrap();
     let theirs = reference.nft(&["list", "ruleset"]).unwrap();
     assert_eq!(
         ours, theirs,
@@ -122,7 +124,8 @@ fn ruleset_written_by_nft_reads_back_as_the_ir() {
     }
     let (ns, mut p) = setup("rt-fromnft");
     let rs = sample_ruleset();
-    ns.nft_script(&[], &render(&rs)).unwrap();
+    ns.nft_script(&[], &compiler::render_nft::render(&rs))
+        .unwrap();
     for t in &rs.tables {
         assert_tables_eq(&read_back(&mut p, t.family), t);
     }

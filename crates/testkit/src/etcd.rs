@@ -205,6 +205,19 @@ impl EtcdProcess {
         self.start()
     }
 
+    /// Kills etcd, removes its data and starts it again empty on the same
+    /// ports (a wiped member restarted).
+    pub fn respawn_empty(&mut self) -> Result<(), TestkitError> {
+        self.kill();
+        let data = self.dir.path().join("data");
+        match std::fs::remove_dir_all(&data) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(TestkitError::io(data.display().to_string(), e)),
+        }
+        self.start()
+    }
+
     fn start(&mut self) -> Result<(), TestkitError> {
         let log_path = self.log_path();
         let log = std::fs::OpenOptions::new()

@@ -1,5 +1,5 @@
-//! The policy controller: Kubernetes Namespaces, Pods and NetworkPolicies
-//! written into etcd as the Calico resources that stand for them (what
+//! The policy controller: Kubernetes Namespaces, Pods, NetworkPolicies and
+//! ServiceAccounts written into etcd as the Calico resources that stand for them (what
 //! calico-kube-controllers does), for `nftpolicy apply|delete|controller`.
 //!
 //! Every write is a compare-and-swap: the key is read, and the put or delete
@@ -11,7 +11,8 @@
 //!
 //! The controller owns, and [`sync_dir`] only ever deletes, the keys it
 //! derives from Kubernetes: NetworkPolicies named `knp.default.*`, Profiles
-//! named `kns.*` and WorkloadEndpoints with `spec.orchestrator: k8s`.
+//! named `kns.*` and `ksa.*` and WorkloadEndpoints with
+//! `spec.orchestrator: k8s`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -428,6 +429,14 @@ pub async fn delete(
                 obj.namespace(),
                 &k8s_policy_name(obj.name()),
             ),
+            Manifest::Kube(obj @ KubeObject::ServiceAccount(_)) => ResourceKey::new(
+                Kind::Profile,
+                None,
+                &model::serviceaccount::profile_name(
+                    obj.namespace().unwrap_or("default"),
+                    obj.name(),
+                ),
+            ),
             Manifest::Kube(obj @ KubeObject::Pod(pod)) => {
                 let namespace = obj.namespace().unwrap_or("default");
                 let node = pod
@@ -481,7 +490,10 @@ pub fn owns(key: &ResourceKey, value: &[u8]) -> bool {
     match key.kind {
         Kind::NetworkPolicy => key.name.starts_with(K8S_POLICY_PREFIX),
         Kind::GlobalNetworkPolicy => model::admin::is_converted_policy_name(&key.name),
-        Kind::Profile => key.name.starts_with(NAMESPACE_PROFILE_PREFIX),
+        Kind::Profile => {
+            key.name.starts_with(NAMESPACE_PROFILE_PREFIX)
+                || key.name.starts_with(model::serviceaccount::PROFILE_PREFIX)
+        }
         Kind::WorkloadEndpoint => is_k8s_endpoint(value),
         _ => false,
     }

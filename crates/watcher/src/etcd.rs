@@ -18,6 +18,19 @@
 //!    never lost. Then `InSync` again.
 //!
 //! The source keeps, for that, the last-sent key → mod revision map.
+//!
+//! **An empty etcd is never taken for an empty cluster.** A LIST that finds
+//! no Calico resource under the prefix at all (a new etcd the controller has
+//! not written yet, a wiped one restarted empty, the wrong endpoint) sends
+//! no `Delete` and no `InSync`: it sends `Disconnected` saying why (the agent
+//! keeps the dataplane it has and reports itself not ready) and watches the
+//! prefix for the first write, then lists again (after a wipe, once the
+//! writes paused: [`REFILL_QUIET`]). A real cluster always has
+//! resources (at least the Profiles of its namespaces), so nothing legitimate
+//! is held back; deletions that arrive as watch events are applied as usual.
+//! A snapshot whose revision is lower than one seen before comes from a
+//! replaced store (restored, or recreated): every value is compared again,
+//! not only those whose mod revision changed.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -25,6 +38,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, TlsOptions, WatchOptions,
+    WatchStream,
 };
 use model::calico::{Resource, ResourceKey, ETCD_PREFIX};
 use tokio::sync::mpsc;
@@ -404,6 +418,15 @@ impl Tracker {
         out
     }
 
+    /// Forgets which mod revision each key was sent at (the store was
+    /// replaced: equal revisions no longer mean equal values); the next
+    /// LIST sends every key again.
+    fn forget_revisions(&mut self) {
+        for s in self.sent.values_mut() {
+            s.mod_revision = -1;
+        }
+    }
+
     /// A key's deletion (at `revision`).
     fn delete(&mut self, etcd_key: &[u8], revision: i64) -> Option<Update> {
         let etcd_key = std::str::from_utf8(etcd_key).ok()?;
@@ -423,12 +446,21 @@ enum End {
     Compacted(String),
     /// The request, the watch or the connection failed: back off, reconnect.
     Broken(String),
+    /// The LIST at this revision found no Calico resource at all.
+    Empty(i64),
 }
+
+/// Why an empty etcd is not programmed (the `Disconnected` reason).
+pub const EMPTY_REASON: &str = "etcd holds no Calico resource under /calico/resources/v3/ \
+     (a new etcd not written yet, a wiped one, or the wrong endpoint?); an empty datastore \
+     is never programmed: keeping the last state until it holds resources again";
 
 struct Source {
     tx: mpsc::Sender<Update>,
     options: EtcdOptions,
     tracker: Tracker,
+    /// The highest revision seen (snapshots and watch events).
+    revision: i64,
 }
 
 impl Source {
@@ -449,6 +481,8 @@ impl Source {
         let mut start = prefix.to_vec();
         let mut revision = 0;
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        // Whether any key is a Calico resource (nothing was sent if not).
+        let mut known = false;
         loop {
             let opts = GetOptions::new()
                 .with_range(end.clone())
@@ -467,9 +501,23 @@ impl Source {
             };
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
+                if revision < self.revision {
+                    tracing::warn!(
+                        revision,
+                        seen = self.revision,
+                        "etcd's revision went back (a restored or recreated etcd); \
+                         comparing every value again"
+                    );
+                    self.tracker.forget_revisions();
+                    self.revision = revision;
+                }
             }
             let mut last = None;
             for kv in resp.kvs() {
+                known |= std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(ResourceKey::from_etcd_key)
+                    .is_some();
                 let updates = self
                     .tracker
                     .put(kv.key(), kv.value(), kv.mod_revision(), true);
@@ -485,6 +533,10 @@ impl Source {
                 _ => break,
             }
         }
+        if !known {
+            return Err(End::Empty(revision));
+        }
+        self.revision = self.revision.max(revision);
         let gone: Vec<String> = self
             .tracker
             .sent
@@ -501,22 +553,28 @@ impl Source {
         Ok(revision)
     }
 
-    /// WATCH from `from` until something ends it.
-    async fn watch(&mut self, client: &Client, from: i64, backoff: &mut Backoff) -> End {
+    /// Starts a WATCH of the prefix from revision `from`.
+    async fn start_watch(&self, client: &Client, from: i64) -> Result<WatchStream, End> {
         let mut wc = client
             .watch_client()
             .max_decoding_message_size(self.options.max_message_size);
         let opts = WatchOptions::new().with_prefix().with_start_revision(from);
         let start = wc.watch(ETCD_PREFIX, Some(opts));
-        let mut stream = match tokio::time::timeout(self.options.request_timeout, start).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return End::Broken(format!("starting the watch: {e}")),
-            Err(_) => {
-                return End::Broken(format!(
-                    "starting the watch: no answer within {:?}",
-                    self.options.request_timeout
-                ))
-            }
+        match tokio::time::timeout(self.options.request_timeout, start).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(End::Broken(format!("starting the watch: {e}"))),
+            Err(_) => Err(End::Broken(format!(
+                "starting the watch: no answer within {:?}",
+                self.options.request_timeout
+            ))),
+        }
+    }
+
+    /// WATCH from `from` until something ends it.
+    async fn watch(&mut self, client: &Client, from: i64, backoff: &mut Backoff) -> End {
+        let mut stream = match self.start_watch(client, from).await {
+            Ok(s) => s,
+            Err(end) => return end,
         };
         loop {
             let msg = tokio::select! {
@@ -542,6 +600,7 @@ impl Source {
             }
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
+                self.revision = self.revision.max(kv.mod_revision());
                 let updates = match ev.event_type() {
                     EventType::Put => {
                         self.tracker
@@ -556,6 +615,62 @@ impl Source {
                 if self.send_all(updates).await.is_err() {
                     return End::Closed;
                 }
+            }
+        }
+    }
+}
+
+/// After an empty etcd receives its first write, if this source had sent
+/// resources before (a wiped store being refilled, not a new one), the LIST
+/// waits until writes paused this long, so that a controller re-populating
+/// the store is not caught half-way (profiles without their endpoints would
+/// drop those pods)…
+pub const REFILL_QUIET: Duration = Duration::from_millis(500);
+/// …or until this long after the first write.
+pub const REFILL_MAX: Duration = Duration::from_secs(10);
+
+impl Source {
+    /// After an empty LIST at `revision`: waits for writes under the prefix
+    /// to start (and, when refilling, to pause: [`REFILL_QUIET`], at most
+    /// [`REFILL_MAX`]), then asks for a LIST (as after a compaction).
+    async fn await_resources(&mut self, client: &Client, revision: i64) -> End {
+        let refilling = !self.tracker.sent.is_empty();
+        let mut stream = match self.start_watch(client, revision + 1).await {
+            Ok(s) => s,
+            Err(end) => return end,
+        };
+        let refill = || End::Compacted("etcd holds resources again; listing them".into());
+        let mut first_write: Option<tokio::time::Instant> = None;
+        loop {
+            // Before the first write: no bound (an empty store may stay so).
+            let wait = match first_write {
+                None => Duration::MAX,
+                Some(at) => {
+                    let left =
+                        (at + REFILL_MAX).saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        return refill();
+                    }
+                    left.min(REFILL_QUIET)
+                }
+            };
+            let msg = tokio::select! {
+                m = tokio::time::timeout(wait, stream.message()) => m,
+                _ = self.tx.closed() => return End::Closed,
+            };
+            match msg {
+                Err(_) => return refill(),
+                Ok(Ok(Some(r))) if r.compact_revision() > 0 => return refill(),
+                Ok(Ok(Some(r))) if r.canceled() => {
+                    return End::Broken(format!("watch cancelled: {}", r.cancel_reason()))
+                }
+                Ok(Ok(Some(r))) if r.events().is_empty() => {}
+                Ok(Ok(Some(_))) if !refilling => return refill(),
+                Ok(Ok(Some(_))) => {
+                    first_write.get_or_insert_with(tokio::time::Instant::now);
+                }
+                Ok(Ok(None)) => return End::Broken("the watch stream was closed".into()),
+                Ok(Err(e)) => return End::Broken(format!("watch: {e}")),
             }
         }
     }
@@ -580,6 +695,7 @@ pub async fn run_with(
         tx,
         options,
         tracker: Tracker::default(),
+        revision: 0,
     };
     let mut client: Option<Client> = None;
     loop {
@@ -597,6 +713,16 @@ pub async fn run_with(
             };
             let revision = match source.resync(&c).await {
                 Ok(r) => r,
+                Err(End::Empty(revision)) => {
+                    tracing::warn!(revision, reason = EMPTY_REASON, "etcd is empty");
+                    let empty = Update::Disconnected {
+                        reason: EMPTY_REASON.into(),
+                    };
+                    if source.tx.send(empty).await.is_err() {
+                        return Ok(());
+                    }
+                    break 'round source.await_resources(&c, revision).await;
+                }
                 Err(end) => break 'round end,
             };
             source.watch(&c, revision + 1, &mut backoff).await
@@ -604,6 +730,8 @@ pub async fn run_with(
         let reason = match end {
             End::Closed => return Ok(()),
             End::Compacted(reason) => reason,
+            // (Returned by the LIST only, and handled there.)
+            End::Empty(_) => EMPTY_REASON.to_owned(),
             End::Broken(reason) => {
                 // A fresh client: a new connection to whichever endpoint
                 // answers.
@@ -685,6 +813,7 @@ mod tests {
             tx,
             options: EtcdOptions::default(),
             tracker: Tracker::default(),
+            revision: 0,
         };
         let client = EtcdConfig::from_url(&etcd.endpoint())
             .unwrap()
@@ -711,6 +840,7 @@ mod tests {
             ),
             End::Broken(reason) => panic!("broken: {reason}"),
             End::Closed => panic!("closed"),
+            End::Empty(r) => panic!("empty at {r}"),
         }
         assert!(
             rx.try_recv().is_err(),

@@ -20,6 +20,13 @@ use watcher::{Cache, Update};
 /// Bound on every wait for a condition.
 const DEADLINE: Duration = Duration::from_secs(30);
 
+/// A fresh etcd server and a client of it.
+async fn started() -> (Etcd, Client) {
+    let etcd = Etcd::start().await;
+    let client = etcd.client().await;
+    (etcd, client)
+}
+
 fn test_options() -> EtcdOptions {
     EtcdOptions {
         backoff_min: Duration::from_millis(50),
@@ -200,8 +207,7 @@ fn is_delete_of(u: &Update, etcd_key: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_then_watch() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (etcd, mut c) = started().await;
     let (np, pr, wep) = (
         key(Kind::NetworkPolicy, Some("a"), "p1"),
         key(Kind::Profile, None, "kns.a"),
@@ -280,8 +286,7 @@ async fn snapshot_then_watch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_dead_endpoint_of_several_is_skipped() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (etcd, mut c) = started().await;
     put_profile(&mut c, "kns.a", "1").await;
     let dead = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -294,8 +299,7 @@ async fn one_dead_endpoint_of_several_is_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_values_are_reported_by_key_and_the_rest_flows() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (etcd, mut c) = started().await;
     let good = key(Kind::Profile, None, "kns.good");
     let syntax = key(Kind::Profile, None, "kns.syntax");
     let action = key(Kind::NetworkPolicy, Some("a"), "bad-action");
@@ -366,8 +370,7 @@ async fn malformed_values_are_reported_by_key_and_the_rest_flows() {
 /// a compacted watch and a relist).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_while_the_consumer_is_stopped() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (etcd, mut c) = started().await;
     let (a, b, new) = (
         key(Kind::Profile, None, "kns.a"),
         key(Kind::Profile, None, "kns.b"),
@@ -445,8 +448,7 @@ async fn compaction_while_cut_off_relists_and_reconciles() {
 /// once etcd is back on the same data dir, changes made then arrive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_killed_and_restarted() {
-    let mut etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (mut etcd, mut c) = started().await;
     let (a, b) = (
         key(Kind::Profile, None, "kns.a"),
         key(Kind::Profile, None, "kns.b"),
@@ -474,6 +476,64 @@ async fn etcd_killed_and_restarted() {
     let expected = etcd_state(&mut c).await;
     s.until_converged(&expected).await;
     assert!(s.log.iter().any(|u| is_delete_of(u, &a)));
+}
+
+/// etcd wiped and restarted empty: the source deletes nothing and sends no
+/// `InSync` (an empty etcd is never taken for an empty cluster), says why
+/// in a `Disconnected`, and once the store is written again (at lower
+/// revisions than before) converges on it, values compared afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_etcd_is_not_an_empty_cluster() {
+    let mut etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let (a, b) = (
+        key(Kind::Profile, None, "kns.a"),
+        key(Kind::Profile, None, "kns.b"),
+    );
+    // Revisions well above what the refilled store will reach.
+    for i in 0..20 {
+        put(&mut c, &a, &profile("kns.a", &i.to_string())).await;
+    }
+    put(&mut c, &b, &profile("kns.b", "0")).await;
+    let mut s = Stream::in_sync(config(&[etcd.endpoint()]), 64).await;
+    wait_for_live_watch(&mut c, &mut s).await;
+    let before = s.cache.state.clone();
+
+    etcd.restart_empty().await;
+    let mark = s.log.len();
+    s.until("the empty store reported", |_, u| {
+        matches!(u, Update::Disconnected { reason } if reason == watcher::etcd::EMPTY_REASON)
+    })
+    .await;
+    // A key nftpolicy does not read makes it list again: still nothing
+    // of ours, so still nothing deleted.
+    let mut c = etcd.client().await;
+    put(
+        &mut c,
+        &format!("{ETCD_PREFIX}felixconfigurations/default"),
+        "{}",
+    )
+    .await;
+    let mut empty_reports = 0;
+    while let Ok(u) = tokio::time::timeout(watcher::etcd::REFILL_QUIET * 4, s.next()).await {
+        empty_reports += matches!(u, Update::Disconnected { .. }) as usize;
+    }
+    assert!(empty_reports >= 2, "{:#?}", &s.log[mark..]);
+    assert!(
+        !s.log[mark..]
+            .iter()
+            .any(|u| matches!(u, Update::Delete { .. } | Update::InSync { .. })),
+        "{:#?}",
+        &s.log[mark..]
+    );
+    assert_eq!(s.cache.state, before);
+
+    // Written again: kns.a at revision 2 with a value it never had.
+    put(&mut c, &a, &profile("kns.a", "new")).await;
+    put_profile(&mut c, "kns.c", "1").await;
+    let expected = etcd_state(&mut c).await;
+    s.until_converged(&expected).await;
+    assert!(s.log[mark..].iter().any(|u| is_delete_of(u, &b)));
 }
 
 fn manifests(yaml: &str) -> Vec<Manifest> {
@@ -511,8 +571,7 @@ fn actions(changes: &[Change]) -> Vec<(String, Action)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_apply_is_idempotent_and_dry_run_writes_nothing() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (_etcd, mut c) = started().await;
     let yaml = namespace("a", "team: x")
         + &pod("a", "web-1", Some("node-1"), "198.18.0.10")
         + &k8s_policy("a", "allow-http")
@@ -611,8 +670,7 @@ async fn controller_apply_is_idempotent_and_dry_run_writes_nothing() {
 /// value it replaced, none is lost or hidden.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_concurrent_writers_lose_no_update() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (_etcd, mut c) = started().await;
     const ROUNDS: usize = 8;
     let namespaces = ["n1", "n2", "n3"];
     let writer = |w: &'static str| {
@@ -686,8 +744,7 @@ async fn controller_concurrent_writers_lose_no_update() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_delete() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (_etcd, mut c) = started().await;
     let yaml = namespace("a", "")
         + &pod("a", "web-1", Some("node-1"), "198.18.0.10")
         + &pod("a", "web-2", Some("node-2"), "198.18.0.11")
@@ -751,8 +808,7 @@ async fn controller_delete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_sync_dir_touches_only_its_own_keys() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (_etcd, mut c) = started().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("a.yaml"),
@@ -837,8 +893,7 @@ async fn controller_sync_dir_touches_only_its_own_keys() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_controller_resyncs_on_file_changes() {
-    let etcd = Etcd::start().await;
-    let mut c = etcd.client().await;
+    let (etcd, mut c) = started().await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ns.yaml");
     std::fs::write(&file, namespace("a", "v: '1'")).unwrap();

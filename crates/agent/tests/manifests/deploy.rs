@@ -894,6 +894,7 @@ pub(crate) fn rbac_is_read_only_and_bound_to_existing_accounts() {
                         "namespaces",
                         "pods",
                         "networkpolicies",
+                        "serviceaccounts",
                         "adminnetworkpolicies",
                         "baselineadminnetworkpolicies",
                         "clusternetworkpolicies"

@@ -119,6 +119,16 @@ pub const TYPES: &[ResourceType] = &[
         short_names: &["cnp"],
     },
     ResourceType {
+        group: "",
+        version: "v1",
+        plural: "serviceaccounts",
+        singular: "serviceaccount",
+        kind: "ServiceAccount",
+        namespaced: true,
+        status: false,
+        short_names: &["sa"],
+    },
+    ResourceType {
         group: "coordination.k8s.io",
         version: "v1",
         plural: "leases",

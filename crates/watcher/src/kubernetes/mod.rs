@@ -1,7 +1,8 @@
-//! The Kubernetes API datastore (Calico's "KDD" mode): Namespaces, Pods and
-//! NetworkPolicies listed and watched on the API server with kube-rs, and
-//! turned into the same [`Update`]s as the etcd and file sources (Profiles
-//! `kns.*`, WorkloadEndpoints, NetworkPolicies `knp.default.*`), through
+//! The Kubernetes API datastore (Calico's "KDD" mode): Namespaces, Pods,
+//! NetworkPolicies and ServiceAccounts listed and watched on the API server
+//! with kube-rs, and turned into the same [`Update`]s as the etcd and file
+//! sources (Profiles `kns.*`, WorkloadEndpoints, NetworkPolicies
+//! `knp.default.*`, Profiles `ksa.*`), through
 //! the model's decoder and conversion.
 //!
 //! [`run`] starts one reflector per kind ([`reflector`]) and folds what they
@@ -18,7 +19,7 @@
 //! - objects that cannot be decoded or converted are `Invalid`, named as
 //!   `Pod <namespace>/<name>`; everything else flows;
 //! - revisions: the API server's resource versions are etcd revisions,
-//!   but the three kinds are separate watches, so an event of one kind can
+//!   but the kinds are separate watches, so an event of one kind can
 //!   arrive before an older one of another. An update's revision is
 //!   therefore the resource version up to which *every* kind is known to be
 //!   delivered (the lowest of the kinds' progress, from events, lists and

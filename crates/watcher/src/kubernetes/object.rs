@@ -19,16 +19,19 @@ pub enum Watched {
     Namespace,
     Pod,
     NetworkPolicy,
+    /// Their labels select pods by account (`ksa.` profiles).
+    ServiceAccount,
     AdminNetworkPolicy,
     BaselineAdminNetworkPolicy,
     ClusterNetworkPolicy,
 }
 
 impl Watched {
-    pub const ALL: [Watched; 6] = [
+    pub const ALL: [Watched; 7] = [
         Watched::Namespace,
         Watched::Pod,
         Watched::NetworkPolicy,
+        Watched::ServiceAccount,
         Watched::AdminNetworkPolicy,
         Watched::BaselineAdminNetworkPolicy,
         Watched::ClusterNetworkPolicy,
@@ -64,6 +67,7 @@ impl Watched {
             | Watched::ClusterNetworkPolicy => {
                 KubeKind::Admin(self.admin_kind().expect("an admin kind"))
             }
+            Watched::ServiceAccount => KubeKind::ServiceAccount,
         }
     }
 
@@ -81,6 +85,7 @@ impl Watched {
         let (group, version, kind, plural) = match self {
             Watched::Namespace => ("", "v1", "Namespace", "namespaces"),
             Watched::Pod => ("", "v1", "Pod", "pods"),
+            Watched::ServiceAccount => ("", "v1", "ServiceAccount", "serviceaccounts"),
             Watched::NetworkPolicy => (
                 "networking.k8s.io",
                 "v1",
@@ -114,6 +119,7 @@ impl Watched {
                 "baselineadminnetworkpolicies.policy.networking.k8s.io"
             }
             Watched::ClusterNetworkPolicy => "clusternetworkpolicies.policy.networking.k8s.io",
+            Watched::ServiceAccount => "serviceaccounts",
         }
     }
 }

@@ -104,9 +104,18 @@ impl Etcd {
 
     /// Starts etcd again on the same data dir and ports.
     pub async fn restart(&mut self) {
-        self.process
-            .respawn()
-            .unwrap_or_else(|e| panic!("etcd did not restart: {e}"));
+        let respawned = self.process.respawn();
+        self.respawned(respawned).await;
+    }
+
+    /// Kills etcd, wipes its data and starts it empty on the same ports.
+    pub async fn restart_empty(&mut self) {
+        let respawned = self.process.respawn_empty();
+        self.respawned(respawned).await;
+    }
+
+    async fn respawned(&mut self, respawned: Result<(), testkit::TestkitError>) {
+        respawned.unwrap_or_else(|e| panic!("etcd did not restart: {e}"));
         if let Err(log) = self.wait_ready().await {
             panic!("etcd did not restart:\n{log}");
         }

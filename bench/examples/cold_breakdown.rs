@@ -1,0 +1,156 @@
+//! Where cold programming spends its kernel time (issue: kernel-object
+//! budget): `cargo run --release -p bench --example cold_breakdown --
+//! POLICIES PODS [CHUNK]`.
+//!
+//! Compiles the benchmark's synthetic cluster for the node under test and
+//! programs it three ways, each into a fresh network namespace, printing the
+//! kernel's time (sendmsg to the last reply, from the programmer's own
+//! report) and the messages of every transaction:
+//!
+//! 1. **one transaction**, as the agent does today;
+//! 2. **by object kind**, one transaction each: empty sets, then their
+//!    elements, then chains (no rules) and verdict maps, then rules;
+//! 3. **sets in chunks** of CHUNK (default 1,000) per transaction, then the
+//!    rest at once — does splitting the set creation help the cost that
+//!    grows with the number of sets?
+//! 4. **one transaction, interval sets only**: as 1, with every host
+//!    (hash) set made an interval set, as all address sets were before
+//!    `SetKey::Host` — the same run's measure of what hash sets save.
+//!
+//! Only the kernel time is compared, so a debug build gives the same
+//! answer as a release one, only slower to compile and encode.
+use std::collections::BTreeMap;
+
+use compiler::nft::{Ruleset, SetKey, Table};
+use programmer::{ApplyReport, NftProgrammer};
+use testkit::netns::Netns;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numbers: POLICIES PODS [CHUNK]"))
+        .collect();
+    let (policies, pods) = (args[0], args[1]);
+    let chunk = args.get(2).copied().unwrap_or(1000);
+    let state = bench::generate(&bench::Scale::new(policies, pods));
+    let opts = compiler::CompileOptions::new(bench::NODE_UNDER_TEST);
+    let full = compiler::lower_nft::to_nftables(&compiler::compile(&state, &opts)?);
+    drop(state);
+    let count = |f: &dyn Fn(&Table) -> usize| full.tables.iter().map(f).sum::<usize>();
+    println!(
+        "{policies} policies, {pods} pods: {} sets ({} elements), {} maps, {} chains, {} rules",
+        count(&|t| t.sets.len()),
+        count(&|t| t.sets.values().map(|s| s.elements.len()).sum()),
+        count(&|t| t.maps.len()),
+        count(&|t| t.chains.len()),
+        count(&|t| t.chains.values().map(|c| c.rules.len()).sum()),
+    );
+
+    let one = program("one transaction", std::slice::from_ref(&full))?;
+
+    let by_kind = program(
+        "by object kind",
+        &[
+            only(&full, |t| {
+                t.chains.clear();
+                t.maps.clear();
+                for s in t.sets.values_mut() {
+                    s.elements.clear();
+                }
+            }),
+            only(&full, |t| {
+                t.chains.clear();
+                t.maps.clear();
+            }),
+            only(&full, |t| {
+                for c in t.chains.values_mut() {
+                    c.rules.clear();
+                }
+            }),
+            full.clone(),
+        ],
+    )?;
+
+    // Sets (with their elements) added CHUNK at a time, then the rest.
+    let mut steps = Vec::new();
+    let names: Vec<Vec<String>> = full
+        .tables
+        .iter()
+        .map(|t| t.sets.keys().cloned().collect())
+        .collect();
+    let most = names.iter().map(Vec::len).max().unwrap_or(0);
+    for upto in (chunk..most).step_by(chunk).chain([most]) {
+        steps.push(only(&full, |t| {
+            t.chains.clear();
+            t.maps.clear();
+            let keep: Vec<String> = t.sets.keys().take(upto).cloned().collect();
+            t.sets.retain(|k, _| keep.contains(k));
+        }));
+    }
+    steps.push(full.clone());
+    let chunked = program(&format!("sets {chunk} per transaction"), &steps)?;
+
+    let intervals_only = program(
+        "one transaction, interval sets only",
+        &[only(&full, |t| {
+            for s in t.sets.values_mut() {
+                if s.key == SetKey::Host {
+                    s.key = SetKey::Addr;
+                }
+            }
+        })],
+    )?;
+
+    println!();
+    println!("| way | transactions | kernel ms |");
+    println!("|---|---:|---:|");
+    for (way, reports) in [
+        ("one transaction", &one),
+        ("by object kind", &by_kind),
+        ("sets chunked", &chunked),
+        ("one transaction, interval sets only", &intervals_only),
+    ] {
+        println!("| {way} | {} | {:.0} |", reports.len(), kernel_ms(reports));
+    }
+    Ok(())
+}
+
+/// `full` with `keep` applied to each table.
+fn only(full: &Ruleset, keep: impl Fn(&mut Table)) -> Ruleset {
+    let mut rs = full.clone();
+    rs.tables.iter_mut().for_each(keep);
+    rs
+}
+
+fn kernel_ms(reports: &[ApplyReport]) -> f64 {
+    reports
+        .iter()
+        .map(|r| r.kernel_time.as_secs_f64() * 1e3)
+        .sum()
+}
+
+/// Applies `steps` in order in a fresh namespace; prints each transaction.
+fn program(way: &str, steps: &[Ruleset]) -> anyhow::Result<Vec<ApplyReport>> {
+    let _ns = Netns::enter("cold")?;
+    let mut p = NftProgrammer::new()?;
+    let mut reports = Vec::new();
+    println!("\n{way}:");
+    for rs in steps {
+        let r = p.apply(rs)?;
+        let kinds: BTreeMap<_, _> = r.kinds.iter().filter(|(_, n)| **n > 0).collect();
+        println!(
+            "  kernel {:>8.1} ms, encode {:>8.1} ms, {:>7} messages {kinds:?}",
+            r.kernel_time.as_secs_f64() * 1e3,
+            r.encode_time.as_secs_f64() * 1e3,
+            r.messages
+        );
+        reports.push(r);
+    }
+    println!("  total kernel {:.0} ms", kernel_ms(&reports));
+    drop(p);
+    drop(_ns);
+    // The kernel frees a deleted namespace's objects in the background;
+    // let it finish before the next way is timed.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    Ok(reports)
+}
