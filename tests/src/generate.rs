@@ -881,33 +881,43 @@ fn random_probe(rng: &mut Rng, pods: &[GenPod]) -> GenProbe {
     }
 }
 
+/// A manifest: `apiVersion`, `kind`, `metadata` and the given fields.
+fn object<const N: usize>(
+    api_version: &str,
+    kind: &str,
+    metadata: Value,
+    fields: [(&str, Value); N],
+) -> Value {
+    let mut o = map([
+        ("apiVersion", s(api_version)),
+        ("kind", s(kind)),
+        ("metadata", metadata),
+    ]);
+    for (k, v) in fields {
+        insert(&mut o, k, v);
+    }
+    o
+}
+
+fn namespaced(name: &str, namespace: &str, labels: Value) -> Value {
+    map([
+        ("name", s(name)),
+        ("namespace", s(namespace)),
+        ("labels", labels),
+    ])
+}
+
 impl Case {
     /// The case as a scenario file.
     pub fn to_yaml(&self) -> String {
         let mut objects = Vec::new();
         for ns in &self.namespaces {
-            objects.push(map([
-                ("apiVersion", s("v1")),
-                ("kind", s("Namespace")),
-                (
-                    "metadata",
-                    map([("name", s(&ns.name)), ("labels", labels(&ns.labels))]),
-                ),
-            ]));
+            let meta = map([("name", s(&ns.name)), ("labels", labels(&ns.labels))]);
+            objects.push(object("v1", "Namespace", meta, []));
         }
         for a in &self.accounts {
-            objects.push(map([
-                ("apiVersion", s("v1")),
-                ("kind", s("ServiceAccount")),
-                (
-                    "metadata",
-                    map([
-                        ("name", s(&a.name)),
-                        ("namespace", s(&a.namespace)),
-                        ("labels", labels(&a.labels)),
-                    ]),
-                ),
-            ]));
+            let meta = namespaced(&a.name, &a.namespace, labels(&a.labels));
+            objects.push(object("v1", "ServiceAccount", meta, []));
         }
         for pod in &self.pods {
             let ports = pod
@@ -937,62 +947,35 @@ impl Case {
             if let Some(a) = &pod.account {
                 insert(&mut spec, "serviceAccountName", s(a));
             }
-            objects.push(map([
-                ("apiVersion", s("v1")),
-                ("kind", s("Pod")),
-                (
-                    "metadata",
-                    map([
-                        ("name", s(&pod.name)),
-                        ("namespace", s(&pod.namespace)),
-                        ("labels", labels(&pod.labels)),
-                    ]),
-                ),
-                ("spec", spec),
-                (
-                    "status",
-                    map([
-                        ("podIP", s(&pod.ipv4)),
-                        (
-                            "podIPs",
-                            Value::Sequence(vec![
-                                map([("ip", s(&pod.ipv4))]),
-                                map([("ip", s(&pod.ipv6))]),
-                            ]),
-                        ),
-                    ]),
-                ),
-            ]));
+            let ips = [&pod.ipv4, &pod.ipv6].map(|ip| map([("ip", s(ip))]));
+            let status = map([
+                ("podIP", s(&pod.ipv4)),
+                ("podIPs", Value::Sequence(ips.to_vec())),
+            ]);
+            let meta = namespaced(&pod.name, &pod.namespace, labels(&pod.labels));
+            objects.push(object(
+                "v1",
+                "Pod",
+                meta,
+                [("spec", spec), ("status", status)],
+            ));
         }
         for p in &self.policies {
-            objects.push(map([
-                ("apiVersion", s("networking.k8s.io/v1")),
-                ("kind", s("NetworkPolicy")),
-                (
-                    "metadata",
-                    map([("name", s(&p.name)), ("namespace", s(&p.namespace))]),
-                ),
-                ("spec", p.spec.clone()),
-            ]));
+            let meta = map([("name", s(&p.name)), ("namespace", s(&p.namespace))]);
+            let spec = [("spec", p.spec.clone())];
+            objects.push(object("networking.k8s.io/v1", "NetworkPolicy", meta, spec));
         }
         for c in &self.calico {
-            objects.push(map([
-                ("apiVersion", s(model::calico::API_VERSION)),
-                ("kind", s(c.kind)),
-                ("metadata", map([("name", s(&c.name))])),
-                ("spec", c.spec.clone()),
-            ]));
+            let meta = map([("name", s(&c.name))]);
+            let spec = [("spec", c.spec.clone())];
+            objects.push(object(model::calico::API_VERSION, c.kind, meta, spec));
         }
         for a in &self.admin {
             let api = model::admin::AdminKind::from_name(a.kind)
                 .expect("a generated admin kind")
                 .api_version();
-            objects.push(map([
-                ("apiVersion", s(api)),
-                ("kind", s(a.kind)),
-                ("metadata", map([("name", s(&a.name))])),
-                ("spec", a.spec.clone()),
-            ]));
+            let meta = map([("name", s(&a.name))]);
+            objects.push(object(api, a.kind, meta, [("spec", a.spec.clone())]));
         }
         let externals = self
             .externals

@@ -651,6 +651,18 @@ fn lab_for(state: &StepState) -> Lab {
     lab
 }
 
+/// For a datastore's chaos run: the agent binary, the start time, the shop,
+/// its lab, and the lab's directory `writes` for what is written to the
+/// datastore.
+fn datastore_shop(writes: &str) -> (PathBuf, Instant, StepState, Lab, PathBuf) {
+    let nftpolicy = nftpolicy_binary();
+    let started = Instant::now();
+    let (state, _) = shop();
+    let lab = lab_for(&state);
+    let dir = lab.workdir().join(writes);
+    (nftpolicy, started, state, lab, dir)
+}
+
 /// The shop policy's file among the manifests `write_state` wrote to `dir`.
 fn policy_file(dir: &Path) -> PathBuf {
     std::fs::read_dir(dir)
@@ -818,11 +830,7 @@ fn etcd_apply(nftpolicy: &Path, etcd: &lab::EtcdServer, dir: &Path, yaml: &str) 
 /// etcd wiped and restarted empty, then written again.
 #[test]
 fn etcd_keeps_every_verdict_outside_each_faults_window() {
-    let nftpolicy = nftpolicy_binary();
-    let started = Instant::now();
-    let (state, _) = shop();
-    let lab = lab_for(&state);
-    let dir = lab.workdir().join("etcd-writes");
+    let (nftpolicy, started, state, lab, dir) = datastore_shop("etcd-writes");
     let mut etcd = lab::EtcdServer::start().unwrap();
     let revision = lab::agents::write_step(&nftpolicy, &etcd, &dir, None, &state).unwrap();
     let shop_policy = std::fs::read_to_string(policy_file(&dir.join("apply"))).unwrap();
@@ -904,11 +912,7 @@ fn json(yaml: &str) -> serde_json::Value {
 /// from the API server.
 #[test]
 fn kubernetes_keeps_every_verdict_outside_each_faults_window() {
-    let nftpolicy = nftpolicy_binary();
-    let started = Instant::now();
-    let (state, _) = shop();
-    let lab = lab_for(&state);
-    let dir = lab.workdir().join("api-writes");
+    let (nftpolicy, started, state, lab, dir) = datastore_shop("api-writes");
     let mut api = lab::LabApi::start().unwrap();
     let revision = api
         .write_step(&lab::ApiClient::Http, &dir, None, &state)

@@ -13,11 +13,9 @@ apiVersion: v1
 kind: Namespace
 metadata: {name: shop}
 ---
-{apiVersion: v1, kind: Pod, metadata: {name: web, namespace: shop, labels: {app: web}},
- spec: {nodeName: node1, containers: [{name: w}]}, status: {podIP: 198.18.0.10}}
+{apiVersion: v1, kind: Pod, metadata: {name: web, namespace: shop, labels: {app: web}}, spec: {nodeName: node1, containers: [{name: w}]}, status: {podIP: 198.18.0.10}}
 ---
-{apiVersion: v1, kind: Pod, metadata: {name: api, namespace: shop, labels: {app: api}},
- spec: {nodeName: node1, containers: [{name: a}]}, status: {podIP: 198.18.0.11}}
+{apiVersion: v1, kind: Pod, metadata: {name: api, namespace: shop, labels: {app: api}}, spec: {nodeName: node1, containers: [{name: a}]}, status: {podIP: 198.18.0.11}}
 ---
 apiVersion: projectcalico.org/v3
 kind: NetworkPolicy
@@ -138,29 +136,13 @@ apiVersion: v1
 kind: ServiceAccount
 metadata: {name: backend, namespace: shop, labels: {role: db}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: db, namespace: shop, labels: {app: db}}
-spec: {nodeName: node1, serviceAccountName: backend, containers: [{name: d}]}
-status: {podIP: 198.18.0.20}
+{apiVersion: v1, kind: Pod, metadata: {name: db, namespace: shop, labels: {app: db}}, spec: {nodeName: node1, serviceAccountName: backend, containers: [{name: d}]}, status: {podIP: 198.18.0.20}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop, labels: {app: web}}
-spec: {nodeName: node1, serviceAccountName: frontend, containers: [{name: w}]}
-status: {podIP: 198.18.0.21}
+{apiVersion: v1, kind: Pod, metadata: {name: web, namespace: shop, labels: {app: web}}, spec: {nodeName: node1, serviceAccountName: frontend, containers: [{name: w}]}, status: {podIP: 198.18.0.21}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: tool, namespace: shop}
-spec: {nodeName: node1, containers: [{name: t}]}
-status: {podIP: 198.18.0.22}
+{apiVersion: v1, kind: Pod, metadata: {name: tool, namespace: shop}, spec: {nodeName: node1, containers: [{name: t}]}, status: {podIP: 198.18.0.22}}
 ---
-apiVersion: v1
-kind: Pod
-metadata: {name: cache, namespace: shop, labels: {app: cache}}
-spec: {nodeName: node1, containers: [{name: c}]}
-status: {podIP: 198.18.0.23}
+{apiVersion: v1, kind: Pod, metadata: {name: cache, namespace: shop, labels: {app: cache}}, spec: {nodeName: node1, containers: [{name: c}]}, status: {podIP: 198.18.0.23}}
 ---
 apiVersion: projectcalico.org/v3
 kind: NetworkPolicy

@@ -18,13 +18,9 @@ use common::*;
 /// numbers, port ranges, UDP, ipBlocks with except in both families,
 /// policy types with and without rules, pods on both nodes, dual-stack.
 const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {team: red}}
+{apiVersion: v1, kind: Namespace, metadata: {name: shop, labels: {team: red}}}
 ---
-apiVersion: v1
-kind: Namespace
-metadata: {name: ops, labels: {team: blue}}
+{apiVersion: v1, kind: Namespace, metadata: {name: ops, labels: {team: blue}}}
 ---
 apiVersion: v1
 kind: Pod

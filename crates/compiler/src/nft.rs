@@ -15,12 +15,13 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 /// The table name nftpolicy owns in each family; it touches no other.
 pub const TABLE_NAME: &str = "nftpolicy";
 
 /// A whole desired dataplane: one table per address family.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ruleset {
     pub tables: Vec<Table>,
 }
@@ -28,9 +29,7 @@ pub struct Ruleset {
 /// nftables table families we use. nftpolicy keeps `ip` and `ip6` tables
 /// apart (as iptables/ip6tables do) so that each Calico rule is one nft rule
 /// per family; see ARCHITECTURE.md.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum TableFamily {
     Ip,
     Ip6,
@@ -57,7 +56,7 @@ impl TableFamily {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
     pub family: TableFamily,
     pub name: String,
@@ -78,7 +77,7 @@ impl Table {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chain {
     pub name: String,
     /// Set for base chains (attached to a netfilter hook).
@@ -86,7 +85,7 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseChain {
     pub hook: Hook,
     /// Hook priority (filter = 0; lower runs first).
@@ -94,9 +93,7 @@ pub struct BaseChain {
     pub policy: ChainPolicy,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Hook {
     Input,
     Forward,
@@ -122,7 +119,7 @@ impl Hook {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChainPolicy {
     Accept,
     Drop,
@@ -130,7 +127,7 @@ pub enum ChainPolicy {
 
 /// One nft rule: all matches must hold; then the statements run in order;
 /// then the verdict (if any) is taken.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Rule {
     pub matches: Vec<Match>,
     pub stmts: Vec<Stmt>,
@@ -139,17 +136,13 @@ pub struct Rule {
     pub comment: Option<String>,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Dir {
     Src,
     Dst,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum IfDir {
     /// `iifname`
     In,
@@ -157,7 +150,7 @@ pub enum IfDir {
     Out,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Match {
     /// `iifname "cali1234"` or, with `wildcard`, `iifname "cali*"` (prefix).
     IfName {
@@ -198,9 +191,7 @@ pub enum Match {
 }
 
 /// Conntrack state bits, as the kernel numbers them (`NF_CT_STATE_*_BIT`).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct CtStates(pub u32);
 
 impl CtStates {
@@ -214,13 +205,13 @@ impl CtStates {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AddrTarget {
     Net(IpNet),
     Set(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PortTarget {
     /// Inclusive; a single port when `min == max`.
     Range {
@@ -230,7 +221,7 @@ pub enum PortTarget {
     Set(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Stmt {
     Counter,
     /// `meta mark set meta mark & ~clear | set`.
@@ -247,7 +238,7 @@ pub enum Stmt {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     Accept,
     Drop,
@@ -264,7 +255,7 @@ pub enum Verdict {
 
 /// A named set. Address and port sets are interval sets whose elements never
 /// overlap (the compiler coalesces them: the kernel rejects overlaps).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Set {
     pub name: String,
     pub key: SetKey,
@@ -272,9 +263,7 @@ pub struct Set {
     pub comment: Option<String>,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum SetKey {
     /// `ipv4_addr` / `ipv6_addr` (by table family), `flags interval`.
     Addr,
@@ -296,9 +285,7 @@ impl SetKey {
     }
 }
 
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum SetElement {
     Net(IpNet),
     /// Inclusive port range.
@@ -311,7 +298,7 @@ pub enum SetElement {
 }
 
 /// A verdict map from interface name (`ifname`) to `goto <chain>`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerdictMap {
     pub name: String,
     pub elements: BTreeMap<String, Verdict>,

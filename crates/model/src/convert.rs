@@ -659,25 +659,29 @@ fn is_label_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
+/// A DNS subdomain (RFC 1123) as Kubernetes uses it for object names and
+/// label key prefixes: dot-separated lowercase alphanumeric parts with
+/// inner `-`, at most 253 characters.
+pub fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b.iter()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+        })
+}
+
 /// Kubernetes label key: optional DNS-subdomain prefix and `/`, then a name.
 pub fn validate_label_key(k: &str) -> Result<(), String> {
     let (prefix, name) = match k.split_once('/') {
         Some((p, n)) => (Some(p), n),
         None => (None, k),
     };
-    let prefix_ok = prefix.is_none_or(|p| {
-        !p.is_empty()
-            && p.len() <= 253
-            && p.split('.').all(|part| {
-                let b = part.as_bytes();
-                !b.is_empty()
-                    && b.iter()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                    && b[0].is_ascii_alphanumeric()
-                    && b[b.len() - 1].is_ascii_alphanumeric()
-            })
-    });
-    if prefix_ok && is_label_name(name) {
+    if prefix.is_none_or(is_dns_subdomain) && is_label_name(name) {
         Ok(())
     } else {
         Err(format!("invalid label key {k:?}"))
@@ -705,6 +709,14 @@ mod tests {
         kube_to_calico(obj).map(|r| r.unwrap())
     }
 
+    /// Converts a `networking.k8s.io/v1` NetworkPolicy given from
+    /// `metadata` on.
+    fn convert_knp(rest: &str) -> Result<Resource, ConvertError> {
+        convert(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n{rest}"
+        ))
+    }
+
     #[test]
     fn interface_names_follow_calico() {
         // sha1("default.web") = 9f54a5c1ba1b…; felix's 15-character limit holds.
@@ -719,11 +731,8 @@ mod tests {
 
     #[test]
     fn converts_the_seed_policy() {
-        let r = convert(
-            r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: backend-from-frontend, namespace: myns}
+        let r = convert_knp(
+            r#"metadata: {name: backend-from-frontend, namespace: myns}
 spec:
   podSelector: {matchLabels: {role: backend}}
   policyTypes: [Ingress]
@@ -835,11 +844,8 @@ spec:
 
     #[test]
     fn what_the_api_server_adds_is_accepted() {
-        let r = convert(
-            r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
+        let r = convert_knp(
+            r#"metadata:
   name: web
   namespace: ns
   uid: 0b5d5a4e-3b8e-4a51-a3f4-5d1f0e6f7a10

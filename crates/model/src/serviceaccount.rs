@@ -115,17 +115,7 @@ pub fn felix_labels(w: &mut WorkloadEndpoint) {
 /// called. Anything else could not name one, and would not survive being
 /// quoted into a selector.
 fn validate_account_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|part| {
-            let b = part.as_bytes();
-            !b.is_empty()
-                && b.iter()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-                && b[0].is_ascii_alphanumeric()
-                && b[b.len() - 1].is_ascii_alphanumeric()
-        });
-    if ok {
+    if crate::convert::is_dns_subdomain(name) {
         Ok(())
     } else {
         Err(format!(

@@ -211,24 +211,43 @@ pub(crate) async fn put_resource(
             return Ok(change(action, None));
         }
         let seen = current.map_or(0, |(_, rev)| rev);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(ek.as_str(), CompareOp::Equal, seen)])
-            .and_then([TxnOp::put(ek.as_str(), json.as_str(), None)]);
-        let resp = timeout(kv.txn(txn)).await.map_err(|reason| Error::Put {
-            key: ek.clone(),
-            reason,
-        })?;
-        if resp.succeeded() {
-            let revision = resp.header().map(|h| h.revision());
+        let put = TxnOp::put(ek.as_str(), json.as_str(), None);
+        let put_failed = |key, reason| Error::Put { key, reason };
+        if let Some(revision) = if_unchanged(kv, &ek, seen, put, put_failed).await? {
             tracing::info!(key = %key, %action, ?revision, "wrote");
             return Ok(change(action, revision));
         }
         tracing::debug!(key = %ek, attempt, "changed under us; retrying from a fresh read");
     }
-    Err(Error::Txn {
+    Err(gave_up(ek))
+}
+
+/// Runs `op` on `ek` in a transaction guarded by its mod revision still
+/// being `seen` (0: absent). `Some(revision)` when it ran, `None` when the
+/// key changed under us; `failed` names a request that failed.
+async fn if_unchanged(
+    kv: &mut KvClient,
+    ek: &str,
+    seen: i64,
+    op: TxnOp,
+    failed: impl FnOnce(String, String) -> Error,
+) -> Result<Option<Option<i64>>, Error> {
+    let txn = Txn::new()
+        .when([Compare::mod_revision(ek, CompareOp::Equal, seen)])
+        .and_then([op]);
+    let resp = timeout(kv.txn(txn))
+        .await
+        .map_err(|reason| failed(ek.to_owned(), reason))?;
+    Ok(resp
+        .succeeded()
+        .then(|| resp.header().map(|h| h.revision())))
+}
+
+fn gave_up(ek: String) -> Error {
+    Error::Txn {
         key: ek,
         reason: format!("kept changing under us; gave up after {MAX_ATTEMPTS} attempts"),
-    })
+    }
 }
 
 /// Deletes `key` if it exists and `owned` accepts its value (re-checked on
@@ -263,15 +282,9 @@ pub(crate) async fn delete_key(
                 revision: None,
             });
         }
-        let txn = Txn::new()
-            .when([Compare::mod_revision(ek.as_str(), CompareOp::Equal, rev)])
-            .and_then([TxnOp::delete(ek.as_str(), None)]);
-        let resp = timeout(kv.txn(txn)).await.map_err(|reason| Error::Delete {
-            key: ek.clone(),
-            reason,
-        })?;
-        if resp.succeeded() {
-            let revision = resp.header().map(|h| h.revision());
+        let delete = TxnOp::delete(ek.as_str(), None);
+        let delete_failed = |key, reason| Error::Delete { key, reason };
+        if let Some(revision) = if_unchanged(kv, &ek, rev, delete, delete_failed).await? {
             tracing::info!(key = %key, ?revision, "deleted");
             return Ok(Change {
                 key: key.clone(),
@@ -282,10 +295,7 @@ pub(crate) async fn delete_key(
         }
         tracing::debug!(key = %ek, attempt, "changed under us; retrying from a fresh read");
     }
-    Err(Error::Txn {
-        key: ek,
-        reason: format!("kept changing under us; gave up after {MAX_ATTEMPTS} attempts"),
-    })
+    Err(gave_up(ek))
 }
 
 fn is_k8s_endpoint(value: &[u8]) -> bool {
