@@ -331,6 +331,14 @@ fuzz_target!(|cluster: Cluster| {
                     let (a, b) = (span(&pair[0]), span(&pair[1]));
                     assert!(a.1 < b.0, "set {} has overlapping or unsorted intervals {:?} {:?}", set.name, pair[0], pair[1]);
                 }
+            } else if set.key == SetKey::Host {
+                for e in &set.elements {
+                    assert!(
+                        matches!(e, SetElement::Net(n) if n.prefix_len() == n.max_prefix_len()),
+                        "hash set {} holds {e:?}, not a host address",
+                        set.name
+                    );
+                }
             } else {
                 assert_eq!(set.key, SetKey::NamedPort);
             }
