@@ -179,13 +179,17 @@ struct SoakResult {
 fn soak(nftpolicy: &Path, args: &SoakArgs, backend: &str) -> anyhow::Result<SoakResult> {
     let etcd = EtcdServer::start()?;
     let lab = Lab::build(&[], &[], &[NODE])?;
-    let mut agents = Agents::start(&lab, &etcd, nftpolicy, backend, &[])?;
     let dir = lab.workdir().join("soak");
     std::fs::create_dir_all(&dir)?;
     let cluster = dir.join("cluster.yaml");
     std::fs::write(&cluster, cluster_yaml(args.pods))?;
+    // The cluster is written before the agent starts, as on a node that
+    // joins a running cluster: an agent facing an empty etcd rightly warns
+    // that it will not program it (README: What happens when), and the
+    // soak fails on any warning.
     let initial_start = Instant::now();
     nftpolicy_etcd(nftpolicy, &etcd, "apply", &[cluster])?;
+    let mut agents = Agents::start(&lab, &etcd, nftpolicy, backend, &[])?;
     agents.wait_applied(etcd.revision()?, INITIAL_TIMEOUT)?;
     let initial = initial_start.elapsed();
     println!(
