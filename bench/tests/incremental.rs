@@ -11,9 +11,10 @@ use bench::{generate, workload, Scale, NODE_UNDER_TEST};
 use compiler::incremental::{IncrementalCompiler, Outcome};
 use compiler::{compile_nftables, CompileOptions};
 use model::calico::{
-    GlobalNetworkSet, NetworkPolicy, NetworkSet, NetworkSetSpec, ObjectMeta, Profile, ProfileSpec,
-    Resource, ResourceKey, ServiceAccountMatch, WorkloadEndpoint,
+    Action, GlobalNetworkSet, Kind, NetworkPolicy, NetworkSet, NetworkSetSpec, ObjectMeta,
+    PolicyType, Profile, ProfileSpec, Resource, ResourceKey, ServiceAccountMatch, WorkloadEndpoint,
 };
+use model::convert::namespace_profile_name;
 use model::serviceaccount;
 use model::state::ClusterState;
 use rand::rngs::StdRng;
@@ -80,6 +81,25 @@ fn account_profile(rng: &mut StdRng) -> Resource {
             ..Default::default()
         },
     })
+}
+
+/// One of the first namespaces' profile with another `team` label, and
+/// now and then its ingress narrowed to a deny or back to allow.
+fn namespace_profile(state: &ClusterState, rng: &mut StdRng) -> Resource {
+    let name = namespace_profile_name(&bench::namespace_name(rng.random_range(0..3)));
+    let mut p = state.profile(&name).expect("generated").clone();
+    p.spec.labels_to_apply.insert(
+        "pcns.team".into(),
+        format!("team{}", rng.random_range(0..10)),
+    );
+    if rng.random_bool(0.3) {
+        p.spec.ingress[0].action = if rng.random_bool(0.5) {
+            Action::Deny
+        } else {
+            Action::Allow
+        };
+    }
+    Resource::Profile(p)
 }
 
 /// Makes `w` run as service account `sa<n>` of its namespace.
@@ -163,6 +183,7 @@ fn incremental_equals_full_compile() {
         let mut next_pod = scale.pods;
         let mut fast = 0;
         let mut patches = 0;
+        let mut policy_steps = 0;
         for step in 0..150 {
             let mut changes = BTreeMap::new();
             // 1 to 3 changes per step, like a burst.
@@ -217,6 +238,12 @@ fn incremental_equals_full_compile() {
                         let r = Resource::WorkloadEndpoint(w);
                         change(&mut state, &mut changes, r.key(), Some(r));
                     }
+                    8 if rng.random_bool(0.3) => {
+                        // A namespace relabelled (which namespaceSelectors
+                        // match its pods and sets), its rules changed.
+                        let r = namespace_profile(&state, &mut rng);
+                        change(&mut state, &mut changes, r.key(), Some(r));
+                    }
                     8 if rng.random_bool(0.4) => {
                         // A service account's labels change, appear or go.
                         let r = account_profile(&mut rng);
@@ -241,13 +268,33 @@ fn incremental_equals_full_compile() {
                             // Its selected endpoints drop in its directions.
                             model::reject::mark_rejected(&mut p.metadata.annotations, "test");
                         }
+                        // Orders move it among the others; a missing tier
+                        // rejects it (its endpoints drop in its direction).
+                        match rng.random_range(0..10) {
+                            0..=2 => {
+                                p.spec.order = Some(f64::from(rng.random_range(0..3u8)) * 500.0)
+                            }
+                            3 => p.spec.order = None,
+                            4 => p.spec.tier = Some("no-such-tier".into()),
+                            5 => p.spec.types = vec![PolicyType::Ingress, PolicyType::Egress],
+                            _ => {}
+                        }
                         let r = Resource::NetworkPolicy(p);
-                        change(&mut state, &mut changes, r.key(), Some(r));
+                        if rng.random_bool(0.3) {
+                            change(&mut state, &mut changes, r.key(), None);
+                        } else {
+                            change(&mut state, &mut changes, r.key(), Some(r));
+                        }
                     }
                 }
             }
             let before = inc.ruleset().clone();
             let outcome = inc.update(&state, &changes).unwrap();
+            let policy_changed = changes.keys().any(|k| k.kind == Kind::NetworkPolicy);
+            let profile_changed = changes.keys().any(|k| k.kind == Kind::Profile);
+            if (policy_changed || profile_changed) && outcome != Outcome::Rebuilt {
+                policy_steps += 1;
+            }
             let (logical, ruleset) = compile_nftables(&state, &opts).unwrap();
             assert_eq!(
                 inc.logical(),
@@ -282,6 +329,10 @@ fn incremental_equals_full_compile() {
             patches > 20,
             "local changes take the patch path ({patches})"
         );
+        assert!(
+            policy_steps > 10,
+            "policy changes are patched, not compiled in full ({policy_steps})"
+        );
     }
 }
 
@@ -314,7 +365,7 @@ fn deltas_and_patches_reach_the_kernel() {
         sets: [usize; 2],
     }
     let mut seen = Seen::default();
-    for step in 0..80 {
+    for step in 0..100 {
         let mut changes = BTreeMap::new();
         let pods: Vec<_> = state.workload_endpoints().cloned().collect();
         let remote = |rng: &mut StdRng| {
@@ -329,7 +380,7 @@ fn deltas_and_patches_reach_the_kernel() {
             .filter(|w| w.spec.node == NODE_UNDER_TEST)
             .cloned()
             .collect();
-        match step % 8 {
+        match step % 10 {
             0 => {
                 let mut w = workload(&scale, next_pod, &mut rng);
                 next_pod += 1;
@@ -373,10 +424,28 @@ fn deltas_and_patches_reach_the_kernel() {
                 let r = Resource::WorkloadEndpoint(w);
                 change(&mut state, &mut changes, r.key(), Some(r));
             }
-            _ => {
+            7 => {
                 let w = &local[rng.random_range(0..local.len())];
                 let key = Resource::WorkloadEndpoint(w.clone()).key();
                 change(&mut state, &mut changes, key, None);
+            }
+            // Policies come, change (selector, order, rules) and go.
+            8 => {
+                let mut p = bench::policy(&scale, rng.random_range(0..60), &mut rng);
+                if rng.random_bool(0.3) {
+                    p.spec.order = Some(f64::from(rng.random_range(0..3u8)) * 500.0);
+                }
+                let r = Resource::NetworkPolicy(p);
+                if rng.random_bool(0.3) {
+                    change(&mut state, &mut changes, r.key(), None);
+                } else {
+                    change(&mut state, &mut changes, r.key(), Some(r));
+                }
+            }
+            // A namespace relabelled, its rules changed.
+            _ => {
+                let r = namespace_profile(&state, &mut rng);
+                change(&mut state, &mut changes, r.key(), Some(r));
             }
         }
         match inc.update(&state, &changes).unwrap() {
@@ -404,12 +473,16 @@ fn deltas_and_patches_reach_the_kernel() {
             // (or takes its last) turns it from a hash set into an
             // interval set (or back): compiled in full, and the programmer
             // re-creates the set under the rules that use it.
-            Outcome::Rebuilt if step % 8 == 3 => {
+            // A namespace relabel can do the same: it moves the network
+            // sets in that namespace between namespaceSelector sets.
+            Outcome::Rebuilt if step % 10 == 3 || step % 10 == 9 => {
                 type_flips += 1;
                 p.apply(inc.ruleset())
                     .unwrap_or_else(|e| panic!("step {step}: {e}"));
             }
-            Outcome::Rebuilt => panic!("step {step}: endpoint changes need no full compile"),
+            Outcome::Rebuilt => {
+                panic!("step {step}: endpoint, policy and profile changes need no full compile")
+            }
         }
         let want = compile_nftables(&state, &opts).unwrap().1;
         for t in &want.tables {
@@ -424,7 +497,11 @@ fn deltas_and_patches_reach_the_kernel() {
             );
         }
     }
-    assert_eq!((deltas + type_flips, patches), (40, 40));
+    assert_eq!(deltas + type_flips + patches, 100);
+    assert!(
+        patches >= 50,
+        "local, policy and profile changes patch ({patches})"
+    );
     assert!(type_flips > 0, "no set changed its type");
     // The patches exercised policies starting and stopping to apply here,
     // with the sets their rules use.

@@ -22,17 +22,30 @@
 //! (an nft hash set) to holding a CIDR (an interval set), or back, also
 //! recompiles in full: the kernel cannot change a set's type in place.
 //!
-//! Anything else — a policy, profile or namespace change — recompiles in
-//! full ([`Outcome::Rebuilt`]); the result is the same as
-//! [`compile`](crate::compile) either way (tests check this).
+//! A policy change resolves only the changed policies and merges them into
+//! the ordered list; the local endpoints that used a changed policy, or
+//! that a new version selects, are redone as above (their chains, and the
+//! policy chains and sets that start or stop being needed). A profile
+//! change (a namespace or service account relabelled, a profile's rules)
+//! re-evaluates the objects inheriting its labels against the sets, as a
+//! relabelled pod is, redoes the local endpoints using it and builds its
+//! chains again.
+//!
+//! A tier change recompiles in full ([`Outcome::Rebuilt`]); the result is
+//! the same as [`compile`](crate::compile) either way (tests check this
+//! for every change kind).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use model::calico::{Kind, PolicyType, Resource, ResourceKey};
-use model::selector::Selector;
-use model::state::{ClusterState, LabelledNets, ResolvedPolicy};
+use model::convert::namespace_profile_name;
+use model::selector::{Labels, Selector};
+use model::state::{
+    policy_order, rejection_of, resolve_policy, ClusterState, LabelledNets, RejectedObject,
+    ResolvedPolicy,
+};
 
 use crate::logical::{
     compile_recording, named_port_members, policy_chain, profile_chain, Builder, CompileError,
@@ -528,22 +541,131 @@ impl IncrementalCompiler {
         self.note_rejections(state, changes);
         let node = &self.options().node;
         let is_local = |r: Option<&Resource>| matches!(r, Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node);
-        let local: Vec<&ResourceKey> = changes
+        let mut local: BTreeSet<ResourceKey> = changes
             .iter()
             .filter(|(key, old)| is_local(old.as_ref()) || is_local(state.get(key)))
-            .map(|(key, _)| key)
+            .map(|(key, _)| key.clone())
             .collect();
-        if local.is_empty() {
+        let swap = self.policy_swap(state, changes);
+        if let Some(swap) = &swap {
+            local.extend(swap.endpoints.iter().cloned());
+        }
+        // A profile changed: the local endpoints using it are redone (its
+        // labels may change which policies select them, its rejection their
+        // chains) and its chains are built again.
+        let profiles: BTreeSet<String> = changes
+            .keys()
+            .filter(|k| k.kind == Kind::Profile)
+            .map(|k| k.name.clone())
+            .collect();
+        if !profiles.is_empty() {
+            for key in self.uses.keys() {
+                if let Some(Resource::WorkloadEndpoint(w)) = state.get(key) {
+                    if w.spec.profiles.iter().any(|p| profiles.contains(p)) {
+                        local.insert(key.clone());
+                    }
+                }
+            }
+        }
+        if local.is_empty() && swap.is_none() {
             return Ok(Outcome::Elements(
                 self.apply_changes(net_changes, named_changes),
             ));
         }
-        Ok(Outcome::Patch(self.patch_local(
-            state,
-            &local,
-            net_changes,
-            named_changes,
-        )))
+        let local: Vec<&ResourceKey> = local.iter().collect();
+        let patch = self.patch_local(state, &local, swap, &profiles, net_changes, named_changes);
+        if patch.tables.is_empty() {
+            return Ok(Outcome::Elements(patch.elements));
+        }
+        Ok(Outcome::Patch(patch))
+    }
+
+    /// The policy list after the policy changes in `changes` (`None`: there
+    /// are none), and the local endpoints whose chains they touch: those
+    /// using a policy that changed or went, and those a new or changed
+    /// policy selects. Only the changed policies are resolved again; the
+    /// tiers did not change (a tier change compiles in full), so the others
+    /// keep their relative order.
+    fn policy_swap(
+        &self,
+        state: &ClusterState,
+        changes: &BTreeMap<ResourceKey, Option<Resource>>,
+    ) -> Option<PolicySwap> {
+        let changed: HashSet<&ResourceKey> = changes
+            .keys()
+            .filter(|k| matches!(k.kind, Kind::NetworkPolicy | Kind::GlobalNetworkPolicy))
+            .collect();
+        if changed.is_empty() {
+            return None;
+        }
+        let tiers = state.tiers();
+        let mut fresh: Vec<ResolvedPolicy> = changed
+            .iter()
+            .filter_map(|k| state.get(k))
+            .filter_map(|r| resolve_policy(r, &tiers))
+            // A policy that does not resolve is left out, as a full compile
+            // leaves it out (its error is in the rejected list).
+            .filter_map(Result::ok)
+            .collect();
+        fresh.sort_by(policy_order);
+        let kept = |p: &ResolvedPolicy| !changed.contains(&p.id.resource_key());
+        let gone: HashSet<usize> = (0..self.policies.len())
+            .filter(|&i| !kept(&self.policies[i]))
+            .collect();
+        // Merge the kept policies (in order already) with the fresh ones.
+        let mut policies = Vec::with_capacity(self.policies.len() + fresh.len());
+        let mut moved = vec![None; self.policies.len()];
+        let mut fresh_iter = fresh.into_iter().peekable();
+        for (i, p) in self.policies.iter().enumerate() {
+            if gone.contains(&i) {
+                continue;
+            }
+            while let Some(f) = fresh_iter.next_if(|f| policy_order(f, p).is_lt()) {
+                policies.push(f);
+            }
+            moved[i] = Some(policies.len());
+            policies.push(p.clone());
+        }
+        policies.extend(fresh_iter);
+        let new_positions: Vec<usize> = (0..policies.len())
+            .filter(|&j| !kept(&policies[j]))
+            .collect();
+        let node = &self.options().node;
+        let endpoints = self
+            .uses
+            .values()
+            .filter(|u| {
+                let uses_gone = [&u.egress, &u.ingress]
+                    .into_iter()
+                    .flatten()
+                    .any(|i| gone.contains(i));
+                // A direction a policy rejects lists no policies: the
+                // rejecting one is named in the rejection.
+                let rejected_by_changed = [&u.egress_rejected, &u.ingress_rejected]
+                    .into_iter()
+                    .flatten()
+                    .any(|r| {
+                        matches!(&r.object, RejectedObject::Policy(id) if changed.contains(&id.resource_key()))
+                    });
+                uses_gone
+                    || rejected_by_changed
+                    || match state.get(&u.key) {
+                        Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node => {
+                            let labels = state.endpoint_labels(w);
+                            new_positions
+                                .iter()
+                                .any(|&j| policies[j].selector.matches(&labels))
+                        }
+                        _ => false,
+                    }
+            })
+            .map(|u| u.key.clone())
+            .collect();
+        Some(PolicySwap {
+            policies,
+            moved,
+            endpoints,
+        })
     }
 
     /// Some selector set in `net_changes` now needs the other nft set type.
@@ -566,31 +688,46 @@ impl IncrementalCompiler {
         changes: &BTreeMap<ResourceKey, Option<Resource>>,
     ) {
         let rejected = &mut self.logical.as_mut().expect("checked by update").rejected;
+        let tiers = state.tiers();
         for key in changes.keys() {
             let at = rejected.partition_point(|(k, _)| k < key);
             if rejected.get(at).is_some_and(|(k, _)| k == key) {
                 rejected.remove(at);
             }
-            if let Some(why) = state.get(key).and_then(|r| r.metadata().rejection()) {
-                rejected.insert(at, (key.clone(), why.to_owned()));
+            if let Some(why) = state.get(key).and_then(|r| rejection_of(r, &tiers)) {
+                rejected.insert(at, (key.clone(), why));
             }
         }
     }
 
-    /// Every change is to an endpoint or a network set; local endpoint
-    /// changes leave one endpoint per interface name.
+    /// Every change is to an endpoint, a network set or a policy; local
+    /// endpoint changes leave one endpoint per interface name.
     fn can_patch(
         &self,
         state: &ClusterState,
         changes: &BTreeMap<ResourceKey, Option<Resource>>,
     ) -> bool {
-        let endpoints_and_sets = changes.keys().all(|key| {
+        let patchable = changes.keys().all(|key| {
             matches!(
                 key.kind,
-                Kind::WorkloadEndpoint | Kind::NetworkSet | Kind::GlobalNetworkSet
+                Kind::WorkloadEndpoint
+                    | Kind::NetworkSet
+                    | Kind::GlobalNetworkSet
+                    | Kind::NetworkPolicy
+                    | Kind::GlobalNetworkPolicy
+                    | Kind::Profile
             )
         });
-        if !endpoints_and_sets {
+        if !patchable {
+            return false;
+        }
+        let redoes = changes.keys().any(|key| {
+            matches!(
+                key.kind,
+                Kind::NetworkPolicy | Kind::GlobalNetworkPolicy | Kind::Profile
+            )
+        });
+        if redoes && self.shared_interfaces {
             return false;
         }
         let node = &self.options().node;
@@ -636,8 +773,46 @@ impl IncrementalCompiler {
     ) -> (HashMap<String, NetChanges>, HashMap<String, NamedChanges>) {
         let mut net_changes: HashMap<String, NetChanges> = HashMap::new();
         let mut named_changes: HashMap<String, NamedChanges> = HashMap::new();
-        for (key, old) in changes {
-            let before = old.as_ref().and_then(|r| state.labelled(r));
+        // What each changed profile applied before the changes: objects are
+        // compared as they were (old value, old profile labels) and are.
+        let old_profiles: HashMap<&str, Option<&Labels>> = changes
+            .iter()
+            .filter(|(key, _)| key.kind == Kind::Profile)
+            .map(|(key, old)| {
+                let labels = match old {
+                    Some(Resource::Profile(p)) => Some(&p.spec.labels_to_apply),
+                    _ => None,
+                };
+                (key.name.as_str(), labels)
+            })
+            .collect();
+        let old_labels = |name: &str| match old_profiles.get(name) {
+            Some(labels) => *labels,
+            None => state.profile(name).map(|p| &p.spec.labels_to_apply),
+        };
+        // Objects that did not change but inherit labels from a profile
+        // whose labels did: a namespace relabelled relabels its pods.
+        let relabelled: HashSet<&str> = old_profiles
+            .iter()
+            .filter(|(name, old)| **old != state.profile(name).map(|p| &p.spec.labels_to_apply))
+            .map(|(name, _)| *name)
+            .collect();
+        let inheriting: Vec<(ResourceKey, &Resource)> = if relabelled.is_empty() {
+            vec![]
+        } else {
+            state
+                .resources()
+                .filter(|r| inherits_from(r, &relabelled))
+                .map(|r| (r.key(), r))
+                .filter(|(key, _)| !changes.contains_key(key))
+                .collect()
+        };
+        let all = changes
+            .iter()
+            .map(|(key, old)| (key, old.as_ref()))
+            .chain(inheriting.iter().map(|(key, r)| (key, Some(*r))));
+        for (key, old) in all {
+            let before = old.and_then(|r| state.labelled_with(r, &old_labels));
             let after = state.get(key).and_then(|r| state.labelled(r));
             if let (Some(b), Some(a)) = (&before, &after) {
                 if b.labels.to_labels() == a.labels.to_labels()
@@ -679,6 +854,8 @@ impl IncrementalCompiler {
         &mut self,
         state: &ClusterState,
         local: &[&ResourceKey],
+        swap: Option<PolicySwap>,
+        changed_profiles: &BTreeSet<String>,
         mut net_changes: HashMap<String, NetChanges>,
         mut named_changes: HashMap<String, NamedChanges>,
     ) -> RulesetPatch {
@@ -713,6 +890,46 @@ impl IncrementalCompiler {
                 |p, before| note_before(&mut policies_before, &mut profiles_before, p, before),
             );
         }
+        // Policies changed: the endpoints that used a changed or deleted
+        // one have left above, so those policies' chains stop here; the
+        // positions of the others move to the new list.
+        let policies_swapped = swap.is_some();
+        if let Some(swap) = swap {
+            let mut remapped = BTreeMap::new();
+            for ((i, dir), before) in policies_before {
+                match swap.moved[i] {
+                    Some(j) => {
+                        remapped.insert((j, dir), before);
+                    }
+                    None => {
+                        let name = policy_chain(&self.policies[i].id, dir);
+                        if before > 0 {
+                            if let Some(c) = logical.chains.remove(&name) {
+                                self.unref_chain(&c, &mut maybe_unused_sets);
+                            }
+                            changed_chains.insert(name);
+                        }
+                    }
+                }
+            }
+            policies_before = remapped;
+            self.policy_refs = std::mem::take(&mut self.policy_refs)
+                .into_iter()
+                .filter_map(|((i, dir), n)| match swap.moved[i] {
+                    Some(j) => Some(((j, dir), n)),
+                    None => {
+                        debug_assert_eq!(n, 0, "every user of a changed policy was redone");
+                        None
+                    }
+                })
+                .collect();
+            for u in self.uses.values_mut() {
+                for i in u.egress.iter_mut().chain(u.ingress.iter_mut()) {
+                    *i = swap.moved[*i].expect("endpoints not redone use unchanged policies");
+                }
+            }
+            self.policies = swap.policies;
+        }
         // Endpoints that come (or change): what they use.
         let coming: Vec<EndpointUse> = local
             .iter()
@@ -745,9 +962,12 @@ impl IncrementalCompiler {
             .map(|(p, _)| *p)
             .collect();
         let profile_now = |name: &str| self.profile_refs.get(name).copied().unwrap_or(0);
+        // Changed profiles still in use are built again.
         let started_profiles: Vec<String> = profiles_before
             .iter()
-            .filter(|(n, before)| **before == 0 && profile_now(n) > 0)
+            .filter(|(n, before)| {
+                profile_now(n) > 0 && (**before == 0 || changed_profiles.contains(*n))
+            })
             .map(|(n, _)| n.clone())
             .collect();
         let stopped_profiles: Vec<String> = profiles_before
@@ -830,7 +1050,7 @@ impl IncrementalCompiler {
         for u in coming {
             self.uses.insert(u.key.clone(), u);
         }
-        if !started_policies.is_empty() || !stopped_policies.is_empty() {
+        if policies_swapped || !started_policies.is_empty() || !stopped_policies.is_empty() {
             let active: BTreeSet<_> = self
                 .policy_refs
                 .keys()
@@ -1030,6 +1250,14 @@ impl IncrementalCompiler {
     }
 }
 
+/// A policy change: the new policy list, where each old position went
+/// (`None`: the policy changed or went), and the local endpoints to redo.
+struct PolicySwap {
+    policies: Vec<ResolvedPolicy>,
+    moved: Vec<Option<usize>>,
+    endpoints: Vec<ResourceKey>,
+}
+
 /// Chains a local endpoint change needs built: the endpoints' own, and
 /// those of policies and profiles that start applying on this node.
 struct NewChains<'s> {
@@ -1113,6 +1341,22 @@ fn note_before(
         Used::Profile(name) => {
             profiles.entry(name.to_owned()).or_insert(before);
         }
+    }
+}
+
+/// Whether `r` takes labels from one of `profiles` (an endpoint using it,
+/// or a network set in the namespace it is the profile of).
+fn inherits_from(r: &Resource, profiles: &HashSet<&str>) -> bool {
+    match r {
+        Resource::WorkloadEndpoint(w) => w
+            .spec
+            .profiles
+            .iter()
+            .any(|p| profiles.contains(p.as_str())),
+        Resource::NetworkSet(n) => profiles.contains(
+            namespace_profile_name(n.metadata.namespace.as_deref().unwrap_or("default")).as_str(),
+        ),
+        _ => false,
     }
 }
 

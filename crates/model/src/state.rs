@@ -136,20 +136,42 @@ impl ClusterState {
     /// passes the value a change replaced), but its labels are resolved
     /// against the profiles in the state.
     pub fn labelled<'a>(&'a self, r: &'a Resource) -> Option<LabelledNets<'a>> {
+        self.labelled_with(r, &|name| {
+            self.profile(name).map(|p| &p.spec.labels_to_apply)
+        })
+    }
+
+    /// [`ClusterState::labelled`] with the labels each profile applies
+    /// given by `profile_labels` (`None`: no such profile): an incremental
+    /// compile asks what an object looked like under a profile's old labels.
+    pub fn labelled_with<'a>(
+        &self,
+        r: &'a Resource,
+        profile_labels: &dyn Fn(&str) -> Option<&'a Labels>,
+    ) -> Option<LabelledNets<'a>> {
         match r {
-            Resource::WorkloadEndpoint(w) => Some(LabelledNets {
-                labels: LabelView::Owned(self.endpoint_labels(w)),
-                nets: &w.spec.ip_networks,
-                endpoint: Some(w),
-            }),
+            Resource::WorkloadEndpoint(w) => {
+                let mut labels = Labels::new();
+                for p in &w.spec.profiles {
+                    if let Some(applied) = profile_labels(p) {
+                        labels.extend(applied.clone());
+                    }
+                }
+                labels.extend(w.metadata.labels.clone());
+                Some(LabelledNets {
+                    labels: LabelView::Owned(labels),
+                    nets: &w.spec.ip_networks,
+                    endpoint: Some(w),
+                })
+            }
             Resource::NetworkSet(s) => {
                 // As libcalico-go hands it to felix: its labels, its
                 // namespace's, and the namespace label, so a rule's
                 // namespaceSelector + selector reach it as they reach pods.
                 let namespace = s.metadata.namespace.as_deref().unwrap_or("default");
                 let mut labels = Labels::new();
-                if let Some(profile) = self.profile(&namespace_profile_name(namespace)) {
-                    labels.extend(profile.spec.labels_to_apply.clone());
+                if let Some(applied) = profile_labels(&namespace_profile_name(namespace)) {
+                    labels.extend(applied.clone());
                 }
                 labels.extend(s.metadata.labels.clone());
                 labels.insert(calico::LABEL_NAMESPACE.into(), namespace.to_owned());
@@ -240,50 +262,80 @@ impl ClusterState {
         let mut ok = Vec::new();
         let mut errors = Vec::new();
         for r in self.resources() {
-            let (spec, id) = match r {
-                Resource::NetworkPolicy(p) => (
-                    &p.spec,
-                    PolicyId::namespaced(
-                        p.metadata.namespace.as_deref().unwrap_or("default"),
-                        &p.metadata.name,
-                    ),
-                ),
-                Resource::GlobalNetworkPolicy(p) => {
-                    (&p.spec, PolicyId::Global(p.metadata.name.clone()))
-                }
-                _ => continue,
-            };
-            let name = spec.tier();
-            let (rank, tier, missing) = match tiers.iter().position(|t| t.name == name) {
-                Some(i) => (i, tiers[i].clone(), None),
-                None => (
-                    tiers.len(),
-                    TierInfo {
-                        name: name.to_owned(),
-                        order: None,
-                        default_action: TierAction::Deny,
-                    },
-                    Some(missing_tier(name)),
-                ),
-            };
-            let rejected = r.metadata().rejection().or(missing.as_deref());
-            match ResolvedPolicy::new(id, spec, rejected) {
-                Ok(mut p) => {
-                    p.tier = tier;
-                    p.tier_rank = rank;
-                    ok.push(p);
-                }
-                Err(e) => errors.push((r.key(), e)),
+            match resolve_policy(r, &tiers) {
+                Some(Ok(p)) => ok.push(p),
+                Some(Err(e)) => errors.push((r.key(), e)),
+                None => {}
             }
         }
-        ok.sort_by(|a, b| {
-            let (ka, kb) = (a.sort_key(), b.sort_key());
-            ka.0.cmp(&kb.0)
-                .then_with(|| ka.1.total_cmp(&kb.1))
-                .then_with(|| ka.2.cmp(&kb.2))
-        });
+        ok.sort_by(policy_order);
         (ok, errors)
     }
+}
+
+/// `r` resolved as [`ClusterState::resolved_policies`] resolves each
+/// policy, against `tiers` ([`ClusterState::tiers`]); `None` if `r` is not
+/// a policy. An incremental compile resolves only the policies that
+/// changed this way.
+pub fn resolve_policy(r: &Resource, tiers: &[TierInfo]) -> Option<Result<ResolvedPolicy, String>> {
+    let (spec, id) = match r {
+        Resource::NetworkPolicy(p) => (
+            &p.spec,
+            PolicyId::namespaced(
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+                &p.metadata.name,
+            ),
+        ),
+        Resource::GlobalNetworkPolicy(p) => (&p.spec, PolicyId::Global(p.metadata.name.clone())),
+        _ => return None,
+    };
+    let name = spec.tier();
+    let (rank, tier, missing) = match tiers.iter().position(|t| t.name == name) {
+        Some(i) => (i, tiers[i].clone(), None),
+        None => (
+            tiers.len(),
+            TierInfo {
+                name: name.to_owned(),
+                order: None,
+                default_action: TierAction::Deny,
+            },
+            Some(missing_tier(name)),
+        ),
+    };
+    let rejected = r.metadata().rejection().or(missing.as_deref());
+    Some(ResolvedPolicy::new(id, spec, rejected).map(|mut p| {
+        p.tier = tier;
+        p.tier_rank = rank;
+        p
+    }))
+}
+
+/// Why `r` is in a full compile's rejected list, if it is: its own
+/// rejection ([`crate::reject`]), else for a policy a missing tier, else a
+/// policy that does not resolve — the precedence
+/// [`ClusterState::rejected`], [`ClusterState::tier_rejections`] and
+/// [`ClusterState::resolved_policies`] give when a compile merges them.
+pub fn rejection_of(r: &Resource, tiers: &[TierInfo]) -> Option<String> {
+    if let Some(why) = r.metadata().rejection() {
+        return Some(why.to_owned());
+    }
+    let spec = match r {
+        Resource::NetworkPolicy(p) => &p.spec,
+        Resource::GlobalNetworkPolicy(p) => &p.spec,
+        _ => return None,
+    };
+    if !tiers.iter().any(|t| t.name == spec.tier()) {
+        return Some(missing_tier(spec.tier()));
+    }
+    resolve_policy(r, tiers).and_then(Result::err)
+}
+
+/// Evaluation order of resolved policies ([`ResolvedPolicy::sort_key`]).
+pub fn policy_order(a: &ResolvedPolicy, b: &ResolvedPolicy) -> std::cmp::Ordering {
+    let (ka, kb) = (a.sort_key(), b.sort_key());
+    ka.0.cmp(&kb.0)
+        .then_with(|| ka.1.total_cmp(&kb.1))
+        .then_with(|| ka.2.cmp(&kb.2))
 }
 
 fn missing_tier(tier: &str) -> String {
