@@ -74,7 +74,63 @@ pub fn kube_to_calico(obj: &KubeObject) -> Result<Option<Resource>, ConvertError
         KubeObject::ServiceAccount(sa) => crate::serviceaccount::to_profile(sa)
             .map(|p| Some(Resource::Profile(p)))
             .map_err(err),
+        KubeObject::Node(node) => node_to_calico(node)
+            .map(|n| Some(Resource::Node(n)))
+            .map_err(err),
     }
+}
+
+/// A Kubernetes Node → Calico's Node of that name: its labels, and its
+/// `InternalIP` and `ExternalIP` addresses (host names are not addresses
+/// and are left out). An address that is not an IP, or an address type
+/// Kubernetes does not define, is an error naming the node: a Deny to
+/// nodes must not silently miss one of its addresses.
+pub fn node_to_calico(node: &k8s_openapi::api::core::v1::Node) -> Result<calico::Node, String> {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    validate_labels(&labels).map_err(|e| format!("metadata.labels: {e}"))?;
+    let mut addresses = Vec::new();
+    let listed = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    for (i, a) in listed.iter().enumerate() {
+        match a.type_.as_str() {
+            "InternalIP" | "ExternalIP" => {
+                let ip: std::net::IpAddr = a.address.parse().map_err(|_| {
+                    format!(
+                        "status.addresses[{i}].address {:?} is not an IP address",
+                        a.address
+                    )
+                })?;
+                addresses.push(calico::NodeAddress {
+                    address: ip.to_string(),
+                    kind: a.type_.clone(),
+                });
+            }
+            "Hostname" | "InternalDNS" | "ExternalDNS" => {}
+            other => {
+                return Err(format!(
+                    "status.addresses[{i}].type {other:?} is not one of InternalIP, ExternalIP, Hostname, InternalDNS, ExternalDNS"
+                ))
+            }
+        }
+    }
+    let mut metadata = ObjectMeta {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        labels,
+        ..Default::default()
+    };
+    if let Some(reason) = crate::kube::rejection(&node.metadata) {
+        // A rejected node stays in the nodes peers' sets, as a rejected
+        // network set stays in its selectors' (crate::reject).
+        reject::mark_rejected(&mut metadata.annotations, reason);
+    }
+    Ok(calico::Node {
+        api_version: calico::API_VERSION.into(),
+        metadata,
+        spec: calico::NodeSpec { addresses },
+    })
 }
 
 pub fn namespace_profile_name(namespace: &str) -> String {
@@ -373,6 +429,9 @@ fn k8s_policy_directions(spec: &netv1::NetworkPolicySpec) -> Vec<PolicyType> {
 pub(crate) enum SelectorKind {
     Pod,
     Namespace,
+    /// An AdminNetworkPolicy `nodes` peer: restricted to nodes
+    /// ([`calico::LABEL_NODE`]), as a pod selector is to Kubernetes pods.
+    Node,
 }
 
 /// libcalico-go's `k8sSelectorToCalico`: pod selectors are restricted to
@@ -387,6 +446,9 @@ pub(crate) fn k8s_selector_to_calico(
             "{} == '{ORCHESTRATOR_K8S}'",
             calico::LABEL_ORCHESTRATOR
         ));
+    }
+    if kind == SelectorKind::Node {
+        terms.push(format!("has({})", calico::LABEL_NODE));
     }
     let Some(s) = s else {
         return Ok(terms.join(" && "));
@@ -641,7 +703,7 @@ pub fn simplify_ports(ports: Vec<Port>) -> Vec<Port> {
         .collect()
 }
 
-fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     for (k, v) in labels {
         validate_label_key(k)?;
         validate_label_value(v).map_err(|e| format!("label {k:?}: {e}"))?;

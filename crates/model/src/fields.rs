@@ -327,6 +327,26 @@ const NETWORK_SET_SPEC: Fields = &[
 
 const TIER_SPEC: Fields = &[("order", Field::Used), ("defaultAction", Field::Used)];
 
+const NODE_ADDRESS: Fields = &[("address", Field::Used), ("type", Field::Used)];
+
+const NODE_ROUTING: Field = Field::Ignored(
+    "routing and tunnel settings; a nodes peer matches the node's addresses and labels only",
+);
+
+const NODE_SPEC: Fields = &[
+    ("addresses", Field::List(NODE_ADDRESS)),
+    ("bgp", NODE_ROUTING),
+    ("ipv4VXLANTunnelAddr", NODE_ROUTING),
+    ("ipv6VXLANTunnelAddr", NODE_ROUTING),
+    ("vxlanTunnelMACAddr", NODE_ROUTING),
+    ("vxlanTunnelMACAddrV6", NODE_ROUTING),
+    ("wireguard", NODE_ROUTING),
+    (
+        "orchRefs",
+        Field::Ignored("which orchestrator's node this is; bookkeeping"),
+    ),
+];
+
 /// A Calico v3 resource of `kind` with `spec` fields `spec`.
 macro_rules! calico_kind {
     ($spec:expr) => {
@@ -349,6 +369,16 @@ pub fn calico(kind: &str) -> Option<Fields> {
         "WorkloadEndpoint" => calico_kind!(WORKLOAD_ENDPOINT_SPEC),
         "NetworkSet" | "GlobalNetworkSet" => calico_kind!(NETWORK_SET_SPEC),
         "Tier" => calico_kind!(TIER_SPEC),
+        "Node" => &[
+            ("apiVersion", Field::Used),
+            ("kind", Field::Used),
+            ("metadata", Field::Object(METADATA)),
+            ("spec", Field::Object(NODE_SPEC)),
+            (
+                "status",
+                Field::Ignored("what calico-node reports about itself (agent state, BGP)"),
+            ),
+        ],
         _ => return None,
     })
 }
@@ -457,6 +487,42 @@ const K8S_SERVICE_ACCOUNT: Fields = &[
     ),
 ];
 
+const K8S_NODE_ADDRESS: Fields = &[("type", Field::Used), ("address", Field::Used)];
+
+const K8S_NODE_STATUS_OTHER: Field = Field::Ignored(
+    "what the kubelet reports (capacity, conditions, images, …); a nodes peer matches the node's labels and addresses only",
+);
+
+const K8S_NODE_STATUS: Fields = &[
+    ("addresses", Field::List(K8S_NODE_ADDRESS)),
+    ("allocatable", K8S_NODE_STATUS_OTHER),
+    ("capacity", K8S_NODE_STATUS_OTHER),
+    ("conditions", K8S_NODE_STATUS_OTHER),
+    ("config", K8S_NODE_STATUS_OTHER),
+    ("daemonEndpoints", K8S_NODE_STATUS_OTHER),
+    ("features", K8S_NODE_STATUS_OTHER),
+    ("images", K8S_NODE_STATUS_OTHER),
+    ("nodeInfo", K8S_NODE_STATUS_OTHER),
+    ("phase", K8S_NODE_STATUS_OTHER),
+    ("runtimeHandlers", K8S_NODE_STATUS_OTHER),
+    ("volumesAttached", K8S_NODE_STATUS_OTHER),
+    ("volumesInUse", K8S_NODE_STATUS_OTHER),
+];
+
+const K8S_NODE: Fields = &[
+    ("apiVersion", Field::Used),
+    ("kind", Field::Used),
+    ("metadata", Field::Object(METADATA)),
+    (
+        "spec",
+        Field::Ignored(
+            "podCIDRs, taints, providerID, unschedulable: scheduling and routing; \
+             a nodes peer matches the node's labels and addresses only",
+        ),
+    ),
+    ("status", Field::Object(K8S_NODE_STATUS)),
+];
+
 /// The fields of a Kubernetes object (`v1` Namespace, Pod and
 /// ServiceAccount, `networking.k8s.io/v1` NetworkPolicy).
 pub fn kubernetes(kind: &str) -> Option<Fields> {
@@ -464,6 +530,7 @@ pub fn kubernetes(kind: &str) -> Option<Fields> {
         "Namespace" => K8S_NAMESPACE,
         "Pod" => K8S_POD,
         "ServiceAccount" => K8S_SERVICE_ACCOUNT,
+        "Node" => K8S_NODE,
         "NetworkPolicy" => K8S_NETWORK_POLICY,
         _ => return crate::admin::fields(kind),
     })
