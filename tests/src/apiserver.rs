@@ -240,6 +240,7 @@ fn object_path(o: &Value, with_name: bool) -> String {
         "Namespace" => "namespaces",
         "Pod" => "pods",
         "ServiceAccount" => "serviceaccounts",
+        "Node" => "nodes",
         kind => model::admin::AdminKind::from_name(kind)
             .map_or("networkpolicies", model::admin::AdminKind::plural),
     };
