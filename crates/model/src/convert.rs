@@ -780,6 +780,48 @@ mod tests {
     }
 
     #[test]
+    fn nodes_become_calico_nodes_with_their_ip_addresses() {
+        let node = |status: &str| {
+            convert(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{zone: a}}}}\nspec: {{podCIDR: 10.0.0.0/24}}\nstatus: {status}\n"
+            ))
+        };
+        let r = node("{addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 198.18.0.1}, {type: ExternalIP, address: 'fd00:198:18::1'}], capacity: {cpu: '2'}}").unwrap();
+        expect_test::expect![[r#"{"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{"name":"n1","labels":{"zone":"a"}},"spec":{"addresses":[{"address":"198.18.0.1","type":"InternalIP"},{"address":"fd00:198:18::1","type":"ExternalIP"}]}}"#]]
+            .assert_eq(&r.to_json());
+        // What the controller writes to etcd reads back as the same node.
+        assert_eq!(Resource::from_json("etcd", r.to_json().as_bytes()), Ok(r));
+        let err = node("{addresses: [{type: InternalIP, address: 198.18.0.300}]}").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Node n1: status.addresses[0].address \"198.18.0.300\" is not an IP address"
+        );
+        let err = node("{addresses: [{type: Elsewhere, address: 198.18.0.3}]}").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Node n1: status.addresses[0].type \"Elsewhere\""),
+            "{err}"
+        );
+        // Calico's own Node (calico-node writes CalicoNodeIP with a prefix).
+        let calico = |spec: &str| {
+            Resource::from_yaml(
+                "etcd",
+                &format!("{{apiVersion: projectcalico.org/v3, kind: Node, metadata: {{name: n2}}, spec: {spec}}}"),
+            )
+        };
+        let Ok(Resource::Node(n)) = calico("{bgp: {ipv4Address: 198.18.0.2/24}, addresses: [{address: 198.18.0.2/24, type: CalicoNodeIP}, {address: 198.18.0.2, type: InternalIP}]}") else {
+            panic!()
+        };
+        assert_eq!(n.nets(), ["198.18.0.2/32".parse::<IpNet>().unwrap()]);
+        let err = calico("{addresses: [{address: nowhere, type: InternalIP}]}").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Node n2: spec.addresses[0].address \"nowhere\" is not an IP address"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn interface_names_follow_calico() {
         // sha1("default.web") = 9f54a5c1ba1b…; felix's 15-character limit holds.
         let n = interface_name("default", "web");

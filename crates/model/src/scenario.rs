@@ -1171,3 +1171,100 @@ probes:
         assert!(err.contains("an IPIP probe has no port"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    const NODES_BASE: &str = r#"
+name: t
+objects:
+  - {apiVersion: v1, kind: Namespace, metadata: {name: ns}}
+  - {apiVersion: v1, kind: Node, metadata: {name: node2, labels: {role: db}}}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: a, namespace: ns}
+    spec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+probes:
+  - {from: ns/a, to: node/node2, port: 5432, expect: allow}
+  - {from: ns/a, to: node/node1, port: 5432, family: IPv6, expect: allow}
+"#;
+
+    #[test]
+    fn nodes_get_the_lab_addresses_and_probes_reach_them() {
+        let s = Scenario::parse("t.yaml", NODES_BASE).unwrap();
+        let st = &s.states().unwrap()[0];
+        let Some(Resource::Node(n)) =
+            st.cluster
+                .get(&ResourceKey::new(calico::Kind::Node, None, "node2"))
+        else {
+            panic!("no node2")
+        };
+        let nets: Vec<String> = n.nets().iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["198.18.0.2/32", "fd00:198:18::2/128"]);
+        let probes: Vec<String> = s.steps[0]
+            .probes
+            .iter()
+            .map(|p| {
+                let r = st.resolve_probe(p, &[]).unwrap();
+                format!("{} {}", p.to, r.dst)
+            })
+            .collect();
+        assert_eq!(
+            probes,
+            ["node/node2 198.18.0.2", "node/node1 fd00:198:18::1"]
+        );
+    }
+
+    #[test]
+    fn node_objects_and_probes_are_checked() {
+        let err = |from: &str, to: &str| {
+            Scenario::parse("t.yaml", &NODES_BASE.replace(from, to))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("name: node2, labels", "name: node9, labels");
+        assert!(
+            e.contains("Node node9: the lab's nodes are node1, node2"),
+            "{e}"
+        );
+        let e = err(
+            "labels: {role: db}}",
+            "labels: {role: db}}, status: {addresses: [{type: InternalIP, address: 198.18.0.9}]}",
+        );
+        assert!(
+            e.contains("Node node2: address 198.18.0.9 is not one the lab gives node2"),
+            "{e}"
+        );
+        let e = err(
+            "labels: {role: db}}",
+            "labels: {role: db}}, status: {addresses: [{type: InternalIP, address: 198.18.0.300}]}",
+        );
+        assert!(
+            e.contains("Node node2: address 198.18.0.300 is not one the lab gives"),
+            "{e}"
+        );
+        let e = err(
+            "labels: {role: db}}",
+            "labels: {role: db}}, status: {addresses: [{type: Elsewhere, address: x}]}",
+        );
+        assert!(
+            e.contains("Node node2: status.addresses[0].type \"Elsewhere\" is not one of"),
+            "{e}"
+        );
+        let e = err("labels: {role: db}}", "labels: {role: db}, taintz: 1}");
+        assert!(e.contains("Node node2") && e.contains("taintz"), "{e}");
+        let e = err("{from: ns/a, to: node/node2", "{from: node/node2, to: ns/a");
+        assert!(e.contains("a node is only a probe's destination"), "{e}");
+        let e = err("to: node/node2", "to: node/node3");
+        assert!(
+            e.contains("node \"node3\" is not one of the lab's nodes"),
+            "{e}"
+        );
+        let e = err("to: node/node2, port: 5432", "to: node/node2, port: pg");
+        assert!(
+            e.contains("named port \"pg\" on an external host or a node"),
+            "{e}"
+        );
+    }
+}
