@@ -314,6 +314,67 @@ async fn service_accounts_become_profiles_and_follow_their_labels() {
     w.task.abort();
 }
 
+fn node(name: &str, labels: Value, address: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"podCIDR": "198.18.64.0/24"},
+        "status": {"addresses": [
+            {"type": "Hostname", "address": name},
+            {"type": "InternalIP", "address": address},
+        ]},
+    })
+}
+
+/// Nodes are watched for AdminNetworkPolicy `nodes` peers: each becomes
+/// the Calico Node of its name with its labels and IP addresses, a label
+/// change reaches it, a deletion removes it, and a node whose address is
+/// not one is reported by name and left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_become_calico_nodes_and_follow_their_labels() {
+    let f = fixture();
+    f.api
+        .apply(&node("n1", json!({"zone": "a"}), "198.18.0.1"))
+        .unwrap();
+    let mut w = start(&f, options());
+    w.in_sync().await;
+    let key = ResourceKey::new(Kind::Node, None, "n1");
+    let zone = |c: &Cache| match c.state.get(&key) {
+        Some(model::calico::Resource::Node(n)) => {
+            assert_eq!(format!("{:?}", n.nets()), "[198.18.0.1/32]");
+            n.metadata.labels.get("zone").cloned()
+        }
+        _ => None,
+    };
+    assert_eq!(zone(&w.cache).as_deref(), Some("a"));
+    f.api
+        .apply(&node("n1", json!({"zone": "b"}), "198.18.0.1"))
+        .unwrap();
+    w.until("the relabelled node", |c, _| {
+        zone(c).as_deref() == Some("b")
+    })
+    .await;
+    f.api.delete(&node("n1", json!({}), "")).unwrap();
+    w.until("the deleted node", |c, _| c.state.get(&key).is_none())
+        .await;
+    f.api
+        .apply(&node("n2", json!({}), "not-an-address"))
+        .unwrap();
+    w.until("the malformed node named", |_, u| {
+        matches!(u, Update::Invalid { key, reason, .. }
+            if key.contains("Node n2")
+                && reason.contains("status.addresses[1].address \"not-an-address\" is not an IP address"))
+    })
+    .await;
+    assert!(w
+        .cache
+        .state
+        .get(&ResourceKey::new(Kind::Node, None, "n2"))
+        .is_none());
+    assert_eq!(f.api.requests("list", "nodes"), 1);
+    w.task.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_and_compaction_lose_no_deletion() {
     let mut f = fixture();
