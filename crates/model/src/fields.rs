@@ -329,35 +329,46 @@ const TIER_SPEC: Fields = &[("order", Field::Used), ("defaultAction", Field::Use
 
 const NODE_ADDRESS: Fields = &[("address", Field::Used), ("type", Field::Used)];
 
-const NODE_ROUTING: Field = Field::Ignored(
-    "routing and tunnel settings; a nodes peer matches the node's addresses and labels only",
-);
+/// A Calico Node's tunnel addresses and MACs: the overlay's, not the ones
+/// `nodes` peers match.
+const NODE_TUNNEL: Field =
+    Field::Ignored("an overlay (VXLAN) address or MAC: routing; nodes peers match spec.addresses");
 
 const NODE_SPEC: Fields = &[
     ("addresses", Field::List(NODE_ADDRESS)),
-    ("bgp", NODE_ROUTING),
-    ("ipv4VXLANTunnelAddr", NODE_ROUTING),
-    ("ipv6VXLANTunnelAddr", NODE_ROUTING),
-    ("vxlanTunnelMACAddr", NODE_ROUTING),
-    ("vxlanTunnelMACAddrV6", NODE_ROUTING),
-    ("wireguard", NODE_ROUTING),
     (
-        "orchRefs",
-        Field::Ignored("which orchestrator's node this is; bookkeeping"),
+        "bgp",
+        Field::Ignored("BGP peering (AS number, BGP addresses): routing"),
     ),
+    ("ipv4VXLANTunnelAddr", NODE_TUNNEL),
+    ("ipv6VXLANTunnelAddr", NODE_TUNNEL),
+    ("vxlanTunnelMACAddr", NODE_TUNNEL),
+    ("vxlanTunnelMACAddrV6", NODE_TUNNEL),
+    (
+        "wireguard",
+        Field::Ignored("WireGuard: encryption between nodes, not policy"),
+    ),
+    ("orchRefs", Field::Ignored(BOOKKEEPING)),
 ];
 
-/// A Calico v3 resource of `kind` with `spec` fields `spec`.
+/// A Calico v3 resource with `spec` fields `spec` (and `extra` top-level
+/// fields).
 macro_rules! calico_kind {
-    ($spec:expr) => {
+    ($spec:expr $(, $extra:expr)*) => {
         &[
             ("apiVersion", Field::Used),
             ("kind", Field::Used),
             ("metadata", Field::Object(METADATA)),
             ("spec", Field::Object($spec)),
+            $($extra,)*
         ]
     };
 }
+
+const CALICO_NODE_STATUS: (&str, Field) = (
+    "status",
+    Field::Ignored("what calico-node reports about itself (agent state, BGP)"),
+);
 
 /// The fields of a Calico v3 resource of `kind` (`None`: not a kind
 /// nftpolicy reads).
@@ -369,16 +380,7 @@ pub fn calico(kind: &str) -> Option<Fields> {
         "WorkloadEndpoint" => calico_kind!(WORKLOAD_ENDPOINT_SPEC),
         "NetworkSet" | "GlobalNetworkSet" => calico_kind!(NETWORK_SET_SPEC),
         "Tier" => calico_kind!(TIER_SPEC),
-        "Node" => &[
-            ("apiVersion", Field::Used),
-            ("kind", Field::Used),
-            ("metadata", Field::Object(METADATA)),
-            ("spec", Field::Object(NODE_SPEC)),
-            (
-                "status",
-                Field::Ignored("what calico-node reports about itself (agent state, BGP)"),
-            ),
-        ],
+        "Node" => calico_kind!(NODE_SPEC, CALICO_NODE_STATUS),
         _ => return None,
     })
 }
@@ -487,40 +489,30 @@ const K8S_SERVICE_ACCOUNT: Fields = &[
     ),
 ];
 
-const K8S_NODE_ADDRESS: Fields = &[("type", Field::Used), ("address", Field::Used)];
-
-const K8S_NODE_STATUS_OTHER: Field = Field::Ignored(
-    "what the kubelet reports (capacity, conditions, images, …); a nodes peer matches the node's labels and addresses only",
+/// What a Kubernetes Node's spec is: nothing a nodes peer reads.
+const K8S_NODE_SPEC: (&str, Field) = (
+    "spec",
+    Field::Ignored(
+        "podCIDRs, taints, providerID, unschedulable: scheduling and routing; \
+         a nodes peer matches the node's labels and addresses only",
+    ),
 );
 
-const K8S_NODE_STATUS: Fields = &[
-    ("addresses", Field::List(K8S_NODE_ADDRESS)),
-    ("allocatable", K8S_NODE_STATUS_OTHER),
-    ("capacity", K8S_NODE_STATUS_OTHER),
-    ("conditions", K8S_NODE_STATUS_OTHER),
-    ("config", K8S_NODE_STATUS_OTHER),
-    ("daemonEndpoints", K8S_NODE_STATUS_OTHER),
-    ("features", K8S_NODE_STATUS_OTHER),
-    ("images", K8S_NODE_STATUS_OTHER),
-    ("nodeInfo", K8S_NODE_STATUS_OTHER),
-    ("phase", K8S_NODE_STATUS_OTHER),
-    ("runtimeHandlers", K8S_NODE_STATUS_OTHER),
-    ("volumesAttached", K8S_NODE_STATUS_OTHER),
-    ("volumesInUse", K8S_NODE_STATUS_OTHER),
-];
+/// A Kubernetes Node's status: its addresses, read as the Pod's are.
+const K8S_NODE_STATUS: (&str, Field) = (
+    "status",
+    Field::Ignored(
+        "addresses (InternalIP, ExternalIP) are read; the rest (capacity, conditions, \
+         images, …) does not change which packets are allowed",
+    ),
+);
 
 const K8S_NODE: Fields = &[
     ("apiVersion", Field::Used),
     ("kind", Field::Used),
     ("metadata", Field::Object(METADATA)),
-    (
-        "spec",
-        Field::Ignored(
-            "podCIDRs, taints, providerID, unschedulable: scheduling and routing; \
-             a nodes peer matches the node's labels and addresses only",
-        ),
-    ),
-    ("status", Field::Object(K8S_NODE_STATUS)),
+    K8S_NODE_SPEC,
+    K8S_NODE_STATUS,
 ];
 
 /// The fields of a Kubernetes object (`v1` Namespace, Pod and

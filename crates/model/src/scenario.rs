@@ -1170,17 +1170,11 @@ probes:
             .to_string();
         assert!(err.contains("an IPIP probe has no port"), "{err}");
     }
-}
-
-#[cfg(test)]
-mod node_tests {
-    use super::*;
 
     const NODES_BASE: &str = r#"
-name: t
 objects:
-  - {apiVersion: v1, kind: Namespace, metadata: {name: ns}}
   - {apiVersion: v1, kind: Node, metadata: {name: node2, labels: {role: db}}}
+  - {apiVersion: v1, kind: Namespace, metadata: {name: ns}}
   - apiVersion: v1
     kind: Pod
     metadata: {name: a, namespace: ns}
@@ -1188,6 +1182,7 @@ objects:
 probes:
   - {from: ns/a, to: node/node2, port: 5432, expect: allow}
   - {from: ns/a, to: node/node1, port: 5432, family: IPv6, expect: allow}
+name: t
 "#;
 
     #[test]
