@@ -261,8 +261,7 @@ impl Lab {
             ("net.ipv6.conf.default.accept_dad".into(), "0"),
         ])?;
         netns.ip_batch(&["link set lo up".into()])?;
-        let v4 = Ipv4Addr::from(u32::from(INFRA_V4.0) + host as u32);
-        let v6 = Ipv6Addr::from(u128::from(INFRA_V6.0) + host as u128);
+        let (v4, v6) = uplink_addresses(host);
         self.nodes.push(Node {
             name: name.to_owned(),
             netns,
@@ -805,6 +804,15 @@ impl Drop for Lab {
 }
 
 /// `ip/32` or `ip/128`.
+/// The uplink addresses of node number `host` (from 1): what probes to
+/// `node/NAME` aim at ([`model::scenario::node_addresses`] says the same).
+fn uplink_addresses(host: u8) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::from(u32::from(INFRA_V4.0) + u32::from(host)),
+        Ipv6Addr::from(u128::from(INFRA_V6.0) + u128::from(host)),
+    )
+}
+
 fn host_prefix(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{v4}/32"),
@@ -905,6 +913,17 @@ fe80000000000000cc115ffffe5b9bec 64 40 20 c0     eth0
 ";
         // cali1 has only the nodad fe80::1; eth0's link-local is tentative.
         assert_eq!(not_ready(dev, if_inet6), ["eth0", "cali1"]);
+    }
+
+    #[test]
+    fn scenario_nodes_have_the_lab_addresses() {
+        for (i, name) in model::scenario::NODES.iter().enumerate() {
+            let (v4, v6) = uplink_addresses(u8::try_from(i + 1).unwrap());
+            assert_eq!(
+                model::scenario::node_addresses(name),
+                Some([IpAddr::V4(v4), IpAddr::V6(v6)])
+            );
+        }
     }
 
     #[test]
