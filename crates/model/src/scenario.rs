@@ -7,7 +7,8 @@
 //! Pods without addresses get them here, deterministically: IPv4 from
 //! 198.18.128.0/17 and IPv6 from fd00:198:18:80::/64, dual-stack, in order
 //! of first appearance; pods without `spec.nodeName` are spread round-robin
-//! over [`NODES`].
+//! over [`NODES`]. Node objects name those nodes and get the addresses the
+//! lab gives them ([`node_addresses`]), which `node/NAME` probes aim at.
 
 use std::collections::BTreeMap;
 use std::fmt;
