@@ -56,6 +56,33 @@ fn network_set(i: usize, rng: &mut StdRng) -> Resource {
     }
 }
 
+/// A node (`nodes` peers match its addresses): labels change, addresses
+/// now and then land among the pods' and the network sets'.
+fn node(i: usize, rng: &mut StdRng) -> Resource {
+    let host = rng.random_range(1..40u32);
+    let v4 = if rng.random_bool(0.3) {
+        std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 128, 0)) + host)
+    } else {
+        std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + host)
+    };
+    Resource::from_yaml(
+        "node",
+        &format!(
+            "{{apiVersion: projectcalico.org/v3, kind: Node, metadata: {{name: n{i}, labels: {{zone: z{}}}}}, \
+             spec: {{addresses: [{{address: '{v4}/24', type: CalicoNodeIP}}, {{address: 'fd00:198:18::{host:x}', type: InternalIP}}]}}}}",
+            rng.random_range(0..3)
+        ),
+    )
+    .unwrap()
+}
+
+/// Egress to nodes by label, and an `all()` rule that must not see them.
+const NODE_POLICY: &str = "{apiVersion: projectcalico.org/v3, kind: GlobalNetworkPolicy, metadata: {name: to-nodes}, \
+    spec: {order: 5, selector: all(), types: [Egress], egress: [\
+    {action: Deny, destination: {selector: \"has(nftpolicy.io/node) && zone == 'z1'\"}}, \
+    {action: Allow, protocol: TCP, destination: {selector: \"has(nftpolicy.io/node)\", ports: [80]}}, \
+    {action: Pass, destination: {selector: all()}}]}}";
+
 /// The profile of service account `sa<0..3>` in one of the first namespaces,
 /// with `pcsa.` labels as the model converts a ServiceAccount.
 fn account_profile(rng: &mut StdRng) -> Resource {
@@ -173,7 +200,9 @@ fn incremental_equals_full_compile() {
         for i in 0..6 {
             let r = network_set(i, &mut rng);
             state.upsert(r);
+            state.upsert(node(i, &mut rng));
         }
+        state.upsert(Resource::from_yaml("gnp", NODE_POLICY).unwrap());
         let opts = CompileOptions::new(NODE_UNDER_TEST);
         let mut inc = IncrementalCompiler::new(opts.clone());
         assert_eq!(
@@ -247,6 +276,15 @@ fn incremental_equals_full_compile() {
                     8 if rng.random_bool(0.4) => {
                         // A service account's labels change, appear or go.
                         let r = account_profile(&mut rng);
+                        if rng.random_bool(0.2) {
+                            change(&mut state, &mut changes, r.key(), None);
+                        } else {
+                            change(&mut state, &mut changes, r.key(), Some(r));
+                        }
+                    }
+                    8 if rng.random_bool(0.4) => {
+                        // A node is relabelled, readdressed, added or goes.
+                        let r = node(rng.random_range(0..8), &mut rng);
                         if rng.random_bool(0.2) {
                             change(&mut state, &mut changes, r.key(), None);
                         } else {

@@ -1,4 +1,5 @@
-//! Small arbitrary cluster states: the nftables and iptables compilers
+//! Small arbitrary cluster states (with Nodes, and selectors of `nodes`
+//! peers): the nftables and iptables compilers
 //! never panic, and every nftables set holds sorted, non-overlapping
 //! elements of its table's family (the kernel rejects anything else).
 //!
@@ -30,6 +31,15 @@ struct Cluster {
     policies: Vec<Policy>,
     network_sets: Vec<NetworkSet>,
     namespace_labels: Vec<(u8, Label)>,
+    /// Nodes: their addresses belong only to selectors requiring the
+    /// node marker (`Sel::Node`, an admin policy's `nodes` peer).
+    nodes: Vec<NodeObj>,
+}
+
+#[derive(Arbitrary, Debug)]
+struct NodeObj {
+    labels: Vec<Label>,
+    addresses: Vec<Addr>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -72,6 +82,8 @@ enum Sel {
     Not(Box<Sel>),
     And(Box<Sel>, Box<Sel>),
     Or(Box<Sel>, Box<Sel>),
+    /// `has(nftpolicy.io/node) && (…)`: what a `nodes` peer becomes.
+    Node(Box<Sel>),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -163,6 +175,7 @@ fn selector(s: &Sel, depth: u32) -> String {
         Sel::Not(a) => format!("!({})", selector(a, depth + 1)),
         Sel::And(a, b) => format!("({}) && ({})", selector(a, depth + 1), selector(b, depth + 1)),
         Sel::Or(a, b) => format!("({}) || ({})", selector(a, depth + 1), selector(b, depth + 1)),
+        Sel::Node(a) => format!("has({}) && ({})", model::calico::LABEL_NODE, selector(a, depth + 1)),
     }
 }
 
@@ -275,6 +288,17 @@ fn resources(c: &Cluster) -> Vec<Resource> {
         };
         let nets: Vec<String> = few(&s.nets, 4).iter().map(net).collect();
         values.push(json!({"apiVersion": "projectcalico.org/v3", "kind": kind, "metadata": meta, "spec": {"nets": nets}}));
+    }
+    for (i, n) in few(&c.nodes, 2).iter().enumerate() {
+        let addresses: Vec<Value> = few(&n.addresses, 2)
+            .iter()
+            .map(|a| json!({"address": host(a), "type": "InternalIP"}))
+            .collect();
+        values.push(json!({
+            "apiVersion": "projectcalico.org/v3", "kind": "Node",
+            "metadata": {"name": format!("node{}", i + 1), "labels": labels(&n.labels)},
+            "spec": {"addresses": addresses},
+        }));
     }
     values
         .into_iter()

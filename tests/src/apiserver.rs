@@ -240,6 +240,7 @@ fn object_path(o: &Value, with_name: bool) -> String {
         "Namespace" => "namespaces",
         "Pod" => "pods",
         "ServiceAccount" => "serviceaccounts",
+        "Node" => "nodes",
         kind => model::admin::AdminKind::from_name(kind)
             .map_or("networkpolicies", model::admin::AdminKind::plural),
     };
@@ -268,7 +269,7 @@ struct Plan {
 /// Namespaces first when creating; last when deleting.
 fn kind_order(k: &KubeKey) -> u8 {
     match k.kind {
-        KubeKind::Namespace => 0,
+        KubeKind::Namespace | KubeKind::Node => 0,
         // Before the pods running as them, as the API server's admission
         // wants them.
         KubeKind::ServiceAccount => 1,
@@ -284,6 +285,7 @@ fn to_json(o: &KubeObject) -> Result<Value, LabError> {
         KubeObject::NetworkPolicy(x) => serde_json::to_value(x),
         KubeObject::Admin(x) => serde_json::to_value(x),
         KubeObject::ServiceAccount(x) => serde_json::to_value(x),
+        KubeObject::Node(x) => serde_json::to_value(x),
     };
     let mut v = v.map_err(|e| LabError::Setup(format!("serializing {}: {e}", o.key())))?;
     if let KubeObject::Pod(_) = o {
@@ -318,6 +320,8 @@ impl Plan {
         for k in keys {
             let now = to_json(&state.kube[k])?;
             let pod = k.kind == KubeKind::Pod;
+            // Pods' and nodes' status goes through the subresource.
+            let with_status = pod || k.kind == KubeKind::Node;
             match before(k).map(to_json).transpose()? {
                 None => plan.create.push(now.clone()),
                 // A pod's node cannot change: it is recreated.
@@ -331,7 +335,7 @@ impl Plan {
                 Some(old) if old == now => continue,
                 Some(_) => {}
             }
-            if pod && now.get("status").is_some() {
+            if with_status && now.get("status").is_some() {
                 plan.status.push(now);
             }
         }

@@ -105,6 +105,12 @@ const NAMESPACE_LABELS: [(&str, &[&str]); 3] = [
     ("kubernetes.io/metadata.name", &NAMESPACES),
 ];
 
+/// Labels of the lab's nodes (Node objects, matched by admin policies'
+/// `nodes` peers).
+const NODE_LABELS: [(&str, &[&str]); 2] =
+    [("zone", &["east", "west"]), ("role", &["infra", "apps"])];
+const NODE_NAMES: [&str; 2] = ["node1", "node2"];
+
 const NUMERIC_PORTS: [u16; 10] = [53, 80, 443, 5353, 5432, 6379, 8080, 8081, 9100, 9101];
 const NAMED_PORTS: [&str; 5] = ["http", "dns", "metrics", "db", "absent"];
 const PORT_RANGES: [(u16, u16); 5] = [
@@ -240,6 +246,9 @@ pub struct Case {
     pub accounts: Vec<GenAccount>,
     pub externals: Vec<(String, String)>,
     pub probes: Vec<GenProbe>,
+    /// Node objects (name, labels), in some cases; probes may aim at the
+    /// lab's nodes either way.
+    pub nodes: Vec<(String, BTreeMap<String, String>)>,
 }
 
 /// Case `index` of the run seeded `seed`: each case has its own stream, so
@@ -282,11 +291,16 @@ pub fn case(seed: u64, index: u64) -> Case {
         .iter()
         .map(|(n, ip)| ((*n).to_owned(), (*ip).to_owned()))
         .collect();
-    let probes = (0..12).map(|_| random_probe(&mut rng, &pods)).collect();
+    let probes: Vec<GenProbe> = (0..12).map(|_| random_probe(&mut rng, &pods)).collect();
     // Drawn last, so that the rest of a case is what it was before tiers.
     let mut calico = random_tiers(&mut rng);
     let accounts = random_accounts(&mut rng, &mut pods, &mut calico);
     let admin = random_admin_policies(&mut rng);
+    let nodes = random_nodes(&mut rng);
+    let mut probes = probes;
+    for _ in 0..rng.below(3) {
+        probes.push(random_node_probe(&mut rng, &pods));
+    }
     Case {
         name: format!("fuzz-{seed}-{index}"),
         namespaces,
@@ -297,6 +311,36 @@ pub fn case(seed: u64, index: u64) -> Case {
         accounts,
         externals,
         probes,
+        nodes,
+    }
+}
+
+/// Node objects for the lab's nodes (addresses filled in by the loader),
+/// each with random labels, in about half the cases.
+fn random_nodes(rng: &mut Rng) -> Vec<(String, BTreeMap<String, String>)> {
+    if !rng.chance(50) {
+        return vec![];
+    }
+    let mut nodes = Vec::new();
+    for n in NODE_NAMES {
+        if rng.chance(85) {
+            nodes.push((n.to_owned(), random_labels(rng, &NODE_LABELS)));
+        }
+    }
+    nodes
+}
+
+/// A pod probing one of the lab's nodes (its own or the other one).
+fn random_node_probe(rng: &mut Rng, pods: &[GenPod]) -> GenProbe {
+    let pod = rng.pick(pods);
+    let (port, protocol) = *rng.pick(&EXTERNAL_PORTS);
+    GenProbe {
+        from: format!("{}/{}", pod.namespace, pod.name),
+        to: format!("node/{}", pick_str(rng, &NODE_NAMES)),
+        port: port.to_string(),
+        protocol: protocol.to_owned(),
+        ipv6: rng.chance(30),
+        expect_allow: true,
     }
 }
 
@@ -419,9 +463,10 @@ fn random_namespaced_pod(rng: &mut Rng) -> Value {
 }
 
 fn random_admin_peer(rng: &mut Rng, egress: bool) -> Value {
-    match rng.below(if egress { 10 } else { 8 }) {
+    match rng.below(if egress { 12 } else { 8 }) {
         0..=3 => map([("namespaces", random_selector(rng, &NAMESPACE_LABELS))]),
         4..=7 => map([("pods", random_namespaced_pod(rng))]),
+        10..=11 => map([("nodes", random_selector(rng, &NODE_LABELS))]),
         _ => {
             let nets = (0..rng.between(1, 2))
                 .map(|_| s(pick_str(rng, &ADMIN_NETWORKS)))
@@ -915,6 +960,10 @@ impl Case {
             let meta = map([("name", s(&ns.name)), ("labels", labels(&ns.labels))]);
             objects.push(object("v1", "Namespace", meta, []));
         }
+        for (name, l) in &self.nodes {
+            let meta = map([("name", s(name)), ("labels", labels(l))]);
+            objects.push(object("v1", "Node", meta, []));
+        }
         for a in &self.accounts {
             let meta = namespaced(&a.name, &a.namespace, labels(&a.labels));
             objects.push(object("v1", "ServiceAccount", meta, []));
@@ -1029,6 +1078,11 @@ impl Case {
         for i in 0..self.policies.len() {
             let mut c = self.clone();
             c.policies.remove(i);
+            out.push(c);
+        }
+        for i in 0..self.nodes.len() {
+            let mut c = self.clone();
+            c.nodes.remove(i);
             out.push(c);
         }
         // Calico policies (a Tier stays while a policy is in it: a policy
@@ -1182,6 +1236,9 @@ mod tests {
             "serviceAccountSelector:",
             "serviceAccounts:",
             "names:",
+            "kind: Node",
+            "nodes:",
+            "to: node/",
         ] {
             assert!(text.contains(feature), "no case has {feature:?}");
         }

@@ -51,6 +51,10 @@ pub(crate) struct Node {
     pub(crate) netns: Netns,
     v4: Ipv4Addr,
     v6: Ipv6Addr,
+    /// Servers for probes aimed at the node itself (`node/NAME`), on its
+    /// uplink addresses, as for an external host.
+    served: BTreeSet<(u16, Protocol)>,
+    servers: JoinSet<()>,
 }
 
 /// A pod or an external host: a namespace hanging off a node.
@@ -257,13 +261,14 @@ impl Lab {
             ("net.ipv6.conf.default.accept_dad".into(), "0"),
         ])?;
         netns.ip_batch(&["link set lo up".into()])?;
-        let v4 = Ipv4Addr::from(u32::from(INFRA_V4.0) + host as u32);
-        let v6 = Ipv6Addr::from(u128::from(INFRA_V6.0) + host as u128);
+        let (v4, v6) = uplink_addresses(host);
         self.nodes.push(Node {
             name: name.to_owned(),
             netns,
             v4,
             v6,
+            served: BTreeSet::new(),
+            servers: JoinSet::new(),
         });
         Ok(())
     }
@@ -538,22 +543,32 @@ impl Lab {
     /// Opens servers for `port`/`protocol` in the endpoint (idempotent).
     /// SCTP is skipped where the kernel has none.
     fn serve(&self, ep: &mut Endpoint, port: u16, protocol: Protocol) -> Result<(), LabError> {
-        if ep.served.contains(&(port, protocol)) {
-            return Ok(());
-        }
-        if protocol == Protocol::Sctp && !self.sctp {
-            return Ok(());
-        }
-        let sockets = serve::open(&ep.netns, &ep.ips, port, protocol)?;
-        let reply = serve::reply(&ep.identity, port, protocol);
-        let _guard = self.runtime().enter();
-        for socket in sockets {
-            serve::spawn(&mut ep.servers, socket, protocol, reply.clone()).map_err(|e| {
-                LabError::io(format!("{}: serving {port}/{protocol}", ep.identity), e)
-            })?;
-        }
-        ep.served.insert((port, protocol));
-        Ok(())
+        let servers = Servers {
+            netns: &ep.netns,
+            ips: &ep.ips,
+            identity: &ep.identity,
+            served: &mut ep.served,
+            servers: &mut ep.servers,
+        };
+        servers.open(self.runtime(), self.sctp, port, protocol)
+    }
+
+    /// Opens servers for `port`/`protocol` on a node's own addresses
+    /// (idempotent), answering as `node/NAME`.
+    fn serve_node(&mut self, name: &str, port: u16, protocol: Protocol) -> Result<(), LabError> {
+        let i = self.node_index(name)?;
+        let runtime = self.runtime.as_ref().expect("the runtime lives until drop");
+        let node = &mut self.nodes[i];
+        let ips = [IpAddr::V4(node.v4), IpAddr::V6(node.v6)];
+        let identity = format!("node/{}", node.name);
+        let servers = Servers {
+            netns: &node.netns,
+            ips: &ips,
+            identity: &identity,
+            served: &mut node.served,
+            servers: &mut node.servers,
+        };
+        servers.open(runtime, self.sctp, port, protocol)
     }
 
     /// Waits until the kernel has brought every link up: each interface
@@ -636,6 +651,9 @@ impl Lab {
             }
         }
         for p in probes {
+            if let ProbeEnd::Node(name) = &p.probe.to {
+                self.serve_node(name, p.port, p.probe.protocol)?;
+            }
             if let ProbeEnd::External(name) = &p.probe.to {
                 let mut ep = self.externals.remove(name).ok_or_else(|| {
                     LabError::Setup(format!("probe {}: no external {name:?}", p.probe))
@@ -648,7 +666,7 @@ impl Lab {
         let mut prepared = Vec::with_capacity(probes.len());
         for p in probes {
             let src = self.endpoint(&p.probe.from, p.src, &p.probe.to_string())?;
-            self.endpoint(&p.probe.to, p.dst, &p.probe.to_string())?;
+            self.check_destination(&p.probe.to, p.dst, &p.probe.to_string())?;
             prepared.push(probe::prepare(&src.netns, p, self.sctp)?);
         }
         let timeout = self.probe_timeout;
@@ -687,11 +705,27 @@ impl Lab {
         done: impl FnOnce(Result<ProbeResult, LabError>) + Send + 'static,
     ) -> Result<(), LabError> {
         let src = self.endpoint(&probe.probe.from, probe.src, &probe.probe.to_string())?;
-        self.endpoint(&probe.probe.to, probe.dst, &probe.probe.to_string())?;
+        self.check_destination(&probe.probe.to, probe.dst, &probe.probe.to_string())?;
         let prepared = probe::prepare(&src.netns, probe, self.sctp)?;
         let timeout = self.probe_timeout;
         self.runtime()
             .spawn(async move { done(probe::run_one(prepared, timeout).await) });
+        Ok(())
+    }
+
+    /// Checks that a probe's destination is in the lab with the address the
+    /// probe uses.
+    fn check_destination(&self, end: &ProbeEnd, ip: IpAddr, probe: &str) -> Result<(), LabError> {
+        let ProbeEnd::Node(name) = end else {
+            return self.endpoint(end, ip, probe).map(|_| ());
+        };
+        let node = &self.nodes[self.node_index(name)?];
+        if ip != IpAddr::V4(node.v4) && ip != IpAddr::V6(node.v6) {
+            return Err(LabError::Probe {
+                probe: probe.to_owned(),
+                reason: format!("{end} has no address {ip} in the lab"),
+            });
+        }
         Ok(())
     }
 
@@ -701,6 +735,8 @@ impl Lab {
         let ep = match end {
             ProbeEnd::Pod { namespace, name } => self.pods.get(&(namespace.clone(), name.clone())),
             ProbeEnd::External(name) => self.externals.get(name),
+            // A node is only a destination (see check_destination).
+            ProbeEnd::Node(_) => None,
         }
         .ok_or_else(|| LabError::Probe {
             probe: probe.to_owned(),
@@ -713,6 +749,44 @@ impl Lab {
             });
         }
         Ok(ep)
+    }
+}
+
+/// Where servers of one pod, external host or node run.
+struct Servers<'a> {
+    netns: &'a Netns,
+    ips: &'a [IpAddr],
+    identity: &'a str,
+    served: &'a mut BTreeSet<(u16, Protocol)>,
+    servers: &'a mut JoinSet<()>,
+}
+
+impl Servers<'_> {
+    /// Servers for `port`/`protocol` (idempotent); SCTP is skipped where
+    /// the kernel has none.
+    fn open(
+        self,
+        runtime: &tokio::runtime::Runtime,
+        sctp: bool,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<(), LabError> {
+        if self.served.contains(&(port, protocol)) {
+            return Ok(());
+        }
+        if protocol == Protocol::Sctp && !sctp {
+            return Ok(());
+        }
+        let sockets = serve::open(self.netns, self.ips, port, protocol)?;
+        let reply = serve::reply(self.identity, port, protocol);
+        let _guard = runtime.enter();
+        for socket in sockets {
+            serve::spawn(self.servers, socket, protocol, reply.clone()).map_err(|e| {
+                LabError::io(format!("{}: serving {port}/{protocol}", self.identity), e)
+            })?;
+        }
+        self.served.insert((port, protocol));
+        Ok(())
     }
 }
 
@@ -730,6 +804,15 @@ impl Drop for Lab {
 }
 
 /// `ip/32` or `ip/128`.
+/// The uplink addresses of node number `host` (from 1): what probes to
+/// `node/NAME` aim at ([`model::scenario::node_addresses`] says the same).
+fn uplink_addresses(host: u8) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::from(u32::from(INFRA_V4.0) + u32::from(host)),
+        Ipv6Addr::from(u128::from(INFRA_V6.0) + u128::from(host)),
+    )
+}
+
 fn host_prefix(ip: IpAddr) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{v4}/32"),
@@ -830,6 +913,17 @@ fe80000000000000cc115ffffe5b9bec 64 40 20 c0     eth0
 ";
         // cali1 has only the nodad fe80::1; eth0's link-local is tentative.
         assert_eq!(not_ready(dev, if_inet6), ["eth0", "cali1"]);
+    }
+
+    #[test]
+    fn scenario_nodes_have_the_lab_addresses() {
+        for (i, name) in model::scenario::NODES.iter().enumerate() {
+            let (v4, v6) = uplink_addresses(u8::try_from(i + 1).unwrap());
+            assert_eq!(
+                model::scenario::node_addresses(name),
+                Some([IpAddr::V4(v4), IpAddr::V6(v6)])
+            );
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn write_state(dir: &Path, state: &StepState) -> Result<Vec<PathBuf>, LabErr
             KubeObject::NetworkPolicy(o) => serde_yaml::to_string(o),
             KubeObject::Admin(o) => serde_yaml::to_string(o),
             KubeObject::ServiceAccount(o) => serde_yaml::to_string(o),
+            KubeObject::Node(o) => serde_yaml::to_string(o),
         };
         write(stem, yaml)?;
     }

@@ -89,6 +89,7 @@ fn unprogrammed_lab_allows_every_probe() {
             .find(|p| &p.name == name)
             .map(|p| p.node),
         ProbeEnd::External(_) => None,
+        ProbeEnd::Node(n) => Some(n.clone()),
     };
     let same_node = probes.iter().any(|p| {
         node_of(&p.probe.from).is_some() && node_of(&p.probe.from) == node_of(&p.probe.to)

@@ -81,7 +81,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
     );
     for (v, who) in [(&verdict.egress, &args.from), (&verdict.ingress, &args.to)] {
         match v {
-            Some(v) => print_direction(&state, v, who),
+            Some(v) => print_direction(&state, v, who, dst),
             None => println!(
                 "{:<7} {who}: not a workload endpoint, no policy applies",
                 if std::ptr::eq(v, &verdict.egress) {
@@ -106,7 +106,7 @@ pub fn run(args: &ExplainArgs) -> anyhow::Result<bool> {
     Ok(verdict.allowed())
 }
 
-fn print_direction(state: &ClusterState, v: &EndpointVerdict, who: &str) {
+fn print_direction(state: &ClusterState, v: &EndpointVerdict, who: &str, dst: IpAddr) {
     let dir = match v.direction {
         PolicyType::Egress => "egress",
         PolicyType::Ingress => "ingress",
@@ -116,7 +116,7 @@ fn print_direction(state: &ClusterState, v: &EndpointVerdict, who: &str) {
         if v.allowed { "allowed" } else { "denied" },
         v.decision
     );
-    println!("        {}", compiler::explain::chain_path(state, v));
+    println!("        {}", compiler::explain::chain_path(state, v, dst));
 }
 
 /// NAMESPACE/POD → the pod's address (from its WorkloadEndpoint); an IP as is.

@@ -104,7 +104,7 @@ pub fn run(
         .expect("wait_for_packet returns a walk with a verdict");
     println!("kernel  {} → {kernel_verdict}", kernel_chains.join(" → "));
 
-    let (model_chains, model_verdict) = model_path(state, verdict, args.node.as_deref());
+    let (model_chains, model_verdict) = model_path(state, verdict, args.node.as_deref(), dst);
     let in_order = is_subsequence(&model_chains, &kernel_chains);
     if in_order && model_verdict == kernel_verdict {
         println!("agree   model and kernel: {kernel_verdict}, same chains in the same order");
@@ -135,13 +135,14 @@ fn model_path(
     state: &ClusterState,
     verdict: &Verdict,
     node: Option<&str>,
+    dst: IpAddr,
 ) -> (Vec<String>, &'static str) {
     let mut chains = Vec::new();
     for v in [&verdict.egress, &verdict.ingress].into_iter().flatten() {
         if !is_local(state, v, node) {
             continue;
         }
-        chains.extend(compiler::explain::chain_path(state, v).chains);
+        chains.extend(compiler::explain::chain_path(state, v, dst).chains);
         if !v.allowed {
             return (chains, "drop");
         }

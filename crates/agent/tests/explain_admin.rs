@@ -88,3 +88,48 @@ fn explain_names_the_admin_tiers() {
         "the path passes through the ANP first: {out}"
     );
 }
+
+/// A node peer: egress to a node's address names the ANP rule, and to the
+/// pods' own node (node1) the path enters through the node's INPUT chain.
+#[test]
+fn explain_follows_node_peers_and_the_input_path() {
+    let dir = TempDir::new("explain-nodes");
+    let nodes = r#"
+---
+{apiVersion: v1, kind: Node, metadata: {name: node1, labels: {role: control}}, status: {addresses: [{type: InternalIP, address: 198.18.1.1}]}}
+---
+{apiVersion: v1, kind: Node, metadata: {name: node2, labels: {role: worker}}, status: {addresses: [{type: InternalIP, address: 198.18.1.2}]}}
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: no-control}
+spec:
+  priority: 1
+  subject: {namespaces: {}}
+  egress: [{action: Deny, to: [{nodes: {matchLabels: {role: control}}}]}]
+"#;
+    std::fs::write(dir.path().join("cluster.yaml"), pods() + nodes).unwrap();
+    for (to, wanted) in [
+        (
+            "198.18.1.1",
+            [
+                "DENIED",
+                "policy gnp/kanp.adminnetworkpolicy.no-control in tier adminnetworkpolicy",
+                "cali-INPUT → cali-wl-to-host → cali-from-wl-dispatch → cali-fw-",
+            ],
+        ),
+        (
+            "198.18.1.2",
+            [
+                "ALLOWED",
+                "Allow by rule 0 of profile kns.data",
+                "cali-FORWARD → cali-from-wl-dispatch → cali-fw-",
+            ],
+        ),
+    ] {
+        let (_, out) = explain(&dir, "data/db", to);
+        for w in wanted {
+            assert!(out.contains(w), "{to}: no {w:?} in {out}");
+        }
+    }
+}

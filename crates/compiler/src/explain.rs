@@ -2,12 +2,15 @@
 //! for `nftpolicy explain`: which chains a packet traverses on the sender's
 //! egress and the receiver's ingress, and which policy and rule decided.
 
-use model::calico::PolicyType;
+use std::net::IpAddr;
+
+use model::calico::{Kind, PolicyType, Resource, ResourceKey};
 use model::semantics::{Decision, EndpointVerdict};
 use model::state::ClusterState;
 
 use crate::logical::{
-    policy_chain, profile_chain, CHAIN_FORWARD, CHAIN_FROM_WL_DISPATCH, CHAIN_TO_WL_DISPATCH,
+    policy_chain, profile_chain, CHAIN_FORWARD, CHAIN_FROM_WL_DISPATCH, CHAIN_INPUT,
+    CHAIN_TO_WL_DISPATCH, CHAIN_WL_TO_HOST,
 };
 
 /// One direction's walk through the chains.
@@ -24,17 +27,38 @@ impl std::fmt::Display for ChainPath {
     }
 }
 
-/// The chains `v` walks through, in felix's tree as nftpolicy renders it.
-pub fn chain_path(state: &ClusterState, v: &EndpointVerdict) -> ChainPath {
+/// The chains `v` walks through, in felix's tree as nftpolicy renders it,
+/// for a packet to `dst`: forwarded by the endpoint's node, or, egress to
+/// an address of the endpoint's own node (its Node object's), through the
+/// node's INPUT path (`cali-INPUT` → `cali-wl-to-host` → the same
+/// dispatch).
+pub fn chain_path(state: &ClusterState, v: &EndpointVerdict, dst: IpAddr) -> ChainPath {
+    let to_own_node = v.direction == PolicyType::Egress
+        && match state.get(&v.endpoint) {
+            Some(Resource::WorkloadEndpoint(w)) => matches!(
+                state.get(&ResourceKey::new(Kind::Node, None, &w.spec.node)),
+                Some(Resource::Node(n)) if n.nets().iter().any(|net| net.contains(&dst))
+            ),
+            _ => false,
+        };
+    walk(state, v, to_own_node)
+}
+
+fn walk(state: &ClusterState, v: &EndpointVerdict, to_own_node: bool) -> ChainPath {
     let iface = match state.get(&v.endpoint) {
-        Some(model::calico::Resource::WorkloadEndpoint(w)) => w.spec.interface_name.clone(),
+        Some(Resource::WorkloadEndpoint(w)) => w.spec.interface_name.clone(),
         _ => "?".into(),
     };
     let (dispatch, ep_chain) = match v.direction {
         PolicyType::Egress => (CHAIN_FROM_WL_DISPATCH, format!("cali-fw-{iface}")),
         PolicyType::Ingress => (CHAIN_TO_WL_DISPATCH, format!("cali-tw-{iface}")),
     };
-    let mut chains = vec![CHAIN_FORWARD.to_owned(), dispatch.to_owned(), ep_chain];
+    let mut chains: Vec<String> = if to_own_node {
+        vec![CHAIN_INPUT.into(), CHAIN_WL_TO_HOST.into()]
+    } else {
+        vec![CHAIN_FORWARD.into()]
+    };
+    chains.extend([dispatch.to_owned(), ep_chain]);
     // Encapsulated packets and rejections drop in the endpoint's own chain,
     // before any policy.
     if matches!(

@@ -159,9 +159,9 @@ impl MemberRule {
 
     fn matches(&self, n: &LabelledNets<'_>) -> bool {
         match self {
-            MemberRule::Selector(s) => s.matches(&n.labels),
+            MemberRule::Selector(s) => n.selected_by(s),
             MemberRule::NamedPort { selector, .. } => {
-                n.endpoint.is_some() && selector.as_ref().is_none_or(|s| s.matches(&n.labels))
+                n.endpoint.is_some() && selector.as_ref().is_none_or(|s| n.selected_by(s))
             }
         }
     }
@@ -196,7 +196,7 @@ impl Membership {
             } => {
                 let mut all: Vec<(IpAddr, u16)> = objects
                     .iter()
-                    .filter_map(|&i| nets[i].endpoint.map(|ep| (ep, nets[i].nets)))
+                    .filter_map(|&i| nets[i].endpoint.map(|ep| (ep, &*nets[i].nets)))
                     .flat_map(|(ep, n)| named_port_members(ep, n, *protocol, names))
                     .collect();
                 all.sort_unstable();
@@ -348,7 +348,7 @@ impl Membership {
     ) {
         match &self.rule {
             MemberRule::Selector(_) => {
-                for net in n.nets {
+                for net in n.nets.iter() {
                     if add {
                         self.add_net(*net, nets);
                     } else {
@@ -361,7 +361,7 @@ impl Membership {
             } => {
                 let Some(ep) = n.endpoint else { return };
                 let members: Vec<(IpAddr, u16)> =
-                    named_port_members(ep, n.nets, *protocol, names).collect();
+                    named_port_members(ep, &n.nets, *protocol, names).collect();
                 for m in members {
                     if add {
                         self.add_named(m, named);
@@ -713,6 +713,7 @@ impl IncrementalCompiler {
                 Kind::WorkloadEndpoint
                     | Kind::NetworkSet
                     | Kind::GlobalNetworkSet
+                    | Kind::Node
                     | Kind::NetworkPolicy
                     | Kind::GlobalNetworkPolicy
                     | Kind::Profile

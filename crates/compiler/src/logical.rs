@@ -940,9 +940,9 @@ impl<'a> Builder<'a> {
             let mut matched = Vec::new();
             for i in candidates {
                 let n = &self.nets[i];
-                if sel.matches(&n.labels) {
+                if n.selected_by(sel) {
                     matched.push(i);
-                    for net in n.nets {
+                    for net in n.nets.iter() {
                         match net {
                             IpNet::V4(_) => v4.push(*net),
                             IpNet::V6(_) => v6.push(*net),
@@ -994,11 +994,11 @@ impl<'a> Builder<'a> {
             for i in candidates {
                 let n = &self.nets[i];
                 let Some(ep) = n.endpoint else { continue };
-                if sel.is_some_and(|s| !s.matches(&n.labels)) {
+                if sel.is_some_and(|s| !n.selected_by(s)) {
                     continue;
                 }
                 matched.push(i);
-                for (addr, port) in named_port_members(ep, n.nets, protocol, &names) {
+                for (addr, port) in named_port_members(ep, &n.nets, protocol, &names) {
                     members.insert((addr, protocol, port));
                 }
             }

@@ -26,7 +26,11 @@
 //! (none, SCTP, TCP, UDP), as Calico emits them; actions Allow/Accept →
 //! Allow, Deny → Deny, Pass → Pass. Peers: `namespaces` → a rule
 //! `namespaceSelector`; `pods` → `namespaceSelector` + `selector`;
-//! `networks` (egress) → `nets`. A named port matches the destination
+//! `networks` (egress) → `nets`; `nodes` (egress) → a `selector`
+//! `has(nftpolicy.io/node) && <node labels>`, which matches the addresses
+//! of the Nodes whose labels it selects (both families; see
+//! [`crate::calico::LABEL_NODE`] for why no other selector sees nodes).
+//! A named port matches the destination
 //! pod's container port of that name with the protocol the pod declares
 //! (the API's definition), so it is emitted for TCP, UDP and SCTP. The
 //! policy's types are the directions it has rules for (Calico's: the admin
@@ -35,8 +39,7 @@
 //! Two policies of one kind at the same priority: the API leaves their
 //! order undefined; nftpolicy (as felix) orders them by name.
 //!
-//! Not implemented, so rejected (the object fails closed as every rejected
-//! policy does, [`crate::reject`]): `nodes` egress peers. Invalid values
+//! Invalid values
 //! (a priority out of 0–1000, a port range whose start is above its end,
 //! a peer with no or several fields, a BaselineAdminNetworkPolicy not named
 //! `default`, a bad CIDR) reject the object too. Its stub keeps the
@@ -354,14 +357,11 @@ const SUBJECT: Fields = &[
 ];
 /// An ingress peer has the subject's two forms.
 const INGRESS_PEER: Fields = SUBJECT;
-const NODES: Field = Field::Unimplemented(
-    "matches the addresses of the nodes a label selector selects; nftpolicy has no Node resource yet",
-);
 const EGRESS_PEER: Fields = &[
     ("namespaces", Field::Object(LABEL_SELECTOR)),
     ("pods", Field::Object(NAMESPACED_POD)),
     ("networks", Field::Used),
-    ("nodes", NODES),
+    ("nodes", Field::Object(LABEL_SELECTOR)),
 ];
 const PORT_NUMBER: Fields = &[("protocol", Field::Used), ("port", Field::Used)];
 const PORT_RANGE: Fields = &[
@@ -688,8 +688,14 @@ fn peer_entity(peer: &Peer, ingress: bool) -> Result<EntityRule, String> {
             e.nets
                 .push(parse_cidr(n).map_err(|err| format!(".networks[{i}]: {err}"))?);
         }
-    } else {
-        return Err(".nodes: node peers are not implemented by nftpolicy".into());
+    } else if let Some(nodes) = &peer.nodes {
+        if ingress {
+            return Err(".nodes: only egress peers have nodes".into());
+        }
+        e.selector = Some(
+            k8s_selector_to_calico(Some(nodes), SelectorKind::Node)
+                .map_err(|err| format!(".nodes: {err}"))?,
+        );
     }
     Ok(e)
 }
@@ -889,6 +895,61 @@ spec:
     }
 
     #[test]
+    fn node_peers_select_nodes_by_label_and_nothing_else() {
+        let anp = convert(&ANP.replace(
+            "[{networks: [198.19.0.0/16, \"fd00:198:18:ff::/64\"]}]",
+            "[{nodes: {matchLabels: {kubernetes.io/os: linux}}}, {nodes: {}}]",
+        ))
+        .unwrap();
+        let Resource::GlobalNetworkPolicy(g) = &anp else {
+            panic!()
+        };
+        let selectors: Vec<_> = g.spec.egress[..2]
+            .iter()
+            .map(|r| r.destination.selector.as_deref().unwrap())
+            .collect();
+        assert_eq!(
+            selectors,
+            [
+                "has(nftpolicy.io/node) && kubernetes.io/os == 'linux'",
+                "has(nftpolicy.io/node)"
+            ]
+        );
+        let node = |name: &str, os: &str, ip: &str| {
+            Resource::from_yaml(
+                "n",
+                &format!("{{apiVersion: projectcalico.org/v3, kind: Node, metadata: {{name: {name}, labels: {{kubernetes.io/os: {os}}}}}, spec: {{addresses: [{{address: '{ip}/24', type: CalicoNodeIP}}, {{address: '{ip}', type: InternalIP}}]}}}}"),
+            )
+            .unwrap()
+        };
+        let mut state = crate::state::ClusterState::new();
+        state.upsert(node("n1", "linux", "198.18.0.1"));
+        state.upsert(node("n2", "windows", "198.18.0.2"));
+        state.upsert(
+            Resource::from_yaml(
+                "s",
+                "{apiVersion: projectcalico.org/v3, kind: GlobalNetworkSet, metadata: {name: s, labels: {kubernetes.io/os: linux}}, spec: {nets: [198.18.0.9/32]}}",
+            )
+            .unwrap(),
+        );
+        let nets = state.labelled_nets();
+        let selected = |text: &str| -> Vec<String> {
+            let sel = crate::selector::Selector::parse(text).unwrap();
+            nets.iter()
+                .filter(|n| n.selected_by(&sel))
+                .flat_map(|n| n.nets.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .collect()
+        };
+        // The node peer: node addresses by label, never a network set.
+        assert_eq!(selected(selectors[0]), ["198.18.0.1/32"]);
+        assert_eq!(selected(selectors[1]), ["198.18.0.1/32", "198.18.0.2/32"]);
+        // Ordinary selectors never see nodes.
+        assert_eq!(selected("all()"), ["198.18.0.9/32"]);
+        assert_eq!(selected("kubernetes.io/os == 'linux'"), ["198.18.0.9/32"]);
+        assert_eq!(selected("!has(team)"), ["198.18.0.9/32"]);
+    }
+
+    #[test]
     fn baseline_and_cluster_policies_go_to_their_tiers() {
         let banp = convert(
             "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec:\n  subject: {namespaces: {}}\n  ingress: [{action: Deny, from: [{namespaces: {}}]}]\n",
@@ -941,9 +1002,25 @@ spec:
             (
                 with(
                     "[{networks: [198.19.0.0/16, \"fd00:198:18:ff::/64\"]}]",
-                    "[{nodes: {}}]",
+                    "[{nodes: {matchLabels: {'bad key': x}}}]",
                 ),
-                "spec.egress[0].to[0].nodes: not implemented by nftpolicy",
+                "spec.egress[0].to[0].nodes: ",
+                "[Ingress, Egress]",
+            ),
+            (
+                with(
+                    "[{networks: [198.19.0.0/16, \"fd00:198:18:ff::/64\"]}]",
+                    "[{nodes: {matchLabelz: {a: b}}}]",
+                ),
+                "spec.egress[0].to[0].nodes.matchLabelz: unknown field",
+                "[Ingress, Egress]",
+            ),
+            (
+                with(
+                    "    - namespaces: {matchLabels: {team: b}}",
+                    "    - nodes: {}",
+                ),
+                "spec.ingress[0].from[0].nodes: unknown field",
                 "[Ingress, Egress]",
             ),
             (

@@ -26,6 +26,12 @@ pub const ETCD_PREFIX: &str = "/calico/resources/v3/projectcalico.org/";
 pub const LABEL_NAMESPACE: &str = "projectcalico.org/namespace";
 pub const LABEL_ORCHESTRATOR: &str = "projectcalico.org/orchestrator";
 pub const LABEL_SERVICE_ACCOUNT: &str = "projectcalico.org/serviceaccount";
+/// The marker a Node carries as a selector sees it (its value: the node's
+/// name). Only a selector that requires it (`has(nftpolicy.io/node) && …`,
+/// what an AdminNetworkPolicy `nodes` peer becomes) matches nodes, and such
+/// a selector matches nothing else ([`crate::state::LabelledNets::selected_by`]):
+/// an ordinary selector such as `all()` never starts matching node addresses.
+pub const LABEL_NODE: &str = "nftpolicy.io/node";
 /// Prefix of namespace labels inherited by endpoints through the `kns.` profile.
 pub const NAMESPACE_LABEL_PREFIX: &str = "pcns.";
 /// Name label the `kns.` profile applies (`pcns.projectcalico.org/name`).
@@ -87,10 +93,11 @@ pub enum Kind {
     NetworkSet,
     GlobalNetworkSet,
     Tier,
+    Node,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::NetworkPolicy,
         Kind::GlobalNetworkPolicy,
         Kind::Profile,
@@ -98,6 +105,7 @@ impl Kind {
         Kind::NetworkSet,
         Kind::GlobalNetworkSet,
         Kind::Tier,
+        Kind::Node,
     ];
 
     /// The plural used in etcd keys.
@@ -110,6 +118,7 @@ impl Kind {
             Kind::NetworkSet => "networksets",
             Kind::GlobalNetworkSet => "globalnetworksets",
             Kind::Tier => "tiers",
+            Kind::Node => "nodes",
         }
     }
 
@@ -133,6 +142,7 @@ impl Kind {
             Kind::NetworkSet => "NetworkSet",
             Kind::GlobalNetworkSet => "GlobalNetworkSet",
             Kind::Tier => "Tier",
+            Kind::Node => "Node",
         }
     }
 }
@@ -206,6 +216,9 @@ pub enum Resource {
     NetworkSet(NetworkSet),
     GlobalNetworkSet(GlobalNetworkSet),
     Tier(Tier),
+    /// A node: its labels and addresses, for AdminNetworkPolicy `nodes`
+    /// peers ([`crate::admin`]).
+    Node(Node),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -228,6 +241,7 @@ impl Resource {
             Resource::NetworkSet(_) => Kind::NetworkSet,
             Resource::GlobalNetworkSet(_) => Kind::GlobalNetworkSet,
             Resource::Tier(_) => Kind::Tier,
+            Resource::Node(_) => Kind::Node,
         }
     }
 
@@ -240,6 +254,7 @@ impl Resource {
             Resource::NetworkSet(r) => &r.metadata,
             Resource::GlobalNetworkSet(r) => &r.metadata,
             Resource::Tier(r) => &r.metadata,
+            Resource::Node(r) => &r.metadata,
         }
     }
 
@@ -252,6 +267,7 @@ impl Resource {
             Resource::NetworkSet(r) => &mut r.metadata,
             Resource::GlobalNetworkSet(r) => &mut r.metadata,
             Resource::Tier(r) => &mut r.metadata,
+            Resource::Node(r) => &mut r.metadata,
         }
     }
 
@@ -362,6 +378,7 @@ impl Resource {
             }
             Resource::NetworkSet(_) | Resource::GlobalNetworkSet(_) => Ok(()),
             Resource::Tier(t) => validate_tier(t),
+            Resource::Node(n) => validate_node(n),
         }
     }
 }
@@ -412,6 +429,40 @@ fn validate_tier(t: &Tier) -> Result<(), String> {
     Ok(())
 }
 
+/// A node's addresses must be addresses (a `CalicoNodeIP` may carry its
+/// prefix length, as calico-node writes it) and its labels valid.
+fn validate_node(n: &Node) -> Result<(), String> {
+    crate::convert::validate_labels(&n.metadata.labels)
+        .map_err(|e| format!("metadata.labels: {e}"))?;
+    for (i, a) in n.spec.addresses.iter().enumerate() {
+        if !NODE_ADDRESS_TYPES.contains(&a.kind.as_str()) {
+            return Err(format!(
+                "spec.addresses[{i}].type {:?} is not one of {}",
+                a.kind,
+                NODE_ADDRESS_TYPES.join(", ")
+            ));
+        }
+        node_address(&a.address).ok_or_else(|| {
+            format!(
+                "spec.addresses[{i}].address {:?} is not an IP address",
+                a.address
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// `a.b.c.d`, `a.b.c.d/nn` (calico-node's `CalicoNodeIP`) or an IPv6
+/// address, as the host net of the address.
+pub fn node_address(text: &str) -> Option<IpNet> {
+    let addr: std::net::IpAddr = if text.contains('/') {
+        text.parse::<IpNet>().ok()?.addr()
+    } else {
+        text.parse().ok()?
+    };
+    Some(IpNet::from(addr))
+}
+
 /// serde's decoding of `value` by its `kind`, with errors naming the field
 /// (`spec.ingress[0].action: unknown variant …`).
 fn decode_typed(value: &serde_json::Value) -> Result<Resource, String> {
@@ -429,6 +480,7 @@ fn decode_typed(value: &serde_json::Value) -> Result<Resource, String> {
         Some("NetworkSet") => typed(value).map(Resource::NetworkSet),
         Some("GlobalNetworkSet") => typed(value).map(Resource::GlobalNetworkSet),
         Some("Tier") => typed(value).map(Resource::Tier),
+        Some("Node") => typed(value).map(Resource::Node),
         Some(other) => Err(format!(
             "kind {other:?} is not one nftpolicy reads ({})",
             Kind::ALL.map(Kind::name).join(", ")
@@ -1040,6 +1092,54 @@ pub struct GlobalNetworkSet {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: NetworkSetSpec,
+}
+
+/// A Calico v3 Node, as calico-node keeps it (`…/nodes/<name>`): what a
+/// `nodes` peer needs of it, its labels and its addresses. The Kubernetes
+/// Node converts into it ([`crate::convert`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: NodeSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<NodeAddress>,
+}
+
+/// Address types of a Calico Node (`CalicoNodeIP`, the Kubernetes node's
+/// `InternalIP` and `ExternalIP`).
+pub const NODE_ADDRESS_TYPES: [&str; 3] = ["CalicoNodeIP", "InternalIP", "ExternalIP"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeAddress {
+    pub address: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+impl Node {
+    /// The node's addresses as host nets (`/32`, `/128`), each once, in
+    /// order: what a `nodes` peer matches.
+    pub fn nets(&self) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = Vec::new();
+        for a in &self.spec.addresses {
+            if let Some(net) = node_address(&a.address) {
+                if !out.contains(&net) {
+                    out.push(net);
+                }
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

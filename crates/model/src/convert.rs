@@ -74,7 +74,63 @@ pub fn kube_to_calico(obj: &KubeObject) -> Result<Option<Resource>, ConvertError
         KubeObject::ServiceAccount(sa) => crate::serviceaccount::to_profile(sa)
             .map(|p| Some(Resource::Profile(p)))
             .map_err(err),
+        KubeObject::Node(node) => node_to_calico(node)
+            .map(|n| Some(Resource::Node(n)))
+            .map_err(err),
     }
+}
+
+/// A Kubernetes Node → Calico's Node of that name: its labels, and its
+/// `InternalIP` and `ExternalIP` addresses (host names are not addresses
+/// and are left out). An address that is not an IP, or an address type
+/// Kubernetes does not define, is an error naming the node: a Deny to
+/// nodes must not silently miss one of its addresses.
+pub fn node_to_calico(node: &k8s_openapi::api::core::v1::Node) -> Result<calico::Node, String> {
+    let labels = node.metadata.labels.clone().unwrap_or_default();
+    validate_labels(&labels).map_err(|e| format!("metadata.labels: {e}"))?;
+    let mut addresses = Vec::new();
+    let listed = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or_default();
+    for (i, a) in listed.iter().enumerate() {
+        match a.type_.as_str() {
+            "InternalIP" | "ExternalIP" => {
+                let ip: std::net::IpAddr = a.address.parse().map_err(|_| {
+                    format!(
+                        "status.addresses[{i}].address {:?} is not an IP address",
+                        a.address
+                    )
+                })?;
+                addresses.push(calico::NodeAddress {
+                    address: ip.to_string(),
+                    kind: a.type_.clone(),
+                });
+            }
+            "Hostname" | "InternalDNS" | "ExternalDNS" => {}
+            other => {
+                return Err(format!(
+                    "status.addresses[{i}].type {other:?} is not one of InternalIP, ExternalIP, Hostname, InternalDNS, ExternalDNS"
+                ))
+            }
+        }
+    }
+    let mut metadata = ObjectMeta {
+        name: node.metadata.name.clone().unwrap_or_default(),
+        labels,
+        ..Default::default()
+    };
+    if let Some(reason) = crate::kube::rejection(&node.metadata) {
+        // A rejected node stays in the nodes peers' sets, as a rejected
+        // network set stays in its selectors' (crate::reject).
+        reject::mark_rejected(&mut metadata.annotations, reason);
+    }
+    Ok(calico::Node {
+        api_version: calico::API_VERSION.into(),
+        metadata,
+        spec: calico::NodeSpec { addresses },
+    })
 }
 
 pub fn namespace_profile_name(namespace: &str) -> String {
@@ -373,6 +429,9 @@ fn k8s_policy_directions(spec: &netv1::NetworkPolicySpec) -> Vec<PolicyType> {
 pub(crate) enum SelectorKind {
     Pod,
     Namespace,
+    /// An AdminNetworkPolicy `nodes` peer: restricted to nodes
+    /// ([`calico::LABEL_NODE`]), as a pod selector is to Kubernetes pods.
+    Node,
 }
 
 /// libcalico-go's `k8sSelectorToCalico`: pod selectors are restricted to
@@ -387,6 +446,9 @@ pub(crate) fn k8s_selector_to_calico(
             "{} == '{ORCHESTRATOR_K8S}'",
             calico::LABEL_ORCHESTRATOR
         ));
+    }
+    if kind == SelectorKind::Node {
+        terms.push(format!("has({})", calico::LABEL_NODE));
     }
     let Some(s) = s else {
         return Ok(terms.join(" && "));
@@ -641,7 +703,7 @@ pub fn simplify_ports(ports: Vec<Port>) -> Vec<Port> {
         .collect()
 }
 
-fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     for (k, v) in labels {
         validate_label_key(k)?;
         validate_label_value(v).map_err(|e| format!("label {k:?}: {e}"))?;
@@ -715,6 +777,48 @@ mod tests {
         convert(&format!(
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n{rest}"
         ))
+    }
+
+    #[test]
+    fn nodes_become_calico_nodes_with_their_ip_addresses() {
+        let node = |status: &str| {
+            convert(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{zone: a}}}}\nspec: {{podCIDR: 10.0.0.0/24}}\nstatus: {status}\n"
+            ))
+        };
+        let r = node("{addresses: [{type: Hostname, address: n1}, {type: InternalIP, address: 198.18.0.1}, {type: ExternalIP, address: 'fd00:198:18::1'}], capacity: {cpu: '2'}}").unwrap();
+        expect_test::expect![[r#"{"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{"name":"n1","labels":{"zone":"a"}},"spec":{"addresses":[{"address":"198.18.0.1","type":"InternalIP"},{"address":"fd00:198:18::1","type":"ExternalIP"}]}}"#]]
+            .assert_eq(&r.to_json());
+        // What the controller writes to etcd reads back as the same node.
+        assert_eq!(Resource::from_json("etcd", r.to_json().as_bytes()), Ok(r));
+        let err = node("{addresses: [{type: InternalIP, address: 198.18.0.300}]}").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Node n1: status.addresses[0].address \"198.18.0.300\" is not an IP address"
+        );
+        let err = node("{addresses: [{type: Elsewhere, address: 198.18.0.3}]}").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Node n1: status.addresses[0].type \"Elsewhere\""),
+            "{err}"
+        );
+        // Calico's own Node (calico-node writes CalicoNodeIP with a prefix).
+        let calico = |spec: &str| {
+            Resource::from_yaml(
+                "etcd",
+                &format!("{{apiVersion: projectcalico.org/v3, kind: Node, metadata: {{name: n2}}, spec: {spec}}}"),
+            )
+        };
+        let Ok(Resource::Node(n)) = calico("{bgp: {ipv4Address: 198.18.0.2/24}, addresses: [{address: 198.18.0.2/24, type: CalicoNodeIP}, {address: 198.18.0.2, type: InternalIP}]}") else {
+            panic!()
+        };
+        assert_eq!(n.nets(), ["198.18.0.2/32".parse::<IpNet>().unwrap()]);
+        let err = calico("{addresses: [{address: nowhere, type: InternalIP}]}").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("Node n2: spec.addresses[0].address \"nowhere\" is not an IP address"),
+            "{err}"
+        );
     }
 
     #[test]

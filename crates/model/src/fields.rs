@@ -327,17 +327,48 @@ const NETWORK_SET_SPEC: Fields = &[
 
 const TIER_SPEC: Fields = &[("order", Field::Used), ("defaultAction", Field::Used)];
 
-/// A Calico v3 resource of `kind` with `spec` fields `spec`.
+const NODE_ADDRESS: Fields = &[("address", Field::Used), ("type", Field::Used)];
+
+/// A Calico Node's tunnel addresses and MACs: the overlay's, not the ones
+/// `nodes` peers match.
+const NODE_TUNNEL: Field =
+    Field::Ignored("an overlay (VXLAN) address or MAC: routing; nodes peers match spec.addresses");
+
+const NODE_SPEC: Fields = &[
+    ("addresses", Field::List(NODE_ADDRESS)),
+    (
+        "bgp",
+        Field::Ignored("BGP peering (AS number, BGP addresses): routing"),
+    ),
+    ("ipv4VXLANTunnelAddr", NODE_TUNNEL),
+    ("ipv6VXLANTunnelAddr", NODE_TUNNEL),
+    ("vxlanTunnelMACAddr", NODE_TUNNEL),
+    ("vxlanTunnelMACAddrV6", NODE_TUNNEL),
+    (
+        "wireguard",
+        Field::Ignored("WireGuard: encryption between nodes, not policy"),
+    ),
+    ("orchRefs", Field::Ignored(BOOKKEEPING)),
+];
+
+/// A Calico v3 resource with `spec` fields `spec` (and `extra` top-level
+/// fields).
 macro_rules! calico_kind {
-    ($spec:expr) => {
+    ($spec:expr $(, $extra:expr)*) => {
         &[
             ("apiVersion", Field::Used),
             ("kind", Field::Used),
             ("metadata", Field::Object(METADATA)),
             ("spec", Field::Object($spec)),
+            $($extra,)*
         ]
     };
 }
+
+const CALICO_NODE_STATUS: (&str, Field) = (
+    "status",
+    Field::Ignored("what calico-node reports about itself (agent state, BGP)"),
+);
 
 /// The fields of a Calico v3 resource of `kind` (`None`: not a kind
 /// nftpolicy reads).
@@ -349,6 +380,7 @@ pub fn calico(kind: &str) -> Option<Fields> {
         "WorkloadEndpoint" => calico_kind!(WORKLOAD_ENDPOINT_SPEC),
         "NetworkSet" | "GlobalNetworkSet" => calico_kind!(NETWORK_SET_SPEC),
         "Tier" => calico_kind!(TIER_SPEC),
+        "Node" => calico_kind!(NODE_SPEC, CALICO_NODE_STATUS),
         _ => return None,
     })
 }
@@ -457,6 +489,32 @@ const K8S_SERVICE_ACCOUNT: Fields = &[
     ),
 ];
 
+/// What a Kubernetes Node's spec is: nothing a nodes peer reads.
+const K8S_NODE_SPEC: (&str, Field) = (
+    "spec",
+    Field::Ignored(
+        "podCIDRs, taints, providerID, unschedulable: scheduling and routing; \
+         a nodes peer matches the node's labels and addresses only",
+    ),
+);
+
+/// A Kubernetes Node's status: its addresses, read as the Pod's are.
+const K8S_NODE_STATUS: (&str, Field) = (
+    "status",
+    Field::Ignored(
+        "addresses (InternalIP, ExternalIP) are read; the rest (capacity, conditions, \
+         images, …) does not change which packets are allowed",
+    ),
+);
+
+const K8S_NODE: Fields = &[
+    ("apiVersion", Field::Used),
+    ("kind", Field::Used),
+    ("metadata", Field::Object(METADATA)),
+    K8S_NODE_SPEC,
+    K8S_NODE_STATUS,
+];
+
 /// The fields of a Kubernetes object (`v1` Namespace, Pod and
 /// ServiceAccount, `networking.k8s.io/v1` NetworkPolicy).
 pub fn kubernetes(kind: &str) -> Option<Fields> {
@@ -464,6 +522,7 @@ pub fn kubernetes(kind: &str) -> Option<Fields> {
         "Namespace" => K8S_NAMESPACE,
         "Pod" => K8S_POD,
         "ServiceAccount" => K8S_SERVICE_ACCOUNT,
+        "Node" => K8S_NODE,
         "NetworkPolicy" => K8S_NETWORK_POLICY,
         _ => return crate::admin::fields(kind),
     })

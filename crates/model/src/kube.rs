@@ -1,4 +1,4 @@
-//! Kubernetes inputs: Namespace, Pod, ServiceAccount and NetworkPolicy
+//! Kubernetes inputs: Namespace, Pod, ServiceAccount, Node and NetworkPolicy
 //! (networking.k8s.io/v1),
 //! as `kubectl get -o yaml` prints them, in multi-document YAML and `v1/List`s.
 //! Calico v3 resources may appear in the same files ([`Manifest::Calico`]).
@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::de::DeserializeOwned;
@@ -50,6 +50,8 @@ pub enum KubeObject {
     Admin(AdminPolicy),
     /// Its labels select pods by account ([`crate::serviceaccount`]).
     ServiceAccount(ServiceAccount),
+    /// Its labels and addresses are what admin policies' `nodes` peers match.
+    Node(Node),
 }
 
 /// Which Kubernetes kind an object is.
@@ -60,6 +62,7 @@ pub enum KubeKind {
     NetworkPolicy,
     Admin(AdminKind),
     ServiceAccount,
+    Node,
 }
 
 impl KubeKind {
@@ -69,13 +72,17 @@ impl KubeKind {
             "Pod" => Some(KubeKind::Pod),
             "NetworkPolicy" => Some(KubeKind::NetworkPolicy),
             "ServiceAccount" => Some(KubeKind::ServiceAccount),
+            "Node" => Some(KubeKind::Node),
             other => AdminKind::from_name(other).map(KubeKind::Admin),
         }
     }
 
-    /// Namespaces and the admin policies have no namespace.
+    /// Namespaces, nodes and the admin policies have no namespace.
     pub fn is_namespaced(self) -> bool {
-        !matches!(self, KubeKind::Namespace | KubeKind::Admin(_))
+        !matches!(
+            self,
+            KubeKind::Namespace | KubeKind::Node | KubeKind::Admin(_)
+        )
     }
 }
 
@@ -87,6 +94,7 @@ impl fmt::Display for KubeKind {
             KubeKind::NetworkPolicy => "NetworkPolicy",
             KubeKind::Admin(k) => k.name(),
             KubeKind::ServiceAccount => "ServiceAccount",
+            KubeKind::Node => "Node",
         })
     }
 }
@@ -116,6 +124,7 @@ impl KubeObject {
             KubeObject::NetworkPolicy(_) => KubeKind::NetworkPolicy,
             KubeObject::Admin(p) => KubeKind::Admin(p.admin_kind()),
             KubeObject::ServiceAccount(_) => KubeKind::ServiceAccount,
+            KubeObject::Node(_) => KubeKind::Node,
         }
     }
 
@@ -126,6 +135,7 @@ impl KubeObject {
             KubeObject::NetworkPolicy(o) => &o.metadata,
             KubeObject::Admin(o) => &o.metadata,
             KubeObject::ServiceAccount(o) => &o.metadata,
+            KubeObject::Node(o) => &o.metadata,
         };
         meta.name.as_deref().unwrap_or("")
     }
@@ -133,7 +143,7 @@ impl KubeObject {
     /// The namespace, defaulted to `default` as the API server does.
     pub fn namespace(&self) -> Option<&str> {
         match self {
-            KubeObject::Namespace(_) | KubeObject::Admin(_) => None,
+            KubeObject::Namespace(_) | KubeObject::Node(_) | KubeObject::Admin(_) => None,
             KubeObject::Pod(o) => Some(o.metadata.namespace.as_deref().unwrap_or("default")),
             KubeObject::NetworkPolicy(o) => {
                 Some(o.metadata.namespace.as_deref().unwrap_or("default"))
@@ -151,6 +161,7 @@ impl KubeObject {
             KubeObject::NetworkPolicy(o) => &o.metadata,
             KubeObject::Admin(o) => &o.metadata,
             KubeObject::ServiceAccount(o) => &o.metadata,
+            KubeObject::Node(o) => &o.metadata,
         }
     }
 
@@ -161,6 +172,7 @@ impl KubeObject {
             KubeObject::NetworkPolicy(o) => &mut o.metadata,
             KubeObject::Admin(o) => &mut o.metadata,
             KubeObject::ServiceAccount(o) => &mut o.metadata,
+            KubeObject::Node(o) => &mut o.metadata,
         }
     }
 
@@ -192,7 +204,7 @@ pub enum ManifestError {
     Yaml { what: String, reason: String },
     #[error("{what}: document {index} has no kind/apiVersion")]
     Untyped { what: String, index: usize },
-    #[error("{what}: {api_version}/{kind} {name:?}: unsupported kind (nftpolicy reads v1 Namespace, Pod, ServiceAccount, List, networking.k8s.io/v1 NetworkPolicy, policy.networking.k8s.io AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy and projectcalico.org/v3 resources)")]
+    #[error("{what}: {api_version}/{kind} {name:?}: unsupported kind (nftpolicy reads v1 Namespace, Pod, ServiceAccount, Node, List, networking.k8s.io/v1 NetworkPolicy, policy.networking.k8s.io AdminNetworkPolicy, BaselineAdminNetworkPolicy, ClusterNetworkPolicy and projectcalico.org/v3 resources)")]
     UnknownKind {
         what: String,
         api_version: String,
@@ -289,7 +301,7 @@ pub fn parse_value(
         (calico::API_VERSION, _) => {
             out.push(Manifest::Calico(Resource::from_value(what, value)?));
         }
-        ("v1", "Namespace" | "Pod" | "ServiceAccount")
+        ("v1", "Namespace" | "Pod" | "ServiceAccount" | "Node")
         | ("networking.k8s.io/v1", "NetworkPolicy") => {
             if name.is_empty() {
                 return Err(invalid("metadata.name is missing".into()));
@@ -301,6 +313,7 @@ pub fn parse_value(
                 "Namespace" => typed(&value).map(KubeObject::Namespace),
                 "Pod" => typed(&value).map(KubeObject::Pod),
                 "ServiceAccount" => typed(&value).map(KubeObject::ServiceAccount),
+                "Node" => typed(&value).map(KubeObject::Node),
                 _ => typed(&value).map(KubeObject::NetworkPolicy),
             };
             let obj = match (decoded, problems.is_empty()) {

@@ -7,7 +7,8 @@
 //! Pods without addresses get them here, deterministically: IPv4 from
 //! 198.18.128.0/17 and IPv6 from fd00:198:18:80::/64, dual-stack, in order
 //! of first appearance; pods without `spec.nodeName` are spread round-robin
-//! over [`NODES`].
+//! over [`NODES`]. Node objects name those nodes and get the addresses the
+//! lab gives them ([`node_addresses`]), which `node/NAME` probes aim at.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -152,8 +153,14 @@ fn object_text(calico: bool, kind: &str, namespace: Option<&str>, name: &str) ->
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProbeEnd {
-    Pod { namespace: String, name: String },
+    Pod {
+        namespace: String,
+        name: String,
+    },
     External(String),
+    /// One of [`NODES`], at its address of the probe's family
+    /// ([`node_addresses`]); only a probe's destination.
+    Node(String),
 }
 
 impl fmt::Display for ProbeEnd {
@@ -161,6 +168,7 @@ impl fmt::Display for ProbeEnd {
         match self {
             ProbeEnd::Pod { namespace, name } => write!(f, "{namespace}/{name}"),
             ProbeEnd::External(n) => write!(f, "ext/{n}"),
+            ProbeEnd::Node(n) => write!(f, "node/{n}"),
         }
     }
 }
@@ -282,13 +290,20 @@ impl RawProbe {
         let end = |s: &str| -> Result<ProbeEnd, String> {
             match s.split_once('/') {
                 Some(("ext", n)) if !n.is_empty() => Ok(ProbeEnd::External(n.into())),
+                Some(("node", n)) if NODES.contains(&n) => Ok(ProbeEnd::Node(n.into())),
+                Some(("node", n)) => Err(format!(
+                    "node {n:?} is not one of the lab's nodes ({})",
+                    NODES.join(", ")
+                )),
                 Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {
                     Ok(ProbeEnd::Pod {
                         namespace: ns.into(),
                         name: n.into(),
                     })
                 }
-                _ => Err(format!("{s:?} is neither namespace/pod nor ext/NAME")),
+                _ => Err(format!(
+                    "{s:?} is neither namespace/pod, ext/NAME nor node/NAME"
+                )),
             }
         };
         let protocol = match self.protocol.as_deref() {
@@ -325,9 +340,21 @@ impl RawProbe {
             Some("IPv6") => Family::V6,
             Some(f) => return Err(format!("family {f:?} is neither IPv4 nor IPv6")),
         };
+        let from = end(&self.from)?;
+        if let ProbeEnd::Node(_) = from {
+            return Err(format!(
+                "from {from}: a node is only a probe's destination (`to`)"
+            ));
+        }
+        let to = end(&self.to)?;
+        if matches!(to, ProbeEnd::Node(_)) && protocol.number() == IPIP_PROTOCOL {
+            return Err(format!(
+                "to {to}: a node answers TCP, UDP and SCTP probes, not IPIP"
+            ));
+        }
         let probe = Probe {
-            from: end(&self.from)?,
-            to: end(&self.to)?,
+            from,
+            to,
             port,
             protocol,
             expect_allow,
@@ -434,6 +461,7 @@ impl Scenario {
             rejected: raw.rejected.iter().map(ObjectRef::text).collect(),
         };
         scenario.assign_nodes_and_addresses();
+        scenario.fill_node_addresses().map_err(format_err)?;
         // Resolve everything now, so a bad scenario fails at load, naming
         // the file, step and object, before any kernel work starts.
         let states = scenario.states()?;
@@ -506,6 +534,55 @@ impl Scenario {
         }
     }
 
+    /// Node objects name the lab's nodes; one without addresses gets the
+    /// node's lab addresses ([`node_addresses`]) as `InternalIP`s, and one
+    /// with addresses may only list those (the lab has no others).
+    fn fill_node_addresses(&mut self) -> Result<(), String> {
+        for (i, step) in self.steps.iter_mut().enumerate() {
+            for m in &mut step.apply {
+                let Manifest::Kube(KubeObject::Node(node)) = m else {
+                    continue;
+                };
+                let name = node.metadata.name.clone().unwrap_or_default();
+                let lab = node_addresses(&name).ok_or_else(|| {
+                    format!(
+                        "step {}: Node {name}: the lab's nodes are {}",
+                        i + 1,
+                        NODES.join(", ")
+                    )
+                })?;
+                let status = node.status.get_or_insert_with(Default::default);
+                let listed = status.addresses.get_or_insert_with(Vec::new);
+                let ips: Vec<_> = listed
+                    .iter()
+                    .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                    .collect();
+                if ips.is_empty() {
+                    listed.extend(
+                        lab.iter()
+                            .map(|ip| k8s_openapi::api::core::v1::NodeAddress {
+                                type_: "InternalIP".into(),
+                                address: ip.to_string(),
+                            }),
+                    );
+                    continue;
+                }
+                for a in ips {
+                    if !a.address.parse().is_ok_and(|ip: IpAddr| lab.contains(&ip)) {
+                        return Err(format!(
+                            "step {}: Node {name}: address {} is not one the lab gives {name} ({} and {}); leave the addresses out to get them",
+                            i + 1,
+                            a.address,
+                            lab[0],
+                            lab[1]
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The cluster after each step, in order.
     pub fn states(&self) -> Result<Vec<StepState>, ScenarioError> {
         let mut state = StepState::default();
@@ -544,6 +621,17 @@ impl Scenario {
         }
         Ok(outcomes)
     }
+}
+
+/// The addresses the lab gives node `name` (one of [`NODES`]) on its
+/// uplink: 198.18.0.<n> and fd00:198:18::<n>, n counting from 1.
+pub fn node_addresses(name: &str) -> Option<[IpAddr; 2]> {
+    let n = NODES.iter().position(|x| *x == name)? + 1;
+    let n = u8::try_from(n).ok()?;
+    Some([
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, n)),
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x198, 0x18, 0, 0, 0, 0, u16::from(n))),
+    ])
 }
 
 fn auto_addresses(i: u32) -> Vec<IpAddr> {
@@ -694,6 +782,12 @@ impl StepState {
                     .find(|x| &x.name == n)
                     .map(|x| (x.ip, None))
                     .ok_or_else(|| format!("external {n:?} is not declared")),
+                ProbeEnd::Node(n) => node_addresses(n)
+                    .into_iter()
+                    .flatten()
+                    .find(|ip| ip.is_ipv6() == (probe.family == Family::V6))
+                    .map(|ip| (ip, None))
+                    .ok_or_else(|| format!("node {n:?} is not one of the lab's nodes")),
                 ProbeEnd::Pod { namespace, name } => {
                     let pod = self
                         .pod(namespace, name)
@@ -721,7 +815,7 @@ impl StepState {
             _ if probe.is_ipip() => 0,
             (ProbePort::Number(n), None) => *n,
             (ProbePort::Name(n), None) => {
-                return Err(format!("named port {n:?} on an external host"))
+                return Err(format!("named port {n:?} on an external host or a node"))
             }
             (ProbePort::Number(n), Some(pod)) => {
                 if !pod.serves(*n, probe.protocol) {
@@ -1076,5 +1170,97 @@ probes:
             .unwrap_err()
             .to_string();
         assert!(err.contains("an IPIP probe has no port"), "{err}");
+    }
+
+    const NODES_BASE: &str = r#"
+objects:
+  - {apiVersion: v1, kind: Node, metadata: {name: node2, labels: {role: db}}}
+  - {apiVersion: v1, kind: Namespace, metadata: {name: ns}}
+  - apiVersion: v1
+    kind: Pod
+    metadata: {name: a, namespace: ns}
+    spec: {containers: [{name: c, ports: [{containerPort: 80, protocol: TCP}]}]}
+probes:
+  - {from: ns/a, to: node/node2, port: 5432, expect: allow}
+  - {from: ns/a, to: node/node1, port: 5432, family: IPv6, expect: allow}
+name: t
+"#;
+
+    #[test]
+    fn nodes_get_the_lab_addresses_and_probes_reach_them() {
+        let s = Scenario::parse("t.yaml", NODES_BASE).unwrap();
+        let st = &s.states().unwrap()[0];
+        let Some(Resource::Node(n)) =
+            st.cluster
+                .get(&ResourceKey::new(calico::Kind::Node, None, "node2"))
+        else {
+            panic!("no node2")
+        };
+        let nets: Vec<String> = n.nets().iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["198.18.0.2/32", "fd00:198:18::2/128"]);
+        let probes: Vec<String> = s.steps[0]
+            .probes
+            .iter()
+            .map(|p| {
+                let r = st.resolve_probe(p, &[]).unwrap();
+                format!("{} {}", p.to, r.dst)
+            })
+            .collect();
+        assert_eq!(
+            probes,
+            ["node/node2 198.18.0.2", "node/node1 fd00:198:18::1"]
+        );
+    }
+
+    #[test]
+    fn node_objects_and_probes_are_checked() {
+        let err = |from: &str, to: &str| {
+            Scenario::parse("t.yaml", &NODES_BASE.replace(from, to))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("name: node2, labels", "name: node9, labels");
+        assert!(
+            e.contains("Node node9: the lab's nodes are node1, node2"),
+            "{e}"
+        );
+        let e = err(
+            "labels: {role: db}}",
+            "labels: {role: db}}, status: {addresses: [{type: InternalIP, address: 198.18.0.9}]}",
+        );
+        assert!(
+            e.contains("Node node2: address 198.18.0.9 is not one the lab gives node2"),
+            "{e}"
+        );
+        let e = err(
+            "labels: {role: db}}",
+            "labels: {role: db}}, status: {addresses: [{type: InternalIP, address: 198.18.0.300}]}",
+        );
+        assert!(
+            e.contains("Node node2: address 198.18.0.300 is not one the lab gives"),
+            "{e}"
+        );
+        let e = err(
+            "labels: {role: db}}",
+            "labels: {role: db}}, status: {addresses: [{type: Elsewhere, address: x}]}",
+        );
+        assert!(
+            e.contains("Node node2: status.addresses[0].type \"Elsewhere\" is not one of"),
+            "{e}"
+        );
+        let e = err("labels: {role: db}}", "labels: {role: db}, taintz: 1}");
+        assert!(e.contains("Node node2") && e.contains("taintz"), "{e}");
+        let e = err("{from: ns/a, to: node/node2", "{from: node/node2, to: ns/a");
+        assert!(e.contains("a node is only a probe's destination"), "{e}");
+        let e = err("to: node/node2", "to: node/node3");
+        assert!(
+            e.contains("node \"node3\" is not one of the lab's nodes"),
+            "{e}"
+        );
+        let e = err("to: node/node2, port: 5432", "to: node/node2, port: pg");
+        assert!(
+            e.contains("named port \"pg\" on an external host or a node"),
+            "{e}"
+        );
     }
 }

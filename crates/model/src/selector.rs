@@ -302,6 +302,27 @@ impl Selector {
         }
     }
 
+    /// Whether every match must carry `label`: the selector is
+    /// `has(label)` or `label == "…"`, or a conjunction with such a term
+    /// at its top level. Structural, so it never depends on the labels a
+    /// selector is evaluated on.
+    #[must_use]
+    pub fn requires_label(&self, label: &str) -> bool {
+        let term = |e: &Expr| match e {
+            Expr::Has(l) => l == label,
+            Expr::Compare {
+                label: l,
+                op: CompareOp::Eq,
+                ..
+            } => l == label,
+            _ => false,
+        };
+        match &self.root {
+            Expr::And(operands) => operands.iter().any(term),
+            other => term(other),
+        }
+    }
+
     /// Parses selector text; empty or whitespace-only text is [`Selector::all`].
     ///
     /// # Errors

@@ -444,7 +444,7 @@ impl<'a> Evaluator<'a> {
             // has none) that declares a port with this name and protocol.
             Port::Named(name) => self.nets.iter().any(|n| {
                 let Some(ep) = n.endpoint else { return false };
-                e.selector.as_ref().is_none_or(|s| s.matches(&n.labels))
+                e.selector.as_ref().is_none_or(|s| n.selected_by(s))
                     && n.nets.iter().any(|net| net.contains(&ip))
                     && ep.spec.ports.iter().any(|ep_port| {
                         &ep_port.name == name
@@ -459,7 +459,7 @@ impl<'a> Evaluator<'a> {
     pub fn selector_has_ip(&self, sel: &crate::selector::Selector, ip: IpAddr) -> bool {
         self.nets
             .iter()
-            .any(|n| n.nets.iter().any(|net| net.contains(&ip)) && sel.matches(&n.labels))
+            .any(|n| n.nets.iter().any(|net| net.contains(&ip)) && n.selected_by(sel))
     }
 }
 

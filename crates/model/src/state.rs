@@ -6,6 +6,7 @@
 //! Both the reference semantics and the compiler go through this module, so
 //! that the oracle and the dataplane cannot disagree on what a selector means.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -122,8 +123,9 @@ impl ClusterState {
                             own: &w.metadata.labels,
                             inherited,
                         },
-                        nets: &w.spec.ip_networks,
+                        nets: Cow::Borrowed(&w.spec.ip_networks),
                         endpoint: Some(w),
+                        node: false,
                     })
                 }
                 _ => self.labelled(r),
@@ -160,8 +162,9 @@ impl ClusterState {
                 labels.extend(w.metadata.labels.clone());
                 Some(LabelledNets {
                     labels: LabelView::Owned(labels),
-                    nets: &w.spec.ip_networks,
+                    nets: Cow::Borrowed(&w.spec.ip_networks),
                     endpoint: Some(w),
+                    node: false,
                 })
             }
             Resource::NetworkSet(s) => {
@@ -177,8 +180,9 @@ impl ClusterState {
                 labels.insert(calico::LABEL_NAMESPACE.into(), namespace.to_owned());
                 Some(LabelledNets {
                     labels: LabelView::Owned(labels),
-                    nets: &s.spec.nets,
+                    nets: Cow::Borrowed(&s.spec.nets),
                     endpoint: None,
+                    node: false,
                 })
             }
             Resource::GlobalNetworkSet(s) => Some(LabelledNets {
@@ -186,9 +190,21 @@ impl ClusterState {
                     own: &s.metadata.labels,
                     inherited: vec![],
                 },
-                nets: &s.spec.nets,
+                nets: Cow::Borrowed(&s.spec.nets),
                 endpoint: None,
+                node: false,
             }),
+            Resource::Node(n) => {
+                // Its labels and the marker only node selectors require.
+                let mut labels = n.metadata.labels.clone();
+                labels.insert(calico::LABEL_NODE.into(), n.metadata.name.clone());
+                Some(LabelledNets {
+                    labels: LabelView::Owned(labels),
+                    nets: Cow::Owned(n.nets()),
+                    endpoint: None,
+                    node: true,
+                })
+            }
             _ => None,
         }
     }
@@ -492,12 +508,26 @@ impl fmt::Display for Encap {
     }
 }
 
-/// Something with addresses and labels: an endpoint or a network set.
+/// Something with addresses and labels: an endpoint, a network set or a
+/// node.
 #[derive(Debug, Clone)]
 pub struct LabelledNets<'a> {
     pub labels: LabelView<'a>,
-    pub nets: &'a [IpNet],
+    pub nets: Cow<'a, [IpNet]>,
     pub endpoint: Option<&'a WorkloadEndpoint>,
+    /// A node ([`calico::LABEL_NODE`]).
+    pub node: bool,
+}
+
+impl LabelledNets<'_> {
+    /// Whether `sel`'s IP set holds these addresses: a node only for a
+    /// selector that requires [`calico::LABEL_NODE`] (a `nodes` peer),
+    /// anything else only for a selector that does not — so that adding
+    /// nodes changes no existing selector's members. The one rule the model
+    /// and the compiler share.
+    pub fn selected_by(&self, sel: &Selector) -> bool {
+        self.node == sel.requires_label(calico::LABEL_NODE) && sel.matches(&self.labels)
+    }
 }
 
 /// A policy's identity, as used in chain names (`cali-pi-<id>`).

@@ -1,5 +1,5 @@
-//! The policy controller: Kubernetes Namespaces, Pods, NetworkPolicies and
-//! ServiceAccounts written into etcd as the Calico resources that stand for them (what
+//! The policy controller: Kubernetes Namespaces, Pods, NetworkPolicies,
+//! ServiceAccounts and Nodes written into etcd as the Calico resources that stand for them (what
 //! calico-kube-controllers does), for `nftpolicy apply|delete|controller`.
 //!
 //! Every write is a compare-and-swap: the key is read, and the put or delete
@@ -12,7 +12,8 @@
 //! The controller owns, and [`sync_dir`] only ever deletes, the keys it
 //! derives from Kubernetes: NetworkPolicies named `knp.default.*`, Profiles
 //! named `kns.*` and `ksa.*` and WorkloadEndpoints with
-//! `spec.orchestrator: k8s`.
+//! `spec.orchestrator: k8s`, and Nodes (from Kubernetes Nodes, as
+//! calico-kube-controllers' node controller keeps them).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -439,6 +440,9 @@ pub async fn delete(
                 obj.namespace(),
                 &k8s_policy_name(obj.name()),
             ),
+            Manifest::Kube(obj @ KubeObject::Node(_)) => {
+                ResourceKey::new(Kind::Node, None, obj.name())
+            }
             Manifest::Kube(obj @ KubeObject::ServiceAccount(_)) => ResourceKey::new(
                 Kind::Profile,
                 None,
@@ -495,7 +499,9 @@ fn m_name(m: &Manifest) -> &str {
 /// Whether the controller owns `key` (holding `value`): the only keys
 /// [`sync_dir`] deletes. Besides Kubernetes NetworkPolicies, namespaces and
 /// pods, the GlobalNetworkPolicies converted from admin policies
-/// (`kanp.…`, `kbanp.…`, `kcnp.…`).
+/// (`kanp.…`, `kbanp.…`, `kcnp.…`), and every Node (as
+/// calico-kube-controllers' node controller keeps Calico's Nodes in step
+/// with Kubernetes': a node gone from Kubernetes goes from etcd).
 pub fn owns(key: &ResourceKey, value: &[u8]) -> bool {
     match key.kind {
         Kind::NetworkPolicy => key.name.starts_with(K8S_POLICY_PREFIX),
@@ -505,6 +511,7 @@ pub fn owns(key: &ResourceKey, value: &[u8]) -> bool {
                 || key.name.starts_with(model::serviceaccount::PROFILE_PREFIX)
         }
         Kind::WorkloadEndpoint => is_k8s_endpoint(value),
+        Kind::Node => true,
         _ => false,
     }
 }

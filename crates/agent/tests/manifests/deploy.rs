@@ -895,6 +895,7 @@ pub(crate) fn rbac_is_read_only_and_bound_to_existing_accounts() {
                         "pods",
                         "networkpolicies",
                         "serviceaccounts",
+                        "nodes",
                         "adminnetworkpolicies",
                         "baselineadminnetworkpolicies",
                         "clusternetworkpolicies"

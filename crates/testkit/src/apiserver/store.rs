@@ -129,6 +129,16 @@ pub const TYPES: &[ResourceType] = &[
         short_names: &["sa"],
     },
     ResourceType {
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        singular: "node",
+        kind: "Node",
+        namespaced: false,
+        status: true,
+        short_names: &["no"],
+    },
+    ResourceType {
         group: "coordination.k8s.io",
         version: "v1",
         plural: "leases",
@@ -452,7 +462,10 @@ impl Store {
         meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
         meta.insert("generation".into(), json!(1));
         meta.remove("deletionTimestamp");
-        if t.status && type_index != NAMESPACES {
+        // A Node keeps the status it is created with (the API server's
+        // node strategy: "Nodes allow *all* fields, including status, to
+        // be set on create"); later only through its status subresource.
+        if t.status && type_index != NAMESPACES && t.kind != "Node" {
             object
                 .as_object_mut()
                 .expect("an object")

@@ -21,17 +21,21 @@ pub enum Watched {
     NetworkPolicy,
     /// Their labels select pods by account (`ksa.` profiles).
     ServiceAccount,
+    /// Their labels and addresses are what admin policies' `nodes` peers
+    /// match.
+    Node,
     AdminNetworkPolicy,
     BaselineAdminNetworkPolicy,
     ClusterNetworkPolicy,
 }
 
 impl Watched {
-    pub const ALL: [Watched; 7] = [
+    pub const ALL: [Watched; 8] = [
         Watched::Namespace,
         Watched::Pod,
         Watched::NetworkPolicy,
         Watched::ServiceAccount,
+        Watched::Node,
         Watched::AdminNetworkPolicy,
         Watched::BaselineAdminNetworkPolicy,
         Watched::ClusterNetworkPolicy,
@@ -68,6 +72,7 @@ impl Watched {
                 KubeKind::Admin(self.admin_kind().expect("an admin kind"))
             }
             Watched::ServiceAccount => KubeKind::ServiceAccount,
+            Watched::Node => KubeKind::Node,
         }
     }
 
@@ -86,6 +91,7 @@ impl Watched {
             Watched::Namespace => ("", "v1", "Namespace", "namespaces"),
             Watched::Pod => ("", "v1", "Pod", "pods"),
             Watched::ServiceAccount => ("", "v1", "ServiceAccount", "serviceaccounts"),
+            Watched::Node => ("", "v1", "Node", "nodes"),
             Watched::NetworkPolicy => (
                 "networking.k8s.io",
                 "v1",
@@ -120,6 +126,7 @@ impl Watched {
             }
             Watched::ClusterNetworkPolicy => "clusternetworkpolicies.policy.networking.k8s.io",
             Watched::ServiceAccount => "serviceaccounts",
+            Watched::Node => "nodes",
         }
     }
 }
