@@ -53,7 +53,21 @@ impl Measured {
     }
 }
 
+/// Compile options a measured dataplane may vary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Options {
+    /// `--fused-lookup` (nftables only).
+    pub fused_lookup: bool,
+}
+
 pub fn open(kind: &str, node: &str) -> anyhow::Result<Measured> {
+    open_with(kind, node, &Options::default())
+}
+
+pub fn open_with(kind: &str, node: &str, options: &Options) -> anyhow::Result<Measured> {
+    if options.fused_lookup {
+        bail!("the fused lookup is not built yet");
+    }
     let backend: Box<dyn Dataplane> = match kind {
         "nft-netlink" => dataplane::open(Kind::Nftables, iptables::Backend::Legacy)?,
         "nft-cli" => Box::new(NftCli { last: None }),
