@@ -65,8 +65,8 @@ pub fn open(kind: &str, node: &str) -> anyhow::Result<Measured> {
 }
 
 pub fn open_with(kind: &str, node: &str, options: &Options) -> anyhow::Result<Measured> {
-    if options.fused_lookup {
-        bail!("the fused lookup is not built yet");
+    if options.fused_lookup && kind == "iptables" {
+        bail!("iptables mode has no fused form");
     }
     let backend: Box<dyn Dataplane> = match kind {
         "nft-netlink" => dataplane::open(Kind::Nftables, iptables::Backend::Legacy)?,
@@ -74,8 +74,12 @@ pub fn open_with(kind: &str, node: &str, options: &Options) -> anyhow::Result<Me
         "iptables" => dataplane::open(Kind::Iptables, iptables::Backend::Legacy)?,
         other => bail!("unknown backend {other:?}"),
     };
+    let compile = CompileOptions {
+        fused_lookup: options.fused_lookup,
+        ..CompileOptions::new(node)
+    };
     Ok(Measured {
-        pipeline: Pipeline::new(CompileOptions::new(node), backend),
+        pipeline: Pipeline::new(compile, backend),
     })
 }
 
