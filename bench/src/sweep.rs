@@ -128,7 +128,9 @@ fn trimmed_mean(samples: &[f64]) -> f64 {
     if mid.is_empty() {
         return f64::NAN;
     }
-    mid.iter().sum::<f64>() / mid.len() as f64
+    #[allow(clippy::cast_precision_loss)] // a sample count
+    let n = mid.len() as f64;
+    mid.iter().sum::<f64>() / n
 }
 
 struct Lane {
@@ -142,6 +144,11 @@ struct Lane {
 }
 
 /// Measures one point for `variants` (the first is the floor).
+///
+/// # Errors
+///
+/// Building a node, programming it, or a variant that does not carry the
+/// probe.
 pub fn measure(
     point: SweepPoint,
     variants: &[Variant],
@@ -220,6 +227,7 @@ pub fn measure(
 
 /// The points of the default sweep: policies selecting the receiver at one
 /// rule each, then rules per policy at 100 policies.
+#[must_use]
 pub fn default_points() -> Vec<SweepPoint> {
     let mut v: Vec<SweepPoint> = [0, 100, 300, 1_000, 3_000]
         .into_iter()
@@ -238,6 +246,7 @@ pub fn default_points() -> Vec<SweepPoint> {
 /// The results as a Markdown table: the floor's median, then each
 /// variant's extra cost per new connection (± half the IQR of the
 /// per-round differences).
+#[must_use]
 pub fn markdown(results: &[PointResult]) -> String {
     let mut out = String::new();
     let Some(first) = results.first() else {

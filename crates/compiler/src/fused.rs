@@ -4,7 +4,7 @@
 //! In an endpoint chain (`cali-tw-<iface>`, `cali-fw-<iface>`) each policy
 //! of a tier is `pass clear → jump cali-pi-<id>` then `accept set →
 //! return`. A policy whose rules are all Allow rules (as every converted
-//! Kubernetes NetworkPolicy's are) of the shapes below decides nothing but
+//! Kubernetes `NetworkPolicy`'s are) of the shapes below decides nothing but
 //! "allowed": for a run of such policies in a row, the walk accepts exactly
 //! when one of their rules matches, whatever their order. The run becomes
 //! at most two rules, each `pass clear` + lookup → set the accept bit and
@@ -85,7 +85,7 @@ pub(crate) fn fuse(l: &LogicalRuleset, rs: &mut Ruleset) {
 
 fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) {
     let v6 = t.family.is_v6();
-    let m = l.marks;
+    let marks = l.marks;
     let mut rules: Vec<LRule> = Vec::new();
     let mut lookups: Vec<(String, Set)> = Vec::new();
     let mut run = Fusion::default();
@@ -95,8 +95,8 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
         let r = &chain.rules[i];
         let jump = match (&r.action, chain.rules.get(i + 1)) {
             (LAction::Jump(target), Some(next))
-                if r.conditions == [Cond::MarkClear(m.pass)]
-                    && next.conditions == [Cond::MarkSet(m.accept)]
+                if r.conditions == [Cond::MarkClear(marks.pass)]
+                    && next.conditions == [Cond::MarkSet(marks.accept)]
                     && next.action == LAction::Return =>
             {
                 l.chains.get(target)
@@ -111,11 +111,11 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
             i += 2;
             continue;
         }
-        flush(&mut run, t, ingress, m.pass, &mut rules, &mut lookups);
+        flush(&mut run, t, ingress, marks.pass, &mut rules, &mut lookups);
         rules.push(r.clone());
         i += 1;
     }
-    flush(&mut run, t, ingress, m.pass, &mut rules, &mut lookups);
+    flush(&mut run, t, ingress, marks.pass, &mut rules, &mut lookups);
     if !fused_any {
         return;
     }

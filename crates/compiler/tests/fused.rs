@@ -1,4 +1,4 @@
-//! `--fused-lookup` (compiler::fused): golden renderings of fused endpoint
+//! `--fused-lookup` (`compiler::fused`): golden renderings of fused endpoint
 //! chains, and what stays a chain walk. Packet-level equivalence with the
 //! walk is checked in the kernel (`cargo xtask e2e --fused-lookup`).
 
