@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use compiler::nft::{Match, Ruleset, TableFamily};
+use compiler::nft::{Match, Ruleset, SetElement, TableFamily};
 use compiler::{compile_nftables, CompileOptions};
 use expect_test::expect_file;
 use model::scenario::Scenario;
@@ -71,4 +71,92 @@ fn deny_and_pass_keep_the_walk_golden() {
     expect_file!["golden/fused-tiers.node1.nft"].assert_eq(&compiler::render_nft::render(&on));
     let (_, off) = compile_nftables(&state, &CompileOptions::new("node1")).unwrap();
     expect_file!["golden/tiers.node1.nft"].assert_eq(&compiler::render_nft::render(&off));
+}
+
+/// The scenarios the kernel check runs with `--fused-lookup` exercise it:
+/// most of them have a fused lookup on some node, and every step of every
+/// scenario compiles with it.
+#[test]
+fn most_scenarios_have_a_fused_lookup() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/scenarios");
+    let (mut total, mut fused_any) = (0, 0);
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        total += 1;
+        let s = Scenario::load(&path).unwrap();
+        let mut seen = false;
+        for st in s.states().unwrap() {
+            for node in ["node1", "node2"] {
+                let (_, rs) = compile_nftables(&st.cluster, &fused(node)).unwrap();
+                seen |= rs.tables.iter().any(|t| {
+                    t.chains.values().flat_map(|c| &c.rules).any(|r| {
+                        r.comment
+                            .as_deref()
+                            .is_some_and(|c| c.starts_with("Fused lookup @"))
+                    })
+                });
+            }
+        }
+        fused_any += usize::from(seen);
+    }
+    assert!(total > 50, "{total} scenarios");
+    assert!(
+        2 * fused_any > total,
+        "{fused_any} of {total} scenarios fuse"
+    );
+    eprintln!("{fused_any} of {total} scenarios have a fused lookup");
+}
+
+/// With the option on, the incremental compiler compiles every change in
+/// full (a pod's labels are also a fused set's elements): a remote pod's
+/// relabel is a rebuild, equal to a compile from scratch, and the fused
+/// set follows it.
+#[test]
+fn incremental_compiles_in_full_and_matches_a_full_compile() {
+    use compiler::{IncrementalCompiler, Outcome};
+    use model::calico::{Kind, Resource, ResourceKey};
+    let mut state = scenario_state("multiple-policies-union.yaml");
+    let mut inc = IncrementalCompiler::new(fused("node1"));
+    assert_eq!(
+        inc.update(&state, &Default::default()).unwrap(),
+        Outcome::Rebuilt
+    );
+    let a = state
+        .workload_endpoints()
+        .find(|w| w.spec.pod == "a")
+        .unwrap()
+        .clone();
+    let mut relabelled = a.clone();
+    relabelled.metadata.labels.insert("role".into(), "b".into());
+    state.upsert(Resource::WorkloadEndpoint(relabelled));
+    let key = ResourceKey::new(
+        Kind::WorkloadEndpoint,
+        a.metadata.namespace.as_deref(),
+        &a.metadata.name,
+    );
+    let changes = [(key, Some(Resource::WorkloadEndpoint(a)))].into();
+    assert_eq!(inc.update(&state, &changes).unwrap(), Outcome::Rebuilt);
+    let (_, full) = compile_nftables(&state, &fused("node1")).unwrap();
+    assert_eq!(inc.ruleset(), &full);
+    // a (198.18.128.2) now reaches web on 8080 (b's port), no longer on 80.
+    let a_ip: std::net::IpAddr = "198.18.128.2".parse().unwrap();
+    let ip = full
+        .tables
+        .iter()
+        .find(|t| t.family == TableFamily::Ip)
+        .unwrap();
+    let web_set = ip
+        .sets
+        .values()
+        .find(|s| s.comment.as_deref() == Some("fused ingress peer . proto . port"))
+        .unwrap();
+    assert!(web_set
+        .elements
+        .contains(&SetElement::NamedPort(a_ip, 6, 8080)));
+    assert!(!web_set
+        .elements
+        .contains(&SetElement::NamedPort(a_ip, 6, 80)));
 }
