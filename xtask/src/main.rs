@@ -108,7 +108,8 @@ struct E2eArgs {
     seed: Option<u64>,
     /// Program the nodes with `--fused-lookup` (nftables backend only):
     /// every probe must still get the model's verdict.
-    #[arg(long, conflicts_with_all = ["fuzz", "no_program"])]
+    /// With --fuzz: compare `nftables --fused-lookup` with the model too.
+    #[arg(long, conflicts_with = "no_program")]
     fused_lookup: bool,
     /// Scenario files or directories (default: tests/scenarios, and the
     /// paths in NFTPOLICY_EXTRA_SCENARIOS if set).
@@ -255,7 +256,13 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     if let Some(cases) = args.fuzz {
         let seed = args.seed.unwrap_or_else(fuzz::random_seed);
         let nftpolicy = fuzz::nftpolicy_binary(build_nftpolicy)?;
-        return fuzz::run(cases, seed, &nftpolicy, &fuzz::failures_dir(&root()));
+        return fuzz::run(
+            cases,
+            seed,
+            &nftpolicy,
+            &fuzz::failures_dir(&root()),
+            args.fused_lookup,
+        );
     }
     let paths = if args.paths.is_empty() {
         default_scenario_paths()

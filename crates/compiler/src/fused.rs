@@ -111,11 +111,11 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
             i += 2;
             continue;
         }
-        flush(&mut run, t, ingress, marks.pass, &mut rules, &mut lookups);
+        flush(&mut run, t, marks.pass, &mut rules, &mut lookups);
         rules.push(r.clone());
         i += 1;
     }
-    flush(&mut run, t, ingress, marks.pass, &mut rules, &mut lookups);
+    flush(&mut run, t, marks.pass, &mut rules, &mut lookups);
     if !fused_any {
         return;
     }
@@ -164,7 +164,6 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
 fn flush(
     run: &mut Fusion,
     t: &Table,
-    ingress: bool,
     pass: u32,
     rules: &mut Vec<LRule>,
     lookups: &mut Vec<(String, Set)>,
@@ -174,7 +173,6 @@ fn flush(
     }
     let run = std::mem::take(run);
     let fam = if t.family.is_v6() { "60" } else { "40" };
-    let dir = if ingress { "ingress" } else { "egress" };
     let mut add = |kind: &str, key: SetKey, elements: Vec<SetElement>, what: &str| {
         let mut text = String::new();
         for e in &elements {
@@ -196,7 +194,8 @@ fn flush(
             name: name.clone(),
             key,
             elements,
-            comment: Some(format!("fused {dir} {what}")),
+            // Shared by content, also between directions: no direction here.
+            comment: Some(format!("fused lookup: {what}")),
         };
         lookups.push((name, set));
     };

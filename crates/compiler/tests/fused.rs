@@ -149,9 +149,14 @@ fn incremental_compiles_in_full_and_matches_a_full_compile() {
         .find(|t| t.family == TableFamily::Ip)
         .unwrap();
     let web_set = ip
-        .sets
+        .chains
         .values()
-        .find(|s| s.comment.as_deref() == Some("fused ingress peer . proto . port"))
+        .flat_map(|c| &c.rules)
+        .flat_map(|r| &r.matches)
+        .find_map(|m| match m {
+            Match::PeerPort { set, .. } => Some(&ip.sets[set]),
+            _ => None,
+        })
         .unwrap();
     assert!(web_set
         .elements
