@@ -7,19 +7,24 @@
 //! Kubernetes `NetworkPolicy`'s are) of the shapes below decides nothing but
 //! "allowed": for a run of such policies in a row, the walk accepts exactly
 //! when one of their rules matches, whatever their order. The run becomes
-//! at most two rules, each `pass clear` + lookup → set the accept bit and
-//! return (what the policy's Allow and the "return if accepted" rule did):
+//! a few rules, each `pass clear` + lookup → set the accept bit and return
+//! (what the policy's Allow and the "return if accepted" rule did):
 //!
 //! - `ip saddr . meta l4proto . th dport @cali40f-…` (egress: `ip daddr .
 //!   …`) holding (peer, protocol, port) of the rules with TCP, UDP or SCTP
 //!   and destination ports (ranges of at most [`MAX_RANGE`] ports);
 //! - `ip saddr @cali40h-…` (egress: `ip daddr`) holding the peers of the
-//!   rules without protocol and ports.
+//!   rules without protocol and ports;
+//! - per protocol, `meta l4proto tcp th dport @cali40p-…` for the rules
+//!   with ports and any peer (Kubernetes `ports` without `from`);
+//! - nothing but `pass clear` when a rule allows everything (any peer, no
+//!   protocol, no ports): then it is the run's only rule.
 //!
 //! A rule fuses when its peers are host addresses (a selector's set whose
-//! members are all pods, or host nets) and it has nothing else: no Deny,
-//! Pass or Log, no notSelector/notNets/notPorts, no ICMP or notProtocol, no
-//! named ports, no match on the endpoint's own side, not "any peer". A
+//! members are all pods, or host nets) or anyone, and it has nothing else:
+//! no Deny, Pass or Log, no notSelector/notNets/notPorts, no ICMP or
+//! notProtocol, no named ports, no match on the endpoint's own side, not
+//! nets and a selector together, not a protocol without ports. A
 //! policy with a rule that does not fuse keeps its jump, in its place: runs
 //! end there, so the order against Deny and Pass is the walk's. A policy
 //! without rules in this family (a deny-all) fuses to nothing. The tier's
@@ -34,7 +39,7 @@
 //! not change. The incremental compiler compiles in full whenever this is
 //! on (a pod's set membership is also a fused set's elements).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
@@ -42,7 +47,7 @@ use ipnet::IpNet;
 
 use crate::logical::{id_hash, Cond, LAction, LChain, LRule, LogicalRuleset};
 use crate::lower_nft::{lower_chain, MAX_COMMENT};
-use crate::nft::{AddrTarget, Dir, Match, Ruleset, Set, SetElement, SetKey, Table};
+use crate::nft::{AddrTarget, Dir, Match, PortTarget, Ruleset, Set, SetElement, SetKey, Table};
 
 /// The widest port range expanded into single (peer, protocol, port)
 /// elements; a rule with a wider one keeps its policy's jump.
@@ -58,6 +63,10 @@ struct Fusion {
     ports: BTreeSet<(IpAddr, u8, u16)>,
     /// Peers allowed whatever the protocol.
     hosts: BTreeSet<IpAddr>,
+    /// Any peer, by protocol: destination port ranges.
+    any_peer_ports: BTreeMap<u8, Vec<(u16, u16)>>,
+    /// Any peer, any protocol: everything.
+    any: bool,
     /// The fused policies' ids (from their chain names).
     policies: Vec<String>,
 }
@@ -66,6 +75,24 @@ impl Fusion {
     fn is_empty(&self) -> bool {
         self.policies.is_empty()
     }
+
+    fn extend(&mut self, other: Fusion) {
+        self.ports.extend(other.ports);
+        self.hosts.extend(other.hosts);
+        for (proto, ranges) in other.any_peer_ports {
+            self.any_peer_ports.entry(proto).or_default().extend(ranges);
+        }
+        self.any |= other.any;
+        self.policies.extend(other.policies);
+    }
+}
+
+/// A fused rule's extra matches and the set it looks up, by the key its
+/// placeholder's comment names (`Fused lookup @<key>: …`).
+struct Lookup {
+    key: String,
+    matches: Vec<Match>,
+    set: Option<Set>,
 }
 
 /// Rewrites the endpoint chains of `rs` (lowered from `l`) with fused
@@ -87,7 +114,7 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
     let v6 = t.family.is_v6();
     let marks = l.marks;
     let mut rules: Vec<LRule> = Vec::new();
-    let mut lookups: Vec<(String, Set)> = Vec::new();
+    let mut lookups: Vec<Lookup> = Vec::new();
     let mut run = Fusion::default();
     let mut fused_any = false;
     let mut i = 0;
@@ -104,18 +131,16 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
             _ => None,
         };
         if let Some(policy) = jump.and_then(|p| allows(l, p, v6, ingress)) {
-            run.ports.extend(policy.ports);
-            run.hosts.extend(policy.hosts);
-            run.policies.extend(policy.policies);
+            run.extend(policy);
             fused_any = true;
             i += 2;
             continue;
         }
-        flush(&mut run, t, marks.pass, &mut rules, &mut lookups);
+        flush(&mut run, t, ingress, marks.pass, &mut rules, &mut lookups);
         rules.push(r.clone());
         i += 1;
     }
-    flush(&mut run, t, marks.pass, &mut rules, &mut lookups);
+    flush(&mut run, t, ingress, marks.pass, &mut rules, &mut lookups);
     if !fused_any {
         return;
     }
@@ -125,7 +150,7 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
     };
     let (mut lowered, sets) = lower_chain(l, t.family, &fused);
     for rule in &mut lowered.rules {
-        let Some(set) = rule
+        let Some(key) = rule
             .comment
             .as_deref()
             .and_then(|c| c.strip_prefix(MARKER))
@@ -133,30 +158,34 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
         else {
             continue;
         };
-        let (_, s) = lookups
+        let lookup = lookups
             .iter()
-            .find(|(name, _)| name == set)
-            .expect("a marked rule names its set");
-        rule.matches.push(match (s.key, ingress) {
-            (SetKey::NamedPort, true) => Match::PeerPort {
-                set: s.name.clone(),
-                negate: false,
-            },
-            (SetKey::NamedPort, false) => Match::NamedPort {
-                dir: Dir::Dst,
-                set: s.name.clone(),
-                negate: false,
-            },
-            (_, ingress) => Match::Addr {
-                dir: if ingress { Dir::Src } else { Dir::Dst },
-                target: AddrTarget::Set(s.name.clone()),
-                negate: false,
-            },
-        });
+            .find(|l| l.key == key)
+            .expect("a marked rule names its lookup");
+        rule.matches.extend(lookup.matches.iter().cloned());
     }
     t.chains.insert(lowered.name.clone(), lowered);
     t.sets.extend(sets);
-    t.sets.extend(lookups);
+    t.sets.extend(
+        lookups
+            .into_iter()
+            .filter_map(|l| l.set)
+            .map(|s| (s.name.clone(), s)),
+    );
+}
+
+/// Sorted, overlapping and adjacent ranges merged (an interval set's
+/// elements must not overlap).
+fn coalesce_ports(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u16, u16)> = Vec::new();
+    for (lo, hi) in ranges {
+        match out.last_mut() {
+            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
 }
 
 /// Ends a run: its lookup rules (none if it allows nothing) in place of
@@ -164,22 +193,19 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
 fn flush(
     run: &mut Fusion,
     t: &Table,
+    ingress: bool,
     pass: u32,
     rules: &mut Vec<LRule>,
-    lookups: &mut Vec<(String, Set)>,
+    lookups: &mut Vec<Lookup>,
 ) {
     if run.is_empty() {
         return;
     }
     let run = std::mem::take(run);
     let fam = if t.family.is_v6() { "60" } else { "40" };
-    let mut add = |kind: &str, key: SetKey, elements: Vec<SetElement>, what: &str| {
-        let mut text = String::new();
-        for e in &elements {
-            let _ = write!(text, "{e:?},");
-        }
-        let name = format!("cali{fam}{kind}-{}", id_hash(&format!("{kind}:{text}")));
-        let mut comment = format!("{MARKER}{name}: {what} of");
+    let peer = if ingress { Dir::Src } else { Dir::Dst };
+    let mut add = |key: String, matches: Vec<Match>, set: Option<Set>, what: &str| {
+        let mut comment = format!("{MARKER}{key}: {what} of");
         for p in &run.policies {
             let _ = write!(comment, " {p}");
         }
@@ -190,30 +216,84 @@ fn flush(
             action: LAction::AllowReturn,
             comment,
         });
-        let set = Set {
-            name: name.clone(),
+        lookups.push(Lookup { key, matches, set });
+    };
+    // Sets are named by their content, shared also between directions (so
+    // their comments name no direction).
+    let set = |kind: &str, key: SetKey, elements: Vec<SetElement>, what: &str| {
+        let mut text = String::new();
+        for e in &elements {
+            let _ = write!(text, "{e:?},");
+        }
+        let name = format!("cali{fam}{kind}-{}", id_hash(&format!("{kind}:{text}")));
+        Set {
+            name,
             key,
             elements,
-            // Shared by content, also between directions: no direction here.
             comment: Some(format!("fused lookup: {what}")),
-        };
-        lookups.push((name, set));
+        }
     };
+    if run.any {
+        // Some rule allows everything: the run accepts every packet.
+        add("any".into(), vec![], None, "any peer, any protocol");
+        return;
+    }
     if !run.ports.is_empty() {
+        let what = "peer . proto . port";
         let elements = run
             .ports
             .iter()
             .map(|&(a, p, port)| SetElement::NamedPort(a, p, port))
             .collect();
-        add("f", SetKey::NamedPort, elements, "peer . proto . port");
+        let s = set("f", SetKey::NamedPort, elements, what);
+        let m = if ingress {
+            Match::PeerPort {
+                set: s.name.clone(),
+                negate: false,
+            }
+        } else {
+            Match::NamedPort {
+                dir: Dir::Dst,
+                set: s.name.clone(),
+                negate: false,
+            }
+        };
+        add(s.name.clone(), vec![m], Some(s), what);
     }
     if !run.hosts.is_empty() {
+        let what = "peers, any protocol";
         let elements = run
             .hosts
             .iter()
             .map(|&a| SetElement::Net(IpNet::from(a)))
             .collect();
-        add("h", SetKey::Host, elements, "peers, any protocol");
+        let s = set("h", SetKey::Host, elements, what);
+        let m = Match::Addr {
+            dir: peer,
+            target: AddrTarget::Set(s.name.clone()),
+            negate: false,
+        };
+        add(s.name.clone(), vec![m], Some(s), what);
+    }
+    for (proto, ranges) in run.any_peer_ports {
+        let what = format!("any peer, protocol {proto}, ports");
+        let elements = coalesce_ports(ranges)
+            .into_iter()
+            .map(|(min, max)| SetElement::Ports { min, max })
+            .collect();
+        let s = set("p", SetKey::Port, elements, &what);
+        let m = vec![
+            Match::L4Proto {
+                proto,
+                negate: false,
+            },
+            Match::Port {
+                dir: Dir::Dst,
+                target: PortTarget::Set(s.name.clone()),
+                negate: false,
+            },
+        ];
+        add(s.name.clone(), m, Some(s), &what);
     }
 }
 
@@ -270,6 +350,19 @@ fn allows(l: &LogicalRuleset, chain: &LChain, v6: bool, ingress: bool) -> Option
         {
             return None;
         }
+        if peer.nets.is_empty() && peer.selector_set.is_none() {
+            // Any peer.
+            match (pm.protocol, dst.ports.is_empty()) {
+                (None, true) => f.any = true,
+                (Some(proto @ (6 | 17 | 132)), false) => f
+                    .any_peer_ports
+                    .entry(proto)
+                    .or_default()
+                    .extend(dst.ports.iter().copied()),
+                _ => return None,
+            }
+            continue;
+        }
         let nets: Vec<IpNet> = match (peer.nets.is_empty(), &peer.selector_set) {
             (false, None) => peer
                 .nets
@@ -281,7 +374,7 @@ fn allows(l: &LogicalRuleset, chain: &LChain, v6: bool, ingress: bool) -> Option
                 let s = l.ip_sets.get(set)?;
                 if v6 { &s.nets_v6 } else { &s.nets_v4 }.clone()
             }
-            // Any peer, or nets and a selector both (their intersection).
+            // Nets and a selector both (their intersection).
             _ => return None,
         };
         if nets.iter().any(|n| n.prefix_len() != n.max_prefix_len()) {

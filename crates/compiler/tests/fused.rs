@@ -62,6 +62,25 @@ fn kubernetes_policies_fuse_golden() {
         .any(|m| matches!(m, Match::PeerPort { .. }))));
 }
 
+/// Rules with ports and no peer (`ports` without `from`) fuse into a port
+/// set per protocol; an allow-all policy into a rule that accepts
+/// everything the run sees.
+#[test]
+fn any_peer_rules_fuse_golden() {
+    let state = scenario_state("ports-without-from.yaml");
+    let (_, rs) = compile_nftables(&state, &fused("node1")).unwrap();
+    let text = compiler::render_nft::render(&rs);
+    expect_file!["golden/fused-ports-without-from.node1.nft"].assert_eq(&text);
+    assert!(text.contains("meta l4proto tcp th dport @cali40p-"), "{text}");
+    let state = scenario_state("ingress-allow-all.yaml");
+    let (_, rs) = compile_nftables(&state, &fused("node1")).unwrap();
+    let text = compiler::render_nft::render(&rs);
+    assert!(
+        text.contains("return comment \"Fused lookup @any: any peer, any protocol of"),
+        "{text}"
+    );
+}
+
 /// Calico tiers with Deny and Pass rules keep their walk (golden), and the
 /// option off changes nothing.
 #[test]
