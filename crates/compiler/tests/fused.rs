@@ -140,7 +140,7 @@ fn incremental_compiles_in_full_and_matches_a_full_compile() {
     let mut state = scenario_state("multiple-policies-union.yaml");
     let mut inc = IncrementalCompiler::new(fused("node1"));
     assert_eq!(
-        inc.update(&state, &Default::default()).unwrap(),
+        inc.update(&state, &std::collections::BTreeMap::default()).unwrap(),
         Outcome::Rebuilt
     );
     let a = state
