@@ -27,7 +27,8 @@
 //! nets and a selector together, not a protocol without ports. A
 //! policy with a rule that does not fuse keeps its jump, in its place: runs
 //! end there, so the order against Deny and Pass is the walk's. A policy
-//! without rules in this family (a deny-all) fuses to nothing. The tier's
+//! without rules in this family (a deny-all) fuses to nothing; a run that
+//! allows nothing leaves one counting rule (`Fused lookup @none`). The tier's
 //! end-of-tier drop and the profiles that follow are untouched. Sets are
 //! named by the hash of their elements, so endpoints selected by the same
 //! policies share one.
@@ -54,7 +55,9 @@ use crate::nft::{AddrTarget, Dir, Match, PortTarget, Ruleset, Set, SetElement, S
 pub const MAX_RANGE: u32 = 64;
 /// The most elements one rule may add (peers × ports).
 const MAX_RULE_ELEMENTS: usize = 1 << 16;
-const MARKER: &str = "Fused lookup @";
+/// How every fused rule's comment starts (`Fused lookup @<set>: … of
+/// <policy ids>`); `explain --kernel` recognises a fused node by it.
+pub const MARKER: &str = "Fused lookup @";
 
 /// What a run of policies allows, in one family and direction.
 #[derive(Debug, Default)]
@@ -202,6 +205,7 @@ fn flush(
         return;
     }
     let run = std::mem::take(run);
+    let before = lookups.len();
     let fam = if t.family.is_v6() { "60" } else { "40" };
     let peer = if ingress { Dir::Src } else { Dir::Dst };
     let mut add = |key: String, matches: Vec<Match>, set: Option<Set>, what: &str| {
@@ -294,6 +298,27 @@ fn flush(
             },
         ];
         add(s.name.clone(), m, Some(s), &what);
+    }
+    if lookups.len() == before {
+        // The run allows nothing here (deny-alls): one counting rule keeps
+        // its place visible, to `explain --kernel` and as a counter of what
+        // reached it.
+        let mut comment = format!("{MARKER}none: allows nothing, of");
+        for p in &run.policies {
+            let _ = write!(comment, " {p}");
+        }
+        comment.truncate(floor_char_boundary(&comment, MAX_COMMENT));
+        rules.push(LRule {
+            conditions: vec![Cond::MarkClear(pass)],
+            policy_match: None,
+            action: LAction::Count,
+            comment,
+        });
+        lookups.push(Lookup {
+            key: "none".into(),
+            matches: vec![],
+            set: None,
+        });
     }
 }
 

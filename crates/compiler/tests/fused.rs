@@ -71,7 +71,10 @@ fn any_peer_rules_fuse_golden() {
     let (_, rs) = compile_nftables(&state, &fused("node1")).unwrap();
     let text = compiler::render_nft::render(&rs);
     expect_file!["golden/fused-ports-without-from.node1.nft"].assert_eq(&text);
-    assert!(text.contains("meta l4proto tcp th dport @cali40p-"), "{text}");
+    assert!(
+        text.contains("meta l4proto tcp th dport @cali40p-"),
+        "{text}"
+    );
     let state = scenario_state("ingress-allow-all.yaml");
     let (_, rs) = compile_nftables(&state, &fused("node1")).unwrap();
     let text = compiler::render_nft::render(&rs);
@@ -140,7 +143,8 @@ fn incremental_compiles_in_full_and_matches_a_full_compile() {
     let mut state = scenario_state("multiple-policies-union.yaml");
     let mut inc = IncrementalCompiler::new(fused("node1"));
     assert_eq!(
-        inc.update(&state, &std::collections::BTreeMap::default()).unwrap(),
+        inc.update(&state, &std::collections::BTreeMap::default())
+            .unwrap(),
         Outcome::Rebuilt
     );
     let a = state
