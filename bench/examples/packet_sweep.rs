@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use anyhow::Context;
-use bench::sweep::{default_points, markdown, measure, Effort, SweepPoint, VARIANTS};
+use bench::sweep::{default_points, markdown, run_points, Effort, SweepPoint};
 
 fn main() -> anyhow::Result<()> {
     let mut effort = Effort::FULL;
@@ -50,24 +50,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let started = Instant::now();
-    let mut results = Vec::new();
-    for p in points {
-        eprint!(
-            "[{:>4.0}s] {} selecting × {} rules … ",
-            started.elapsed().as_secs_f64(),
-            p.selecting,
-            p.rules_per_policy
-        );
-        let r = measure(p, &VARIANTS, effort)?;
-        eprintln!(
-            "{}",
-            r.variants
-                .iter()
-                .map(|v| format!("{} {:+.1} µs", v.variant, v.extra_us))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        results.push(r);
+    let total = points.len();
+    let results = run_points(points, effort, started);
+    if results.len() < total {
+        anyhow::bail!("{} of {total} points failed", total - results.len());
     }
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir)?;

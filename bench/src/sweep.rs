@@ -234,6 +234,39 @@ pub fn measure(
     })
 }
 
+/// Measures `points` with every variant, reporting progress on stderr; a
+/// point that fails is reported and left out.
+pub fn run_points(
+    points: Vec<SweepPoint>,
+    effort: Effort,
+    started: std::time::Instant,
+) -> Vec<PointResult> {
+    let mut out = Vec::new();
+    for p in points {
+        eprint!(
+            "[{:>4.0}s] sweep: {} selecting × {} rules … ",
+            started.elapsed().as_secs_f64(),
+            p.selecting,
+            p.rules_per_policy
+        );
+        match measure(p, &VARIANTS, effort) {
+            Ok(r) => {
+                eprintln!(
+                    "{}",
+                    r.variants[1..]
+                        .iter()
+                        .map(|v| format!("{} {:+.1} µs", v.variant, v.extra_us))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                out.push(r);
+            }
+            Err(e) => eprintln!("FAILED: {e:#}"),
+        }
+    }
+    out
+}
+
 /// The points of the default sweep: policies selecting the receiver at one
 /// rule each, then rules per policy at 100 policies.
 #[must_use]

@@ -225,28 +225,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         } else {
             (bench::sweep::default_points(), bench::sweep::Effort::FULL)
         };
-        for p in points {
-            eprint!(
-                "[{:>4.0}s] sweep: {} selecting × {} rules … ",
-                started.elapsed().as_secs_f64(),
-                p.selecting,
-                p.rules_per_policy
-            );
-            match bench::sweep::measure(p, &bench::sweep::VARIANTS, effort) {
-                Ok(r) => {
-                    eprintln!(
-                        "{}",
-                        r.variants[1..]
-                            .iter()
-                            .map(|v| format!("{} {:+.1} µs", v.variant, v.extra_us))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    );
-                    results.sweep.push(r);
-                }
-                Err(e) => eprintln!("FAILED: {e:#}"),
-            }
-        }
+        results.sweep = bench::sweep::run_points(points, effort, started);
     }
     std::fs::write(
         out.join("results.json"),

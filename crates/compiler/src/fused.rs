@@ -177,18 +177,21 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
     );
 }
 
-/// Sorted, overlapping and adjacent ranges merged (an interval set's
-/// elements must not overlap).
-fn coalesce_ports(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
-    ranges.sort_unstable();
-    let mut out: Vec<(u16, u16)> = Vec::new();
-    for (lo, hi) in ranges {
-        match out.last_mut() {
-            Some(last) if u32::from(lo) <= u32::from(last.1) + 1 => last.1 = last.1.max(hi),
-            _ => out.push((lo, hi)),
-        }
+/// A fused rule in place of a run: `pass clear` → `action`, its comment
+/// `Fused lookup @<key>: <what> of <policy ids>` (the key finds its
+/// matches after lowering).
+fn placeholder(policies: &[String], key: &str, what: &str, pass: u32, action: LAction) -> LRule {
+    let mut comment = format!("{MARKER}{key}: {what} of");
+    for p in policies {
+        let _ = write!(comment, " {p}");
     }
-    out
+    comment.truncate(floor_char_boundary(&comment, MAX_COMMENT));
+    LRule {
+        conditions: vec![Cond::MarkClear(pass)],
+        policy_match: None,
+        action,
+        comment,
+    }
 }
 
 /// Ends a run: its lookup rules (none if it allows nothing) in place of
@@ -209,17 +212,13 @@ fn flush(
     let fam = if t.family.is_v6() { "60" } else { "40" };
     let peer = if ingress { Dir::Src } else { Dir::Dst };
     let mut add = |key: String, matches: Vec<Match>, set: Option<Set>, what: &str| {
-        let mut comment = format!("{MARKER}{key}: {what} of");
-        for p in &run.policies {
-            let _ = write!(comment, " {p}");
-        }
-        comment.truncate(floor_char_boundary(&comment, MAX_COMMENT));
-        rules.push(LRule {
-            conditions: vec![Cond::MarkClear(pass)],
-            policy_match: None,
-            action: LAction::AllowReturn,
-            comment,
-        });
+        rules.push(placeholder(
+            &run.policies,
+            &key,
+            what,
+            pass,
+            LAction::AllowReturn,
+        ));
         lookups.push(Lookup { key, matches, set });
     };
     // Sets are named by their content, shared also between directions (so
@@ -281,7 +280,7 @@ fn flush(
     }
     for (proto, ranges) in run.any_peer_ports {
         let what = format!("any peer, protocol {proto}, ports");
-        let elements = coalesce_ports(ranges)
+        let elements = crate::logical::coalesce_ports(ranges)
             .into_iter()
             .map(|(min, max)| SetElement::Ports { min, max })
             .collect();
@@ -303,17 +302,13 @@ fn flush(
         // The run allows nothing here (deny-alls): one counting rule keeps
         // its place visible, to `explain --kernel` and as a counter of what
         // reached it.
-        let mut comment = format!("{MARKER}none: allows nothing, of");
-        for p in &run.policies {
-            let _ = write!(comment, " {p}");
-        }
-        comment.truncate(floor_char_boundary(&comment, MAX_COMMENT));
-        rules.push(LRule {
-            conditions: vec![Cond::MarkClear(pass)],
-            policy_match: None,
-            action: LAction::Count,
-            comment,
-        });
+        rules.push(placeholder(
+            &run.policies,
+            "none",
+            "allows nothing,",
+            pass,
+            LAction::Count,
+        ));
         lookups.push(Lookup {
             key: "none".into(),
             matches: vec![],
