@@ -236,6 +236,7 @@ pub fn measure(
 
 /// Measures `points` with every variant, reporting progress on stderr; a
 /// point that fails is reported and left out.
+#[must_use]
 pub fn run_points(
     points: Vec<SweepPoint>,
     effort: Effort,

@@ -177,6 +177,23 @@ fn fuse_chain(l: &LogicalRuleset, t: &mut Table, chain: &LChain, ingress: bool) 
     );
 }
 
+/// A fused lookup's set, named by its content (`cali40f-…`) and shared
+/// also between directions (so its comment names no direction).
+fn fused_set(t: &Table, kind: &str, key: SetKey, elements: Vec<SetElement>, what: &str) -> Set {
+    let fam = if t.family.is_v6() { "60" } else { "40" };
+    let mut text = String::new();
+    for e in &elements {
+        let _ = write!(text, "{e:?},");
+    }
+    let name = format!("cali{fam}{kind}-{}", id_hash(&format!("{kind}:{text}")));
+    Set {
+        name,
+        key,
+        elements,
+        comment: Some(format!("fused lookup: {what}")),
+    }
+}
+
 /// A fused rule in place of a run: `pass clear` → `action`, its comment
 /// `Fused lookup @<key>: <what> of <policy ids>` (the key finds its
 /// matches after lowering).
@@ -209,7 +226,6 @@ fn flush(
     }
     let run = std::mem::take(run);
     let before = lookups.len();
-    let fam = if t.family.is_v6() { "60" } else { "40" };
     let peer = if ingress { Dir::Src } else { Dir::Dst };
     let mut add = |key: String, matches: Vec<Match>, set: Option<Set>, what: &str| {
         rules.push(placeholder(
@@ -221,20 +237,8 @@ fn flush(
         ));
         lookups.push(Lookup { key, matches, set });
     };
-    // Sets are named by their content, shared also between directions (so
-    // their comments name no direction).
     let set = |kind: &str, key: SetKey, elements: Vec<SetElement>, what: &str| {
-        let mut text = String::new();
-        for e in &elements {
-            let _ = write!(text, "{e:?},");
-        }
-        let name = format!("cali{fam}{kind}-{}", id_hash(&format!("{kind}:{text}")));
-        Set {
-            name,
-            key,
-            elements,
-            comment: Some(format!("fused lookup: {what}")),
-        }
+        fused_set(t, kind, key, elements, what)
     };
     if run.any {
         // Some rule allows everything: the run accepts every packet.
