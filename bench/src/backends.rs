@@ -53,15 +53,33 @@ impl Measured {
     }
 }
 
+/// Compile options a measured dataplane may vary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Options {
+    /// `--fused-lookup` (nftables only).
+    pub fused_lookup: bool,
+}
+
 pub fn open(kind: &str, node: &str) -> anyhow::Result<Measured> {
+    open_with(kind, node, &Options::default())
+}
+
+pub fn open_with(kind: &str, node: &str, options: &Options) -> anyhow::Result<Measured> {
+    if options.fused_lookup && kind == "iptables" {
+        bail!("iptables mode has no fused form");
+    }
     let backend: Box<dyn Dataplane> = match kind {
         "nft-netlink" => dataplane::open(Kind::Nftables, iptables::Backend::Legacy)?,
         "nft-cli" => Box::new(NftCli { last: None }),
         "iptables" => dataplane::open(Kind::Iptables, iptables::Backend::Legacy)?,
         other => bail!("unknown backend {other:?}"),
     };
+    let compile = CompileOptions {
+        fused_lookup: options.fused_lookup,
+        ..CompileOptions::new(node)
+    };
     Ok(Measured {
-        pipeline: Pipeline::new(CompileOptions::new(node), backend),
+        pipeline: Pipeline::new(compile, backend),
     })
 }
 

@@ -8,6 +8,7 @@ pub mod backends;
 pub mod packet;
 pub mod report;
 pub mod run;
+pub mod sweep;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

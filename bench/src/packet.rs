@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -60,14 +60,6 @@ pub struct PacketResult {
     pub p50_us: f64,
     pub p99_us: f64,
     pub conns_per_sec: f64,
-}
-
-fn run(cmd: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output()?;
-    if !out.status.success() {
-        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
 }
 
 fn policy(name: &str, selector: &str, order: f64, ingress: Vec<Rule>) -> Resource {
@@ -200,122 +192,238 @@ fn set_linger_zero(s: &TcpStream) {
     }
 }
 
+/// The measured node: a node namespace with ip_forward and proxy ARP, and
+/// two pod namespaces (client, server) hanging off it by veth pairs whose
+/// node ends carry the endpoints' interface names, felix style (/32
+/// routes, default route on the pod side). All removed on drop.
+pub struct Topology {
+    pub node: Netns,
+    /// Client, server.
+    pub pods: [Netns; 2],
+}
+
+impl Topology {
+    pub fn build(ifaces: &[String; 2], ips: &[IpAddr; 2]) -> anyhow::Result<Topology> {
+        let node = Netns::create("bnode")?;
+        let pods = [Netns::create("bcli")?, Netns::create("bsrv")?];
+        node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // The node needs an IPv4 address of its own to ARP for the pods.
+        node.exec(&["ip", "link", "set", "lo", "up"])?;
+        node.exec(&["ip", "addr", "add", "198.18.127.254/32", "dev", "lo"])?;
+        for i in 0..2 {
+            let (ifname, ip, pod) = (&ifaces[i], ips[i].to_string(), pods[i].name());
+            node.exec(&[
+                "ip", "link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", pod,
+            ])?;
+            node.exec(&["ip", "link", "set", ifname, "up"])?;
+            node.exec(&["ip", "route", "add", &format!("{ip}/32"), "dev", ifname])?;
+            node.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{ifname}.proxy_arp=1"),
+            ])?;
+            // As felix does: answer ARP at once (the default delays up to 0.8 s).
+            node.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.neigh.{ifname}.proxy_delay=0"),
+            ])?;
+            pods[i].exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            pods[i].exec(&["ip", "link", "set", "eth0", "up"])?;
+            pods[i].exec(&["ip", "link", "set", "lo", "up"])?;
+            pods[i].exec(&["ip", "route", "add", "default", "dev", "eth0"])?;
+        }
+        Ok(Topology { node, pods })
+    }
+
+    /// Programs the node with `backend` ("none" leaves it unprogrammed)
+    /// from a thread inside the node's namespace.
+    pub fn program(
+        &self,
+        backend: &str,
+        options: &crate::backends::Options,
+        state: &ClusterState,
+    ) -> anyhow::Result<()> {
+        if backend == "none" {
+            return Ok(());
+        }
+        self.node
+            .run(|| -> anyhow::Result<()> {
+                let mut dp = crate::backends::open_with(backend, NODE_UNDER_TEST, options)?;
+                dp.apply(state, &Default::default())
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    }
+}
+
+/// A TCP listener in a pod namespace accepting (and closing) every
+/// connection until dropped.
+pub struct Server {
+    listener: Arc<TcpListener>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(pod: &Netns, addr: SocketAddr) -> anyhow::Result<Server> {
+        let listener = pod
+            .run(|| TcpListener::bind(addr))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .with_context(|| format!("listening on {addr}"))?;
+        let listener = Arc::new(listener);
+        let l = listener.clone();
+        let thread = std::thread::spawn(move || {
+            // Ends when Drop shuts the socket down (accept then fails).
+            while let Ok((s, _)) = l.accept() {
+                drop(s);
+            }
+        });
+        Ok(Server {
+            listener,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: shutdown(2) on the listener's own descriptor, open until
+        // the last Arc (ours, or the thread's, joined below) drops.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a [`Client`] batch saw.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// connect() latency of each connection made, µs.
+    pub latencies_us: Vec<f64>,
+    pub failures: usize,
+    /// Failures that were timeouts (the SYN dropped), not refusals.
+    pub timeouts: usize,
+}
+
+/// Sequential connect()+close() (RST, no TIME_WAIT) from a thread living in
+/// the client pod's namespace.
+pub struct Client {
+    requests: Option<mpsc::Sender<(SocketAddr, usize, Duration)>>,
+    answers: mpsc::Receiver<Batch>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Client {
+    pub fn start(pod: &Netns) -> anyhow::Result<Client> {
+        let (req_tx, req_rx) = mpsc::channel::<(SocketAddr, usize, Duration)>();
+        let (ans_tx, ans_rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let ns = pod.name().to_owned();
+        let thread = std::thread::spawn(move || {
+            let entered = testkit::netns::move_thread_into(&ns);
+            let ok = entered.is_ok();
+            let _ = ready_tx.send(entered);
+            if !ok {
+                return;
+            }
+            for (dst, n, timeout) in req_rx {
+                let mut b = Batch {
+                    latencies_us: Vec::with_capacity(n),
+                    ..Batch::default()
+                };
+                for _ in 0..n {
+                    let t = Instant::now();
+                    match TcpStream::connect_timeout(&dst, timeout) {
+                        Ok(s) => {
+                            b.latencies_us.push(t.elapsed().as_secs_f64() * 1e6);
+                            set_linger_zero(&s);
+                        }
+                        Err(e) => {
+                            b.failures += 1;
+                            if e.kind() == std::io::ErrorKind::TimedOut {
+                                b.timeouts += 1;
+                            }
+                        }
+                    }
+                }
+                if ans_tx.send(b).is_err() {
+                    return;
+                }
+            }
+        });
+        ready_rx
+            .recv()
+            .context("client thread")?
+            .context("entering the client namespace")?;
+        Ok(Client {
+            requests: Some(req_tx),
+            answers: ans_rx,
+            thread: Some(thread),
+        })
+    }
+
+    /// `n` connections to `dst`, one after the other.
+    pub fn batch(&self, dst: SocketAddr, n: usize, timeout: Duration) -> anyhow::Result<Batch> {
+        self.requests
+            .as_ref()
+            .expect("client running")
+            .send((dst, n, timeout))
+            .context("client thread gone")?;
+        self.answers.recv().context("client thread gone")
+    }
+
+    /// Whether a connection to `dst` (a port no policy allows) is dropped
+    /// (times out) rather than refused (RST): the dataplane enforces.
+    pub fn dropped(&self, dst: SocketAddr) -> anyhow::Result<bool> {
+        Ok(self.batch(dst, 1, Duration::from_millis(300))?.timeouts == 1)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.requests = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 pub fn packet_worker(
     backend: &str,
     point: PacketPoint,
     connections: usize,
 ) -> anyhow::Result<PacketResult> {
     let (state, ifaces, ips) = cluster(&point);
-    let node = Netns::enter("bnode")?;
-    let pods = [Netns::create("bcli")?, Netns::create("bsrv")?];
-    run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-    // The node needs an IPv4 address of its own to ARP for the pods.
-    run(&["ip", "link", "set", "lo", "up"])?;
-    run(&["ip", "addr", "add", "198.18.127.254/32", "dev", "lo"])?;
-    for i in 0..2 {
-        let (ifname, ip, pod) = (&ifaces[i], ips[i].to_string(), pods[i].name());
-        run(&[
-            "ip", "link", "add", ifname, "type", "veth", "peer", "name", "eth0", "netns", pod,
-        ])?;
-        run(&["ip", "link", "set", ifname, "up"])?;
-        run(&["ip", "route", "add", &format!("{ip}/32"), "dev", ifname])?;
-        run(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.conf.{ifname}.proxy_arp=1"),
-        ])?;
-        // As felix does: answer ARP at once (the default delays up to 0.8 s).
-        run(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.neigh.{ifname}.proxy_delay=0"),
-        ])?;
-        pods[i].exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-        pods[i].exec(&["ip", "link", "set", "eth0", "up"])?;
-        pods[i].exec(&["ip", "link", "set", "lo", "up"])?;
-        pods[i].exec(&["ip", "route", "add", "default", "dev", "eth0"])?;
-    }
-    // "none" leaves the node unprogrammed (checks the topology itself).
-    let mut dp = if backend == "none" {
-        None
-    } else {
-        Some(crate::backends::open(backend, NODE_UNDER_TEST)?)
-    };
-    if let Some(dp) = &mut dp {
-        dp.apply(&state, &Default::default())?;
-    }
-
-    let server_ns = pods[1].name().to_owned();
-    let server_ip = ips[1];
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || -> anyhow::Result<()> {
-        testkit::netns::move_thread_into(&server_ns)?;
-        let l = TcpListener::bind(SocketAddr::new(server_ip, SERVER_PORT))?;
-        ready_tx.send(())?;
-        for s in l.incoming() {
-            drop(s);
-        }
-        Ok(())
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .context("server did not start")?;
+    let topo = Topology::build(&ifaces, &ips)?;
+    topo.program(backend, &crate::backends::Options::default(), &state)?;
+    let dst = SocketAddr::new(ips[1], SERVER_PORT);
+    let _server = Server::start(&topo.pods[1], dst)?;
     if let Ok(secs) = std::env::var("NFTBENCH_PAUSE_SECS") {
         eprintln!(
             "pausing: node {}, pods {} {}",
-            node.name(),
-            pods[0].name(),
-            pods[1].name()
+            topo.node.name(),
+            topo.pods[0].name(),
+            topo.pods[1].name()
         );
         std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(30)));
     }
-    let client_ns = pods[0].name().to_owned();
-    let client = std::thread::spawn(
-        move || -> anyhow::Result<(Vec<f64>, usize, Duration, bool)> {
-            testkit::netns::move_thread_into(&client_ns)?;
-            let dst = SocketAddr::new(server_ip, SERVER_PORT);
-            let mut lat = Vec::with_capacity(connections);
-            let mut failures = 0;
-            // Warm-up; a dataplane that drops the probe fails fast here
-            // instead of timing out every connection.
-            for _ in 0..50 {
-                let s = TcpStream::connect_timeout(&dst, Duration::from_millis(500))
-                    .with_context(|| format!("warm-up connect to {dst} (is the probe allowed?)"))?;
-                set_linger_zero(&s);
-            }
-            let start = Instant::now();
-            for _ in 0..connections {
-                let t = Instant::now();
-                match TcpStream::connect_timeout(&dst, Duration::from_secs(1)) {
-                    Ok(s) => {
-                        lat.push(t.elapsed().as_secs_f64() * 1e6);
-                        set_linger_zero(&s);
-                    }
-                    Err(_) => failures += 1,
-                }
-            }
-            let total = start.elapsed();
-            // A port no policy allows: dropped (timeout) if the dataplane
-            // enforces; refused (RST) if it let the SYN through.
-            let blocked = SocketAddr::new(server_ip, SERVER_PORT + 1);
-            let enforced = matches!(
-                TcpStream::connect_timeout(&blocked, Duration::from_millis(300)),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut
-            );
-            Ok((lat, failures, total, enforced))
-        },
-    );
-    let (lat, failures, total, enforced) = client
-        .join()
-        .map_err(|_| anyhow::anyhow!("client panicked"))??;
-    drop(dp);
-    drop(pods);
-    drop(node);
+    let client = Client::start(&topo.pods[0])?;
+    // Warm-up; a dataplane that drops the probe fails fast here instead of
+    // timing out every connection.
+    let warm = client.batch(dst, 50, Duration::from_millis(500))?;
+    if warm.failures > 0 {
+        bail!("warm-up connects to {dst} failed (is the probe allowed?)");
+    }
+    let start = Instant::now();
+    let measured = client.batch(dst, connections, Duration::from_secs(1))?;
+    let total = start.elapsed();
+    let enforced = client.dropped(SocketAddr::new(ips[1], SERVER_PORT + 1))?;
+    let lat = measured.latencies_us;
     Ok(PacketResult {
         backend: backend.to_owned(),
         point,
         connections,
-        failures,
+        failures: measured.failures,
         enforced,
         p50_us: crate::run::percentile(&lat, 0.5),
         p99_us: crate::run::percentile(&lat, 0.99),

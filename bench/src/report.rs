@@ -16,6 +16,9 @@ pub struct Results {
     pub scale: Vec<ScaleResult>,
     /// (dimension, results).
     pub packet: Vec<(String, Vec<PacketResult>)>,
+    /// The per-packet sweep (`--sweep`): extra cost per new connection.
+    #[serde(default)]
+    pub sweep: Vec<crate::sweep::PointResult>,
 }
 
 fn find<'a>(r: &'a Results, backend: &str, policies: usize) -> Option<&'a ScaleResult> {
@@ -167,6 +170,13 @@ pub fn markdown(r: &Results) -> String {
             );
         }
         let _ = writeln!(out);
+    }
+    if !r.sweep.is_empty() {
+        let _ = writeln!(
+            out,
+            "## Per new connection: extra cost over no ruleset (median of paired round differences)\n"
+        );
+        let _ = writeln!(out, "{}", crate::sweep::markdown(&r.sweep));
     }
     out
 }

@@ -37,6 +37,11 @@ struct Fixture {
 
 /// Builds the lab and programs node1 with `sync --once --log-denied`.
 fn fixture() -> Fixture {
+    fixture_with(&[])
+}
+
+/// [`fixture`] with more `sync` arguments.
+fn fixture_with(extra: &[&str]) -> Fixture {
     let scenario = common::scenario("explain-kernel");
     let state: StepState = scenario.states().unwrap().remove(0);
     let lab = Lab::build(&state.pods(), &scenario.externals, &["node1"]).expect("lab builds");
@@ -48,6 +53,7 @@ fn fixture() -> Fixture {
         .arg(&bin)
         .args(["sync", "--once", "--node", "node1", "--log-denied"])
         .args(["--log-group", &LOG_GROUP.to_string()])
+        .args(extra)
         .arg(format!("--datastore=file:{}", datastore.display()));
     testkit::output_ok(&mut sync, "nftpolicy sync");
     let probes = scenario.steps[0]
@@ -236,6 +242,44 @@ fn kernel_trace_agrees_with_the_model() {
     assert!(
         e.stdout.contains("End of tier security"),
         "the dropping rule's comment is shown:\n{}",
+        e.stdout
+    );
+}
+
+/// Under `--fused-lookup` a policy fused into a set lookup has no chain on
+/// the kernel's path: explain names it and still compares the rest — the
+/// endpoint chains, the policies that did not fuse, the verdict.
+#[test]
+fn kernel_trace_agrees_under_fused_lookup() {
+    let mut f = fixture_with(&["--fused-lookup"]);
+    let probes = f.probes.clone();
+    let agreed = |e: &Explained, code: i32| {
+        assert_eq!(e.code, Some(code), "{}\n{}", e.stdout, e.stderr);
+        assert!(e.stdout.contains("\nagree "), "{}", e.stdout);
+    };
+
+    // web's deny-all fuses to nothing: dropped at the end of its tier.
+    let e = explain(&mut f, &probes[0]);
+    agreed(&e, 1);
+    assert!(
+        e.stdout
+            .contains("not walked: cali-pi-default.web-deny-all")
+            && e.stdout.contains("End of tier default"),
+        "{}",
+        e.stdout
+    );
+    // Allowed by the profiles: nothing fused on the way.
+    let e = explain(&mut f, &probes[2]);
+    agreed(&e, 0);
+    // security.guard has a Pass rule: it keeps its chain, walked.
+    let e = explain(&mut f, &probes[4]);
+    agreed(&e, 0);
+    assert!(
+        e.kernel_path()
+            .0
+            .iter()
+            .any(|c| c == "cali-pi-gnp/security.guard"),
+        "{}",
         e.stdout
     );
 }

@@ -25,6 +25,11 @@ pub struct BenchArgs {
     /// --quick, else 20).
     #[arg(long)]
     reps: Option<usize>,
+    /// Also the per-packet sweep (policies selecting the receiver to
+    /// 3,000, rules per policy to 200; felix tree in nftables and
+    /// iptables-legacy, and the fused lookup): about a minute more.
+    #[arg(long)]
+    sweep: bool,
     /// Where results.md, results.json and the charts go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -58,6 +63,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<bool> {
     cmd.arg("run").arg("--out").arg(&out);
     if args.quick {
         cmd.arg("--quick");
+    }
+    if args.sweep {
+        cmd.arg("--sweep");
     }
     if let Some(n) = args.reps {
         cmd.args(["--reps", &n.to_string()]);

@@ -25,7 +25,12 @@ const SHORT_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// What a probe gets before a disagreement counts (the e2e default).
 const FULL_PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
-const BACKENDS: [&str; 2] = ["nftables", "iptables"];
+/// What is compared with the model: (name, backend, extra `nftpolicy
+/// sync` arguments).
+type Column = (&'static str, &'static str, &'static [&'static str]);
+const BACKENDS: [Column; 2] = [("nftables", "nftables", &[]), ("iptables", "iptables", &[])];
+/// `e2e --fuzz N --fused-lookup`: the nftables backend once more, fused.
+const FUSED: Column = ("nftables --fused-lookup", "nftables", &["--fused-lookup"]);
 /// Kernel runs a shrink may spend (each is two syncs and a probe round
 /// per backend).
 const SHRINK_BUDGET: usize = 80;
@@ -44,6 +49,7 @@ struct Runner<'a> {
     lab: Lab,
     nftpolicy: &'a Path,
     runs: usize,
+    columns: Vec<Column>,
 }
 
 /// A random seed for runs that name none.
@@ -56,13 +62,28 @@ pub fn random_seed() -> u64 {
 }
 
 /// Runs `cases` generated cases from `seed`; false on a disagreement.
-pub fn run(cases: u64, seed: u64, nftpolicy: &Path, failures_dir: &Path) -> anyhow::Result<bool> {
+pub fn run(
+    cases: u64,
+    seed: u64,
+    nftpolicy: &Path,
+    failures_dir: &Path,
+    fused: bool,
+) -> anyhow::Result<bool> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
+    let mut columns = BACKENDS.to_vec();
+    if fused {
+        columns.push(FUSED);
+    }
+    let (also, flag) = if fused {
+        (" vs nftables --fused-lookup", " --fused-lookup")
+    } else {
+        ("", "")
+    };
     writeln!(
         out,
-        "== fuzz: {cases} generated case(s), seed {seed}, model vs nftables vs iptables \
-         (reproduce: cargo xtask e2e --fuzz {cases} --seed {seed})"
+        "== fuzz: {cases} generated case(s), seed {seed}, model vs nftables vs iptables{also} \
+         (reproduce: cargo xtask e2e --fuzz {cases} --seed {seed}{flag})"
     )?;
     let started = Instant::now();
     let first = generate::case(seed, 0).scenario()?;
@@ -72,6 +93,7 @@ pub fn run(cases: u64, seed: u64, nftpolicy: &Path, failures_dir: &Path) -> anyh
         lab,
         nftpolicy,
         runs: 0,
+        columns,
     };
     let (mut probes, mut allowed) = (0usize, 0usize);
     for index in 0..cases {
@@ -117,11 +139,16 @@ pub fn run(cases: u64, seed: u64, nftpolicy: &Path, failures_dir: &Path) -> anyh
         writeln!(
             out,
             "     minimal reproduction ({} policies, {} pods, {} probes; expect = the model's verdict): {}\n     \
-             run it: cargo xtask e2e --backend both {}",
+             run it: cargo xtask e2e {} {}",
             minimal.policies.len(),
             minimal.pods.len(),
             minimal.probes.len(),
             file.display(),
+            if found.iter().any(|d| d.backend == FUSED.0) {
+                "--backend nftables --fused-lookup"
+            } else {
+                "--backend both"
+            },
             file.display()
         )?;
         writeln!(out, "fuzz: FAILED at case {index} of seed {seed}")?;
@@ -129,7 +156,8 @@ pub fn run(cases: u64, seed: u64, nftpolicy: &Path, failures_dir: &Path) -> anyh
     }
     writeln!(
         out,
-        "fuzz: {cases} cases, {probes} probes, all agree on both backends ({allowed} allowed, {} denied) in {:.1}s",
+        "fuzz: {cases} cases, {probes} probes, all agree on both backends{} ({allowed} allowed, {} denied) in {:.1}s",
+        if fused { " and fused" } else { "" },
         probes - allowed,
         started.elapsed().as_secs_f64()
     )?;
@@ -180,9 +208,10 @@ impl Runner<'_> {
         let dir = self.lab.workdir().join(format!("run-{}", self.runs));
         lab::write_state(&dir, &state)?;
         let mut found = Vec::new();
-        for backend in BACKENDS {
+        for (name, backend, extra) in self.columns.clone() {
+            let extra: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
             self.lab
-                .program_nodes(&dir, self.nftpolicy, backend, SYNC_TIMEOUT)?;
+                .program_nodes_with(&dir, self.nftpolicy, backend, &extra, SYNC_TIMEOUT)?;
             self.lab.set_probe_timeout(SHORT_PROBE_TIMEOUT);
             let quick = self.lab.probe_all(&resolved)?;
             let suspects: Vec<usize> = (0..resolved.len())
@@ -199,7 +228,7 @@ impl Runner<'_> {
                 if r.allowed != Some(model[i]) {
                     found.push(Disagreement {
                         probe: i,
-                        backend,
+                        backend: name,
                         model: model[i],
                         kernel: r.allowed,
                         detail: r.detail,

@@ -106,6 +106,11 @@ struct E2eArgs {
     /// Seed of the generated clusters (default: random, printed).
     #[arg(long, requires = "fuzz")]
     seed: Option<u64>,
+    /// Program the nodes with `--fused-lookup` (nftables backend only):
+    /// every probe must still get the model's verdict.
+    /// With --fuzz: compare `nftables --fused-lookup` with the model too.
+    #[arg(long, conflicts_with = "no_program")]
+    fused_lookup: bool,
     /// Scenario files or directories (default: tests/scenarios, and the
     /// paths in NFTPOLICY_EXTRA_SCENARIOS if set).
     paths: Vec<PathBuf>,
@@ -128,6 +133,7 @@ impl E2eArgs {
             api_client,
             fuzz: None,
             seed: None,
+            fused_lookup: false,
             paths,
         }
     }
@@ -250,7 +256,13 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     if let Some(cases) = args.fuzz {
         let seed = args.seed.unwrap_or_else(fuzz::random_seed);
         let nftpolicy = fuzz::nftpolicy_binary(build_nftpolicy)?;
-        return fuzz::run(cases, seed, &nftpolicy, &fuzz::failures_dir(&root()));
+        return fuzz::run(
+            cases,
+            seed,
+            &nftpolicy,
+            &fuzz::failures_dir(&root()),
+            args.fused_lookup,
+        );
     }
     let paths = if args.paths.is_empty() {
         default_scenario_paths()
@@ -270,6 +282,12 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
     };
     let mut opts = E2eOptions::new(nftpolicy);
     opts.program = !args.no_program;
+    if args.fused_lookup {
+        if args.backend != BackendChoice::Nftables {
+            bail!("--fused-lookup needs --backend nftables (iptables mode has no fused form)");
+        }
+        opts.extra_args.push("--fused-lookup".into());
+    }
     opts.probe_timeout = Duration::from_millis(args.probe_timeout_ms);
     opts.datastore = match args.datastore {
         DatastoreChoice::File => lab::Datastore::File,

@@ -1,7 +1,8 @@
 //! The dataplane benchmark (driven by `cargo xtask bench`, which builds this
 //! in release mode so the numbers mean something):
 //!
-//! `nftbench run [--quick] [--scales 100,1000] [--out DIR]`
+//! `nftbench run [--quick] [--sweep] [--scales 100,1000] [--out DIR]`
+//! (`--sweep`: also the per-packet sweep of `bench::sweep`)
 //!
 //! Every (backend, point) runs in a child process (`nftbench worker-…`) in a
 //! fresh network namespace; the results go to DIR as results.md,
@@ -32,7 +33,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("run") => run(&args[1..]),
-        _ => bail!("usage: nftbench run [--quick] [--scales N,N…] [--reps N] [--out DIR]"),
+        _ => {
+            bail!("usage: nftbench run [--quick] [--sweep] [--scales N,N…] [--reps N] [--out DIR]")
+        }
     }
 }
 
@@ -74,10 +77,12 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     let mut scales: Option<Vec<usize>> = None;
     let mut out = PathBuf::from("target/bench");
     let mut reps_arg: Option<usize> = None;
+    let mut sweep = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
+            "--sweep" => sweep = true,
             "--scales" => {
                 let v = it.next().context("--scales needs a value")?;
                 scales = Some(
@@ -106,6 +111,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         machine: machine(),
         scale: Vec::new(),
         packet: Vec::new(),
+        sweep: Vec::new(),
     };
 
     let total = scales.len() * KINDS.len();
@@ -204,6 +210,23 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         results.packet.push((dim.to_owned(), dim_results));
     }
 
+    if sweep {
+        let (points, effort) = if quick {
+            (
+                bench::sweep::default_points()
+                    .into_iter()
+                    .filter(|p| p.selecting <= 1_000 && p.rules_per_policy <= 10)
+                    .collect(),
+                bench::sweep::Effort {
+                    rounds: 6,
+                    ..bench::sweep::Effort::FULL
+                },
+            )
+        } else {
+            (bench::sweep::default_points(), bench::sweep::Effort::FULL)
+        };
+        results.sweep = bench::sweep::run_points(points, effort, started);
+    }
     std::fs::write(
         out.join("results.json"),
         serde_json::to_string_pretty(&results)?,

@@ -312,12 +312,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     // The programmer lives on its own thread; jobs in, results out.
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobDone>();
+    let opts = args.dataplane.compile_options()?;
     let dataplane = ::dataplane::open(args.dataplane.kind(), args.dataplane.iptables_tools())?;
     let own_port = dataplane.own_port();
     let mut kernel_changes = crate::tamper::spawn(&args.watch, own_port)?;
     let marker = Arc::new(AtomicU64::new(0));
     let worker = Worker {
-        node: Node::new(Pipeline::new(args.dataplane.compile_options(), dataplane)),
+        node: Node::new(Pipeline::new(opts, dataplane)),
         metrics: metrics.clone(),
         last_error: None,
         marker: marker.clone(),

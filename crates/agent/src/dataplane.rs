@@ -92,6 +92,12 @@ pub struct DataplaneArgs {
     /// At most this many `--log-denied` records per second per rule.
     #[arg(long, env = "NFTPOLICY_LOG_RATE", default_value_t = 10)]
     pub log_rate: u32,
+    /// Fuse the policies of a tier that are plain Allow lists (Kubernetes
+    /// NetworkPolicies) into one set lookup per endpoint chain, so the cost
+    /// of a new connection stays flat as policies grow (nftables backend
+    /// only; every change then compiles in full).
+    #[arg(long, env = "NFTPOLICY_FUSED_LOOKUP", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
+    pub fused_lookup: bool,
     #[command(flatten)]
     pub encap: WorkloadEncapArgs,
 }
@@ -151,8 +157,13 @@ impl DataplaneArgs {
         self.iptables_backend.programmer_backend()
     }
 
-    pub fn compile_options(&self) -> CompileOptions {
-        CompileOptions {
+    /// The compiler's options; `--fused-lookup` with the iptables backend
+    /// is an error (iptables has no fused form).
+    pub fn compile_options(&self) -> anyhow::Result<CompileOptions> {
+        if self.fused_lookup && self.backend == Backend::Iptables {
+            bail!("--fused-lookup needs the nftables backend: iptables mode has no fused form");
+        }
+        Ok(CompileOptions {
             node: self.node.clone(),
             mark_mask: self.mark_mask,
             endpoint_to_host: match self.endpoint_to_host {
@@ -165,7 +176,8 @@ impl DataplaneArgs {
                 rate_per_second: self.log_rate,
             }),
             encap: self.encap.encap(),
-        }
+            fused_lookup: self.fused_lookup,
+        })
     }
 }
 

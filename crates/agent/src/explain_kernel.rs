@@ -104,7 +104,31 @@ pub fn run(
         .expect("wait_for_packet returns a walk with a verdict");
     println!("kernel  {} → {kernel_verdict}", kernel_chains.join(" → "));
 
-    let (model_chains, model_verdict) = model_path(state, verdict, args.node.as_deref(), dst);
+    let (mut model_chains, model_verdict) = model_path(state, verdict, args.node.as_deref(), dst);
+    // Under --fused-lookup (a fused rule in a chain the packet walked) the
+    // policies fused into a set lookup have no chain on the kernel's path:
+    // their chains are left out of the comparison, the rest (endpoint
+    // chains, policies that did not fuse, the verdict) must still agree.
+    if comments
+        .values()
+        .any(|c| c.starts_with(compiler::fused::MARKER))
+    {
+        let fused: Vec<String> = model_chains
+            .iter()
+            .filter(|c| {
+                (c.starts_with("cali-pi-") || c.starts_with("cali-po-"))
+                    && !kernel_chains.contains(c)
+            })
+            .cloned()
+            .collect();
+        if !fused.is_empty() {
+            println!(
+                "fused   decided by a fused lookup (--fused-lookup), not walked: {}",
+                fused.join(", ")
+            );
+            model_chains.retain(|c| !fused.contains(c));
+        }
+    }
     let in_order = is_subsequence(&model_chains, &kernel_chains);
     if in_order && model_verdict == kernel_verdict {
         println!("agree   model and kernel: {kernel_verdict}, same chains in the same order");

@@ -7,7 +7,7 @@ use crate::dataplane::{load_files, DataplaneArgs};
 /// Prints the ruleset; returns false if some object was rejected or skipped.
 pub fn run(args: &DataplaneArgs, paths: &[PathBuf]) -> anyhow::Result<bool> {
     let (state, skipped) = load_files(paths)?;
-    let logical = compiler::compile(&state, &args.compile_options())?;
+    let logical = compiler::compile(&state, &args.compile_options()?)?;
     for (key, why) in &logical.rejected {
         eprintln!("error: rejected {key}: {why}");
     }

@@ -32,7 +32,7 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
         bail!("sync without --once is `nftpolicy run`");
     }
     let (state, skipped) = load_datastore(&args.datastore, &args.tls)?;
-    let opts = args.dataplane.compile_options();
+    let opts = args.dataplane.compile_options()?;
     let node = opts.node.clone();
     // The nftables backend starts from what the kernel holds, so the
     // transaction is a diff and unchanged chains keep their counters.

@@ -524,7 +524,10 @@ impl IncrementalCompiler {
         state: &ClusterState,
         changes: &BTreeMap<ResourceKey, Option<Resource>>,
     ) -> Result<Outcome, CompileError> {
-        if self.logical.is_none() || !self.can_patch(state, changes) {
+        // Hook: fused lookups (crate::fused) hold selector members too;
+        // with them on, every change compiles in full.
+        if self.logical.is_none() || self.options().fused_lookup || !self.can_patch(state, changes)
+        {
             self.rebuild(state)?;
             return Ok(Outcome::Rebuilt);
         }

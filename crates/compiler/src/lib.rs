@@ -6,12 +6,14 @@
 //! - [`render_nft`]: nftables objects → `nft -f` text;
 //! - [`render_iptables`]: logical → felix's iptables-restore and ipset text;
 //! - [`explain`]: the model's verdict as a path through the chains;
+//! - [`fused`]: `--fused-lookup`, fusable policies as one set lookup;
 //! - [`incremental`]: keeps the last compile and turns remote endpoint
 //!   changes into set element deltas instead of compiling again.
 //!
 //! The compiler does no I/O: it turns plain data into plain data.
 
 pub mod explain;
+pub mod fused;
 pub mod incremental;
 pub mod logical;
 pub mod lower_nft;

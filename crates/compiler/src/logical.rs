@@ -59,6 +59,9 @@ pub struct CompileOptions {
     /// Encapsulated packets workloads may send (felix drops VXLAN and
     /// IP-in-IP from workloads unless told otherwise).
     pub encap: WorkloadEncap,
+    /// `--fused-lookup`: fusable policies as one set lookup per endpoint
+    /// chain in the nftables lowering ([`crate::fused`]).
+    pub fused_lookup: bool,
 }
 
 /// Rate-limited logging of denied packets to an NFLOG group, with a prefix
@@ -77,6 +80,7 @@ impl CompileOptions {
             endpoint_to_host: EndpointToHostAction::default(),
             log_denied: None,
             encap: WorkloadEncap::default(),
+            fused_lookup: false,
         }
     }
 }
@@ -132,6 +136,8 @@ pub struct LogicalRuleset {
     pub rejected: Vec<(ResourceKey, String)>,
     /// Policies with a chain on this node (felix's "active" policies).
     pub active_policies: Vec<PolicyId>,
+    /// Lower with fused lookups ([`CompileOptions::fused_lookup`]).
+    pub fused_lookup: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -522,6 +528,7 @@ pub(crate) fn compile_recording(
             ip_sets,
             rejected,
             active_policies: active_policies.into_iter().collect(),
+            fused_lookup: opts.fused_lookup,
         },
         policies,
         uses,

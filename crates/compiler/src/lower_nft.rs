@@ -27,12 +27,17 @@ pub const BASE_PRIORITY: i32 = 0;
 pub const MAX_COMMENT: usize = 128;
 
 pub fn to_nftables(l: &LogicalRuleset) -> Ruleset {
-    Ruleset {
+    let mut rs = Ruleset {
         tables: [TableFamily::Ip, TableFamily::Ip6]
             .into_iter()
             .map(|f| lower_table(l, f))
             .collect(),
+    };
+    // Hook: `--fused-lookup` rewrites the endpoint chains (crate::fused).
+    if l.fused_lookup {
+        crate::fused::fuse(l, &mut rs);
     }
+    rs
 }
 
 struct Lowering<'a> {

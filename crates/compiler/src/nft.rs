@@ -181,6 +181,10 @@ pub enum Match {
     },
     /// `ip daddr . meta l4proto . th dport @set` (or `!=`): a named port.
     NamedPort { dir: Dir, set: String, negate: bool },
+    /// `ip saddr . meta l4proto . th dport @set` (or `!=`): the source
+    /// address with the destination port, the key of an ingress chain's
+    /// fused lookup (`compiler::fused`; its set is a `SetKey::NamedPort`).
+    PeerPort { set: String, negate: bool },
     /// ICMP (table family ip) or ICMPv6 (ip6) type, optionally with code;
     /// negated: not (type [and code]).
     Icmp {
@@ -456,7 +460,8 @@ pub fn referenced_sets(c: &Chain) -> impl Iterator<Item = &str> {
                 target: PortTarget::Set(s),
                 ..
             }
-            | Match::NamedPort { set: s, .. } => Some(s.as_str()),
+            | Match::NamedPort { set: s, .. }
+            | Match::PeerPort { set: s, .. } => Some(s.as_str()),
             _ => None,
         });
         let from_verdict = match &r.verdict {

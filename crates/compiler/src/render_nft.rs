@@ -221,6 +221,12 @@ pub fn match_text(family: TableFamily, m: &Match) -> String {
             port_kw(*dir),
             op(*negate)
         ),
+        Match::PeerPort { set, negate } => format!(
+            "{} . meta l4proto . {} {}@{set}",
+            addr_kw(family, Dir::Src),
+            port_kw(Dir::Dst),
+            op(*negate)
+        ),
         Match::Icmp {
             icmp_type,
             code,

@@ -1090,13 +1090,17 @@ fn decode_addr(
             else {
                 return None;
             };
-            if *port_reg != crate::encode::named_port_regs(alen).1
-                || *port_off != crate::encode::port_offset(dir)
-            {
+            if *port_reg != crate::encode::named_port_regs(alen).1 {
                 return None;
             }
             let (set, negate) = set_lookup(rest.get(2)?)?;
-            Some((Match::NamedPort { dir, set, negate }, 3))
+            if *port_off == crate::encode::port_offset(dir) {
+                Some((Match::NamedPort { dir, set, negate }, 3))
+            } else if dir == Dir::Src && *port_off == crate::encode::port_offset(Dir::Dst) {
+                Some((Match::PeerPort { set, negate }, 3))
+            } else {
+                None
+            }
         }
         _ => None,
     }

@@ -298,6 +298,31 @@ fn lookup<'r>(set: &'r str, set_id: Option<u32>, negate: bool) -> Expr<'r> {
     }
 }
 
+/// `ip <addr>addr . meta l4proto . th <port>port @set` for
+/// `(addr, port)` directions: a named port, or (source address,
+/// destination port) a fused lookup. Each field of the concatenation
+/// starts on a 32-bit register.
+fn concat_lookup<'r>(
+    out: &mut dyn FnMut(Expr<'r>),
+    family: TableFamily,
+    (addr_dir, port_dir): (Dir, Dir),
+    set: &'r str,
+    set_id: Option<u32>,
+    negate: bool,
+) {
+    let (offset, alen) = addr_offset(family, addr_dir);
+    let (proto_reg, port_reg) = named_port_regs(alen);
+    out(address_load(offset, alen));
+    out(meta_load(NFT_META_L4PROTO, proto_reg));
+    out(payload(
+        NFT_PAYLOAD_TRANSPORT_HEADER,
+        port_offset(port_dir),
+        2,
+        port_reg,
+    ));
+    out(lookup(set, set_id, negate));
+}
+
 /// Lowers `rule` to the expressions nft writes for it, in order, handing
 /// each to `out`. `set_id` gives the batch id of a set created in the same
 /// transaction. The inverse is `decode::decode_exprs`.
@@ -433,18 +458,10 @@ pub(crate) fn rule_exprs<'r>(
                 }
             }
             Match::NamedPort { dir, set, negate } => {
-                let (offset, alen) = addr_offset(family, *dir);
-                // Concatenation: each field starts on a 32-bit register.
-                let (proto_reg, port_reg) = named_port_regs(alen);
-                out(address_load(offset, alen));
-                out(meta_load(NFT_META_L4PROTO, proto_reg));
-                out(payload(
-                    NFT_PAYLOAD_TRANSPORT_HEADER,
-                    port_offset(*dir),
-                    2,
-                    port_reg,
-                ));
-                out(lookup(set, set_id(set), *negate));
+                concat_lookup(out, family, (*dir, *dir), set, set_id(set), *negate);
+            }
+            Match::PeerPort { set, negate } => {
+                concat_lookup(out, family, (Dir::Src, Dir::Dst), set, set_id(set), *negate);
             }
             Match::Icmp {
                 icmp_type,

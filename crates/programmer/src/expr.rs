@@ -616,6 +616,10 @@ mod tests {
                     },
                     negate,
                 },
+                4 if rng.coin() => Match::PeerPort {
+                    set: NAMED_SET.into(),
+                    negate,
+                },
                 4 => Match::NamedPort {
                     dir: dir(rng),
                     set: NAMED_SET.into(),
