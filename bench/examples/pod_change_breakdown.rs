@@ -1,8 +1,9 @@
-//! Where one pod change's time goes at a scale (root; runs in its own
-//! network namespace):
-//! `cargo run --release -p bench --example pod_change_breakdown -- POLICIES [local|remote] [PODS]`.
+//! Where one pod or policy change's time goes at a scale (root; runs in its
+//! own network namespace):
+//! `cargo run --release -p bench --example pod_change_breakdown -- POLICIES [local|remote|policy] [PODS]`.
 //! With `local`, the pods are added on the node itself and deleted again
-//! (a patch of chains, sets and maps instead of set elements alone).
+//! (a patch of chains, sets and maps instead of set elements alone); with
+//! `policy`, a policy like the benchmark's is added and deleted again.
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -13,7 +14,9 @@ use rand::SeedableRng;
 
 fn main() -> anyhow::Result<()> {
     let policies: usize = std::env::args().nth(1).map_or(Ok(1000), |a| a.parse())?;
-    let local = std::env::args().nth(2).as_deref() == Some("local");
+    let mode = std::env::args().nth(2);
+    let local = mode.as_deref() == Some("local");
+    let policy = mode.as_deref() == Some("policy");
     let mut scale = scale_for(policies);
     if let Some(pods) = std::env::args().nth(3) {
         scale.pods = pods.parse()?;
@@ -27,13 +30,17 @@ fn main() -> anyhow::Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     println!("change update_ms objects encode_ms kernel_ms total_ms");
     for i in 0..10 {
-        let mut w = workload(&scale, scale.pods + i, &mut rng);
-        w.spec.node = if local { NODE_UNDER_TEST } else { "node2" }.into();
-        w.metadata.labels.insert("tier".into(), "web".into());
-        let r = Resource::WorkloadEndpoint(w);
+        let r = if policy {
+            Resource::NetworkPolicy(bench::policy(&scale, scale.policies + i, &mut rng))
+        } else {
+            let mut w = workload(&scale, scale.pods + i, &mut rng);
+            w.spec.node = if local { NODE_UNDER_TEST } else { "node2" }.into();
+            w.metadata.labels.insert("tier".into(), "web".into());
+            Resource::WorkloadEndpoint(w)
+        };
         let key = r.key();
         let mut steps = vec![("add", Some(r))];
-        if local {
+        if local || policy {
             steps.push(("delete", None));
         }
         for (what, r) in steps {

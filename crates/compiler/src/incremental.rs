@@ -43,8 +43,8 @@ use model::calico::{Kind, PolicyType, Resource, ResourceKey};
 use model::convert::namespace_profile_name;
 use model::selector::{Labels, Selector};
 use model::state::{
-    policy_order, rejection_of, resolve_policy, ClusterState, LabelledNets, RejectedObject,
-    ResolvedPolicy,
+    policy_order, rejection_of, resolve_policy, ClusterState, LabelledNets, PolicyId,
+    RejectedObject, ResolvedPolicy,
 };
 
 use crate::logical::{
@@ -611,28 +611,37 @@ impl IncrementalCompiler {
             .filter_map(Result::ok)
             .collect();
         fresh.sort_by(policy_order);
-        let kept = |p: &ResolvedPolicy| !changed.contains(&p.id.resource_key());
-        let gone: HashSet<usize> = (0..self.policies.len())
-            .filter(|&i| !kept(&self.policies[i]))
+        // By id: comparing keys would format one per policy in the cluster.
+        let changed_ids: HashSet<PolicyId> = changed
+            .iter()
+            .map(|k| match k.kind {
+                Kind::GlobalNetworkPolicy => PolicyId::Global(k.name.clone()),
+                _ => PolicyId::namespaced(k.namespace.as_deref().unwrap_or("default"), &k.name),
+            })
             .collect();
-        // Merge the kept policies (in order already) with the fresh ones.
-        let mut policies = Vec::with_capacity(self.policies.len() + fresh.len());
+        let gone: HashSet<usize> = (0..self.policies.len())
+            .filter(|&i| changed_ids.contains(&self.policies[i].id))
+            .collect();
+        // Where the kept policies (in order already) and the fresh ones go
+        // in the merged list; the list itself is built when the swap is
+        // applied, moving the policies rather than copying them.
         let mut moved = vec![None; self.policies.len()];
-        let mut fresh_iter = fresh.into_iter().peekable();
+        let mut placed = Vec::with_capacity(fresh.len());
+        let mut next = 0;
+        let mut f = 0;
         for (i, p) in self.policies.iter().enumerate() {
             if gone.contains(&i) {
                 continue;
             }
-            while let Some(f) = fresh_iter.next_if(|f| policy_order(f, p).is_lt()) {
-                policies.push(f);
+            while f < fresh.len() && policy_order(&fresh[f], p).is_lt() {
+                placed.push(next);
+                next += 1;
+                f += 1;
             }
-            moved[i] = Some(policies.len());
-            policies.push(p.clone());
+            moved[i] = Some(next);
+            next += 1;
         }
-        policies.extend(fresh_iter);
-        let new_positions: Vec<usize> = (0..policies.len())
-            .filter(|&j| !kept(&policies[j]))
-            .collect();
+        placed.extend(next..next + fresh.len() - f);
         let node = &self.options().node;
         let endpoints = self
             .uses
@@ -648,16 +657,14 @@ impl IncrementalCompiler {
                     .into_iter()
                     .flatten()
                     .any(|r| {
-                        matches!(&r.object, RejectedObject::Policy(id) if changed.contains(&id.resource_key()))
+                        matches!(&r.object, RejectedObject::Policy(id) if changed_ids.contains(id))
                     });
                 uses_gone
                     || rejected_by_changed
                     || match state.get(&u.key) {
                         Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node => {
                             let labels = state.endpoint_labels(w);
-                            new_positions
-                                .iter()
-                                .any(|&j| policies[j].selector.matches(&labels))
+                            fresh.iter().any(|p| p.selector.matches(&labels))
                         }
                         _ => false,
                     }
@@ -665,7 +672,8 @@ impl IncrementalCompiler {
             .map(|u| u.key.clone())
             .collect();
         Some(PolicySwap {
-            policies,
+            fresh,
+            placed,
             moved,
             endpoints,
         })
@@ -932,7 +940,7 @@ impl IncrementalCompiler {
                     *i = swap.moved[*i].expect("endpoints not redone use unchanged policies");
                 }
             }
-            self.policies = swap.policies;
+            self.policies = swap.apply(std::mem::take(&mut self.policies));
         }
         // Endpoints that come (or change): what they use.
         let coming: Vec<EndpointUse> = local
@@ -1257,9 +1265,35 @@ impl IncrementalCompiler {
 /// A policy change: the new policy list, where each old position went
 /// (`None`: the policy changed or went), and the local endpoints to redo.
 struct PolicySwap {
-    policies: Vec<ResolvedPolicy>,
+    /// The changed policies as they are now, in order, and their positions
+    /// in the new list.
+    fresh: Vec<ResolvedPolicy>,
+    placed: Vec<usize>,
     moved: Vec<Option<usize>>,
     endpoints: Vec<ResourceKey>,
+}
+
+impl PolicySwap {
+    /// The new policy list, made of `old` (moved, not copied) and the fresh.
+    fn apply(self, old: Vec<ResolvedPolicy>) -> Vec<ResolvedPolicy> {
+        let mut slots: Vec<Option<ResolvedPolicy>> = Vec::new();
+        slots.resize_with(
+            self.placed.len() + self.moved.iter().flatten().count(),
+            || None,
+        );
+        for (p, j) in old.into_iter().zip(&self.moved) {
+            if let Some(j) = j {
+                slots[*j] = Some(p);
+            }
+        }
+        for (p, j) in self.fresh.into_iter().zip(self.placed) {
+            slots[j] = Some(p);
+        }
+        slots
+            .into_iter()
+            .map(|p| p.expect("every position is filled once"))
+            .collect()
+    }
 }
 
 /// Chains a local endpoint change needs built: the endpoints' own, and

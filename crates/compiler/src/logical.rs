@@ -535,6 +535,10 @@ pub(crate) fn compile_recording(
     })
 }
 
+/// Sets a [`Builder`] fills by scanning every labelled object before it
+/// builds a [`LabelIndex`].
+const UNINDEXED_SCANS: usize = 8;
+
 /// (label, value) → positions in the labelled nets carrying it, so that a
 /// selector with an equality (or `in`) conjunct is evaluated only on the
 /// candidates that can match instead of on every endpoint in the cluster.
@@ -618,7 +622,11 @@ pub(crate) struct Builder<'a> {
     log_denied: Option<LogDenied>,
     encap: WorkloadEncap,
     nets: &'a [LabelledNets<'a>],
-    index: LabelIndex<'a>,
+    /// Built on first need past [`UNINDEXED_SCANS`]: a full compile creates
+    /// thousands of sets and needs it, an incremental one creates a few and
+    /// scans faster than it builds an index over every labelled object.
+    index: Option<LabelIndex<'a>>,
+    scans: usize,
     ip_sets: BTreeMap<String, IpSet>,
     /// Member objects of each IP set created here, when recording.
     members: Option<SetMembers>,
@@ -649,7 +657,8 @@ impl<'a> Builder<'a> {
             log_denied,
             encap,
             nets,
-            index: LabelIndex::new(nets),
+            index: None,
+            scans: 0,
             ip_sets,
             members: record.then(HashMap::new),
         }
@@ -934,16 +943,30 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Positions in the labelled nets that may match `sel` (all for `None`).
+    fn candidates(&mut self, sel: Option<&Selector>) -> Vec<usize> {
+        let all = || (0..self.nets.len()).collect();
+        let Some(sel) = sel else { return all() };
+        if self.index.is_none() {
+            if self.scans < UNINDEXED_SCANS {
+                self.scans += 1;
+                return all();
+            }
+            self.index = Some(LabelIndex::new(self.nets));
+        }
+        self.index
+            .as_ref()
+            .and_then(|i| i.candidates(sel))
+            .unwrap_or_else(all)
+    }
+
     fn selector_set(&mut self, sel: &Selector) -> String {
         let canonical = sel.canonical();
         let id = format!("s:{}", id_hash(&format!("s:{canonical}")));
         if !self.ip_sets.contains_key(&id) {
             let mut v4 = Vec::new();
             let mut v6 = Vec::new();
-            let candidates: Vec<usize> = match self.index.candidates(sel) {
-                Some(c) => c,
-                None => (0..self.nets.len()).collect(),
-            };
+            let candidates = self.candidates(Some(sel));
             let mut matched = Vec::new();
             for i in candidates {
                 let n = &self.nets[i];
@@ -994,10 +1017,7 @@ impl<'a> Builder<'a> {
         if !self.ip_sets.contains_key(&id) {
             let mut members = BTreeSet::new();
             let mut matched = Vec::new();
-            let candidates: Vec<usize> = match sel.and_then(|s| self.index.candidates(s)) {
-                Some(c) => c,
-                None => (0..self.nets.len()).collect(),
-            };
+            let candidates = self.candidates(sel);
             for i in candidates {
                 let n = &self.nets[i];
                 let Some(ep) = n.endpoint else { continue };
