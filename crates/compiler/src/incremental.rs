@@ -699,7 +699,16 @@ impl IncrementalCompiler {
         changes: &BTreeMap<ResourceKey, Option<Resource>>,
     ) {
         let rejected = &mut self.logical.as_mut().expect("checked by update").rejected;
-        let tiers = state.tiers();
+        // Only a policy's rejection depends on the tiers (pod changes, the
+        // common case, skip working them out).
+        let tiers = if changes
+            .keys()
+            .any(|k| matches!(k.kind, Kind::NetworkPolicy | Kind::GlobalNetworkPolicy))
+        {
+            state.tiers()
+        } else {
+            vec![]
+        };
         for key in changes.keys() {
             let at = rejected.partition_point(|(k, _)| k < key);
             if rejected.get(at).is_some_and(|(k, _)| k == key) {
@@ -711,8 +720,8 @@ impl IncrementalCompiler {
         }
     }
 
-    /// Every change is to an endpoint, a network set or a policy; local
-    /// endpoint changes leave one endpoint per interface name.
+    /// Every change is to an endpoint, a network set, a Node, a policy or a
+    /// profile; local endpoint changes leave one endpoint per interface name.
     fn can_patch(
         &self,
         state: &ClusterState,
@@ -1036,9 +1045,10 @@ impl IncrementalCompiler {
                 ip_sets.remove(id);
             }
             let nets = state.labelled_nets();
-            let (endpoints, chains, ip_sets, members) = wanted.build(Builder::new(
-                marks, log_denied, opts.encap, &nets, ip_sets, true,
-            ));
+            let (endpoints, chains, ip_sets, members) = wanted.build(
+                Builder::new(marks, log_denied, opts.encap, &nets, ip_sets, true)
+                    .scan_first(UNINDEXED_SCANS),
+            );
             for (id, objects) in &members {
                 let m = Membership::of(&ip_sets[id], objects, &nets);
                 self.add_set(id.clone(), m);
@@ -1261,6 +1271,10 @@ impl IncrementalCompiler {
         delta
     }
 }
+
+/// New sets a patch fills by scanning every labelled object before it
+/// indexes them ([`Builder::scan_first`]): a policy adds a few.
+const UNINDEXED_SCANS: usize = 8;
 
 /// A policy change: the new policy list, where each old position went
 /// (`None`: the policy changed or went), and the local endpoints to redo.

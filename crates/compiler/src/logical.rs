@@ -535,10 +535,6 @@ pub(crate) fn compile_recording(
     })
 }
 
-/// Sets a [`Builder`] fills by scanning every labelled object before it
-/// builds a [`LabelIndex`].
-const UNINDEXED_SCANS: usize = 8;
-
 /// (label, value) → positions in the labelled nets carrying it, so that a
 /// selector with an equality (or `in`) conjunct is evaluated only on the
 /// candidates that can match instead of on every endpoint in the cluster.
@@ -622,11 +618,10 @@ pub(crate) struct Builder<'a> {
     log_denied: Option<LogDenied>,
     encap: WorkloadEncap,
     nets: &'a [LabelledNets<'a>],
-    /// Built on first need past [`UNINDEXED_SCANS`]: a full compile creates
-    /// thousands of sets and needs it, an incremental one creates a few and
-    /// scans faster than it builds an index over every labelled object.
+    /// Built when first needed, after `scans_left` sets were filled by
+    /// scanning every labelled object ([`Builder::scan_first`]).
     index: Option<LabelIndex<'a>>,
-    scans: usize,
+    scans_left: usize,
     ip_sets: BTreeMap<String, IpSet>,
     /// Member objects of each IP set created here, when recording.
     members: Option<SetMembers>,
@@ -658,7 +653,7 @@ impl<'a> Builder<'a> {
             encap,
             nets,
             index: None,
-            scans: 0,
+            scans_left: 0,
             ip_sets,
             members: record.then(HashMap::new),
         }
@@ -943,13 +938,22 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Fill the first `sets` sets by scanning every labelled object, and
+    /// index them only if more follow: a full compile fills thousands of
+    /// sets and needs the index at once, an incremental one fills a few
+    /// and scans faster than it indexes every object in the cluster.
+    pub(crate) fn scan_first(mut self, sets: usize) -> Self {
+        self.scans_left = sets;
+        self
+    }
+
     /// Positions in the labelled nets that may match `sel` (all for `None`).
     fn candidates(&mut self, sel: Option<&Selector>) -> Vec<usize> {
         let all = || (0..self.nets.len()).collect();
         let Some(sel) = sel else { return all() };
         if self.index.is_none() {
-            if self.scans < UNINDEXED_SCANS {
-                self.scans += 1;
+            if self.scans_left > 0 {
+                self.scans_left -= 1;
                 return all();
             }
             self.index = Some(LabelIndex::new(self.nets));

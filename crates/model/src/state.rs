@@ -87,14 +87,9 @@ impl ClusterState {
     /// Labels a selector sees on an endpoint: those its profiles apply
     /// (`pcns.*` for Kubernetes namespaces), overridden by its own.
     pub fn endpoint_labels(&self, w: &WorkloadEndpoint) -> Labels {
-        let mut labels = Labels::new();
-        for p in &w.spec.profiles {
-            if let Some(profile) = self.profile(p) {
-                labels.extend(profile.spec.labels_to_apply.clone());
-            }
-        }
-        labels.extend(w.metadata.labels.clone());
-        labels
+        endpoint_labels_with(w, &|name| {
+            self.profile(name).map(|p| &p.spec.labels_to_apply)
+        })
     }
 
     /// Everything with addresses a selector can match: endpoints and
@@ -152,21 +147,12 @@ impl ClusterState {
         profile_labels: &dyn Fn(&str) -> Option<&'a Labels>,
     ) -> Option<LabelledNets<'a>> {
         match r {
-            Resource::WorkloadEndpoint(w) => {
-                let mut labels = Labels::new();
-                for p in &w.spec.profiles {
-                    if let Some(applied) = profile_labels(p) {
-                        labels.extend(applied.clone());
-                    }
-                }
-                labels.extend(w.metadata.labels.clone());
-                Some(LabelledNets {
-                    labels: LabelView::Owned(labels),
-                    nets: Cow::Borrowed(&w.spec.ip_networks),
-                    endpoint: Some(w),
-                    node: false,
-                })
-            }
+            Resource::WorkloadEndpoint(w) => Some(LabelledNets {
+                labels: LabelView::Owned(endpoint_labels_with(w, profile_labels)),
+                nets: Cow::Borrowed(&w.spec.ip_networks),
+                endpoint: Some(w),
+                node: false,
+            }),
             Resource::NetworkSet(s) => {
                 // As libcalico-go hands it to felix: its labels, its
                 // namespace's, and the namespace label, so a rule's
@@ -287,6 +273,22 @@ impl ClusterState {
         ok.sort_by(policy_order);
         (ok, errors)
     }
+}
+
+/// [`ClusterState::endpoint_labels`] with each profile's labels given by
+/// `profile_labels`.
+fn endpoint_labels_with<'a>(
+    w: &WorkloadEndpoint,
+    profile_labels: &dyn Fn(&str) -> Option<&'a Labels>,
+) -> Labels {
+    let mut labels = Labels::new();
+    for p in &w.spec.profiles {
+        if let Some(applied) = profile_labels(p) {
+            labels.extend(applied.clone());
+        }
+    }
+    labels.extend(w.metadata.labels.clone());
+    labels
 }
 
 /// `r` resolved as [`ClusterState::resolved_policies`] resolves each
