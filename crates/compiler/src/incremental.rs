@@ -47,6 +47,7 @@ use model::state::{
     RejectedObject, ResolvedPolicy,
 };
 
+use crate::label_index::LabelIndex;
 use crate::logical::{
     compile_recording, named_port_members, policy_chain, profile_chain, Builder, CompileError,
     CompileOptions, EndpointUse, IpSet, IpSetKind, LChain, LocalEndpoint, LogicalRuleset,
@@ -80,6 +81,9 @@ pub struct IncrementalCompiler {
     by_label: HashMap<(String, String), Vec<String>>,
     /// Sets whose selector requires no particular label value.
     unindexed: Vec<String>,
+    /// The labelled objects by label value, kept up to date with every
+    /// change: a new selector set looks its members up here.
+    objects: LabelIndex,
     /// The resolved policies of the last full compile (what the positions
     /// in [`EndpointUse`] and `policy_refs` refer to).
     policies: Vec<ResolvedPolicy>,
@@ -421,15 +425,20 @@ impl IncrementalCompiler {
     pub fn rebuild(&mut self, state: &ClusterState) -> Result<(), CompileError> {
         let opts = self.options().clone();
         let mut sets: HashMap<String, Membership> = HashMap::new();
+        let mut objects = LabelIndex::default();
         let mut record = |nets: &[LabelledNets<'_>],
                           members: &HashMap<String, Vec<usize>>,
-                          ip_sets: &BTreeMap<String, IpSet>| {
+                          ip_sets: &BTreeMap<String, IpSet>,
+                          index: Option<LabelIndex>| {
             for (id, set) in ip_sets {
                 let objects = members.get(id).map(Vec::as_slice).unwrap_or_default();
                 sets.insert(id.clone(), Membership::of(set, objects, nets));
             }
+            // The full compile's index, unless it needed none.
+            objects = index.unwrap_or_else(|| LabelIndex::new(nets));
         };
         let compiled = compile_recording(state, &opts, Some(&mut record))?;
+        self.objects = objects.with_keys(state.labelled_keys());
         let logical = compiled.logical;
         self.ruleset = to_nftables(&logical);
         self.sets = HashMap::new();
@@ -514,6 +523,23 @@ impl IncrementalCompiler {
             }
             None => self.unindexed.retain(|i| i != id),
         }
+    }
+
+    /// The objects that may be members of `sets` (a superset), or `None`
+    /// when one of them needs every object looked at (its selector
+    /// requires no label value, or it has none).
+    fn candidate_objects(&self, sets: &[IpSet]) -> Option<Vec<ResourceKey>> {
+        let mut slots = BTreeSet::new();
+        for set in sets {
+            let rule = MemberRule::from_kind(&set.kind);
+            slots.extend(self.objects.candidates(rule.selector()?)?);
+        }
+        Some(
+            slots
+                .into_iter()
+                .filter_map(|s| self.objects.key(s).cloned())
+                .collect(),
+        )
     }
 
     /// Brings the compiled ruleset up to `state`. `changes` holds every
@@ -843,6 +869,11 @@ impl IncrementalCompiler {
                     continue;
                 }
             }
+            self.objects.relabel(
+                key,
+                before.as_ref().map(|b| &b.labels),
+                after.as_ref().map(|a| &a.labels),
+            );
             let mut candidates: HashSet<&str> = self.unindexed.iter().map(String::as_str).collect();
             for n in before.iter().chain(after.iter()) {
                 for (k, v) in n.labels.pairs() {
@@ -1041,13 +1072,22 @@ impl IncrementalCompiler {
             logical.ip_sets = ip_sets;
             (endpoints, chains)
         } else {
-            for id in members.keys() {
-                ip_sets.remove(id);
-            }
-            let nets = state.labelled_nets();
+            // The new sets' members: among the objects the label index
+            // gives for their selectors when every one requires a label
+            // value, else among every labelled object.
+            let new_sets: Vec<IpSet> = members.keys().filter_map(|id| ip_sets.remove(id)).collect();
+            let (nets, scans) = match self.candidate_objects(&new_sets) {
+                Some(keys) => (
+                    keys.iter()
+                        .filter_map(|k| state.get(k))
+                        .filter_map(|r| state.labelled(r))
+                        .collect(),
+                    usize::MAX,
+                ),
+                None => (state.labelled_nets(), UNINDEXED_SCANS),
+            };
             let (endpoints, chains, ip_sets, members) = wanted.build(
-                Builder::new(marks, log_denied, opts.encap, &nets, ip_sets, true)
-                    .scan_first(UNINDEXED_SCANS),
+                Builder::new(marks, log_denied, opts.encap, &nets, ip_sets, true).scan_first(scans),
             );
             for (id, objects) in &members {
                 let m = Membership::of(&ip_sets[id], objects, &nets);

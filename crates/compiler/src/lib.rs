@@ -15,6 +15,7 @@
 pub mod explain;
 pub mod fused;
 pub mod incremental;
+mod label_index;
 pub mod logical;
 pub mod lower_nft;
 pub mod nft;

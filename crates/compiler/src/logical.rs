@@ -16,6 +16,8 @@ use model::state::{
 };
 use sha2::{Digest, Sha224};
 
+use crate::label_index::LabelIndex;
+
 pub const CHAIN_FORWARD: &str = "cali-FORWARD";
 pub const CHAIN_INPUT: &str = "cali-INPUT";
 pub const CHAIN_FROM_WL_DISPATCH: &str = "cali-from-wl-dispatch";
@@ -358,9 +360,10 @@ pub fn compile(
 pub(crate) type SetMembers = HashMap<String, Vec<usize>>;
 
 /// Called by [`compile_recording`] with the labelled objects, each IP set's
-/// member objects and the IP sets.
+/// member objects, the IP sets and the label index over the objects, if
+/// one was built.
 pub(crate) type RecordSets<'r> =
-    dyn FnMut(&[LabelledNets<'_>], &SetMembers, &BTreeMap<String, IpSet>) + 'r;
+    dyn FnMut(&[LabelledNets<'_>], &SetMembers, &BTreeMap<String, IpSet>, Option<LabelIndex>) + 'r;
 
 /// What one local endpoint's chains are made of: the policies selecting
 /// it (positions in the resolved policy list, in policy order) and its
@@ -515,9 +518,10 @@ pub(crate) fn compile_recording(
     for chain in static_chains(marks, opts.endpoint_to_host) {
         chains.insert(chain.name.clone(), chain);
     }
+    let index = b.take_index();
     let (ip_sets, members) = b.finish();
     if let (Some(record), Some(members)) = (record, &members) {
-        record(&nets, members, &ip_sets);
+        record(&nets, members, &ip_sets, index);
     }
     Ok(Compiled {
         logical: LogicalRuleset {
@@ -535,80 +539,6 @@ pub(crate) fn compile_recording(
     })
 }
 
-/// (label, value) → positions in the labelled nets carrying it, so that a
-/// selector with an equality (or `in`) conjunct is evaluated only on the
-/// candidates that can match instead of on every endpoint in the cluster.
-struct LabelIndex<'a> {
-    by_label: HashMap<(&'a str, &'a str), Vec<usize>>,
-}
-
-impl<'a> LabelIndex<'a> {
-    fn new(nets: &'a [LabelledNets<'a>]) -> Self {
-        let mut by_label: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
-        for (i, n) in nets.iter().enumerate() {
-            for (k, v) in n.labels.pairs() {
-                by_label.entry((k, v)).or_default().push(i);
-            }
-        }
-        LabelIndex { by_label }
-    }
-
-    /// Positions that may match `sel` (a superset), or `None` for "all":
-    /// the intersection of the positions carrying each label value the
-    /// selector requires (for `a == 'x' && b == 'y'`, exactly the matches).
-    fn candidates(&self, sel: &Selector) -> Option<Vec<usize>> {
-        let mut lists: Vec<Vec<usize>> = sel
-            .required_labels()
-            .into_iter()
-            .map(|(label, values)| {
-                let mut c: Vec<usize> = values
-                    .iter()
-                    .flat_map(|v| {
-                        self.by_label
-                            .get(&(label, *v))
-                            .into_iter()
-                            .flatten()
-                            .copied()
-                    })
-                    .collect();
-                if values.len() > 1 {
-                    c.sort_unstable();
-                    c.dedup();
-                }
-                c
-            })
-            .collect();
-        lists.sort_by_key(Vec::len);
-        let mut lists = lists.into_iter();
-        let mut best = lists.next()?;
-        for other in lists {
-            if best.is_empty() {
-                break;
-            }
-            best = intersect_sorted(&best, &other);
-        }
-        Some(best)
-    }
-}
-
-/// Elements of both sorted lists.
-fn intersect_sorted(a: &[usize], b: &[usize]) -> Vec<usize> {
-    let mut out = Vec::with_capacity(a.len().min(b.len()));
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        match a[i].cmp(&b[j]) {
-            std::cmp::Ordering::Less => i += 1,
-            std::cmp::Ordering::Greater => j += 1,
-            std::cmp::Ordering::Equal => {
-                out.push(a[i]);
-                i += 1;
-                j += 1;
-            }
-        }
-    }
-    out
-}
-
 /// Builds chains and the IP sets their rules use (with members from
 /// `nets`). A full compile builds every chain with one; an incremental
 /// one builds the few chains a local endpoint change needs on top of the
@@ -620,7 +550,7 @@ pub(crate) struct Builder<'a> {
     nets: &'a [LabelledNets<'a>],
     /// Built when first needed, after `scans_left` sets were filled by
     /// scanning every labelled object ([`Builder::scan_first`]).
-    index: Option<LabelIndex<'a>>,
+    index: Option<LabelIndex>,
     scans_left: usize,
     ip_sets: BTreeMap<String, IpSet>,
     /// Member objects of each IP set created here, when recording.
@@ -663,6 +593,11 @@ impl<'a> Builder<'a> {
     /// since) and, when recording, the member objects of those created.
     pub(crate) fn finish(self) -> (BTreeMap<String, IpSet>, Option<SetMembers>) {
         (self.ip_sets, self.members)
+    }
+
+    /// The label index over the labelled objects, if a set needed one.
+    pub(crate) fn take_index(&mut self) -> Option<LabelIndex> {
+        self.index.take()
     }
 
     /// A local endpoint's dispatch entry and its `cali-fw-`/`cali-tw-` chains.
@@ -961,7 +896,7 @@ impl<'a> Builder<'a> {
         self.index
             .as_ref()
             .and_then(|i| i.candidates(sel))
-            .unwrap_or_else(all)
+            .map_or_else(all, |slots| slots.into_iter().map(|s| s as usize).collect())
     }
 
     fn selector_set(&mut self, sel: &Selector) -> String {

@@ -92,6 +92,13 @@ impl ClusterState {
         })
     }
 
+    /// The keys of [`ClusterState::labelled_nets`], in the same order.
+    pub fn labelled_keys(&self) -> impl Iterator<Item = ResourceKey> + '_ {
+        self.resources()
+            .filter(|r| is_labelled(r))
+            .map(Resource::key)
+    }
+
     /// Everything with addresses a selector can match: endpoints and
     /// network sets, with the labels a selector sees on each.
     pub fn labelled_nets(&self) -> Vec<LabelledNets<'_>> {
@@ -105,6 +112,7 @@ impl ClusterState {
             })
             .collect();
         self.resources()
+            .filter(|r| is_labelled(r))
             .filter_map(|r| match r {
                 Resource::WorkloadEndpoint(w) => {
                     let inherited = w
@@ -191,7 +199,10 @@ impl ClusterState {
                     node: true,
                 })
             }
-            _ => None,
+            _ => {
+                debug_assert!(!is_labelled(r), "is_labelled covers labelled_with");
+                None
+            }
         }
     }
 
@@ -508,6 +519,18 @@ impl fmt::Display for Encap {
             Encap::Ipip => "IP-in-IP",
         })
     }
+}
+
+/// Whether `r` is one of the objects with addresses and labels
+/// ([`ClusterState::labelled`] gives `Some` exactly for these).
+fn is_labelled(r: &Resource) -> bool {
+    matches!(
+        r,
+        Resource::WorkloadEndpoint(_)
+            | Resource::NetworkSet(_)
+            | Resource::GlobalNetworkSet(_)
+            | Resource::Node(_)
+    )
 }
 
 /// Something with addresses and labels: an endpoint, a network set or a
