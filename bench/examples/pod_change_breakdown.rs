@@ -3,7 +3,10 @@
 //! `cargo run --release -p bench --example pod_change_breakdown -- POLICIES [local|remote|policy] [PODS]`.
 //! With `local`, the pods are added on the node itself and deleted again
 //! (a patch of chains, sets and maps instead of set elements alone); with
-//! `policy`, a policy like the benchmark's is added and deleted again.
+//! `policy`, a policy like the benchmark's is added and deleted again; with
+//! `tier`, alternately a tier holding one new policy is created and deleted,
+//! and the `default` tier (every policy of the benchmark) gets a Tier
+//! resource with `defaultAction: Pass` and loses it again.
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -17,6 +20,7 @@ fn main() -> anyhow::Result<()> {
     let mode = std::env::args().nth(2);
     let local = mode.as_deref() == Some("local");
     let policy = mode.as_deref() == Some("policy");
+    let tier = mode.as_deref() == Some("tier");
     let mut scale = scale_for(policies);
     if let Some(pods) = std::env::args().nth(3) {
         scale.pods = pods.parse()?;
@@ -30,7 +34,35 @@ fn main() -> anyhow::Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     println!("change update_ms objects encode_ms kernel_ms total_ms");
     for i in 0..10 {
-        let r = if policy {
+        // A policy created in the same update as its tier (mode `tier`).
+        let mut with_tier = None;
+        let r = if tier {
+            // Even rounds: a tier before the others with a policy in it
+            // (the policy is created with the tier and stays); odd
+            // rounds: the default tier's own resource.
+            let mut t = model::calico::Tier {
+                api_version: model::calico::API_VERSION.into(),
+                metadata: model::calico::ObjectMeta {
+                    name: "bench-tier".into(),
+                    ..Default::default()
+                },
+                spec: model::calico::TierSpec {
+                    order: Some(50.0),
+                    default_action: Some(model::calico::TierAction::Pass),
+                },
+            };
+            if i % 2 == 0 {
+                let mut p = bench::policy(&scale, scale.policies + i, &mut rng);
+                p.spec.tier = Some("bench-tier".into());
+                let p = Resource::NetworkPolicy(p);
+                with_tier = Some(p.key());
+                state.upsert(p);
+            } else {
+                t.metadata.name = model::calico::DEFAULT_TIER.into();
+                t.spec.order = Some(model::calico::DEFAULT_TIER_ORDER);
+            }
+            Resource::Tier(t)
+        } else if policy {
             Resource::NetworkPolicy(bench::policy(&scale, scale.policies + i, &mut rng))
         } else {
             let mut w = workload(&scale, scale.pods + i, &mut rng);
@@ -40,7 +72,7 @@ fn main() -> anyhow::Result<()> {
         };
         let key = r.key();
         let mut steps = vec![("add", Some(r))];
-        if local || policy {
+        if local || policy || tier {
             steps.push(("delete", None));
         }
         for (what, r) in steps {
@@ -49,20 +81,23 @@ fn main() -> anyhow::Result<()> {
                 Some(r) => state.upsert(r),
                 None => state.remove(&key),
             };
-            let (report, objects) =
-                match inc.update(&state, &BTreeMap::from([(key.clone(), old)]))? {
-                    Outcome::Elements(delta) => (p.apply_elements(&delta)?, delta.len()),
-                    Outcome::Patch(patch) => {
-                        let objects = patch.elements.len()
-                            + patch
-                                .tables
-                                .iter()
-                                .map(|t| t.chains.len() + t.sets.len() + t.maps.len())
-                                .sum::<usize>();
-                        (p.apply_patch(&patch)?, objects)
-                    }
-                    Outcome::Rebuilt => anyhow::bail!("expected no full compile"),
-                };
+            let mut changes = BTreeMap::from([(key.clone(), old)]);
+            if let Some(p) = with_tier.take() {
+                changes.insert(p, None);
+            }
+            let (report, objects) = match inc.update(&state, &changes)? {
+                Outcome::Elements(delta) => (p.apply_elements(&delta)?, delta.len()),
+                Outcome::Patch(patch) => {
+                    let objects = patch.elements.len()
+                        + patch
+                            .tables
+                            .iter()
+                            .map(|t| t.chains.len() + t.sets.len() + t.maps.len())
+                            .sum::<usize>();
+                    (p.apply_patch(&patch)?, objects)
+                }
+                Outcome::Rebuilt => anyhow::bail!("expected no full compile"),
+            };
             let total = t.elapsed();
             let update = total - report.encode_time - report.kernel_time;
             println!(

@@ -9,10 +9,12 @@ use std::collections::BTreeMap;
 
 use bench::{generate, workload, Scale, NODE_UNDER_TEST};
 use compiler::incremental::{IncrementalCompiler, Outcome};
+use compiler::logical::LogicalRuleset;
 use compiler::{compile_nftables, CompileOptions};
 use model::calico::{
     Action, GlobalNetworkSet, Kind, NetworkPolicy, NetworkSet, NetworkSetSpec, ObjectMeta,
-    PolicyType, Profile, ProfileSpec, Resource, ResourceKey, ServiceAccountMatch, WorkloadEndpoint,
+    PolicyType, Profile, ProfileSpec, Resource, ResourceKey, ServiceAccountMatch, Tier, TierAction,
+    TierSpec, WorkloadEndpoint,
 };
 use model::convert::namespace_profile_name;
 use model::serviceaccount;
@@ -158,6 +160,77 @@ fn account_matches(p: &mut NetworkPolicy, rng: &mut StdRng) {
 }
 
 /// Applies `r` (or deletes `key`) to `state`, remembering the first old value.
+/// Tier `t1` or `t2` created or changed (order, default action), or
+/// deleted (its policies then have a missing tier).
+fn tier_change(rng: &mut StdRng) -> (ResourceKey, Option<Resource>) {
+    let tier = Tier {
+        api_version: model::calico::API_VERSION.into(),
+        metadata: ObjectMeta {
+            name: format!("t{}", rng.random_range(1..=2)),
+            ..Default::default()
+        },
+        spec: TierSpec {
+            // Before, between and after the built-in and default tiers.
+            order: match rng.random_range(0..4) {
+                0 => None,
+                n => Some(f64::from(n) * 600.0 - 500.0),
+            },
+            default_action: rng.random_bool(0.5).then_some(TierAction::Pass),
+        },
+    };
+    let r = Resource::Tier(tier);
+    let key = r.key();
+    (key, (!rng.random_bool(0.25)).then_some(r))
+}
+
+/// A policy in tier `t1` or `t2` now and then.
+fn maybe_tiered(p: &mut NetworkPolicy, rng: &mut StdRng) {
+    if rng.random_bool(0.3) {
+        p.spec.tier = Some(format!("t{}", rng.random_range(1..=2)));
+    }
+}
+
+/// What differs between the incremental result and the full compile's,
+/// object by object (the whole rulesets are too long to read).
+fn differences(inc: &LogicalRuleset, full: &LogicalRuleset) -> String {
+    fn by_key<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+        what: &str,
+        a: &BTreeMap<K, V>,
+        b: &BTreeMap<K, V>,
+        out: &mut String,
+    ) {
+        for k in a
+            .keys()
+            .chain(b.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
+            let (x, y) = (a.get(k), b.get(k));
+            if x != y {
+                out.push_str(&format!(
+                    "{what} {k:?}:\n  incremental {x:?}\n  full        {y:?}\n"
+                ));
+            }
+        }
+    }
+    let mut out = String::new();
+    by_key("chain", &inc.chains, &full.chains, &mut out);
+    by_key("endpoint", &inc.endpoints, &full.endpoints, &mut out);
+    by_key("IP set", &inc.ip_sets, &full.ip_sets, &mut out);
+    if inc.rejected != full.rejected {
+        out.push_str(&format!(
+            "rejected:\n  incremental {:?}\n  full        {:?}\n",
+            inc.rejected, full.rejected
+        ));
+    }
+    if inc.active_policies != full.active_policies {
+        out.push_str(&format!(
+            "active policies:\n  incremental {:?}\n  full        {:?}\n",
+            inc.active_policies, full.active_policies
+        ));
+    }
+    out
+}
+
 fn change(
     state: &mut ClusterState,
     changes: &mut BTreeMap<ResourceKey, Option<Resource>>,
@@ -189,7 +262,10 @@ fn pick<'a>(
 
 #[test]
 fn incremental_equals_full_compile() {
-    for seed in 1..=3u64 {
+    // More seeds for a longer search: INCREMENTAL_SEEDS=40 (release build).
+    let seeds: u64 = std::env::var("INCREMENTAL_SEEDS").map_or(3, |s| s.parse().expect("a number"));
+    let mut tier_steps_all: u64 = 0;
+    for seed in 1..=seeds {
         let mut scale = Scale::new(60, 400);
         scale.namespaces = 4;
         scale.apps = 5;
@@ -213,6 +289,7 @@ fn incremental_equals_full_compile() {
         let mut fast = 0;
         let mut patches = 0;
         let mut policy_steps = 0;
+        let mut tier_steps = 0;
         for step in 0..150 {
             let mut changes = BTreeMap::new();
             // 1 to 3 changes per step, like a burst.
@@ -267,6 +344,10 @@ fn incremental_equals_full_compile() {
                         let r = Resource::WorkloadEndpoint(w);
                         change(&mut state, &mut changes, r.key(), Some(r));
                     }
+                    8 if rng.random_bool(0.25) => {
+                        let (key, r) = tier_change(&mut rng);
+                        change(&mut state, &mut changes, key, r);
+                    }
                     8 if rng.random_bool(0.3) => {
                         // A namespace relabelled (which namespaceSelectors
                         // match its pods and sets), its rules changed.
@@ -302,6 +383,7 @@ fn incremental_equals_full_compile() {
                     _ => {
                         let mut p = bench::policy(&scale, rng.random_range(0..200), &mut rng);
                         account_matches(&mut p, &mut rng);
+                        maybe_tiered(&mut p, &mut rng);
                         if rng.random_bool(0.2) {
                             // Its selected endpoints drop in its directions.
                             model::reject::mark_rejected(&mut p.metadata.annotations, "test");
@@ -328,16 +410,22 @@ fn incremental_equals_full_compile() {
             }
             let before = inc.ruleset().clone();
             let outcome = inc.update(&state, &changes).unwrap();
-            let policy_changed = changes.keys().any(|k| k.kind == Kind::NetworkPolicy);
+            let policy_changed = changes
+                .keys()
+                .any(|k| matches!(k.kind, Kind::NetworkPolicy | Kind::Tier));
+            tier_steps += u64::from(
+                changes.keys().any(|k| k.kind == Kind::Tier) && outcome != Outcome::Rebuilt,
+            );
             let profile_changed = changes.keys().any(|k| k.kind == Kind::Profile);
             if (policy_changed || profile_changed) && outcome != Outcome::Rebuilt {
                 policy_steps += 1;
             }
             let (logical, ruleset) = compile_nftables(&state, &opts).unwrap();
-            assert_eq!(
-                inc.logical(),
-                Some(&logical),
-                "seed {seed} step {step}: logical ruleset differs ({changes:?})"
+            assert!(
+                inc.logical() == Some(&logical),
+                "seed {seed} step {step}: logical ruleset differs after {:?}:\n{}",
+                changes.keys().collect::<Vec<_>>(),
+                differences(inc.logical().expect("compiled"), &logical)
             );
             assert!(
                 inc.ruleset() == &ruleset,
@@ -371,7 +459,13 @@ fn incremental_equals_full_compile() {
             policy_steps > 10,
             "policy changes are patched, not compiled in full ({policy_steps})"
         );
+        tier_steps_all += tier_steps;
     }
+    // Rarer than the others: counted over every seed.
+    assert!(
+        tier_steps_all > 2 * seeds,
+        "tier changes are patched, not compiled in full ({tier_steps_all})"
+    );
 }
 
 /// The deltas and patches, applied with `NftProgrammer::apply_elements`
@@ -468,8 +562,13 @@ fn deltas_and_patches_reach_the_kernel() {
                 change(&mut state, &mut changes, key, None);
             }
             // Policies come, change (selector, order, rules) and go.
+            8 if rng.random_bool(0.3) => {
+                let (key, r) = tier_change(&mut rng);
+                change(&mut state, &mut changes, key, r);
+            }
             8 => {
                 let mut p = bench::policy(&scale, rng.random_range(0..60), &mut rng);
+                maybe_tiered(&mut p, &mut rng);
                 if rng.random_bool(0.3) {
                     p.spec.order = Some(f64::from(rng.random_range(0..3u8)) * 500.0);
                 }

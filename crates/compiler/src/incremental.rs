@@ -31,9 +31,13 @@
 //! relabelled pod is, redoes the local endpoints using it and builds its
 //! chains again.
 //!
-//! A tier change recompiles in full ([`Outcome::Rebuilt`]); the result is
-//! the same as [`compile`](crate::compile) either way (tests check this
-//! for every change kind).
+//! A tier change (created, reordered, its default action changed, deleted)
+//! is a change of every policy in that tier: they resolve again and move
+//! to their new place; the other policies only get their tier's new rank.
+//! What still recompiles in full ([`Outcome::Rebuilt`]): a set changing
+//! type (above), two local endpoints sharing an interface name, and
+//! `--fused-lookup`. The result is the same as [`compile`](crate::compile)
+//! either way (tests check this for every change kind).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -43,8 +47,8 @@ use model::calico::{Kind, PolicyType, Resource, ResourceKey};
 use model::convert::namespace_profile_name;
 use model::selector::{Labels, Selector};
 use model::state::{
-    policy_order, rejection_of, resolve_policy, ClusterState, LabelledNets, PolicyId,
-    RejectedObject, ResolvedPolicy,
+    policy_order, rejection_of, resolve_policy, sort_key_order, ClusterState, LabelledNets,
+    PolicyId, RejectedObject, ResolvedPolicy, TierInfo,
 };
 
 use crate::label_index::LabelIndex;
@@ -567,7 +571,11 @@ impl IncrementalCompiler {
             self.rebuild(state)?;
             return Ok(Outcome::Rebuilt);
         }
-        self.note_rejections(state, changes);
+        // A tier changed: the policies in it resolve again (their tier's
+        // order, default action or existence changed), and every other
+        // policy's tier rank follows the new tier list.
+        let tier_policies = self.tier_changes(state, changes);
+        self.note_rejections(state, changes, &tier_policies);
         let node = &self.options().node;
         let is_local = |r: Option<&Resource>| matches!(r, Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node);
         let mut local: BTreeSet<ResourceKey> = changes
@@ -575,7 +583,7 @@ impl IncrementalCompiler {
             .filter(|(key, old)| is_local(old.as_ref()) || is_local(state.get(key)))
             .map(|(key, _)| key.clone())
             .collect();
-        let swap = self.policy_swap(state, changes);
+        let swap = self.policy_swap(state, changes, &tier_policies);
         if let Some(swap) = &swap {
             local.extend(swap.endpoints.iter().cloned());
         }
@@ -609,20 +617,59 @@ impl IncrementalCompiler {
         Ok(Outcome::Patch(patch))
     }
 
+    /// For tier changes in `changes`: the policies in the changed tiers
+    /// (they resolve again, as if they had changed), after giving the
+    /// others their tier's new rank. The tiers that did not change keep
+    /// their relative order, so the policies in them stay in order.
+    fn tier_changes(
+        &mut self,
+        state: &ClusterState,
+        changes: &BTreeMap<ResourceKey, Option<Resource>>,
+    ) -> Vec<ResourceKey> {
+        let changed: HashSet<&str> = changes
+            .keys()
+            .filter(|k| k.kind == Kind::Tier)
+            .map(|k| k.name.as_str())
+            .collect();
+        if changed.is_empty() {
+            return vec![];
+        }
+        let tiers = state.tiers();
+        for p in &mut self.policies {
+            // As `resolve_policy` ranks it: a missing tier after every tier.
+            p.tier_rank = tiers
+                .iter()
+                .position(|t| t.name == p.tier.name)
+                .unwrap_or(tiers.len());
+        }
+        [Kind::NetworkPolicy, Kind::GlobalNetworkPolicy]
+            .into_iter()
+            .flat_map(|kind| state.of_kind(kind))
+            .filter(|r| match r {
+                Resource::NetworkPolicy(p) => changed.contains(p.spec.tier()),
+                Resource::GlobalNetworkPolicy(p) => changed.contains(p.spec.tier()),
+                _ => false,
+            })
+            .map(Resource::key)
+            .collect()
+    }
+
     /// The policy list after the policy changes in `changes` (`None`: there
     /// are none), and the local endpoints whose chains they touch: those
     /// using a policy that changed or went, and those a new or changed
-    /// policy selects. Only the changed policies are resolved again; the
-    /// tiers did not change (a tier change compiles in full), so the others
-    /// keep their relative order.
+    /// policy selects; `tier_policies` count as changed
+    /// ([`IncrementalCompiler::tier_changes`]). Only the changed policies
+    /// are resolved again; the others keep their relative order.
     fn policy_swap(
         &self,
         state: &ClusterState,
         changes: &BTreeMap<ResourceKey, Option<Resource>>,
+        tier_policies: &[ResourceKey],
     ) -> Option<PolicySwap> {
         let changed: HashSet<&ResourceKey> = changes
             .keys()
             .filter(|k| matches!(k.kind, Kind::NetworkPolicy | Kind::GlobalNetworkPolicy))
+            .chain(tier_policies)
             .collect();
         if changed.is_empty() {
             return None;
@@ -645,29 +692,70 @@ impl IncrementalCompiler {
                 _ => PolicyId::namespaced(k.namespace.as_deref().unwrap_or("default"), &k.name),
             })
             .collect();
-        let gone: HashSet<usize> = (0..self.policies.len())
+        let mut gone: HashSet<usize> = (0..self.policies.len())
             .filter(|&i| changed_ids.contains(&self.policies[i].id))
             .collect();
-        // Where the kept policies (in order already) and the fresh ones go
-        // in the merged list; the list itself is built when the swap is
+        // A policy that resolves as before apart from its tier (its tier's
+        // order or default action changed, or it moved to another tier)
+        // keeps its chain, which does not depend on the tier: it only
+        // moves, and the endpoints using it are redone (their chains hold
+        // the tier blocks).
+        let mut retiered: Vec<(usize, TierInfo, usize)> = Vec::new();
+        if !gone.is_empty() && !fresh.is_empty() {
+            let at: HashMap<&PolicyId, usize> =
+                gone.iter().map(|&i| (&self.policies[i].id, i)).collect();
+            fresh.retain(|p| match at.get(&p.id) {
+                Some(&i) if same_but_tier(&self.policies[i], p) => {
+                    retiered.push((i, p.tier.clone(), p.tier_rank));
+                    false
+                }
+                _ => true,
+            });
+            for (i, _, _) in &retiered {
+                gone.remove(i);
+            }
+        }
+        // What goes into the kept list, in order: the fresh policies and
+        // the retiered ones (as their new tier places them).
+        let mut incoming: Vec<(Incoming, (usize, f64, String))> = fresh
+            .iter()
+            .enumerate()
+            .map(|(f, p)| (Incoming::Fresh(f), p.sort_key()))
+            .chain(retiered.iter().map(|(i, _, rank)| {
+                let mut key = self.policies[*i].sort_key();
+                key.0 = *rank;
+                (Incoming::Retiered(*i), key)
+            }))
+            .collect();
+        incoming.sort_by(|(_, a), (_, b)| sort_key_order(a, b));
+        let retiered_at: HashSet<usize> = retiered.iter().map(|(i, _, _)| *i).collect();
+        // Where the kept policies (in order already) and the incoming ones
+        // go in the merged list; the list itself is built when the swap is
         // applied, moving the policies rather than copying them.
         let mut moved = vec![None; self.policies.len()];
-        let mut placed = Vec::with_capacity(fresh.len());
+        let mut placed = vec![0; fresh.len()];
         let mut next = 0;
-        let mut f = 0;
+        let mut incoming = incoming.into_iter().peekable();
+        let mut place = |what: Incoming, at: usize, moved: &mut Vec<Option<usize>>| match what {
+            Incoming::Fresh(f) => placed[f] = at,
+            Incoming::Retiered(i) => moved[i] = Some(at),
+        };
         for (i, p) in self.policies.iter().enumerate() {
-            if gone.contains(&i) {
+            if gone.contains(&i) || retiered_at.contains(&i) {
                 continue;
             }
-            while f < fresh.len() && policy_order(&fresh[f], p).is_lt() {
-                placed.push(next);
+            let key = p.sort_key();
+            while let Some((what, _)) = incoming.next_if(|(_, k)| sort_key_order(k, &key).is_lt()) {
+                place(what, next, &mut moved);
                 next += 1;
-                f += 1;
             }
             moved[i] = Some(next);
             next += 1;
         }
-        placed.extend(next..next + fresh.len() - f);
+        for (what, _) in incoming {
+            place(what, next, &mut moved);
+            next += 1;
+        }
         let node = &self.options().node;
         let endpoints = self
             .uses
@@ -676,7 +764,7 @@ impl IncrementalCompiler {
                 let uses_gone = [&u.egress, &u.ingress]
                     .into_iter()
                     .flatten()
-                    .any(|i| gone.contains(i));
+                    .any(|i| gone.contains(i) || retiered_at.contains(i));
                 // A direction a policy rejects lists no policies: the
                 // rejecting one is named in the rejection.
                 let rejected_by_changed = [&u.egress_rejected, &u.ingress_rejected]
@@ -689,8 +777,14 @@ impl IncrementalCompiler {
                     || rejected_by_changed
                     || match state.get(&u.key) {
                         Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node => {
+                            // Retiered ones too: a direction some rejected
+                            // policy drops lists no policies, and the one
+                            // named first may have moved.
                             let labels = state.endpoint_labels(w);
-                            fresh.iter().any(|p| p.selector.matches(&labels))
+                            fresh
+                                .iter()
+                                .chain(retiered.iter().map(|(i, _, _)| &self.policies[*i]))
+                                .any(|p| p.selector.matches(&labels))
                         }
                         _ => false,
                     }
@@ -701,6 +795,7 @@ impl IncrementalCompiler {
             fresh,
             placed,
             moved,
+            retiered,
             endpoints,
         })
     }
@@ -723,19 +818,21 @@ impl IncrementalCompiler {
         &mut self,
         state: &ClusterState,
         changes: &BTreeMap<ResourceKey, Option<Resource>>,
+        tier_policies: &[ResourceKey],
     ) {
         let rejected = &mut self.logical.as_mut().expect("checked by update").rejected;
         // Only a policy's rejection depends on the tiers (pod changes, the
         // common case, skip working them out).
-        let tiers = if changes
-            .keys()
-            .any(|k| matches!(k.kind, Kind::NetworkPolicy | Kind::GlobalNetworkPolicy))
+        let tiers = if !tier_policies.is_empty()
+            || changes
+                .keys()
+                .any(|k| matches!(k.kind, Kind::NetworkPolicy | Kind::GlobalNetworkPolicy))
         {
             state.tiers()
         } else {
             vec![]
         };
-        for key in changes.keys() {
+        for key in changes.keys().chain(tier_policies) {
             let at = rejected.partition_point(|(k, _)| k < key);
             if rejected.get(at).is_some_and(|(k, _)| k == key) {
                 rejected.remove(at);
@@ -763,6 +860,7 @@ impl IncrementalCompiler {
                     | Kind::NetworkPolicy
                     | Kind::GlobalNetworkPolicy
                     | Kind::Profile
+                    | Kind::Tier
             )
         });
         if !patchable {
@@ -771,7 +869,7 @@ impl IncrementalCompiler {
         let redoes = changes.keys().any(|key| {
             matches!(
                 key.kind,
-                Kind::NetworkPolicy | Kind::GlobalNetworkPolicy | Kind::Profile
+                Kind::NetworkPolicy | Kind::GlobalNetworkPolicy | Kind::Profile | Kind::Tier
             )
         });
         if redoes && self.shared_interfaces {
@@ -1324,12 +1422,38 @@ struct PolicySwap {
     fresh: Vec<ResolvedPolicy>,
     placed: Vec<usize>,
     moved: Vec<Option<usize>>,
+    /// Kept policies (old position) with their new tier and tier rank.
+    retiered: Vec<(usize, TierInfo, usize)>,
     endpoints: Vec<ResourceKey>,
+}
+
+/// A policy joining the kept ones in [`IncrementalCompiler::policy_swap`].
+#[derive(Debug, Clone, Copy)]
+enum Incoming {
+    /// `fresh[_]`.
+    Fresh(usize),
+    /// A kept policy (old position) with a new tier.
+    Retiered(usize),
+}
+
+/// Whether `a` and `b` resolved the same apart from their tier.
+fn same_but_tier(a: &ResolvedPolicy, b: &ResolvedPolicy) -> bool {
+    a.id == b.id
+        && a.order == b.order
+        && a.selector == b.selector
+        && a.types == b.types
+        && a.ingress == b.ingress
+        && a.egress == b.egress
+        && a.rejected == b.rejected
 }
 
 impl PolicySwap {
     /// The new policy list, made of `old` (moved, not copied) and the fresh.
-    fn apply(self, old: Vec<ResolvedPolicy>) -> Vec<ResolvedPolicy> {
+    fn apply(self, mut old: Vec<ResolvedPolicy>) -> Vec<ResolvedPolicy> {
+        for (i, tier, rank) in self.retiered {
+            old[i].tier = tier;
+            old[i].tier_rank = rank;
+        }
         let mut slots: Vec<Option<ResolvedPolicy>> = Vec::new();
         slots.resize_with(
             self.placed.len() + self.moved.iter().flatten().count(),

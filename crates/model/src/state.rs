@@ -361,10 +361,14 @@ pub fn rejection_of(r: &Resource, tiers: &[TierInfo]) -> Option<String> {
 
 /// Evaluation order of resolved policies ([`ResolvedPolicy::sort_key`]).
 pub fn policy_order(a: &ResolvedPolicy, b: &ResolvedPolicy) -> std::cmp::Ordering {
-    let (ka, kb) = (a.sort_key(), b.sort_key());
-    ka.0.cmp(&kb.0)
-        .then_with(|| ka.1.total_cmp(&kb.1))
-        .then_with(|| ka.2.cmp(&kb.2))
+    sort_key_order(&a.sort_key(), &b.sort_key())
+}
+
+/// [`policy_order`] on sort keys computed once.
+pub fn sort_key_order(a: &(usize, f64, String), b: &(usize, f64, String)) -> std::cmp::Ordering {
+    a.0.cmp(&b.0)
+        .then_with(|| a.1.total_cmp(&b.1))
+        .then_with(|| a.2.cmp(&b.2))
 }
 
 fn missing_tier(tier: &str) -> String {
