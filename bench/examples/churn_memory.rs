@@ -14,9 +14,7 @@
 //! or `cache-only` (fold into the cache alone); `threaded` decodes the
 //! changes on a second thread, as the agent does (etcd watch on tokio
 //! threads, programming on its own thread).
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use compiler::CompileOptions;
 use dataplane::{Dataplane, Kind, Node, Pipeline};
@@ -26,47 +24,8 @@ use rand::{Rng, SeedableRng};
 use testkit::cluster::{cluster_yaml, initial_role, pod_yaml, NODE};
 use watcher::{Cache, Update};
 
-/// `System`, counting the bytes live and the allocations made.
-struct Counting;
-
-static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to `System` unchanged; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(layout) };
-        if !p.is_null() {
-            LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(p, layout) };
-        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, layout, new_size) };
-        if !q.is_null() {
-            LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
-            LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        q
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: bench::alloc_count::Counting = bench::alloc_count::Counting;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -276,8 +235,8 @@ fn main() -> anyhow::Result<()> {
         let m = unsafe { libc::mallinfo2() };
         println!(
             "{done} {objects} {} {} {} {} {}",
-            LIVE_BYTES.load(Ordering::Relaxed) / 1024,
-            ALLOCATIONS.load(Ordering::Relaxed) / 1000,
+            bench::alloc_count::live_bytes() / 1024,
+            bench::alloc_count::allocations() / 1000,
             vm_rss_kb(),
             // What glibc holds from the system (all arenas and mmapped
             // chunks), and how much of it is free chunks it keeps.

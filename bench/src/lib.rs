@@ -4,6 +4,7 @@
 //! ranges, and named ports. Used by the criterion benchmarks here and by
 //! `cargo xtask bench`.
 
+pub mod alloc_count;
 pub mod backends;
 pub mod packet;
 pub mod report;
@@ -78,7 +79,7 @@ pub fn generate(scale: &Scale) -> ClusterState {
     let mut state = ClusterState::new();
     for n in 0..scale.namespaces {
         let ns = namespace_name(n);
-        let mut labels_to_apply = std::collections::BTreeMap::new();
+        let mut labels_to_apply = model::selector::Labels::new();
         labels_to_apply.insert("pcns.projectcalico.org/name".to_owned(), ns.clone());
         labels_to_apply.insert("pcns.team".to_owned(), format!("team{}", n % 10));
         let allow = Rule {
@@ -116,7 +117,7 @@ pub fn workload(scale: &Scale, i: usize, rng: &mut StdRng) -> WorkloadEndpoint {
     } else {
         format!("node{}", 2 + i % 50)
     };
-    let mut labels = std::collections::BTreeMap::new();
+    let mut labels = model::selector::Labels::new();
     labels.insert(calico::LABEL_NAMESPACE.to_owned(), ns.clone());
     labels.insert(calico::LABEL_ORCHESTRATOR.to_owned(), "k8s".to_owned());
     // Local endpoints carry the first apps in turn, so that policies can be

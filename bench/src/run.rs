@@ -137,7 +137,7 @@ pub fn scale_worker(backend: &str, policies: usize, reps: usize) -> anyhow::Resu
     let local_app = state
         .workload_endpoints()
         .find(|w| w.spec.node == NODE_UNDER_TEST)
-        .and_then(|w| w.metadata.labels.get("app").cloned())
+        .and_then(|w| w.metadata.labels.get("app").map(str::to_owned))
         .unwrap_or_else(|| "app0".into());
     let mut rng = StdRng::seed_from_u64(99);
     let mut ops: Vec<(String, Vec<f64>)> =

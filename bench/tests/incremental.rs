@@ -34,7 +34,7 @@ fn network_set(i: usize, rng: &mut StdRng) -> Resource {
             ipnet::IpNet::V4(ipnet::Ipv4Net::new(addr, len).unwrap().trunc())
         })
         .collect();
-    let mut labels = BTreeMap::new();
+    let mut labels = model::selector::Labels::new();
     labels.insert("app".to_owned(), format!("app{}", rng.random_range(0..5)));
     labels.insert("tier".to_owned(), "web".to_owned());
     let metadata = |ns: Option<String>| ObjectMeta {
@@ -90,7 +90,7 @@ const NODE_POLICY: &str = "{apiVersion: projectcalico.org/v3, kind: GlobalNetwor
 fn account_profile(rng: &mut StdRng) -> Resource {
     let ns = bench::namespace_name(rng.random_range(0..4));
     let sa = format!("sa{}", rng.random_range(0..3));
-    let mut labels = BTreeMap::new();
+    let mut labels = model::selector::Labels::new();
     labels.insert(
         format!("{}team", serviceaccount::LABEL_PREFIX),
         format!("t{}", rng.random_range(0..2)),

@@ -16,7 +16,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::selector::{Selector, SelectorError};
+use crate::selector::{Labels, Selector, SelectorError};
 
 pub const API_VERSION: &str = "projectcalico.org/v3";
 /// etcd key prefix under which Calico stores v3 resources.
@@ -61,8 +61,8 @@ pub struct ObjectMeta {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1026,8 +1026,8 @@ pub struct ProfileSpec {
     pub ingress: Vec<Rule>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<Rule>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels_to_apply: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Labels::is_empty")]
+    pub labels_to_apply: Labels,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -118,7 +118,7 @@ pub fn node_to_calico(node: &k8s_openapi::api::core::v1::Node) -> Result<calico:
     }
     let mut metadata = ObjectMeta {
         name: node.metadata.name.clone().unwrap_or_default(),
-        labels,
+        labels: labels.into_iter().collect(),
         ..Default::default()
     };
     if let Some(reason) = crate::kube::rejection(&node.metadata) {
@@ -203,7 +203,7 @@ pub fn namespace_to_profile(ns: &Namespace) -> Result<Profile, String> {
         spec: ProfileSpec {
             ingress: rules.clone(),
             egress: rules,
-            labels_to_apply,
+            labels_to_apply: labels_to_apply.into_iter().collect(),
         },
     })
 }
@@ -302,7 +302,7 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
     let mut metadata = ObjectMeta {
         name: workload_endpoint_name(&node, &name, "eth0"),
         namespace: Some(namespace.clone()),
-        labels,
+        labels: labels.into_iter().collect(),
         ..Default::default()
     };
     if let Some(reason) = crate::kube::rejection(&pod.metadata) {
@@ -703,8 +703,11 @@ pub fn simplify_ports(ports: Vec<Port>) -> Vec<Port> {
         .collect()
 }
 
-pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+pub(crate) fn validate_labels<K: AsRef<str>, V: AsRef<str>>(
+    labels: impl IntoIterator<Item = (K, V)>,
+) -> Result<(), String> {
     for (k, v) in labels {
+        let (k, v) = (k.as_ref(), v.as_ref());
         validate_label_key(k)?;
         validate_label_value(v).map_err(|e| format!("label {k:?}: {e}"))?;
     }

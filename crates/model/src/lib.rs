@@ -23,6 +23,7 @@ pub mod calico;
 pub mod convert;
 pub mod fields;
 pub mod kube;
+pub mod labels;
 pub mod reject;
 pub mod scenario;
 pub mod selector;

@@ -304,7 +304,7 @@ mod tests {
             panic!()
         };
         assert!(r.metadata().rejection().unwrap().contains("ipNATs"));
-        assert_eq!(w.metadata.labels["app"], "db");
+        assert_eq!(w.metadata.labels.get("app"), Some("db"));
         assert_eq!(
             w.spec.ip_networks,
             ["198.18.0.9/32".parse::<IpNet>().unwrap()]

@@ -116,12 +116,12 @@
 //! Errors at the end of the input report `position == input.len()`; an
 //! unterminated string reports the position of its opening quote.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
 /// The labels a selector is evaluated against: label key to value.
-pub type Labels = BTreeMap<String, String>;
+pub use crate::labels::Labels;
 
 /// Anything a selector can read labels from: a plain map, or a view that
 /// layers an endpoint's own labels over those its profiles apply without
@@ -132,7 +132,7 @@ pub trait LabelSource {
 
 impl LabelSource for Labels {
     fn label(&self, key: &str) -> Option<&str> {
-        self.get(key).map(String::as_str)
+        self.get(key)
     }
 }
 
@@ -163,15 +163,11 @@ impl LabelView<'_> {
     /// Every (key, value) pair of every layer, overridden ones included
     /// (for indexes, which may over-approximate).
     pub fn pairs(&self) -> Box<dyn Iterator<Item = (&str, &str)> + '_> {
-        fn kv<'s>((k, v): (&'s String, &'s String)) -> (&'s str, &'s str) {
-            (k.as_str(), v.as_str())
-        }
         match self {
-            LabelView::Owned(l) => Box::new(l.iter().map(kv)),
+            LabelView::Owned(l) => Box::new(l.iter()),
             LabelView::Layered { own, inherited } => Box::new(
                 own.iter()
-                    .map(kv)
-                    .chain(inherited.iter().flat_map(move |l| l.iter().map(kv))),
+                    .chain(inherited.iter().flat_map(move |l| l.iter())),
             ),
         }
     }
@@ -183,9 +179,9 @@ impl LabelView<'_> {
             LabelView::Layered { own, inherited } => {
                 let mut out = Labels::new();
                 for l in inherited {
-                    out.extend(l.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    out.overlay(l);
                 }
-                out.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+                out.overlay(own);
                 out
             }
         }

@@ -86,7 +86,7 @@ pub fn to_profile(sa: &ServiceAccount) -> Result<Profile, String> {
         api_version: calico::API_VERSION.into(),
         metadata,
         spec: ProfileSpec {
-            labels_to_apply,
+            labels_to_apply: labels_to_apply.into_iter().collect(),
             ..Default::default()
         },
     })

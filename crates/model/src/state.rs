@@ -168,9 +168,9 @@ impl ClusterState {
                 let namespace = s.metadata.namespace.as_deref().unwrap_or("default");
                 let mut labels = Labels::new();
                 if let Some(applied) = profile_labels(&namespace_profile_name(namespace)) {
-                    labels.extend(applied.clone());
+                    labels.overlay(applied);
                 }
-                labels.extend(s.metadata.labels.clone());
+                labels.overlay(&s.metadata.labels);
                 labels.insert(calico::LABEL_NAMESPACE.into(), namespace.to_owned());
                 Some(LabelledNets {
                     labels: LabelView::Owned(labels),
@@ -295,10 +295,10 @@ fn endpoint_labels_with<'a>(
     let mut labels = Labels::new();
     for p in &w.spec.profiles {
         if let Some(applied) = profile_labels(p) {
-            labels.extend(applied.clone());
+            labels.overlay(applied);
         }
     }
-    labels.extend(w.metadata.labels.clone());
+    labels.overlay(&w.metadata.labels);
     labels
 }
 

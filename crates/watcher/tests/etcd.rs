@@ -259,7 +259,7 @@ async fn snapshot_then_watch() {
             revision,
         } => {
             assert_eq!(key.etcd_key(), pr);
-            assert_eq!(p.spec.labels_to_apply["l"], "2");
+            assert_eq!(p.spec.labels_to_apply.get("l").expect("label"), "2");
             assert_eq!(revision, changed);
         }
         other => panic!("expected the profile's update, got {other:?}"),
@@ -912,7 +912,11 @@ async fn run_controller_resyncs_on_file_changes() {
                 let Resource::Profile(p) = Resource::from_json("", kv.value()).unwrap() else {
                     panic!()
                 };
-                p.spec.labels_to_apply["pcns.v"].clone()
+                p.spec
+                    .labels_to_apply
+                    .get("pcns.v")
+                    .expect("label")
+                    .to_owned()
             })
         }
     };

@@ -90,7 +90,7 @@ async fn file_source_emits_the_difference_after_an_edit() {
     let Some(Resource::Profile(x)) = cache.state.get(&profile("kns.x")) else {
         panic!("{second:#?}")
     };
-    assert_eq!(x.spec.labels_to_apply["pcns.v"], "2");
+    assert_eq!(x.spec.labels_to_apply.get("pcns.v").expect("label"), "2");
     assert_eq!(cache.state.len(), 2);
 
     // The bad file is fixed: no more invalid objects; an InSync confirms it.

@@ -289,7 +289,7 @@ async fn service_accounts_become_profiles_and_follow_their_labels() {
         .apply(&service_account("a", "batch", json!({"access": "none"})))
         .unwrap();
     w.until("the relabelled account", |c, _| {
-        labels(c).is_some_and(|l| l.get("pcsa.access").map(String::as_str) == Some("none"))
+        labels(c).is_some_and(|l| l.get("pcsa.access") == Some("none"))
     })
     .await;
     f.api
@@ -342,7 +342,7 @@ async fn nodes_become_calico_nodes_and_follow_their_labels() {
     let zone = |c: &Cache| match c.state.get(&key) {
         Some(model::calico::Resource::Node(n)) => {
             assert_eq!(format!("{:?}", n.nets()), "[198.18.0.1/32]");
-            n.metadata.labels.get("zone").cloned()
+            n.metadata.labels.get("zone").map(str::to_owned)
         }
         _ => None,
     };

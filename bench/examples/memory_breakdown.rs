@@ -1,0 +1,77 @@
+//! Where the agent's memory goes at a scale (issue 18, compact state):
+//! `cargo run --release -p bench --example memory_breakdown -- POLICIES PODS`
+//! (root: the last stage programs a private network namespace).
+//!
+//! Counts the live heap (a counting global allocator, so glibc's free
+//! chunks are not in it) after each thing the agent's programmer thread
+//! holds is built, the benchmark's synthetic cluster standing in for the
+//! datastore: the cluster state (every Calico resource), the incremental
+//! compiler's persistent data (split into the logical ruleset, the
+//! nftables objects lowered from it, and the rest: set memberships, the
+//! label index, reference counts), and the programmer's record of what it
+//! committed.
+use bench::alloc_count::{live_bytes, Counting};
+use compiler::{CompileOptions, IncrementalCompiler};
+use model::calico::Kind;
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("numbers: POLICIES PODS"))
+        .collect();
+    let scale = bench::Scale::new(args[0], args[1]);
+    let start = live_bytes();
+    let state = bench::generate(&scale);
+    let state_bytes = live_bytes() - start;
+    let pods = state.of_kind(Kind::WorkloadEndpoint).count();
+    println!("stage live_MiB bytes_per_pod");
+    let line = |what: &str, bytes: usize| {
+        println!("{what} {:.1} {}", mib(bytes), bytes / pods.max(1));
+    };
+    line("cluster_state", state_bytes);
+    eprintln!(
+        "sizes: Resource {} WorkloadEndpoint {} ObjectMeta {} ResourceKey {}",
+        std::mem::size_of::<model::calico::Resource>(),
+        std::mem::size_of::<model::calico::WorkloadEndpoint>(),
+        std::mem::size_of::<model::calico::ObjectMeta>(),
+        std::mem::size_of::<model::calico::ResourceKey>()
+    );
+
+    let opts = CompileOptions::new(bench::NODE_UNDER_TEST);
+    let before = live_bytes();
+    let logical = compiler::compile(&state, &opts)?;
+    let logical_bytes = live_bytes() - before;
+    let before = live_bytes();
+    let ruleset = compiler::lower_nft::to_nftables(&logical);
+    let ruleset_bytes = live_bytes() - before;
+    drop(ruleset);
+    drop(logical);
+
+    let before = live_bytes();
+    let mut inc = IncrementalCompiler::new(opts);
+    inc.rebuild(&state)?;
+    let compiler_bytes = live_bytes() - before;
+    line("compiler_logical_ruleset", logical_bytes);
+    line("compiler_nftables_objects", ruleset_bytes);
+    line(
+        "compiler_memberships_index_refs",
+        compiler_bytes.saturating_sub(logical_bytes + ruleset_bytes),
+    );
+    line("compiler_total", compiler_bytes);
+
+    let _ns = testkit::netns::Netns::enter("membreak")?;
+    let before = live_bytes();
+    let mut p = programmer::NftProgrammer::new()?;
+    p.apply(inc.ruleset())?;
+    let programmer_bytes = live_bytes() - before;
+    line("programmer", programmer_bytes);
+    line("total", live_bytes() - start);
+    Ok(())
+}

@@ -1,0 +1,257 @@
+//! Label maps, compact: a sorted list of (key, value) pairs whose strings
+//! are interned.
+//!
+//! Why: the node agent keeps every endpoint in the cluster (250,000 pods in
+//! the benchmark). As a `BTreeMap<String, String>`, four labels cost about
+//! 850 bytes per pod (a B-tree leaf sized for eleven entries, and eight
+//! string allocations); as a sorted list of shared strings they cost 32
+//! bytes per label, and the strings themselves ("app", "web", the namespace
+//! name) exist once in the process. The API follows `BTreeMap`'s (sorted
+//! iteration, `get`, `insert`, `extend`), and serde reads and writes a
+//! plain map, so the format does not change.
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use serde::de::{MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Label key → value, sorted by key, each key once.
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Labels(Vec<(Arc<str>, Arc<str>)>);
+
+/// Every label string in use, so that equal strings share one allocation.
+/// Strings nobody else holds any more are dropped whenever the table has
+/// doubled since the last sweep (label values can be unique per pod, and
+/// pods come and go).
+struct Interner {
+    strings: HashSet<Arc<str>>,
+    sweep_at: usize,
+}
+
+static INTERNER: LazyLock<Mutex<Interner>> = LazyLock::new(|| {
+    Mutex::new(Interner {
+        strings: HashSet::new(),
+        sweep_at: 1024,
+    })
+});
+
+/// The shared copy of `s`.
+pub fn intern(s: &str) -> Arc<str> {
+    // A poisoned lock only means another thread panicked while holding it;
+    // the table itself is still a valid set.
+    let mut table = INTERNER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(shared) = table.strings.get(s) {
+        return shared.clone();
+    }
+    let shared: Arc<str> = Arc::from(s);
+    table.strings.insert(shared.clone());
+    if table.strings.len() >= table.sweep_at {
+        table.strings.retain(|s| Arc::strong_count(s) > 1);
+        table.sweep_at = (table.strings.len() * 2).max(1024);
+    }
+    shared
+}
+
+impl Labels {
+    #[must_use]
+    pub const fn new() -> Labels {
+        Labels(Vec::new())
+    }
+
+    fn position(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| (**k).cmp(key))
+    }
+
+    #[must_use]
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.position(key).ok().map(|i| &*self.0[i].1)
+    }
+
+    #[must_use]
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.position(key).is_ok()
+    }
+
+    /// Sets `key` to `value`; the value it had, if any. Takes `String`s as
+    /// `BTreeMap<String, String>::insert` does, so that `"k".into()` reads
+    /// the same; [`Labels::set`] takes any string.
+    #[allow(clippy::needless_pass_by_value)]
+    pub fn insert(&mut self, key: String, value: String) -> Option<Arc<str>> {
+        self.set(&key, &value)
+    }
+
+    /// Sets `key` to `value`; the value it had, if any.
+    pub fn set(&mut self, key: &str, value: &str) -> Option<Arc<str>> {
+        let value = intern(value);
+        match self.position(key) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Err(i) => {
+                self.0.insert(i, (intern(key), value));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<Arc<str>> {
+        self.position(key).ok().map(|i| self.0.remove(i).1)
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &str) -> bool) {
+        self.0.retain(|(k, v)| keep(k, v));
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// (key, value) in key order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&str, &str)> + ExactSizeIterator {
+        self.0.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator {
+        self.0.iter().map(|(k, _)| &**k)
+    }
+
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator {
+        self.0.iter().map(|(_, v)| &**v)
+    }
+
+    /// The labels of `other` over these (its values win), sharing the
+    /// strings instead of interning them again.
+    pub fn overlay(&mut self, other: &Labels) {
+        for (k, v) in &other.0 {
+            match self.position(k) {
+                Ok(i) => self.0[i].1 = v.clone(),
+                Err(i) => self.0.insert(i, (k.clone(), v.clone())),
+            }
+        }
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> Extend<(K, V)> for Labels {
+    fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, pairs: I) {
+        for (k, v) in pairs {
+            self.set(k.as_ref(), v.as_ref());
+        }
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Labels {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Labels {
+        let mut labels = Labels::new();
+        labels.extend(pairs);
+        labels
+    }
+}
+
+impl<K: AsRef<str>, V: AsRef<str>, const N: usize> From<[(K, V); N]> for Labels {
+    fn from(pairs: [(K, V); N]) -> Labels {
+        pairs.into_iter().collect()
+    }
+}
+
+impl IntoIterator for Labels {
+    type Item = (Arc<str>, Arc<str>);
+    type IntoIter = std::vec::IntoIter<(Arc<str>, Arc<str>)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Labels {
+    type Item = (&'a str, &'a str);
+    type IntoIter = Box<dyn Iterator<Item = (&'a str, &'a str)> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl fmt::Debug for Labels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.len()))?;
+        for (k, v) in self.iter() {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+        struct LabelsVisitor;
+        impl<'de> Visitor<'de> for LabelsVisitor {
+            type Value = Labels;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of label keys to string values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Labels, A::Error> {
+                let mut labels = Labels::new();
+                while let Some((k, v)) = map.next_entry::<String, String>()? {
+                    // As a map: a repeated key keeps its last value.
+                    labels.set(&k, &v);
+                }
+                Ok(labels)
+            }
+        }
+        d.deserialize_map(LabelsVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn behaves_like_a_sorted_map() {
+        let mut l = Labels::new();
+        assert_eq!(l.set("b", "2"), None);
+        assert_eq!(l.insert("a".into(), "1".into()), None);
+        assert_eq!(l.set("b", "3").as_deref(), Some("2"));
+        assert_eq!(l.iter().collect::<Vec<_>>(), [("a", "1"), ("b", "3")]);
+        assert_eq!(l.get("b"), Some("3"));
+        assert!(!l.contains_key("c"));
+        assert_eq!(l.remove("a").as_deref(), Some("1"));
+        assert_eq!(l.len(), 1);
+        let mut base = Labels::from([("x", "1"), ("b", "0")]);
+        base.overlay(&l);
+        assert_eq!(format!("{base:?}"), r#"{"b": "3", "x": "1"}"#);
+    }
+
+    #[test]
+    fn equal_strings_are_shared() {
+        let a = Labels::from([("app", "web-interned-test")]);
+        let b = Labels::from([("app", "web-interned-test")]);
+        assert!(Arc::ptr_eq(&a.0[0].1, &b.0[0].1));
+    }
+
+    #[test]
+    fn serde_reads_and_writes_a_map() {
+        let l: Labels = serde_json::from_str(r#"{"z": "1", "a": "2"}"#).unwrap();
+        assert_eq!(l.keys().collect::<Vec<_>>(), ["a", "z"]);
+        assert_eq!(serde_json::to_string(&l).unwrap(), r#"{"a":"2","z":"1"}"#);
+        assert!(serde_json::from_str::<Labels>(r#"{"a": 1}"#).is_err());
+    }
+}
