@@ -26,10 +26,18 @@ use programmer::{ApplyReport, NftProgrammer};
 use testkit::netns::Netns;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().expect("numbers: POLICIES PODS [CHUNK]"))
-        .collect();
+    let mut ways: Option<Vec<String>> = None;
+    let mut args: Vec<usize> = Vec::new();
+    let mut argv = std::env::args().skip(1);
+    while let Some(a) = argv.next() {
+        if a == "--ways" {
+            let list = argv.next().expect("--ways one,kind,chunked,intervals");
+            ways = Some(list.split(',').map(str::to_owned).collect());
+        } else {
+            args.push(a.parse().expect("POLICIES PODS [CHUNK] [--ways LIST]"));
+        }
+    }
+    let run = |w: &str| ways.as_ref().is_none_or(|l| l.iter().any(|x| x == w));
     let (policies, pods) = (args[0], args[1]);
     let chunk = args.get(2).copied().unwrap_or(1000);
     let state = bench::generate(&bench::Scale::new(policies, pods));
@@ -46,70 +54,129 @@ fn main() -> anyhow::Result<()> {
         count(&|t| t.chains.values().map(|c| c.rules.len()).sum()),
     );
 
-    let one = program("one transaction", std::slice::from_ref(&full))?;
-
-    let by_kind = program(
-        "by object kind",
-        &[
-            only(&full, |t| {
-                t.chains.clear();
-                t.maps.clear();
-                for s in t.sets.values_mut() {
-                    s.elements.clear();
-                }
-            }),
-            only(&full, |t| {
-                t.chains.clear();
-                t.maps.clear();
-            }),
-            only(&full, |t| {
-                for c in t.chains.values_mut() {
-                    c.rules.clear();
-                }
-            }),
-            full.clone(),
-        ],
-    )?;
-
-    // Sets (with their elements) added CHUNK at a time, then the rest.
-    let mut steps = Vec::new();
-    let names: Vec<Vec<String>> = full
-        .tables
-        .iter()
-        .map(|t| t.sets.keys().cloned().collect())
-        .collect();
-    let most = names.iter().map(Vec::len).max().unwrap_or(0);
-    for upto in (chunk..most).step_by(chunk).chain([most]) {
-        steps.push(only(&full, |t| {
-            t.chains.clear();
-            t.maps.clear();
-            let keep: Vec<String> = t.sets.keys().take(upto).cloned().collect();
-            t.sets.retain(|k, _| keep.contains(k));
-        }));
+    let mut table: Vec<(&str, Vec<ApplyReport>)> = Vec::new();
+    if run("one") {
+        table.push((
+            "one transaction",
+            program("one transaction", std::slice::from_ref(&full))?,
+        ));
     }
-    steps.push(full.clone());
-    let chunked = program(&format!("sets {chunk} per transaction"), &steps)?;
 
-    let intervals_only = program(
-        "one transaction, interval sets only",
-        &[only(&full, |t| {
-            for s in t.sets.values_mut() {
-                if s.key == SetKey::Host {
-                    s.key = SetKey::Addr;
+    if run("kind") {
+        let by_kind = program(
+            "by object kind",
+            &[
+                only(&full, |t| {
+                    t.chains.clear();
+                    t.maps.clear();
+                    for s in t.sets.values_mut() {
+                        s.elements.clear();
+                    }
+                }),
+                only(&full, |t| {
+                    t.chains.clear();
+                    t.maps.clear();
+                }),
+                only(&full, |t| {
+                    for c in t.chains.values_mut() {
+                        c.rules.clear();
+                    }
+                }),
+                full.clone(),
+            ],
+        )?;
+        table.push(("by object kind", by_kind));
+    }
+
+    if run("chunked") {
+        // Sets (with their elements) added CHUNK at a time, then the rest.
+        let mut steps = Vec::new();
+        let names: Vec<Vec<String>> = full
+            .tables
+            .iter()
+            .map(|t| t.sets.keys().cloned().collect())
+            .collect();
+        let most = names.iter().map(Vec::len).max().unwrap_or(0);
+        for upto in (chunk..most).step_by(chunk).chain([most]) {
+            steps.push(only(&full, |t| {
+                t.chains.clear();
+                t.maps.clear();
+                let keep: Vec<String> = t.sets.keys().take(upto).cloned().collect();
+                t.sets.retain(|k, _| keep.contains(k));
+            }));
+        }
+        steps.push(full.clone());
+        let chunked = program(&format!("sets {chunk} per transaction"), &steps)?;
+        table.push(("sets chunked", chunked));
+    }
+
+    if run("largest") {
+        // The largest set of each table (the all-pods named-port set of the
+        // benchmark's `ports: [http]` rules) filled on its own.
+        let largest: Vec<String> = full
+            .tables
+            .iter()
+            .map(|t| {
+                t.sets
+                    .values()
+                    .max_by_key(|s| s.elements.len())
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let is_largest =
+            |t: &Table, name: &str| largest.iter().any(|l| l == name) && !t.sets.is_empty();
+        let by_set = program(
+            "largest set apart",
+            &[
+                only(&full, |t| {
+                    t.chains.clear();
+                    t.maps.clear();
+                    for s in t.sets.values_mut() {
+                        s.elements.clear();
+                    }
+                }),
+                only(&full, |t| {
+                    t.chains.clear();
+                    t.maps.clear();
+                    let big: Vec<String> = t
+                        .sets
+                        .keys()
+                        .filter(|k| !is_largest(t, k))
+                        .cloned()
+                        .collect();
+                    for k in big {
+                        t.sets.get_mut(&k).unwrap().elements.clear();
+                    }
+                }),
+                only(&full, |t| {
+                    t.chains.clear();
+                    t.maps.clear();
+                }),
+                full.clone(),
+            ],
+        )?;
+        table.push(("largest set apart", by_set));
+    }
+
+    if run("intervals") {
+        let intervals_only = program(
+            "one transaction, interval sets only",
+            &[only(&full, |t| {
+                for s in t.sets.values_mut() {
+                    if s.key == SetKey::Host {
+                        s.key = SetKey::Addr;
+                    }
                 }
-            }
-        })],
-    )?;
+            })],
+        )?;
+        table.push(("one transaction, interval sets only", intervals_only));
+    }
 
     println!();
     println!("| way | transactions | kernel ms |");
     println!("|---|---:|---:|");
-    for (way, reports) in [
-        ("one transaction", &one),
-        ("by object kind", &by_kind),
-        ("sets chunked", &chunked),
-        ("one transaction, interval sets only", &intervals_only),
-    ] {
+    for (way, reports) in &table {
         println!("| {way} | {} | {:.0} |", reports.len(), kernel_ms(reports));
     }
     Ok(())
