@@ -1,21 +1,26 @@
 //! Where cold programming spends its kernel time (issue: kernel-object
 //! budget): `cargo run --release -p bench --example cold_breakdown --
-//! POLICIES PODS [CHUNK]`.
+//! POLICIES PODS [CHUNK] [--ways one,kind,largest,chunked,intervals]`.
 //!
-//! Compiles the benchmark's synthetic cluster for the node under test and
-//! programs it three ways, each into a fresh network namespace, printing the
+//! Compiles the benchmark's synthetic cluster for the node under test
+//! (printing the compile's time) and programs it several ways (all, or the
+//! ones `--ways` names), each into a fresh network namespace, printing the
 //! kernel's time (sendmsg to the last reply, from the programmer's own
 //! report) and the messages of every transaction:
 //!
-//! 1. **one transaction**, as the agent does today;
-//! 2. **by object kind**, one transaction each: empty sets, then their
-//!    elements, then chains (no rules) and verdict maps, then rules;
-//! 3. **sets in chunks** of CHUNK (default 1,000) per transaction, then the
-//!    rest at once — does splitting the set creation help the cost that
-//!    grows with the number of sets?
-//! 4. **one transaction, interval sets only**: as 1, with every host
-//!    (hash) set made an interval set, as all address sets were before
-//!    `SetKey::Host` — the same run's measure of what hash sets save.
+//! 1. `one`: **one transaction**, as the agent does;
+//! 2. `kind`: **by object kind**, one transaction each: empty sets, then
+//!    their elements, then chains (no rules) and verdict maps, then rules
+//!    (the sets are created before any rule exists, so in name order, not
+//!    most used first as in one transaction);
+//! 3. `largest`: as `kind`, with the elements of each table's largest set
+//!    in a transaction of their own;
+//! 4. `chunked`: **sets in chunks** of CHUNK (default 1,000) per
+//!    transaction, then the rest at once — does splitting the set creation
+//!    help the cost that grows with the number of sets?
+//! 5. `intervals`: **one transaction, interval sets only**: as 1, with
+//!    every host (hash) set made an interval set, as all address sets were
+//!    before `SetKey::Host` — the same run's measure of what hash sets save.
 //!
 //! Only the kernel time is compared, so a debug build gives the same
 //! answer as a release one, only slower to compile and encode.
@@ -42,8 +47,11 @@ fn main() -> anyhow::Result<()> {
     let chunk = args.get(2).copied().unwrap_or(1000);
     let state = bench::generate(&bench::Scale::new(policies, pods));
     let opts = compiler::CompileOptions::new(bench::NODE_UNDER_TEST);
+    let t = std::time::Instant::now();
     let full = compiler::lower_nft::to_nftables(&compiler::compile(&state, &opts)?);
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
     drop(state);
+    println!("compile and lower: {compile_ms:.0} ms");
     let count = |f: &dyn Fn(&Table) -> usize| full.tables.iter().map(f).sum::<usize>();
     println!(
         "{policies} policies, {pods} pods: {} sets ({} elements), {} maps, {} chains, {} rules",
