@@ -99,6 +99,8 @@ pub struct Batch {
     /// element messages that refer to them carry the id as nft does.
     set_ids: SetIds,
     next_set_id: u32,
+    /// Ids given out by `reserve_set_ids`, not yet used by a `NEWSET`.
+    reserved: HashMap<(TableFamily, String), u32>,
     open: Option<usize>,
     finished: bool,
 }
@@ -116,6 +118,7 @@ impl Batch {
             msgs: Vec::new(),
             set_ids: HashMap::new(),
             next_set_id: 1,
+            reserved: HashMap::new(),
             open: None,
             finished: false,
         };
@@ -159,13 +162,34 @@ impl Batch {
     }
 
     pub fn alloc_set_id(&mut self, family: TableFamily, set: &str) -> u32 {
-        let id = self.next_set_id;
-        self.next_set_id += 1;
+        let id = match self.reserved.remove(&(family, set.to_owned())) {
+            Some(id) => id,
+            None => {
+                self.next_set_id += 1;
+                self.next_set_id - 1
+            }
+        };
         self.set_ids
             .entry(family)
             .or_default()
             .insert(set.to_owned(), id);
         id
+    }
+
+    /// Numbers the sets `names` (to be created in this batch, in any
+    /// order) in the order given, as nft would number them created in that
+    /// order: a table's sets are created most used first (see
+    /// `plan::by_references`), their ids stay in name order.
+    pub fn reserve_set_ids<'a>(
+        &mut self,
+        family: TableFamily,
+        names: impl Iterator<Item = &'a str>,
+    ) {
+        for name in names {
+            self.reserved
+                .insert((family, name.to_owned()), self.next_set_id);
+            self.next_set_id += 1;
+        }
     }
 
     /// The writer and the set ids at once (to write a rule whose lookups

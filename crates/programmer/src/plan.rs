@@ -4,7 +4,9 @@
 //! valid at the point the kernel processes it:
 //!
 //! 1. `NEWTABLE` (new table) — a new table is then filled in nft's order:
-//!    chains, sets + elements, maps + elements, rules.
+//!    chains, sets + elements, maps + elements, rules; only its sets go
+//!    most used first (`by_references`: the kernel finds a rule's set by
+//!    walking its list of sets), numbered as nft would in name order.
 //! 2. `NEWCHAIN` for new chains, and base-chain policy updates.
 //! 3. `NEWSET` + `NEWSETELEM` for new sets, then new maps (their elements
 //!    may `goto` chains from step 2).
@@ -22,7 +24,7 @@
 //!
 //! A table that disappears from the desired ruleset is destroyed whole.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use compiler::nft::{
     referenced_sets, Chain, Ruleset, Set, SetKey, Table, TableFamily, VerdictMap, TABLE_NAME,
@@ -134,7 +136,8 @@ fn create_table(b: &mut Batch, t: &Table) -> Result<(), Error> {
     for c in t.chains.values() {
         encode::new_chain(b, f, &t.name, c)?;
     }
-    for s in t.sets.values() {
+    b.reserve_set_ids(f, t.sets.keys().map(String::as_str));
+    for s in by_references(t) {
         create_set(b, f, &t.name, s)?;
     }
     for m in t.maps.values() {
@@ -144,6 +147,28 @@ fn create_table(b: &mut Batch, t: &Table) -> Result<(), Error> {
         add_rules(b, f, &t.name, c)?;
     }
     Ok(())
+}
+
+/// `t`'s sets, the ones most rules use first (ties by name).
+///
+/// The kernel finds the set of a rule's lookup (and of an element message)
+/// by walking the table's list of sets, in creation order, comparing
+/// names; `NFTA_LOOKUP_SET_ID` is only tried after the name fails, and the
+/// name is mandatory. With ~1,400 sets per table that walk was about 40 %
+/// of a rule's kernel cost at cold start. Creating the most used sets
+/// first shortens the average walk (at 3,000 policies about 3.5× fewer
+/// list nodes visited: two sets are used by ~800 rules each, most by 1–5).
+fn by_references(t: &Table) -> Vec<&Set> {
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for c in t.chains.values() {
+        for s in referenced_sets(c) {
+            *uses.entry(s).or_default() += 1;
+        }
+    }
+    let mut sets: Vec<&Set> = t.sets.values().collect();
+    // Stable: equal counts keep the map's name order.
+    sets.sort_by_key(|s| std::cmp::Reverse(uses.get(s.name.as_str()).copied().unwrap_or(0)));
+    sets
 }
 
 fn create_set(b: &mut Batch, f: TableFamily, table: &str, s: &Set) -> Result<(), Error> {

@@ -98,6 +98,33 @@ fn strip_set_typeof(msg_type: u16, attrs: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Sorts each run of `NEWSET`/`NEWSETELEM` messages by the set's name
+/// (attribute 2 of both), keeping a set's messages in their order.
+fn by_set_name<T>(msgs: &mut [T], msg: impl Fn(&T) -> (u16, &[u8])) {
+    let is_set = |t: &T| matches!(msg(t).0, 0x0a09 | 0x0a0c);
+    let name = |t: &T| -> Vec<u8> {
+        let b = &msg(t).1[4..];
+        let mut o = 0;
+        while o + 4 <= b.len() {
+            let len = u16::from_ne_bytes([b[o], b[o + 1]]) as usize;
+            if u16::from_ne_bytes([b[o + 2], b[o + 3]]) == 2 {
+                return b[o + 4..o + len].to_vec();
+            }
+            o += (len.max(4) + 3) & !3;
+        }
+        Vec::new()
+    };
+    let mut i = 0;
+    while i < msgs.len() {
+        let start = i;
+        while i < msgs.len() && is_set(&msgs[i]) {
+            i += 1;
+        }
+        msgs[start..i].sort_by_cached_key(|m| name(m));
+        i = i.max(start + 1);
+    }
+}
+
 #[test]
 fn sample_ruleset_encodes_like_nft() {
     if !nft_for("the oracle") {
@@ -109,10 +136,16 @@ fn sample_ruleset_encodes_like_nft() {
     let (stdout, _) = ns.nft_script(&["--debug=mnl"], &script).unwrap();
     let theirs = batch_only(parse_mnl(&stdout));
 
+    let mut theirs = theirs;
+    by_set_name(&mut theirs, |m| (m.msg_type, &m.payload));
+
     let p = NftProgrammer::new().unwrap();
     let tx = p.plan(&rs).unwrap();
-    let ours = tx.encoded();
-    let steps = tx.steps();
+    // We create a new table's sets most used first (nft: in the script's
+    // order), with the same ids; compare them in name order.
+    let mut ours: Vec<_> = tx.encoded().into_iter().zip(tx.steps()).collect();
+    by_set_name(&mut ours, |(m, _)| (m.0, m.1));
+    let (ours, steps): (Vec<_>, Vec<_>) = ours.into_iter().unzip();
 
     let mut mismatches = Vec::new();
     for (i, ((ty, payload), theirs)) in ours.iter().zip(theirs.iter()).enumerate() {
