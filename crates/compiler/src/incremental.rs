@@ -125,6 +125,8 @@ enum MemberRule {
         selector: Option<Selector>,
         protocol: u8,
         names: Vec<String>,
+        /// Its set's kind, which says which endpoints it admits.
+        kind: IpSetKind,
     },
 }
 
@@ -140,10 +142,12 @@ impl MemberRule {
                 selector,
                 protocol,
                 names,
+                ..
             } => MemberRule::NamedPort {
                 selector: selector.as_deref().map(parse),
                 protocol: *protocol,
                 names: names.clone(),
+                kind: kind.clone(),
             },
         }
     }
@@ -168,8 +172,8 @@ impl MemberRule {
     fn matches(&self, n: &LabelledNets<'_>) -> bool {
         match self {
             MemberRule::Selector(s) => n.selected_by(s),
-            MemberRule::NamedPort { selector, .. } => {
-                n.endpoint.is_some() && selector.as_ref().is_none_or(|s| n.selected_by(s))
+            MemberRule::NamedPort { selector, kind, .. } => {
+                kind.admits(n) && selector.as_ref().is_none_or(|s| n.selected_by(s))
             }
         }
     }
@@ -1162,6 +1166,7 @@ impl IncrementalCompiler {
             marks,
             log_denied,
             opts.encap,
+            &opts.node,
             &[],
             ip_sets,
             true,
@@ -1185,7 +1190,10 @@ impl IncrementalCompiler {
                 None => (state.labelled_nets(), UNINDEXED_SCANS),
             };
             let (endpoints, chains, ip_sets, members) = wanted.build(
-                Builder::new(marks, log_denied, opts.encap, &nets, ip_sets, true).scan_first(scans),
+                Builder::new(
+                    marks, log_denied, opts.encap, &opts.node, &nets, ip_sets, true,
+                )
+                .scan_first(scans),
             );
             for (id, objects) in &members {
                 let m = Membership::of(&ip_sets[id], objects, &nets);
