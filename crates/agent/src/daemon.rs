@@ -351,8 +351,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
             updates,
             source_task,
         },
-        &metrics,
-        &health,
+        metrics,
+        health,
         stop,
     )
     .await
@@ -384,8 +384,8 @@ async fn serve(
     opts: LoopOptions,
     node: Node,
     stream: Stream,
-    metrics: &Arc<Metrics>,
-    health: &Arc<Health>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<bool> {
     let Stream {
@@ -584,3 +584,7 @@ async fn serve(
     let _ = tokio::task::spawn_blocking(move || programmer.join()).await;
     result
 }
+
+#[cfg(test)]
+#[path = "daemon_tests.rs"]
+mod tests;
