@@ -16,6 +16,7 @@ use anyhow::Context;
 use clap::Args;
 
 use ::dataplane::{Node, Pipeline};
+use model::calico::Kind;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 use watcher::{Source, Update};
@@ -114,7 +115,8 @@ enum Job {
     /// Program everything folded in so far.
     Apply {
         revision: i64,
-        received: Vec<Instant>,
+        /// When the changes it programs were received, and of what.
+        received: Vec<(Instant, Kind)>,
     },
     /// Compare the kernel with what we last wrote; repair if it differs.
     Resync,
@@ -123,6 +125,17 @@ enum Job {
     Check,
     /// Last resort before giving up (nftables): see `Pipeline::rebuild`.
     Rebuild { revision: i64 },
+}
+
+/// Tests and measurements: one successful apply or repair.
+#[cfg(test)]
+#[derive(Debug)]
+struct Programmed {
+    /// When its changes were received, and of what.
+    received: Vec<(Instant, Kind)>,
+    started: Instant,
+    /// When the kernel acknowledged it.
+    acked: Instant,
 }
 
 /// What became of a job: every job reports back, so that the loop knows
@@ -146,6 +159,10 @@ struct Worker {
     /// The dataplane's change marker after our last write or resync (0:
     /// none), shared with the table-size check thread.
     marker: Arc<AtomicU64>,
+    /// Tests and measurements: each successful apply's changes (when
+    /// received, and of what) and when the kernel acknowledged it.
+    #[cfg(test)]
+    programmed: Option<std::sync::mpsc::Sender<Programmed>>,
 }
 
 impl Worker {
@@ -154,7 +171,7 @@ impl Worker {
     fn program(
         &mut self,
         revision: i64,
-        received: &[Instant],
+        received: &[(Instant, Kind)],
         program: impl FnOnce(&mut Node) -> Result<(), ::dataplane::Error>,
     ) -> bool {
         let start = Instant::now();
@@ -167,10 +184,18 @@ impl Worker {
                 let acked = Instant::now();
                 let logical = self.node.pipeline().logical().expect("applied");
                 self.metrics.observe_apply(logical, start.elapsed());
-                for r in received {
+                for (r, _) in received {
                     self.metrics
                         .programming_latency
                         .observe(acked.duration_since(*r).as_secs_f64());
+                }
+                #[cfg(test)]
+                if let Some(tx) = &self.programmed {
+                    let _ = tx.send(Programmed {
+                        received: received.to_vec(),
+                        started: start,
+                        acked,
+                    });
                 }
                 info!(
                     revision,
@@ -300,7 +325,6 @@ struct SyncStatus {
     revision: i64,
 }
 
-
 pub fn run(args: RunArgs) -> anyhow::Result<bool> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -336,6 +360,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
             && args.dataplane.iptables_tools() == iptables::Backend::Legacy
             && args.iptables_check_ms > 0)
             .then(|| Duration::from_millis(args.iptables_check_ms)),
+        #[cfg(test)]
+        programmed: None,
     };
     let dataplane = ::dataplane::open(args.dataplane.kind(), args.dataplane.iptables_tools())?;
     let node = Node::new(Pipeline::new(opts, dataplane));
@@ -369,6 +395,9 @@ struct LoopOptions {
     watch: crate::tamper::WatchArgs,
     /// `--iptables-check-ms` when it applies.
     table_size_check: Option<Duration>,
+    /// See `Worker::programmed`.
+    #[cfg(test)]
+    programmed: Option<std::sync::mpsc::Sender<Programmed>>,
 }
 
 /// The datastore's update stream and the task feeding it.
@@ -404,6 +433,8 @@ async fn serve(
         metrics: metrics.clone(),
         last_error: None,
         marker: marker.clone(),
+        #[cfg(test)]
+        programmed: opts.programmed.clone(),
     };
     let programmer = std::thread::Builder::new()
         .name("programmer".into())
@@ -488,35 +519,35 @@ async fn serve(
             }
             Some(done) = done_rx.recv() => {
                 busy = false;
-                let Some(ok) = done.ok else {
-                    continue;
-                };
-                if ok {
-                    applied_once = true;
-                    if let Ok(revision) = u64::try_from(done.revision) {
-                        health.applied_revision.fetch_max(revision, Ordering::Relaxed);
+                // `None`: nothing was attempted (no drift found).
+                if let Some(ok) = done.ok {
+                    if ok {
+                        applied_once = true;
+                        if let Ok(revision) = u64::try_from(done.revision) {
+                            health.applied_revision.store(revision, Ordering::Relaxed);
+                        }
+                        failures = 0;
+                    } else {
+                        failures += 1;
+                        if failures >= MAX_APPLY_FAILURES {
+                            break Err(anyhow::anyhow!(
+                                "the kernel rejected {failures} consecutive transactions (the last: {}); \
+                                 giving up so that the orchestrator restarts the agent; the kernel keeps what it holds \
+                                 (our last committed ruleset, unless another program changed it)",
+                                done.error.as_deref().unwrap_or("see the errors above")
+                            ));
+                        }
+                        if failures == MAX_APPLY_FAILURES - 1 && own_port.is_some() && sync.in_sync {
+                            busy = true;
+                            job_tx.send(Job::Rebuild { revision: sync.revision })?;
+                            continue;
+                        }
+                        let delay = Duration::from_secs(1 << (failures - 1).min(4));
+                        warn!(failures, "retrying in {delay:?}");
+                        retry_at = Some(tokio::time::Instant::now() + delay);
                     }
-                    failures = 0;
-                } else {
-                    failures += 1;
-                    if failures >= MAX_APPLY_FAILURES {
-                        break Err(anyhow::anyhow!(
-                            "the kernel rejected {failures} consecutive transactions (the last: {}); \
-                             giving up so that the orchestrator restarts the agent; the kernel keeps what it holds \
-                             (our last committed ruleset, unless another program changed it)",
-                            done.error.as_deref().unwrap_or("see the errors above")
-                        ));
-                    }
-                    if failures == MAX_APPLY_FAILURES - 1 && own_port.is_some() && sync.in_sync {
-                        busy = true;
-                        job_tx.send(Job::Rebuild { revision: sync.revision })?;
-                        continue;
-                    }
-                    let delay = Duration::from_secs(1 << (failures - 1).min(4));
-                    warn!(failures, "retrying in {delay:?}");
-                    retry_at = Some(tokio::time::Instant::now() + delay);
+                    health.ready.store(ok && sync.in_sync, Ordering::Relaxed);
                 }
-                health.ready.store(ok && sync.in_sync, Ordering::Relaxed);
             }
             _ = resync.tick() => {
                 // After the apply under way; a resync that finds no drift
@@ -571,9 +602,19 @@ async fn serve(
                 );
             }
             busy = true;
+            // A fast lane programs everything up to its first held-back
+            // update; the revision reported never goes back for it (only
+            // for a datastore whose revisions did).
+            let revision = match batch.revision {
+                Some(r) => r.min(sync.revision).max(
+                    i64::try_from(health.applied_revision.load(Ordering::Relaxed))
+                        .unwrap_or(i64::MAX),
+                ),
+                None => sync.revision,
+            };
             job_tx.send(Job::Updates(batch.updates))?;
             job_tx.send(Job::Apply {
-                revision: batch.revision.unwrap_or(sync.revision).min(sync.revision),
+                revision,
                 received: batch.received,
             })?;
         }
