@@ -409,6 +409,7 @@ struct Stream {
 /// The agent's loop: folds the datastore's updates, hands them to the
 /// programmer thread (which owns `node`), schedules repairs, until `stop`
 /// completes (`Ok(true)`) or something fails for good.
+#[allow(clippy::too_many_lines)] // one `select!` loop, read top to bottom
 async fn serve(
     opts: LoopOptions,
     node: Node,

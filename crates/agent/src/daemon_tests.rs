@@ -1,7 +1,7 @@
 //! The agent's loop with a real kernel: `serve` and its programmer thread
 //! programming nftables in a namespace of the test's own, fed updates as a
 //! datastore delivers them; what reaches the kernel is watched through
-//! nf_tables' own change notifications (one per committed transaction, in
+//! `nf_tables`' own change notifications (one per committed transaction, in
 //! commit order). Assertions are on the order of effects, never on time.
 
 use std::sync::atomic::AtomicBool;
@@ -80,7 +80,7 @@ impl Agent {
             LoopOptions {
                 whole_at_insync_only: false,
                 lanes,
-                resync_interval: Duration::from_secs(3600),
+                resync_interval: Duration::from_hours(1),
                 watch: crate::tamper::WatchArgs {
                     watch_kernel: false,
                 },
@@ -214,7 +214,7 @@ async fn until(
     complete: impl Fn(&[Committed]) -> bool,
 ) -> Vec<Committed> {
     let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     while !complete(&seen) {
         assert!(
             Instant::now() < deadline,
@@ -300,6 +300,11 @@ fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).map_or(default, |v| v.parse().expect(name))
 }
 
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -313,9 +318,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// programmer thread into nftables in a namespace of its own, with the
 /// lanes off (everything queued goes out as one apply, as before) and on.
 /// The benchmark's cluster (`bench::generate`, `scale_for(HOL_POLICIES)`:
-/// 10,000 policies and 250,000 pods by default); then for HOL_SECONDS
-/// (30) a new pod on another node every HOL_POD_MS (20) ms and tier
-/// `hol`'s order changed every HOL_TIER_MS (1000) ms. Latency runs from
+/// 10,000 policies and 250,000 pods by default); then for `HOL_SECONDS`
+/// (60) a new pod on another node every `HOL_POD_MS` (20) ms and tier
+/// `hol`'s order changed every `HOL_TIER_MS` (1000) ms. Latency runs from
 /// the loop receiving a change to the kernel's acknowledgement of the
 /// apply that programmed it (what `nftpolicy_programming_latency_seconds`
 /// observes). Needs root; minutes and about 2 GiB at the default scale:
@@ -324,8 +329,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[test]
 #[ignore = "a measurement (minutes, about 2 GiB at the default scale): see the README's Performance section"]
 fn head_of_line_latency() {
-    let policies = env_or("HOL_POLICIES", 10_000) as usize;
-    let seconds = env_or("HOL_SECONDS", 30);
+    let policies = usize::try_from(env_or("HOL_POLICIES", 10_000)).unwrap();
+    let seconds = env_or("HOL_SECONDS", 60);
     let pod_every = Duration::from_millis(env_or("HOL_POD_MS", 20));
     let tier_every = Duration::from_millis(env_or("HOL_TIER_MS", 1000));
     let scale = bench::run::scale_for(policies);

@@ -180,7 +180,7 @@ impl Pending {
         let mut held_deps: HashSet<ResourceKey> = HashSet::new();
         let mut fast = 0;
         for (i, q) in self.queue.iter().enumerate() {
-            let hold = match &q.update {
+            let keep_back = match &q.update {
                 Update::Upsert { key, resource, .. } => {
                     slow(key.kind)
                         || held_keys.contains(&key.etcd_key())
@@ -191,7 +191,7 @@ impl Pending {
                 // Markers stay behind whatever was held back before them.
                 Update::InSync { .. } | Update::Disconnected { .. } => !held.is_empty(),
             };
-            if hold {
+            if keep_back {
                 held.insert(i);
                 if let Update::Upsert { key, .. } | Update::Delete { key, .. } = &q.update {
                     held_keys.insert(key.etcd_key());
