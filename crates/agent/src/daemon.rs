@@ -2,7 +2,9 @@
 //!
 //! One loop: datastore updates fold into a cache; once the datastore is in
 //! sync, every burst of updates (everything queued when the loop looks) is
-//! compiled and applied as one transaction; every `--resync-interval` the
+//! compiled and applied as one transaction — or two, when changes that
+//! compile in full are queued with cheap ones: the cheap ones first (see
+//! `crate::lanes`); every `--resync-interval` the
 //! kernel is compared with what we last wrote and repaired. Nothing touches
 //! the kernel before the first in-sync, and SIGTERM leaves the rules in
 //! place (enforcement continues while the agent restarts).
@@ -620,10 +622,11 @@ async fn serve(
             })?;
         }
     };
-    // The programmer thread ends with its job channel, after the job under
-    // way.
+    // The programmer thread ends with its job channel, after the jobs
+    // queued; the process does not wait for it (SIGTERM exits at once,
+    // the rules stay in force).
     drop(job_tx);
-    let _ = tokio::task::spawn_blocking(move || programmer.join()).await;
+    drop(programmer);
     result
 }
 
