@@ -473,3 +473,41 @@ fn measure(
         )
     })
 }
+
+/// A Tier and its policy.
+fn guard_tier(name: &str) -> [Resource; 2] {
+    [
+        resources(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: {name}}}\nspec: {{order: 10}}\n"
+        ))
+        .remove(0),
+        resources(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: {name}.web}}\nspec:\n  tier: {name}\n  selector: app == 'web'\n  types: [Ingress]\n  ingress: [{{action: Pass}}]\n"
+        ))
+        .remove(0),
+    ]
+}
+
+/// A policy of a new tier, queued with the tier and a pod change, waits
+/// for the tier — whether it came after the tier or before it: the pod's
+/// transaction comes first and changes no chain, so the policy is never
+/// programmed as rejected for want of its tier (which would drop web's
+/// traffic in between).
+#[test]
+fn a_policy_waits_for_its_tier_while_a_pod_change_goes_first() {
+    let [tier, policy] = guard_tier("guard");
+    let [tier2, policy2] = guard_tier("guard2");
+    let steps = run_steps(vec![
+        (vec![tier, policy, client(5)], both_seen),
+        (vec![policy2, tier2, client(6)], both_seen),
+    ]);
+    for seen in &steps {
+        let pod = first(seen, adds_client_elements).unwrap();
+        let tier = first(seen, changes_web_chain).unwrap();
+        assert!(pod < tier, "{seen:?}");
+        assert!(
+            seen[..tier].iter().all(|c| c.rules_changed.is_empty()),
+            "a chain changed before the tier was programmed: {seen:?}"
+        );
+    }
+}

@@ -15,9 +15,10 @@
 //! The rules the split keeps:
 //! - updates to one object keep their order (an update of an object with
 //!   an earlier update held back is held back too);
-//! - an update that depends on a held-back one is held back with it (a
-//!   policy on a tier that is being created or changed; a pod on a profile
-//!   — never slow today, kept for when it is): so the intermediate
+//! - an update that depends on a held-back one, before or after it in the
+//!   batch, is held back with it (a policy on a tier that is being created
+//!   or changed; a pod on a profile — never slow today, kept for when it
+//!   is): so the intermediate
 //!   ruleset is the cluster as it would be had the slow change arrived
 //!   just after the others — what the Kubernetes datastore may show
 //!   anyway, where tiers, policies and pods come from separate watches —
@@ -177,7 +178,19 @@ impl Pending {
         // The held-back objects so far, by etcd key (what `Invalid`
         // updates name them by).
         let mut held_keys: HashSet<String> = HashSet::new();
-        let mut held_deps: HashSet<ResourceKey> = HashSet::new();
+        // What a held-back update may be waited for by: every slow object
+        // of the batch, wherever it comes (a policy created just before
+        // its tier waits for it too), and the objects held back so far.
+        let mut held_deps: HashSet<ResourceKey> = self
+            .queue
+            .iter()
+            .filter_map(|q| match &q.update {
+                Update::Upsert { key, .. } | Update::Delete { key, .. } if slow(key.kind) => {
+                    Some(key.clone())
+                }
+                _ => None,
+            })
+            .collect();
         let mut fast = 0;
         for (i, q) in self.queue.iter().enumerate() {
             let keep_back = match &q.update {
@@ -357,6 +370,8 @@ mod tests {
     fn same_object_order_and_dependencies_are_kept() {
         let mut p = pending(vec![
             pod("a", "x", 9),
+            // Depends on the held-back tier, which comes after it.
+            policy("early", "security", 9),
             tier("security", 100, 10),
             // Depends on the held-back tier.
             policy("guard", "security", 11),
@@ -370,10 +385,10 @@ mod tests {
         ]);
         let first = p.take(true);
         assert_eq!(names(&first.updates), ["a", "p", "b"]);
-        assert_eq!(first.revision, Some(9));
+        assert_eq!(first.revision, Some(8));
         assert_eq!(
             names(&p.take(true).updates),
-            ["security", "security.guard", "InSync"]
+            ["security.early", "security", "security.guard", "InSync"]
         );
 
         // A later update of a held-back object is held back too, even of a
