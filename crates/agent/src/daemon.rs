@@ -2,7 +2,9 @@
 //!
 //! One loop: datastore updates fold into a cache; once the datastore is in
 //! sync, every burst of updates (everything queued when the loop looks) is
-//! compiled and applied as one transaction; every `--resync-interval` the
+//! compiled and applied as one transaction — or two, when changes that
+//! compile in full are queued with cheap ones: the cheap ones first (see
+//! `crate::lanes`); every `--resync-interval` the
 //! kernel is compared with what we last wrote and repaired. Nothing touches
 //! the kernel before the first in-sync, and SIGTERM leaves the rules in
 //! place (enforcement continues while the agent restarts).
@@ -12,15 +14,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 
 use ::dataplane::{Node, Pipeline};
+use model::calico::Kind;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 use watcher::{Source, Update};
 
 use crate::dataplane::{DataplaneArgs, EtcdTlsArgs};
+use crate::lanes::{Pending, Queued};
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Args)]
@@ -113,7 +117,8 @@ enum Job {
     /// Program everything folded in so far.
     Apply {
         revision: i64,
-        received: Vec<Instant>,
+        /// When the changes it programs were received, and of what.
+        received: Vec<(Instant, Kind)>,
     },
     /// Compare the kernel with what we last wrote; repair if it differs.
     Resync,
@@ -124,8 +129,23 @@ enum Job {
     Rebuild { revision: i64 },
 }
 
+/// Tests and measurements: one successful apply or repair.
+#[cfg(test)]
+#[derive(Debug)]
+struct Programmed {
+    /// When its changes were received, and of what.
+    received: Vec<(Instant, Kind)>,
+    started: Instant,
+    /// When the kernel acknowledged it.
+    acked: Instant,
+}
+
+/// What became of a job: every job reports back, so that the loop knows
+/// when the programmer thread is free again.
 struct JobDone {
-    ok: bool,
+    /// Whether the apply or repair succeeded; `None` when none was
+    /// attempted (no drift found, nothing changed behind our back).
+    ok: Option<bool>,
     revision: i64,
     /// Why it failed (for the message the agent exits with).
     error: Option<String>,
@@ -141,6 +161,10 @@ struct Worker {
     /// The dataplane's change marker after our last write or resync (0:
     /// none), shared with the table-size check thread.
     marker: Arc<AtomicU64>,
+    /// Tests and measurements: each successful apply's changes (when
+    /// received, and of what) and when the kernel acknowledged it.
+    #[cfg(test)]
+    programmed: Option<std::sync::mpsc::Sender<Programmed>>,
 }
 
 impl Worker {
@@ -149,7 +173,7 @@ impl Worker {
     fn program(
         &mut self,
         revision: i64,
-        received: &[Instant],
+        received: &[(Instant, Kind)],
         program: impl FnOnce(&mut Node) -> Result<(), ::dataplane::Error>,
     ) -> bool {
         let start = Instant::now();
@@ -162,10 +186,18 @@ impl Worker {
                 let acked = Instant::now();
                 let logical = self.node.pipeline().logical().expect("applied");
                 self.metrics.observe_apply(logical, start.elapsed());
-                for r in received {
+                for (r, _) in received {
                     self.metrics
                         .programming_latency
                         .observe(acked.duration_since(*r).as_secs_f64());
+                }
+                #[cfg(test)]
+                if let Some(tx) = &self.programmed {
+                    let _ = tx.send(Programmed {
+                        received: received.to_vec(),
+                        started: start,
+                        acked,
+                    });
                 }
                 info!(
                     revision,
@@ -258,6 +290,14 @@ impl Worker {
 
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>, done: mpsc::UnboundedSender<JobDone>) {
         for job in jobs {
+            // Folding is the first half of an apply: reported with it.
+            let job = match job {
+                Job::Updates(updates) => {
+                    self.node.fold(updates);
+                    continue;
+                }
+                job => job,
+            };
             let wrote = matches!(job, Job::Apply { .. } | Job::Resync | Job::Rebuild { .. });
             let outcome = self.job(job);
             if wrote {
@@ -265,8 +305,9 @@ impl Worker {
                 // are with nobody else's change in them.
                 self.marker.store(self.read_marker(), Ordering::Relaxed);
             }
-            let Some((ok, revision)) = outcome else {
-                continue;
+            let (ok, revision) = match outcome {
+                Some((ok, revision)) => (Some(ok), revision),
+                None => (None, -1),
             };
             let error = self.last_error.take();
             let _ = done.send(JobDone {
@@ -307,62 +348,133 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     // swapped in one rename must not be programmed half-read). etcd
     // delivers each revision as it is committed: every event is one.
     let whole_at_insync_only = matches!(source, watcher::Source::Files { .. });
-    let (mut updates, source_task) = source.spawn(1024);
+    let (updates, source_task) = source.spawn(1024);
+    let opts = args.dataplane.compile_options()?;
+    let loop_opts = LoopOptions {
+        whole_at_insync_only,
+        // With fused lookups every change compiles in full: a pod change
+        // is as slow as what it would overtake.
+        lanes: !whole_at_insync_only && !opts.fused_lookup,
+        resync_interval: Duration::from_secs(args.resync_interval.max(1)),
+        watch: args.watch.clone(),
+        // The cheap check between resyncs (iptables, legacy tools).
+        table_size_check: (args.dataplane.kind() == ::dataplane::Kind::Iptables
+            && args.dataplane.iptables_tools() == iptables::Backend::Legacy
+            && args.iptables_check_ms > 0)
+            .then(|| Duration::from_millis(args.iptables_check_ms)),
+        #[cfg(test)]
+        programmed: None,
+    };
+    let dataplane = ::dataplane::open(args.dataplane.kind(), args.dataplane.iptables_tools())?;
+    let node = Node::new(Pipeline::new(opts, dataplane));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = async move {
+        sigterm.recv().await;
+        info!("SIGTERM: exiting; the rules stay in force");
+    };
+    serve(
+        loop_opts,
+        node,
+        Stream {
+            updates,
+            source_task,
+        },
+        metrics,
+        health,
+        stop,
+    )
+    .await
+}
 
+/// How the loop behaves, apart from the node it programs.
+#[derive(Debug, Clone)]
+struct LoopOptions {
+    /// Program only at the `InSync` closing a re-read (a file datastore).
+    whole_at_insync_only: bool,
+    /// Let a batch's cheap changes go ahead of its slow ones (`lanes`).
+    lanes: bool,
+    resync_interval: Duration,
+    watch: crate::tamper::WatchArgs,
+    /// `--iptables-check-ms` when it applies.
+    table_size_check: Option<Duration>,
+    /// See `Worker::programmed`.
+    #[cfg(test)]
+    programmed: Option<std::sync::mpsc::Sender<Programmed>>,
+}
+
+/// The datastore's update stream and the task feeding it.
+struct Stream {
+    updates: mpsc::Receiver<Update>,
+    source_task: tokio::task::JoinHandle<Result<(), watcher::SourceError>>,
+}
+
+/// The agent's loop: folds the datastore's updates, hands them to the
+/// programmer thread (which owns `node`), schedules repairs, until `stop`
+/// completes (`Ok(true)`) or something fails for good.
+#[allow(clippy::too_many_lines)] // one `select!` loop, read top to bottom
+async fn serve(
+    opts: LoopOptions,
+    node: Node,
+    stream: Stream,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<bool> {
+    let Stream {
+        mut updates,
+        source_task,
+    } = stream;
+    let whole_at_insync_only = opts.whole_at_insync_only;
     // The programmer lives on its own thread; jobs in, results out.
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobDone>();
-    let opts = args.dataplane.compile_options()?;
-    let dataplane = ::dataplane::open(args.dataplane.kind(), args.dataplane.iptables_tools())?;
-    let own_port = dataplane.own_port();
-    let mut kernel_changes = crate::tamper::spawn(&args.watch, own_port)?;
+    let own_port = node.pipeline().dataplane().own_port();
+    let mut kernel_changes = crate::tamper::spawn(&opts.watch, own_port)?;
     let marker = Arc::new(AtomicU64::new(0));
     let worker = Worker {
-        node: Node::new(Pipeline::new(opts, dataplane)),
+        node,
         metrics: metrics.clone(),
         last_error: None,
         marker: marker.clone(),
+        #[cfg(test)]
+        programmed: opts.programmed.clone(),
     };
-    std::thread::Builder::new()
+    let programmer = std::thread::Builder::new()
         .name("programmer".into())
         .spawn(move || worker.run(job_rx, done_tx))?;
 
     let mut sync = SyncStatus::default();
-    let mut received: Vec<Instant> = Vec::new();
     // Updates not yet handed to the programmer thread: `settled` form a
     // consistent state (see `whole_at_insync_only`), `unsettled` follow it.
-    let mut settled: Vec<Update> = Vec::new();
-    let mut unsettled: Vec<Update> = Vec::new();
+    let mut settled = Pending::default();
+    let mut unsettled: Vec<Queued> = Vec::new();
     let mut dirty = false;
     let mut busy = false;
-    let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
+    // A resync is due (the timer, or a foreign change to our tables); it
+    // waits for the apply under way and at most one fast-lane apply.
+    let mut resync_due = false;
+    let mut resync_passed = false;
+    let mut resync = tokio::time::interval(opts.resync_interval);
     resync.tick().await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    // The cheap check between resyncs (iptables, legacy tools).
-    let mut table_changes = (args.dataplane.kind() == ::dataplane::Kind::Iptables
-        && args.dataplane.iptables_tools() == iptables::Backend::Legacy
-        && args.iptables_check_ms > 0)
-        .then(|| {
-            crate::tamper::spawn_table_size_check(
-                Duration::from_millis(args.iptables_check_ms),
-                marker.clone(),
-            )
-        })
+    let mut table_changes = opts
+        .table_size_check
+        .map(|every| crate::tamper::spawn_table_size_check(every, marker.clone()))
         .transpose()?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut applied_once = false;
     // Repeated kernel failures: retry with backoff (re-reading the kernel
     // each time), never in a tight loop; give up after MAX_APPLY_FAILURES.
     let mut failures: u32 = 0;
     let mut retry_at: Option<tokio::time::Instant> = None;
+    tokio::pin!(stop);
 
-    loop {
+    let result = loop {
         tokio::select! {
             u = updates.recv() => {
                 let Some(u) = u else {
                     match source_task.await {
-                        Ok(Err(e)) => bail!("datastore source failed: {e}"),
-                        _ => bail!("datastore source ended"),
+                        Ok(Err(e)) => break Err(anyhow::anyhow!("datastore source failed: {e}")),
+                        _ => break Err(anyhow::anyhow!("datastore source ended")),
                     }
                 };
                 // Take everything queued: a burst becomes one transaction.
@@ -377,6 +489,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                     if let Some(r) = u.revision() {
                         sync.revision = sync.revision.max(r);
                     }
+                    let mut received = None;
                     let closes = match &u {
                         Update::Disconnected { reason } => {
                             warn!("datastore disconnected, dataplane left as is: {reason}");
@@ -394,59 +507,60 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                             true
                         }
                         Update::Upsert { .. } | Update::Delete { .. } => {
-                            received.push(now);
+                            received = Some(now);
                             !whole_at_insync_only
                         }
                         Update::Invalid { .. } => !whole_at_insync_only,
                     };
-                    unsettled.push(u);
+                    unsettled.push(Queued { update: u, received });
                     if closes {
                         dirty |= sync.in_sync;
                         settled.append(&mut unsettled);
                     }
                 }
-                metrics.resync_state.set(if sync.in_sync { 1 } else { 0 });
+                metrics.resync_state.set(i64::from(sync.in_sync));
             }
             Some(done) = done_rx.recv() => {
                 busy = false;
-                if done.ok {
-                    applied_once = true;
-                    if done.revision >= 0 {
-                        health.applied_revision.store(done.revision as u64, Ordering::Relaxed);
+                // `None`: nothing was attempted (no drift found).
+                if let Some(ok) = done.ok {
+                    if ok {
+                        applied_once = true;
+                        if let Ok(revision) = u64::try_from(done.revision) {
+                            health.applied_revision.store(revision, Ordering::Relaxed);
+                        }
+                        failures = 0;
+                    } else {
+                        failures += 1;
+                        if failures >= MAX_APPLY_FAILURES {
+                            break Err(anyhow::anyhow!(
+                                "the kernel rejected {failures} consecutive transactions (the last: {}); \
+                                 giving up so that the orchestrator restarts the agent; the kernel keeps what it holds \
+                                 (our last committed ruleset, unless another program changed it)",
+                                done.error.as_deref().unwrap_or("see the errors above")
+                            ));
+                        }
+                        if failures == MAX_APPLY_FAILURES - 1 && own_port.is_some() && sync.in_sync {
+                            busy = true;
+                            job_tx.send(Job::Rebuild { revision: sync.revision })?;
+                            continue;
+                        }
+                        let delay = Duration::from_secs(1 << (failures - 1).min(4));
+                        warn!(failures, "retrying in {delay:?}");
+                        retry_at = Some(tokio::time::Instant::now() + delay);
                     }
-                    failures = 0;
-                } else {
-                    failures += 1;
-                    if failures >= MAX_APPLY_FAILURES {
-                        bail!(
-                            "the kernel rejected {failures} consecutive transactions (the last: {}); \
-                             giving up so that the orchestrator restarts the agent; the kernel keeps what it holds \
-                             (our last committed ruleset, unless another program changed it)",
-                            done.error.as_deref().unwrap_or("see the errors above")
-                        );
-                    }
-                    if failures == MAX_APPLY_FAILURES - 1 && own_port.is_some() && sync.in_sync {
-                        busy = true;
-                        job_tx.send(Job::Rebuild { revision: sync.revision })?;
-                        continue;
-                    }
-                    let delay = Duration::from_secs(1 << (failures - 1).min(4));
-                    warn!(failures, "retrying in {delay:?}");
-                    retry_at = Some(tokio::time::Instant::now() + delay);
+                    health.ready.store(ok && sync.in_sync, Ordering::Relaxed);
                 }
-                health.ready.store(done.ok && sync.in_sync, Ordering::Relaxed);
             }
             _ = resync.tick() => {
-                // Queued behind any apply on the programmer thread; a resync
-                // that finds no drift sends nothing back. It repairs towards
-                // our last write, so it also runs while the datastore is
-                // out of reach: the last good dataplane is kept, not left
-                // to whoever tampers with it meanwhile.
-                if applied_once {
-                    job_tx.send(Job::Resync)?;
-                }
+                // After the apply under way; a resync that finds no drift
+                // changes nothing. It repairs towards our last write, so it
+                // also runs while the datastore is out of reach: the last
+                // good dataplane is kept, not left to whoever tampers with
+                // it meanwhile.
+                resync_due |= applied_once;
             }
-            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
                 retry_at = None;
                 dirty = true;
             }
@@ -458,27 +572,64 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
                 // with the next check); the programmer thread compares
                 // again, after whatever it was doing.
                 if applied_once && !busy {
+                    busy = true;
                     job_tx.send(Job::Check)?;
                 }
             }
             Some(()) = async { kernel_changes.as_mut()?.recv().await }, if kernel_changes.is_some() => {
-                if applied_once {
-                    job_tx.send(Job::Resync)?;
-                }
+                resync_due |= applied_once;
             }
-            _ = sigterm.recv() => {
-                info!("SIGTERM: exiting; the rules stay in force");
-                return Ok(true);
-            }
+            () = &mut stop => break Ok(true),
         }
-        if dirty && !busy && sync.in_sync && retry_at.is_none() {
-            dirty = false;
+        if busy {
+            continue;
+        }
+        let can_apply = (dirty || !settled.is_empty()) && sync.in_sync && retry_at.is_none();
+        // A fast lane goes before a due resync once; the rest after it.
+        let fast_first = can_apply && applied_once && settled.would_split(opts.lanes);
+        if resync_due && (resync_passed || !fast_first) {
+            resync_due = false;
+            resync_passed = false;
             busy = true;
-            job_tx.send(Job::Updates(std::mem::take(&mut settled)))?;
+            job_tx.send(Job::Resync)?;
+        } else if can_apply {
+            resync_passed |= resync_due;
+            // Nothing is split before the first apply: pods without their
+            // policies would be allowed what the policies deny.
+            let batch = settled.take(opts.lanes && applied_once);
+            dirty = false;
+            if batch.split {
+                debug!(
+                    updates = batch.updates.len(),
+                    "fast lane: programming these before the slow changes queued with them"
+                );
+            }
+            busy = true;
+            // A fast lane programs everything up to its first held-back
+            // update; the revision reported never goes back for it (only
+            // for a datastore whose revisions did).
+            let revision = match batch.revision {
+                Some(r) => r.min(sync.revision).max(
+                    i64::try_from(health.applied_revision.load(Ordering::Relaxed))
+                        .unwrap_or(i64::MAX),
+                ),
+                None => sync.revision,
+            };
+            job_tx.send(Job::Updates(batch.updates))?;
             job_tx.send(Job::Apply {
-                revision: sync.revision,
-                received: std::mem::take(&mut received),
+                revision,
+                received: batch.received,
             })?;
         }
-    }
+    };
+    // The programmer thread ends with its job channel, after the jobs
+    // queued; the process does not wait for it (SIGTERM exits at once,
+    // the rules stay in force).
+    drop(job_tx);
+    drop(programmer);
+    result
 }
+
+#[cfg(test)]
+#[path = "daemon_tests.rs"]
+mod tests;

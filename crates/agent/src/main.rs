@@ -14,6 +14,7 @@ mod datastore;
 mod explain;
 mod explain_kernel;
 mod http;
+mod lanes;
 mod metrics;
 mod render;
 mod sync;
