@@ -313,14 +313,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-/// A measurement, not a check: how long pod changes wait while tier
+/// A measurement, not a check: how long pod changes wait while slow
 /// changes (each a full compile) keep coming, through the agent's loop and
 /// programmer thread into nftables in a namespace of its own, with the
 /// lanes off (everything queued goes out as one apply, as before) and on.
 /// The benchmark's cluster (`bench::generate`, `scale_for(HOL_POLICIES)`:
 /// 10,000 policies and 250,000 pods by default); then for `HOL_SECONDS`
-/// (60) a new pod on another node every `HOL_POD_MS` (20) ms and tier
-/// `hol`'s order changed every `HOL_TIER_MS` (1000) ms. Latency runs from
+/// (60) a new pod on another node every `HOL_POD_MS` (20) ms and the
+/// slow change every `HOL_TIER_MS` (1000) ms: a network set flipping
+/// pod sets between hash and interval sets, a full compile (see
+/// [`slow_change`]; a tier change is incremental now). Latency runs from
 /// the loop receiving a change to the kernel's acknowledgement of the
 /// apply that programmed it (what `nftpolicy_programming_latency_seconds`
 /// observes). Needs root; minutes and about 2 GiB at the default scale:
@@ -335,10 +337,10 @@ fn head_of_line_latency() {
     let tier_every = Duration::from_millis(env_or("HOL_TIER_MS", 1000));
     let scale = bench::run::scale_for(policies);
     println!(
-        "{} policies, {} pods; a pod every {pod_every:?}, a tier change every {tier_every:?}, for {seconds} s",
+        "{} policies, {} pods; a pod every {pod_every:?}, a network-set flip (full compile) every {tier_every:?}, for {seconds} s",
         scale.policies, scale.pods
     );
-    println!("lanes | pod changes | p50 ms | p99 ms | max ms | tier changes | tier p50 ms | applies with a tier change, p50 / p99 / max ms | applies | applies with pods | other applies p50 / p99 ms");
+    println!("lanes | pod changes | p50 ms | p99 ms | max ms | slow changes | slow p50 ms | applies with a slow change, p50 / p99 / max ms | applies | applies with pods | other applies p50 / p99 ms");
     for lanes in [false, true] {
         let ns = testkit::netns::Netns::create("holbench").expect("a namespace (root)");
         let row = ns
@@ -348,9 +350,21 @@ fn head_of_line_latency() {
     }
 }
 
-fn tier(order: u32) -> Resource {
+/// The slow change: NetworkSet `ns0/hol`, labelled `tier: web`, so that
+/// its namespace's labels and its own put it in the benchmark's
+/// `pcns.team == "team0" && tier == "web"` selector sets, holding a /24
+/// (`cidr`) or a single address. Each flip turns those pod sets from hash
+/// sets into interval sets or back, which compiles in full (about a second
+/// at 10,000 policies): the slowest change left, and one the lanes hold
+/// back.
+fn slow_change(cidr: bool) -> Resource {
+    let net = if cidr {
+        "198.19.0.0/24"
+    } else {
+        "198.19.0.1/32"
+    };
     resources(&format!(
-        "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: hol}}\nspec: {{order: {order}}}\n"
+        "apiVersion: projectcalico.org/v3\nkind: NetworkSet\nmetadata: {{name: hol, namespace: ns0, labels: {{tier: web}}}}\nspec: {{nets: [{net}]}}\n"
     ))
     .remove(0)
 }
@@ -387,7 +401,7 @@ fn measure(
         for r in initial {
             agent.send(r).await;
         }
-        agent.send(tier(100)).await;
+        agent.send(slow_change(false)).await;
         agent.in_sync();
         // The cold apply.
         let _cold = next_apply(&applies).await;
@@ -409,7 +423,7 @@ fn measure(
                 }
                 _ = tiers.tick() => {
                     sent_tiers += 1;
-                    agent.send(tier(if sent_tiers % 2 == 0 { 100 } else { 150 })).await;
+                    agent.send(slow_change(sent_tiers % 2 == 1)).await;
                 }
                 () = tokio::time::sleep_until(end) => break,
             }
@@ -437,7 +451,7 @@ fn measure(
         {
             with_pods += usize::from(received.iter().any(|(_, k)| *k == Kind::WorkloadEndpoint));
             let ms = acked.duration_since(*started).as_secs_f64() * 1e3;
-            if received.iter().any(|(_, k)| *k == Kind::Tier) {
+            if received.iter().any(|(_, k)| *k == Kind::NetworkSet) {
                 full_ms.push(ms);
             } else {
                 fast_ms.push(ms);
