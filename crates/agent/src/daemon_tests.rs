@@ -334,17 +334,17 @@ fn head_of_line_latency() {
     let policies = usize::try_from(env_or("HOL_POLICIES", 10_000)).unwrap();
     let seconds = env_or("HOL_SECONDS", 60);
     let pod_every = Duration::from_millis(env_or("HOL_POD_MS", 20));
-    let tier_every = Duration::from_millis(env_or("HOL_TIER_MS", 1000));
+    let slow_every = Duration::from_millis(env_or("HOL_TIER_MS", 1000));
     let scale = bench::run::scale_for(policies);
     println!(
-        "{} policies, {} pods; a pod every {pod_every:?}, a network-set flip (full compile) every {tier_every:?}, for {seconds} s",
+        "{} policies, {} pods; a pod every {pod_every:?}, a network-set flip (full compile) every {slow_every:?}, for {seconds} s",
         scale.policies, scale.pods
     );
     println!("lanes | pod changes | p50 ms | p99 ms | max ms | slow changes | slow p50 ms | applies with a slow change, p50 / p99 / max ms | applies | applies with pods | other applies p50 / p99 ms");
     for lanes in [false, true] {
         let ns = testkit::netns::Netns::create("holbench").expect("a namespace (root)");
         let row = ns
-            .run(move || measure(scale, lanes, seconds, pod_every, tier_every))
+            .run(move || measure(scale, lanes, seconds, pod_every, slow_every))
             .unwrap();
         println!("{row}");
     }
@@ -384,7 +384,7 @@ fn measure(
     lanes: bool,
     seconds: u64,
     pod_every: Duration,
-    tier_every: Duration,
+    slow_every: Duration,
 ) -> String {
     use rand::SeedableRng;
 
@@ -408,10 +408,10 @@ fn measure(
 
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut pods = tokio::time::interval(pod_every);
-        let mut tiers = tokio::time::interval(tier_every);
-        tiers.tick().await;
+        let mut slow = tokio::time::interval(slow_every);
+        slow.tick().await;
         let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
-        let (mut sent_pods, mut sent_tiers) = (0usize, 0usize);
+        let (mut sent_pods, mut sent_slow) = (0usize, 0usize);
         let mut seen = Vec::new();
         loop {
             tokio::select! {
@@ -421,9 +421,9 @@ fn measure(
                     agent.send(Resource::WorkloadEndpoint(w)).await;
                     sent_pods += 1;
                 }
-                _ = tiers.tick() => {
-                    sent_tiers += 1;
-                    agent.send(slow_change(sent_tiers % 2 == 1)).await;
+                _ = slow.tick() => {
+                    sent_slow += 1;
+                    agent.send(slow_change(sent_slow % 2 == 1)).await;
                 }
                 () = tokio::time::sleep_until(end) => break,
             }
@@ -433,13 +433,13 @@ fn measure(
         }
         // Until every change sent is programmed.
         let programmed = |seen: &[Programmed]| seen.iter().map(|p| p.received.len()).sum::<usize>();
-        while programmed(&seen) < sent_pods + sent_tiers {
+        while programmed(&seen) < sent_pods + sent_slow {
             seen.push(next_apply(&applies).await);
         }
         agent.stop().await;
 
         let mut pod_ms = Vec::new();
-        let mut tier_ms = Vec::new();
+        let mut slow_ms = Vec::new();
         let mut with_pods = 0;
         let mut full_ms = Vec::new();
         let mut fast_ms = Vec::new();
@@ -460,12 +460,12 @@ fn measure(
                 let ms = acked.duration_since(*at).as_secs_f64() * 1e3;
                 match kind {
                     Kind::WorkloadEndpoint => pod_ms.push(ms),
-                    _ => tier_ms.push(ms),
+                    _ => slow_ms.push(ms),
                 }
             }
         }
         pod_ms.sort_by(f64::total_cmp);
-        tier_ms.sort_by(f64::total_cmp);
+        slow_ms.sort_by(f64::total_cmp);
         full_ms.sort_by(f64::total_cmp);
         fast_ms.sort_by(f64::total_cmp);
         format!(
@@ -475,8 +475,8 @@ fn measure(
             percentile(&pod_ms, 0.5),
             percentile(&pod_ms, 0.99),
             pod_ms.last().copied().unwrap_or(f64::NAN),
-            tier_ms.len(),
-            percentile(&tier_ms, 0.5),
+            slow_ms.len(),
+            percentile(&slow_ms, 0.5),
             percentile(&full_ms, 0.5),
             percentile(&full_ms, 0.99),
             full_ms.last().copied().unwrap_or(f64::NAN),

@@ -748,10 +748,16 @@ impl IncrementalCompiler {
             if gone.contains(&i) || retiered_at.contains(&i) {
                 continue;
             }
-            let key = p.sort_key();
-            while let Some((what, _)) = incoming.next_if(|(_, k)| sort_key_order(k, &key).is_lt()) {
-                place(what, next, &mut moved);
-                next += 1;
+            // The key (which formats the id) only while something is left
+            // to place: most kept policies come after the last incoming.
+            if incoming.peek().is_some() {
+                let key = p.sort_key();
+                while let Some((what, _)) =
+                    incoming.next_if(|(_, k)| sort_key_order(k, &key).is_lt())
+                {
+                    place(what, next, &mut moved);
+                    next += 1;
+                }
             }
             moved[i] = Some(next);
             next += 1;
