@@ -23,7 +23,11 @@ use crate::selector::{LabelView, Labels, Selector};
 /// Every resource, keyed by kind, namespace and name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterState {
-    resources: BTreeMap<ResourceKey, Resource>,
+    /// Boxed: a `Resource` is as large as its largest kind (480 bytes), and
+    /// a B-tree leaf holds eleven entries whether full or not; a boxed
+    /// entry costs the tree 8 bytes and the heap exactly the resource
+    /// (about 190 bytes less per pod at 250,000 pods).
+    resources: BTreeMap<ResourceKey, Box<Resource>>,
 }
 
 impl ClusterState {
@@ -33,15 +37,15 @@ impl ClusterState {
 
     /// Adds or replaces a resource; returns the one it replaced.
     pub fn upsert(&mut self, r: Resource) -> Option<Resource> {
-        self.resources.insert(r.key(), r)
+        self.resources.insert(r.key(), Box::new(r)).map(|old| *old)
     }
 
     pub fn remove(&mut self, key: &ResourceKey) -> Option<Resource> {
-        self.resources.remove(key)
+        self.resources.remove(key).map(|old| *old)
     }
 
     pub fn get(&self, key: &ResourceKey) -> Option<&Resource> {
-        self.resources.get(key)
+        self.resources.get(key).map(|r| &**r)
     }
 
     pub fn len(&self) -> usize {
@@ -53,14 +57,14 @@ impl ClusterState {
     }
 
     pub fn resources(&self) -> impl Iterator<Item = &Resource> {
-        self.resources.values()
+        self.resources.values().map(|r| &**r)
     }
 
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Resource> {
         self.resources
             .range(ResourceKey::new(kind, None, "")..)
             .take_while(move |(k, _)| k.kind == kind)
-            .map(|(_, r)| r)
+            .map(|(_, r)| &**r)
     }
 
     pub fn workload_endpoints(&self) -> impl Iterator<Item = &WorkloadEndpoint> {
