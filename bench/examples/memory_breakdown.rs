@@ -10,7 +10,7 @@
 //! nftables objects lowered from it, and the rest: set memberships, the
 //! label index, reference counts), and the programmer's record of what it
 //! committed.
-use bench::alloc_count::{live_bytes, Counting};
+use bench::alloc_count::{live_bytes, peak_bytes, reset_peak, Counting};
 use compiler::{CompileOptions, IncrementalCompiler};
 use model::calico::Kind;
 
@@ -55,9 +55,11 @@ fn main() -> anyhow::Result<()> {
     drop(logical);
 
     let before = live_bytes();
+    reset_peak();
     let mut inc = IncrementalCompiler::new(opts);
     inc.rebuild(&state)?;
     let compiler_bytes = live_bytes() - before;
+    let compiler_peak = peak_bytes() - before;
     line("compiler_logical_ruleset", logical_bytes);
     line("compiler_nftables_objects", ruleset_bytes);
     line(
@@ -65,13 +67,16 @@ fn main() -> anyhow::Result<()> {
         compiler_bytes.saturating_sub(logical_bytes + ruleset_bytes),
     );
     line("compiler_total", compiler_bytes);
+    line("compiler_peak_while_compiling", compiler_peak);
 
     let _ns = testkit::netns::Netns::enter("membreak")?;
     let before = live_bytes();
+    reset_peak();
     let mut p = programmer::NftProgrammer::new()?;
     p.apply(inc.ruleset())?;
     let programmer_bytes = live_bytes() - before;
     line("programmer", programmer_bytes);
+    line("programmer_peak_while_applying", peak_bytes() - before);
     line("total", live_bytes() - start);
     Ok(())
 }
