@@ -139,11 +139,11 @@ pub fn workload(scale: &Scale, i: usize, rng: &mut StdRng) -> WorkloadEndpoint {
         },
         spec: WorkloadEndpointSpec {
             orchestrator: "k8s".into(),
-            node,
+            node: node.into(),
             pod: name.clone(),
             endpoint: "eth0".into(),
             ip_networks: pod_ips(i).iter().map(|ip| (*ip).into()).collect(),
-            profiles: vec![namespace_profile_name(&ns)],
+            profiles: vec![namespace_profile_name(&ns).into()],
             interface_name: interface_name(&ns, &name),
             ports: vec![
                 EndpointPort {

@@ -136,8 +136,8 @@ fn service_account(w: &mut WorkloadEndpoint, n: usize) {
     let ns = w.metadata.namespace.clone().unwrap_or_default();
     let sa = format!("sa{n}");
     w.spec.profiles.truncate(1);
-    w.spec.profiles.push(serviceaccount::profile_name(&ns, &sa));
-    w.spec.service_account_name = Some(sa);
+    w.spec.profiles.push(serviceaccount::profile_name(&ns, &sa).into());
+    w.spec.service_account_name = Some(sa.into());
     serviceaccount::felix_labels(w);
 }
 

@@ -439,7 +439,7 @@ impl EndpointUse {
                 .profiles
                 .iter()
                 .filter(|p| state.profile(p).is_some())
-                .cloned()
+                .map(ToString::to_string)
                 .collect()
         };
         EndpointUse {
@@ -1235,7 +1235,7 @@ pub(crate) fn named_port_members<'a>(
     ep.spec
         .ports
         .iter()
-        .filter(move |p| p.protocol.number() == protocol && names.contains(&p.name))
+        .filter(move |p| p.protocol.number() == protocol && names.iter().any(|n| *n == p.name))
         .flat_map(move |p| nets.iter().map(move |n| (n.addr(), p.port)))
 }
 

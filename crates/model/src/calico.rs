@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::selector::{Labels, Selector, SelectorError};
+use crate::labels::IStr;
 
 pub const API_VERSION: &str = "projectcalico.org/v3";
 /// etcd key prefix under which Calico stores v3 resources.
@@ -618,6 +619,10 @@ fn default_api_version() -> String {
     API_VERSION.to_owned()
 }
 
+fn default_api_version_shared() -> IStr {
+    IStr::new(API_VERSION)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicy {
@@ -1033,8 +1038,8 @@ pub struct ProfileSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadEndpoint {
-    #[serde(default = "default_api_version")]
-    pub api_version: String,
+    #[serde(default = "default_api_version_shared")]
+    pub api_version: IStr,
     pub metadata: ObjectMeta,
     pub spec: WorkloadEndpointSpec,
 }
@@ -1043,22 +1048,22 @@ pub struct WorkloadEndpoint {
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadEndpointSpec {
     #[serde(default)]
-    pub orchestrator: String,
+    pub orchestrator: IStr,
     #[serde(default)]
-    pub workload: String,
-    pub node: String,
+    pub workload: IStr,
+    pub node: IStr,
     #[serde(default, rename = "containerID")]
     pub container_id: String,
     #[serde(default)]
     pub pod: String,
     #[serde(default)]
-    pub endpoint: String,
+    pub endpoint: IStr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service_account_name: Option<String>,
+    pub service_account_name: Option<IStr>,
     #[serde(default, rename = "ipNetworks")]
     pub ip_networks: Vec<IpNet>,
     #[serde(default)]
-    pub profiles: Vec<String>,
+    pub profiles: Vec<IStr>,
     pub interface_name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
@@ -1069,7 +1074,7 @@ pub struct WorkloadEndpointSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointPort {
-    pub name: String,
+    pub name: IStr,
     pub protocol: Protocol,
     pub port: u16,
 }

@@ -34,6 +34,7 @@ use crate::calico::{
 use crate::kube::KubeObject;
 use crate::reject;
 use crate::selector::Selector;
+use crate::labels::IStr;
 
 pub const K8S_POLICY_PREFIX: &str = "knp.default.";
 pub const NAMESPACE_PROFILE_PREFIX: &str = "kns.";
@@ -287,7 +288,7 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
                 calico::validate_port_name(port_name)
                     .map_err(|e| format!("container {:?}: {e}", c.name))?;
                 ports.push(EndpointPort {
-                    name: port_name.clone(),
+                    name: port_name.into(),
                     protocol,
                     port: p.container_port as u16,
                 });
@@ -296,8 +297,8 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
     }
     let ip_networks = ips.into_iter().map(IpNet::from).collect();
     let profiles = vec![
-        namespace_profile_name(&namespace),
-        crate::serviceaccount::profile_name(&namespace, &service_account),
+        namespace_profile_name(&namespace).into(),
+        crate::serviceaccount::profile_name(&namespace, &service_account).into(),
     ];
     let mut metadata = ObjectMeta {
         name: workload_endpoint_name(&node, &name, "eth0"),
@@ -313,12 +314,12 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
         metadata,
         spec: WorkloadEndpointSpec {
             orchestrator: ORCHESTRATOR_K8S.into(),
-            workload: String::new(),
-            node,
+            workload: IStr::default(),
+            node: node.into(),
             container_id: String::new(),
             pod: name.clone(),
             endpoint: "eth0".into(),
-            service_account_name: Some(service_account),
+            service_account_name: Some(service_account.into()),
             ip_networks,
             profiles,
             interface_name: interface_name(&namespace, &name),

@@ -56,6 +56,145 @@ pub fn intern(s: &str) -> Arc<str> {
     shared
 }
 
+/// A string shared through the same interner as label strings: for the
+/// fields every endpoint repeats (its node, orchestrator, profiles, port
+/// names, `apiVersion`), which as `String`s cost each of 250,000 pods an
+/// allocation apiece. Reads as a `&str` (`Deref`), compares with strings,
+/// and serializes as one.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IStr(Arc<str>);
+
+impl IStr {
+    #[must_use]
+    pub fn new(s: &str) -> IStr {
+        IStr(intern(s))
+    }
+
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for IStr {
+    fn default() -> IStr {
+        IStr::new("")
+    }
+}
+
+impl std::ops::Deref for IStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for IStr {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for IStr {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for IStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for IStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl From<&str> for IStr {
+    fn from(s: &str) -> IStr {
+        IStr::new(s)
+    }
+}
+
+impl From<String> for IStr {
+    fn from(s: String) -> IStr {
+        IStr::new(&s)
+    }
+}
+
+impl From<&String> for IStr {
+    fn from(s: &String) -> IStr {
+        IStr::new(s)
+    }
+}
+
+impl From<IStr> for String {
+    fn from(s: IStr) -> String {
+        s.0.to_string()
+    }
+}
+
+impl PartialEq<str> for IStr {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for IStr {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for IStr {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<IStr> for str {
+    fn eq(&self, other: &IStr) -> bool {
+        *self == *other.0
+    }
+}
+
+impl PartialEq<IStr> for &str {
+    fn eq(&self, other: &IStr) -> bool {
+        **self == *other.0
+    }
+}
+
+impl PartialEq<IStr> for String {
+    fn eq(&self, other: &IStr) -> bool {
+        **self == *other.0
+    }
+}
+
+impl Serialize for IStr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for IStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<IStr, D::Error> {
+        struct IStrVisitor;
+        impl Visitor<'_> for IStrVisitor {
+            type Value = IStr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IStr, E> {
+                Ok(IStr::new(v))
+            }
+        }
+        d.deserialize_str(IStrVisitor)
+    }
+}
+
 impl Labels {
     #[must_use]
     pub const fn new() -> Labels {

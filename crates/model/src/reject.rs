@@ -40,6 +40,7 @@ use crate::calico::{
     WorkloadEndpointSpec, API_VERSION,
 };
 use crate::selector::Selector;
+use crate::labels::IStr;
 
 /// The annotation marking a rejected object's stub; its value is the reason.
 pub const REJECTED_ANNOTATION: &str = "nftpolicy.io/rejected";
@@ -84,7 +85,7 @@ pub fn calico_stub(value: &Value, reason: &str) -> Option<Resource> {
         }),
         "WorkloadEndpoint" => {
             let mut w = WorkloadEndpoint {
-                api_version,
+                api_version: api_version.into(),
                 metadata,
                 spec: endpoint_outline(spec)?,
             };
@@ -195,18 +196,18 @@ fn endpoint_outline(spec: &Value) -> Option<WorkloadEndpointSpec> {
         return None;
     }
     Some(WorkloadEndpointSpec {
-        orchestrator: text("orchestrator").unwrap_or_default(),
-        node: text("node")?,
+        orchestrator: text("orchestrator").unwrap_or_default().into(),
+        node: text("node")?.into(),
         pod: text("pod").unwrap_or_default(),
-        endpoint: text("endpoint").unwrap_or_default(),
+        endpoint: text("endpoint").unwrap_or_default().into(),
         ip_networks: optional::<Vec<IpNet>>(spec, "ipNetworks")?,
-        profiles: optional::<Vec<String>>(spec, "profiles")?,
+        profiles: optional::<Vec<IStr>>(spec, "profiles")?,
         interface_name,
         // Named ports keep resolving where they can (a Deny on a named port
         // must still see this endpoint); unreadable ones are left out.
         ports: optional::<Vec<EndpointPort>>(spec, "ports").unwrap_or_default(),
         // Its account's label keeps it in the sets that select by account.
-        service_account_name: optional::<Option<String>>(spec, "serviceAccountName").flatten(),
+        service_account_name: optional::<Option<IStr>>(spec, "serviceAccountName").flatten(),
         ..Default::default()
     })
 }

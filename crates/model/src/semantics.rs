@@ -271,13 +271,13 @@ impl<'a> Evaluator<'a> {
                     continue;
                 }
                 match rule.action {
-                    Action::Log => verdict.logged.push((profile_name.clone(), index)),
+                    Action::Log => verdict.logged.push((profile_name.to_string(), index)),
                     // Pass in a profile goes on to the next profile.
                     Action::Pass => break,
                     action @ (Action::Allow | Action::Deny) => {
                         verdict.allowed = action == Action::Allow;
                         verdict.decision = Decision::ProfileRule {
-                            profile: profile_name.clone(),
+                            profile: profile_name.to_string(),
                             index,
                             action,
                         };

@@ -429,7 +429,7 @@ impl ClusterState {
         for name in &ep.spec.profiles {
             if let Some(reason) = self.profile(name).and_then(|p| p.metadata.rejection()) {
                 return Some(Rejection {
-                    object: RejectedObject::Profile(name.clone()),
+                    object: RejectedObject::Profile(name.to_string()),
                     reason: reason.to_owned(),
                 });
             }
