@@ -133,7 +133,7 @@ pub fn workload(scale: &Scale, i: usize, rng: &mut StdRng) -> WorkloadEndpoint {
         api_version: calico::API_VERSION.into(),
         metadata: ObjectMeta {
             name: workload_endpoint_name(&node, &name, "eth0"),
-            namespace: Some(ns.clone()),
+            namespace: Some(ns.clone().into()),
             labels,
             ..Default::default()
         },
@@ -221,7 +221,7 @@ pub fn policy(scale: &Scale, p: usize, rng: &mut StdRng) -> NetworkPolicy {
         api_version: calico::API_VERSION.into(),
         metadata: ObjectMeta {
             name: format!("knp.default.policy{p}"),
-            namespace: Some(ns),
+            namespace: Some(ns.into()),
             ..Default::default()
         },
         spec: PolicySpec {

@@ -67,7 +67,7 @@ fn policy(name: &str, selector: &str, order: f64, ingress: Vec<Rule>) -> Resourc
         api_version: model::calico::API_VERSION.into(),
         metadata: ObjectMeta {
             name: name.to_owned(),
-            namespace: Some(namespace_name(0)),
+            namespace: Some(namespace_name(0).into()),
             ..Default::default()
         },
         spec: PolicySpec {
@@ -111,7 +111,7 @@ pub fn cluster(point: &PacketPoint) -> (ClusterState, [String; 2], [IpAddr; 2]) 
         ifaces[slot] = w.spec.interface_name.clone();
         ips[slot] = pod_ips(idx)[0];
         if slot == 1 {
-            server_ns = w.metadata.namespace.clone().unwrap_or_default();
+            server_ns = w.metadata.namespace.clone().unwrap_or_default().to_string();
         }
         state.upsert(Resource::WorkloadEndpoint(w));
     }
@@ -146,7 +146,7 @@ pub fn cluster(point: &PacketPoint) -> (ClusterState, [String; 2], [IpAddr; 2]) 
             rules,
         );
         if let Resource::NetworkPolicy(np) = &mut p {
-            np.metadata.namespace = Some(server_ns.clone());
+            np.metadata.namespace = Some(server_ns.clone().into());
         }
         state.upsert(p);
     }
@@ -169,7 +169,7 @@ pub fn cluster(point: &PacketPoint) -> (ClusterState, [String; 2], [IpAddr; 2]) 
         }],
     );
     if let Resource::NetworkPolicy(np) = &mut allow {
-        np.metadata.namespace = Some(server_ns);
+        np.metadata.namespace = Some(server_ns.into());
     }
     state.upsert(allow);
     (state, ifaces, ips)

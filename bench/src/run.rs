@@ -86,7 +86,7 @@ fn extra_policy(name: &str, app: &str) -> NetworkPolicy {
         api_version: model::calico::API_VERSION.into(),
         metadata: ObjectMeta {
             name: name.to_owned(),
-            namespace: Some(crate::namespace_name(0)),
+            namespace: Some(crate::namespace_name(0).into()),
             ..Default::default()
         },
         spec: PolicySpec {

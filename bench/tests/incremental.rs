@@ -39,7 +39,7 @@ fn network_set(i: usize, rng: &mut StdRng) -> Resource {
     labels.insert("tier".to_owned(), "web".to_owned());
     let metadata = |ns: Option<String>| ObjectMeta {
         name: format!("set{i}"),
-        namespace: ns,
+        namespace: ns.map(Into::into),
         labels: labels.clone(),
         ..Default::default()
     };
@@ -136,7 +136,9 @@ fn service_account(w: &mut WorkloadEndpoint, n: usize) {
     let ns = w.metadata.namespace.clone().unwrap_or_default();
     let sa = format!("sa{n}");
     w.spec.profiles.truncate(1);
-    w.spec.profiles.push(serviceaccount::profile_name(&ns, &sa).into());
+    w.spec
+        .profiles
+        .push(serviceaccount::profile_name(&ns, &sa).into());
     w.spec.service_account_name = Some(sa.into());
     serviceaccount::felix_labels(w);
 }

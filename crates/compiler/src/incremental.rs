@@ -602,7 +602,11 @@ impl IncrementalCompiler {
         if !profiles.is_empty() {
             for key in self.uses.keys() {
                 if let Some(Resource::WorkloadEndpoint(w)) = state.get(key) {
-                    if w.spec.profiles.iter().any(|p| profiles.contains(p.as_str())) {
+                    if w.spec
+                        .profiles
+                        .iter()
+                        .any(|p| profiles.contains(p.as_str()))
+                    {
                         local.insert(key.clone());
                     }
                 }

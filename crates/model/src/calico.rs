@@ -16,8 +16,8 @@ use std::str::FromStr;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::selector::{Labels, Selector, SelectorError};
 use crate::labels::IStr;
+use crate::selector::{Labels, Selector, SelectorError};
 
 pub const API_VERSION: &str = "projectcalico.org/v3";
 /// etcd key prefix under which Calico stores v3 resources.
@@ -60,8 +60,9 @@ pub fn is_ignored_kind(kind: &str) -> bool {
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     pub name: String,
+    /// Interned: every pod in a namespace repeats it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
+    pub namespace: Option<IStr>,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -158,7 +159,8 @@ impl fmt::Display for Kind {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ResourceKey {
     pub kind: Kind,
-    pub namespace: Option<String>,
+    /// Interned: every pod's key repeats its namespace.
+    pub namespace: Option<IStr>,
     pub name: String,
 }
 
@@ -166,7 +168,7 @@ impl ResourceKey {
     pub fn new(kind: Kind, namespace: Option<&str>, name: &str) -> Self {
         ResourceKey {
             kind,
-            namespace: namespace.map(str::to_owned),
+            namespace: namespace.map(IStr::new),
             name: name.to_owned(),
         }
     }

@@ -32,9 +32,9 @@ use crate::calico::{
     Protocol, Resource, Rule, WorkloadEndpoint, WorkloadEndpointSpec,
 };
 use crate::kube::KubeObject;
+use crate::labels::IStr;
 use crate::reject;
 use crate::selector::Selector;
-use crate::labels::IStr;
 
 pub const K8S_POLICY_PREFIX: &str = "knp.default.";
 pub const NAMESPACE_PROFILE_PREFIX: &str = "kns.";
@@ -302,7 +302,7 @@ pub fn pod_to_workload_endpoint(pod: &Pod) -> Result<Option<WorkloadEndpoint>, S
     ];
     let mut metadata = ObjectMeta {
         name: workload_endpoint_name(&node, &name, "eth0"),
-        namespace: Some(namespace.clone()),
+        namespace: Some(namespace.as_str().into()),
         labels: labels.into_iter().collect(),
         ..Default::default()
     };
@@ -346,7 +346,7 @@ pub fn network_policy_to_calico(
         .map_err(|e| format!("spec.podSelector: {e}"))?;
     let mut metadata = ObjectMeta {
         name: k8s_policy_name(&name),
-        namespace: Some(namespace),
+        namespace: Some(namespace.into()),
         ..Default::default()
     };
     let converted = match crate::kube::rejection(&np.metadata) {

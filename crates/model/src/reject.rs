@@ -39,8 +39,8 @@ use crate::calico::{
     ObjectMeta, PolicySpec, PolicyType, Profile, ProfileSpec, Resource, WorkloadEndpoint,
     WorkloadEndpointSpec, API_VERSION,
 };
-use crate::selector::Selector;
 use crate::labels::IStr;
+use crate::selector::Selector;
 
 /// The annotation marking a rejected object's stub; its value is the reason.
 pub const REJECTED_ANNOTATION: &str = "nftpolicy.io/rejected";
