@@ -17,7 +17,6 @@
 //!
 //! [`ClusterState::labelled_nets`]: model::state::ClusterState::labelled_nets
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 
 use model::calico::ResourceKey;
 use model::selector::{LabelView, Selector};
@@ -28,11 +27,59 @@ use model::state::LabelledNets;
 #[derive(Debug, Default)]
 pub(crate) struct LabelIndex {
     by_label: HashMap<Box<str>, HashMap<Box<str>, Vec<u32>>>,
-    /// Slot → object (`None`: free). Empty for an index a full compile
+    /// Which object is in which slot; empty for an index a full compile
     /// uses and drops.
-    keys: Vec<Option<Arc<ResourceKey>>>,
-    slots: HashMap<Arc<ResourceKey>, u32>,
+    keys: SlotKeys,
     free: Vec<u32>,
+}
+
+/// Slot ↔ object key. The slots given at build time are the labelled
+/// objects in key order, so they need no map: slot `i` is `built[i]` and a
+/// key's slot is found by binary search (at 250,000 pods, an `Arc` and a
+/// hash-map entry per object cost ~200 ms of cold start and ~15 MiB).
+/// Objects that take a slot later (new, or re-using a freed slot) are in
+/// the two small maps.
+#[derive(Debug, Default)]
+struct SlotKeys {
+    /// The objects at build time, sorted; `built_live[i]`: `built[i]` still
+    /// holds slot `i`.
+    built: Vec<ResourceKey>,
+    built_live: Vec<bool>,
+    later: HashMap<ResourceKey, u32>,
+    later_by_slot: HashMap<u32, ResourceKey>,
+    /// Slots handed out so far (build-time ones included).
+    len: u32,
+}
+
+impl SlotKeys {
+    fn slot(&self, key: &ResourceKey) -> Option<u32> {
+        if let Some(slot) = self.later.get(key) {
+            return Some(*slot);
+        }
+        let i = self.built.binary_search(key).ok()?;
+        self.built_live[i].then(|| u32::try_from(i).expect("fewer than 4 billion"))
+    }
+
+    fn key(&self, slot: u32) -> Option<&ResourceKey> {
+        let i = slot as usize;
+        if self.built_live.get(i) == Some(&true) {
+            return Some(&self.built[i]);
+        }
+        self.later_by_slot.get(&slot)
+    }
+
+    fn insert(&mut self, key: &ResourceKey, slot: u32) {
+        self.later.insert(key.clone(), slot);
+        self.later_by_slot.insert(slot, key.clone());
+    }
+
+    fn remove(&mut self, key: &ResourceKey, slot: u32) {
+        if self.later.remove(key).is_some() {
+            self.later_by_slot.remove(&slot);
+        } else if let Ok(i) = self.built.binary_search(key) {
+            self.built_live[i] = false;
+        }
+    }
 }
 
 impl LabelIndex {
@@ -53,16 +100,17 @@ impl LabelIndex {
     }
 
     /// Names the object in each slot (`keys[i]` for slot `i`, as given to
-    /// [`LabelIndex::new`]), so the index can follow changes
+    /// [`LabelIndex::new`], in key order), so the index can follow changes
     /// ([`LabelIndex::relabel`]) and say which objects a slot holds.
     pub(crate) fn with_keys(mut self, keys: impl Iterator<Item = ResourceKey>) -> LabelIndex {
-        self.keys = keys.map(|k| Some(Arc::new(k))).collect();
-        self.slots = self
-            .keys
-            .iter()
-            .enumerate()
-            .filter_map(|(i, k)| Some((k.clone()?, u32::try_from(i).ok()?)))
-            .collect();
+        let built: Vec<ResourceKey> = keys.collect();
+        debug_assert!(built.is_sorted(), "labelled objects come in key order");
+        self.keys = SlotKeys {
+            built_live: vec![true; built.len()],
+            len: u32::try_from(built.len()).expect("fewer than 4 billion labelled objects"),
+            built,
+            ..SlotKeys::default()
+        };
         self
     }
 
@@ -93,8 +141,8 @@ impl LabelIndex {
                 .collect()
         };
         let (before, after) = (pairs(before), pairs(after));
-        let slot = match self.slots.get(key) {
-            Some(slot) => *slot,
+        let slot = match self.keys.slot(key) {
+            Some(slot) => slot,
             None if after.is_empty() && before.is_empty() => return,
             None => self.assign(key),
         };
@@ -117,28 +165,26 @@ impl LabelIndex {
         }
         if after.is_empty() {
             // Gone (or carries no label: still nothing to find it by).
-            self.slots.remove(key);
-            self.keys[slot as usize] = None;
+            self.keys.remove(key, slot);
             self.free.push(slot);
         }
     }
 
     fn assign(&mut self, key: &ResourceKey) -> u32 {
-        let key = Arc::new(key.clone());
-        let slot = if let Some(slot) = self.free.pop() {
-            self.keys[slot as usize] = Some(key.clone());
+        let slot = self.free.pop().unwrap_or_else(|| {
+            let slot = self.keys.len;
+            self.keys.len = slot
+                .checked_add(1)
+                .expect("fewer than 4 billion labelled objects");
             slot
-        } else {
-            self.keys.push(Some(key.clone()));
-            u32::try_from(self.keys.len() - 1).expect("fewer than 4 billion labelled objects")
-        };
-        self.slots.insert(key, slot);
+        });
+        self.keys.insert(key, slot);
         slot
     }
 
     /// The object in `slot` (`None`: a free slot).
     pub(crate) fn key(&self, slot: u32) -> Option<&ResourceKey> {
-        self.keys.get(slot as usize)?.as_deref()
+        self.keys.key(slot)
     }
 
     /// Slots that may hold a match of `sel` (a superset), or `None` for

@@ -277,12 +277,18 @@ impl Resource {
     pub fn key(&self) -> ResourceKey {
         let kind = self.kind();
         let meta = self.metadata();
-        let ns = if kind.is_namespaced() {
-            Some(meta.namespace.as_deref().unwrap_or("default"))
-        } else {
-            None
+        // The metadata's namespace is already interned: shared, not looked
+        // up again.
+        let namespace = match (&meta.namespace, kind.is_namespaced()) {
+            (_, false) => None,
+            (Some(ns), true) => Some(ns.clone()),
+            (None, true) => Some(IStr::new("default")),
         };
-        ResourceKey::new(kind, ns, &meta.name)
+        ResourceKey {
+            kind,
+            namespace,
+            name: meta.name.clone(),
+        }
     }
 
     /// Decodes a resource from JSON (the etcd value) and validates it.

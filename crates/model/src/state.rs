@@ -98,9 +98,10 @@ impl ClusterState {
 
     /// The keys of [`ClusterState::labelled_nets`], in the same order.
     pub fn labelled_keys(&self) -> impl Iterator<Item = ResourceKey> + '_ {
-        self.resources()
-            .filter(|r| is_labelled(r))
-            .map(Resource::key)
+        self.resources
+            .iter()
+            .filter(|(_, r)| is_labelled(r))
+            .map(|(k, _)| k.clone())
     }
 
     /// Everything with addresses a selector can match: endpoints and
