@@ -488,16 +488,26 @@ pub(crate) fn compile_recording(
     record: Option<&mut RecordSets<'_>>,
 ) -> Result<Compiled, CompileError> {
     let marks = MarkBits::from_mask(opts.mark_mask)?;
-    // The two passes over the whole cluster are independent: on a node
-    // with two cores, the labelled objects are gathered while the policies
-    // resolve (each ~100 ms at 250,000 pods / 10,000 policies).
-    let ((policies, unresolved), nets) = std::thread::scope(|s| {
-        let nets = s.spawn(|| state.labelled_nets());
-        let resolved = state.resolved_policies();
-        let nets = nets
+    // Gathering the labelled objects and indexing their labels is
+    // independent of resolving the policies and working out which apply to
+    // each local endpoint: on a node with two cores, both run at once
+    // (each ~150 ms at 250,000 pods / 10,000 policies).
+    let ((policies, unresolved, uses), (nets, index)) = std::thread::scope(|s| {
+        let labelled = s.spawn(|| {
+            let nets = state.labelled_nets();
+            let index = LabelIndex::new(&nets);
+            (nets, index)
+        });
+        let (policies, unresolved) = state.resolved_policies();
+        let uses: Vec<EndpointUse> = state
+            .workload_endpoints()
+            .filter(|w| w.spec.node == opts.node)
+            .map(|ep| EndpointUse::of(state, ep, &policies))
+            .collect();
+        let labelled = labelled
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (resolved, nets)
+        ((policies, unresolved, uses), labelled)
     });
     // By key, one entry per object (the incremental compiler keeps it so).
     let mut rejected: BTreeMap<ResourceKey, String> = unresolved.into_iter().collect();
@@ -512,13 +522,8 @@ pub(crate) fn compile_recording(
         &nets,
         BTreeMap::new(),
         record.is_some(),
-    );
-
-    let uses: Vec<EndpointUse> = state
-        .workload_endpoints()
-        .filter(|w| w.spec.node == opts.node)
-        .map(|ep| EndpointUse::of(state, ep, &policies))
-        .collect();
+    )
+    .with_index(index);
 
     let mut chains = BTreeMap::new();
     let mut endpoints = BTreeMap::new();
@@ -926,6 +931,12 @@ impl<'a> Builder<'a> {
             not_named_port_set: (!not_named.is_empty())
                 .then(|| self.named_port_set(e.selector.as_ref(), proto, not_named, false)),
         }
+    }
+
+    /// Use `index` (over the same labelled objects) from the first set on.
+    pub(crate) fn with_index(mut self, index: LabelIndex) -> Self {
+        self.index = Some(index);
+        self
     }
 
     /// Fill the first `sets` sets by scanning every labelled object, and
