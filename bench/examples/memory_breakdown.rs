@@ -44,6 +44,11 @@ fn main() -> anyhow::Result<()> {
         std::mem::size_of::<model::calico::ResourceKey>()
     );
 
+    let before = live_bytes();
+    let (resolved, _) = state.resolved_policies();
+    line("of_which_resolved_policies", live_bytes() - before);
+    drop(resolved);
+
     let opts = CompileOptions::new(bench::NODE_UNDER_TEST);
     let before = live_bytes();
     let logical = compiler::compile(&state, &opts)?;

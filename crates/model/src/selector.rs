@@ -120,6 +120,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::labels::IStr;
 /// The labels a selector is evaluated against: label key to value.
 pub use crate::labels::Labels;
 
@@ -218,20 +219,20 @@ pub struct Selector {
 enum Expr {
     All,
     Global,
-    Has(String),
+    Has(IStr),
     /// `label <op> "value"` for the single-value operators.
     Compare {
-        label: String,
+        label: IStr,
         op: CompareOp,
-        value: String,
+        value: IStr,
     },
     In {
-        label: String,
-        values: BTreeSet<String>,
+        label: IStr,
+        values: BTreeSet<IStr>,
     },
     NotIn {
-        label: String,
-        values: BTreeSet<String>,
+        label: IStr,
+        values: BTreeSet<IStr>,
     },
     Not(Box<Expr>),
     And(Vec<Expr>),
@@ -287,7 +288,7 @@ impl Selector {
                     value,
                 } => Some((label.as_str(), vec![value.as_str()])),
                 Expr::In { label, values } => {
-                    Some((label.as_str(), values.iter().map(String::as_str).collect()))
+                    Some((label.as_str(), values.iter().map(IStr::as_str).collect()))
                 }
                 _ => None,
             }
@@ -533,7 +534,7 @@ impl Expr {
     }
 
     fn with_label_prefix(&self, prefix: &str) -> Expr {
-        let key = |label: &String| format!("{prefix}{label}");
+        let key = |label: &IStr| IStr::from(format!("{prefix}{label}"));
         match self {
             Expr::All => Expr::All,
             Expr::Global => Expr::Global,
@@ -578,7 +579,7 @@ impl Expr {
     /// `all()` → `has(label)`, everywhere in the tree.
     fn all_to_has(self, label: &str) -> Expr {
         match self {
-            Expr::All => Expr::Has(label.to_owned()),
+            Expr::All => Expr::Has(IStr::new(label)),
             Expr::Not(operand) => Expr::Not(Box::new(operand.all_to_has(label))),
             Expr::And(operands) => {
                 Expr::And(operands.into_iter().map(|e| e.all_to_has(label)).collect())
@@ -652,7 +653,7 @@ fn write_set(
     f: &mut fmt::Formatter<'_>,
     label: &str,
     op: &str,
-    values: &BTreeSet<String>,
+    values: &BTreeSet<IStr>,
 ) -> fmt::Result {
     write!(f, "{label} {op} {{")?;
     for (i, value) in values.iter().enumerate() {
@@ -973,7 +974,7 @@ impl<'a> Parser<'a> {
             "has" => {
                 let token = self.bump()?;
                 match token.kind {
-                    TokenKind::Word(label) => Expr::Has(label.to_owned()),
+                    TokenKind::Word(label) => Expr::Has(IStr::new(label)),
                     _ => return Err(self.expected("a label key", token)),
                 }
             }
@@ -1003,21 +1004,31 @@ impl<'a> Parser<'a> {
             }
             TokenKind::Word("in") => {
                 let values = self.parse_set()?;
-                return Ok(Expr::In { label, values });
+                return Ok(Expr::In {
+                    label: label.into(),
+                    values,
+                });
             }
             TokenKind::Word("not") => {
                 self.expect_keyword("in")?;
                 let values = self.parse_set()?;
-                return Ok(Expr::NotIn { label, values });
+                return Ok(Expr::NotIn {
+                    label: label.into(),
+                    values,
+                });
             }
             _ => return Err(self.expected(EXPECTED_OPERATOR, token)),
         };
         let value = self.expect_string()?;
-        Ok(Expr::Compare { label, op, value })
+        Ok(Expr::Compare {
+            label: label.into(),
+            op,
+            value: value.into(),
+        })
     }
 
     /// `set := "{" (string ("," string)* ","?)? "}"`
-    fn parse_set(&mut self) -> Result<BTreeSet<String>, SelectorError> {
+    fn parse_set(&mut self) -> Result<BTreeSet<IStr>, SelectorError> {
         self.expect(TokenKind::LBrace, "'{'")?;
         let mut values = BTreeSet::new();
         loop {
@@ -1026,7 +1037,7 @@ impl<'a> Parser<'a> {
             match token.kind {
                 TokenKind::RBrace => return Ok(values),
                 TokenKind::Str(s) => {
-                    values.insert(s.to_owned());
+                    values.insert(IStr::new(s));
                 }
                 _ => return Err(self.expected("a quoted string or '}'", token)),
             }
