@@ -431,6 +431,20 @@ impl IncrementalCompiler {
 
     /// Compiles `state` from scratch.
     pub fn rebuild(&mut self, state: &ClusterState) -> Result<(), CompileError> {
+        self.rebuild_then(state, |_, _| ())
+    }
+
+    /// [`IncrementalCompiler::rebuild`], handing the new rulesets to
+    /// `program` as soon as they are lowered: what the incremental compiler
+    /// keeps beside them (set memberships and their index, the label
+    /// index's keys, reference counts — ~100 ms at 250,000 pods) is built
+    /// on a second thread meanwhile, so a cold start's kernel transaction
+    /// does not wait for it.
+    pub fn rebuild_then<R>(
+        &mut self,
+        state: &ClusterState,
+        program: impl FnOnce(&LogicalRuleset, &Ruleset) -> R,
+    ) -> Result<R, CompileError> {
         let opts = self.options().clone();
         let mut sets: HashMap<String, Membership> = HashMap::new();
         let mut objects = LabelIndex::default();
@@ -446,9 +460,36 @@ impl IncrementalCompiler {
             objects = index.unwrap_or_else(|| LabelIndex::new(nets));
         };
         let compiled = compile_recording(state, &opts, Some(&mut record))?;
-        self.objects = objects.with_keys(state.labelled_keys());
         let logical = compiled.logical;
-        self.ruleset = to_nftables(&logical);
+        let ruleset = to_nftables(&logical);
+        let programmed = std::thread::scope(|s| {
+            let records = s.spawn(|| {
+                self.keep_records(state, objects, sets, compiled.uses, &logical, &ruleset);
+            });
+            let programmed = program(&logical, &ruleset);
+            records
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            programmed
+        });
+        self.ruleset = ruleset;
+        self.policies = compiled.policies;
+        self.logical = Some(logical);
+        Ok(programmed)
+    }
+
+    /// What [`IncrementalCompiler::rebuild_then`] keeps beside the rulesets
+    /// it compiled.
+    fn keep_records(
+        &mut self,
+        state: &ClusterState,
+        objects: LabelIndex,
+        sets: HashMap<String, Membership>,
+        uses: Vec<EndpointUse>,
+        logical: &LogicalRuleset,
+        ruleset: &Ruleset,
+    ) {
+        self.objects = objects.with_keys(state.labelled_keys());
         self.sets = HashMap::new();
         self.by_label = HashMap::new();
         self.unindexed = Vec::new();
@@ -461,7 +502,7 @@ impl IncrementalCompiler {
         self.uses = HashMap::new();
         let mut interfaces = HashSet::new();
         self.shared_interfaces = false;
-        for u in compiled.uses {
+        for u in uses {
             self.shared_interfaces |= !interfaces.insert(u.interface.clone());
             refer_use(
                 &mut self.policy_refs,
@@ -479,7 +520,7 @@ impl IncrementalCompiler {
             }
         }
         self.nft_set_refs = BTreeMap::new();
-        for t in &self.ruleset.tables {
+        for t in &ruleset.tables {
             let refs = self.nft_set_refs.entry(t.family).or_default();
             for c in t.chains.values() {
                 for name in referenced_sets(c).collect::<BTreeSet<_>>() {
@@ -489,9 +530,6 @@ impl IncrementalCompiler {
                 }
             }
         }
-        self.policies = compiled.policies;
-        self.logical = Some(logical);
-        Ok(())
     }
 
     /// Registers a set's membership and indexes it under one required
@@ -558,13 +596,51 @@ impl IncrementalCompiler {
         state: &ClusterState,
         changes: &BTreeMap<ResourceKey, Option<Resource>>,
     ) -> Result<Outcome, CompileError> {
+        Ok(self.update_then(state, changes, |_, _, _| ())?.0)
+    }
+
+    /// [`IncrementalCompiler::update`], then `program` with the rulesets
+    /// and the outcome. When the update compiles in full, `program` runs
+    /// while the incremental records are built
+    /// ([`IncrementalCompiler::rebuild_then`]).
+    pub fn update_then<R>(
+        &mut self,
+        state: &ClusterState,
+        changes: &BTreeMap<ResourceKey, Option<Resource>>,
+        program: impl FnOnce(&LogicalRuleset, &Ruleset, &Outcome) -> R,
+    ) -> Result<(Outcome, R), CompileError> {
         // Hook: fused lookups (crate::fused) hold selector members too;
         // with them on, every change compiles in full.
-        if self.logical.is_none() || self.options().fused_lookup || !self.can_patch(state, changes)
+        let patched = if self.logical.is_none()
+            || self.options().fused_lookup
+            || !self.can_patch(state, changes)
         {
-            self.rebuild(state)?;
-            return Ok(Outcome::Rebuilt);
+            None
+        } else {
+            self.patch(state, changes)
+        };
+        match patched {
+            Some(outcome) => {
+                let logical = self.logical.as_ref().expect("patched a compiled ruleset");
+                let programmed = program(logical, &self.ruleset, &outcome);
+                Ok((outcome, programmed))
+            }
+            None => {
+                let programmed = self.rebuild_then(state, |logical, ruleset| {
+                    program(logical, ruleset, &Outcome::Rebuilt)
+                })?;
+                Ok((Outcome::Rebuilt, programmed))
+            }
         }
+    }
+
+    /// The update of a compiled ruleset by `changes`, or `None` when it
+    /// must compile in full.
+    fn patch(
+        &mut self,
+        state: &ClusterState,
+        changes: &BTreeMap<ResourceKey, Option<Resource>>,
+    ) -> Option<Outcome> {
         let (net_changes, named_changes) = self.member_changes(state, changes);
         // A selector set is a hash set while every member is a host address
         // and an interval set otherwise (`SetKey::Host`). The kernel cannot
@@ -572,8 +648,7 @@ impl IncrementalCompiler {
         // full, and the programmer re-creates the set (and refills the
         // chains that use it) in the same transaction.
         if self.set_type_flips(&net_changes) {
-            self.rebuild(state)?;
-            return Ok(Outcome::Rebuilt);
+            return None;
         }
         // A tier changed: the policies in it resolve again (their tier's
         // order, default action or existence changed), and every other
@@ -613,16 +688,16 @@ impl IncrementalCompiler {
             }
         }
         if local.is_empty() && swap.is_none() {
-            return Ok(Outcome::Elements(
+            return Some(Outcome::Elements(
                 self.apply_changes(net_changes, named_changes),
             ));
         }
         let local: Vec<&ResourceKey> = local.iter().collect();
         let patch = self.patch_local(state, &local, swap, &profiles, net_changes, named_changes);
         if patch.tables.is_empty() {
-            return Ok(Outcome::Elements(patch.elements));
+            return Some(Outcome::Elements(patch.elements));
         }
-        Ok(Outcome::Patch(patch))
+        Some(Outcome::Patch(patch))
     }
 
     /// For tier changes in `changes`: the policies in the changed tiers

@@ -56,19 +56,26 @@ impl Pipeline {
         state: &ClusterState,
         changes: &Changes,
     ) -> Result<(), Error> {
-        let outcome = self.compiler.update(state, changes)?;
-        let change = match &outcome {
-            _ if self.full_next => Change::Full,
-            Outcome::Rebuilt => Change::Full,
-            Outcome::Elements(delta) => Change::Elements(delta),
-            Outcome::Patch(patch) => Change::Patch(patch),
-        };
-        let logical = self.compiler.logical().expect("compiled above");
-        self.dataplane.apply(&Desired {
-            logical,
-            ruleset: self.compiler.ruleset(),
-            change,
-        })
+        let full_next = self.full_next;
+        let dataplane = &mut self.dataplane;
+        // A full compile hands over its rulesets as soon as they exist and
+        // finishes its own records while the kernel takes them.
+        let (_, programmed) =
+            self.compiler
+                .update_then(state, changes, |logical, ruleset, outcome| {
+                    let change = match outcome {
+                        _ if full_next => Change::Full,
+                        Outcome::Rebuilt => Change::Full,
+                        Outcome::Elements(delta) => Change::Elements(delta),
+                        Outcome::Patch(patch) => Change::Patch(patch),
+                    };
+                    dataplane.apply(&Desired {
+                        logical,
+                        ruleset,
+                        change,
+                    })
+                })?;
+        programmed
     }
 
     /// What the last successful compile produced, whole (the change is
@@ -108,13 +115,14 @@ impl Pipeline {
     /// transaction. `Ok(false)` when the backend cannot.
     pub fn rebuild(&mut self, state: &ClusterState) -> Result<bool, Error> {
         self.full_next = true;
-        self.compiler.rebuild(state)?;
-        let logical = self.compiler.logical().expect("compiled above");
-        self.dataplane.rebuild(&Desired {
-            logical,
-            ruleset: self.compiler.ruleset(),
-            change: Change::Full,
-        })
+        let dataplane = &mut self.dataplane;
+        self.compiler.rebuild_then(state, |logical, ruleset| {
+            dataplane.rebuild(&Desired {
+                logical,
+                ruleset,
+                change: Change::Full,
+            })
+        })?
     }
 
     /// The logical ruleset of the last compile.
