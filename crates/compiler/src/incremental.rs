@@ -54,7 +54,7 @@ use model::state::{
 use crate::label_index::LabelIndex;
 use crate::logical::{
     compile_recording, named_port_members, policy_chain, profile_chain, Builder, CompileError,
-    CompileOptions, EndpointUse, IpSet, IpSetKind, LChain, LocalEndpoint, LogicalRuleset,
+    CompileOptions, EndpointUse, IpSet, IpSetKind, LChain, LocalEndpoint, LogicalRuleset, Recorded,
 };
 use crate::lower_nft::{dispatch_maps, ip_set_name, lower_chain, to_nftables};
 use crate::nft::{
@@ -446,25 +446,13 @@ impl IncrementalCompiler {
         program: impl FnOnce(&LogicalRuleset, &Ruleset) -> R,
     ) -> Result<R, CompileError> {
         let opts = self.options().clone();
-        let mut sets: HashMap<String, Membership> = HashMap::new();
-        let mut objects = LabelIndex::default();
-        let mut record = |nets: &[LabelledNets<'_>],
-                          members: &HashMap<String, Vec<usize>>,
-                          ip_sets: &BTreeMap<String, IpSet>,
-                          index: Option<LabelIndex>| {
-            for (id, set) in ip_sets {
-                let objects = members.get(id).map(Vec::as_slice).unwrap_or_default();
-                sets.insert(id.clone(), Membership::of(set, objects, nets));
-            }
-            // The full compile's index, unless it needed none.
-            objects = index.unwrap_or_else(|| LabelIndex::new(nets));
-        };
-        let compiled = compile_recording(state, &opts, Some(&mut record))?;
+        let compiled = compile_recording(state, &opts, true)?;
         let logical = compiled.logical;
         let ruleset = to_nftables(&logical);
+        let recorded = compiled.recorded.expect("a recording compile records");
         let programmed = std::thread::scope(|s| {
             let records = s.spawn(|| {
-                self.keep_records(state, objects, sets, compiled.uses, &logical, &ruleset);
+                self.keep_records(state, recorded, compiled.uses, &logical, &ruleset);
             });
             let programmed = program(&logical, &ruleset);
             records
@@ -483,12 +471,27 @@ impl IncrementalCompiler {
     fn keep_records(
         &mut self,
         state: &ClusterState,
-        objects: LabelIndex,
-        sets: HashMap<String, Membership>,
+        recorded: Recorded<'_>,
         uses: Vec<EndpointUse>,
         logical: &LogicalRuleset,
         ruleset: &Ruleset,
     ) {
+        let Recorded {
+            nets,
+            members,
+            index,
+        } = recorded;
+        let sets: Vec<(String, Membership)> = logical
+            .ip_sets
+            .iter()
+            .map(|(id, set)| {
+                let objects = members.get(id).map(Vec::as_slice).unwrap_or_default();
+                (id.clone(), Membership::of(set, objects, &nets))
+            })
+            .collect();
+        // The full compile's index, unless it needed none.
+        let objects = index.unwrap_or_else(|| LabelIndex::new(&nets));
+        drop(nets);
         self.objects = objects.with_keys(state.labelled_keys());
         self.sets = HashMap::new();
         self.by_label = HashMap::new();

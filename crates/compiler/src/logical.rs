@@ -374,7 +374,7 @@ pub fn compile(
     state: &ClusterState,
     opts: &CompileOptions,
 ) -> Result<LogicalRuleset, CompileError> {
-    Ok(compile_recording(state, opts, None)?.logical)
+    Ok(compile_recording(state, opts, false)?.logical)
 }
 
 /// For each IP set id, which labelled objects (positions in
@@ -382,11 +382,14 @@ pub fn compile(
 /// compile starts from.
 pub(crate) type SetMembers = HashMap<String, Vec<usize>>;
 
-/// Called by [`compile_recording`] with the labelled objects, each IP set's
-/// member objects, the IP sets and the label index over the objects, if
-/// one was built.
-pub(crate) type RecordSets<'r> =
-    dyn FnMut(&[LabelledNets<'_>], &SetMembers, &BTreeMap<String, IpSet>, Option<LabelIndex>) + 'r;
+/// What a recording compile ([`compile_recording`]) hands over beside the
+/// ruleset: the labelled objects, each IP set's member objects (positions
+/// in `nets`) and the label index over the objects.
+pub(crate) struct Recorded<'a> {
+    pub nets: Vec<LabelledNets<'a>>,
+    pub members: SetMembers,
+    pub index: Option<LabelIndex>,
+}
 
 /// What one local endpoint's chains are made of: the policies selecting
 /// it (positions in the resolved policy list, in policy order) and its
@@ -473,20 +476,21 @@ impl EndpointUse {
 }
 
 /// A full compile with what an incremental compiler keeps of it.
-pub(crate) struct Compiled {
+pub(crate) struct Compiled<'a> {
     pub logical: LogicalRuleset,
     /// The resolved policies (what [`EndpointUse`] positions refer to).
     pub policies: Vec<ResolvedPolicy>,
     pub uses: Vec<EndpointUse>,
+    /// With `record`: the IP sets' member objects.
+    pub recorded: Option<Recorded<'a>>,
 }
 
-/// [`compile`], optionally reporting each IP set's member objects to
-/// `record` (called with the labelled nets while they are alive).
-pub(crate) fn compile_recording(
-    state: &ClusterState,
+/// [`compile`], with each IP set's member objects if `record`.
+pub(crate) fn compile_recording<'a>(
+    state: &'a ClusterState,
     opts: &CompileOptions,
-    record: Option<&mut RecordSets<'_>>,
-) -> Result<Compiled, CompileError> {
+    record: bool,
+) -> Result<Compiled<'a>, CompileError> {
     let marks = MarkBits::from_mask(opts.mark_mask)?;
     // Gathering the labelled objects and indexing their labels is
     // independent of resolving the policies and working out which apply to
@@ -521,7 +525,7 @@ pub(crate) fn compile_recording(
         &opts.node,
         &nets,
         BTreeMap::new(),
-        record.is_some(),
+        record,
     )
     .with_index(index);
 
@@ -558,9 +562,11 @@ pub(crate) fn compile_recording(
     }
     let index = b.take_index();
     let (ip_sets, members) = b.finish();
-    if let (Some(record), Some(members)) = (record, &members) {
-        record(&nets, members, &ip_sets, index);
-    }
+    let recorded = members.map(|members| Recorded {
+        nets,
+        members,
+        index,
+    });
     Ok(Compiled {
         logical: LogicalRuleset {
             marks,
@@ -574,6 +580,7 @@ pub(crate) fn compile_recording(
         },
         policies,
         uses,
+        recorded,
     })
 }
 
