@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use bench::{generate, workload, Scale, NODE_UNDER_TEST};
 use compiler::incremental::{IncrementalCompiler, Outcome};
 use compiler::logical::LogicalRuleset;
+use compiler::nft::Ruleset;
 use compiler::{compile_nftables, CompileOptions};
 use model::calico::{
     Action, GlobalNetworkSet, Kind, NetworkPolicy, NetworkSet, NetworkSetSpec, ObjectMeta,
@@ -193,25 +194,6 @@ fn maybe_tiered(p: &mut NetworkPolicy, rng: &mut StdRng) {
 /// What differs between the incremental result and the full compile's,
 /// object by object (the whole rulesets are too long to read).
 fn differences(inc: &LogicalRuleset, full: &LogicalRuleset) -> String {
-    fn by_key<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
-        what: &str,
-        a: &BTreeMap<K, V>,
-        b: &BTreeMap<K, V>,
-        out: &mut String,
-    ) {
-        for k in a
-            .keys()
-            .chain(b.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-        {
-            let (x, y) = (a.get(k), b.get(k));
-            if x != y {
-                out.push_str(&format!(
-                    "{what} {k:?}:\n  incremental {x:?}\n  full        {y:?}\n"
-                ));
-            }
-        }
-    }
     let mut out = String::new();
     by_key("chain", &inc.chains, &full.chains, &mut out);
     by_key("endpoint", &inc.endpoints, &full.endpoints, &mut out);
@@ -229,6 +211,38 @@ fn differences(inc: &LogicalRuleset, full: &LogicalRuleset) -> String {
         ));
     }
     out
+}
+
+/// The same for the nftables rulesets, table by table.
+fn nft_differences(inc: &Ruleset, full: &Ruleset) -> String {
+    let mut out = String::new();
+    for (a, b) in inc.tables.iter().zip(&full.tables) {
+        let fam = format!("{:?}", a.family);
+        by_key(&format!("{fam} chain"), &a.chains, &b.chains, &mut out);
+        by_key(&format!("{fam} set"), &a.sets, &b.sets, &mut out);
+        by_key(&format!("{fam} map"), &a.maps, &b.maps, &mut out);
+    }
+    out
+}
+
+fn by_key<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+    what: &str,
+    a: &BTreeMap<K, V>,
+    b: &BTreeMap<K, V>,
+    out: &mut String,
+) {
+    for k in a
+        .keys()
+        .chain(b.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (x, y) = (a.get(k), b.get(k));
+        if x != y {
+            out.push_str(&format!(
+                "{what} {k:?}:\n  incremental {x:?}\n  full        {y:?}\n"
+            ));
+        }
+    }
 }
 
 fn change(
@@ -262,6 +276,18 @@ fn pick<'a>(
 
 #[test]
 fn incremental_equals_full_compile() {
+    equals_full_compile(false);
+}
+
+/// The same with `--fused-lookup`: the fused sets' elements follow the
+/// selector sets' members, and the endpoint chains redone (or whose
+/// policies start or stop fusing) are lowered with their fused lookups.
+#[test]
+fn incremental_equals_full_compile_fused() {
+    equals_full_compile(true);
+}
+
+fn equals_full_compile(fused: bool) {
     // More seeds for a longer search: INCREMENTAL_SEEDS=40 (release build).
     let seeds: u64 = std::env::var("INCREMENTAL_SEEDS").map_or(3, |s| s.parse().expect("a number"));
     let mut tier_steps_all: u64 = 0;
@@ -279,7 +305,10 @@ fn incremental_equals_full_compile() {
             state.upsert(node(i, &mut rng));
         }
         state.upsert(Resource::from_yaml("gnp", NODE_POLICY).unwrap());
-        let opts = CompileOptions::new(NODE_UNDER_TEST);
+        let opts = CompileOptions {
+            fused_lookup: fused,
+            ..CompileOptions::new(NODE_UNDER_TEST)
+        };
         let mut inc = IncrementalCompiler::new(opts.clone());
         assert_eq!(
             inc.update(&state, &BTreeMap::new()).unwrap(),
@@ -287,6 +316,14 @@ fn incremental_equals_full_compile() {
         );
         let mut next_pod = scale.pods;
         let mut fast = 0;
+        // Steps whose delta or patch changes a fused set's elements.
+        let mut fused_steps = 0;
+        let is_fused = |d: &compiler::nft::SetDelta| {
+            d.set.starts_with("cali40f-")
+                || d.set.starts_with("cali40h-")
+                || d.set.starts_with("cali60f-")
+                || d.set.starts_with("cali60h-")
+        };
         let mut patches = 0;
         let mut policy_steps = 0;
         let mut tier_steps = 0;
@@ -429,17 +466,21 @@ fn incremental_equals_full_compile() {
             );
             assert!(
                 inc.ruleset() == &ruleset,
-                "seed {seed} step {step}: nftables ruleset differs"
+                "seed {seed} step {step}: nftables ruleset differs after {:?}:\n{}",
+                changes.keys().collect::<Vec<_>>(),
+                nft_differences(inc.ruleset(), &ruleset)
             );
             let mut patched = before;
             let what = match outcome {
                 Outcome::Elements(delta) => {
                     fast += 1;
+                    fused_steps += usize::from(delta.sets.iter().any(is_fused));
                     delta.apply_to(&mut patched);
                     "delta"
                 }
                 Outcome::Patch(patch) => {
                     patches += 1;
+                    fused_steps += usize::from(patch.elements.sets.iter().any(is_fused));
                     patch.apply_to(&mut patched);
                     "patch"
                 }
@@ -459,6 +500,12 @@ fn incremental_equals_full_compile() {
             policy_steps > 10,
             "policy changes are patched, not compiled in full ({policy_steps})"
         );
+        if fused {
+            assert!(
+                fused_steps > 10,
+                "fused sets' elements follow the selector sets' members ({fused_steps})"
+            );
+        }
         tier_steps_all += tier_steps;
     }
     // Rarer than the others: counted over every seed.
