@@ -520,6 +520,16 @@ fn equals_full_compile(fused: bool) {
 /// ruleset.
 #[test]
 fn deltas_and_patches_reach_the_kernel() {
+    reach_the_kernel(false);
+}
+
+/// The same with `--fused-lookup`: the fused sets' element changes too.
+#[test]
+fn deltas_and_patches_reach_the_kernel_fused() {
+    reach_the_kernel(true);
+}
+
+fn reach_the_kernel(fused: bool) {
     let _ns = testkit::netns::Netns::enter("incdelta").unwrap();
     let mut p = programmer::NftProgrammer::new().unwrap();
     let mut scale = Scale::new(40, 300);
@@ -531,7 +541,10 @@ fn deltas_and_patches_reach_the_kernel() {
     for i in 0..4 {
         state.upsert(network_set(i, &mut rng));
     }
-    let opts = CompileOptions::new(NODE_UNDER_TEST);
+    let opts = CompileOptions {
+        fused_lookup: fused,
+        ..CompileOptions::new(NODE_UNDER_TEST)
+    };
     let mut inc = IncrementalCompiler::new(opts.clone());
     inc.rebuild(&state).unwrap();
     p.apply(inc.ruleset()).unwrap();
@@ -693,4 +706,93 @@ fn deltas_and_patches_reach_the_kernel() {
         seen.policy_chains.iter().chain(&seen.sets).all(|n| *n > 0),
         "{seen:?}"
     );
+}
+
+/// A rule whose peers × ports sit at the fused lookup's element limit
+/// (`compiler::fused`): a pod joining its peers' selector stops its policy
+/// fusing (the policy's jump is back in the endpoint chain), the pod
+/// leaving lets it fuse again — both patched, equal to a full compile.
+#[test]
+fn fusing_follows_the_element_limit() {
+    let mut scale = Scale::new(10, 200);
+    scale.namespaces = 2;
+    scale.apps = 4;
+    scale.local_endpoints = 4;
+    let mut state = generate(&scale);
+    // 16 remote peers × 4,096 ports = 65,536 elements: at the limit.
+    let peers: Vec<WorkloadEndpoint> = state
+        .workload_endpoints()
+        .filter(|w| w.spec.node != NODE_UNDER_TEST)
+        .take(17)
+        .cloned()
+        .collect();
+    for w in &peers[..16] {
+        let mut w = w.clone();
+        w.metadata.labels.insert("edge".into(), "yes".into());
+        state.upsert(Resource::WorkloadEndpoint(w));
+    }
+    let ports: Vec<String> = (0..64u32)
+        // Not adjacent, or they would merge into one range too wide to fuse.
+        .map(|i| format!("'{}:{}'", 1000 + 65 * i, 1063 + 65 * i))
+        .collect();
+    state.upsert(
+        Resource::from_yaml(
+            "gnp",
+            &format!(
+                "{{apiVersion: projectcalico.org/v3, kind: GlobalNetworkPolicy, metadata: {{name: edge}}, \
+                 spec: {{order: 1, selector: \"app == 'app0'\", types: [Ingress], ingress: [\
+                 {{action: Allow, protocol: TCP, source: {{selector: \"edge == 'yes'\"}}, destination: {{ports: [{}]}}}}]}}}}",
+                ports.join(", ")
+            ),
+        )
+        .unwrap(),
+    );
+    let opts = CompileOptions {
+        fused_lookup: true,
+        ..CompileOptions::new(NODE_UNDER_TEST)
+    };
+    let mut inc = IncrementalCompiler::new(opts.clone());
+    inc.rebuild(&state).unwrap();
+    // Whether some endpoint chain fuses the policy (else it jumps to it).
+    let fuses_edge = |rs: &Ruleset| {
+        rs.tables.iter().all(|t| {
+            t.chains.values().any(|c| {
+                c.rules.iter().any(|r| {
+                    r.comment.as_deref().is_some_and(|c| {
+                        c.starts_with(compiler::fused::MARKER) && c.contains("gnp/edge")
+                    })
+                })
+            })
+        })
+    };
+    assert!(fuses_edge(inc.ruleset()), "at the limit, the policy fuses");
+    let mut joined = peers[16].clone();
+    joined.metadata.labels.insert("edge".into(), "yes".into());
+    let key = Resource::WorkloadEndpoint(joined.clone()).key();
+    let steps = [
+        (Some(Resource::WorkloadEndpoint(joined)), false),
+        (Some(Resource::WorkloadEndpoint(peers[16].clone())), true),
+    ];
+    for (step, (r, fuses)) in steps.into_iter().enumerate() {
+        let mut changes = BTreeMap::new();
+        change(&mut state, &mut changes, key.clone(), r);
+        let before = inc.ruleset().clone();
+        let outcome = inc.update(&state, &changes).unwrap();
+        let (_, full) = compile_nftables(&state, &opts).unwrap();
+        assert!(
+            inc.ruleset() == &full,
+            "step {step}: {}",
+            nft_differences(inc.ruleset(), &full)
+        );
+        assert_eq!(fuses_edge(&full), fuses, "step {step}");
+        let Outcome::Patch(patch) = outcome else {
+            panic!("step {step}: the endpoint chains are lowered again: {outcome:?}");
+        };
+        let mut patched = before;
+        patch.apply_to(&mut patched);
+        assert!(
+            patched == full,
+            "step {step}: the patch gives the new ruleset"
+        );
+    }
 }
