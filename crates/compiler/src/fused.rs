@@ -618,6 +618,10 @@ pub(crate) struct Upkeep {
 /// A selector IP set's element changes: net → +1 joins, −1 leaves.
 pub(crate) type MemberChanges = HashMap<String, BTreeMap<IpNet, i32>>;
 
+/// Per fused set: elements a member change may add or remove, each with
+/// the position of a source adding it for a member that joined.
+pub(crate) type Candidates = BTreeMap<(TableFamily, String), BTreeMap<SetElement, Option<usize>>>;
+
 impl Upkeep {
     /// Endpoint chain `name` was lowered (again) with these `deps`.
     pub(crate) fn chain_lowered(
@@ -736,21 +740,20 @@ impl Upkeep {
     }
 
     /// The elements of fused sets that `changes` may add or remove: each
-    /// changed member as a peer of every source using its set.
-    pub(crate) fn candidates(
-        &self,
-        changes: &MemberChanges,
-    ) -> BTreeMap<(TableFamily, String), BTreeSet<SetElement>> {
-        let mut out: BTreeMap<(TableFamily, String), BTreeSet<SetElement>> = BTreeMap::new();
+    /// changed member as a peer of every source using its set, with the
+    /// source (its position) that adds it if the member joined.
+    pub(crate) fn candidates(&self, changes: &MemberChanges) -> Candidates {
+        let mut out = Candidates::new();
+        let mut elements = BTreeSet::new();
         for (id, nets) in changes {
             let Some(sets) = self.by_ip_set.get(id) else {
                 continue;
             };
             for at in sets {
                 let v6 = at.0.is_v6();
-                let elements = out.entry(at.clone()).or_default();
-                for s in &self.sources[at] {
-                    if s.peers != Peers::Set(id.clone()) {
+                let candidates = out.entry(at.clone()).or_default();
+                for (i, s) in self.sources[at].iter().enumerate() {
+                    if !matches!(&s.peers, Peers::Set(set) if set == id) {
                         continue;
                     }
                     for (net, change) in nets {
@@ -758,7 +761,12 @@ impl Upkeep {
                             && net.addr().is_ipv6() == v6
                             && net.prefix_len() == net.max_prefix_len()
                         {
-                            s.elements_of(net.addr(), elements);
+                            s.elements_of(net.addr(), &mut elements);
+                            let joined = (*change > 0).then_some(i);
+                            for e in std::mem::take(&mut elements) {
+                                let slot = candidates.entry(e).or_insert(None);
+                                *slot = slot.or(joined);
+                            }
                         }
                     }
                 }
@@ -774,7 +782,7 @@ impl Upkeep {
         &self,
         l: &LogicalRuleset,
         rs: &mut Ruleset,
-        candidates: BTreeMap<(TableFamily, String), BTreeSet<SetElement>>,
+        candidates: Candidates,
     ) -> Vec<SetDelta> {
         let mut out = Vec::new();
         for ((family, name), elements) in candidates {
@@ -795,8 +803,13 @@ impl Upkeep {
                 remove: vec![],
                 add: vec![],
             };
-            for e in elements {
-                let now = sources.iter().any(|s| s.has(l, &e));
+            for (e, joined) in elements {
+                // The source a joining member came from first (it adds the
+                // element unless the set was lowered again since), then all.
+                let now = joined
+                    .and_then(|i| sources.get(i))
+                    .is_some_and(|s| s.has(l, &e))
+                    || sources.iter().any(|s| s.has(l, &e));
                 let was = set.elements.binary_search(&e).is_ok();
                 match (was, now) {
                     (false, true) => d.add.push(e),

@@ -652,10 +652,7 @@ impl IncrementalCompiler {
 
     /// The fused sets' elements after member changes (see
     /// [`Upkeep::reconcile`]).
-    fn reconcile_fused(
-        &mut self,
-        candidates: BTreeMap<(TableFamily, String), BTreeSet<SetElement>>,
-    ) -> Vec<SetDelta> {
+    fn reconcile_fused(&mut self, candidates: fused::Candidates) -> Vec<SetDelta> {
         if candidates.is_empty() {
             return vec![];
         }
