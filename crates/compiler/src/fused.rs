@@ -27,11 +27,12 @@
 //! nets and a selector together, not a protocol without ports. A
 //! policy with a rule that does not fuse keeps its jump, in its place: runs
 //! end there, so the order against Deny and Pass is the walk's. A policy
-//! without rules in this family (a deny-all) fuses to nothing; a run that
-//! allows nothing leaves one counting rule (`Fused lookup @none`). The tier's
-//! end-of-tier drop and the profiles that follow are untouched. Sets are
-//! named by the hash of their elements, so endpoints selected by the same
-//! policies share one.
+//! without rules in this family (a deny-all) fuses to nothing; a run of
+//! deny-alls alone leaves one counting rule (`Fused lookup @none`). A
+//! run with a peer rule keeps its lookup even while the peers' selector
+//! has no members in this family (an empty set), so members joining only
+//! add elements. The tier's end-of-tier drop and the profiles that follow
+//! are untouched. Endpoints with the same run of policies share its sets.
 //!
 //! The `cali-pi-`/`cali-po-` chains stay in the table (explain's chain path
 //! and the walk for what does not fuse); what a fused lookup accepts is
