@@ -557,6 +557,13 @@ fn reach_the_kernel(fused: bool) {
         sets: [usize; 2],
     }
     let mut seen = Seen::default();
+    // Element changes of fused sets that reached the kernel.
+    let mut fused_deltas = 0;
+    let fused_set = |d: &compiler::nft::SetDelta| {
+        ["cali40f-", "cali40h-", "cali60f-", "cali60h-"]
+            .iter()
+            .any(|p| d.set.starts_with(p))
+    };
     for step in 0..100 {
         let mut changes = BTreeMap::new();
         let pods: Vec<_> = state.workload_endpoints().cloned().collect();
@@ -648,11 +655,13 @@ fn reach_the_kernel(fused: bool) {
         match inc.update(&state, &changes).unwrap() {
             Outcome::Elements(delta) => {
                 deltas += 1;
+                fused_deltas += delta.sets.iter().filter(|d| fused_set(d)).count();
                 p.apply_elements(&delta)
                     .unwrap_or_else(|e| panic!("step {step}: {e} ({delta:?})"));
             }
             Outcome::Patch(patch) => {
                 patches += 1;
+                fused_deltas += patch.elements.sets.iter().filter(|d| fused_set(d)).count();
                 for t in &patch.tables {
                     for (name, c) in &t.chains {
                         if name.starts_with("cali-p") {
@@ -700,6 +709,11 @@ fn reach_the_kernel(fused: bool) {
         "local, policy and profile changes patch ({patches})"
     );
     assert!(type_flips > 0, "no set changed its type");
+    assert_eq!(
+        fused,
+        fused_deltas > 0,
+        "fused sets' deltas: {fused_deltas}"
+    );
     // The patches exercised policies starting and stopping to apply here,
     // with the sets their rules use.
     assert!(
