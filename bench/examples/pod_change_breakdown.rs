@@ -1,6 +1,6 @@
 //! Where one pod or policy change's time goes at a scale (root; runs in its
 //! own network namespace):
-//! `cargo run --release -p bench --example pod_change_breakdown -- POLICIES [local|remote|policy] [PODS]`.
+//! `cargo run --release -p bench --example pod_change_breakdown -- POLICIES [local|remote|policy] [PODS] [--fused-lookup]`.
 //! With `local`, the pods are added on the node itself and deleted again
 //! (a patch of chains, sets and maps instead of set elements alone); with
 //! `policy`, a policy like the benchmark's is added and deleted again; with
@@ -19,19 +19,25 @@ use model::calico::Resource;
 use rand::SeedableRng;
 
 fn main() -> anyhow::Result<()> {
-    let policies: usize = std::env::args().nth(1).map_or(Ok(1000), |a| a.parse())?;
-    let mode = std::env::args().nth(2);
+    // `--fused-lookup` anywhere: the compiler's fused lookups on.
+    let fused = std::env::args().any(|a| a == "--fused-lookup");
+    let args: Vec<String> = std::env::args().filter(|a| a != "--fused-lookup").collect();
+    let policies: usize = args.get(1).map_or(Ok(1000), |a| a.parse())?;
+    let mode = args.get(2).cloned();
     let local = mode.as_deref() == Some("local");
     let policy = mode.as_deref() == Some("policy");
     let tier = mode.as_deref() == Some("tier");
     let mut scale = scale_for(policies);
-    if let Some(pods) = std::env::args().nth(3) {
+    if let Some(pods) = args.get(3) {
         scale.pods = pods.parse()?;
     }
     let mut state = generate(&scale);
     let _ns = testkit::netns::Netns::enter("breakdown")?;
     let mut p = programmer::NftProgrammer::new()?;
-    let mut inc = IncrementalCompiler::new(CompileOptions::new(NODE_UNDER_TEST));
+    let mut inc = IncrementalCompiler::new(CompileOptions {
+        fused_lookup: fused,
+        ..CompileOptions::new(NODE_UNDER_TEST)
+    });
     // The cold start first (what `cargo xtask bench` reports as cold
     // programming), split into the compile and the programmer's apply.
     let t = Instant::now();

@@ -121,12 +121,22 @@ fn change(state: &mut ClusterState, r: Resource) -> Changes {
 /// Cold programming and the incremental operations of one backend at one
 /// scale, in a fresh network namespace.
 pub fn scale_worker(backend: &str, policies: usize, reps: usize) -> anyhow::Result<ScaleResult> {
+    scale_worker_with(backend, policies, reps, &backends::Options::default())
+}
+
+/// [`scale_worker`] with compile options (`nftbench worker-scale … --fused-lookup`).
+pub fn scale_worker_with(
+    backend: &str,
+    policies: usize,
+    reps: usize,
+    options: &backends::Options,
+) -> anyhow::Result<ScaleResult> {
     let scale = scale_for(policies);
     let mut state = generate(&scale);
     let baseline_rss_kib = vm_hwm_kib();
     let _ns = Netns::enter("bench")?;
     let (u0, s0) = rusage(libc::RUSAGE_SELF);
-    let mut dp = backends::open(backend, NODE_UNDER_TEST)?;
+    let mut dp = backends::open_with(backend, NODE_UNDER_TEST, options)?;
     let slab0 = slab_kb();
     let t = Instant::now();
     dp.apply(&state, &Changes::new())?;
@@ -187,7 +197,10 @@ pub fn scale_worker(backend: &str, policies: usize, reps: usize) -> anyhow::Resu
     // (it builds a second ruleset beside the dataplane's; the agent never
     // holds two).
     let peak_rss_kib = vm_hwm_kib();
-    let opts = compiler::CompileOptions::new(NODE_UNDER_TEST);
+    let opts = compiler::CompileOptions {
+        fused_lookup: options.fused_lookup,
+        ..compiler::CompileOptions::new(NODE_UNDER_TEST)
+    };
     let t = Instant::now();
     if backend == "iptables" {
         compiler::compile_iptables(&state, &opts)?;

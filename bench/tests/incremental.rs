@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use bench::{generate, workload, Scale, NODE_UNDER_TEST};
 use compiler::incremental::{IncrementalCompiler, Outcome};
 use compiler::logical::LogicalRuleset;
+use compiler::nft::Ruleset;
 use compiler::{compile_nftables, CompileOptions};
 use model::calico::{
     Action, GlobalNetworkSet, Kind, NetworkPolicy, NetworkSet, NetworkSetSpec, ObjectMeta,
@@ -195,25 +196,6 @@ fn maybe_tiered(p: &mut NetworkPolicy, rng: &mut StdRng) {
 /// What differs between the incremental result and the full compile's,
 /// object by object (the whole rulesets are too long to read).
 fn differences(inc: &LogicalRuleset, full: &LogicalRuleset) -> String {
-    fn by_key<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
-        what: &str,
-        a: &BTreeMap<K, V>,
-        b: &BTreeMap<K, V>,
-        out: &mut String,
-    ) {
-        for k in a
-            .keys()
-            .chain(b.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-        {
-            let (x, y) = (a.get(k), b.get(k));
-            if x != y {
-                out.push_str(&format!(
-                    "{what} {k:?}:\n  incremental {x:?}\n  full        {y:?}\n"
-                ));
-            }
-        }
-    }
     let mut out = String::new();
     by_key("chain", &inc.chains, &full.chains, &mut out);
     by_key("endpoint", &inc.endpoints, &full.endpoints, &mut out);
@@ -231,6 +213,38 @@ fn differences(inc: &LogicalRuleset, full: &LogicalRuleset) -> String {
         ));
     }
     out
+}
+
+/// The same for the nftables rulesets, table by table.
+fn nft_differences(inc: &Ruleset, full: &Ruleset) -> String {
+    let mut out = String::new();
+    for (a, b) in inc.tables.iter().zip(&full.tables) {
+        let fam = format!("{:?}", a.family);
+        by_key(&format!("{fam} chain"), &a.chains, &b.chains, &mut out);
+        by_key(&format!("{fam} set"), &a.sets, &b.sets, &mut out);
+        by_key(&format!("{fam} map"), &a.maps, &b.maps, &mut out);
+    }
+    out
+}
+
+fn by_key<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+    what: &str,
+    a: &BTreeMap<K, V>,
+    b: &BTreeMap<K, V>,
+    out: &mut String,
+) {
+    for k in a
+        .keys()
+        .chain(b.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let (x, y) = (a.get(k), b.get(k));
+        if x != y {
+            out.push_str(&format!(
+                "{what} {k:?}:\n  incremental {x:?}\n  full        {y:?}\n"
+            ));
+        }
+    }
 }
 
 fn change(
@@ -264,6 +278,18 @@ fn pick<'a>(
 
 #[test]
 fn incremental_equals_full_compile() {
+    equals_full_compile(false);
+}
+
+/// The same with `--fused-lookup`: the fused sets' elements follow the
+/// selector sets' members, and the endpoint chains redone (or whose
+/// policies start or stop fusing) are lowered with their fused lookups.
+#[test]
+fn incremental_equals_full_compile_fused() {
+    equals_full_compile(true);
+}
+
+fn equals_full_compile(fused: bool) {
     // More seeds for a longer search: INCREMENTAL_SEEDS=40 (release build).
     let seeds: u64 = std::env::var("INCREMENTAL_SEEDS").map_or(3, |s| s.parse().expect("a number"));
     let mut tier_steps_all: u64 = 0;
@@ -281,7 +307,10 @@ fn incremental_equals_full_compile() {
             state.upsert(node(i, &mut rng));
         }
         state.upsert(Resource::from_yaml("gnp", NODE_POLICY).unwrap());
-        let opts = CompileOptions::new(NODE_UNDER_TEST);
+        let opts = CompileOptions {
+            fused_lookup: fused,
+            ..CompileOptions::new(NODE_UNDER_TEST)
+        };
         let mut inc = IncrementalCompiler::new(opts.clone());
         assert_eq!(
             inc.update(&state, &BTreeMap::new()).unwrap(),
@@ -289,6 +318,14 @@ fn incremental_equals_full_compile() {
         );
         let mut next_pod = scale.pods;
         let mut fast = 0;
+        // Steps whose delta or patch changes a fused set's elements.
+        let mut fused_steps = 0;
+        let is_fused = |d: &compiler::nft::SetDelta| {
+            d.set.starts_with("cali40f-")
+                || d.set.starts_with("cali40h-")
+                || d.set.starts_with("cali60f-")
+                || d.set.starts_with("cali60h-")
+        };
         let mut patches = 0;
         let mut policy_steps = 0;
         let mut tier_steps = 0;
@@ -431,17 +468,21 @@ fn incremental_equals_full_compile() {
             );
             assert!(
                 inc.ruleset() == &ruleset,
-                "seed {seed} step {step}: nftables ruleset differs"
+                "seed {seed} step {step}: nftables ruleset differs after {:?}:\n{}",
+                changes.keys().collect::<Vec<_>>(),
+                nft_differences(inc.ruleset(), &ruleset)
             );
             let mut patched = before;
             let what = match outcome {
                 Outcome::Elements(delta) => {
                     fast += 1;
+                    fused_steps += usize::from(delta.sets.iter().any(is_fused));
                     delta.apply_to(&mut patched);
                     "delta"
                 }
                 Outcome::Patch(patch) => {
                     patches += 1;
+                    fused_steps += usize::from(patch.elements.sets.iter().any(is_fused));
                     patch.apply_to(&mut patched);
                     "patch"
                 }
@@ -461,6 +502,12 @@ fn incremental_equals_full_compile() {
             policy_steps > 10,
             "policy changes are patched, not compiled in full ({policy_steps})"
         );
+        if fused {
+            assert!(
+                fused_steps > 10,
+                "fused sets' elements follow the selector sets' members ({fused_steps})"
+            );
+        }
         tier_steps_all += tier_steps;
     }
     // Rarer than the others: counted over every seed.
@@ -475,6 +522,16 @@ fn incremental_equals_full_compile() {
 /// ruleset.
 #[test]
 fn deltas_and_patches_reach_the_kernel() {
+    reach_the_kernel(false);
+}
+
+/// The same with `--fused-lookup`: the fused sets' element changes too.
+#[test]
+fn deltas_and_patches_reach_the_kernel_fused() {
+    reach_the_kernel(true);
+}
+
+fn reach_the_kernel(fused: bool) {
     let _ns = testkit::netns::Netns::enter("incdelta").unwrap();
     let mut p = programmer::NftProgrammer::new().unwrap();
     let mut scale = Scale::new(40, 300);
@@ -486,7 +543,10 @@ fn deltas_and_patches_reach_the_kernel() {
     for i in 0..4 {
         state.upsert(network_set(i, &mut rng));
     }
-    let opts = CompileOptions::new(NODE_UNDER_TEST);
+    let opts = CompileOptions {
+        fused_lookup: fused,
+        ..CompileOptions::new(NODE_UNDER_TEST)
+    };
     let mut inc = IncrementalCompiler::new(opts.clone());
     inc.rebuild(&state).unwrap();
     p.apply(inc.ruleset()).unwrap();
@@ -499,6 +559,13 @@ fn deltas_and_patches_reach_the_kernel() {
         sets: [usize; 2],
     }
     let mut seen = Seen::default();
+    // Element changes of fused sets that reached the kernel.
+    let mut fused_deltas = 0;
+    let fused_set = |d: &compiler::nft::SetDelta| {
+        ["cali40f-", "cali40h-", "cali60f-", "cali60h-"]
+            .iter()
+            .any(|p| d.set.starts_with(p))
+    };
     for step in 0..100 {
         let mut changes = BTreeMap::new();
         let pods: Vec<_> = state.workload_endpoints().cloned().collect();
@@ -590,11 +657,13 @@ fn deltas_and_patches_reach_the_kernel() {
         match inc.update(&state, &changes).unwrap() {
             Outcome::Elements(delta) => {
                 deltas += 1;
+                fused_deltas += delta.sets.iter().filter(|d| fused_set(d)).count();
                 p.apply_elements(&delta)
                     .unwrap_or_else(|e| panic!("step {step}: {e} ({delta:?})"));
             }
             Outcome::Patch(patch) => {
                 patches += 1;
+                fused_deltas += patch.elements.sets.iter().filter(|d| fused_set(d)).count();
                 for t in &patch.tables {
                     for (name, c) in &t.chains {
                         if name.starts_with("cali-p") {
@@ -642,10 +711,104 @@ fn deltas_and_patches_reach_the_kernel() {
         "local, policy and profile changes patch ({patches})"
     );
     assert!(type_flips > 0, "no set changed its type");
+    assert_eq!(
+        fused,
+        fused_deltas > 0,
+        "fused sets' deltas: {fused_deltas}"
+    );
     // The patches exercised policies starting and stopping to apply here,
     // with the sets their rules use.
     assert!(
         seen.policy_chains.iter().chain(&seen.sets).all(|n| *n > 0),
         "{seen:?}"
     );
+}
+
+/// A rule whose peers × ports sit at the fused lookup's element limit
+/// (`compiler::fused`): a pod joining its peers' selector stops its policy
+/// fusing (the policy's jump is back in the endpoint chain), the pod
+/// leaving lets it fuse again — both patched, equal to a full compile.
+#[test]
+fn fusing_follows_the_element_limit() {
+    let mut scale = Scale::new(10, 200);
+    scale.namespaces = 2;
+    scale.apps = 4;
+    scale.local_endpoints = 4;
+    let mut state = generate(&scale);
+    // 16 remote peers × 4,096 ports = 65,536 elements: at the limit.
+    let peers: Vec<WorkloadEndpoint> = state
+        .workload_endpoints()
+        .filter(|w| w.spec.node != NODE_UNDER_TEST)
+        .take(17)
+        .cloned()
+        .collect();
+    for w in &peers[..16] {
+        let mut w = w.clone();
+        w.metadata.labels.insert("edge".into(), "yes".into());
+        state.upsert(Resource::WorkloadEndpoint(w));
+    }
+    let ports: Vec<String> = (0..64u32)
+        // Not adjacent, or they would merge into one range too wide to fuse.
+        .map(|i| format!("'{}:{}'", 1000 + 65 * i, 1063 + 65 * i))
+        .collect();
+    state.upsert(
+        Resource::from_yaml(
+            "gnp",
+            &format!(
+                "{{apiVersion: projectcalico.org/v3, kind: GlobalNetworkPolicy, metadata: {{name: edge}}, \
+                 spec: {{order: 1, selector: \"app == 'app0'\", types: [Ingress], ingress: [\
+                 {{action: Allow, protocol: TCP, source: {{selector: \"edge == 'yes'\"}}, destination: {{ports: [{}]}}}}]}}}}",
+                ports.join(", ")
+            ),
+        )
+        .unwrap(),
+    );
+    let opts = CompileOptions {
+        fused_lookup: true,
+        ..CompileOptions::new(NODE_UNDER_TEST)
+    };
+    let mut inc = IncrementalCompiler::new(opts.clone());
+    inc.rebuild(&state).unwrap();
+    // Whether some endpoint chain fuses the policy (else it jumps to it).
+    let fuses_edge = |rs: &Ruleset| {
+        rs.tables.iter().all(|t| {
+            t.chains.values().any(|c| {
+                c.rules.iter().any(|r| {
+                    r.comment.as_deref().is_some_and(|c| {
+                        c.starts_with(compiler::fused::MARKER) && c.contains("gnp/edge")
+                    })
+                })
+            })
+        })
+    };
+    assert!(fuses_edge(inc.ruleset()), "at the limit, the policy fuses");
+    let mut joined = peers[16].clone();
+    joined.metadata.labels.insert("edge".into(), "yes".into());
+    let key = Resource::WorkloadEndpoint(joined.clone()).key();
+    let steps = [
+        (Some(Resource::WorkloadEndpoint(joined)), false),
+        (Some(Resource::WorkloadEndpoint(peers[16].clone())), true),
+    ];
+    for (step, (r, fuses)) in steps.into_iter().enumerate() {
+        let mut changes = BTreeMap::new();
+        change(&mut state, &mut changes, key.clone(), r);
+        let before = inc.ruleset().clone();
+        let outcome = inc.update(&state, &changes).unwrap();
+        let (_, full) = compile_nftables(&state, &opts).unwrap();
+        assert!(
+            inc.ruleset() == &full,
+            "step {step}: {}",
+            nft_differences(inc.ruleset(), &full)
+        );
+        assert_eq!(fuses_edge(&full), fuses, "step {step}");
+        let Outcome::Patch(patch) = outcome else {
+            panic!("step {step}: the endpoint chains are lowered again: {outcome:?}");
+        };
+        let mut patched = before;
+        patch.apply_to(&mut patched);
+        assert!(
+            patched == full,
+            "step {step}: the patch gives the new ruleset"
+        );
+    }
 }

@@ -16,13 +16,17 @@ use anyhow::{bail, Context};
 use bench::backends::KINDS;
 use bench::packet::{packet_worker, PacketPoint, PacketResult};
 use bench::report::{charts, markdown, readme_section, Results};
-use bench::run::{scale_worker, ScaleResult};
+use bench::run::{scale_worker_with, ScaleResult};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("worker-scale") => {
-            let r = scale_worker(&args[1], args[2].parse()?, args[3].parse()?)?;
+            // `worker-scale BACKEND POLICIES REPS [--fused-lookup]`.
+            let options = bench::backends::Options {
+                fused_lookup: args.get(4).is_some_and(|a| a == "--fused-lookup"),
+            };
+            let r = scale_worker_with(&args[1], args[2].parse()?, args[3].parse()?, &options)?;
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }

@@ -35,8 +35,16 @@
 //! is a change of every policy in that tier: they resolve again and move
 //! to their new place; the other policies only get their tier's new rank.
 //! What still recompiles in full ([`Outcome::Rebuilt`]): a set changing
-//! type (above), two local endpoints sharing an interface name, and
-//! `--fused-lookup`. The result is the same as [`compile`](crate::compile)
+//! type (above) and two local endpoints sharing an interface name.
+//!
+//! With `--fused-lookup` ([`crate::fused`]) a selector set's member
+//! changes are also element changes of the fused sets built from it
+//! ([`fused::Upkeep`](crate::fused::Upkeep) knows which, and checks each
+//! candidate element against the sources that could add it); an endpoint
+//! chain that is redone is lowered with its fused lookups again, its fused
+//! sets compared with the table's; and a member change that turns whether
+//! a policy fuses (a set crossing the element limit, or gaining a CIDR)
+//! lowers the endpoint chains using it again. The result is the same as [`compile`](crate::compile)
 //! either way (tests check this for every change kind).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -51,12 +59,13 @@ use model::state::{
     PolicyId, RejectedObject, ResolvedPolicy, TierInfo,
 };
 
+use crate::fused::{self, MemberChanges, Upkeep};
 use crate::label_index::LabelIndex;
 use crate::logical::{
     compile_recording, named_port_members, policy_chain, profile_chain, Builder, CompileError,
     CompileOptions, EndpointUse, IpSet, IpSetKind, LChain, LocalEndpoint, LogicalRuleset, Recorded,
 };
-use crate::lower_nft::{dispatch_maps, ip_set_name, lower_chain, to_nftables};
+use crate::lower_nft::{dispatch_maps, ip_set_name, lower_chain, to_nftables_kept};
 use crate::nft::{
     referenced_sets, ElementDelta, Ruleset, RulesetPatch, SetDelta, SetElement, SetKey,
     TableFamily, TablePatch,
@@ -105,6 +114,9 @@ pub struct IncrementalCompiler {
     set_refs: HashMap<String, u32>,
     /// Per family: nft set → chains whose rules use it.
     nft_set_refs: BTreeMap<TableFamily, HashMap<String, u32>>,
+    /// `--fused-lookup`: where the fused sets' elements come from, and
+    /// which member changes refuse which endpoint chains.
+    fused: Upkeep,
 }
 
 #[derive(Debug)]
@@ -448,7 +460,7 @@ impl IncrementalCompiler {
         let opts = self.options().clone();
         let compiled = compile_recording(state, &opts, true)?;
         let logical = compiled.logical;
-        let ruleset = to_nftables(&logical);
+        let (ruleset, fused) = to_nftables_kept(&logical);
         let recorded = compiled.recorded.expect("a recording compile records");
         let programmed = std::thread::scope(|s| {
             let records = s.spawn(|| {
@@ -461,6 +473,7 @@ impl IncrementalCompiler {
             programmed
         });
         self.ruleset = ruleset;
+        self.fused = fused;
         self.policies = compiled.policies;
         self.logical = Some(logical);
         Ok(programmed)
@@ -612,12 +625,7 @@ impl IncrementalCompiler {
         changes: &BTreeMap<ResourceKey, Option<Resource>>,
         program: impl FnOnce(&LogicalRuleset, &Ruleset, &Outcome) -> R,
     ) -> Result<(Outcome, R), CompileError> {
-        // Hook: fused lookups (crate::fused) hold selector members too;
-        // with them on, every change compiles in full.
-        let patched = if self.logical.is_none()
-            || self.options().fused_lookup
-            || !self.can_patch(state, changes)
-        {
+        let patched = if self.logical.is_none() || !self.can_patch(state, changes) {
             None
         } else {
             self.patch(state, changes)
@@ -653,6 +661,18 @@ impl IncrementalCompiler {
         if self.set_type_flips(&net_changes) {
             return None;
         }
+        // Fused lookups (crate::fused): the endpoint chains whose fusing
+        // the member changes turn around, and the fused sets' elements
+        // they may change (settled once the sets and chains are).
+        let logical = self.logical.as_ref().expect("compiled");
+        let (relower, candidates) = if logical.fused_lookup {
+            (
+                self.fused.relower(logical, &net_changes),
+                self.fused.candidates(&net_changes),
+            )
+        } else {
+            (BTreeSet::new(), BTreeMap::new())
+        };
         // A tier changed: the policies in it resolve again (their tier's
         // order, default action or existence changed), and every other
         // policy's tier rank follows the new tier list.
@@ -690,17 +710,35 @@ impl IncrementalCompiler {
                 }
             }
         }
-        if local.is_empty() && swap.is_none() {
-            return Some(Outcome::Elements(
-                self.apply_changes(net_changes, named_changes),
-            ));
+        if local.is_empty() && swap.is_none() && relower.is_empty() {
+            let mut delta = self.apply_changes(net_changes, named_changes);
+            delta.sets.extend(self.reconcile_fused(candidates));
+            return Some(Outcome::Elements(delta));
         }
         let local: Vec<&ResourceKey> = local.iter().collect();
-        let patch = self.patch_local(state, &local, swap, &profiles, net_changes, named_changes);
+        let mut patch = self.patch_local(
+            state,
+            &local,
+            swap,
+            &profiles,
+            (net_changes, named_changes),
+            relower,
+        );
+        patch.elements.sets.extend(self.reconcile_fused(candidates));
         if patch.tables.is_empty() {
             return Some(Outcome::Elements(patch.elements));
         }
         Some(Outcome::Patch(patch))
+    }
+
+    /// The fused sets' elements after member changes (see
+    /// [`Upkeep::reconcile`]).
+    fn reconcile_fused(&mut self, candidates: fused::Candidates) -> Vec<SetDelta> {
+        if candidates.is_empty() {
+            return vec![];
+        }
+        let logical = self.logical.as_ref().expect("compiled");
+        self.fused.reconcile(logical, &mut self.ruleset, candidates)
     }
 
     /// For tier changes in `changes`: the policies in the changed tiers
@@ -1098,12 +1136,13 @@ impl IncrementalCompiler {
         local: &[&ResourceKey],
         swap: Option<PolicySwap>,
         changed_profiles: &BTreeSet<String>,
-        mut net_changes: HashMap<String, NetChanges>,
-        mut named_changes: HashMap<String, NamedChanges>,
+        (mut net_changes, mut named_changes): (MemberChanges, HashMap<String, NamedChanges>),
+        relower: BTreeSet<String>,
     ) -> RulesetPatch {
         let opts = self.options().clone();
         let mut logical = self.logical.take().expect("checked by update");
-        let mut changed_chains: BTreeSet<String> = BTreeSet::new();
+        // Endpoint chains whose fused lookups change shape are lowered again.
+        let mut changed_chains: BTreeSet<String> = relower;
         // Reference counts before this change, of what it touches.
         let mut policies_before: BTreeMap<(usize, PolicyType), u32> = BTreeMap::new();
         let mut profiles_before: BTreeMap<String, u32> = BTreeMap::new();
@@ -1327,7 +1366,7 @@ impl IncrementalCompiler {
         self.logical = Some(logical);
 
         let mut elements = self.apply_changes(net_changes, named_changes);
-        let tables = self.patch_tables(&changed_chains);
+        let (tables, fused_changes) = self.patch_tables(&changed_chains);
         // Sets the patch creates are made with their elements, sets it
         // deletes need none.
         elements.sets.retain(|d| {
@@ -1335,6 +1374,7 @@ impl IncrementalCompiler {
                 .iter()
                 .any(|t| t.family == d.family && t.sets.contains_key(&d.set))
         });
+        elements.sets.extend(fused_changes);
         RulesetPatch { tables, elements }
     }
 
@@ -1352,9 +1392,24 @@ impl IncrementalCompiler {
 
     /// Lowers the changed chains into the nftables ruleset, with the sets
     /// they start or stop using and the dispatch maps, and returns what
-    /// changed per table.
-    fn patch_tables(&mut self, changed_chains: &BTreeSet<String>) -> Vec<TablePatch> {
+    /// changed per table, and the element changes of fused sets that stay
+    /// (an endpoint chain lowered again may give one new elements).
+    fn patch_tables(
+        &mut self,
+        changed_chains: &BTreeSet<String>,
+    ) -> (Vec<TablePatch>, Vec<SetDelta>) {
         let logical = self.logical.as_ref().expect("patched");
+        // `--fused-lookup`: endpoint chains → ingress.
+        let endpoint_chains: HashMap<&str, bool> = if logical.fused_lookup {
+            logical
+                .endpoints
+                .values()
+                .flat_map(|e| [(e.to_chain.as_str(), true), (e.from_chain.as_str(), false)])
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let mut fused_changes = Vec::new();
         let mut patches = Vec::new();
         for table in &mut self.ruleset.tables {
             let family = table.family;
@@ -1372,18 +1427,48 @@ impl IncrementalCompiler {
                         }
                     }
                 }
+                if logical.fused_lookup {
+                    self.fused.chain_removed(family, name);
+                }
                 let Some(lc) = logical.chains.get(name) else {
                     patch.chains.insert(name.clone(), None);
                     continue;
                 };
-                let (chain, sets) = lower_chain(logical, family, lc);
+                let (chain, sets, mut fused_sets) = match endpoint_chains.get(name.as_str()) {
+                    Some(&ingress) => {
+                        let f = fused::fuse_chain(logical, family, lc, ingress);
+                        self.fused.chain_lowered(family, name, &f.deps);
+                        let (chain, sets) = f
+                            .lowered
+                            .unwrap_or_else(|| lower_chain(logical, family, lc));
+                        (chain, sets, f.fused)
+                    }
+                    None => {
+                        let (chain, sets) = lower_chain(logical, family, lc);
+                        (chain, sets, vec![])
+                    }
+                };
                 for (set_name, set) in sets {
                     *refs.entry(set_name.clone()).or_default() += 1;
-                    if let std::collections::btree_map::Entry::Vacant(slot) =
-                        table.sets.entry(set_name.clone())
-                    {
-                        patch.sets.insert(set_name, Some(set.clone()));
-                        slot.insert(set);
+                    let at = fused_sets.iter().position(|(n, _)| *n == set_name);
+                    match table.sets.entry(set_name.clone()) {
+                        std::collections::btree_map::Entry::Vacant(slot) => {
+                            patch.sets.insert(set_name.clone(), Some(set.clone()));
+                            slot.insert(set);
+                        }
+                        // A fused set stays under its name while its
+                        // elements change.
+                        std::collections::btree_map::Entry::Occupied(mut slot)
+                            if at.is_some() && slot.get().elements != set.elements =>
+                        {
+                            fused_changes.push(fused::element_delta(family, slot.get(), &set));
+                            slot.get_mut().elements = set.elements;
+                        }
+                        std::collections::btree_map::Entry::Occupied(_) => {}
+                    }
+                    if let Some(at) = at {
+                        let (_, sources) = fused_sets.swap_remove(at);
+                        self.fused.set_sources(family, &set_name, sources);
                     }
                 }
                 table.chains.insert(name.clone(), chain.clone());
@@ -1393,6 +1478,9 @@ impl IncrementalCompiler {
                 if refs.get(&set) == Some(&0) {
                     refs.remove(&set);
                     table.sets.remove(&set);
+                    if self.fused.is_fused(family, &set) {
+                        self.fused.set_removed(family, &set);
+                    }
                     patch.sets.insert(set, None);
                 }
             }
@@ -1406,7 +1494,7 @@ impl IncrementalCompiler {
                 patches.push(patch);
             }
         }
-        patches
+        (patches, fused_changes)
     }
 
     /// Applies element changes to the logical and nftables rulesets and

@@ -27,6 +27,12 @@ pub const BASE_PRIORITY: i32 = 0;
 pub const MAX_COMMENT: usize = 128;
 
 pub fn to_nftables(l: &LogicalRuleset) -> Ruleset {
+    to_nftables_kept(l).0
+}
+
+/// [`to_nftables`], with what the incremental compiler keeps of the fused
+/// lookups.
+pub(crate) fn to_nftables_kept(l: &LogicalRuleset) -> (Ruleset, crate::fused::Upkeep) {
     let mut rs = Ruleset {
         tables: [TableFamily::Ip, TableFamily::Ip6]
             .into_iter()
@@ -34,10 +40,12 @@ pub fn to_nftables(l: &LogicalRuleset) -> Ruleset {
             .collect(),
     };
     // Hook: `--fused-lookup` rewrites the endpoint chains (crate::fused).
-    if l.fused_lookup {
-        crate::fused::fuse(l, &mut rs);
-    }
-    rs
+    let upkeep = if l.fused_lookup {
+        crate::fused::fuse(l, &mut rs)
+    } else {
+        crate::fused::Upkeep::default()
+    };
+    (rs, upkeep)
 }
 
 struct Lowering<'a> {
