@@ -352,9 +352,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
     let opts = args.dataplane.compile_options()?;
     let loop_opts = LoopOptions {
         whole_at_insync_only,
-        // With fused lookups every change compiles in full: a pod change
-        // is as slow as what it would overtake.
-        lanes: !whole_at_insync_only && !opts.fused_lookup,
+        lanes: !whole_at_insync_only,
         resync_interval: Duration::from_secs(args.resync_interval.max(1)),
         watch: args.watch.clone(),
         // The cheap check between resyncs (iptables, legacy tools).

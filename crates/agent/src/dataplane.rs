@@ -95,7 +95,8 @@ pub struct DataplaneArgs {
     /// Fuse the policies of a tier that are plain Allow lists (Kubernetes
     /// NetworkPolicies) into one set lookup per endpoint chain, so the cost
     /// of a new connection stays flat as policies grow (nftables backend
-    /// only; every change then compiles in full).
+    /// only; its sets hold an element per peer address and port, far more
+    /// than the chain walk's at large scale: see the README).
     #[arg(long, env = "NFTPOLICY_FUSED_LOOKUP", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
     pub fused_lookup: bool,
     #[command(flatten)]

@@ -31,9 +31,8 @@
 //!   takes everything, so a stream of pod changes cannot starve a tier
 //!   change;
 //! - a file datastore is never split (only whole re-reads are programmed:
-//!   the daemon's `whole_at_insync_only`), nor is a batch under
-//!   `--fused-lookup`, where every change compiles in full, nor anything
-//!   before the first apply (pods without their policies would be allowed
+//!   the daemon's `whole_at_insync_only`), nor anything before the first
+//!   apply (pods without their policies would be allowed
 //!   what the policies deny).
 //!
 //! Which kinds are slow is a kind-level guess at what can take the
