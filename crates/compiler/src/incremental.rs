@@ -449,7 +449,7 @@ impl IncrementalCompiler {
     /// [`IncrementalCompiler::rebuild`], handing the new rulesets to
     /// `program` as soon as they are lowered: what the incremental compiler
     /// keeps beside them (set memberships and their index, the label
-    /// index's keys, reference counts — ~100 ms at 250,000 pods) is built
+    /// index's keys, reference counts — ~150 ms at 250,000 pods) is built
     /// on a second thread meanwhile, so a cold start's kernel transaction
     /// does not wait for it.
     pub fn rebuild_then<R>(

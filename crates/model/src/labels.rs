@@ -76,9 +76,13 @@ impl IStr {
     }
 }
 
+/// The empty string, interned once: a missing field defaults to it on
+/// every endpoint decoded, without taking the interner's lock.
+static EMPTY: LazyLock<IStr> = LazyLock::new(|| IStr::new(""));
+
 impl Default for IStr {
     fn default() -> IStr {
-        IStr::new("")
+        EMPTY.clone()
     }
 }
 
