@@ -17,10 +17,10 @@ fn main() {
     let t = Instant::now();
     let local: Vec<_> = state
         .workload_endpoints()
-        .filter(|w| w.spec.node == bench::NODE_UNDER_TEST)
+        .filter(|(_, w)| w.spec.node == bench::NODE_UNDER_TEST)
         .collect();
     let mut n = 0;
-    for ep in &local {
+    for (_, ep) in &local {
         let labels = state.endpoint_labels(ep);
         n += policies
             .iter()

@@ -5,7 +5,8 @@
 //! Counts the live heap (a counting global allocator, so glibc's free
 //! chunks are not in it) after each thing the agent's programmer thread
 //! holds is built, the benchmark's synthetic cluster standing in for the
-//! datastore: the cluster state (every Calico resource), the incremental
+//! datastore: the cluster state (every Calico resource; of each pod, what the
+//! dataplane reads: `model::endpoint`), the incremental
 //! compiler's persistent data (split into the logical ruleset, the
 //! nftables objects lowered from it, and the rest: set memberships, the
 //! label index, the resolved policies, reference counts), and the
@@ -13,7 +14,6 @@
 //! compiling and while applying.
 use bench::alloc_count::{live_bytes, peak_bytes, reset_peak, Counting};
 use compiler::{CompileOptions, IncrementalCompiler};
-use model::calico::Kind;
 
 #[global_allocator]
 static GLOBAL: Counting = Counting;
@@ -31,17 +31,17 @@ fn main() -> anyhow::Result<()> {
     let start = live_bytes();
     let state = bench::generate(&scale);
     let state_bytes = live_bytes() - start;
-    let pods = state.of_kind(Kind::WorkloadEndpoint).count();
+    let pods = state.workload_endpoints().count();
     println!("stage live_MiB bytes_per_pod");
     let line = |what: &str, bytes: usize| {
         println!("{what} {:.1} {}", mib(bytes), bytes / pods.max(1));
     };
     line("cluster_state", state_bytes);
     eprintln!(
-        "sizes: Resource {} WorkloadEndpoint {} ObjectMeta {} ResourceKey {}",
+        "sizes: Resource {} WorkloadEndpoint {} (kept per pod: Endpoint {}) ResourceKey {}",
         std::mem::size_of::<model::calico::Resource>(),
         std::mem::size_of::<model::calico::WorkloadEndpoint>(),
-        std::mem::size_of::<model::calico::ObjectMeta>(),
+        std::mem::size_of::<model::endpoint::Endpoint>(),
         std::mem::size_of::<model::calico::ResourceKey>()
     );
 

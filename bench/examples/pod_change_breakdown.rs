@@ -53,7 +53,8 @@ fn main() -> anyhow::Result<()> {
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     println!("change update_ms objects encode_ms kernel_ms total_ms");
-    for i in 0..10 {
+    let rounds: usize = std::env::var("ROUNDS").map_or(Ok(10), |r| r.parse())?;
+    for i in 0..rounds {
         // A policy created in the same update as its tier (mode `tier`).
         let mut with_tier = None;
         let r = if tier {

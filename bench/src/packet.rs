@@ -101,12 +101,10 @@ pub fn cluster(point: &PacketPoint) -> (ClusterState, [String; 2], [IpAddr; 2]) 
         .into_iter()
         .enumerate()
     {
-        let w = state
-            .workload_endpoints()
-            .find(|w| w.spec.pod == format!("pod{idx}"))
-            .cloned()
+        let (key, ep) = state
+            .endpoint_by_ip(pod_ips(idx)[0])
             .expect("generated pod");
-        let mut w = w;
+        let mut w = ep.to_workload_endpoint(key);
         w.metadata.labels.insert("app".into(), role.into());
         ifaces[slot] = w.spec.interface_name.clone();
         ips[slot] = pod_ips(idx)[0];

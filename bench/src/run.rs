@@ -146,8 +146,8 @@ pub fn scale_worker_with(
 
     let local_app = state
         .workload_endpoints()
-        .find(|w| w.spec.node == NODE_UNDER_TEST)
-        .and_then(|w| w.metadata.labels.get("app").map(str::to_owned))
+        .find(|(_, w)| w.spec.node == NODE_UNDER_TEST)
+        .and_then(|(_, w)| w.metadata.labels.get("app").map(str::to_owned))
         .unwrap_or_else(|| "app0".into());
     let mut rng = StdRng::seed_from_u64(99);
     let mut ops: Vec<(String, Vec<f64>)> =
@@ -168,10 +168,10 @@ pub fn scale_worker_with(
         // The pod just added changes its labels: it leaves the selectors
         // it joined (an existing pod's relabel that matches no selector
         // before or after would cost nothing and measure nothing).
-        let mut w = match state.get(&key_added) {
-            Some(Resource::WorkloadEndpoint(w)) => w.clone(),
-            _ => unreachable!("added above"),
-        };
+        let mut w = state
+            .endpoint(&key_added)
+            .expect("added above")
+            .to_workload_endpoint(&key_added);
         w.metadata.labels.insert("app".into(), "relabelled".into());
         w.metadata.labels.insert("tier".into(), "batch".into());
         let t = Instant::now();

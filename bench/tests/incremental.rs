@@ -333,7 +333,10 @@ fn equals_full_compile(fused: bool) {
             let mut changes = BTreeMap::new();
             // 1 to 3 changes per step, like a burst.
             for _ in 0..rng.random_range(1..=3) {
-                let pods: Vec<_> = state.workload_endpoints().cloned().collect();
+                let pods: Vec<_> = state
+                    .workload_endpoints()
+                    .map(|(key, ep)| ep.to_workload_endpoint(key))
+                    .collect();
                 match rng.random_range(0..10) {
                     0..=2 => {
                         let mut w = workload(&scale, next_pod, &mut rng);
@@ -568,7 +571,10 @@ fn reach_the_kernel(fused: bool) {
     };
     for step in 0..100 {
         let mut changes = BTreeMap::new();
-        let pods: Vec<_> = state.workload_endpoints().cloned().collect();
+        let pods: Vec<_> = state
+            .workload_endpoints()
+            .map(|(key, ep)| ep.to_workload_endpoint(key))
+            .collect();
         let remote = |rng: &mut StdRng| {
             pods.iter()
                 .filter(|w| w.spec.node != NODE_UNDER_TEST)
@@ -738,9 +744,9 @@ fn fusing_follows_the_element_limit() {
     // 16 remote peers × 4,096 ports = 65,536 elements: at the limit.
     let peers: Vec<WorkloadEndpoint> = state
         .workload_endpoints()
-        .filter(|w| w.spec.node != NODE_UNDER_TEST)
+        .filter(|(_, w)| w.spec.node != NODE_UNDER_TEST)
         .take(17)
-        .cloned()
+        .map(|(key, ep)| ep.to_workload_endpoint(key))
         .collect();
     for w in &peers[..16] {
         let mut w = w.clone();

@@ -24,7 +24,10 @@ struct Committed {
 }
 
 fn resources(yaml: &str) -> Vec<Resource> {
-    testkit::cluster::state(yaml).resources().cloned().collect()
+    testkit::cluster::state(yaml)
+        .resources()
+        .map(std::borrow::Cow::into_owned)
+        .collect()
 }
 
 fn upsert(r: Resource, revision: &mut i64) -> Update {
@@ -396,7 +399,10 @@ fn measure(
     rt.block_on(async move {
         let mut agent = Agent::start(lanes, Some(programmed));
         let state = bench::generate(&scale);
-        let initial: Vec<Resource> = state.resources().cloned().collect();
+        let initial: Vec<Resource> = state
+            .resources()
+            .map(std::borrow::Cow::into_owned)
+            .collect();
         drop(state);
         for r in initial {
             agent.send(r).await;

@@ -129,7 +129,12 @@ fn resolve(state: &ClusterState, what: &str, ipv6: bool) -> anyhow::Result<IpAdd
     };
     let wep = state
         .workload_endpoints()
-        .find(|w| w.metadata.namespace.as_deref() == Some(ns) && w.spec.pod == pod)
+        .find(|(key, w)| {
+            key.namespace.as_deref() == Some(ns)
+                && model::convert::workload_endpoint_pod(&key.name, &w.spec.node).as_deref()
+                    == Some(pod)
+        })
+        .map(|(_, w)| w)
         .ok_or_else(|| anyhow!("no workload endpoint for pod {what}"))?;
     wep.spec
         .ip_networks

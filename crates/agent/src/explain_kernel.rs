@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use compiler::nft::TABLE_NAME;
-use model::calico::{Protocol, Resource};
+use model::calico::Protocol;
 use model::semantics::{EndpointVerdict, Verdict};
 use model::state::ClusterState;
 use programmer::trace::{TraceEvent, TraceFilter, TraceKind, TraceSession};
@@ -176,10 +176,9 @@ fn model_path(
 
 fn is_local(state: &ClusterState, v: &EndpointVerdict, node: Option<&str>) -> bool {
     let Some(node) = node else { return true };
-    match state.get(&v.endpoint) {
-        Some(Resource::WorkloadEndpoint(w)) => w.spec.node == node,
-        _ => false,
-    }
+    state
+        .endpoint(&v.endpoint)
+        .is_some_and(|w| w.spec.node == node)
 }
 
 fn is_subsequence(needle: &[String], hay: &[String]) -> bool {

@@ -245,7 +245,7 @@ mod tests {
 
     fn upsert(yaml: &str, revision: i64) -> Queued {
         let state = testkit::cluster::state(yaml);
-        let resource = state.resources().next().expect("one resource").clone();
+        let resource = state.resources().next().expect("one resource").into_owned();
         Queued {
             update: Update::Upsert {
                 key: resource.key(),

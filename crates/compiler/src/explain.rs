@@ -34,20 +34,20 @@ impl std::fmt::Display for ChainPath {
 /// dispatch).
 pub fn chain_path(state: &ClusterState, v: &EndpointVerdict, dst: IpAddr) -> ChainPath {
     let to_own_node = v.direction == PolicyType::Egress
-        && match state.get(&v.endpoint) {
-            Some(Resource::WorkloadEndpoint(w)) => matches!(
-                state.get(&ResourceKey::new(Kind::Node, None, &w.spec.node)),
+        && match state.endpoint(&v.endpoint) {
+            Some(w) => matches!(
+                state.get(&ResourceKey::new(Kind::Node, None, &w.spec.node)).as_deref(),
                 Some(Resource::Node(n)) if n.nets().iter().any(|net| net.contains(&dst))
             ),
-            _ => false,
+            None => false,
         };
     walk(state, v, to_own_node)
 }
 
 fn walk(state: &ClusterState, v: &EndpointVerdict, to_own_node: bool) -> ChainPath {
-    let iface = match state.get(&v.endpoint) {
-        Some(Resource::WorkloadEndpoint(w)) => w.spec.interface_name.clone(),
-        _ => "?".into(),
+    let iface = match state.endpoint(&v.endpoint) {
+        Some(w) => w.spec.interface_name.clone(),
+        None => "?".into(),
     };
     let (dispatch, ep_chain) = match v.direction {
         PolicyType::Egress => (CHAIN_FROM_WL_DISPATCH, format!("cali-fw-{iface}")),

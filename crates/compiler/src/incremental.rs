@@ -55,7 +55,7 @@ use model::calico::{Kind, PolicyType, Resource, ResourceKey};
 use model::convert::namespace_profile_name;
 use model::selector::{Labels, Selector};
 use model::state::{
-    policy_order, rejection_of, resolve_policy, sort_key_order, ClusterState, LabelledNets,
+    policy_order, rejection_of, resolve_policy, sort_key_order, ClusterState, Entry, LabelledNets,
     PolicyId, RejectedObject, ResolvedPolicy, TierInfo,
 };
 
@@ -682,7 +682,9 @@ impl IncrementalCompiler {
         let is_local = |r: Option<&Resource>| matches!(r, Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node);
         let mut local: BTreeSet<ResourceKey> = changes
             .iter()
-            .filter(|(key, old)| is_local(old.as_ref()) || is_local(state.get(key)))
+            .filter(|(key, old)| {
+                is_local(old.as_ref()) || state.endpoint(key).is_some_and(|w| &w.spec.node == node)
+            })
             .map(|(key, _)| key.clone())
             .collect();
         let swap = self.policy_swap(state, changes, &tier_policies);
@@ -699,7 +701,7 @@ impl IncrementalCompiler {
             .collect();
         if !profiles.is_empty() {
             for key in self.uses.keys() {
-                if let Some(Resource::WorkloadEndpoint(w)) = state.get(key) {
+                if let Some(w) = state.endpoint(key) {
                     if w.spec
                         .profiles
                         .iter()
@@ -802,7 +804,7 @@ impl IncrementalCompiler {
         let mut fresh: Vec<ResolvedPolicy> = changed
             .iter()
             .filter_map(|k| state.get(k))
-            .filter_map(|r| resolve_policy(r, &tiers))
+            .filter_map(|r| resolve_policy(&r, &tiers))
             // A policy that does not resolve is left out, as a full compile
             // leaves it out (its error is in the rejected list).
             .filter_map(Result::ok)
@@ -905,8 +907,8 @@ impl IncrementalCompiler {
                     });
                 uses_gone
                     || rejected_by_changed
-                    || match state.get(&u.key) {
-                        Some(Resource::WorkloadEndpoint(w)) if &w.spec.node == node => {
+                    || match state.endpoint(&u.key) {
+                        Some(w) if &w.spec.node == node => {
                             // Retiered ones too: a direction some rejected
                             // policy drops lists no policies, and the one
                             // named first may have moved.
@@ -967,7 +969,7 @@ impl IncrementalCompiler {
             if rejected.get(at).is_some_and(|(k, _)| k == key) {
                 rejected.remove(at);
             }
-            if let Some(why) = state.get(key).and_then(|r| rejection_of(r, &tiers)) {
+            if let Some(why) = state.get(key).and_then(|r| rejection_of(&r, &tiers)) {
                 rejected.insert(at, (key.clone(), why));
             }
         }
@@ -1025,7 +1027,11 @@ impl IncrementalCompiler {
         let logical = self.logical.as_ref().expect("checked by update");
         let mut coming = HashSet::new();
         for key in changes.keys() {
-            let Some(iface) = local_iface(state.get(key), node) else {
+            let Some(iface) = state
+                .endpoint(key)
+                .filter(|w| w.spec.node == *node)
+                .map(|w| w.spec.interface_name.as_str())
+            else {
                 continue;
             };
             if self.shared_interfaces || !coming.insert(iface) {
@@ -1072,27 +1078,27 @@ impl IncrementalCompiler {
             .filter(|(name, old)| **old != state.profile(name).map(|p| &p.spec.labels_to_apply))
             .map(|(name, _)| *name)
             .collect();
-        let inheriting: Vec<(ResourceKey, &Resource)> = if relabelled.is_empty() {
+        // Owned: an endpoint is rebuilt from what the state keeps of it.
+        let inheriting: Vec<(ResourceKey, Resource)> = if relabelled.is_empty() {
             vec![]
         } else {
             state
-                .resources()
-                .filter(|r| inherits_from(r, &relabelled))
-                .map(|r| (r.key(), r))
-                .filter(|(key, _)| !changes.contains_key(key))
+                .entries()
+                .filter(|(key, e)| inherits_from(*e, &relabelled) && !changes.contains_key(key))
+                .map(|(key, e)| (key.clone(), e.to_resource()))
                 .collect()
         };
         let all = changes
             .iter()
             .map(|(key, old)| (key, old.as_ref()))
-            .chain(inheriting.iter().map(|(key, r)| (key, Some(*r))));
+            .chain(inheriting.iter().map(|(key, r)| (key, Some(r))));
         for (key, old) in all {
             let before = old.and_then(|r| state.labelled_with(r, &old_labels));
-            let after = state.get(key).and_then(|r| state.labelled(r));
+            let after = state.labelled_at(key);
             if let (Some(b), Some(a)) = (&before, &after) {
                 if b.labels.to_labels() == a.labels.to_labels()
                     && b.nets == a.nets
-                    && b.endpoint.map(|e| &e.spec.ports) == a.endpoint.map(|e| &e.spec.ports)
+                    && b.endpoint.map(|e| e.ports) == a.endpoint.map(|e| e.ports)
                 {
                     continue;
                 }
@@ -1214,9 +1220,9 @@ impl IncrementalCompiler {
         // Endpoints that come (or change): what they use.
         let coming: Vec<EndpointUse> = local
             .iter()
-            .filter_map(|key| match state.get(key) {
-                Some(Resource::WorkloadEndpoint(w)) if w.spec.node == opts.node => {
-                    Some(EndpointUse::of(state, w, &self.policies))
+            .filter_map(|key| match state.endpoint(key) {
+                Some(w) if w.spec.node == opts.node => {
+                    Some(EndpointUse::of(state, key, w, &self.policies))
                 }
                 _ => None,
             })
@@ -1308,10 +1314,7 @@ impl IncrementalCompiler {
             let new_sets: Vec<IpSet> = members.keys().filter_map(|id| ip_sets.remove(id)).collect();
             let (nets, scans) = match self.candidate_objects(&new_sets) {
                 Some(keys) => (
-                    keys.iter()
-                        .filter_map(|k| state.get(k))
-                        .filter_map(|r| state.labelled(r))
-                        .collect(),
+                    keys.iter().filter_map(|k| state.labelled_at(k)).collect(),
                     usize::MAX,
                 ),
                 None => (state.labelled_nets(), UNINDEXED_SCANS),
@@ -1746,14 +1749,14 @@ fn note_before(
 
 /// Whether `r` takes labels from one of `profiles` (an endpoint using it,
 /// or a network set in the namespace it is the profile of).
-fn inherits_from(r: &Resource, profiles: &HashSet<&str>) -> bool {
-    match r {
-        Resource::WorkloadEndpoint(w) => w
+fn inherits_from(e: Entry<'_>, profiles: &HashSet<&str>) -> bool {
+    match e {
+        Entry::Endpoint(_, w) => w
             .spec
             .profiles
             .iter()
             .any(|p| profiles.contains(p.as_str())),
-        Resource::NetworkSet(n) => profiles.contains(
+        Entry::Resource(Resource::NetworkSet(n)) => profiles.contains(
             namespace_profile_name(n.metadata.namespace.as_deref().unwrap_or("default")).as_str(),
         ),
         _ => false,

@@ -8,7 +8,8 @@ use std::net::IpAddr;
 
 use base64::Engine;
 use ipnet::IpNet;
-use model::calico::{Action, Kind, PolicyType, Port, ResourceKey, TierAction, WorkloadEndpoint};
+use model::calico::{Action, PolicyType, Port, ResourceKey, TierAction};
+use model::endpoint::{Endpoint, EndpointFacts};
 use model::selector::Selector;
 use model::state::{
     ClusterState, Encap, LabelledNets, PolicyId, Rejection, ResolvedEntity, ResolvedPolicy,
@@ -309,7 +310,7 @@ impl IpSetKind {
             IpSetKind::Selector(_) => true,
             IpSetKind::NamedPort { node, .. } => n
                 .endpoint
-                .is_some_and(|ep| node.as_ref().is_none_or(|node| &ep.spec.node == node)),
+                .is_some_and(|ep| node.as_ref().is_none_or(|node| ep.node == node)),
         }
     }
 }
@@ -410,7 +411,8 @@ impl EndpointUse {
     /// Works out what policies and profiles apply to local endpoint `ep`.
     pub(crate) fn of(
         state: &ClusterState,
-        ep: &WorkloadEndpoint,
+        key: &ResourceKey,
+        ep: &Endpoint,
         policies: &[ResolvedPolicy],
     ) -> EndpointUse {
         let labels = state.endpoint_labels(ep);
@@ -426,8 +428,9 @@ impl EndpointUse {
             selecting(PolicyType::Egress),
             selecting(PolicyType::Ingress),
         );
-        let rejected =
-            |selected: &[usize]| state.rejection_for(ep, selected.iter().map(|&i| &policies[i]));
+        let rejected = |selected: &[usize]| {
+            state.rejection_for(key, ep, selected.iter().map(|&i| &policies[i]))
+        };
         let (egress_rejected, ingress_rejected) = (rejected(&egress), rejected(&ingress));
         if egress_rejected.is_some() {
             egress.clear();
@@ -446,11 +449,7 @@ impl EndpointUse {
                 .collect()
         };
         EndpointUse {
-            key: ResourceKey::new(
-                Kind::WorkloadEndpoint,
-                ep.metadata.namespace.as_deref(),
-                &ep.metadata.name,
-            ),
+            key: key.clone(),
             interface: ep.spec.interface_name.clone(),
             egress,
             ingress,
@@ -505,8 +504,8 @@ pub(crate) fn compile_recording<'a>(
         let (policies, unresolved) = state.resolved_policies();
         let uses: Vec<EndpointUse> = state
             .workload_endpoints()
-            .filter(|w| w.spec.node == opts.node)
-            .map(|ep| EndpointUse::of(state, ep, &policies))
+            .filter(|(_, w)| w.spec.node == opts.node)
+            .map(|(key, ep)| EndpointUse::of(state, key, ep, &policies))
             .collect();
         let labelled = labelled
             .join()
@@ -1254,13 +1253,12 @@ pub fn coalesce_ports(mut ranges: Vec<(u16, u16)>) -> Vec<(u16, u16)> {
 /// The (address, port) members a named-port set gets from one endpoint:
 /// its ports of `protocol` named in `names`, at each of its addresses.
 pub(crate) fn named_port_members<'a>(
-    ep: &'a WorkloadEndpoint,
+    ep: EndpointFacts<'a>,
     nets: &'a [IpNet],
     protocol: u8,
     names: &'a [String],
 ) -> impl Iterator<Item = (IpAddr, u16)> + 'a {
-    ep.spec
-        .ports
+    ep.ports
         .iter()
         .filter(move |p| p.protocol.number() == protocol && names.iter().any(|n| *n == p.name))
         .flat_map(move |p| nets.iter().map(move |n| (n.addr(), p.port)))

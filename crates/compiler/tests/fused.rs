@@ -149,9 +149,11 @@ fn incremental_patches_fused_sets_and_matches_a_full_compile() {
     );
     let a = state
         .workload_endpoints()
-        .find(|w| w.spec.pod == "a")
-        .unwrap()
-        .clone();
+        .find(|(key, w)| {
+            model::convert::workload_endpoint_pod(&key.name, &w.spec.node).as_deref() == Some("a")
+        })
+        .map(|(key, w)| w.to_workload_endpoint(key))
+        .unwrap();
     let mut relabelled = a.clone();
     relabelled.metadata.labels.insert("role".into(), "b".into());
     state.upsert(Resource::WorkloadEndpoint(relabelled));

@@ -1,6 +1,8 @@
 //! Compile and program: [`Pipeline`] (the incremental compiler and a
 //! backend) and [`Node`] (a pipeline with the cluster state it follows).
 
+use std::borrow::Cow;
+
 use compiler::{CompileOptions, IncrementalCompiler, LogicalRuleset, Outcome};
 use model::state::ClusterState;
 use tracing::warn;
@@ -170,7 +172,7 @@ impl Node {
         for u in updates {
             if let Update::Upsert { key, .. } | Update::Delete { key, .. } = &u {
                 if !self.changes.contains_key(key) {
-                    let old = self.cache.state.get(key).cloned();
+                    let old = self.cache.state.get(key).map(Cow::into_owned);
                     self.changes.insert(key.clone(), old);
                 }
             }

@@ -161,6 +161,27 @@ pub fn workload_endpoint_name(node: &str, pod: &str, endpoint: &str) -> String {
     )
 }
 
+/// The pod a [`workload_endpoint_name`] on `node` names, if it is one
+/// (the state does not keep `spec.pod`: the name carries it).
+pub fn workload_endpoint_pod(name: &str, node: &str) -> Option<String> {
+    let rest = name.strip_prefix(&format!("{}-{ORCHESTRATOR_K8S}-", node.replace('-', "--")))?;
+    // `<pod>-<endpoint>`, dashes inside each doubled: the pod ends at the
+    // first single dash.
+    let mut pod = String::new();
+    let mut chars = rest.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '-' {
+            pod.push(c);
+        } else if chars.peek() == Some(&'-') {
+            chars.next();
+            pod.push('-');
+        } else {
+            return (!pod.is_empty() && chars.peek().is_some()).then_some(pod);
+        }
+    }
+    None
+}
+
 pub fn namespace_to_profile(ns: &Namespace) -> Result<Profile, String> {
     let name = ns.metadata.name.clone().unwrap_or_default();
     let mut labels = ns.metadata.labels.clone().unwrap_or_default();
@@ -766,6 +787,20 @@ pub fn validate_label_value(v: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn workload_endpoint_names_split_back_into_their_pod() {
+        for (node, pod) in [("node1", "web"), ("my-node", "web-7f9-abc"), ("n", "a--b")] {
+            let name = workload_endpoint_name(node, pod, "eth0");
+            assert_eq!(
+                workload_endpoint_pod(&name, node).as_deref(),
+                Some(pod),
+                "{name}"
+            );
+        }
+        assert_eq!(workload_endpoint_pod("node1-k8s-web-eth0", "node2"), None);
+        assert_eq!(workload_endpoint_pod("node1-k8s-web", "node1"), None);
+    }
+
     use super::*;
     use crate::kube::{parse_manifests, Manifest};
 

@@ -1,12 +1,12 @@
-//! Label maps, compact: a sorted list of (key, value) pairs whose strings
-//! are interned.
+//! Label maps, compact: a sorted list of interned (key, value) pairs.
 //!
 //! Why: the node agent keeps every endpoint in the cluster (250,000 pods in
 //! the benchmark). As a `BTreeMap<String, String>`, four labels cost about
 //! 850 bytes per pod (a B-tree leaf sized for eleven entries, and eight
-//! string allocations); as a sorted list of shared strings they cost 32
-//! bytes per label, and the strings themselves ("app", "web", the namespace
-//! name) exist once in the process. The API follows `BTreeMap`'s (sorted
+//! string allocations); as a sorted list of shared strings, 32 bytes per
+//! label; as a list of shared pairs, 8 bytes per label: a pair such as
+//! `app=web` or the namespace label exists once in the process, however
+//! many pods carry it. The API follows `BTreeMap`'s (sorted
 //! iteration, `get`, `insert`, `extend`), and serde reads and writes a
 //! plain map, so the format does not change.
 use std::collections::HashSet;
@@ -19,7 +19,35 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Label key → value, sorted by key, each key once.
 #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Labels(Vec<(Arc<str>, Arc<str>)>);
+pub struct Labels(Vec<Pair>);
+
+/// One label, shared by every map that carries it ([`intern_pair`]).
+type Pair = Arc<(Arc<str>, Arc<str>)>;
+
+/// Every label pair in use; swept as [`intern`]'s strings are.
+static PAIRS: LazyLock<Mutex<HashSet<Pair>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
+static PAIRS_SWEEP_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1024);
+
+/// The shared copy of the pair (`key`, `value`), whose strings are shared.
+fn intern_pair(key: Arc<str>, value: Arc<str>) -> Pair {
+    use std::sync::atomic::Ordering;
+    let pair = (key, value);
+    // A poisoned lock only means another thread panicked while holding it;
+    // the table itself is still a valid set.
+    let mut table = PAIRS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(shared) = table.get(&pair) {
+        return shared.clone();
+    }
+    let shared = Arc::new(pair);
+    table.insert(shared.clone());
+    if table.len() >= PAIRS_SWEEP_AT.load(Ordering::Relaxed) {
+        table.retain(|p| Arc::strong_count(p) > 1);
+        PAIRS_SWEEP_AT.store((table.len() * 2).max(1024), Ordering::Relaxed);
+    }
+    shared
+}
 
 /// Every label string in use, so that equal strings share one allocation.
 /// Strings nobody else holds any more are dropped whenever the table has
@@ -205,8 +233,14 @@ impl Labels {
         Labels(Vec::new())
     }
 
+    /// Gives back the spare capacity of the pairs (the state keeps one
+    /// `Labels` per pod).
+    pub fn shrink_to_fit(&mut self) {
+        self.0.shrink_to_fit();
+    }
+
     fn position(&self, key: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(k, _)| (**k).cmp(key))
+        self.0.binary_search_by(|p| (*p.0).cmp(key))
     }
 
     #[must_use]
@@ -231,20 +265,23 @@ impl Labels {
     pub fn set(&mut self, key: &str, value: &str) -> Option<Arc<str>> {
         let value = intern(value);
         match self.position(key) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Ok(i) => {
+                let pair = intern_pair(self.0[i].0.clone(), value);
+                Some(std::mem::replace(&mut self.0[i], pair).1.clone())
+            }
             Err(i) => {
-                self.0.insert(i, (intern(key), value));
+                self.0.insert(i, intern_pair(intern(key), value));
                 None
             }
         }
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Arc<str>> {
-        self.position(key).ok().map(|i| self.0.remove(i).1)
+        self.position(key).ok().map(|i| self.0.remove(i).1.clone())
     }
 
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &str) -> bool) {
-        self.0.retain(|(k, v)| keep(k, v));
+        self.0.retain(|p| keep(&p.0, &p.1));
     }
 
     pub fn clear(&mut self) {
@@ -263,24 +300,24 @@ impl Labels {
 
     /// (key, value) in key order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&str, &str)> + ExactSizeIterator {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+        self.0.iter().map(|p| (&*p.0, &*p.1))
     }
 
     pub fn keys(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator {
-        self.0.iter().map(|(k, _)| &**k)
+        self.0.iter().map(|p| &*p.0)
     }
 
     pub fn values(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator {
-        self.0.iter().map(|(_, v)| &**v)
+        self.0.iter().map(|p| &*p.1)
     }
 
     /// The labels of `other` over these (its values win), sharing the
-    /// strings instead of interning them again.
+    /// pairs instead of interning them again.
     pub fn overlay(&mut self, other: &Labels) {
-        for (k, v) in &other.0 {
-            match self.position(k) {
-                Ok(i) => self.0[i].1 = v.clone(),
-                Err(i) => self.0.insert(i, (k.clone(), v.clone())),
+        for p in &other.0 {
+            match self.position(&p.0) {
+                Ok(i) => self.0[i] = p.clone(),
+                Err(i) => self.0.insert(i, p.clone()),
             }
         }
     }
@@ -310,10 +347,10 @@ impl<K: AsRef<str>, V: AsRef<str>, const N: usize> From<[(K, V); N]> for Labels 
 
 impl IntoIterator for Labels {
     type Item = (Arc<str>, Arc<str>);
-    type IntoIter = std::vec::IntoIter<(Arc<str>, Arc<str>)>;
+    type IntoIter = std::iter::Map<std::vec::IntoIter<Pair>, fn(Pair) -> (Arc<str>, Arc<str>)>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
+        self.0.into_iter().map(|p| (p.0.clone(), p.1.clone()))
     }
 }
 
@@ -387,7 +424,14 @@ mod tests {
     fn equal_strings_are_shared() {
         let a = Labels::from([("app", "web-interned-test")]);
         let b = Labels::from([("app", "web-interned-test")]);
-        assert!(Arc::ptr_eq(&a.0[0].1, &b.0[0].1));
+        assert!(Arc::ptr_eq(&a.0[0], &b.0[0]));
+        let c = Labels::from([("role", "web-interned-test")]);
+        assert!(Arc::ptr_eq(&a.0[0].1, &c.0[0].1));
+        // A pair changed in one map is a new pair; the other keeps its own.
+        let mut d = a.clone();
+        d.set("app", "db-interned-test");
+        assert_eq!(a.get("app"), Some("web-interned-test"));
+        assert_eq!(d.get("app"), Some("db-interned-test"));
     }
 
     #[test]

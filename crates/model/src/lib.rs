@@ -11,6 +11,7 @@
 //! - [`selector`]: the Calico selector language;
 //! - [`state`]: the cluster as a set of Calico resources, and the shared
 //!   resolution of policies and selectors;
+//! - [`endpoint`]: what the state keeps of a workload endpoint;
 //! - [`semantics`]: the reference semantics (the test oracle);
 //! - [`serviceaccount`]: Calico's service-account matching (profiles,
 //!   labels and selectors);
@@ -21,6 +22,7 @@
 pub mod admin;
 pub mod calico;
 pub mod convert;
+pub mod endpoint;
 pub mod fields;
 pub mod kube;
 pub mod labels;

@@ -1190,10 +1190,10 @@ name: t
     fn nodes_get_the_lab_addresses_and_probes_reach_them() {
         let s = Scenario::parse("t.yaml", NODES_BASE).unwrap();
         let st = &s.states().unwrap()[0];
-        let Some(Resource::Node(n)) =
-            st.cluster
-                .get(&ResourceKey::new(calico::Kind::Node, None, "node2"))
-        else {
+        let node = st
+            .cluster
+            .get(&ResourceKey::new(calico::Kind::Node, None, "node2"));
+        let Some(Resource::Node(n)) = node.as_deref() else {
             panic!("no node2")
         };
         let nets: Vec<String> = n.nets().iter().map(ToString::to_string).collect();

@@ -35,9 +35,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::calico::{
-    Action, IcmpFields, PolicyType, Port, Protocol, ResourceKey, TierAction, WorkloadEndpoint,
-};
+use crate::calico::{Action, IcmpFields, PolicyType, Port, Protocol, ResourceKey, TierAction};
+use crate::endpoint::Endpoint;
 use crate::state::{
     ClusterState, Encap, LabelledNets, PolicyId, Rejection, ResolvedEntity, ResolvedPolicy,
     ResolvedRule, WorkloadEncap,
@@ -200,13 +199,15 @@ impl<'a> Evaluator<'a> {
         let src_ep = self.state.endpoint_by_ip(packet.src);
         let dst_ep = self.state.endpoint_by_ip(packet.dst);
         Verdict {
-            egress: src_ep.map(|ep| self.evaluate_endpoint(ep, PolicyType::Egress, packet)),
-            ingress: dst_ep.map(|ep| self.evaluate_endpoint(ep, PolicyType::Ingress, packet)),
+            egress: src_ep
+                .map(|(key, ep)| self.evaluate_endpoint(key, ep, PolicyType::Egress, packet)),
+            ingress: dst_ep
+                .map(|(key, ep)| self.evaluate_endpoint(key, ep, PolicyType::Ingress, packet)),
         }
     }
 
     /// The policies selecting `ep` in direction `dir`, in evaluation order.
-    pub fn policies_for(&self, ep: &WorkloadEndpoint, dir: PolicyType) -> Vec<&ResolvedPolicy> {
+    pub fn policies_for(&self, ep: &Endpoint, dir: PolicyType) -> Vec<&ResolvedPolicy> {
         let labels = self.state.endpoint_labels(ep);
         self.policies
             .iter()
@@ -214,20 +215,17 @@ impl<'a> Evaluator<'a> {
             .collect()
     }
 
+    /// The verdict of endpoint `ep` (at `key`) in direction `dir`.
     pub fn evaluate_endpoint(
         &self,
-        ep: &WorkloadEndpoint,
+        key: &ResourceKey,
+        ep: &Endpoint,
         dir: PolicyType,
         packet: &Packet,
     ) -> EndpointVerdict {
-        let key = crate::calico::ResourceKey::new(
-            crate::calico::Kind::WorkloadEndpoint,
-            ep.metadata.namespace.as_deref(),
-            &ep.metadata.name,
-        );
         let policies = self.policies_for(ep, dir);
         let mut verdict = EndpointVerdict {
-            endpoint: key,
+            endpoint: key.clone(),
             direction: dir,
             allowed: false,
             decision: Decision::NoProfileMatched,
@@ -242,7 +240,7 @@ impl<'a> Evaluator<'a> {
                 return verdict;
             }
         }
-        if let Some(r) = self.state.rejection_for(ep, policies.iter().copied()) {
+        if let Some(r) = self.state.rejection_for(key, ep, policies.iter().copied()) {
             verdict.decision = Decision::Rejected(r);
             return verdict;
         }
@@ -252,8 +250,8 @@ impl<'a> Evaluator<'a> {
                 return verdict;
             }
         }
-        let namespace = ep.metadata.namespace.as_deref();
-        for profile_name in &ep.spec.profiles {
+        let namespace = key.namespace.as_deref();
+        for profile_name in ep.spec.profiles.iter() {
             let Some(profile) = self.state.profile(profile_name) else {
                 continue;
             };
@@ -446,7 +444,7 @@ impl<'a> Evaluator<'a> {
                 let Some(ep) = n.endpoint else { return false };
                 e.selector.as_ref().is_none_or(|s| n.selected_by(s))
                     && n.nets.iter().any(|net| net.contains(&ip))
-                    && ep.spec.ports.iter().any(|ep_port| {
+                    && ep.ports.iter().any(|ep_port| {
                         &ep_port.name == name
                             && ep_port.protocol.number() == protocol.number()
                             && ep_port.port == port

@@ -15,19 +15,42 @@ use ipnet::IpNet;
 
 use crate::calico::{
     self, Action, IcmpFields, Kind, PolicySpec, PolicyType, Port, Protocol, Resource, ResourceKey,
-    Rule, TierAction, WorkloadEndpoint,
+    Rule, TierAction,
 };
 use crate::convert::{namespace_profile_name, K8S_POLICY_PREFIX};
+use crate::endpoint::{Endpoint, EndpointFacts};
+use crate::labels::IStr;
 use crate::selector::{LabelView, Labels, Selector};
 
 /// Every resource, keyed by kind, namespace and name.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterState {
-    /// Boxed: a `Resource` is as large as its largest kind (480 bytes), and
-    /// a B-tree leaf holds eleven entries whether full or not; a boxed
-    /// entry costs the tree 8 bytes and the heap exactly the resource
-    /// (about 190 bytes less per pod at 250,000 pods).
+    /// Every kind but workload endpoints. Boxed: a `Resource` is as large
+    /// as its largest kind (424 bytes), and a B-tree leaf holds eleven
+    /// entries whether full or not; a boxed entry costs the tree 8 bytes.
     resources: BTreeMap<ResourceKey, Box<Resource>>,
+    /// Workload endpoints, one per pod: what the dataplane reads of each
+    /// ([`Endpoint`]), not the Calico resource.
+    endpoints: BTreeMap<ResourceKey, Box<Endpoint>>,
+}
+
+/// One object of the state, as it is kept (an endpoint with its key,
+/// which holds its name and namespace).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Entry<'a> {
+    Resource(&'a Resource),
+    Endpoint(&'a ResourceKey, &'a Endpoint),
+}
+
+impl Entry<'_> {
+    /// The resource, an endpoint rebuilt from what the state kept
+    /// ([`Endpoint::to_workload_endpoint`]).
+    pub fn to_resource(self) -> Resource {
+        match self {
+            Entry::Resource(r) => r.clone(),
+            Entry::Endpoint(k, e) => Resource::WorkloadEndpoint(e.to_workload_endpoint(k)),
+        }
+    }
 }
 
 impl ClusterState {
@@ -35,72 +58,173 @@ impl ClusterState {
         Self::default()
     }
 
-    /// Adds or replaces a resource; returns the one it replaced.
+    /// Adds or replaces a resource; returns the one it replaced (an
+    /// endpoint as the state kept it: [`Endpoint::to_workload_endpoint`]).
     pub fn upsert(&mut self, r: Resource) -> Option<Resource> {
-        self.resources.insert(r.key(), Box::new(r)).map(|old| *old)
+        match r {
+            Resource::WorkloadEndpoint(w) => {
+                let (key, ep) = Endpoint::split(w);
+                match self.endpoints.entry(key) {
+                    std::collections::btree_map::Entry::Occupied(mut held) => {
+                        let old = std::mem::replace(held.get_mut(), Box::new(ep));
+                        Some(Resource::WorkloadEndpoint(
+                            old.to_workload_endpoint(held.key()),
+                        ))
+                    }
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(Box::new(ep));
+                        None
+                    }
+                }
+            }
+            r => self.resources.insert(r.key(), Box::new(r)).map(|old| *old),
+        }
     }
 
     pub fn remove(&mut self, key: &ResourceKey) -> Option<Resource> {
-        self.resources.remove(key).map(|old| *old)
+        if key.kind == Kind::WorkloadEndpoint {
+            self.endpoints
+                .remove_entry(key)
+                .map(|(key, old)| Resource::WorkloadEndpoint(old.to_workload_endpoint(&key)))
+        } else {
+            self.resources.remove(key).map(|old| *old)
+        }
     }
 
-    pub fn get(&self, key: &ResourceKey) -> Option<&Resource> {
-        self.resources.get(key).map(|r| &**r)
+    /// The object at `key`, as kept.
+    pub fn entry(&self, key: &ResourceKey) -> Option<Entry<'_>> {
+        if key.kind == Kind::WorkloadEndpoint {
+            self.endpoints
+                .get_key_value(key)
+                .map(|(k, e)| Entry::Endpoint(k, e))
+        } else {
+            self.resources.get(key).map(|r| Entry::Resource(r))
+        }
+    }
+
+    /// The resource at `key`; an endpoint is rebuilt from what the state
+    /// kept ([`Endpoint::to_workload_endpoint`]).
+    pub fn get(&self, key: &ResourceKey) -> Option<Cow<'_, Resource>> {
+        self.entry(key).map(|e| match e {
+            Entry::Resource(r) => Cow::Borrowed(r),
+            Entry::Endpoint(..) => Cow::Owned(e.to_resource()),
+        })
+    }
+
+    pub fn endpoint(&self, key: &ResourceKey) -> Option<&Endpoint> {
+        self.endpoints.get(key).map(|e| &**e)
+    }
+
+    /// Whether the state already keeps `r` as it is: a change to a field
+    /// it does not keep is no change.
+    pub fn holds(&self, r: &Resource) -> bool {
+        match r {
+            Resource::WorkloadEndpoint(w) => {
+                let (key, ep) = Endpoint::split(w.clone());
+                self.endpoint(&key) == Some(&ep)
+            }
+            r => self
+                .resources
+                .get(&r.key())
+                .is_some_and(|held| **held == *r),
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.resources.len()
+        self.resources.len() + self.endpoints.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.resources.is_empty()
+        self.resources.is_empty() && self.endpoints.is_empty()
     }
 
-    pub fn resources(&self) -> impl Iterator<Item = &Resource> {
-        self.resources.values().map(|r| &**r)
+    /// Every object with its key, in key order (kind, namespace, name).
+    pub fn entries(&self) -> impl Iterator<Item = (&ResourceKey, Entry<'_>)> {
+        let first_endpoint = ResourceKey::new(Kind::WorkloadEndpoint, None, "");
+        let before = self
+            .resources
+            .range(..first_endpoint.clone())
+            .map(|(k, r)| (k, Entry::Resource(r)));
+        let after = self
+            .resources
+            .range(first_endpoint..)
+            .map(|(k, r)| (k, Entry::Resource(r)));
+        before
+            .chain(
+                self.endpoints
+                    .iter()
+                    .map(|(k, e)| (k, Entry::Endpoint(k, e))),
+            )
+            .chain(after)
     }
 
+    /// Every resource in key order, endpoints rebuilt from what the state
+    /// kept (for tools and tests; the compiler reads
+    /// [`ClusterState::workload_endpoints`]).
+    pub fn resources(&self) -> impl Iterator<Item = Cow<'_, Resource>> {
+        self.entries().map(|(_, e)| match e {
+            Entry::Resource(r) => Cow::Borrowed(r),
+            Entry::Endpoint(..) => Cow::Owned(e.to_resource()),
+        })
+    }
+
+    /// The resources of one kind other than [`Kind::WorkloadEndpoint`]
+    /// (whose objects are [`ClusterState::workload_endpoints`]).
+    ///
+    /// # Panics
+    /// For [`Kind::WorkloadEndpoint`].
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Resource> {
+        assert!(
+            kind != Kind::WorkloadEndpoint,
+            "the state keeps endpoints apart: read workload_endpoints()"
+        );
         self.resources
             .range(ResourceKey::new(kind, None, "")..)
             .take_while(move |(k, _)| k.kind == kind)
             .map(|(_, r)| &**r)
     }
 
-    pub fn workload_endpoints(&self) -> impl Iterator<Item = &WorkloadEndpoint> {
-        self.of_kind(Kind::WorkloadEndpoint)
-            .filter_map(|r| match r {
-                Resource::WorkloadEndpoint(w) => Some(w),
-                _ => None,
-            })
+    /// Every resource but the workload endpoints.
+    fn non_endpoints(&self) -> impl Iterator<Item = &Resource> {
+        self.resources.values().map(|r| &**r)
+    }
+
+    /// Every workload endpoint with its key (name and namespace).
+    pub fn workload_endpoints(&self) -> impl Iterator<Item = (&ResourceKey, &Endpoint)> {
+        self.endpoints.iter().map(|(k, e)| (k, &**e))
     }
 
     pub fn profile(&self, name: &str) -> Option<&calico::Profile> {
-        match self.get(&ResourceKey::new(Kind::Profile, None, name)) {
-            Some(Resource::Profile(p)) => Some(p),
-            _ => None,
+        match self
+            .resources
+            .get(&ResourceKey::new(Kind::Profile, None, name))
+        {
+            Some(r) => match &**r {
+                Resource::Profile(p) => Some(p),
+                _ => None,
+            },
+            None => None,
         }
     }
 
     /// The endpoint that owns `ip`, if any.
-    pub fn endpoint_by_ip(&self, ip: IpAddr) -> Option<&WorkloadEndpoint> {
+    pub fn endpoint_by_ip(&self, ip: IpAddr) -> Option<(&ResourceKey, &Endpoint)> {
         self.workload_endpoints()
-            .find(|w| w.spec.ip_networks.iter().any(|n| n.contains(&ip)))
+            .find(|(_, w)| w.spec.ip_networks.iter().any(|n| n.contains(&ip)))
     }
 
     /// Labels a selector sees on an endpoint: those its profiles apply
     /// (`pcns.*` for Kubernetes namespaces), overridden by its own.
-    pub fn endpoint_labels(&self, w: &WorkloadEndpoint) -> Labels {
-        endpoint_labels_with(w, &|name| {
+    pub fn endpoint_labels(&self, w: &Endpoint) -> Labels {
+        endpoint_labels_with(&w.spec.profiles, &w.metadata.labels, &|name| {
             self.profile(name).map(|p| &p.spec.labels_to_apply)
         })
     }
 
     /// The keys of [`ClusterState::labelled_nets`], in the same order.
     pub fn labelled_keys(&self) -> impl Iterator<Item = ResourceKey> + '_ {
-        self.resources
-            .iter()
-            .filter(|(_, r)| is_labelled(r))
+        self.entries()
+            .filter(|(_, e)| is_labelled_entry(*e))
             .map(|(k, _)| k.clone())
     }
 
@@ -116,10 +240,10 @@ impl ClusterState {
                 _ => None,
             })
             .collect();
-        self.resources()
-            .filter(|r| is_labelled(r))
-            .filter_map(|r| match r {
-                Resource::WorkloadEndpoint(w) => {
+        self.entries()
+            .filter(|(_, e)| is_labelled_entry(*e))
+            .filter_map(|(_, e)| match e {
+                Entry::Endpoint(_, w) => {
                     let inherited = w
                         .spec
                         .profiles
@@ -132,13 +256,26 @@ impl ClusterState {
                             inherited,
                         },
                         nets: Cow::Borrowed(&w.spec.ip_networks),
-                        endpoint: Some(w),
+                        endpoint: Some(w.facts()),
                         node: false,
                     })
                 }
-                _ => self.labelled(r),
+                Entry::Resource(r) => self.labelled(r),
             })
             .collect()
+    }
+
+    /// The object at `key` as a selector sees it ([`ClusterState::labelled`]).
+    pub fn labelled_at(&self, key: &ResourceKey) -> Option<LabelledNets<'_>> {
+        match self.entry(key)? {
+            Entry::Resource(r) => self.labelled(r),
+            Entry::Endpoint(_, w) => Some(LabelledNets {
+                labels: LabelView::Owned(self.endpoint_labels(w)),
+                nets: Cow::Borrowed(&w.spec.ip_networks),
+                endpoint: Some(w.facts()),
+                node: false,
+            }),
+        }
     }
 
     /// `r` as a selector sees it, if it has addresses (an endpoint or a
@@ -161,9 +298,13 @@ impl ClusterState {
     ) -> Option<LabelledNets<'a>> {
         match r {
             Resource::WorkloadEndpoint(w) => Some(LabelledNets {
-                labels: LabelView::Owned(endpoint_labels_with(w, profile_labels)),
+                labels: LabelView::Owned(endpoint_labels_with(
+                    &w.spec.profiles,
+                    &w.metadata.labels,
+                    profile_labels,
+                )),
                 nets: Cow::Borrowed(&w.spec.ip_networks),
-                endpoint: Some(w),
+                endpoint: Some(w.facts()),
                 node: false,
             }),
             Resource::NetworkSet(s) => {
@@ -251,7 +392,7 @@ impl ClusterState {
     /// directions until the tier exists ([`crate::reject`]).
     pub fn tier_rejections(&self) -> Vec<(ResourceKey, String)> {
         let tiers = self.tiers();
-        self.resources()
+        self.non_endpoints()
             .filter_map(|r| {
                 let spec = match r {
                     Resource::NetworkPolicy(p) => &p.spec,
@@ -279,7 +420,7 @@ impl ClusterState {
         let tiers = self.tiers();
         let mut ok = Vec::new();
         let mut errors = Vec::new();
-        for r in self.resources() {
+        for r in self.non_endpoints() {
             match resolve_policy(r, &tiers) {
                 Some(Ok(p)) => ok.push(p),
                 Some(Err(e)) => errors.push((r.key(), e)),
@@ -294,16 +435,17 @@ impl ClusterState {
 /// [`ClusterState::endpoint_labels`] with each profile's labels given by
 /// `profile_labels`.
 fn endpoint_labels_with<'a>(
-    w: &WorkloadEndpoint,
+    profiles: &[IStr],
+    own: &Labels,
     profile_labels: &dyn Fn(&str) -> Option<&'a Labels>,
 ) -> Labels {
     let mut labels = Labels::new();
-    for p in &w.spec.profiles {
+    for p in profiles {
         if let Some(applied) = profile_labels(p) {
             labels.overlay(applied);
         }
     }
-    labels.overlay(&w.metadata.labels);
+    labels.overlay(own);
     labels
 }
 
@@ -405,8 +547,13 @@ impl Default for TierInfo {
 impl ClusterState {
     /// Every object nftpolicy rejected ([`crate::reject`]), with the reason.
     pub fn rejected(&self) -> impl Iterator<Item = (ResourceKey, &str)> {
-        self.resources()
-            .filter_map(|r| r.metadata().rejection().map(|why| (r.key(), why)))
+        self.entries().filter_map(|(key, e)| {
+            let why = match e {
+                Entry::Resource(r) => r.metadata().rejection(),
+                Entry::Endpoint(_, w) => w.metadata.rejection(),
+            };
+            why.map(|why| (key.clone(), why))
+        })
     }
 
     /// Why `ep` drops all its traffic in `dir` (see [`crate::reject`]): it
@@ -414,20 +561,21 @@ impl ClusterState {
     /// policies selecting it in `dir` (`selecting`, in policy order) is.
     pub fn rejection_for<'p>(
         &self,
-        ep: &WorkloadEndpoint,
+        key: &ResourceKey,
+        ep: &Endpoint,
         selecting: impl IntoIterator<Item = &'p ResolvedPolicy>,
     ) -> Option<Rejection> {
         if let Some(reason) = ep.metadata.rejection() {
             return Some(Rejection {
                 object: RejectedObject::Endpoint(ResourceKey::new(
                     Kind::WorkloadEndpoint,
-                    Some(ep.metadata.namespace.as_deref().unwrap_or("default")),
-                    &ep.metadata.name,
+                    Some(key.namespace.as_deref().unwrap_or("default")),
+                    &key.name,
                 )),
                 reason: reason.to_owned(),
             });
         }
-        for name in &ep.spec.profiles {
+        for name in ep.spec.profiles.iter() {
             if let Some(reason) = self.profile(name).and_then(|p| p.metadata.rejection()) {
                 return Some(Rejection {
                     object: RejectedObject::Profile(name.to_string()),
@@ -532,6 +680,13 @@ impl fmt::Display for Encap {
 
 /// Whether `r` is one of the objects with addresses and labels
 /// ([`ClusterState::labelled`] gives `Some` exactly for these).
+fn is_labelled_entry(e: Entry<'_>) -> bool {
+    match e {
+        Entry::Resource(r) => is_labelled(r),
+        Entry::Endpoint(..) => true,
+    }
+}
+
 fn is_labelled(r: &Resource) -> bool {
     matches!(
         r,
@@ -548,7 +703,8 @@ fn is_labelled(r: &Resource) -> bool {
 pub struct LabelledNets<'a> {
     pub labels: LabelView<'a>,
     pub nets: Cow<'a, [IpNet]>,
-    pub endpoint: Option<&'a WorkloadEndpoint>,
+    /// An endpoint's node and named ports.
+    pub endpoint: Option<EndpointFacts<'a>>,
     /// A node ([`calico::LABEL_NODE`]).
     pub node: bool,
 }

@@ -123,7 +123,7 @@ impl Cache {
                 self.invalid.remove(&key.etcd_key());
                 self.invalid_since_sync.remove(&key.etcd_key());
                 debug_assert_eq!(key, resource.key());
-                let changed = self.state.get(&key) != Some(&resource);
+                let changed = !self.state.holds(&resource);
                 self.state.upsert(resource);
                 changed
             }

@@ -87,7 +87,8 @@ async fn file_source_emits_the_difference_after_an_edit() {
         changes,
         ["delete kns.y @2", "upsert kns.x @2", "upsert kns.z @2"]
     );
-    let Some(Resource::Profile(x)) = cache.state.get(&profile("kns.x")) else {
+    let x = cache.state.get(&profile("kns.x"));
+    let Some(Resource::Profile(x)) = x.as_deref() else {
         panic!("{second:#?}")
     };
     assert_eq!(x.spec.labels_to_apply.get("pcns.v").expect("label"), "2");

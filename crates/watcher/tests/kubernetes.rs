@@ -268,7 +268,7 @@ async fn service_accounts_become_profiles_and_follow_their_labels() {
     let mut w = start(&f, options());
     w.in_sync().await;
     let key = ResourceKey::new(Kind::Profile, None, "ksa.a.batch");
-    let labels = |c: &Cache| match c.state.get(&key) {
+    let labels = |c: &Cache| match c.state.get(&key).as_deref() {
         Some(model::calico::Resource::Profile(p)) => Some(p.spec.labels_to_apply.clone()),
         _ => None,
     };
@@ -277,9 +277,9 @@ async fn service_accounts_become_profiles_and_follow_their_labels() {
         format!("{got:?}"),
         r#"{"pcsa.access": "queue", "pcsa.projectcalico.org/name": "batch"}"#
     );
-    let profiles = |c: &Cache, pod: &str| match c.state.get(&wep("a", "n1", pod)) {
-        Some(model::calico::Resource::WorkloadEndpoint(e)) => e.spec.profiles.clone(),
-        other => panic!("{pod}: {other:?}"),
+    let profiles = |c: &Cache, pod: &str| match c.state.endpoint(&wep("a", "n1", pod)) {
+        Some(e) => e.spec.profiles.to_vec(),
+        None => panic!("{pod}: no endpoint"),
     };
     assert_eq!(profiles(&w.cache, "worker"), ["kns.a", "ksa.a.batch"]);
     // No serviceAccountName: the account the API server would name.
@@ -339,7 +339,7 @@ async fn nodes_become_calico_nodes_and_follow_their_labels() {
     let mut w = start(&f, options());
     w.in_sync().await;
     let key = ResourceKey::new(Kind::Node, None, "n1");
-    let zone = |c: &Cache| match c.state.get(&key) {
+    let zone = |c: &Cache| match c.state.get(&key).as_deref() {
         Some(model::calico::Resource::Node(n)) => {
             assert_eq!(format!("{:?}", n.nets()), "[198.18.0.1/32]");
             n.metadata.labels.get("zone").map(str::to_owned)
@@ -597,7 +597,8 @@ async fn admin_policies_are_watched_and_a_missing_crd_is_no_outage() {
     );
     w.until("the AdminNetworkPolicy", |c, _| c.state.get(&key).is_some())
         .await;
-    let Some(model::calico::Resource::GlobalNetworkPolicy(g)) = w.cache.state.get(&key) else {
+    let held = w.cache.state.get(&key);
+    let Some(model::calico::Resource::GlobalNetworkPolicy(g)) = held.as_deref() else {
         panic!()
     };
     assert_eq!(g.spec.tier.as_deref(), Some("adminnetworkpolicy"));

@@ -1,0 +1,251 @@
+//! What the cluster state keeps of a workload endpoint.
+//!
+//! A cluster has one endpoint per pod, so the state does not keep the
+//! Calico resource ([`WorkloadEndpoint`], 424 bytes before its strings)
+//! but an [`Endpoint`]: the fields the dataplane and the reference
+//! semantics read — labels, node, addresses, profiles, service account,
+//! interface, named ports, and the rejection a stub carries
+//! ([`crate::reject`]); its name and namespace are its key's, not kept
+//! twice. What is left out (container id, pod name,
+//! MAC, orchestrator, workload, endpoint name, uid, resource version,
+//! creation time, other annotations) changes no verdict; `fields.rs` lists
+//! each as ignored. Field paths mirror the resource's (`ep.spec.node`,
+//! `ep.metadata.labels`), so code reads both alike.
+
+use std::collections::HashSet;
+use std::hash::Hash;
+use std::sync::{Arc, LazyLock, Mutex};
+
+use ipnet::IpNet;
+
+use crate::calico::{
+    self, EndpointPort, Kind, ObjectMeta, ResourceKey, WorkloadEndpoint, WorkloadEndpointSpec,
+};
+use crate::labels::IStr;
+use crate::reject::REJECTED_ANNOTATION;
+use crate::selector::Labels;
+
+/// A workload endpoint as the state keeps it (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub metadata: EndpointMeta,
+    pub spec: EndpointSpec,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointMeta {
+    pub labels: Labels,
+    /// The one annotation read: why nftpolicy rejected the endpoint.
+    rejected: Option<Box<str>>,
+}
+
+impl EndpointMeta {
+    /// Why nftpolicy rejected this endpoint, if it did (as
+    /// [`ObjectMeta::rejection`]).
+    pub fn rejection(&self) -> Option<&str> {
+        self.rejected.as_deref()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointSpec {
+    pub node: IStr,
+    pub service_account_name: Option<IStr>,
+    pub ip_networks: Box<[IpNet]>,
+    /// Shared by every endpoint with the same list (a namespace's pods).
+    pub profiles: Arc<[IStr]>,
+    pub interface_name: String,
+    /// Shared by every endpoint with the same list (a workload's pods).
+    pub ports: Arc<[EndpointPort]>,
+}
+
+/// What a named-port set reads of an endpoint, borrowed from either form.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EndpointFacts<'a> {
+    pub node: &'a str,
+    pub ports: &'a [EndpointPort],
+}
+
+impl Endpoint {
+    /// The resource's key, and what the state keeps of it.
+    pub fn split(w: WorkloadEndpoint) -> (ResourceKey, Endpoint) {
+        let WorkloadEndpoint { metadata, spec, .. } = w;
+        let rejected = metadata.rejection().map(Box::from);
+        let mut labels = metadata.labels;
+        labels.shrink_to_fit();
+        let mut name = metadata.name;
+        name.shrink_to_fit();
+        let mut interface_name = spec.interface_name;
+        interface_name.shrink_to_fit();
+        let key = ResourceKey {
+            kind: Kind::WorkloadEndpoint,
+            namespace: metadata.namespace,
+            name,
+        };
+        let endpoint = Endpoint {
+            metadata: EndpointMeta { labels, rejected },
+            spec: EndpointSpec {
+                node: spec.node,
+                service_account_name: spec.service_account_name,
+                ip_networks: spec.ip_networks.into_boxed_slice(),
+                profiles: PROFILE_LISTS.share(spec.profiles),
+                interface_name,
+                ports: PORT_LISTS.share(spec.ports),
+            },
+        };
+        (key, endpoint)
+    }
+
+    pub fn facts(&self) -> EndpointFacts<'_> {
+        EndpointFacts {
+            node: &self.spec.node,
+            ports: &self.spec.ports,
+        }
+    }
+
+    /// The resource at `key` back, with what the state kept: the fields
+    /// left out are empty. An incremental compile reads a replaced endpoint
+    /// this way.
+    pub fn to_workload_endpoint(&self, key: &ResourceKey) -> WorkloadEndpoint {
+        let mut metadata = ObjectMeta {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            labels: self.metadata.labels.clone(),
+            ..Default::default()
+        };
+        if let Some(why) = &self.metadata.rejected {
+            metadata
+                .annotations
+                .insert(REJECTED_ANNOTATION.to_owned(), why.to_string());
+        }
+        WorkloadEndpoint {
+            api_version: IStr::new(calico::API_VERSION),
+            metadata,
+            spec: WorkloadEndpointSpec {
+                node: self.spec.node.clone(),
+                service_account_name: self.spec.service_account_name.clone(),
+                ip_networks: self.spec.ip_networks.to_vec(),
+                profiles: self.spec.profiles.to_vec(),
+                interface_name: self.spec.interface_name.clone(),
+                ports: self.spec.ports.to_vec(),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+impl WorkloadEndpoint {
+    pub fn facts(&self) -> EndpointFacts<'_> {
+        EndpointFacts {
+            node: &self.spec.node,
+            ports: &self.spec.ports,
+        }
+    }
+}
+
+/// Equal lists shared: one allocation per distinct list, not per pod.
+/// Lists nobody else holds any more are dropped whenever the table has
+/// doubled since the last sweep, as label strings are
+/// ([`crate::labels::intern`]).
+struct ListInterner<T> {
+    lists: HashSet<Arc<[T]>>,
+    sweep_at: usize,
+}
+
+struct Shared<T>(LazyLock<Mutex<ListInterner<T>>>);
+
+impl<T: Hash + Eq> Shared<T> {
+    const fn new() -> Self {
+        Shared(LazyLock::new(|| {
+            Mutex::new(ListInterner {
+                lists: HashSet::new(),
+                sweep_at: 1024,
+            })
+        }))
+    }
+
+    fn share(&self, list: Vec<T>) -> Arc<[T]> {
+        // A poisoned lock only means another thread panicked while holding
+        // it; the table itself is still a valid set.
+        let mut table = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(shared) = table.lists.get(list.as_slice()) {
+            return shared.clone();
+        }
+        let shared: Arc<[T]> = Arc::from(list);
+        table.lists.insert(shared.clone());
+        if table.lists.len() >= table.sweep_at {
+            table.lists.retain(|l| Arc::strong_count(l) > 1);
+            table.sweep_at = (table.lists.len() * 2).max(1024);
+        }
+        shared
+    }
+}
+
+static PROFILE_LISTS: Shared<IStr> = Shared::new();
+static PORT_LISTS: Shared<EndpointPort> = Shared::new();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calico::Protocol;
+
+    fn endpoint(name: &str, port: u16) -> WorkloadEndpoint {
+        WorkloadEndpoint {
+            api_version: IStr::new(calico::API_VERSION),
+            metadata: ObjectMeta {
+                name: name.into(),
+                namespace: Some(IStr::new("ns")),
+                ..Default::default()
+            },
+            spec: WorkloadEndpointSpec {
+                node: IStr::new("node1"),
+                pod: name.into(),
+                container_id: "c0ffee".into(),
+                profiles: vec![IStr::new("kns.ns")],
+                interface_name: "cali0".into(),
+                ports: vec![EndpointPort {
+                    name: IStr::new("http"),
+                    protocol: Protocol::Tcp,
+                    port,
+                }],
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn equal_lists_are_one_allocation_and_the_rest_round_trips() {
+        let (key, a) = Endpoint::split(endpoint("a", 80));
+        let (_, b) = Endpoint::split(endpoint("b", 80));
+        let (_, c) = Endpoint::split(endpoint("c", 81));
+        assert!(Arc::ptr_eq(&a.spec.ports, &b.spec.ports));
+        assert!(!Arc::ptr_eq(&a.spec.ports, &c.spec.ports));
+        assert!(Arc::ptr_eq(&a.spec.profiles, &c.spec.profiles));
+        // What the dataplane reads comes back; what it does not is empty.
+        let back = a.to_workload_endpoint(&key);
+        assert_eq!(Endpoint::split(back.clone()), (key.clone(), a));
+        assert_eq!(back.spec.container_id, "");
+        assert_eq!(back.spec.ports, endpoint("a", 80).spec.ports);
+        assert_eq!(
+            key,
+            crate::calico::Resource::WorkloadEndpoint(endpoint("a", 80)).key()
+        );
+    }
+
+    #[test]
+    fn a_rejection_is_kept() {
+        let mut w = endpoint("a", 80);
+        w.metadata
+            .annotations
+            .insert(REJECTED_ANNOTATION.to_owned(), "bad port".into());
+        let (key, e) = Endpoint::split(w);
+        assert_eq!(e.metadata.rejection(), Some("bad port"));
+        assert_eq!(
+            e.to_workload_endpoint(&key).metadata.rejection(),
+            Some("bad port")
+        );
+    }
+}
