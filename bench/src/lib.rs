@@ -51,10 +51,16 @@ impl Scale {
     }
 }
 
-/// The address of pod `i` (dual-stack, inside the test ranges).
-pub fn pod_ips(i: usize) -> [IpAddr; 2] {
-    let i = i as u32;
-    let v4 = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + 1 + i);
+/// How many pods get an IPv4 address: 198.18.128.1 up to 198.19.255.254,
+/// the upper half of the test range 198.18.0.0/15 (the lab's own addresses
+/// are in the lower half).
+pub const V4_PODS: usize = 98_302;
+
+/// The addresses of pod `i`, inside the test ranges: an IPv6 one
+/// (fd00:198:18:80::/64) for every pod, and an IPv4 one for the first
+/// [`V4_PODS`]; past those a cluster is single-stack IPv6 (at 250,000 pods
+/// there are not enough test IPv4 addresses to go round).
+pub fn pod_ips(i: usize) -> Vec<IpAddr> {
     let v6 = Ipv6Addr::new(
         0xfd00,
         0x198,
@@ -65,7 +71,12 @@ pub fn pod_ips(i: usize) -> [IpAddr; 2] {
         (i >> 16) as u16,
         (i as u16).wrapping_add(1),
     );
-    [IpAddr::V4(v4), IpAddr::V6(v6)]
+    if i < V4_PODS {
+        let v4 = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 1)) + i as u32);
+        vec![IpAddr::V4(v4), IpAddr::V6(v6)]
+    } else {
+        vec![IpAddr::V6(v6)]
+    }
 }
 
 pub fn namespace_name(i: usize) -> String {
@@ -231,5 +242,23 @@ pub fn policy(scale: &Scale, p: usize, rng: &mut StdRng) -> NetworkPolicy {
             ingress: rules,
             ..Default::default()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_addresses_are_test_addresses_and_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..300_000 {
+            let ips = pod_ips(i);
+            assert_eq!(ips.len(), if i < V4_PODS { 2 } else { 1 }, "pod {i}");
+            for ip in ips {
+                assert!(model::is_test_address(ip), "pod {i}: {ip}");
+                assert!(seen.insert(ip), "pod {i}: {ip} twice");
+            }
+        }
     }
 }

@@ -22,6 +22,7 @@ mod latency;
 
 mod cluster;
 
+mod agent_memory;
 mod soak;
 
 mod fuzz_targets;
@@ -60,6 +61,10 @@ enum Task {
     /// Load test: one agent over etcd under a steady stream of pod changes
     /// for minutes; latency, memory and errors, pass/fail (needs root).
     Soak(soak::SoakArgs),
+    /// The agent's own memory (the `nftpolicy run` binary over a real etcd)
+    /// on the benchmark's cluster, 10,000 policies / 250,000 pods by
+    /// default (needs root).
+    AgentMemory(agent_memory::AgentMemoryArgs),
     /// cargo-fuzz targets in fuzz/ (selector parser, manifest decoding,
     /// compiler), N seconds each on stable via RUSTC_BOOTSTRAP=1; fails on
     /// a crash and prints the reproducer.
@@ -178,6 +183,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::bench(&args),
         Task::Latency(args) => latency::run(&args),
         Task::Soak(args) => soak::run(&args),
+        Task::AgentMemory(args) => agent_memory::run(&args),
         Task::FuzzTargets(args) => fuzz_targets::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::FreshClone => fresh_clone::run(),

@@ -253,7 +253,7 @@ fn soak(nftpolicy: &Path, args: &SoakArgs, backend: &str) -> anyhow::Result<Soak
 
 /// The pid of the `nftpolicy run` agent talking to the etcd at `etcd_url`
 /// (`ip netns exec` execs it, so it is not the lab's child but its image).
-fn agent_pid(etcd_url: &str) -> anyhow::Result<u32> {
+pub(crate) fn agent_pid(etcd_url: &str) -> anyhow::Result<u32> {
     for entry in std::fs::read_dir("/proc")? {
         let entry = entry?;
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
