@@ -481,6 +481,17 @@ async fn serve(
                     batch.push(more);
                 }
                 let now = Instant::now();
+                // The first list, before anything was programmed or queued:
+                // its objects go to the programmer thread's cache as they
+                // come (nothing is programmed before the `InSync` closing
+                // it), not held here as whole resources until then — at
+                // 250,000 pods that queue was over 250 MiB.
+                let mut listing: Vec<Update> = Vec::new();
+                let first_list = !applied_once
+                    && settled.is_empty()
+                    && unsettled
+                        .iter()
+                        .all(|q| matches!(q.update, Update::Disconnected { .. }));
                 for u in batch {
                     // Counts and logs undecodable values (once each).
                     metrics.rejected.update(&u);
@@ -504,6 +515,12 @@ async fn serve(
                             dirty = true;
                             true
                         }
+                        Update::Upsert { .. } | Update::Delete { .. } | Update::Invalid { .. }
+                            if first_list && !sync.in_sync =>
+                        {
+                            listing.push(u);
+                            continue;
+                        }
                         Update::Upsert { .. } | Update::Delete { .. } => {
                             received = Some(now);
                             !whole_at_insync_only
@@ -515,6 +532,9 @@ async fn serve(
                         dirty |= sync.in_sync;
                         settled.append(&mut unsettled);
                     }
+                }
+                if !listing.is_empty() {
+                    job_tx.send(Job::Updates(listing))?;
                 }
                 metrics.resync_state.set(i64::from(sync.in_sync));
             }

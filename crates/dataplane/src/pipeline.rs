@@ -169,9 +169,14 @@ impl Node {
 
     /// Folds datastore updates into the state (moved, never copied).
     pub fn fold(&mut self, updates: Vec<Update>) {
+        // Nothing compiled yet (the start, or after a compile error): the
+        // next apply compiles in full and reads no changes, so none are
+        // kept — at the first list of a large cluster they would be one
+        // entry per object.
+        let compiled = self.pipeline.compiler().logical().is_some();
         for u in updates {
             if let Update::Upsert { key, .. } | Update::Delete { key, .. } = &u {
-                if !self.changes.contains_key(key) {
+                if compiled && !self.changes.contains_key(key) {
                     let old = self.cache.state.get(key).map(Cow::into_owned);
                     self.changes.insert(key.clone(), old);
                 }

@@ -81,6 +81,38 @@ impl ClusterState {
         }
     }
 
+    /// Adds or replaces a resource; whether what the state keeps of it
+    /// changed ([`ClusterState::upsert`] without rebuilding the old one).
+    pub fn put(&mut self, r: Resource) -> bool {
+        match r {
+            Resource::WorkloadEndpoint(w) => {
+                let (key, ep) = Endpoint::split(w);
+                match self.endpoints.entry(key) {
+                    std::collections::btree_map::Entry::Occupied(mut held) => {
+                        let changed = **held.get() != ep;
+                        *held.get_mut() = Box::new(ep);
+                        changed
+                    }
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(Box::new(ep));
+                        true
+                    }
+                }
+            }
+            r => match self.resources.entry(r.key()) {
+                std::collections::btree_map::Entry::Occupied(mut held) => {
+                    let changed = **held.get() != r;
+                    *held.get_mut() = Box::new(r);
+                    changed
+                }
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(Box::new(r));
+                    true
+                }
+            },
+        }
+    }
+
     pub fn remove(&mut self, key: &ResourceKey) -> Option<Resource> {
         if key.kind == Kind::WorkloadEndpoint {
             self.endpoints

@@ -123,9 +123,7 @@ impl Cache {
                 self.invalid.remove(&key.etcd_key());
                 self.invalid_since_sync.remove(&key.etcd_key());
                 debug_assert_eq!(key, resource.key());
-                let changed = !self.state.holds(&resource);
-                self.state.upsert(resource);
-                changed
+                self.state.put(resource)
             }
             Update::Delete { key, .. } => {
                 self.invalid.remove(&key.etcd_key());
