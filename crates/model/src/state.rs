@@ -90,7 +90,7 @@ impl ClusterState {
                 match self.endpoints.entry(key) {
                     std::collections::btree_map::Entry::Occupied(mut held) => {
                         let changed = **held.get() != ep;
-                        *held.get_mut() = Box::new(ep);
+                        **held.get_mut() = ep;
                         changed
                     }
                     std::collections::btree_map::Entry::Vacant(slot) => {
@@ -102,7 +102,7 @@ impl ClusterState {
             r => match self.resources.entry(r.key()) {
                 std::collections::btree_map::Entry::Occupied(mut held) => {
                     let changed = **held.get() != r;
-                    *held.get_mut() = Box::new(r);
+                    **held.get_mut() = r;
                     changed
                 }
                 std::collections::btree_map::Entry::Vacant(slot) => {
