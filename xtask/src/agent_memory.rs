@@ -8,7 +8,7 @@
 //! programmed the last revision, its VmHWM (peak RSS) and VmRSS are read
 //! from /proc. Results: target/agent-memory/agent-memory-<unix time>.json.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use lab::agents::{nftpolicy_etcd, Agents};
@@ -60,9 +60,54 @@ pub fn run(args: &AgentMemoryArgs) -> anyhow::Result<bool> {
     println!("cluster written into etcd in {:.1}s", written.as_secs_f64());
     let started = Instant::now();
     let mut agents = Agents::start(&lab, &etcd, &nftpolicy, "nftables", &[])?;
-    agents.wait_applied(etcd.revision()?, APPLY_TIMEOUT)?;
-    let applied = started.elapsed();
-    let pid = super::soak::agent_pid(&etcd.url())?;
+    // `ip netns exec` execs the agent: wait for its image to appear.
+    let mut pid = super::soak::agent_pid(&etcd.url());
+    for _ in 0..100 {
+        if pid.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        pid = super::soak::agent_pid(&etcd.url());
+    }
+    let pid = pid?;
+    // VmRSS every 100 ms while the agent lists and programs: where the
+    // peak falls (the list, the first compile, the transaction).
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (applied, rss_curve) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut curve: Vec<(f64, u64)> = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(kb) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()
+                    .and_then(|st| {
+                        st.lines()
+                            .find_map(|l| l.strip_prefix("VmRSS:"))
+                            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    })
+                {
+                    curve.push((started.elapsed().as_secs_f64(), kb));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            curve
+        });
+        let applied = agents.wait_applied(etcd.revision()?, APPLY_TIMEOUT);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let curve = sampler.join().expect("the sampler does not panic");
+        applied.map(|()| (started.elapsed(), curve))
+    })?;
+    // One line per second: the highest sample in it.
+    let mut per_second: Vec<(u64, u64)> = Vec::new();
+    for &(t, kb) in &rss_curve {
+        let second = t as u64;
+        match per_second.last_mut() {
+            Some((s, max)) if *s == second => *max = (*max).max(kb),
+            _ => per_second.push((second, kb)),
+        }
+    }
+    for (second, kb) in &per_second {
+        println!("  {second:>4} s  VmRSS {:>5.0} MiB", *kb as f64 / 1024.0);
+    }
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading the agent's /proc/{pid}/status"))?;
     let kib = |field: &str| -> anyhow::Result<u64> {
@@ -87,15 +132,8 @@ pub fn run(args: &AgentMemoryArgs) -> anyhow::Result<bool> {
         "list_and_program_seconds": applied.as_secs_f64(),
         "peak_rss_kib": peak,
         "rss_kib": now,
+        "rss_kib_per_second": per_second,
     });
-    let dir = super::root().join("target/agent-memory");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let file = dir.join(format!("agent-memory-{unix}.json"));
-    std::fs::write(&file, serde_json::to_string_pretty(&json)? + "\n")
-        .with_context(|| format!("writing {}", file.display()))?;
-    println!("results: {}", file.display());
+    super::soak::write_results("agent-memory", &json)?;
     Ok(true)
 }

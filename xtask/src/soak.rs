@@ -131,15 +131,7 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<bool> {
     let verdict = result.verdict();
     result.print(&verdict);
     let json = result.to_json(args, backend, &verdict);
-    let dir = super::root().join("target/soak");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let file = dir.join(format!("soak-{unix}.json"));
-    std::fs::write(&file, serde_json::to_string_pretty(&json)? + "\n")
-        .with_context(|| format!("writing {}", file.display()))?;
-    println!("results: {}", file.display());
+    write_results("soak", &json)?;
     println!(
         "== soak {} in {:.1}s",
         if verdict.is_empty() {
@@ -150,6 +142,20 @@ pub fn run(args: &SoakArgs) -> anyhow::Result<bool> {
         started.elapsed().as_secs_f64()
     );
     Ok(verdict.is_empty())
+}
+
+/// Writes `json` to target/NAME/NAME-<unix time>.json and says where.
+pub(crate) fn write_results(name: &str, json: &serde_json::Value) -> anyhow::Result<()> {
+    let dir = super::root().join("target").join(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let file = dir.join(format!("{name}-{unix}.json"));
+    std::fs::write(&file, serde_json::to_string_pretty(json)? + "\n")
+        .with_context(|| format!("writing {}", file.display()))?;
+    println!("results: {}", file.display());
+    Ok(())
 }
 
 /// Everything one soak measured.

@@ -84,32 +84,30 @@ impl ClusterState {
     /// Adds or replaces a resource; whether what the state keeps of it
     /// changed ([`ClusterState::upsert`] without rebuilding the old one).
     pub fn put(&mut self, r: Resource) -> bool {
-        match r {
-            Resource::WorkloadEndpoint(w) => {
-                let (key, ep) = Endpoint::split(w);
-                match self.endpoints.entry(key) {
-                    std::collections::btree_map::Entry::Occupied(mut held) => {
-                        let changed = **held.get() != ep;
-                        **held.get_mut() = ep;
-                        changed
-                    }
-                    std::collections::btree_map::Entry::Vacant(slot) => {
-                        slot.insert(Box::new(ep));
-                        true
-                    }
-                }
-            }
-            r => match self.resources.entry(r.key()) {
+        /// Puts `value` at `key`; whether it differs from what was there.
+        fn replace<V: PartialEq>(
+            map: &mut BTreeMap<ResourceKey, Box<V>>,
+            key: ResourceKey,
+            value: V,
+        ) -> bool {
+            match map.entry(key) {
                 std::collections::btree_map::Entry::Occupied(mut held) => {
-                    let changed = **held.get() != r;
-                    **held.get_mut() = r;
+                    let changed = **held.get() != value;
+                    **held.get_mut() = value;
                     changed
                 }
                 std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(Box::new(r));
+                    slot.insert(Box::new(value));
                     true
                 }
-            },
+            }
+        }
+        match r {
+            Resource::WorkloadEndpoint(w) => {
+                let (key, ep) = Endpoint::split(w);
+                replace(&mut self.endpoints, key, ep)
+            }
+            r => replace(&mut self.resources, r.key(), r),
         }
     }
 
