@@ -25,6 +25,10 @@ pub struct AgentMemoryArgs {
     /// 250,000 at 10,000).
     #[arg(long, default_value_t = 10_000)]
     policies: usize,
+    /// An extra argument for `nftpolicy run` (repeatable), e.g.
+    /// `--agent-arg=--watch-kernel=false`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 pub fn run(args: &AgentMemoryArgs) -> anyhow::Result<bool> {
@@ -59,7 +63,7 @@ pub fn run(args: &AgentMemoryArgs) -> anyhow::Result<bool> {
     let written = started.elapsed();
     println!("cluster written into etcd in {:.1}s", written.as_secs_f64());
     let started = Instant::now();
-    let mut agents = Agents::start(&lab, &etcd, &nftpolicy, "nftables", &[])?;
+    let mut agents = Agents::start(&lab, &etcd, &nftpolicy, "nftables", &args.agent_args)?;
     // `ip netns exec` execs the agent: wait for its image to appear.
     let mut pid = super::soak::agent_pid(&etcd.url());
     for _ in 0..100 {
@@ -119,6 +123,15 @@ pub fn run(args: &AgentMemoryArgs) -> anyhow::Result<bool> {
     };
     let (peak, now) = (kib("VmHWM:")?, kib("VmRSS:")?);
     drop(agents);
+    // The agent's own account of its start (timestamps of the list, the
+    // first compile and apply).
+    let log = lab.workdir().join(format!("agent-{NODE}.log"));
+    if let Ok(text) = std::fs::read_to_string(&log) {
+        println!("agent log ({}):", log.display());
+        for line in text.lines().take(40) {
+            println!("  {line}");
+        }
+    }
     println!(
         "agent (pid {pid}) listed and programmed {} policies in {:.1}s: peak RSS {:.0} MiB, RSS now {:.0} MiB",
         args.policies,
@@ -128,6 +141,7 @@ pub fn run(args: &AgentMemoryArgs) -> anyhow::Result<bool> {
     );
     let json = serde_json::json!({
         "policies": args.policies,
+        "agent_args": args.agent_args,
         "write_seconds": written.as_secs_f64(),
         "list_and_program_seconds": applied.as_secs_f64(),
         "peak_rss_kib": peak,

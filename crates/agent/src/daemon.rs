@@ -427,7 +427,16 @@ async fn serve(
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobDone>();
     let own_port = node.pipeline().dataplane().own_port();
-    let mut kernel_changes = crate::tamper::spawn(&opts.watch, own_port)?;
+    // The kernel watch starts after the first apply: while a socket
+    // listens to nf_tables notifications the kernel builds one for every
+    // object a commit creates, and the first commit creates them all (at
+    // 1,000 policies / 25,000 pods it took 1.9 s instead of 0.24 s, and at
+    // 10,000 / 250,000 the notifications overran the listener, whose
+    // "lost notifications" then cost a full drift check). Before that
+    // commit there is nothing of ours to tamper with; a change in the
+    // moment between it and the subscription is left to the periodic
+    // resync.
+    let mut kernel_changes: Option<mpsc::Receiver<()>> = None;
     let marker = Arc::new(AtomicU64::new(0));
     let worker = Worker {
         node,
@@ -543,6 +552,9 @@ async fn serve(
                 // `None`: nothing was attempted (no drift found).
                 if let Some(ok) = done.ok {
                     if ok {
+                        if !applied_once {
+                            kernel_changes = crate::tamper::spawn(&opts.watch, own_port)?;
+                        }
                         applied_once = true;
                         if let Ok(revision) = u64::try_from(done.revision) {
                             health.applied_revision.store(revision, Ordering::Relaxed);

@@ -255,7 +255,7 @@ impl Default for EtcdOptions {
             backoff_max: Duration::from_secs(15),
             request_timeout: Duration::from_secs(10),
             keep_alive: (Duration::from_secs(10), Duration::from_secs(5)),
-            page_size: 500,
+            page_size: 5000,
             max_message_size: 64 << 20,
         }
     }
