@@ -76,26 +76,22 @@ pub fn run(args: &AgentMemoryArgs) -> anyhow::Result<bool> {
     let pid = pid?;
     // VmRSS every 100 ms while the agent lists and programs: where the
     // peak falls (the list, the first compile, the transaction).
+    let revision = etcd.revision()?;
     let done = std::sync::atomic::AtomicBool::new(false);
     let (applied, rss_curve) = std::thread::scope(|s| {
         let sampler = s.spawn(|| {
             let mut curve: Vec<(f64, u64)> = Vec::new();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some(kb) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .ok()
-                    .and_then(|st| {
-                        st.lines()
-                            .find_map(|l| l.strip_prefix("VmRSS:"))
-                            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                    })
-                {
+                if let Ok((kb, _)) = super::latency::memory(pid) {
                     curve.push((started.elapsed().as_secs_f64(), kb));
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
             curve
         });
-        let applied = agents.wait_applied(etcd.revision()?, APPLY_TIMEOUT);
+        // Nothing between here and `done` may return early: the sampler
+        // would never stop.
+        let applied = agents.wait_applied(revision, APPLY_TIMEOUT);
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let curve = sampler.join().expect("the sampler does not panic");
         applied.map(|()| (started.elapsed(), curve))
@@ -112,16 +108,7 @@ pub fn run(args: &AgentMemoryArgs) -> anyhow::Result<bool> {
     for (second, kb) in &per_second {
         println!("  {second:>4} s  VmRSS {:>5.0} MiB", *kb as f64 / 1024.0);
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading the agent's /proc/{pid}/status"))?;
-    let kib = |field: &str| -> anyhow::Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no {field} in /proc/{pid}/status"))
-    };
-    let (peak, now) = (kib("VmHWM:")?, kib("VmRSS:")?);
+    let (now, peak) = super::latency::memory(pid)?;
     drop(agents);
     // The agent's own account of its start (timestamps of the list, the
     // first compile and apply).

@@ -127,7 +127,7 @@ fn wire_sizes() -> anyhow::Result<(usize, usize)> {
 }
 
 /// VmRSS and VmHWM of `pid`, in KiB.
-fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
+pub(crate) fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| {
         status

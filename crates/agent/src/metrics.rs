@@ -26,7 +26,8 @@ pub struct Metrics {
     pub ipset_calls: IntCounter,
     pub ipset_errors: IntCounter,
     /// From receiving a datastore change to the kernel's acknowledgement of
-    /// the transaction carrying it.
+    /// the transaction carrying it (not the objects of the first list,
+    /// which are folded as they arrive and programmed whole).
     pub programming_latency: Histogram,
     /// Objects rejected now: not decodable (skipped), or enforced as a drop
     /// of what they cover until fixed (`nftpolicy_rejected_objects`), each
@@ -80,7 +81,7 @@ impl Metrics {
             ipset_errors: IntCounter::new("felix_ipset_errors", "ipset invocations that failed.")?,
             programming_latency: histogram(
                 "nftpolicy_programming_latency_seconds",
-                "From receiving a datastore change to the kernel's acknowledgement of the transaction that carries it.",
+                "From receiving a datastore change to the kernel's acknowledgement of the transaction that carries it (the first list's objects are not samples).",
             )?,
             rejected: RejectedObjects::new(IntGauge::new(
                 "nftpolicy_rejected_objects",

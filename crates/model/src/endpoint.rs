@@ -12,16 +12,14 @@
 //! each as ignored. Field paths mirror the resource's (`ep.spec.node`,
 //! `ep.metadata.labels`), so code reads both alike.
 
-use std::collections::HashSet;
-use std::hash::Hash;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use crate::calico::{
     self, EndpointPort, Kind, ObjectMeta, ResourceKey, WorkloadEndpoint, WorkloadEndpointSpec,
 };
-use crate::labels::IStr;
+use crate::labels::{IStr, Interner};
 use crate::reject::REJECTED_ANNOTATION;
 use crate::selector::Labels;
 
@@ -88,9 +86,10 @@ impl Endpoint {
                 node: spec.node,
                 service_account_name: spec.service_account_name,
                 ip_networks: spec.ip_networks.into_boxed_slice(),
-                profiles: PROFILE_LISTS.share(spec.profiles),
+                profiles: PROFILE_LISTS
+                    .share(&spec.profiles, || Arc::from(spec.profiles.as_slice())),
                 interface_name,
-                ports: PORT_LISTS.share(spec.ports),
+                ports: PORT_LISTS.share(&spec.ports, || Arc::from(spec.ports.as_slice())),
             },
         };
         (key, endpoint)
@@ -143,49 +142,10 @@ impl WorkloadEndpoint {
     }
 }
 
-/// Equal lists shared: one allocation per distinct list, not per pod.
-/// Lists nobody else holds any more are dropped whenever the table has
-/// doubled since the last sweep, as label strings are
-/// ([`crate::labels::intern`]).
-struct ListInterner<T> {
-    lists: HashSet<Arc<[T]>>,
-    sweep_at: usize,
-}
-
-struct Shared<T>(LazyLock<Mutex<ListInterner<T>>>);
-
-impl<T: Hash + Eq> Shared<T> {
-    const fn new() -> Self {
-        Shared(LazyLock::new(|| {
-            Mutex::new(ListInterner {
-                lists: HashSet::new(),
-                sweep_at: 1024,
-            })
-        }))
-    }
-
-    fn share(&self, list: Vec<T>) -> Arc<[T]> {
-        // A poisoned lock only means another thread panicked while holding
-        // it; the table itself is still a valid set.
-        let mut table = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(shared) = table.lists.get(list.as_slice()) {
-            return shared.clone();
-        }
-        let shared: Arc<[T]> = Arc::from(list);
-        table.lists.insert(shared.clone());
-        if table.lists.len() >= table.sweep_at {
-            table.lists.retain(|l| Arc::strong_count(l) > 1);
-            table.sweep_at = (table.lists.len() * 2).max(1024);
-        }
-        shared
-    }
-}
-
-static PROFILE_LISTS: Shared<IStr> = Shared::new();
-static PORT_LISTS: Shared<EndpointPort> = Shared::new();
+/// Equal lists shared between endpoints: one allocation per distinct list,
+/// not per pod.
+static PROFILE_LISTS: Interner<[IStr]> = Interner::new();
+static PORT_LISTS: Interner<[EndpointPort]> = Interner::new();
 
 #[cfg(test)]
 mod tests {

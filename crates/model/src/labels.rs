@@ -11,6 +11,7 @@
 //! plain map, so the format does not change.
 use std::collections::HashSet;
 use std::fmt;
+use std::hash::Hash;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use serde::de::{MapAccess, Visitor};
@@ -24,64 +25,61 @@ pub struct Labels(Vec<Pair>);
 /// One label, shared by every map that carries it ([`intern_pair`]).
 type Pair = Arc<(Arc<str>, Arc<str>)>;
 
-/// Every label pair in use; swept as [`intern`]'s strings are.
-static PAIRS: LazyLock<Mutex<HashSet<Pair>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
-static PAIRS_SWEEP_AT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1024);
+/// A set of shared values: equal values share one allocation. Values
+/// nobody else holds any more are dropped whenever the set has doubled
+/// since the last sweep (label values can be unique per pod, and pods come
+/// and go). Label strings, label pairs, and the profile and port lists of
+/// endpoints ([`crate::endpoint`]) each have one.
+pub(crate) struct Interner<T: ?Sized>(LazyLock<Mutex<InternTable<T>>>);
 
-/// The shared copy of the pair (`key`, `value`), whose strings are shared.
-fn intern_pair(key: Arc<str>, value: Arc<str>) -> Pair {
-    use std::sync::atomic::Ordering;
-    let pair = (key, value);
-    // A poisoned lock only means another thread panicked while holding it;
-    // the table itself is still a valid set.
-    let mut table = PAIRS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(shared) = table.get(&pair) {
-        return shared.clone();
-    }
-    let shared = Arc::new(pair);
-    table.insert(shared.clone());
-    if table.len() >= PAIRS_SWEEP_AT.load(Ordering::Relaxed) {
-        table.retain(|p| Arc::strong_count(p) > 1);
-        PAIRS_SWEEP_AT.store((table.len() * 2).max(1024), Ordering::Relaxed);
-    }
-    shared
-}
-
-/// Every label string in use, so that equal strings share one allocation.
-/// Strings nobody else holds any more are dropped whenever the table has
-/// doubled since the last sweep (label values can be unique per pod, and
-/// pods come and go).
-struct Interner {
-    strings: HashSet<Arc<str>>,
+struct InternTable<T: ?Sized> {
+    values: HashSet<Arc<T>>,
     sweep_at: usize,
 }
 
-static INTERNER: LazyLock<Mutex<Interner>> = LazyLock::new(|| {
-    Mutex::new(Interner {
-        strings: HashSet::new(),
-        sweep_at: 1024,
-    })
-});
+impl<T: ?Sized + Hash + Eq> Interner<T> {
+    pub(crate) const fn new() -> Self {
+        Interner(LazyLock::new(|| {
+            Mutex::new(InternTable {
+                values: HashSet::new(),
+                sweep_at: 1024,
+            })
+        }))
+    }
+
+    /// The shared copy of `value`; `make` builds it when there is none.
+    pub(crate) fn share(&self, value: &T, make: impl FnOnce() -> Arc<T>) -> Arc<T> {
+        // A poisoned lock only means another thread panicked while holding
+        // it; the table itself is still a valid set.
+        let mut table = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(shared) = table.values.get(value) {
+            return shared.clone();
+        }
+        let shared = make();
+        table.values.insert(shared.clone());
+        if table.values.len() >= table.sweep_at {
+            table.values.retain(|v| Arc::strong_count(v) > 1);
+            table.sweep_at = (table.values.len() * 2).max(1024);
+        }
+        shared
+    }
+}
+
+static STRINGS: Interner<str> = Interner::new();
+static PAIRS: Interner<(Arc<str>, Arc<str>)> = Interner::new();
 
 /// The shared copy of `s`.
 pub fn intern(s: &str) -> Arc<str> {
-    // A poisoned lock only means another thread panicked while holding it;
-    // the table itself is still a valid set.
-    let mut table = INTERNER
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(shared) = table.strings.get(s) {
-        return shared.clone();
-    }
-    let shared: Arc<str> = Arc::from(s);
-    table.strings.insert(shared.clone());
-    if table.strings.len() >= table.sweep_at {
-        table.strings.retain(|s| Arc::strong_count(s) > 1);
-        table.sweep_at = (table.strings.len() * 2).max(1024);
-    }
-    shared
+    STRINGS.share(s, || Arc::from(s))
+}
+
+/// The shared copy of the pair (`key`, `value`), whose strings are shared.
+fn intern_pair(key: Arc<str>, value: Arc<str>) -> Pair {
+    let pair = (key, value);
+    PAIRS.share(&pair, || Arc::new(pair.clone()))
 }
 
 /// A string shared through the same interner as label strings: for the

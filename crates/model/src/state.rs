@@ -53,6 +53,27 @@ impl Entry<'_> {
     }
 }
 
+/// Puts `value` at `key` in `map`; `replaced` is told the key, the value
+/// that was there and the new one, and its answer returned (`None` if
+/// there was none).
+fn replace<V, R>(
+    map: &mut BTreeMap<ResourceKey, Box<V>>,
+    key: ResourceKey,
+    value: V,
+    replaced: impl FnOnce(&ResourceKey, V, &V) -> R,
+) -> Option<R> {
+    match map.entry(key) {
+        std::collections::btree_map::Entry::Occupied(mut held) => {
+            let old = std::mem::replace(&mut **held.get_mut(), value);
+            Some(replaced(held.key(), old, held.get()))
+        }
+        std::collections::btree_map::Entry::Vacant(slot) => {
+            slot.insert(Box::new(value));
+            None
+        }
+    }
+}
+
 impl ClusterState {
     pub fn new() -> Self {
         Self::default()
@@ -64,51 +85,25 @@ impl ClusterState {
         match r {
             Resource::WorkloadEndpoint(w) => {
                 let (key, ep) = Endpoint::split(w);
-                match self.endpoints.entry(key) {
-                    std::collections::btree_map::Entry::Occupied(mut held) => {
-                        let old = std::mem::replace(held.get_mut(), Box::new(ep));
-                        Some(Resource::WorkloadEndpoint(
-                            old.to_workload_endpoint(held.key()),
-                        ))
-                    }
-                    std::collections::btree_map::Entry::Vacant(slot) => {
-                        slot.insert(Box::new(ep));
-                        None
-                    }
-                }
+                replace(&mut self.endpoints, key, ep, |key, old, _| {
+                    Resource::WorkloadEndpoint(old.to_workload_endpoint(key))
+                })
             }
-            r => self.resources.insert(r.key(), Box::new(r)).map(|old| *old),
+            r => replace(&mut self.resources, r.key(), r, |_, old, _| old),
         }
     }
 
     /// Adds or replaces a resource; whether what the state keeps of it
     /// changed ([`ClusterState::upsert`] without rebuilding the old one).
     pub fn put(&mut self, r: Resource) -> bool {
-        /// Puts `value` at `key`; whether it differs from what was there.
-        fn replace<V: PartialEq>(
-            map: &mut BTreeMap<ResourceKey, Box<V>>,
-            key: ResourceKey,
-            value: V,
-        ) -> bool {
-            match map.entry(key) {
-                std::collections::btree_map::Entry::Occupied(mut held) => {
-                    let changed = **held.get() != value;
-                    **held.get_mut() = value;
-                    changed
-                }
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(Box::new(value));
-                    true
-                }
-            }
-        }
         match r {
             Resource::WorkloadEndpoint(w) => {
                 let (key, ep) = Endpoint::split(w);
-                replace(&mut self.endpoints, key, ep)
+                replace(&mut self.endpoints, key, ep, |_, old, new| old != *new)
             }
-            r => replace(&mut self.resources, r.key(), r),
+            r => replace(&mut self.resources, r.key(), r, |_, old, new| old != *new),
         }
+        .unwrap_or(true)
     }
 
     pub fn remove(&mut self, key: &ResourceKey) -> Option<Resource> {
@@ -228,12 +223,10 @@ impl ClusterState {
         match self
             .resources
             .get(&ResourceKey::new(Kind::Profile, None, name))
+            .map(|r| &**r)
         {
-            Some(r) => match &**r {
-                Resource::Profile(p) => Some(p),
-                _ => None,
-            },
-            None => None,
+            Some(Resource::Profile(p)) => Some(p),
+            _ => None,
         }
     }
 

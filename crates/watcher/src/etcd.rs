@@ -367,6 +367,18 @@ impl Tracker {
             tracing::debug!(key = etcd_key, "ignoring a key outside Calico's layout");
             return vec![];
         };
+        self.put_key(key, etcd_key, value, mod_revision, relist)
+    }
+
+    /// [`Tracker::put`] of a key already parsed (`key` is `etcd_key`'s).
+    fn put_key(
+        &mut self,
+        key: ResourceKey,
+        etcd_key: &str,
+        value: &[u8],
+        mod_revision: i64,
+        relist: bool,
+    ) -> Vec<Update> {
         let prev = self.sent.get(&key).copied();
         if prev == Some(mod_revision) {
             return match (self.invalid.get(&key), relist) {
@@ -510,18 +522,24 @@ impl Source {
             }
             let mut last = None;
             for kv in resp.kvs() {
-                if let Some(key) = std::str::from_utf8(kv.key())
-                    .ok()
-                    .and_then(ResourceKey::from_etcd_key)
-                {
-                    known = true;
-                    seen.insert(key);
-                }
-                let updates = self
-                    .tracker
-                    .put(kv.key(), kv.value(), kv.mod_revision(), true);
-                self.send_all(updates).await?;
                 last = Some(kv.key().to_vec());
+                // Parsed once: the key is both listed and tracked.
+                let parsed = std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|k| ResourceKey::from_etcd_key(k).map(|key| (k, key)));
+                let updates = match parsed {
+                    Some((etcd_key, key)) => {
+                        known = true;
+                        seen.insert(key.clone());
+                        self.tracker
+                            .put_key(key, etcd_key, kv.value(), kv.mod_revision(), true)
+                    }
+                    // Logged and skipped by `put`.
+                    None => self
+                        .tracker
+                        .put(kv.key(), kv.value(), kv.mod_revision(), true),
+                };
+                self.send_all(updates).await?;
             }
             match (resp.more(), last) {
                 (true, Some(mut last)) => {
