@@ -175,15 +175,24 @@ impl BackendChoice {
     }
 }
 
+/// Runs `task` after the tool check of `cargo xtask test`'s first phase:
+/// every command that builds the agent (etcd-client's build needs `protoc`)
+/// or uses the lab works on a clean machine too, instead of failing deep in
+/// a build with another tool's error.
+fn with_tools(task: impl FnOnce() -> anyhow::Result<bool>) -> anyhow::Result<bool> {
+    tools::install_tools()?;
+    task()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Task::E2e(args) => e2e(&args),
+        Task::E2e(args) => with_tools(|| e2e(&args)),
         Task::Test(args) => test(&args),
-        Task::Bench(args) => bench::bench(&args),
-        Task::Latency(args) => latency::run(&args),
-        Task::Soak(args) => soak::run(&args),
-        Task::AgentMemory(args) => agent_memory::run(&args),
+        Task::Bench(args) => with_tools(|| bench::bench(&args)),
+        Task::Latency(args) => with_tools(|| latency::run(&args)),
+        Task::Soak(args) => with_tools(|| soak::run(&args)),
+        Task::AgentMemory(args) => with_tools(|| agent_memory::run(&args)),
         Task::FuzzTargets(args) => fuzz_targets::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::FreshClone => fresh_clone::run(),

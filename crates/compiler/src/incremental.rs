@@ -697,7 +697,7 @@ impl IncrementalCompiler {
         let profiles: BTreeSet<String> = changes
             .keys()
             .filter(|k| k.kind == Kind::Profile)
-            .map(|k| k.name.clone())
+            .map(|k| k.name.to_string())
             .collect();
         if !profiles.is_empty() {
             for key in self.uses.keys() {
@@ -814,7 +814,7 @@ impl IncrementalCompiler {
         let changed_ids: HashSet<PolicyId> = changed
             .iter()
             .map(|k| match k.kind {
-                Kind::GlobalNetworkPolicy => PolicyId::Global(k.name.clone()),
+                Kind::GlobalNetworkPolicy => PolicyId::Global(k.name.to_string()),
                 _ => PolicyId::namespaced(k.namespace.as_deref().unwrap_or("default"), &k.name),
             })
             .collect();

@@ -71,8 +71,7 @@ impl Endpoint {
         let rejected = metadata.rejection().map(Box::from);
         let mut labels = metadata.labels;
         labels.shrink_to_fit();
-        let mut name = metadata.name;
-        name.shrink_to_fit();
+        let name = IStr::not_interned(&metadata.name);
         let mut interface_name = spec.interface_name;
         interface_name.shrink_to_fit();
         let key = ResourceKey {
@@ -107,7 +106,7 @@ impl Endpoint {
     /// this way.
     pub fn to_workload_endpoint(&self, key: &ResourceKey) -> WorkloadEndpoint {
         let mut metadata = ObjectMeta {
-            name: key.name.clone(),
+            name: key.name.to_string(),
             namespace: key.namespace.clone(),
             labels: self.metadata.labels.clone(),
             ..Default::default()

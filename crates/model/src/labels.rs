@@ -96,6 +96,15 @@ impl IStr {
         IStr(intern(s))
     }
 
+    /// `s` shared only between this value's clones, not interned: for a
+    /// string unique to one object (a resource key's name), which the
+    /// interner's table would only add to. Compares, hashes and orders as
+    /// any other `IStr` (by content).
+    #[must_use]
+    pub fn not_interned(s: &str) -> IStr {
+        IStr(Arc::from(s))
+    }
+
     #[must_use]
     pub fn as_str(&self) -> &str {
         &self.0

@@ -96,12 +96,20 @@ impl ClusterState {
     /// Adds or replaces a resource; whether what the state keeps of it
     /// changed ([`ClusterState::upsert`] without rebuilding the old one).
     pub fn put(&mut self, r: Resource) -> bool {
+        self.put_at(r.key(), r)
+    }
+
+    /// [`ClusterState::put`] under `key`, which is `r`'s: a new object
+    /// keeps this very key, whose name is then shared with the copies the
+    /// caller holds (the etcd watcher keeps one of every key).
+    pub fn put_at(&mut self, key: ResourceKey, r: Resource) -> bool {
+        debug_assert_eq!(key, r.key());
         match r {
             Resource::WorkloadEndpoint(w) => {
-                let (key, ep) = Endpoint::split(w);
+                let (_, ep) = Endpoint::split(w);
                 replace(&mut self.endpoints, key, ep, |_, old, new| old != *new)
             }
-            r => replace(&mut self.resources, r.key(), r, |_, old, new| old != *new),
+            r => replace(&mut self.resources, key, r, |_, old, new| old != *new),
         }
         .unwrap_or(true)
     }

@@ -122,8 +122,7 @@ impl Cache {
             Update::Upsert { key, resource, .. } => {
                 self.invalid.remove(&key.etcd_key());
                 self.invalid_since_sync.remove(&key.etcd_key());
-                debug_assert_eq!(key, resource.key());
-                self.state.put(resource)
+                self.state.put_at(key, resource)
             }
             Update::Delete { key, .. } => {
                 self.invalid.remove(&key.etcd_key());
