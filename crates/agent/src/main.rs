@@ -99,6 +99,24 @@ enum Command {
     },
 }
 
+/// Large allocations (128 KiB and up: the state's tables, a compile's
+/// vectors, the netlink batch) get their own mappings, returned to the
+/// kernel when freed. glibc otherwise raises this threshold each time such
+/// a block is freed, up to 32 MiB, and serves the next ones from the heap,
+/// where the first list's freed decode buffers and a cold compile's
+/// temporaries stay in the process: at 250,000 pods the agent's peak RSS
+/// is 18 MiB lower this way (`cargo xtask agent-memory`, README).
+fn fix_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; it runs at start,
+    // before the agent starts its threads.
+    unsafe {
+        if libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) != 1 {
+            tracing::warn!("mallopt(M_MMAP_THRESHOLD) failed; large blocks stay on the heap");
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if let Err(e) = config::apply(&args) {
@@ -107,6 +125,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
+    fix_mmap_threshold();
     let ok = match cli.command {
         Command::Check { paths } => check::run(&paths),
         Command::Explain(args) => explain::run(&args),

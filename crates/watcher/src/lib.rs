@@ -130,6 +130,9 @@ impl Cache {
                 self.state.remove(&key).is_some()
             }
             Update::InSync { .. } => {
+                if !self.ever_synced {
+                    self.state.compact();
+                }
                 let since = std::mem::take(&mut self.invalid_since_sync);
                 self.invalid.retain(|k, _| since.contains(k));
                 self.in_sync = true;
