@@ -67,19 +67,24 @@ pub struct EndpointFacts<'a> {
 impl Endpoint {
     /// The resource's key, and what the state keeps of it.
     pub fn split(w: WorkloadEndpoint) -> (ResourceKey, Endpoint) {
+        let key = ResourceKey {
+            kind: Kind::WorkloadEndpoint,
+            namespace: w.metadata.namespace.clone(),
+            name: IStr::not_interned(&w.metadata.name),
+        };
+        (key, Endpoint::kept_of(w))
+    }
+
+    /// What the state keeps of `w` (its key is the caller's: a state that
+    /// already holds the key builds no other).
+    pub fn kept_of(w: WorkloadEndpoint) -> Endpoint {
         let WorkloadEndpoint { metadata, spec, .. } = w;
         let rejected = metadata.rejection().map(Box::from);
         let mut labels = metadata.labels;
         labels.shrink_to_fit();
-        let name = IStr::not_interned(&metadata.name);
         let mut interface_name = spec.interface_name;
         interface_name.shrink_to_fit();
-        let key = ResourceKey {
-            kind: Kind::WorkloadEndpoint,
-            namespace: metadata.namespace,
-            name,
-        };
-        let endpoint = Endpoint {
+        Endpoint {
             metadata: EndpointMeta { labels, rejected },
             spec: EndpointSpec {
                 node: spec.node,
@@ -90,8 +95,7 @@ impl Endpoint {
                 interface_name,
                 ports: PORT_LISTS.share(&spec.ports, || Arc::from(spec.ports.as_slice())),
             },
-        };
-        (key, endpoint)
+        }
     }
 
     pub fn facts(&self) -> EndpointFacts<'_> {
@@ -192,6 +196,37 @@ mod tests {
             key,
             crate::calico::Resource::WorkloadEndpoint(endpoint("a", 80)).key()
         );
+    }
+
+    #[test]
+    fn the_state_keeps_the_callers_key_and_compacting_changes_nothing() {
+        use crate::calico::Resource;
+        use crate::state::ClusterState;
+        let mut state = ClusterState::new();
+        let mut keys = Vec::new();
+        for i in 0..100 {
+            let r = Resource::WorkloadEndpoint(endpoint(&format!("pod-{i:03}"), 80));
+            let key = r.key();
+            keys.push(key.clone());
+            assert!(state.put_at(key, r));
+        }
+        // One copy of each name: the state's key is the caller's.
+        let (held, _) = state.workload_endpoints().next().unwrap();
+        assert!(std::ptr::eq(held.name.as_str(), keys[0].name.as_str()));
+        // Equal content is equal, whether interned or not; not the same copy.
+        let interned = IStr::new(keys[0].name.as_str());
+        assert_eq!(interned, keys[0].name);
+        assert!(!std::ptr::eq(interned.as_str(), keys[0].name.as_str()));
+
+        let before = state.clone();
+        state.compact();
+        assert_eq!(state, before);
+        for key in &keys {
+            assert_eq!(state.endpoint(key), before.endpoint(key));
+        }
+        // Putting the same value again changes nothing.
+        let again = Resource::WorkloadEndpoint(endpoint("pod-000", 80));
+        assert!(!state.put_at(again.key(), again));
     }
 
     #[test]

@@ -116,10 +116,12 @@ impl ClusterState {
     pub fn put_at(&mut self, key: ResourceKey, r: Resource) -> bool {
         debug_assert_eq!(key, r.key());
         match r {
-            Resource::WorkloadEndpoint(w) => {
-                let (_, ep) = Endpoint::split(w);
-                replace(&mut self.endpoints, key, ep, |_, old, new| old != *new)
-            }
+            Resource::WorkloadEndpoint(w) => replace(
+                &mut self.endpoints,
+                key,
+                Endpoint::kept_of(w),
+                |_, old, new| old != *new,
+            ),
             r => replace(&mut self.resources, key, r, |_, old, new| old != *new),
         }
         .unwrap_or(true)

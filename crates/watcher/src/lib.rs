@@ -113,6 +113,17 @@ impl Cache {
         Self::default()
     }
 
+    /// `key` has a valid value now, or none: no longer reported invalid.
+    fn forget_invalid(&mut self, key: &ResourceKey) {
+        // Nearly always empty: no etcd key is formatted for each update.
+        if self.invalid.is_empty() && self.invalid_since_sync.is_empty() {
+            return;
+        }
+        let etcd_key = key.etcd_key();
+        self.invalid.remove(&etcd_key);
+        self.invalid_since_sync.remove(&etcd_key);
+    }
+
     /// Applies one update; returns whether the cluster state changed.
     pub fn apply(&mut self, update: Update) -> bool {
         if let Some(r) = update.revision() {
@@ -120,13 +131,11 @@ impl Cache {
         }
         match update {
             Update::Upsert { key, resource, .. } => {
-                self.invalid.remove(&key.etcd_key());
-                self.invalid_since_sync.remove(&key.etcd_key());
+                self.forget_invalid(&key);
                 self.state.put_at(key, resource)
             }
             Update::Delete { key, .. } => {
-                self.invalid.remove(&key.etcd_key());
-                self.invalid_since_sync.remove(&key.etcd_key());
+                self.forget_invalid(&key);
                 self.state.remove(&key).is_some()
             }
             Update::InSync { .. } => {
