@@ -53,6 +53,7 @@ use std::net::IpAddr;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use model::calico::{Kind, PolicyType, Resource, ResourceKey};
 use model::convert::namespace_profile_name;
+use model::endpoint::Endpoint;
 use model::selector::{Labels, Selector};
 use model::state::{
     policy_order, rejection_of, resolve_policy, sort_key_order, ClusterState, Entry, LabelledNets,
@@ -63,7 +64,8 @@ use crate::fused::{self, MemberChanges, Upkeep};
 use crate::label_index::LabelIndex;
 use crate::logical::{
     compile_recording, named_port_members, policy_chain, profile_chain, Builder, CompileError,
-    CompileOptions, EndpointUse, IpSet, IpSetKind, LChain, LocalEndpoint, LogicalRuleset, Recorded,
+    CompileOptions, EndpointUse, IpSet, IpSetKind, LChain, LocalEndpoint, LogicalRuleset,
+    PolicyList, Recorded,
 };
 use crate::lower_nft::{dispatch_maps, ip_set_name, lower_chain, to_nftables_kept};
 use crate::nft::{
@@ -99,7 +101,7 @@ pub struct IncrementalCompiler {
     objects: LabelIndex,
     /// The resolved policies of the last full compile (what the positions
     /// in [`EndpointUse`] and `policy_refs` refer to).
-    policies: Vec<ResolvedPolicy>,
+    policies: PolicyList,
     /// Local endpoints: the policies and profiles their chains use.
     uses: HashMap<ResourceKey, EndpointUse>,
     /// Two local endpoints share an interface name (the full compile keeps
@@ -687,10 +689,6 @@ impl IncrementalCompiler {
             })
             .map(|(key, _)| key.clone())
             .collect();
-        let swap = self.policy_swap(state, changes, &tier_policies);
-        if let Some(swap) = &swap {
-            local.extend(swap.endpoints.iter().cloned());
-        }
         // A profile changed: the local endpoints using it are redone (its
         // labels may change which policies select them, its rejection their
         // chains) and its chains are built again.
@@ -712,6 +710,17 @@ impl IncrementalCompiler {
                 }
             }
         }
+        // Endpoints redone only because policies changed: what they use
+        // can be carried over (`PolicySwap::carried_use`).
+        let mut only_policies = BTreeSet::new();
+        let swap = self.policy_swap(state, changes, &tier_policies);
+        if let Some(swap) = &swap {
+            for key in &swap.endpoints {
+                if local.insert(key.clone()) {
+                    only_policies.insert(key.clone());
+                }
+            }
+        }
         if local.is_empty() && swap.is_none() && relower.is_empty() {
             let mut delta = self.apply_changes(net_changes, named_changes);
             delta.sets.extend(self.reconcile_fused(candidates));
@@ -721,7 +730,7 @@ impl IncrementalCompiler {
         let mut patch = self.patch_local(
             state,
             &local,
-            swap,
+            (swap, &only_policies),
             &profiles,
             (net_changes, named_changes),
             relower,
@@ -818,8 +827,18 @@ impl IncrementalCompiler {
                 _ => PolicyId::namespaced(k.namespace.as_deref().unwrap_or("default"), &k.name),
             })
             .collect();
+        // A few changed ids (the common case) are compared with each
+        // policy's, which costs less than hashing 10,000 ids.
+        let few: Vec<&PolicyId> = changed_ids.iter().collect();
+        let is_changed = |id: &PolicyId| {
+            if few.len() <= 8 {
+                few.contains(&id)
+            } else {
+                changed_ids.contains(id)
+            }
+        };
         let mut gone: HashSet<usize> = (0..self.policies.len())
-            .filter(|&i| changed_ids.contains(&self.policies[i].id))
+            .filter(|&i| is_changed(&self.policies[i].id))
             .collect();
         // A policy that resolves as before apart from its tier (its tier's
         // order or default action changed, or it moved to another tier)
@@ -841,8 +860,19 @@ impl IncrementalCompiler {
                 gone.remove(i);
             }
         }
+        // Old positions whose policy leaves its place: changed (gone) or
+        // retiered.
+        let mut leaves = vec![false; self.policies.len()];
+        for &i in gone.iter().chain(retiered.iter().map(|(i, _, _)| i)) {
+            leaves[i] = true;
+        }
+        // The kept policies, still in order.
+        let kept: Vec<usize> = (0..self.policies.len()).filter(|&i| !leaves[i]).collect();
         // What goes into the kept list, in order: the fresh policies and
-        // the retiered ones (as their new tier places them).
+        // the retiered ones (as their new tier places them), each with its
+        // place among the kept ones (after every kept one that sorts
+        // before or equal), found by binary search: a sort key formats the
+        // id, so only O(log n) of them are made, not one per kept policy.
         let mut incoming: Vec<(Incoming, (usize, f64, String))> = fresh
             .iter()
             .enumerate()
@@ -854,10 +884,18 @@ impl IncrementalCompiler {
             }))
             .collect();
         incoming.sort_by(|(_, a), (_, b)| sort_key_order(a, b));
-        let retiered_at: HashSet<usize> = retiered.iter().map(|(i, _, _)| *i).collect();
-        // Where the kept policies (in order already) and the incoming ones
-        // go in the merged list; the list itself is built when the swap is
-        // applied, moving the policies rather than copying them.
+        let incoming: Vec<(Incoming, usize)> = incoming
+            .into_iter()
+            .map(|(what, key)| {
+                let at = kept.partition_point(|&i| {
+                    sort_key_order(&self.policies[i].sort_key(), &key).is_le()
+                });
+                (what, at)
+            })
+            .collect();
+        // Where the kept policies and the incoming ones go in the merged
+        // list; the list itself is built when the swap is applied, moving
+        // the policies rather than copying them.
         let mut moved = vec![None; self.policies.len()];
         let mut placed = vec![0; fresh.len()];
         let mut next = 0;
@@ -866,20 +904,10 @@ impl IncrementalCompiler {
             Incoming::Fresh(f) => placed[f] = at,
             Incoming::Retiered(i) => moved[i] = Some(at),
         };
-        for (i, p) in self.policies.iter().enumerate() {
-            if gone.contains(&i) || retiered_at.contains(&i) {
-                continue;
-            }
-            // The key (which formats the id) only while something is left
-            // to place: most kept policies come after the last incoming.
-            if incoming.peek().is_some() {
-                let key = p.sort_key();
-                while let Some((what, _)) =
-                    incoming.next_if(|(_, k)| sort_key_order(k, &key).is_lt())
-                {
-                    place(what, next, &mut moved);
-                    next += 1;
-                }
+        for (t, &i) in kept.iter().enumerate() {
+            while let Some((what, _)) = incoming.next_if(|(_, at)| *at <= t) {
+                place(what, next, &mut moved);
+                next += 1;
             }
             moved[i] = Some(next);
             next += 1;
@@ -889,6 +917,10 @@ impl IncrementalCompiler {
             next += 1;
         }
         let node = &self.options().node;
+        let selecting: Vec<&ResolvedPolicy> = fresh
+            .iter()
+            .chain(retiered.iter().map(|(i, _, _)| &*self.policies[*i]))
+            .collect();
         let endpoints = self
             .uses
             .values()
@@ -896,7 +928,7 @@ impl IncrementalCompiler {
                 let uses_gone = [&u.egress, &u.ingress]
                     .into_iter()
                     .flatten()
-                    .any(|i| gone.contains(i) || retiered_at.contains(i));
+                    .any(|&i| leaves[i]);
                 // A direction a policy rejects lists no policies: the
                 // rejecting one is named in the rejection.
                 let rejected_by_changed = [&u.egress_rejected, &u.ingress_rejected]
@@ -907,22 +939,21 @@ impl IncrementalCompiler {
                     });
                 uses_gone
                     || rejected_by_changed
-                    || match state.endpoint(&u.key) {
-                        Some(w) if &w.spec.node == node => {
-                            // Retiered ones too: a direction some rejected
-                            // policy drops lists no policies, and the one
-                            // named first may have moved.
-                            let labels = state.endpoint_labels(w);
-                            fresh
-                                .iter()
-                                .chain(retiered.iter().map(|(i, _, _)| &self.policies[*i]))
-                                .any(|p| p.selector.matches(&labels))
-                        }
-                        _ => false,
-                    }
+                    || (!selecting.is_empty()
+                        && match state.endpoint(&u.key) {
+                            Some(w) if &w.spec.node == node => {
+                                // Retiered ones too: a direction some
+                                // rejected policy drops lists no policies,
+                                // and the one named first may have moved.
+                                let labels = state.endpoint_labels(w);
+                                selecting.iter().any(|p| p.selector.matches(&labels))
+                            }
+                            _ => false,
+                        })
             })
             .map(|u| u.key.clone())
             .collect();
+        let fresh = fresh.into_iter().map(Box::new).collect();
         Some(PolicySwap {
             fresh,
             placed,
@@ -1140,7 +1171,7 @@ impl IncrementalCompiler {
         &mut self,
         state: &ClusterState,
         local: &[&ResourceKey],
-        swap: Option<PolicySwap>,
+        (swap, only_policies): (Option<PolicySwap>, &BTreeSet<ResourceKey>),
         changed_profiles: &BTreeSet<String>,
         (mut net_changes, mut named_changes): (MemberChanges, HashMap<String, NamedChanges>),
         relower: BTreeSet<String>,
@@ -1154,6 +1185,8 @@ impl IncrementalCompiler {
         let mut profiles_before: BTreeMap<String, u32> = BTreeMap::new();
         let mut maybe_unused_sets: Vec<String> = Vec::new();
 
+        // What the endpoints redone only for policy changes used before.
+        let mut carried: HashMap<&ResourceKey, EndpointUse> = HashMap::new();
         // Endpoints that leave (or change): their chains go.
         for key in local {
             let Some(u) = self.uses.remove(*key) else {
@@ -1176,12 +1209,25 @@ impl IncrementalCompiler {
                 -1,
                 |p, before| note_before(&mut policies_before, &mut profiles_before, p, before),
             );
+            if only_policies.contains(*key) {
+                carried.insert(*key, u);
+            }
         }
         // Policies changed: the endpoints that used a changed or deleted
         // one have left above, so those policies' chains stop here; the
         // positions of the others move to the new list.
         let policies_swapped = swap.is_some();
-        if let Some(swap) = swap {
+        // The changed policies' old versions: no longer active unless
+        // their new version is started below.
+        let mut gone_ids: Vec<PolicyId> = Vec::new();
+        if let Some(swap) = &swap {
+            gone_ids = (0..swap.moved.len())
+                .filter(|&i| swap.moved[i].is_none())
+                .map(|i| self.policies[i].id.clone())
+                .collect();
+        }
+        let mut swap = swap;
+        if let Some(swap) = &mut swap {
             let mut remapped = BTreeMap::new();
             for ((i, dir), before) in policies_before {
                 match swap.moved[i] {
@@ -1221,9 +1267,13 @@ impl IncrementalCompiler {
         let coming: Vec<EndpointUse> = local
             .iter()
             .filter_map(|key| match state.endpoint(key) {
-                Some(w) if w.spec.node == opts.node => {
-                    Some(EndpointUse::of(state, key, w, &self.policies))
-                }
+                Some(w) if w.spec.node == opts.node => Some(
+                    carried
+                        .remove(*key)
+                        .zip(swap.as_ref())
+                        .and_then(|(old, swap)| swap.carried_use(state, old, w, &self.policies))
+                        .unwrap_or_else(|| EndpointUse::of(state, key, w, &self.policies)),
+                ),
                 _ => None,
             })
             .collect();
@@ -1349,12 +1399,30 @@ impl IncrementalCompiler {
             self.uses.insert(u.key.clone(), u);
         }
         if policies_swapped || !started_policies.is_empty() || !stopped_policies.is_empty() {
-            let active: BTreeSet<_> = self
-                .policy_refs
-                .keys()
-                .map(|(i, _)| self.policies[*i].id.clone())
-                .collect();
-            logical.active_policies = active.into_iter().collect();
+            // The sorted list of active policies, patched: out go the
+            // changed policies' old versions and those no endpoint uses in
+            // either direction now; in come those that started.
+            let active = &mut logical.active_policies;
+            let in_use = |j: usize| {
+                [PolicyType::Egress, PolicyType::Ingress]
+                    .into_iter()
+                    .any(|dir| self.policy_refs.contains_key(&(j, dir)))
+            };
+            let stopped_ids = stopped_policies
+                .iter()
+                .filter(|(j, _)| !in_use(*j))
+                .map(|(j, _)| &self.policies[*j].id);
+            for id in gone_ids.iter().chain(stopped_ids) {
+                if let Ok(at) = active.binary_search(id) {
+                    active.remove(at);
+                }
+            }
+            for (j, _) in &started_policies {
+                let id = &self.policies[*j].id;
+                if let Err(at) = active.binary_search(id) {
+                    active.insert(at, id.clone());
+                }
+            }
         }
         // IP sets no chain uses any more.
         for id in maybe_unused_sets {
@@ -1606,7 +1674,7 @@ const UNINDEXED_SCANS: usize = 8;
 struct PolicySwap {
     /// The changed policies as they are now, in order, and their positions
     /// in the new list.
-    fresh: Vec<ResolvedPolicy>,
+    fresh: PolicyList,
     placed: Vec<usize>,
     moved: Vec<Option<usize>>,
     /// Kept policies (old position) with their new tier and tier rank.
@@ -1635,13 +1703,14 @@ fn same_but_tier(a: &ResolvedPolicy, b: &ResolvedPolicy) -> bool {
 }
 
 impl PolicySwap {
-    /// The new policy list, made of `old` (moved, not copied) and the fresh.
-    fn apply(self, mut old: Vec<ResolvedPolicy>) -> Vec<ResolvedPolicy> {
-        for (i, tier, rank) in self.retiered {
+    /// The new policy list, made of `old` (moved, not copied) and the
+    /// fresh; `moved` and `placed` stay to map positions.
+    fn apply(&mut self, mut old: PolicyList) -> PolicyList {
+        for (i, tier, rank) in std::mem::take(&mut self.retiered) {
             old[i].tier = tier;
             old[i].tier_rank = rank;
         }
-        let mut slots: Vec<Option<ResolvedPolicy>> = Vec::new();
+        let mut slots: Vec<Option<Box<ResolvedPolicy>>> = Vec::new();
         slots.resize_with(
             self.placed.len() + self.moved.iter().flatten().count(),
             || None,
@@ -1651,13 +1720,67 @@ impl PolicySwap {
                 slots[*j] = Some(p);
             }
         }
-        for (p, j) in self.fresh.into_iter().zip(self.placed) {
-            slots[j] = Some(p);
+        for (p, j) in std::mem::take(&mut self.fresh)
+            .into_iter()
+            .zip(&self.placed)
+        {
+            slots[*j] = Some(p);
         }
         slots
             .into_iter()
             .map(|p| p.expect("every position is filled once"))
             .collect()
+    }
+
+    /// What local endpoint `key` uses after the swap, from what it used
+    /// before (`old`, positions in the old list), when only policies
+    /// changed for it (not its labels, profiles or node): the kept
+    /// policies it used, at their new positions, and the fresh ones that
+    /// select it — instead of matching every policy's selector again.
+    /// `None` when `old` had a direction rejected (its lists are empty
+    /// then, so they cannot be carried over).
+    fn carried_use(
+        &self,
+        state: &ClusterState,
+        old: EndpointUse,
+        ep: &Endpoint,
+        policies: &[Box<ResolvedPolicy>],
+    ) -> Option<EndpointUse> {
+        if old.egress_rejected.is_some() || old.ingress_rejected.is_some() {
+            return None;
+        }
+        let labels = state.endpoint_labels(ep);
+        let mut u = old;
+        for dir in [PolicyType::Egress, PolicyType::Ingress] {
+            let list = match dir {
+                PolicyType::Egress => &mut u.egress,
+                PolicyType::Ingress => &mut u.ingress,
+            };
+            let mut now: Vec<usize> = list.iter().filter_map(|&i| self.moved[i]).collect();
+            now.extend(self.placed.iter().copied().filter(|&j| {
+                let p = &policies[j];
+                p.applies(dir) && p.selector.matches(&labels)
+            }));
+            now.sort_unstable();
+            *list = now;
+        }
+        // As `EndpointUse::of` decides it, on the new lists.
+        let key = u.key.clone();
+        let rejected = |selected: &[usize]| {
+            state.rejection_for(&key, ep, selected.iter().map(|&i| &*policies[i]))
+        };
+        u.egress_rejected = rejected(&u.egress);
+        u.ingress_rejected = rejected(&u.ingress);
+        if u.egress_rejected.is_some() {
+            u.egress.clear();
+        }
+        if u.ingress_rejected.is_some() {
+            u.ingress.clear();
+        }
+        if u.egress_rejected.is_some() && u.ingress_rejected.is_some() {
+            u.profiles.clear();
+        }
+        Some(u)
     }
 }
 
@@ -1665,7 +1788,7 @@ impl PolicySwap {
 /// those of policies and profiles that start applying on this node.
 struct NewChains<'s> {
     state: &'s ClusterState,
-    policies: &'s [ResolvedPolicy],
+    policies: &'s [Box<ResolvedPolicy>],
     endpoints: &'s [EndpointUse],
     policy_chains: &'s [(usize, PolicyType)],
     profiles: &'s [String],

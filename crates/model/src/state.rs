@@ -471,8 +471,12 @@ impl ClusterState {
                 None => {}
             }
         }
-        ok.sort_by(policy_order);
-        (ok, errors)
+        // Each policy's sort key once (it formats the id), not twice per
+        // comparison: 10,000 policies took ~280,000 formats.
+        let mut keyed: Vec<((usize, f64, String), ResolvedPolicy)> =
+            ok.into_iter().map(|p| (p.sort_key(), p)).collect();
+        keyed.sort_by(|(a, _), (b, _)| sort_key_order(a, b));
+        (keyed.into_iter().map(|(_, p)| p).collect(), errors)
     }
 }
 
