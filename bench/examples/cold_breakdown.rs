@@ -2,7 +2,8 @@
 //! budget): `cargo run --release -p bench --example cold_breakdown --
 //! POLICIES PODS [CHUNK] [--ways one,kind,largest,chunked,intervals]`.
 //!
-//! Compiles the benchmark's synthetic cluster for the node under test
+//! Compiles the benchmark's synthetic cluster (as `cargo xtask bench`
+//! builds it at this scale) for the node under test
 //! (printing the compile's time) and programs it several ways (all, or the
 //! ones `--ways` names), each into a fresh network namespace, printing the
 //! kernel's time (sendmsg to the last reply, from the programmer's own
@@ -45,7 +46,11 @@ fn main() -> anyhow::Result<()> {
     let run = |w: &str| ways.as_ref().is_none_or(|l| l.iter().any(|x| x == w));
     let (policies, pods) = (args[0], args[1]);
     let chunk = args.get(2).copied().unwrap_or(1000);
-    let state = bench::generate(&bench::Scale::new(policies, pods));
+    // The benchmark's cluster at this scale (`run::scale_for`: from 5,000
+    // policies, 100 local endpoints), with PODS pods.
+    let mut scale = bench::run::scale_for(policies);
+    scale.pods = pods;
+    let state = bench::generate(&scale);
     let opts = compiler::CompileOptions::new(bench::NODE_UNDER_TEST);
     let t = std::time::Instant::now();
     let full = compiler::lower_nft::to_nftables(&compiler::compile(&state, &opts)?);
