@@ -2,13 +2,14 @@
 //! become one set lookup per endpoint chain instead of a jump per policy.
 //!
 //! In an endpoint chain (`cali-tw-<iface>`, `cali-fw-<iface>`) each policy
-//! of a tier is `pass clear → jump cali-pi-<id>` then `accept set →
-//! return`. A policy whose rules are all Allow rules (as every converted
+//! of a tier is `pass and accept clear → jump cali-pi-<id>`, and the
+//! tier's policies are followed by one `accept set → return`. A policy whose rules are all Allow rules (as every converted
 //! Kubernetes `NetworkPolicy`'s are) of the shapes below decides nothing but
 //! "allowed": for a run of such policies in a row, the walk accepts exactly
 //! when one of their rules matches, whatever their order. The run becomes
-//! a few rules, each `pass clear` + lookup → set the accept bit and return
-//! (what the policy's Allow and the "return if accepted" rule did):
+//! a few rules, each `pass and accept clear` + lookup → set the accept bit
+//! and return (what the policy's Allow and the tier's "return if accepted"
+//! rule did):
 //!
 //! - `ip saddr . meta l4proto . th dport @cali40f-…` (egress: `ip daddr .
 //!   …`) holding (peer, protocol, port) of the rules with TCP, UDP or SCTP
@@ -17,7 +18,7 @@
 //!   rules without protocol and ports;
 //! - per protocol, `meta l4proto tcp th dport @cali40p-…` for the rules
 //!   with ports and any peer (Kubernetes `ports` without `from`);
-//! - nothing but `pass clear` when a rule allows everything (any peer, no
+//! - nothing but `pass and accept clear` when a rule allows everything (any peer, no
 //!   protocol, no ports): then it is the run's only rule.
 //!
 //! A rule fuses when its peers are host addresses (a selector's set whose
@@ -229,15 +230,23 @@ pub(crate) fn fuse_chain(
     let mut fused_any = false;
     let mut i = 0;
     let flush = |run: &mut Fusion, rules: &mut Vec<LRule>, lookups: &mut Vec<Lookup>| {
-        flush(run, family, ingress, marks.pass, rules, lookups);
+        flush(
+            run,
+            family,
+            ingress,
+            marks.pass | marks.accept,
+            rules,
+            lookups,
+        );
     };
     while i < chain.rules.len() {
         let r = &chain.rules[i];
-        let jump = match (&r.action, chain.rules.get(i + 1)) {
-            (LAction::Jump(target), Some(next))
-                if r.conditions == [Cond::MarkClear(marks.pass)]
-                    && next.conditions == [Cond::MarkSet(marks.accept)]
-                    && next.action == LAction::Return =>
+        // A policy's jump (taken while neither the pass nor the accept
+        // bit is set; the tier's one "return if accepted" follows its
+        // policies).
+        let jump = match &r.action {
+            LAction::Jump(target)
+                if r.conditions == [Cond::MarkClear(marks.pass | marks.accept)] =>
             {
                 l.chains.get(target)
             }
@@ -246,7 +255,7 @@ pub(crate) fn fuse_chain(
         if let Some(policy) = jump.and_then(|p| allows(l, p, v6, ingress, &mut deps)) {
             run.extend(policy);
             fused_any = true;
-            i += 2;
+            i += 1;
             continue;
         }
         flush(&mut run, &mut rules, &mut lookups);
@@ -320,17 +329,18 @@ fn fused_set(
     }
 }
 
-/// A fused rule in place of a run: `pass clear` → `action`, its comment
+/// A fused rule in place of a run: `unset` (the pass and accept bits)
+/// clear → `action`, its comment
 /// `Fused lookup @<key>: <what> of <policy ids>` (the key finds its
 /// matches after lowering).
-fn placeholder(policies: &[String], key: &str, what: &str, pass: u32, action: LAction) -> LRule {
+fn placeholder(policies: &[String], key: &str, what: &str, unset: u32, action: LAction) -> LRule {
     let mut comment = format!("{MARKER}{key}: {what} of");
     for p in policies {
         let _ = write!(comment, " {p}");
     }
     comment.truncate(floor_char_boundary(&comment, MAX_COMMENT));
     LRule {
-        conditions: vec![Cond::MarkClear(pass)],
+        conditions: vec![Cond::MarkClear(unset)],
         policy_match: None,
         action,
         comment,
@@ -343,7 +353,7 @@ fn flush(
     run: &mut Fusion,
     family: TableFamily,
     ingress: bool,
-    pass: u32,
+    unset: u32,
     rules: &mut Vec<LRule>,
     lookups: &mut Vec<Lookup>,
 ) {
@@ -359,7 +369,7 @@ fn flush(
                 &run.policies,
                 &key,
                 what,
-                pass,
+                unset,
                 LAction::AllowReturn,
             ));
             lookups.push(Lookup { key, matches, set });
@@ -443,7 +453,7 @@ fn flush(
             &run.policies,
             "none",
             "allows nothing,",
-            pass,
+            unset,
             LAction::Count,
         ));
         lookups.push(Lookup {

@@ -774,10 +774,19 @@ impl<'a> Builder<'a> {
         }
         // felix's tiers (rules/endpoints.go): per tier with a policy for
         // this endpoint and direction, clear the pass bit, jump to each
-        // policy while it stays clear, return once one accepted; at the end,
-        // unless the tier's defaultAction is Pass, drop what no policy
-        // passed. A Pass (or a defaultAction Pass) goes on to the next tier
-        // — whose first rule clears the pass bit again — or the profiles.
+        // policy while neither the pass nor the accept bit is set, return
+        // if one accepted; at the end, unless the tier's defaultAction is
+        // Pass, drop what no policy passed. A Pass (or a defaultAction
+        // Pass) goes on to the next tier — whose first rule clears the pass
+        // bit again — or the profiles.
+        //
+        // felix returns after each policy ("Return if policy accepted");
+        // here each jump is skipped once a policy accepted and one return
+        // ends the tier: the same verdicts with one rule per policy instead
+        // of two. The kernel checks every rule of a table on each commit
+        // that adds one (nf_tables' loop validation), so a policy change
+        // costs time in proportion to the rules: at 10,000 policies this
+        // removes a fifth of them.
         let tiers: Vec<&[usize]> = selected
             .chunk_by(|&a, &b| policies[a].tier_rank == policies[b].tier_rank)
             .collect();
@@ -792,16 +801,16 @@ impl<'a> Builder<'a> {
             for &i in tier {
                 let p = &policies[i];
                 rules.push(rule(
-                    vec![Cond::MarkClear(m.pass)],
+                    vec![Cond::MarkClear(m.pass | m.accept)],
                     LAction::Jump(policy_chain(&p.id, dir)),
                     &format!("Policy {}", p.id),
                 ));
-                rules.push(rule(
-                    vec![Cond::MarkSet(m.accept)],
-                    LAction::Return,
-                    "Return if policy accepted",
-                ));
             }
+            rules.push(rule(
+                vec![Cond::MarkSet(m.accept)],
+                LAction::Return,
+                &format!("Return if a policy of tier {name} accepted"),
+            ));
             if info.default_action == TierAction::Pass {
                 continue;
             }

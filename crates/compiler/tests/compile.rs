@@ -73,7 +73,9 @@ fn mark_mask_v2_uses_pass_bit_0x2000000() {
     let rs = compile(&web_deny_all(), &opts);
     let text = compiler::render_nft::render(&rs);
     assert!(
-        text.contains("meta mark & 0x02000000 == 0x00000000 jump cali-pi-default.web-deny-all"),
+        // Jumped to while neither the pass (0x02000000) nor the accept
+        // (0x01000000) bit is set.
+        text.contains("meta mark & 0x03000000 == 0x00000000 jump cali-pi-default.web-deny-all"),
         "{text}"
     );
     assert!(text.contains(
@@ -86,7 +88,7 @@ fn mark_mask_v2_uses_pass_bit_0x2000000() {
     // The default mask: accept 0x10000, pass 0x20000.
     let text =
         compiler::render_nft::render(&compile(&web_deny_all(), &CompileOptions::new("node1")));
-    assert!(text.contains("meta mark & 0x00020000 == 0x00000000 jump cali-pi-default.web-deny-all"));
+    assert!(text.contains("meta mark & 0x00030000 == 0x00000000 jump cali-pi-default.web-deny-all"));
 }
 
 #[test]

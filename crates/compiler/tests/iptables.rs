@@ -241,7 +241,7 @@ fn allow_is_mark_then_return_and_the_v2_mask_uses_pass_bit_0x2000000() {
     let tw = &rs.v4.chains[&format!("cali-tw-{}", interface_name("default", "web"))];
     assert!(tw
         .iter()
-        .any(|r| r.ends_with("-m mark --mark 0/0x2000000 --jump cali-pi-default.web-deny-all")));
+        .any(|r| r.ends_with("-m mark --mark 0/0x3000000 --jump cali-pi-default.web-deny-all")));
     assert!(tw
         .iter()
         .any(|r| r.ends_with("-m mark --mark 0/0x2000000 --jump DROP")));

@@ -26,7 +26,9 @@
 //! per tier "Start of tier" clears the pass bit, each policy chain is
 //! jumped to while the pass bit is clear, "Return if policy accepted";
 //! then, unless the tier's defaultAction is Pass, "Drop if no policies
-//! passed packet" while the pass bit is still clear.
+//! passed packet" while the pass bit is still clear. (nftpolicy's chains
+//! skip each later jump once the accept bit is set and return once per
+//! tier: the same verdicts with one rule per policy.)
 //!
 //! Selectors are evaluated the way the kernel sees them: as IP sets. A
 //! source "matches" `role == 'db'` when its address is in the set of
