@@ -818,3 +818,102 @@ fn fusing_follows_the_element_limit() {
         );
     }
 }
+
+/// A policy change patches only what it touches: the chains of the local
+/// endpoints it selects (before or after) and its own, never another
+/// endpoint's — also when a new order moves it past the policies those
+/// endpoints use, whose lists are then carried over rather than matched
+/// again — and each step equals a full compile.
+#[test]
+fn a_policy_change_patches_only_the_endpoints_it_touches() {
+    let mut scale = Scale::new(40, 300);
+    scale.namespaces = 2;
+    scale.apps = 3;
+    scale.local_endpoints = 12;
+    scale.seed = 11;
+    let mut state = generate(&scale);
+    let opts = CompileOptions::new(NODE_UNDER_TEST);
+    let mut inc = IncrementalCompiler::new(opts.clone());
+    assert_eq!(
+        inc.update(&state, &BTreeMap::new()).unwrap(),
+        Outcome::Rebuilt
+    );
+    // The local endpoints by (namespace, app): the new policy selects one
+    // group, the others must not be redone.
+    let locals: Vec<(String, String, String)> = state
+        .workload_endpoints()
+        .filter(|(_, w)| w.spec.node == NODE_UNDER_TEST)
+        .map(|(key, w)| {
+            let w = w.to_workload_endpoint(key);
+            (
+                w.metadata
+                    .namespace
+                    .as_deref()
+                    .unwrap_or_default()
+                    .to_owned(),
+                w.metadata.labels.get("app").unwrap_or_default().to_owned(),
+                w.spec.interface_name.to_string(),
+            )
+        })
+        .collect();
+    let (ns, app, _) = locals[0].clone();
+    let selected: Vec<&str> = locals
+        .iter()
+        .filter(|(n, a, _)| *n == ns && *a == app)
+        .map(|(_, _, iface)| iface.as_str())
+        .collect();
+    assert!(
+        selected.len() < locals.len(),
+        "some local endpoints are not selected"
+    );
+    let mut rng = StdRng::seed_from_u64(1);
+    let mut p = bench::policy(&scale, 0, &mut rng);
+    p.metadata.name = "knp.default.touching".into();
+    p.metadata.namespace = Some(ns.as_str().into());
+    p.spec.selector = format!("projectcalico.org/orchestrator == 'k8s' && app == '{app}'");
+    let key = Resource::NetworkPolicy(p.clone()).key();
+    // Created first in order, moved last, then deleted.
+    for (step, order) in [Some(1.0), Some(9000.0), None].into_iter().enumerate() {
+        let mut changes = BTreeMap::new();
+        let r = order.map(|o| {
+            let mut p = p.clone();
+            p.spec.order = Some(o);
+            Resource::NetworkPolicy(p)
+        });
+        change(&mut state, &mut changes, key.clone(), r);
+        let outcome = inc.update(&state, &changes).unwrap();
+        let (logical, ruleset) = compile_nftables(&state, &opts).unwrap();
+        assert!(
+            inc.logical() == Some(&logical),
+            "step {step}: {}",
+            differences(inc.logical().expect("compiled"), &logical)
+        );
+        assert!(
+            inc.ruleset() == &ruleset,
+            "step {step}: {}",
+            nft_differences(inc.ruleset(), &ruleset)
+        );
+        let Outcome::Patch(patch) = outcome else {
+            panic!("step {step}: a policy change is a patch, not {outcome:?}");
+        };
+        let endpoint_chains: Vec<&String> = patch
+            .tables
+            .iter()
+            .flat_map(|t| t.chains.keys())
+            .filter(|c| c.starts_with("cali-tw-") || c.starts_with("cali-fw-"))
+            .collect();
+        for c in &endpoint_chains {
+            let iface = &c["cali-tw-".len()..];
+            assert!(
+                selected.contains(&iface),
+                "step {step}: the patch redoes {c}, which the policy does not select"
+            );
+        }
+        for iface in &selected {
+            assert!(
+                endpoint_chains.contains(&&format!("cali-tw-{iface}")),
+                "step {step}: the patch leaves cali-tw-{iface} out"
+            );
+        }
+    }
+}
