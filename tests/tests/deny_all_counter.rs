@@ -130,14 +130,16 @@ fn deny_all_under_a_narrow_mark_mask_tests_the_pass_bit() {
         .iter()
         .find(|r| r.verdict == Some(Verdict::Jump(POLICY_CHAIN.to_owned())))
         .unwrap_or_else(|| panic!("{tw_name} does not jump to {POLICY_CHAIN}: {:#?}", tw.rules));
-    // Accept is the lowest bit of the mask (0x01000000), pass the next one.
+    // Accept is the lowest bit of the mask (0x01000000), pass the next one:
+    // the jump is taken while both are clear.
     assert!(
         jump.matches.contains(&Match::Mark {
-            mask: 0x0200_0000,
+            mask: 0x0300_0000,
             value: 0,
             negate: false
         }),
-        "the jump to {POLICY_CHAIN} must test that the pass bit 0x02000000 is clear: {jump:#?}"
+        "the jump to {POLICY_CHAIN} must test that the pass bit 0x02000000 (and the accept \
+         bit 0x01000000) is clear: {jump:#?}"
     );
 
     let counted = count_denied(&mut lab, &state, &scenario, &node_ns);

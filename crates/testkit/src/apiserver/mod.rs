@@ -289,18 +289,22 @@ impl FakeApiServer {
     }
 
     /// Stops listening and cuts every connection: until [`Self::resume`],
-    /// connecting is refused.
+    /// connecting is refused, and so is any read or watch of a connection
+    /// accepted before (its task may not have noticed the cut yet: it must
+    /// not learn of changes made after the stop).
     pub fn stop(&mut self) {
         if let Some((stop, done)) = self.accepting.take() {
             let _ = stop.send(());
             // Until the listener is closed: nothing may connect after this.
             let _ = done.recv();
         }
-        self.drop_connections();
+        self.shared.store().refuse();
+        self.shared.generation.send_modify(|g| *g += 1);
     }
 
     /// Listens again on the same address after [`Self::stop`].
     pub fn resume(&mut self) -> Result<(), TestkitError> {
+        self.shared.store().welcome();
         if self.accepting.is_none() {
             let listener = bind(self.shared.addr)?;
             self.accept(listener);
@@ -845,7 +849,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Reply {
             } else {
                 key
             };
-            shared.store().get(target.ti, &key).map(|o| {
+            let store = shared.store();
+            if let Some(f) = store.refused() {
+                return failure(&f);
+            }
+            store.get(target.ti, &key).map(|o| {
                 if table {
                     to_table(t, &[o], None)
                 } else {
@@ -856,8 +864,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Reply {
         "list" => {
             let limit = q.get("limit").and_then(|l| l.parse().ok());
             let cont = q.get("continue").filter(|c| !c.is_empty());
-            shared
-                .store()
+            let store = shared.store();
+            if let Some(f) = store.refused() {
+                return failure(&f);
+            }
+            store
                 .list(target.ti, &filter, limit, cont.map(String::as_str))
                 .map(|page| list_value(t, page, table))
         }
@@ -882,7 +893,13 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Reply {
                 .and_then(|s| s.parse::<u64>().ok())
                 .filter(|s| *s > 0)
                 .unwrap_or(1800);
-            let rx = shared.store().watch(target.ti, filter, from, bookmarks);
+            let rx = {
+                let mut store = shared.store();
+                if let Some(f) = store.refused() {
+                    return failure(&f);
+                }
+                store.watch(target.ti, filter, from, bookmarks)
+            };
             return Response::builder()
                 .header("content-type", "application/json")
                 .header("transfer-encoding", "chunked")

@@ -278,6 +278,9 @@ pub struct Store {
     compacted: u64,
     watchers: Vec<Watcher>,
     uids: u64,
+    /// Stopped ([`Store::refuse`]): reads and watches are refused, so
+    /// nothing changed after the stop reaches a client still connected.
+    refusing: bool,
 }
 
 impl Default for Store {
@@ -295,6 +298,7 @@ impl Store {
             history_limit: history_limit.max(1),
             compacted: 0,
             watchers: Vec::new(),
+            refusing: false,
             uids: 0,
         }
     }
@@ -796,6 +800,24 @@ impl Store {
     /// Ends every open watch (their connections are being dropped).
     pub fn close_watches(&mut self) {
         self.watchers.clear();
+    }
+
+    /// Ends every watch and refuses reads and watches from now on (the
+    /// server is stopping: a request already accepted must not see what
+    /// changes after it), until [`Store::welcome`].
+    pub fn refuse(&mut self) {
+        self.refusing = true;
+        self.watchers.clear();
+    }
+
+    pub fn welcome(&mut self) {
+        self.refusing = false;
+    }
+
+    /// The failure a read gets while refusing.
+    pub fn refused(&self) -> Option<Failure> {
+        self.refusing
+            .then(|| Failure::new(503, "ServiceUnavailable", "the API server is stopping"))
     }
 
     pub fn open_watches(&self) -> usize {
