@@ -22,7 +22,7 @@ pub struct BenchArgs {
     #[arg(long)]
     scales: Option<String>,
     /// Repetitions of each incremental operation (default 10 with
-    /// --quick, else 20).
+    /// --quick, else 100, so that a p99 is not simply the slowest one).
     #[arg(long)]
     reps: Option<usize>,
     /// Also the per-packet sweep (policies selecting the receiver to
