@@ -45,7 +45,8 @@ fn metrics() -> Vec<Metric> {
     )];
     for op in OPS {
         // The first round comes right after the cold transaction and is
-        // the slowest (2-3x; why is not established): on its own row.
+        // the slowest, as any round after an idle gap is (NFTBENCH_GAP_MS):
+        // on its own row.
         m.push((
             leak(format!("{op} first (ms)")),
             Box::new(move |s: &ScaleResult| op_samples(s, op).first().copied().unwrap_or(f64::NAN)),

@@ -152,7 +152,19 @@ pub fn scale_worker_with(
     let mut rng = StdRng::seed_from_u64(99);
     let mut ops: Vec<(String, Vec<f64>)> =
         OPS.iter().map(|o| (o.to_string(), Vec::new())).collect();
+    // `NFTBENCH_GAP_MS`: idle time before each round. Back to back (the
+    // default) every round finds caches warm from the last; an agent sees
+    // changes seconds apart, and with 500 ms gaps every operation here
+    // took 1.5-3x as long (README, Performance).
+    let gap = std::env::var("NFTBENCH_GAP_MS")
+        .ok()
+        .map(|ms| ms.parse().map(std::time::Duration::from_millis))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("NFTBENCH_GAP_MS: {e}"))?;
     for r in 0..reps {
+        if let Some(gap) = gap {
+            std::thread::sleep(gap);
+        }
         // A new remote pod carrying a popular app and tier=web: it joins
         // the selectors that match those labels.
         let mut w = workload(&scale, scale.pods + r, &mut rng);
