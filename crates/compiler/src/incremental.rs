@@ -1752,10 +1752,7 @@ impl PolicySwap {
         let labels = state.endpoint_labels(ep);
         let mut u = old;
         for dir in [PolicyType::Egress, PolicyType::Ingress] {
-            let list = match dir {
-                PolicyType::Egress => &mut u.egress,
-                PolicyType::Ingress => &mut u.ingress,
-            };
+            let list = u.selected_mut(dir);
             let mut now: Vec<usize> = list.iter().filter_map(|&i| self.moved[i]).collect();
             now.extend(self.placed.iter().copied().filter(|&j| {
                 let p = &policies[j];
@@ -1765,21 +1762,7 @@ impl PolicySwap {
             *list = now;
         }
         // As `EndpointUse::of` decides it, on the new lists.
-        let key = u.key.clone();
-        let rejected = |selected: &[usize]| {
-            state.rejection_for(&key, ep, selected.iter().map(|&i| &*policies[i]))
-        };
-        u.egress_rejected = rejected(&u.egress);
-        u.ingress_rejected = rejected(&u.ingress);
-        if u.egress_rejected.is_some() {
-            u.egress.clear();
-        }
-        if u.ingress_rejected.is_some() {
-            u.ingress.clear();
-        }
-        if u.egress_rejected.is_some() && u.ingress_rejected.is_some() {
-            u.profiles.clear();
-        }
+        u.settle_rejections(state, ep, policies);
         Some(u)
     }
 }

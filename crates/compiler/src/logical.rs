@@ -431,39 +431,49 @@ impl EndpointUse {
                 .map(|(i, _)| i)
                 .collect()
         };
-        let (mut egress, mut ingress) = (
-            selecting(PolicyType::Egress),
-            selecting(PolicyType::Ingress),
-        );
-        let rejected = |selected: &[usize]| {
-            state.rejection_for(key, ep, selected.iter().map(|&i| &*policies[i]))
-        };
-        let (egress_rejected, ingress_rejected) = (rejected(&egress), rejected(&ingress));
-        if egress_rejected.is_some() {
-            egress.clear();
-        }
-        if ingress_rejected.is_some() {
-            ingress.clear();
-        }
-        let profiles = if egress_rejected.is_some() && ingress_rejected.is_some() {
-            vec![]
-        } else {
-            ep.spec
+        let mut u = EndpointUse {
+            key: key.clone(),
+            interface: ep.spec.interface_name.clone(),
+            egress: selecting(PolicyType::Egress),
+            ingress: selecting(PolicyType::Ingress),
+            profiles: ep
+                .spec
                 .profiles
                 .iter()
                 .filter(|p| state.profile(p).is_some())
                 .map(ToString::to_string)
-                .collect()
+                .collect(),
+            egress_rejected: None,
+            ingress_rejected: None,
         };
-        EndpointUse {
-            key: key.clone(),
-            interface: ep.spec.interface_name.clone(),
-            egress,
-            ingress,
-            profiles,
-            egress_rejected,
-            ingress_rejected,
+        u.settle_rejections(state, ep, policies);
+        u
+    }
+
+    /// With the selecting policies listed: a direction a rejected object
+    /// covers (the endpoint, a profile, or a selecting policy) lists only
+    /// that rejection, and an endpoint rejected both ways uses no profile.
+    pub(crate) fn settle_rejections(
+        &mut self,
+        state: &ClusterState,
+        ep: &Endpoint,
+        policies: &[Box<ResolvedPolicy>],
+    ) {
+        let rejected = |selected: &[usize]| {
+            state.rejection_for(&self.key, ep, selected.iter().map(|&i| &*policies[i]))
+        };
+        let (egress, ingress) = (rejected(&self.egress), rejected(&self.ingress));
+        if egress.is_some() {
+            self.egress.clear();
         }
+        if ingress.is_some() {
+            self.ingress.clear();
+        }
+        if egress.is_some() && ingress.is_some() {
+            self.profiles.clear();
+        }
+        self.egress_rejected = egress;
+        self.ingress_rejected = ingress;
     }
 
     pub(crate) fn rejected(&self, dir: PolicyType) -> Option<&Rejection> {
@@ -477,6 +487,13 @@ impl EndpointUse {
         match dir {
             PolicyType::Egress => &self.egress,
             PolicyType::Ingress => &self.ingress,
+        }
+    }
+
+    pub(crate) fn selected_mut(&mut self, dir: PolicyType) -> &mut Vec<usize> {
+        match dir {
+            PolicyType::Egress => &mut self.egress,
+            PolicyType::Ingress => &mut self.ingress,
         }
     }
 }
