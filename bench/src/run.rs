@@ -52,6 +52,16 @@ pub fn scale_for(policies: usize) -> Scale {
     let pods = (policies * 25).clamp(1_000, 250_000);
     let mut s = Scale::new(policies, pods);
     s.local_endpoints = if policies >= 5_000 { 100 } else { 50 };
+    // `NFTBENCH_LOCAL_ENDPOINTS` overrides it: fewer local endpoints means
+    // fewer namespaces with policies active here, so a smaller table — what
+    // one table of several split by namespace would hold (README,
+    // Performance: what a policy change costs against the table's size).
+    if let Some(n) = std::env::var("NFTBENCH_LOCAL_ENDPOINTS").ok().map(|v| {
+        v.parse::<usize>()
+            .unwrap_or_else(|e| panic!("NFTBENCH_LOCAL_ENDPOINTS={v:?}: {e}"))
+    }) {
+        s.local_endpoints = n.clamp(1, pods);
+    }
     s
 }
 
@@ -143,6 +153,15 @@ pub fn scale_worker_with(
     let cold_ms = t.elapsed().as_secs_f64() * 1e3;
     let slab_kb_delta = slab_kb() - slab0;
     let size = dp.size();
+    // `NFTBENCH_WATCH_KERNEL=1`: listen to nf_tables notifications from
+    // here on, as the agent does after its first commit (`--watch-kernel`,
+    // on by default): while a socket listens, every commit makes the
+    // kernel build a notification per object it touches.
+    let _listener = match std::env::var("NFTBENCH_WATCH_KERNEL").as_deref() {
+        Ok("1") => Some(Listener::start()?),
+        Ok("0") | Err(_) => None,
+        Ok(other) => anyhow::bail!("NFTBENCH_WATCH_KERNEL={other:?}: 1 or 0"),
+    };
 
     let local_app = state
         .workload_endpoints()
@@ -249,4 +268,41 @@ pub fn percentile(samples: &[f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let idx = ((v.len() as f64 - 1.0) * q).round() as usize;
     v[idx.min(v.len() - 1)]
+}
+
+/// A thread draining nf_tables notifications in the current network
+/// namespace until dropped (what the agent's kernel watch reads).
+struct Listener {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Listener {
+    fn start() -> anyhow::Result<Listener> {
+        use std::sync::atomic::Ordering;
+        // Opened on this thread, which is in the benchmark's namespace.
+        let mut monitor = programmer::monitor::Monitor::open()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                // Our own commits count as foreign here (no port to
+                // ignore): the point is reading them, as the agent must.
+                let _ = monitor.wait_foreign(u32::MAX, std::time::Duration::from_millis(50));
+            }
+        });
+        Ok(Listener {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

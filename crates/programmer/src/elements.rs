@@ -18,9 +18,13 @@ use compiler::nft::{
     TABLE_NAME,
 };
 
+use tracing::debug;
+
 use crate::batch::Batch;
 use crate::consts::{NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM};
-use crate::{encode, ApplyReport, Error, NftProgrammer};
+use crate::plan::{RuleEdit, RuleHandles};
+use crate::readback::read_rules;
+use crate::{decode, encode, netlink, ApplyReport, Error, NftProgrammer};
 
 impl NftProgrammer {
     /// Applies set element changes to sets we committed earlier, in ONE
@@ -47,15 +51,17 @@ impl NftProgrammer {
         let t0 = Instant::now();
         let mut b = Batch::new();
         {
-            let committed = self.committed_tables()?;
+            self.committed_tables()?;
+            let committed = self.committed.as_ref().expect("checked above");
             for p in &patch.tables {
                 let table = committed
                     .get(&p.family)
                     .ok_or_else(|| Error::NotCommitted {
                         object: format!("table {} {TABLE_NAME}", p.family.keyword()),
                     })?;
+                let handles = rule_handles(&mut self.sock, table, p);
                 let (before, after) = patched_objects(table, p);
-                crate::plan::diff_table(&mut b, &before, &after)?;
+                crate::plan::diff_table(&mut b, &before, &after, &handles)?;
             }
             encode_element_delta(&mut b, committed, &patch.elements)?;
         }
@@ -75,6 +81,45 @@ impl NftProgrammer {
             }
         })
     }
+}
+
+/// The most chains of one table's patch edited in place: each costs a dump
+/// of its rules first (a round trip), so a patch rewriting many chains
+/// (a namespace relabelled) flushes and refills the others.
+const MAX_EDITED_CHAINS: usize = 16;
+
+/// For the chains of `p` whose rules change but keep some at the start or
+/// the end ([`RuleEdit`]), the kernel handles of their committed rules:
+/// read back, and used only when the kernel holds exactly the committed
+/// rules. Otherwise (someone else changed the chain, or the dump failed)
+/// the chain is left out and flushed and refilled, which is always right.
+fn rule_handles(sock: &mut netlink::Socket, committed: &Table, p: &TablePatch) -> RuleHandles {
+    let mut handles = RuleHandles::new();
+    let edited = p.chains.iter().filter_map(|(name, new)| {
+        let (old, new) = (committed.chains.get(name)?, new.as_ref()?);
+        let keeps = old.rules != new.rules && RuleEdit::of(&old.rules, &new.rules).keeps_any();
+        keeps.then_some(old)
+    });
+    for old in edited.take(MAX_EDITED_CHAINS) {
+        let kernel = match read_rules(sock, p.family, TABLE_NAME, Some(&old.name)) {
+            Ok(k) => k,
+            Err(e) => {
+                debug!(chain = %old.name, "reading the chain's rule handles failed ({e}); refilling it");
+                continue;
+            }
+        };
+        let same = kernel.len() == old.rules.len()
+            && kernel
+                .iter()
+                .zip(&old.rules)
+                .all(|(k, r)| decode::ir_rule(p.family, k) == *r);
+        if same {
+            handles.insert(old.name.clone(), kernel.iter().map(|k| k.handle).collect());
+        } else {
+            debug!(chain = %old.name, "the kernel's rules differ from the committed ones; refilling the chain");
+        }
+    }
+    handles
 }
 
 /// The delta's element messages, against the committed sets (each must

@@ -175,6 +175,16 @@ fn by_name(b: &mut Batch, t: u8, family: TableFamily, subject: Subject, names: [
 // ---------------------------------------------------------------------------
 // Rules
 
+/// Where a new rule goes in its chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// After the chain's last rule (`NLM_F_APPEND`).
+    End,
+    /// Right before the rule with this kernel handle (`NFTA_RULE_POSITION`
+    /// without `NLM_F_APPEND`).
+    Before(u64),
+}
+
 /// Appends one rule, #`index` of its chain (`NEWRULE`, `NLM_F_CREATE |
 /// NLM_F_APPEND`); with `nftrace`, followed by `meta nftrace set 1` (for
 /// `nftpolicy explain --kernel`; not an IR statement, as it never belongs in
@@ -188,6 +198,34 @@ pub fn new_rule(
     rule: &Rule,
     nftrace: bool,
 ) -> Result<(), Error> {
+    new_rule_at(b, family, table, chain, index, rule, Place::End, nftrace)
+}
+
+/// Deletes the rule with kernel handle `handle` from `chain` (`DELRULE`).
+pub fn del_rule(b: &mut Batch, family: TableFamily, table: &str, chain: &str, handle: u64) {
+    let subject = Subject::Chain {
+        family,
+        chain: chain.to_owned(),
+    };
+    b.begin(NFT_MSG_DELRULE, 0, family, subject);
+    b.w.put_str(NFTA_RULE_TABLE, table);
+    b.w.put_str(NFTA_RULE_CHAIN, chain);
+    b.w.put_u64_be(NFTA_RULE_HANDLE, handle);
+    b.end();
+}
+
+/// [`new_rule`] at `place` in its chain.
+#[allow(clippy::too_many_arguments)]
+pub fn new_rule_at(
+    b: &mut Batch,
+    family: TableFamily,
+    table: &str,
+    chain: &str,
+    index: usize,
+    rule: &Rule,
+    place: Place,
+    nftrace: bool,
+) -> Result<(), Error> {
     let subject = || Subject::Rule {
         family,
         chain: chain.to_owned(),
@@ -197,14 +235,16 @@ pub fn new_rule(
     let object = || subject().to_string();
     check_comment(object, &rule.comment)?;
     let start = b.w.len();
-    b.begin(
-        NFT_MSG_NEWRULE,
-        NLM_F_CREATE | NLM_F_APPEND,
-        family,
-        subject(),
-    );
+    let flags = match place {
+        Place::End => NLM_F_CREATE | NLM_F_APPEND,
+        Place::Before(_) => NLM_F_CREATE,
+    };
+    b.begin(NFT_MSG_NEWRULE, flags, family, subject());
     b.w.put_str(NFTA_RULE_TABLE, table);
     b.w.put_str(NFTA_RULE_CHAIN, chain);
+    if let Place::Before(handle) = place {
+        b.w.put_u64_be(NFTA_RULE_POSITION, handle);
+    }
     let (w, set_ids) = b.writer_and_set_ids();
     let exprs = w.nest_start(NFTA_RULE_EXPRESSIONS);
     let set_id = |set: &str| set_ids.get(&family)?.get(set).copied();

@@ -13,14 +13,19 @@
 //! 4. Element deltas of kept sets and maps: `DELSETELEM`, then `NEWSETELEM`
 //!    (a changed map element is deleted and re-added).
 //! 5. `DELRULE` (flush) of chains whose rules change, of removed chains, of
-//!    re-created chains, and of chains whose rules use a re-created set.
+//!    re-created chains, and of chains whose rules use a re-created set —
+//!    except a changed chain whose committed rules' kernel handles the
+//!    caller read ([`RuleHandles`]): only the rules between its kept
+//!    first and last rules are deleted, by handle.
 //! 6. `DELSET` of removed and re-created sets/maps (their rules are gone).
 //! 7. `DELCHAIN` of removed and re-created chains (no rule or map element
 //!    refers to them any more).
 //! 8. `NEWCHAIN`/`NEWSET` + elements for re-created objects (a base chain
 //!    whose hook or priority changed; a set whose type or comment changed —
 //!    the kernel cannot update those in place).
-//! 9. `NEWRULE` for new, rewritten and re-created chains.
+//! 9. `NEWRULE` for new, rewritten and re-created chains; in an edited
+//!    chain, only the new rules between the kept ones, placed before the
+//!    first kept rule after them (or at the end).
 //!
 //! A table that disappears from the desired ruleset is destroyed whole.
 
@@ -123,7 +128,7 @@ pub fn plan(last: &BTreeMap<TableFamily, Table>, desired: &Ruleset) -> Result<Tr
             (None, None) => {}
             (Some(_), None) => encode::destroy_table(&mut b, family, TABLE_NAME),
             (None, Some(n)) => create_table(&mut b, n)?,
-            (Some(o), Some(n)) => diff_table(&mut b, o, n)?,
+            (Some(o), Some(n)) => diff_table(&mut b, o, n, &RuleHandles::new())?,
         }
     }
     b.finish();
@@ -240,7 +245,49 @@ fn set_likes(t: &Table) -> BTreeMap<&str, SetLike<'_>> {
     m
 }
 
-pub(crate) fn diff_table(b: &mut Batch, o: &Table, n: &Table) -> Result<(), Error> {
+/// Per chain, the kernel handles of its committed rules, in order (read
+/// back and checked against the committed rules by the caller): a chain
+/// listed here whose rules change is edited rather than flushed and
+/// refilled, so its kept rules keep their counters and the kernel parses
+/// only the new ones.
+pub(crate) type RuleHandles = HashMap<String, Vec<u64>>;
+
+/// How a chain's rules change when only a run in the middle differs: the
+/// committed and desired lists share `prefix` rules at the start and
+/// `suffix` at the end (`prefix + suffix` ≤ both lengths).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RuleEdit {
+    pub prefix: usize,
+    pub suffix: usize,
+}
+
+impl RuleEdit {
+    pub fn of(old: &[compiler::nft::Rule], new: &[compiler::nft::Rule]) -> RuleEdit {
+        let prefix = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+        let room = old.len().min(new.len()) - prefix;
+        let suffix = old
+            .iter()
+            .rev()
+            .zip(new.iter().rev())
+            .take(room)
+            .take_while(|(a, b)| a == b)
+            .count();
+        RuleEdit { prefix, suffix }
+    }
+
+    /// Whether editing keeps any rule (else a flush and refill is as
+    /// cheap, in one message fewer).
+    pub fn keeps_any(&self) -> bool {
+        self.prefix + self.suffix > 0
+    }
+}
+
+pub(crate) fn diff_table(
+    b: &mut Batch,
+    o: &Table,
+    n: &Table,
+    handles: &RuleHandles,
+) -> Result<(), Error> {
     let f = n.family;
     let table = n.name.as_str();
 
@@ -335,9 +382,36 @@ pub(crate) fn diff_table(b: &mut Batch, o: &Table, n: &Table) -> Result<(), Erro
             _ => unreachable!("same_definition implies same kind"),
         }
     }
-    // 5. Flush.
+    // Chains edited in place: their handles are known, and none of their
+    // committed rules uses a re-created set (those must go).
+    let mut edits: HashMap<&str, (RuleEdit, &[u64])> = HashMap::new();
+    for name in &rewrite {
+        let (Some(oc), Some(nc), Some(h)) =
+            (o.chains.get(*name), n.chains.get(*name), handles.get(*name))
+        else {
+            continue;
+        };
+        if recreated_chain_names.contains(name)
+            || h.len() != oc.rules.len()
+            || referenced_sets(oc).any(|s| recreated_names.contains(s))
+        {
+            continue;
+        }
+        let edit = RuleEdit::of(&oc.rules, &nc.rules);
+        if edit.keeps_any() {
+            edits.insert(name, (edit, h.as_slice()));
+        }
+    }
+
+    // 5. Flush (or delete an edited chain's changed run by handle).
     for name in &rewrite {
         if recreated_chain_names.contains(name) {
+            continue;
+        }
+        if let Some((edit, h)) = edits.get(name) {
+            for &handle in &h[edit.prefix..h.len() - edit.suffix] {
+                encode::del_rule(b, f, table, name, handle);
+            }
             continue;
         }
         if o.chains.get(*name).is_some_and(|c| !c.rules.is_empty()) {
@@ -385,6 +459,19 @@ pub(crate) fn diff_table(b: &mut Batch, o: &Table, n: &Table) -> Result<(), Erro
     }
     // 9. Rules, in the desired table's chain order.
     for (name, c) in &n.chains {
+        if let Some((edit, h)) = edits.get(name.as_str()) {
+            // Before the first kept rule after the run; the deleted run
+            // sits there until the commit, and goes then.
+            let place = match edit.suffix {
+                0 => encode::Place::End,
+                k => encode::Place::Before(h[h.len() - k]),
+            };
+            let run = edit.prefix..c.rules.len() - edit.suffix;
+            for (i, r) in c.rules[run.clone()].iter().enumerate() {
+                encode::new_rule_at(b, f, table, name, run.start + i, r, place, false)?;
+            }
+            continue;
+        }
         let refill = !o.chains.contains_key(name)
             || rewrite.contains(name.as_str())
             || recreated_chain_names.contains(name.as_str());
