@@ -109,7 +109,7 @@ pub struct IncrementalCompiler {
     shared_interfaces: bool,
     /// (policy position, direction) → local endpoints it applies to; its
     /// chain exists while this is above zero.
-    policy_refs: HashMap<(usize, PolicyType), u32>,
+    policy_refs: PolicyRefs,
     /// Profile → local endpoints using it (its chains exist while > 0).
     profile_refs: HashMap<String, u32>,
     /// IP set id → chains whose rules use it (it exists while > 0).
@@ -515,7 +515,7 @@ impl IncrementalCompiler {
             self.add_set(id, m);
         }
 
-        self.policy_refs = HashMap::new();
+        self.policy_refs = PolicyRefs::default();
         self.profile_refs = HashMap::new();
         self.uses = HashMap::new();
         let mut interfaces = HashSet::new();
@@ -1246,22 +1246,13 @@ impl IncrementalCompiler {
                 }
             }
             policies_before = remapped;
-            self.policy_refs = std::mem::take(&mut self.policy_refs)
-                .into_iter()
-                .filter_map(|((i, dir), n)| match swap.moved[i] {
-                    Some(j) => Some(((j, dir), n)),
-                    None => {
-                        debug_assert_eq!(n, 0, "every user of a changed policy was redone");
-                        None
-                    }
-                })
-                .collect();
             for u in self.uses.values_mut() {
                 for i in u.egress.iter_mut().chain(u.ingress.iter_mut()) {
                     *i = swap.moved[*i].expect("endpoints not redone use unchanged policies");
                 }
             }
             self.policies = swap.apply(std::mem::take(&mut self.policies));
+            self.policy_refs.remap(&swap.moved, self.policies.len());
         }
         // Endpoints that come (or change): what they use.
         let coming: Vec<EndpointUse> = local
@@ -1286,8 +1277,7 @@ impl IncrementalCompiler {
                 |p, before| note_before(&mut policies_before, &mut profiles_before, p, before),
             );
         }
-        let policy_now =
-            |refs: &HashMap<(usize, PolicyType), u32>, p| refs.get(&p).copied().unwrap_or(0);
+        let policy_now = |refs: &PolicyRefs, p| refs.get(p);
         let started_policies: Vec<(usize, PolicyType)> = policies_before
             .iter()
             .filter(|(p, before)| **before == 0 && policy_now(&self.policy_refs, **p) > 0)
@@ -1312,7 +1302,6 @@ impl IncrementalCompiler {
             .filter(|(n, before)| **before > 0 && profile_now(n) == 0)
             .map(|(n, _)| n.clone())
             .collect();
-        self.policy_refs.retain(|_, n| *n > 0);
         self.profile_refs.retain(|_, n| *n > 0);
 
         // Chains no local endpoint needs any more.
@@ -1403,11 +1392,7 @@ impl IncrementalCompiler {
             // changed policies' old versions and those no endpoint uses in
             // either direction now; in come those that started.
             let active = &mut logical.active_policies;
-            let in_use = |j: usize| {
-                [PolicyType::Egress, PolicyType::Ingress]
-                    .into_iter()
-                    .any(|dir| self.policy_refs.contains_key(&(j, dir)))
-            };
+            let in_use = |j: usize| self.policy_refs.in_use(j);
             let stopped_ids = stopped_policies
                 .iter()
                 .filter(|(j, _)| !in_use(*j))
@@ -1815,7 +1800,7 @@ enum Used<'a> {
 /// Adds `delta` (±1) to the counts of the policies and profiles `u` uses,
 /// telling `note` each one's count before.
 fn refer_use(
-    policy_refs: &mut HashMap<(usize, PolicyType), u32>,
+    policy_refs: &mut PolicyRefs,
     profile_refs: &mut HashMap<String, u32>,
     u: &EndpointUse,
     delta: i32,
@@ -1823,7 +1808,7 @@ fn refer_use(
 ) {
     for dir in [PolicyType::Egress, PolicyType::Ingress] {
         for &i in u.selected(dir) {
-            let n = policy_refs.entry((i, dir)).or_default();
+            let n = policy_refs.count_mut((i, dir));
             note(Used::Policy((i, dir)), *n);
             *n = n.checked_add_signed(delta).expect("use counts stay >= 0");
         }
@@ -1833,6 +1818,54 @@ fn refer_use(
         let n = profile_refs.entry(name.clone()).or_default();
         note(Used::Profile(name), *n);
         *n = n.checked_add_signed(delta).expect("use counts stay >= 0");
+    }
+}
+
+/// (policy position, direction) → how many local endpoints use it: a
+/// vector by position, because a policy change moves positions
+/// ([`PolicySwap`]) and moving plain counts costs a copy where a map
+/// keyed by position cost a hash per active policy.
+#[derive(Debug, Clone, Default)]
+struct PolicyRefs(Vec<[u32; 2]>);
+
+impl PolicyRefs {
+    fn slot(dir: PolicyType) -> usize {
+        match dir {
+            PolicyType::Egress => 0,
+            PolicyType::Ingress => 1,
+        }
+    }
+
+    fn get(&self, (i, dir): (usize, PolicyType)) -> u32 {
+        self.0.get(i).map_or(0, |c| c[Self::slot(dir)])
+    }
+
+    fn count_mut(&mut self, (i, dir): (usize, PolicyType)) -> &mut u32 {
+        if i >= self.0.len() {
+            self.0.resize(i + 1, [0; 2]);
+        }
+        &mut self.0[i][Self::slot(dir)]
+    }
+
+    /// Used in either direction.
+    fn in_use(&self, i: usize) -> bool {
+        self.0.get(i).is_some_and(|c| c != &[0; 2])
+    }
+
+    /// The counts at the policies' new positions (`moved[i]`: where the
+    /// policy at `i` went, `None`: it went, and nothing may use it), for a
+    /// list of `len` policies.
+    fn remap(&mut self, moved: &[Option<usize>], len: usize) {
+        let mut next = vec![[0; 2]; len];
+        for (i, counts) in self.0.iter().enumerate() {
+            match moved.get(i).copied().flatten() {
+                Some(j) => next[j] = *counts,
+                None => {
+                    debug_assert_eq!(counts, &[0; 2], "every user of a changed policy was redone")
+                }
+            }
+        }
+        self.0 = next;
     }
 }
 
