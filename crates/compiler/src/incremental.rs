@@ -789,6 +789,34 @@ impl IncrementalCompiler {
             .collect()
     }
 
+    /// The positions in the policy list of the changed policies `changed`,
+    /// found by binary search: the list is sorted by sort key, and each
+    /// one's old version in `changes` gives its old key (one without an
+    /// old version was not in the list). `None` when one misses (its old
+    /// version did not resolve, so it is not in the list either, or the
+    /// ranks moved): then every policy's id is compared.
+    fn find_by_old_key(
+        &self,
+        changes: &BTreeMap<ResourceKey, Option<Resource>>,
+        changed: &HashSet<&ResourceKey>,
+        tiers: &[model::state::TierInfo],
+    ) -> Option<HashSet<usize>> {
+        let mut at = HashSet::new();
+        for key in changed {
+            let Some(old) = changes.get(*key)? else {
+                continue;
+            };
+            let sort_key = model::state::policy_sort_key(old, tiers)?;
+            let i = self
+                .policies
+                .partition_point(|p| sort_key_order(&p.sort_key(), &sort_key).is_lt());
+            let p = self.policies.get(i)?;
+            (sort_key_order(&p.sort_key(), &sort_key).is_eq()).then_some(())?;
+            at.insert(i);
+        }
+        Some(at)
+    }
+
     /// The policy list after the policy changes in `changes` (`None`: there
     /// are none), and the local endpoints whose chains they touch: those
     /// using a policy that changed or went, and those a new or changed
@@ -827,19 +855,27 @@ impl IncrementalCompiler {
                 _ => PolicyId::namespaced(k.namespace.as_deref().unwrap_or("default"), &k.name),
             })
             .collect();
-        // A few changed ids (the common case) are compared with each
-        // policy's, which costs less than hashing 10,000 ids.
-        let few: Vec<&PolicyId> = changed_ids.iter().collect();
-        let is_changed = |id: &PolicyId| {
-            if few.len() <= 8 {
-                few.contains(&id)
-            } else {
-                changed_ids.contains(id)
-            }
+        let every_id = || -> HashSet<usize> {
+            // A few changed ids are compared with each policy's, which
+            // costs less than hashing 10,000 ids.
+            let few: Vec<&PolicyId> = changed_ids.iter().collect();
+            (0..self.policies.len())
+                .filter(|&i| {
+                    let id = &self.policies[i].id;
+                    if few.len() <= 8 {
+                        few.contains(&id)
+                    } else {
+                        changed_ids.contains(id)
+                    }
+                })
+                .collect()
         };
-        let mut gone: HashSet<usize> = (0..self.policies.len())
-            .filter(|&i| is_changed(&self.policies[i].id))
-            .collect();
+        let mut gone = match tier_policies.is_empty() {
+            true => self.find_by_old_key(changes, &changed, &tiers),
+            false => None,
+        }
+        .unwrap_or_else(every_id);
+        debug_assert_eq!(gone, every_id(), "binary search found what a scan finds");
         // A policy that resolves as before apart from its tier (its tier's
         // order or default action changed, or it moved to another tier)
         // keeps its chain, which does not depend on the tier: it only

@@ -502,17 +502,7 @@ fn endpoint_labels_with<'a>(
 /// a policy. An incremental compile resolves only the policies that
 /// changed this way.
 pub fn resolve_policy(r: &Resource, tiers: &[TierInfo]) -> Option<Result<ResolvedPolicy, String>> {
-    let (spec, id) = match r {
-        Resource::NetworkPolicy(p) => (
-            &p.spec,
-            PolicyId::namespaced(
-                p.metadata.namespace.as_deref().unwrap_or("default"),
-                &p.metadata.name,
-            ),
-        ),
-        Resource::GlobalNetworkPolicy(p) => (&p.spec, PolicyId::Global(p.metadata.name.clone())),
-        _ => return None,
-    };
+    let (spec, id) = policy_parts(r)?;
     let name = spec.tier();
     let (rank, tier, missing) = match tiers.iter().position(|t| t.name == name) {
         Some(i) => (i, tiers[i].clone(), None),
@@ -532,6 +522,34 @@ pub fn resolve_policy(r: &Resource, tiers: &[TierInfo]) -> Option<Result<Resolve
         p.tier_rank = rank;
         p
     }))
+}
+
+/// A policy's spec and id; `None` for a resource that is not a policy.
+fn policy_parts(r: &Resource) -> Option<(&calico::PolicySpec, PolicyId)> {
+    match r {
+        Resource::NetworkPolicy(p) => Some((
+            &p.spec,
+            PolicyId::namespaced(
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+                &p.metadata.name,
+            ),
+        )),
+        Resource::GlobalNetworkPolicy(p) => {
+            Some((&p.spec, PolicyId::Global(p.metadata.name.clone())))
+        }
+        _ => None,
+    }
+}
+
+/// Where [`resolve_policy`] would place `r` ([`ResolvedPolicy::sort_key`]),
+/// without resolving its rules; `None` for a resource that is not a policy.
+pub fn policy_sort_key(r: &Resource, tiers: &[TierInfo]) -> Option<(usize, f64, String)> {
+    let (spec, id) = policy_parts(r)?;
+    let rank = tiers
+        .iter()
+        .position(|t| t.name == spec.tier())
+        .unwrap_or(tiers.len());
+    Some((rank, spec.order.unwrap_or(f64::INFINITY), id.to_string()))
 }
 
 /// Why `r` is in a full compile's rejected list, if it is: its own

@@ -185,22 +185,6 @@ pub enum Place {
     Before(u64),
 }
 
-/// Appends one rule, #`index` of its chain (`NEWRULE`, `NLM_F_CREATE |
-/// NLM_F_APPEND`); with `nftrace`, followed by `meta nftrace set 1` (for
-/// `nftpolicy explain --kernel`; not an IR statement, as it never belongs in
-/// a compiled ruleset).
-pub fn new_rule(
-    b: &mut Batch,
-    family: TableFamily,
-    table: &str,
-    chain: &str,
-    index: usize,
-    rule: &Rule,
-    nftrace: bool,
-) -> Result<(), Error> {
-    new_rule_at(b, family, table, chain, index, rule, Place::End, nftrace)
-}
-
 /// Deletes the rule with kernel handle `handle` from `chain` (`DELRULE`).
 pub fn del_rule(b: &mut Batch, family: TableFamily, table: &str, chain: &str, handle: u64) {
     let subject = Subject::Chain {
@@ -214,9 +198,12 @@ pub fn del_rule(b: &mut Batch, family: TableFamily, table: &str, chain: &str, ha
     b.end();
 }
 
-/// [`new_rule`] at `place` in its chain.
+/// Adds one rule, #`index` of its chain, at `place` (`NEWRULE`); with
+/// `nftrace`, followed by `meta nftrace set 1` (for `nftpolicy explain
+/// --kernel`; not an IR statement, as it never belongs in a compiled
+/// ruleset).
 #[allow(clippy::too_many_arguments)]
-pub fn new_rule_at(
+pub fn new_rule(
     b: &mut Batch,
     family: TableFamily,
     table: &str,

@@ -210,7 +210,7 @@ fn all_set_elems(f: TableFamily, s: &Set) -> Result<Vec<RawElem>, Error> {
 
 fn add_rules(b: &mut Batch, f: TableFamily, table: &str, c: &Chain) -> Result<(), Error> {
     for (i, r) in c.rules.iter().enumerate() {
-        encode::new_rule(b, f, table, &c.name, i, r, false)?;
+        encode::new_rule(b, f, table, &c.name, i, r, encode::Place::End, false)?;
     }
     Ok(())
 }
@@ -468,7 +468,7 @@ pub(crate) fn diff_table(
             };
             let run = edit.prefix..c.rules.len() - edit.suffix;
             for (i, r) in c.rules[run.clone()].iter().enumerate() {
-                encode::new_rule_at(b, f, table, name, run.start + i, r, place, false)?;
+                encode::new_rule(b, f, table, name, run.start + i, r, place, false)?;
             }
             continue;
         }

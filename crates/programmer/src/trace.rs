@@ -220,6 +220,7 @@ impl TraceSession {
             TRACE_CHAIN,
             0,
             &filter.rule(),
+            crate::encode::Place::End,
             true,
         )
         .map_err(TraceError::Encode)?;
