@@ -1714,13 +1714,27 @@ enum Incoming {
 
 /// Whether `a` and `b` resolved the same apart from their tier.
 fn same_but_tier(a: &ResolvedPolicy, b: &ResolvedPolicy) -> bool {
-    a.id == b.id
-        && a.order == b.order
-        && a.selector == b.selector
-        && a.types == b.types
-        && a.ingress == b.ingress
-        && a.egress == b.egress
-        && a.rejected == b.rejected
+    // Destructured whole, so that a field added to `ResolvedPolicy` must be
+    // placed here (a field left out would let a changed policy keep its
+    // old chain).
+    let ResolvedPolicy {
+        id,
+        tier: _,
+        tier_rank: _,
+        order,
+        selector,
+        types,
+        ingress,
+        egress,
+        rejected,
+    } = a;
+    *id == b.id
+        && *order == b.order
+        && *selector == b.selector
+        && *types == b.types
+        && *ingress == b.ingress
+        && *egress == b.egress
+        && *rejected == b.rejected
 }
 
 impl PolicySwap {
