@@ -549,7 +549,13 @@ pub fn policy_sort_key(r: &Resource, tiers: &[TierInfo]) -> Option<(usize, f64, 
         .iter()
         .position(|t| t.name == spec.tier())
         .unwrap_or(tiers.len());
-    Some((rank, spec.order.unwrap_or(f64::INFINITY), id.to_string()))
+    Some(sort_key(rank, spec.order, &id))
+}
+
+/// Felix's order as a key: by tier, then by `order` ascending (none
+/// last), then by id.
+fn sort_key(tier_rank: usize, order: Option<f64>, id: &PolicyId) -> (usize, f64, String) {
+    (tier_rank, order.unwrap_or(f64::INFINITY), id.to_string())
 }
 
 /// Why `r` is in a full compile's rejected list, if it is: its own
@@ -928,11 +934,7 @@ impl ResolvedPolicy {
     /// Felix's order: by tier, then by `order` ascending (none last),
     /// then by id.
     pub fn sort_key(&self) -> (usize, f64, String) {
-        (
-            self.tier_rank,
-            self.order.unwrap_or(f64::INFINITY),
-            self.id.to_string(),
-        )
+        sort_key(self.tier_rank, self.order, &self.id)
     }
 
     pub fn applies(&self, dir: PolicyType) -> bool {

@@ -51,8 +51,12 @@ impl NftProgrammer {
         let t0 = Instant::now();
         let mut b = Batch::new();
         {
-            self.committed_tables()?;
-            let committed = self.committed.as_ref().expect("checked above");
+            // Borrowed field by field: the socket reads edited chains'
+            // handles while the committed tables are borrowed.
+            let committed = self
+                .committed
+                .as_ref()
+                .ok_or_else(crate::nothing_committed)?;
             for p in &patch.tables {
                 let table = committed
                     .get(&p.family)

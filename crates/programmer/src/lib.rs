@@ -312,9 +312,7 @@ impl NftProgrammer {
 
     /// Our tables as last committed, or [`Error::NotCommitted`].
     fn committed_tables(&self) -> Result<&BTreeMap<TableFamily, Table>, Error> {
-        self.committed.as_ref().ok_or_else(|| Error::NotCommitted {
-            object: "our tables (nothing committed or adopted yet)".into(),
-        })
+        self.committed.as_ref().ok_or_else(nothing_committed)
     }
 
     /// Finishes `b` (encoded since `started`) and sends it, unless it is
@@ -528,4 +526,11 @@ fn element_at(msg: &[u8], off: usize) -> Option<String> {
     } else {
         text
     })
+}
+
+/// [`Error::NotCommitted`] for our tables as a whole.
+fn nothing_committed() -> Error {
+    Error::NotCommitted {
+        object: "our tables (nothing committed or adopted yet)".into(),
+    }
 }
