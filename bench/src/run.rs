@@ -91,7 +91,7 @@ fn rusage(who: i32) -> (f64, f64) {
 }
 
 /// An extra policy in namespace ns0 selecting the app of local endpoint 0.
-fn extra_policy(name: &str, app: &str) -> NetworkPolicy {
+pub fn extra_policy(name: &str, app: &str) -> NetworkPolicy {
     NetworkPolicy {
         api_version: model::calico::API_VERSION.into(),
         metadata: ObjectMeta {
