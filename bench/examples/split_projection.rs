@@ -4,32 +4,34 @@
 //!
 //! The kernel validates a whole table when a commit adds a rule (README,
 //! Performance), so a policy add costs in proportion to the table it lands
-//! in. Here the benchmark's compiled ruleset is cut into GROUPS rulesets:
-//! the local endpoints' namespaces are dealt round-robin into groups, and a
-//! group's ruleset holds the base and dispatch chains, the dispatch-map
-//! entries of its own endpoints, and every chain and set those reach (so
-//! a policy or set used by endpoints of two groups is in both). Each group
-//! is programmed into a network namespace of its own, which costs a commit
-//! what it would cost beside the others in one namespace: the kernel
-//! validates only the tables a commit marked. The uncut ruleset goes into
-//! one more namespace. Then the benchmark's operations, in the same run:
-//! a remote pod added and relabelled (set elements: each group that holds
-//! an affected set gets its share), and a policy added and deleted (the
-//! new full ruleset is cut again, and every group whose ruleset changed
-//! is applied whole; the uncut ruleset is applied whole the same way, so
-//! both sides diff and refill chains alike).
+//! in. Here the benchmark's compiled ruleset is cut into GROUPS rulesets by
+//! `compiler::groups::Split`: the local endpoints' namespaces are dealt
+//! round-robin into groups, and a group's ruleset holds the base and
+//! dispatch chains, the dispatch-map elements of its own endpoints, and
+//! every chain and set those reach (so a policy or set used by endpoints of
+//! two groups is in both). Each group is programmed into a network
+//! namespace of its own, which costs a commit what it would cost beside
+//! the others in one namespace: the kernel validates only the tables a
+//! commit marked. The uncut ruleset goes into one more namespace. Then the
+//! benchmark's operations, in the same run, through the same paths as the
+//! agent's: a remote pod added and relabelled (element deltas; each group
+//! holding an affected set gets its share) and a policy added and deleted
+//! (the incremental compiler's patch, cut into one patch per group it
+//! reaches), applied with `apply_elements` / `apply_patch`.
 //!
-//! Reported per operation: the kernel time (sum over the groups it
-//! touched, which one transaction over all groups' tables would pay once
-//! for the commit overhead) and how many groups it touched. The cut leaves
-//! out what a real split must add (each group passing the other groups'
-//! interfaces on instead of dropping them as unknown, one table dropping
-//! truly unknown interfaces), which changes a few rules per table.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+//! Reported per operation: the kernel time (summed over the groups it
+//! touched, one commit each here, where one transaction over all groups'
+//! tables would pay the commit overhead once) and how many groups it
+//! touched. The cut leaves out what a programmed split must add (each
+//! group passing the other groups' interfaces on instead of dropping them
+//! as unknown, one table dropping truly unknown interfaces), which changes
+//! a few rules per table.
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bench::{generate, run::scale_for, workload, NODE_UNDER_TEST};
-use compiler::nft::{referenced_sets, ElementDelta, Ruleset, Table, Verdict};
+use compiler::groups::Split;
+use compiler::nft::Ruleset;
 use compiler::{CompileOptions, IncrementalCompiler, Outcome};
 use model::calico::Resource;
 use programmer::NftProgrammer;
@@ -70,11 +72,13 @@ fn main() -> anyhow::Result<()> {
         group_of_ns.len()
     );
 
+    let group_of = |iface: &str| group_of_iface.get(iface).copied().unwrap_or(0);
     let mut inc = IncrementalCompiler::new(CompileOptions::new(NODE_UNDER_TEST));
     inc.rebuild(&state)?;
-    let mut uncut = inc.ruleset().clone();
-    let mut cut = cut_ruleset(&uncut, &group_of_iface, groups);
-    print_sizes("uncut", std::slice::from_ref(&uncut));
+    let uncut = inc.ruleset();
+    let mut split = Split::new(groups);
+    let cut = split.full(uncut, &group_of);
+    print_sizes("uncut", std::slice::from_ref(uncut));
     print_sizes("groups", &cut);
 
     // One namespace (and programmer) per group, one for the uncut ruleset.
@@ -89,7 +93,7 @@ fn main() -> anyhow::Result<()> {
     let (uncut_prog, group_progs) = progs.split_last_mut().expect("groups + 1 programmers");
 
     let slab = slab_mib();
-    let report = uncut_prog.apply(&uncut)?;
+    let report = uncut_prog.apply(uncut)?;
     println!(
         "cold uncut: kernel {:.0} ms, slab +{:.0} MiB",
         ms(report.kernel_time),
@@ -155,32 +159,28 @@ fn main() -> anyhow::Result<()> {
             let sample = match inc.update(&state, &changes)? {
                 Outcome::Elements(delta) => {
                     let whole = ms(uncut_prog.apply_elements(&delta)?.kernel_time);
-                    delta.apply_to(&mut uncut);
                     let (mut sum, mut touched) = (0.0, 0);
-                    for (g, p) in group_progs.iter_mut().enumerate() {
-                        let share = share_of(&delta, &cut[g]);
+                    for (p, share) in group_progs.iter_mut().zip(split.elements(&delta)) {
                         if !share.is_empty() {
                             sum += ms(p.apply_elements(&share)?.kernel_time);
                             touched += 1;
-                            share.apply_to(&mut cut[g]);
                         }
                     }
                     (whole, sum, touched)
                 }
-                Outcome::Patch(_) | Outcome::Rebuilt => {
-                    uncut = inc.ruleset().clone();
-                    let whole = ms(uncut_prog.apply(&uncut)?.kernel_time);
-                    let new_cut = cut_ruleset(&uncut, &group_of_iface, groups);
+                Outcome::Patch(patch) => {
+                    let whole = ms(uncut_prog.apply_patch(&patch)?.kernel_time);
+                    let per_group = split.patch(inc.ruleset(), &patch, &group_of);
                     let (mut sum, mut touched) = (0.0, 0);
-                    for (g, p) in group_progs.iter_mut().enumerate() {
-                        if new_cut[g] != cut[g] {
-                            sum += ms(p.apply(&new_cut[g])?.kernel_time);
+                    for (p, share) in group_progs.iter_mut().zip(&per_group) {
+                        if !share.is_empty() {
+                            sum += ms(p.apply_patch(share)?.kernel_time);
                             touched += 1;
                         }
                     }
-                    cut = new_cut;
                     (whole, sum, touched)
                 }
+                Outcome::Rebuilt => anyhow::bail!("{op}: expected no full compile"),
             };
             samples.entry(op).or_default().push(sample);
         }
@@ -239,82 +239,4 @@ fn print_sizes(what: &str, rulesets: &[Ruleset]) {
     println!(
         "{what}: {chains} chains, {rules} rules (per ruleset {per:?}), {sets} sets, {elements} elements"
     );
-}
-
-/// The ruleset of each group: its tables cut to what its endpoints reach.
-fn cut_ruleset(
-    r: &Ruleset,
-    group_of_iface: &HashMap<String, usize>,
-    groups: usize,
-) -> Vec<Ruleset> {
-    (0..groups)
-        .map(|g| Ruleset {
-            tables: r
-                .tables
-                .iter()
-                .map(|t| cut_table(t, |iface| group_of_iface.get(iface) == Some(&g)))
-                .collect(),
-        })
-        .collect()
-}
-
-fn cut_table(t: &Table, mine: impl Fn(&str) -> bool) -> Table {
-    let mut out = Table::new(t.family, &t.name);
-    for (name, m) in &t.maps {
-        let mut m = m.clone();
-        m.elements.retain(|iface, _| mine(iface));
-        out.maps.insert(name.clone(), m);
-    }
-    let mut todo: Vec<String> = t
-        .chains
-        .values()
-        .filter(|c| c.base.is_some())
-        .map(|c| c.name.clone())
-        .collect();
-    let mut reached = BTreeSet::new();
-    while let Some(name) = todo.pop() {
-        if !reached.insert(name.clone()) {
-            continue;
-        }
-        for rule in &t.chains[&name].rules {
-            match &rule.verdict {
-                Some(Verdict::Jump(to) | Verdict::Goto(to)) => todo.push(to.clone()),
-                Some(Verdict::IfNameVmap { map, .. }) => {
-                    for v in out.maps[map].elements.values() {
-                        if let Verdict::Jump(to) | Verdict::Goto(to) = v {
-                            todo.push(to.clone());
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    for name in reached {
-        let chain = t.chains[&name].clone();
-        for set in referenced_sets(&chain) {
-            if let Some(s) = t.sets.get(set) {
-                out.sets.insert(set.to_owned(), s.clone());
-            }
-        }
-        out.chains.insert(name, chain);
-    }
-    out
-}
-
-/// The part of `delta` for the sets `group` holds.
-fn share_of(delta: &ElementDelta, group: &Ruleset) -> ElementDelta {
-    ElementDelta {
-        sets: delta
-            .sets
-            .iter()
-            .filter(|d| {
-                group
-                    .tables
-                    .iter()
-                    .any(|t| t.family == d.family && t.sets.contains_key(&d.set))
-            })
-            .cloned()
-            .collect(),
-    }
 }

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use bench::{generate, workload, Scale, NODE_UNDER_TEST};
+use compiler::groups::Split;
 use compiler::incremental::{IncrementalCompiler, Outcome};
 use compiler::logical::LogicalRuleset;
 use compiler::nft::Ruleset;
@@ -195,6 +196,76 @@ fn maybe_tiered(p: &mut NetworkPolicy, rng: &mut StdRng) {
 
 /// What differs between the incremental result and the full compile's,
 /// object by object (the whole rulesets are too long to read).
+/// Groups of the namespace-group cut in these tests.
+const GROUPS: usize = 3;
+
+/// A local interface's group: any function of its name will do here.
+fn group_of(iface: &str) -> usize {
+    iface.bytes().fold(0usize, |h, b| {
+        h.wrapping_mul(31).wrapping_add(usize::from(b))
+    }) % GROUPS
+}
+
+/// The cut by group done plainly: per group, the dispatch maps' elements
+/// of its interfaces, and every chain reachable from the base chains
+/// through jumps, gotos and those elements, with the sets they use.
+fn reference_cut(r: &Ruleset) -> Vec<Ruleset> {
+    use compiler::nft::{referenced_sets, Table, Verdict};
+    (0..GROUPS)
+        .map(|g| Ruleset {
+            tables: r
+                .tables
+                .iter()
+                .map(|t| {
+                    let mut out = Table::new(t.family, &t.name);
+                    for (name, m) in &t.maps {
+                        let mut m = m.clone();
+                        m.elements.retain(|iface, _| group_of(iface) == g);
+                        out.maps.insert(name.clone(), m);
+                    }
+                    let mut todo: Vec<String> = t
+                        .chains
+                        .values()
+                        .filter(|c| c.base.is_some())
+                        .map(|c| c.name.clone())
+                        .collect();
+                    while let Some(name) = todo.pop() {
+                        if out.chains.contains_key(&name) {
+                            continue;
+                        }
+                        let chain = t.chains[&name].clone();
+                        for rule in &chain.rules {
+                            match &rule.verdict {
+                                Some(Verdict::Jump(to) | Verdict::Goto(to)) => {
+                                    todo.push(to.clone())
+                                }
+                                Some(Verdict::IfNameVmap { map, .. }) => {
+                                    todo.extend(out.maps[map].elements.values().filter_map(|v| {
+                                        match v {
+                                            Verdict::Jump(to) | Verdict::Goto(to) => {
+                                                Some(to.clone())
+                                            }
+                                            _ => None,
+                                        }
+                                    }))
+                                }
+                                _ => {}
+                            }
+                        }
+                        for set in referenced_sets(&chain) {
+                            if let Some(s) = t.sets.get(set) {
+                                out.sets.insert(set.to_owned(), s.clone());
+                            }
+                        }
+                        out.chains.insert(name, chain);
+                    }
+                    out
+                })
+                .collect(),
+        })
+        .collect()
+}
+
 fn differences(inc: &LogicalRuleset, full: &LogicalRuleset) -> String {
     let mut out = String::new();
     by_key("chain", &inc.chains, &full.chains, &mut out);
@@ -293,6 +364,9 @@ fn equals_full_compile(fused: bool) {
     // More seeds for a longer search: INCREMENTAL_SEEDS=40 (release build).
     let seeds: u64 = std::env::var("INCREMENTAL_SEEDS").map_or(3, |s| s.parse().expect("a number"));
     let mut tier_steps_all: u64 = 0;
+    // Patches of a policy change that left some group alone (groups here
+    // follow interface names, not namespaces, so most reach every group).
+    let mut policy_patches_sparing_a_group: u64 = 0;
     for seed in 1..=seeds {
         let mut scale = Scale::new(60, 400);
         scale.namespaces = 4;
@@ -316,6 +390,9 @@ fn equals_full_compile(fused: bool) {
             inc.update(&state, &BTreeMap::new()).unwrap(),
             Outcome::Rebuilt
         );
+        // The cut by namespace group follows along (compiler::groups).
+        let mut split = Split::new(GROUPS);
+        let mut groups_now = split.full(inc.ruleset(), &group_of);
         let mut next_pod = scale.pods;
         let mut fast = 0;
         // Steps whose delta or patch changes a fused set's elements.
@@ -475,6 +552,32 @@ fn equals_full_compile(fused: bool) {
                 changes.keys().collect::<Vec<_>>(),
                 nft_differences(inc.ruleset(), &ruleset)
             );
+            match &outcome {
+                Outcome::Rebuilt => groups_now = split.full(&ruleset, &group_of),
+                Outcome::Elements(delta) => {
+                    for (g, d) in split.elements(delta).iter().enumerate() {
+                        d.apply_to(&mut groups_now[g]);
+                    }
+                }
+                Outcome::Patch(patch) => {
+                    let per_group = split.patch(inc.ruleset(), patch, &group_of);
+                    if policy_changed && per_group.iter().any(|p| p.is_empty()) {
+                        policy_patches_sparing_a_group += 1;
+                    }
+                    for (g, p) in per_group.iter().enumerate() {
+                        p.apply_to(&mut groups_now[g]);
+                    }
+                }
+            }
+            let cut = reference_cut(&ruleset);
+            for g in 0..GROUPS {
+                assert!(
+                    groups_now[g] == cut[g],
+                    "seed {seed} step {step}: group {g} differs from a fresh cut after {:?}:\n{}",
+                    changes.keys().collect::<Vec<_>>(),
+                    nft_differences(&groups_now[g], &cut[g])
+                );
+            }
             let mut patched = before;
             let what = match outcome {
                 Outcome::Elements(delta) => {
@@ -514,6 +617,10 @@ fn equals_full_compile(fused: bool) {
         tier_steps_all += tier_steps;
     }
     // Rarer than the others: counted over every seed.
+    assert!(
+        policy_patches_sparing_a_group >= seeds,
+        "a policy change patches only the groups it reaches ({policy_patches_sparing_a_group})"
+    );
     assert!(
         tier_steps_all > 2 * seeds,
         "tier changes are patched, not compiled in full ({tier_steps_all})"

@@ -7,6 +7,7 @@
 //! - [`render_iptables`]: logical → felix's iptables-restore and ipset text;
 //! - [`explain`]: the model's verdict as a path through the chains;
 //! - [`fused`]: `--fused-lookup`, fusable policies as one set lookup;
+//! - [`groups`]: the tables cut by namespace group (measured, not yet programmed);
 //! - [`incremental`]: keeps the last compile and turns remote endpoint
 //!   changes into set element deltas instead of compiling again.
 //!
@@ -14,6 +15,7 @@
 
 pub mod explain;
 pub mod fused;
+pub mod groups;
 pub mod incremental;
 mod label_index;
 pub mod logical;

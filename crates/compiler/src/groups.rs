@@ -1,0 +1,448 @@
+//! Namespace groups: the node's tables cut into one table per group of
+//! local endpoints, each holding what its endpoints reach.
+//!
+//! The kernel validates a whole table at every commit that adds a rule, so
+//! a policy add costs in proportion to the table it lands in (README,
+//! Performance). Cut by groups of local endpoints (their namespaces dealt
+//! into groups), a namespaced policy lands in the one table of its
+//! namespace's group. A group's table holds the base and dispatch chains,
+//! the dispatch-map elements of its own interfaces, and every chain and
+//! set those reach; a chain or set reached from two groups is in both.
+//!
+//! [`Split`] keeps, per family and group, how many references inside the
+//! group each chain and set has (felix's calculation graph in miniature),
+//! so that a patch from the incremental compiler becomes per-group patches
+//! touching only the groups it reaches; [`Split::full`] is the same code
+//! applied to empty groups.
+//!
+//! Not yet programmed by the agent: `bench --example split_projection`
+//! uses it to measure what the cut would give. A programmed split also
+//! needs its own table names, and rules that differ per group (a group
+//! passes the other groups' interfaces on instead of dropping them as
+//! unknown; see the README).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::nft::{
+    referenced_sets, ElementDelta, Ruleset, RulesetPatch, Table, TableFamily, TablePatch, Verdict,
+    VerdictMap,
+};
+
+/// The groups' reach, kept across patches.
+#[derive(Debug, Clone)]
+pub struct Split {
+    groups: usize,
+    /// Each local interface's group, chosen when it first appears in a
+    /// dispatch map and kept while it is in one.
+    iface_group: HashMap<String, usize>,
+    reach: BTreeMap<TableFamily, Vec<Reach>>,
+}
+
+/// One group's part of one table.
+#[derive(Debug, Clone, Default)]
+struct Reach {
+    /// Chain → references from inside the group (a base chain counts one
+    /// for itself).
+    chains: HashMap<String, usize>,
+    /// The edges counted for each chain in `chains`.
+    edges: HashMap<String, Edges>,
+    /// Set → references from the group's chains.
+    sets: HashMap<String, usize>,
+    /// The group's share of each dispatch map.
+    maps: BTreeMap<String, VerdictMap>,
+}
+
+/// What a chain references: chains it jumps or goes to, sets it looks up
+/// (a verdict map it looks up is not here: every group has every map).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Edges {
+    chains: Vec<String>,
+    sets: Vec<String>,
+}
+
+/// Names touched by one patch, each with whether it was there before, and
+/// the maps whose share changed.
+#[derive(Default)]
+struct Touched {
+    chains: HashMap<String, bool>,
+    sets: HashMap<String, bool>,
+    maps: BTreeSet<String>,
+}
+
+fn touched(groups: usize) -> Vec<Touched> {
+    (0..groups).map(|_| Touched::default()).collect()
+}
+
+fn edges_of(t: &Table, chain: &str) -> Edges {
+    let mut e = Edges::default();
+    let Some(c) = t.chains.get(chain) else {
+        return e;
+    };
+    for r in &c.rules {
+        if let Some(Verdict::Jump(to) | Verdict::Goto(to)) = &r.verdict {
+            e.chains.push(to.clone());
+        }
+    }
+    e.sets = referenced_sets(c)
+        .filter(|s| !t.maps.contains_key(*s))
+        .map(str::to_owned)
+        .collect();
+    e
+}
+
+fn targets(m: &VerdictMap) -> Vec<String> {
+    m.elements
+        .values()
+        .filter_map(|v| match v {
+            Verdict::Jump(to) | Verdict::Goto(to) => Some(to.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `new` minus `old` as multisets, in `new`'s order.
+fn minus(new: &[String], old: &[String]) -> Vec<String> {
+    let mut old: HashMap<&str, usize> = old.iter().fold(HashMap::new(), |mut m, s| {
+        *m.entry(s.as_str()).or_default() += 1;
+        m
+    });
+    new.iter()
+        .filter(|s| match old.get_mut(s.as_str()) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        })
+        .cloned()
+        .collect()
+}
+
+impl Reach {
+    fn enter_chain(&mut self, t: &Table, name: &str, touched: &mut Touched) {
+        let before = self.chains.contains_key(name);
+        touched.chains.entry(name.to_owned()).or_insert(before);
+        let n = self.chains.entry(name.to_owned()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            return;
+        }
+        let e = edges_of(t, name);
+        for c in &e.chains {
+            self.enter_chain(t, c, touched);
+        }
+        for s in &e.sets {
+            self.enter_set(s, touched);
+        }
+        self.edges.insert(name.to_owned(), e);
+    }
+
+    fn leave_chain(&mut self, name: &str, touched: &mut Touched) {
+        touched.chains.entry(name.to_owned()).or_insert(true);
+        let n = self
+            .chains
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("chain {name} left a group it is not in"));
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        self.chains.remove(name);
+        let e = self.edges.remove(name).unwrap_or_default();
+        for c in &e.chains {
+            self.leave_chain(c, touched);
+        }
+        for s in &e.sets {
+            self.leave_set(s, touched);
+        }
+    }
+
+    fn enter_set(&mut self, name: &str, touched: &mut Touched) {
+        let before = self.sets.contains_key(name);
+        touched.sets.entry(name.to_owned()).or_insert(before);
+        *self.sets.entry(name.to_owned()).or_insert(0) += 1;
+    }
+
+    fn leave_set(&mut self, name: &str, touched: &mut Touched) {
+        touched.sets.entry(name.to_owned()).or_insert(true);
+        let n = self
+            .sets
+            .get_mut(name)
+            .unwrap_or_else(|| panic!("set {name} left a group it is not in"));
+        *n -= 1;
+        if *n == 0 {
+            self.sets.remove(name);
+        }
+    }
+
+    /// The group's table, from `t`'s objects that it reaches.
+    fn table(&self, t: &Table) -> Table {
+        let mut out = Table::new(t.family, &t.name);
+        out.maps = self.maps.clone();
+        for name in self.chains.keys() {
+            out.chains.insert(name.clone(), t.chains[name].clone());
+        }
+        for name in self.sets.keys() {
+            out.sets.insert(name.clone(), t.sets[name].clone());
+        }
+        out
+    }
+}
+
+impl Split {
+    /// `groups` groups (at least one).
+    pub fn new(groups: usize) -> Split {
+        assert!(groups > 0, "at least one group");
+        Split {
+            groups,
+            iface_group: HashMap::new(),
+            reach: BTreeMap::new(),
+        }
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// Forgets everything and cuts `ruleset` whole: one ruleset per group.
+    /// `group_of` chooses a new interface's group.
+    pub fn full(&mut self, ruleset: &Ruleset, group_of: &dyn Fn(&str) -> usize) -> Vec<Ruleset> {
+        self.reach.clear();
+        self.iface_group.clear();
+        let mut out = vec![Ruleset::default(); self.groups];
+        for t in &ruleset.tables {
+            let mut reach = vec![Reach::default(); self.groups];
+            let mut seen = touched(self.groups);
+            for (r, seen) in reach.iter_mut().zip(&mut seen) {
+                for c in t.chains.values().filter(|c| c.base.is_some()) {
+                    r.enter_chain(t, &c.name, seen);
+                }
+            }
+            self.reach.insert(t.family, reach);
+            // The maps as a patch from nothing: every element is new.
+            for name in t.maps.keys() {
+                self.update_map(t, name, &mut seen, group_of);
+            }
+            for (g, r) in self.reach[&t.family].iter().enumerate() {
+                out[g].tables.push(r.table(t));
+            }
+        }
+        out
+    }
+
+    /// Element changes per group: each group gets those of the sets it
+    /// holds.
+    pub fn elements(&self, delta: &ElementDelta) -> Vec<ElementDelta> {
+        (0..self.groups)
+            .map(|g| ElementDelta {
+                sets: delta
+                    .sets
+                    .iter()
+                    .filter(|d| {
+                        self.reach
+                            .get(&d.family)
+                            .is_some_and(|r| r[g].sets.contains_key(&d.set))
+                    })
+                    .cloned()
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// `patch` (from the incremental compiler, which now holds `new`) as
+    /// one patch per group; a group it does not reach gets an empty one.
+    pub fn patch(
+        &mut self,
+        new: &Ruleset,
+        patch: &RulesetPatch,
+        group_of: &dyn Fn(&str) -> usize,
+    ) -> Vec<RulesetPatch> {
+        let mut out = vec![RulesetPatch::default(); self.groups];
+        for tp in &patch.tables {
+            let t = new
+                .tables
+                .iter()
+                .find(|t| t.family == tp.family)
+                .expect("a patch's table is in the new ruleset");
+            let mut touched = touched(self.groups);
+            let reach = self
+                .reach
+                .entry(t.family)
+                .or_insert_with(|| vec![Reach::default(); self.groups]);
+            // Chains the patch replaces or deletes: their counted edges
+            // become the new ones. References gained are counted before
+            // those lost, so that nothing referenced in the end leaves.
+            let mut lost: Vec<Vec<Edges>> = vec![Vec::new(); self.groups];
+            for (g, r) in reach.iter_mut().enumerate() {
+                let mut gained = Vec::new();
+                for name in tp.chains.keys() {
+                    let Some(old) = r.edges.get(name).cloned() else {
+                        continue;
+                    };
+                    touched[g].chains.entry(name.clone()).or_insert(true);
+                    let now = edges_of(t, name);
+                    gained.push(Edges {
+                        chains: minus(&now.chains, &old.chains),
+                        sets: minus(&now.sets, &old.sets),
+                    });
+                    lost[g].push(Edges {
+                        chains: minus(&old.chains, &now.chains),
+                        sets: minus(&old.sets, &now.sets),
+                    });
+                    r.edges.insert(name.clone(), now);
+                }
+                for e in gained {
+                    for c in &e.chains {
+                        r.enter_chain(t, c, &mut touched[g]);
+                    }
+                    for s in &e.sets {
+                        r.enter_set(s, &mut touched[g]);
+                    }
+                }
+            }
+            for name in tp.maps.keys() {
+                self.update_map(t, name, &mut touched, group_of);
+            }
+            let reach = self.reach.get_mut(&t.family).expect("inserted above");
+            for (g, r) in reach.iter_mut().enumerate() {
+                for e in std::mem::take(&mut lost[g]) {
+                    for c in &e.chains {
+                        r.leave_chain(c, &mut touched[g]);
+                    }
+                    for s in &e.sets {
+                        r.leave_set(s, &mut touched[g]);
+                    }
+                }
+                out[g].tables.push(group_patch(r, t, tp, &touched[g]));
+                out[g].elements.sets.extend(
+                    patch
+                        .elements
+                        .sets
+                        .iter()
+                        .filter(|d| {
+                            // Not a set this group's patch creates or
+                            // replaces: those go whole, as they are now.
+                            d.family == t.family
+                                && r.sets.contains_key(&d.set)
+                                && touched[g].sets.get(&d.set) != Some(&false)
+                                && !tp.sets.contains_key(&d.set)
+                        })
+                        .cloned(),
+                );
+            }
+        }
+        // Element changes of tables the patch leaves alone.
+        for d in &patch.elements.sets {
+            if patch.tables.iter().any(|tp| tp.family == d.family) {
+                continue;
+            }
+            for (g, o) in out.iter_mut().enumerate() {
+                if self
+                    .reach
+                    .get(&d.family)
+                    .is_some_and(|r| r[g].sets.contains_key(&d.set))
+                {
+                    o.elements.sets.push(d.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Brings every group's share of map `name` to `t`'s (the map may be
+    /// gone): the chains its elements gain are entered now, those it loses
+    /// left.
+    fn update_map(
+        &mut self,
+        t: &Table,
+        name: &str,
+        touched: &mut [Touched],
+        group_of: &dyn Fn(&str) -> usize,
+    ) {
+        let new = t.maps.get(name);
+        if let Some(m) = new {
+            for iface in m.elements.keys() {
+                if !self.iface_group.contains_key(iface) {
+                    let g = group_of(iface) % self.groups;
+                    self.iface_group.insert(iface.clone(), g);
+                }
+            }
+        }
+        let reach = self.reach.get_mut(&t.family).expect("the family's groups");
+        for (g, r) in reach.iter_mut().enumerate() {
+            let share = new.map(|m| VerdictMap {
+                elements: m
+                    .elements
+                    .iter()
+                    .filter(|(iface, _)| self.iface_group.get(*iface) == Some(&g))
+                    .map(|(i, v)| (i.clone(), v.clone()))
+                    .collect(),
+                ..m.clone()
+            });
+            let old_targets = r.maps.get(name).map(targets).unwrap_or_default();
+            let new_targets = share.as_ref().map(targets).unwrap_or_default();
+            for c in minus(&new_targets, &old_targets) {
+                r.enter_chain(t, &c, &mut touched[g]);
+            }
+            for c in minus(&old_targets, &new_targets) {
+                r.leave_chain(&c, &mut touched[g]);
+            }
+            if r.maps.get(name) != share.as_ref() {
+                touched[g].maps.insert(name.to_owned());
+            }
+            match share {
+                Some(s) => r.maps.insert(name.to_owned(), s),
+                None => r.maps.remove(name),
+            };
+        }
+        // Interfaces in no map any more are forgotten.
+        let in_maps = |iface: &str| {
+            self.reach
+                .values()
+                .flatten()
+                .any(|r| r.maps.values().any(|m| m.elements.contains_key(iface)))
+        };
+        let gone: Vec<String> = self
+            .iface_group
+            .keys()
+            .filter(|i| !in_maps(i))
+            .cloned()
+            .collect();
+        for i in gone {
+            self.iface_group.remove(&i);
+        }
+    }
+}
+
+/// One group's patch of table `t` after `tp`: what entered (as it is
+/// now), what left, what the patch changed and the group keeps, and its
+/// share of every map the patch touched.
+fn group_patch(r: &Reach, t: &Table, tp: &TablePatch, touched: &Touched) -> TablePatch {
+    let mut out = TablePatch::new(t.family);
+    for (name, &before) in &touched.chains {
+        let after = r.chains.contains_key(name);
+        if after && (!before || tp.chains.contains_key(name)) {
+            out.chains
+                .insert(name.clone(), Some(t.chains[name].clone()));
+        } else if before && !after {
+            out.chains.insert(name.clone(), None);
+        }
+    }
+    for (name, change) in &tp.sets {
+        if r.sets.contains_key(name) && touched.sets.get(name) != Some(&false) {
+            out.sets.insert(name.clone(), change.clone());
+        }
+    }
+    for (name, &before) in &touched.sets {
+        let after = r.sets.contains_key(name);
+        if after && !before {
+            out.sets.insert(name.clone(), Some(t.sets[name].clone()));
+        } else if before && !after {
+            out.sets.insert(name.clone(), None);
+        }
+    }
+    for name in &touched.maps {
+        out.maps.insert(name.clone(), r.maps.get(name).cloned());
+    }
+    out
+}
