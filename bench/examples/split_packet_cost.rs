@@ -1,0 +1,135 @@
+//! What a split by namespace group (`compiler::groups`, not programmed by
+//! the agent) would add to each new connection: one forward base chain per
+//! group, each walked by every packet.
+//! `cargo run --release -p bench --example split_packet_cost -- GROUPS [SELECTING] [CONNECTIONS] [ROUNDS]` (root).
+//!
+//! The packet sweep's cluster and topology (`bench::packet`: 1,000
+//! policies, SELECTING of them selecting the server) compiled once, then
+//! loaded with `nft -f` into the node's namespace alternately ROUNDS times
+//! each way: whole (one table per family), and cut into GROUPS tables per
+//! family (`nftpolicy-g<N>`) with the client and the server in different
+//! groups, so that both the sender's and the receiver's tables do work.
+//! In the cut, an interface missing from a group's dispatch maps passes
+//! on (its "Unknown interface" drop rules are left out), and one more
+//! table drops `cali*` interfaces that are in no group, as a programmed
+//! split would need. Reported: connect() latency p50 per way and round,
+//! and the median difference.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bench::packet::{cluster, Client, PacketPoint, Server, Topology, SERVER_PORT};
+use bench::NODE_UNDER_TEST;
+use compiler::groups::Split;
+use compiler::nft::{Ruleset, Verdict};
+use compiler::CompileOptions;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let groups: usize = args.get(1).map_or(Ok(4), |a| a.parse())?;
+    let selecting: usize = args.get(2).map_or(Ok(100), |a| a.parse())?;
+    let connections: usize = args.get(3).map_or(Ok(1500), |a| a.parse())?;
+    let rounds: usize = args.get(4).map_or(Ok(5), |a| a.parse())?;
+    anyhow::ensure!(
+        groups >= 2,
+        "GROUPS must be at least 2 (1 is the whole table)"
+    );
+    let point = PacketPoint {
+        total_policies: 1000,
+        selecting_receiver: selecting,
+        ..PacketPoint::default()
+    };
+    let (state, ifaces, ips) = cluster(&point);
+    let (_, whole) = compiler::compile_nftables(&state, &CompileOptions::new(NODE_UNDER_TEST))?;
+
+    // Client in group 0, server in group 1, the other endpoints dealt out.
+    let group_of = |iface: &str| {
+        if iface == ifaces[0] {
+            0
+        } else if iface == ifaces[1] {
+            1
+        } else {
+            iface.len() + usize::from(iface.as_bytes()[iface.len() - 1])
+        }
+    };
+    let mut cut = Ruleset::default();
+    for (g, part) in Split::new(groups)
+        .full(&whole, &group_of)
+        .into_iter()
+        .enumerate()
+    {
+        for mut t in part.tables {
+            t.name = format!("nftpolicy-g{g}");
+            for c in t.chains.values_mut() {
+                c.rules
+                    .retain(|r| r.comment.as_deref() != Some("Unknown interface"));
+            }
+            cut.tables.push(t);
+        }
+    }
+    let mut cut_text = compiler::render_nft::render(&cut);
+    // The table that drops interfaces in no group.
+    let local: Vec<String> = whole.tables[0]
+        .maps
+        .values()
+        .flat_map(|m| m.elements.keys())
+        .map(|i| format!("\"{i}\""))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for family in ["ip", "ip6"] {
+        cut_text.push_str(&format!(
+            "table {family} nftpolicy-unknown {{\n\tchain filter-FORWARD {{\n\t\ttype filter hook forward priority 0; policy accept;\n\t\tiifname \"cali*\" iifname != {{ {0} }} counter drop\n\t\toifname \"cali*\" oifname != {{ {0} }} counter drop\n\t}}\n}}\n",
+            local.join(", ")
+        ));
+    }
+    let whole_text = compiler::render_nft::render(&whole);
+    let verdicts = whole.tables[0]
+        .chains
+        .values()
+        .flat_map(|c| &c.rules)
+        .filter(|r| matches!(r.verdict, Some(Verdict::Jump(_))))
+        .count();
+    println!(
+        "{} policies, {selecting} selecting the server; whole: {} rules ({verdicts} jumps, ip); cut into {groups} groups: {} tables",
+        point.total_policies,
+        whole.tables.iter().map(|t| t.chains.values().map(|c| c.rules.len()).sum::<usize>()).sum::<usize>(),
+        cut.tables.len() + 2
+    );
+
+    let topo = Topology::build(&ifaces, &ips)?;
+    let dst = SocketAddr::new(ips[1], SERVER_PORT);
+    let _server = Server::start(&topo.pods[1], dst)?;
+    let client = Client::start(&topo.pods[0])?;
+    let mut diffs = Vec::new();
+    for round in 0..rounds {
+        let mut p50 = [0.0; 2];
+        for (way, text) in [&whole_text, &cut_text].into_iter().enumerate() {
+            topo.node.nft(&["flush", "ruleset"])?;
+            topo.node.nft_script(&[], text)?;
+            let warm = client.batch(dst, 50, Duration::from_millis(500))?;
+            anyhow::ensure!(warm.failures == 0, "warm-up connects failed");
+            let b = client.batch(dst, connections, Duration::from_secs(1))?;
+            // A rare lost SYN is noise; more means the way is broken.
+            anyhow::ensure!(
+                b.failures * 100 <= connections,
+                "way {way}: {} of {connections} connects failed",
+                b.failures
+            );
+            anyhow::ensure!(
+                client.dropped(SocketAddr::new(ips[1], SERVER_PORT + 1))?,
+                "the probe to a port no policy allows was not dropped"
+            );
+            p50[way] = bench::run::percentile(&b.latencies_us, 0.5);
+        }
+        println!(
+            "round {round}: whole p50 {:.1} µs, {groups} groups p50 {:.1} µs",
+            p50[0], p50[1]
+        );
+        diffs.push(p50[1] - p50[0]);
+    }
+    println!(
+        "median difference per new connection: {:+.1} µs",
+        bench::run::percentile(&diffs, 0.5)
+    );
+    Ok(())
+}
