@@ -8,12 +8,9 @@
 //! loaded with `nft -f` into the node's namespace alternately ROUNDS times
 //! each way: whole (one table per family), and cut into GROUPS tables per
 //! family (`nftpolicy-g<N>`) with the client and the server in different
-//! groups, so that both the sender's and the receiver's tables do work.
-//! In the cut, an interface missing from a group's dispatch maps passes
-//! on (its "Unknown interface" drop rules are left out), and one more
-//! table drops `cali*` interfaces that are in no group, as a programmed
-//! split would need. Reported: connect() latency p50 per way and round,
-//! and the median difference.
+//! groups, so that both the sender's and the receiver's tables do work
+//! (in each, the other group's interface maps to `return`). Reported:
+//! connect() latency p50 per way and round, and the median difference.
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -59,29 +56,10 @@ fn main() -> anyhow::Result<()> {
     {
         for mut t in part.tables {
             t.name = format!("nftpolicy-g{g}");
-            for c in t.chains.values_mut() {
-                c.rules
-                    .retain(|r| r.comment.as_deref() != Some("Unknown interface"));
-            }
             cut.tables.push(t);
         }
     }
-    let mut cut_text = compiler::render_nft::render(&cut);
-    // The table that drops interfaces in no group.
-    let local: Vec<String> = whole.tables[0]
-        .maps
-        .values()
-        .flat_map(|m| m.elements.keys())
-        .map(|i| format!("\"{i}\""))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    for family in ["ip", "ip6"] {
-        cut_text.push_str(&format!(
-            "table {family} nftpolicy-unknown {{\n\tchain filter-FORWARD {{\n\t\ttype filter hook forward priority 0; policy accept;\n\t\tiifname \"cali*\" iifname != {{ {0} }} counter drop\n\t\toifname \"cali*\" oifname != {{ {0} }} counter drop\n\t}}\n}}\n",
-            local.join(", ")
-        ));
-    }
+    let cut_text = compiler::render_nft::render(&cut);
     let whole_text = compiler::render_nft::render(&whole);
     let verdicts = whole.tables[0]
         .chains
@@ -93,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         "{} policies, {selecting} selecting the server; whole: {} rules ({verdicts} jumps, ip); cut into {groups} groups: {} tables",
         point.total_policies,
         whole.tables.iter().map(|t| t.chains.values().map(|c| c.rules.len()).sum::<usize>()).sum::<usize>(),
-        cut.tables.len() + 2
+        cut.tables.len()
     );
 
     let topo = Topology::build(&ifaces, &ips)?;

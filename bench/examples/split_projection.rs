@@ -7,8 +7,8 @@
 //! in. Here the benchmark's compiled ruleset is cut into GROUPS rulesets by
 //! `compiler::groups::Split`: the local endpoints' namespaces are dealt
 //! round-robin into groups, and a group's ruleset holds the base and
-//! dispatch chains, the dispatch-map elements of its own endpoints, and
-//! every chain and set those reach (so a policy or set used by endpoints of
+//! dispatch chains, the dispatch maps, and every chain and set its own
+//! endpoints reach (so a policy or set used by endpoints of
 //! two groups is in both). Each group is programmed into a network
 //! namespace of its own, which costs a commit what it would cost beside
 //! the others in one namespace: the kernel validates only the tables a
@@ -22,10 +22,8 @@
 //! Reported per operation: the kernel time (summed over the groups it
 //! touched, one commit each here, where one transaction over all groups'
 //! tables would pay the commit overhead once) and how many groups it
-//! touched. The cut leaves out what a programmed split must add (each
-//! group passing the other groups' interfaces on instead of dropping them
-//! as unknown, one table dropping truly unknown interfaces), which changes
-//! a few rules per table.
+//! touched. In each group's dispatch maps the other groups' interfaces
+//! map to `return` (see `compiler::groups`).
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 

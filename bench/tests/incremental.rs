@@ -206,9 +206,10 @@ fn group_of(iface: &str) -> usize {
     }) % GROUPS
 }
 
-/// The cut by group done plainly: per group, the dispatch maps' elements
-/// of its interfaces, and every chain reachable from the base chains
-/// through jumps, gotos and those elements, with the sets they use.
+/// The cut by group done plainly: per group, the dispatch maps with the
+/// other groups' interfaces returning, and every chain reachable from the
+/// base chains through jumps, gotos and the maps' elements, with the sets
+/// they use.
 fn reference_cut(r: &Ruleset) -> Vec<Ruleset> {
     use compiler::nft::{referenced_sets, Table, Verdict};
     (0..GROUPS)
@@ -220,7 +221,11 @@ fn reference_cut(r: &Ruleset) -> Vec<Ruleset> {
                     let mut out = Table::new(t.family, &t.name);
                     for (name, m) in &t.maps {
                         let mut m = m.clone();
-                        m.elements.retain(|iface, _| group_of(iface) == g);
+                        for (iface, v) in &mut m.elements {
+                            if group_of(iface) != g {
+                                *v = Verdict::Return;
+                            }
+                        }
                         out.maps.insert(name.clone(), m);
                     }
                     let mut todo: Vec<String> = t

@@ -6,8 +6,17 @@
 //! Performance). Cut by groups of local endpoints (their namespaces dealt
 //! into groups), a namespaced policy lands in the one table of its
 //! namespace's group. A group's table holds the base and dispatch chains,
-//! the dispatch-map elements of its own interfaces, and every chain and
-//! set those reach; a chain or set reached from two groups is in both.
+//! the dispatch maps, and every chain and set its own interfaces reach; a
+//! chain or set reached from two groups is in both. In a group's dispatch
+//! maps the other groups' interfaces map to `return`: their packets pass
+//! on to the next table, whose group judges them, while an interface in
+//! no group still falls through to the "Unknown interface" drop. (On the
+//! input hook `cali-wl-to-host` then applies its configured default
+//! action to another group's packet without its egress policy; whatever
+//! that action, the packet's own group ends the same way: Drop drops it
+//! there too, after the policy or instead of it, and Accept or Return let
+//! it go on.) An element that returns does not make the kernel validate
+//! the table, as one that jumps does.
 //!
 //! [`Split`] keeps, per family and group, how many references inside the
 //! group each chain and set has (felix's calculation graph in miniature),
@@ -16,10 +25,9 @@
 //! applied to empty groups.
 //!
 //! Not yet programmed by the agent: `bench --example split_projection`
-//! uses it to measure what the cut would give. A programmed split also
-//! needs its own table names, and rules that differ per group (a group
-//! passes the other groups' interfaces on instead of dropping them as
-//! unknown; see the README).
+//! and `split_packet_cost` use it to measure what the cut would give. A
+//! programmed split also needs a table name per group, and a programmer
+//! that keeps several tables per family (README, Performance).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -48,7 +56,8 @@ struct Reach {
     edges: HashMap<String, Edges>,
     /// Set → references from the group's chains.
     sets: HashMap<String, usize>,
-    /// The group's share of each dispatch map.
+    /// Each dispatch map as this group has it (other groups' interfaces
+    /// `return`).
     maps: BTreeMap<String, VerdictMap>,
 }
 
@@ -374,8 +383,13 @@ impl Split {
                 elements: m
                     .elements
                     .iter()
-                    .filter(|(iface, _)| self.iface_group.get(*iface) == Some(&g))
-                    .map(|(i, v)| (i.clone(), v.clone()))
+                    .map(|(iface, v)| {
+                        let mine = self.iface_group.get(iface) == Some(&g);
+                        (
+                            iface.clone(),
+                            if mine { v.clone() } else { Verdict::Return },
+                        )
+                    })
                     .collect(),
                 ..m.clone()
             });
