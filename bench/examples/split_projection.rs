@@ -21,11 +21,12 @@
 //!
 //! Reported per operation: the kernel time (summed over the groups it
 //! touched, one commit each here, where one transaction over all groups'
-//! tables would pay the commit overhead once) and how many groups it
-//! touched. In each group's dispatch maps the other groups' interfaces
-//! map to `return` (see `compiler::groups`).
+//! tables would pay the commit overhead once), how many groups it
+//! touched, and the time `Split` took to cut the delta or patch. In each
+//! group's dispatch maps the other groups' interfaces map to `return`
+//! (see `compiler::groups`).
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bench::{generate, run::scale_for, workload, NODE_UNDER_TEST};
 use compiler::groups::Split;
@@ -75,7 +76,9 @@ fn main() -> anyhow::Result<()> {
     inc.rebuild(&state)?;
     let uncut = inc.ruleset();
     let mut split = Split::new(groups);
+    let t = Instant::now();
     let cut = split.full(uncut, &group_of);
+    println!("cut whole: {:.0} ms", ms(t.elapsed()));
     print_sizes("uncut", std::slice::from_ref(uncut));
     print_sizes("groups", &cut);
 
@@ -115,8 +118,9 @@ fn main() -> anyhow::Result<()> {
         .and_then(|(_, w)| w.metadata.labels.get("app").map(str::to_owned))
         .unwrap_or_else(|| "app0".into());
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
-    // op → (uncut kernel ms, cut kernel ms, groups touched) per round.
-    let mut samples: BTreeMap<&str, Vec<(f64, f64, usize)>> = BTreeMap::new();
+    // op → (uncut kernel ms, cut kernel ms, groups touched, ms spent
+    // cutting the delta or patch) per round.
+    let mut samples: BTreeMap<&str, Vec<(f64, f64, usize, f64)>> = BTreeMap::new();
     for r in 0..rounds {
         let mut w = workload(&scale, scale.pods + r, &mut rng);
         w.spec.node = "node2".into();
@@ -157,18 +161,23 @@ fn main() -> anyhow::Result<()> {
             let sample = match inc.update(&state, &changes)? {
                 Outcome::Elements(delta) => {
                     let whole = ms(uncut_prog.apply_elements(&delta)?.kernel_time);
+                    let t = Instant::now();
+                    let per_group = split.elements(&delta);
+                    let cutting = ms(t.elapsed());
                     let (mut sum, mut touched) = (0.0, 0);
-                    for (p, share) in group_progs.iter_mut().zip(split.elements(&delta)) {
+                    for (p, share) in group_progs.iter_mut().zip(per_group) {
                         if !share.is_empty() {
                             sum += ms(p.apply_elements(&share)?.kernel_time);
                             touched += 1;
                         }
                     }
-                    (whole, sum, touched)
+                    (whole, sum, touched, cutting)
                 }
                 Outcome::Patch(patch) => {
                     let whole = ms(uncut_prog.apply_patch(&patch)?.kernel_time);
+                    let t = Instant::now();
                     let per_group = split.patch(inc.ruleset(), &patch, &group_of);
+                    let cutting = ms(t.elapsed());
                     let (mut sum, mut touched) = (0.0, 0);
                     for (p, share) in group_progs.iter_mut().zip(&per_group) {
                         if !share.is_empty() {
@@ -176,24 +185,27 @@ fn main() -> anyhow::Result<()> {
                             touched += 1;
                         }
                     }
-                    (whole, sum, touched)
+                    (whole, sum, touched, cutting)
                 }
                 Outcome::Rebuilt => anyhow::bail!("{op}: expected no full compile"),
             };
             samples.entry(op).or_default().push(sample);
         }
     }
-    println!("op             uncut p50/p99 ms   groups p50/p99 ms   groups touched (max)");
+    println!("op             uncut p50/p99 ms   groups p50/p99 ms   groups touched (max)   cutting p50/p99 ms");
     for (op, s) in &samples {
         let whole: Vec<f64> = s.iter().map(|x| x.0).collect();
         let split: Vec<f64> = s.iter().map(|x| x.1).collect();
+        let cutting: Vec<f64> = s.iter().map(|x| x.3).collect();
         println!(
-            "{op:<14} {:>7.2} / {:>6.2}   {:>7.2} / {:>6.2}   {}",
+            "{op:<14} {:>7.2} / {:>6.2}   {:>7.2} / {:>6.2}   {:>20}   {:.3} / {:.3}",
             bench::run::percentile(&whole, 0.5),
             bench::run::percentile(&whole, 0.99),
             bench::run::percentile(&split, 0.5),
             bench::run::percentile(&split, 0.99),
             s.iter().map(|x| x.2).max().unwrap_or(0),
+            bench::run::percentile(&cutting, 0.5),
+            bench::run::percentile(&cutting, 0.99),
         );
     }
     drop(progs);
