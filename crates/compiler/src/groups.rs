@@ -25,7 +25,8 @@
 //! applied to empty groups.
 //!
 //! Not yet programmed by the agent: `bench --example split_projection`
-//! and `split_packet_cost` use it to measure what the cut would give. A
+//! and `split_packet_cost` use it to measure what the cut would give, and
+//! `tests/tests/groups_cut.rs` runs every scenario's probes through it. A
 //! programmed split also needs a table name per group, and a programmer
 //! that keeps several tables per family (README, Performance).
 
@@ -260,6 +261,7 @@ impl Split {
 
     /// `patch` (from the incremental compiler, which now holds `new`) as
     /// one patch per group; a group it does not reach gets an empty one.
+    /// The groups must have been cut whole ([`Split::full`]) first.
     pub fn patch(
         &mut self,
         new: &Ruleset,
