@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use bench::packet::{cluster, Client, PacketPoint, Server, Topology, SERVER_PORT};
 use bench::NODE_UNDER_TEST;
-use compiler::groups::Split;
-use compiler::nft::{Ruleset, Verdict};
+use compiler::groups::{self, Split};
+use compiler::nft::Verdict;
 use compiler::CompileOptions;
 
 fn main() -> anyhow::Result<()> {
@@ -48,17 +48,7 @@ fn main() -> anyhow::Result<()> {
             iface.len() + usize::from(iface.as_bytes()[iface.len() - 1])
         }
     };
-    let mut cut = Ruleset::default();
-    for (g, part) in Split::new(groups)
-        .full(&whole, &group_of)
-        .into_iter()
-        .enumerate()
-    {
-        for mut t in part.tables {
-            t.name = format!("nftpolicy-g{g}");
-            cut.tables.push(t);
-        }
-    }
+    let cut = groups::named(Split::new(groups).full(&whole, &group_of));
     let cut_text = compiler::render_nft::render(&cut);
     let whole_text = compiler::render_nft::render(&whole);
     let verdicts = whole.tables[0]

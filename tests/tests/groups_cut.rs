@@ -12,8 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use compiler::groups::Split;
-use compiler::nft::Ruleset;
+use compiler::groups::{self, Split};
 use compiler::{compile_nftables, CompileOptions};
 use lab::{run_scenario, E2eOptions, NodeScript};
 use model::scenario::{collect_files, NodeConfig, Scenario};
@@ -53,23 +52,14 @@ fn cut_script(node: &str, cluster: &ClusterState, config: &NodeConfig) -> Result
             .get(iface)
             .map_or(0, |ns| group_of_namespace(ns))
     };
-    let mut cut = Ruleset::default();
-    for (g, part) in Split::new(GROUPS)
-        .full(&whole, &group_of)
-        .into_iter()
-        .enumerate()
-    {
-        for mut t in part.tables {
-            t.name = format!("nftpolicy-g{g}");
-            cut.tables.push(t);
-        }
-    }
+    let cut = groups::named(Split::new(GROUPS).full(&whole, &group_of));
     let mut script = String::new();
     for family in ["ip", "ip6"] {
         for g in 0..GROUPS {
             // Created if missing, so that the delete always has a table.
             script.push_str(&format!(
-                "table {family} nftpolicy-g{g} {{}}\ndelete table {family} nftpolicy-g{g}\n"
+                "table {family} {0} {{}}\ndelete table {family} {0}\n",
+                groups::table_name(g)
             ));
         }
     }

@@ -37,6 +37,24 @@ use crate::nft::{
     VerdictMap,
 };
 
+/// The name of group `g`'s table in each family: `nftpolicy-g<g>`.
+pub fn table_name(g: usize) -> String {
+    format!("{}-g{g}", crate::nft::TABLE_NAME)
+}
+
+/// Per-group rulesets (as [`Split::full`] gives them) as one ruleset whose
+/// tables carry their group's [`table_name`].
+pub fn named(groups: Vec<Ruleset>) -> Ruleset {
+    let mut out = Ruleset::default();
+    for (g, part) in groups.into_iter().enumerate() {
+        for mut t in part.tables {
+            t.name = table_name(g);
+            out.tables.push(t);
+        }
+    }
+    out
+}
+
 /// The groups' reach, kept across patches.
 #[derive(Debug, Clone)]
 pub struct Split {
