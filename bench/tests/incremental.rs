@@ -194,8 +194,6 @@ fn maybe_tiered(p: &mut NetworkPolicy, rng: &mut StdRng) {
     }
 }
 
-/// What differs between the incremental result and the full compile's,
-/// object by object (the whole rulesets are too long to read).
 /// Groups of the namespace-group cut in these tests.
 const GROUPS: usize = 3;
 
@@ -271,6 +269,8 @@ fn reference_cut(r: &Ruleset) -> Vec<Ruleset> {
         .collect()
 }
 
+/// What differs between the incremental result and the full compile's,
+/// object by object (the whole rulesets are too long to read).
 fn differences(inc: &LogicalRuleset, full: &LogicalRuleset) -> String {
     let mut out = String::new();
     by_key("chain", &inc.chains, &full.chains, &mut out);

@@ -96,6 +96,14 @@ impl E2eOptions {
 /// error.
 pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeOutcome>, LabError> {
     let states = scenario.states()?;
+    // A script replaces `nftpolicy sync`, which only the file datastore
+    // runs; with agents it would be ignored without a word.
+    if opts.nft_script.is_some() && opts.datastore != Datastore::File {
+        return Err(LabError::Setup(format!(
+            "an nft script programs nodes with the file datastore only, not {:?}",
+            opts.datastore
+        )));
+    }
     // The standard nodes, plus any a pod names itself, in order of first
     // appearance.
     let mut nodes: Vec<String> = NODES.iter().map(|n| n.to_string()).collect();
@@ -322,9 +330,7 @@ impl Lab {
         });
         first_error.map_or(Ok(()), Err)
     }
-}
 
-impl Lab {
     /// Loads, in every node's namespace, the script `script` gives for it
     /// with `nft -f -` (see [`E2eOptions::nft_script`]).
     pub fn load_nft_scripts(

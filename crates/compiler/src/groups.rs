@@ -26,9 +26,9 @@
 //!
 //! Not yet programmed by the agent: `bench --example split_projection`
 //! and `split_packet_cost` use it to measure what the cut would give, and
-//! `tests/tests/groups_cut.rs` runs every scenario's probes through it. A
-//! programmed split also needs a table name per group, and a programmer
-//! that keeps several tables per family (README, Performance).
+//! `tests/tests/groups_cut.rs` runs every scenario's probes through it
+//! (with the tables [`named`] per group). A programmed split also needs a
+//! programmer that keeps several tables per family (README, Performance).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -226,10 +226,6 @@ impl Split {
             iface_group: HashMap::new(),
             reach: BTreeMap::new(),
         }
-    }
-
-    pub fn groups(&self) -> usize {
-        self.groups
     }
 
     /// Forgets everything and cuts `ruleset` whole: one ruleset per group.
