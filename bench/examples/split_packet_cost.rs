@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
             iface.len() + usize::from(iface.as_bytes()[iface.len() - 1])
         }
     };
-    let cut = groups::named(Split::new(groups).full(&whole, &group_of));
+    let cut = groups::merge(Split::new(groups).full(&whole, &group_of));
     let cut_text = compiler::render_nft::render(&cut);
     let whole_text = compiler::render_nft::render(&whole);
     let verdicts = whole.tables[0]

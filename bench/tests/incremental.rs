@@ -216,7 +216,7 @@ fn reference_cut(r: &Ruleset) -> Vec<Ruleset> {
                 .tables
                 .iter()
                 .map(|t| {
-                    let mut out = Table::new(t.family, &t.name);
+                    let mut out = Table::new(t.family, &compiler::groups::table_name(g));
                     for (name, m) in &t.maps {
                         let mut m = m.clone();
                         for (iface, v) in &mut m.elements {

@@ -103,7 +103,11 @@ impl Prober {
 
 fn policy_counters(node_ns: &str) -> Vec<RuleCounter> {
     in_namespace(node_ns, || {
-        NftProgrammer::new()?.read_counters(TableFamily::Ip, POLICY_CHAIN)
+        NftProgrammer::new()?.read_counters(
+            TableFamily::Ip,
+            compiler::nft::TABLE_NAME,
+            POLICY_CHAIN,
+        )
     })
     .unwrap()
     .unwrap()

@@ -67,7 +67,11 @@ fn lab_with_policy(scenario: &Scenario, extra_args: &[String]) -> (Lab, StepStat
 /// matched"), read over netlink inside `node_ns`.
 fn policy_chain_packets(node_ns: &str) -> u64 {
     let counters = in_namespace(node_ns, || {
-        NftProgrammer::new()?.read_counters(TableFamily::Ip, POLICY_CHAIN)
+        NftProgrammer::new()?.read_counters(
+            TableFamily::Ip,
+            compiler::nft::TABLE_NAME,
+            POLICY_CHAIN,
+        )
     })
     .unwrap()
     .unwrap();

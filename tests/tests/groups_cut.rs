@@ -52,7 +52,7 @@ fn cut_script(node: &str, cluster: &ClusterState, config: &NodeConfig) -> Result
             .get(iface)
             .map_or(0, |ns| group_of_namespace(ns))
     };
-    let cut = groups::named(Split::new(GROUPS).full(&whole, &group_of));
+    let cut = groups::merge(Split::new(GROUPS).full(&whole, &group_of));
     let mut script = String::new();
     for family in ["ip", "ip6"] {
         for g in 0..GROUPS {

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use compiler::nft::TABLE_NAME;
 use model::calico::Protocol;
 use model::semantics::{EndpointVerdict, Verdict};
 use model::state::ClusterState;
@@ -66,20 +65,34 @@ pub fn run(
             .then_some(port),
     };
     let wait = Duration::from_secs_f64(args.wait.max(0.0));
+    // Our tables in the packet's family: one, or one per namespace group
+    // (--table-groups); the packet walks each in turn.
+    let tables = programmer::NftProgrammer::new()
+        .and_then(|mut p| p.our_table_names(filter.family()))
+        .context("listing nftpolicy's tables")?;
+    if tables.is_empty() {
+        bail!(
+            "this node has no nftpolicy table in family {} (is the agent running here, with --backend nftables?)",
+            filter.family().keyword()
+        );
+    }
     let mut session = TraceSession::start(filter).context("installing the trace rule")?;
     eprintln!(
         "{READY_LINE} new {protocol} connections {src} -> {dst} port {port}; waiting up to {wait:?} for one (start it now)"
     );
     let _ = std::io::stderr().flush();
     let events = session
-        .wait_for_packet(TABLE_NAME, wait)
+        .wait_for_packet(&tables, wait)
         .context("reading trace events")?;
     session.stop().context("removing the trace rule")?;
     let Some(events) = events else {
         bail!("no new connection {src} -> {dst} port {port}/{protocol} passed this node within {wait:?}");
     };
 
-    let ours: Vec<&TraceEvent> = events.iter().filter(|e| e.table == TABLE_NAME).collect();
+    let ours: Vec<&TraceEvent> = events
+        .iter()
+        .filter(|e| tables.contains(&e.table))
+        .collect();
     let comments = rule_comments(filter.family(), &ours);
     println!("kernel  trace {:#010x}:", events[0].id);
     for e in &ours {
@@ -91,10 +104,14 @@ pub fn run(
         };
         let comment = e
             .rule_handle
-            .and_then(|h| comments.get(&(e.chain.clone(), h)))
+            .and_then(|h| comments.get(&(e.table.clone(), e.chain.clone(), h)))
             .map(|c| format!(" \"{c}\""))
             .unwrap_or_default();
-        println!("        {:<28} {what}{comment}", e.chain);
+        if tables.len() > 1 {
+            println!("        {:<15} {:<28} {what}{comment}", e.table, e.chain);
+        } else {
+            println!("        {:<28} {what}{comment}", e.chain);
+        }
     }
     let kernel_chains = chain_list(&ours);
     let kernel_verdict = ours
@@ -129,7 +146,7 @@ pub fn run(
             model_chains.retain(|c| !fused.contains(c));
         }
     }
-    let in_order = is_subsequence(&model_chains, &kernel_chains);
+    let in_order = in_kernel_order(&model_chains, &ours);
     if in_order && model_verdict == kernel_verdict {
         println!("agree   model and kernel: {kernel_verdict}, same chains in the same order");
         Ok(kernel_verdict == "accept")
@@ -186,24 +203,61 @@ fn is_subsequence(needle: &[String], hay: &[String]) -> bool {
     needle.iter().all(|n| it.any(|h| h == n))
 }
 
-/// (chain, rule handle) → rule comment, read back from our table.
+/// Whether the model's chains appear in the kernel's walk in order.
+///
+/// With one table that is the trace order. With namespace groups the
+/// packet walks each group's table in turn, in the kernel's order of
+/// their base chains, not the model's: the source's egress chains may be
+/// in a table walked after the destination's ingress chains. So the
+/// chains are taken table by table, and some order of the tables that
+/// hold model chains must give the model's sequence.
+fn in_kernel_order(model: &[String], events: &[&TraceEvent]) -> bool {
+    let mut segments: Vec<(&str, Vec<&TraceEvent>)> = Vec::new();
+    for e in events {
+        match segments.iter_mut().find(|(t, _)| *t == e.table) {
+            Some((_, s)) => s.push(e),
+            None => segments.push((&e.table, vec![e])),
+        }
+    }
+    let relevant: Vec<Vec<String>> = segments
+        .iter()
+        .map(|(_, s)| chain_list(s))
+        .filter(|chains| chains.iter().any(|c| model.contains(c)))
+        .collect();
+    // A packet's model chains lie in at most two tables (its source's
+    // and its destination's group).
+    let orders: Vec<Vec<usize>> = match relevant.len() {
+        0 | 1 => vec![(0..relevant.len()).collect()],
+        2 => vec![vec![0, 1], vec![1, 0]],
+        n => vec![(0..n).collect()],
+    };
+    orders.iter().any(|order| {
+        let walk: Vec<String> = order.iter().flat_map(|&i| relevant[i].clone()).collect();
+        is_subsequence(model, &walk)
+    })
+}
+
+/// (table, chain, rule handle) → rule comment, read back from our tables.
 fn rule_comments(
     family: compiler::nft::TableFamily,
     events: &[&TraceEvent],
-) -> BTreeMap<(String, u64), String> {
+) -> BTreeMap<(String, String, u64), String> {
     let mut out = BTreeMap::new();
     let Ok(mut nft) = programmer::NftProgrammer::new() else {
         return out;
     };
-    let mut chains: Vec<&str> = events.iter().map(|e| e.chain.as_str()).collect();
+    let mut chains: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.table.as_str(), e.chain.as_str()))
+        .collect();
     chains.sort();
     chains.dedup();
-    for chain in chains {
+    for (table, chain) in chains {
         // Best effort: comments only decorate the path.
-        if let Ok(rules) = nft.read_counters(family, chain) {
+        if let Ok(rules) = nft.read_counters(family, table, chain) {
             for r in rules {
                 if let Some(c) = r.comment {
-                    out.insert((chain.to_owned(), r.handle), c);
+                    out.insert((table.to_owned(), chain.to_owned(), r.handle), c);
                 }
             }
         }

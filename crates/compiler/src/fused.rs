@@ -800,16 +800,15 @@ impl Upkeep {
             let Some(sources) = self.sources.get(&(family, name.clone())) else {
                 continue;
             };
-            let Some(set) = rs
-                .tables
-                .iter_mut()
-                .find(|t| t.family == family)
-                .and_then(|t| t.sets.get_mut(&name))
-            else {
+            let Some(table) = rs.tables.iter_mut().find(|t| t.family == family) else {
+                continue;
+            };
+            let Some(set) = table.sets.get_mut(&name) else {
                 continue;
             };
             let mut d = SetDelta {
                 family,
+                table: table.name.clone(),
                 set: name,
                 remove: vec![],
                 add: vec![],
@@ -837,10 +836,12 @@ impl Upkeep {
     }
 }
 
-/// The changes turning `old`'s elements into `new`'s (both sorted).
-pub(crate) fn element_delta(family: TableFamily, old: &Set, new: &Set) -> SetDelta {
+/// The changes turning `old`'s elements into `new`'s (both sorted, sets
+/// of table `family` `table`).
+pub(crate) fn element_delta(family: TableFamily, table: &str, old: &Set, new: &Set) -> SetDelta {
     let mut d = SetDelta {
         family,
+        table: table.to_owned(),
         set: new.name.clone(),
         remove: vec![],
         add: vec![],

@@ -33,8 +33,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::nft::{
-    referenced_sets, ElementDelta, Ruleset, RulesetPatch, Table, TableFamily, TablePatch, Verdict,
-    VerdictMap,
+    referenced_sets, ElementDelta, Ruleset, RulesetPatch, SetDelta, Table, TableFamily, TablePatch,
+    Verdict, VerdictMap,
 };
 
 /// The name of group `g`'s table in each family: `nftpolicy-g<g>`.
@@ -42,17 +42,40 @@ pub fn table_name(g: usize) -> String {
     format!("{}-g{g}", crate::nft::TABLE_NAME)
 }
 
-/// Per-group rulesets (as [`Split::full`] gives them) as one ruleset whose
-/// tables carry their group's [`table_name`].
-pub fn named(groups: Vec<Ruleset>) -> Ruleset {
-    let mut out = Ruleset::default();
-    for (g, part) in groups.into_iter().enumerate() {
-        for mut t in part.tables {
-            t.name = table_name(g);
-            out.tables.push(t);
-        }
+/// Per-group rulesets (as [`Split::full`] gives them, each table named
+/// by its group) as one ruleset.
+pub fn merge(groups: Vec<Ruleset>) -> Ruleset {
+    Ruleset {
+        tables: groups.into_iter().flat_map(|r| r.tables).collect(),
+    }
+}
+
+/// Per-group patches (as [`Split::patch`] gives them) as one patch, for
+/// one transaction.
+pub fn merge_patches(groups: Vec<RulesetPatch>) -> RulesetPatch {
+    let mut out = RulesetPatch::default();
+    for p in groups {
+        out.tables
+            .extend(p.tables.into_iter().filter(|t| !t.is_empty()));
+        out.elements.sets.extend(p.elements.sets);
     }
     out
+}
+
+/// Per-group element changes (as [`Split::elements`] gives them) as one
+/// delta.
+pub fn merge_elements(groups: Vec<ElementDelta>) -> ElementDelta {
+    ElementDelta {
+        sets: groups.into_iter().flat_map(|d| d.sets).collect(),
+    }
+}
+
+/// `d` for group `g`'s table.
+fn in_group(d: &SetDelta, g: usize) -> SetDelta {
+    SetDelta {
+        table: table_name(g),
+        ..d.clone()
+    }
 }
 
 /// The groups' reach, kept across patches.
@@ -203,9 +226,9 @@ impl Reach {
         }
     }
 
-    /// The group's table, from `t`'s objects that it reaches.
-    fn table(&self, t: &Table) -> Table {
-        let mut out = Table::new(t.family, &t.name);
+    /// Group `g`'s table, from `t`'s objects that it reaches.
+    fn table(&self, t: &Table, g: usize) -> Table {
+        let mut out = Table::new(t.family, &table_name(g));
         out.maps = self.maps.clone();
         for name in self.chains.keys() {
             out.chains.insert(name.clone(), t.chains[name].clone());
@@ -248,7 +271,7 @@ impl Split {
                 self.update_map(t, name, &mut seen, group_of);
             }
             for (g, r) in self.reach[&t.family].iter().enumerate() {
-                out[g].tables.push(r.table(t));
+                out[g].tables.push(r.table(t, g));
             }
         }
         out
@@ -267,7 +290,7 @@ impl Split {
                             .get(&d.family)
                             .is_some_and(|r| r[g].sets.contains_key(&d.set))
                     })
-                    .cloned()
+                    .map(|d| in_group(d, g))
                     .collect(),
             })
             .collect()
@@ -338,7 +361,7 @@ impl Split {
                         r.leave_set(s, &mut touched[g]);
                     }
                 }
-                out[g].tables.push(group_patch(r, t, tp, &touched[g]));
+                out[g].tables.push(group_patch(r, t, g, tp, &touched[g]));
                 out[g].elements.sets.extend(
                     patch
                         .elements
@@ -352,7 +375,7 @@ impl Split {
                                 && touched[g].sets.get(&d.set) != Some(&false)
                                 && !tp.sets.contains_key(&d.set)
                         })
-                        .cloned(),
+                        .map(|d| in_group(d, g)),
                 );
             }
         }
@@ -367,7 +390,7 @@ impl Split {
                     .get(&d.family)
                     .is_some_and(|r| r[g].sets.contains_key(&d.set))
                 {
-                    o.elements.sets.push(d.clone());
+                    o.elements.sets.push(in_group(d, g));
                 }
             }
         }
@@ -444,11 +467,11 @@ impl Split {
     }
 }
 
-/// One group's patch of table `t` after `tp`: what entered (as it is
+/// Group `g`'s patch of table `t` after `tp`: what entered (as it is
 /// now), what left, what the patch changed and the group keeps, and its
 /// share of every map the patch touched.
-fn group_patch(r: &Reach, t: &Table, tp: &TablePatch, touched: &Touched) -> TablePatch {
-    let mut out = TablePatch::new(t.family);
+fn group_patch(r: &Reach, t: &Table, g: usize, tp: &TablePatch, touched: &Touched) -> TablePatch {
+    let mut out = TablePatch::new(t.family, &table_name(g));
     for (name, &before) in &touched.chains {
         let after = r.chains.contains_key(name);
         if after && (!before || tp.chains.contains_key(name)) {

@@ -1506,7 +1506,7 @@ impl IncrementalCompiler {
         for table in &mut self.ruleset.tables {
             let family = table.family;
             let refs = self.nft_set_refs.entry(family).or_default();
-            let mut patch = TablePatch::new(family);
+            let mut patch = TablePatch::new(family, &table.name);
             let mut maybe_unused: Vec<String> = Vec::new();
             for name in changed_chains {
                 if let Some(old) = table.chains.remove(name) {
@@ -1553,7 +1553,12 @@ impl IncrementalCompiler {
                         std::collections::btree_map::Entry::Occupied(mut slot)
                             if at.is_some() && slot.get().elements != set.elements =>
                         {
-                            fused_changes.push(fused::element_delta(family, slot.get(), &set));
+                            fused_changes.push(fused::element_delta(
+                                family,
+                                &table.name,
+                                slot.get(),
+                                &set,
+                            ));
                             slot.get_mut().elements = set.elements;
                         }
                         std::collections::btree_map::Entry::Occupied(_) => {}
@@ -1674,6 +1679,7 @@ impl IncrementalCompiler {
                 };
                 let d = SetDelta {
                     family,
+                    table: table.name.clone(),
                     set: name,
                     remove,
                     add,

@@ -17,8 +17,20 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// The table name nftpolicy owns in each family; it touches no other.
+/// The table name nftpolicy owns in each family. With namespace groups
+/// (`groups.rs`) its tables are `nftpolicy-g<N>` instead; it touches no
+/// other (see [`is_our_table`]).
 pub const TABLE_NAME: &str = "nftpolicy";
+
+/// Whether a table of that name is nftpolicy's: [`TABLE_NAME`] or a
+/// group's `nftpolicy-g<N>` (N decimal digits).
+pub fn is_our_table(name: &str) -> bool {
+    name == TABLE_NAME
+        || name
+            .strip_prefix(TABLE_NAME)
+            .and_then(|rest| rest.strip_prefix("-g"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
 
 /// A whole desired dataplane: one table per address family.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -323,6 +335,8 @@ pub struct ElementDelta {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetDelta {
     pub family: TableFamily,
+    /// The set's table.
+    pub table: String,
     pub set: String,
     pub remove: Vec<SetElement>,
     pub add: Vec<SetElement>,
@@ -340,10 +354,14 @@ impl ElementDelta {
         self.sets.iter().map(|s| s.remove.len() + s.add.len()).sum()
     }
 
-    /// Applies the changes to `table` (of the delta's family; other
-    /// families' changes are skipped). Set elements stay sorted.
+    /// Applies the changes to `table` (those of other tables are
+    /// skipped). Set elements stay sorted.
     pub fn apply_to_table(&self, table: &mut Table) {
-        for d in self.sets.iter().filter(|d| d.family == table.family) {
+        for d in self
+            .sets
+            .iter()
+            .filter(|d| d.family == table.family && d.table == table.name)
+        {
             if let Some(set) = table.sets.get_mut(&d.set) {
                 d.apply_to_set(set);
             }
@@ -390,15 +408,18 @@ pub struct RulesetPatch {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TablePatch {
     pub family: TableFamily,
+    /// The table's name.
+    pub table: String,
     pub chains: BTreeMap<String, Option<Chain>>,
     pub sets: BTreeMap<String, Option<Set>>,
     pub maps: BTreeMap<String, Option<VerdictMap>>,
 }
 
 impl TablePatch {
-    pub fn new(family: TableFamily) -> TablePatch {
+    pub fn new(family: TableFamily, table: &str) -> TablePatch {
         TablePatch {
             family,
+            table: table.to_owned(),
             chains: BTreeMap::new(),
             sets: BTreeMap::new(),
             maps: BTreeMap::new(),
@@ -409,7 +430,7 @@ impl TablePatch {
         self.chains.is_empty() && self.sets.is_empty() && self.maps.is_empty()
     }
 
-    /// Replaces and deletes the objects in `table` (of the same family).
+    /// Replaces and deletes the objects in `table` (the patch's).
     pub fn apply_to_table(&self, table: &mut Table) {
         fn patch<T: Clone>(
             objects: &mut BTreeMap<String, T>,
@@ -439,8 +460,12 @@ impl RulesetPatch {
 
     pub fn apply_to(&self, ruleset: &mut Ruleset) {
         for t in &mut ruleset.tables {
-            let family = t.family;
-            for p in self.tables.iter().filter(|p| p.family == family) {
+            let (family, name) = (t.family, t.name.clone());
+            for p in self
+                .tables
+                .iter()
+                .filter(|p| p.family == family && p.table == name)
+            {
                 p.apply_to_table(t);
             }
         }

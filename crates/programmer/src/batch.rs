@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use compiler::nft::{TableFamily, TABLE_NAME};
+use compiler::nft::TableFamily;
 
 use crate::consts::*;
 use crate::nla::Writer;
@@ -16,13 +16,16 @@ pub enum Subject {
     Batch,
     Table {
         family: TableFamily,
+        table: String,
     },
     Chain {
         family: TableFamily,
+        table: String,
         chain: String,
     },
     Rule {
         family: TableFamily,
+        table: String,
         chain: String,
         /// Position of the rule in its chain (0-based).
         index: usize,
@@ -30,10 +33,12 @@ pub enum Subject {
     },
     Set {
         family: TableFamily,
+        table: String,
         set: String,
     },
     Elements {
         family: TableFamily,
+        table: String,
         set: String,
     },
 }
@@ -42,39 +47,36 @@ impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Subject::Batch => write!(f, "the batch framing"),
-            Subject::Table { family } => write!(f, "table {} {}", family.keyword(), TABLE_NAME),
-            Subject::Chain { family, chain } => {
-                write!(f, "chain {} {} {}", family.keyword(), TABLE_NAME, chain)
+            Subject::Table { family, table } => write!(f, "table {} {table}", family.keyword()),
+            Subject::Chain {
+                family,
+                table,
+                chain,
+            } => {
+                write!(f, "chain {} {table} {chain}", family.keyword())
             }
             Subject::Rule {
                 family,
+                table,
                 chain,
                 index,
                 comment,
             } => {
                 write!(
                     f,
-                    "rule #{index} of chain {} {} {}",
-                    family.keyword(),
-                    TABLE_NAME,
-                    chain
+                    "rule #{index} of chain {} {table} {chain}",
+                    family.keyword()
                 )?;
                 if let Some(c) = comment {
                     write!(f, " (comment {c:?})")?;
                 }
                 Ok(())
             }
-            Subject::Set { family, set } => {
-                write!(f, "set {} {} {}", family.keyword(), TABLE_NAME, set)
+            Subject::Set { family, table, set } => {
+                write!(f, "set {} {table} {set}", family.keyword())
             }
-            Subject::Elements { family, set } => {
-                write!(
-                    f,
-                    "elements of set {} {} {}",
-                    family.keyword(),
-                    TABLE_NAME,
-                    set
-                )
+            Subject::Elements { family, table, set } => {
+                write!(f, "elements of set {} {table} {set}", family.keyword())
             }
         }
     }
@@ -87,8 +89,9 @@ pub struct MsgMeta {
     pub subject: Subject,
 }
 
-/// `NFTA_SET_ID`s of the sets created in a batch, per family.
-pub type SetIds = HashMap<TableFamily, HashMap<String, u32>>;
+/// `NFTA_SET_ID`s of the sets created in a batch, per family and table
+/// (the groups' tables have sets of the same names).
+pub type SetIds = HashMap<TableFamily, HashMap<String, HashMap<String, u32>>>;
 
 /// An encoded transaction: `BATCH_BEGIN`, the messages, `BATCH_END`.
 #[derive(Debug, Clone)]
@@ -99,8 +102,9 @@ pub struct Batch {
     /// element messages that refer to them carry the id as nft does.
     set_ids: SetIds,
     next_set_id: u32,
-    /// Ids given out by `reserve_set_ids`, not yet used by a `NEWSET`.
-    reserved: HashMap<(TableFamily, String), u32>,
+    /// Ids given out by `reserve_set_ids` (per family, table and set),
+    /// not yet used by a `NEWSET`.
+    reserved: HashMap<(TableFamily, String, String), u32>,
     open: Option<usize>,
     finished: bool,
 }
@@ -161,8 +165,11 @@ impl Batch {
         }
     }
 
-    pub fn alloc_set_id(&mut self, family: TableFamily, set: &str) -> u32 {
-        let id = match self.reserved.remove(&(family, set.to_owned())) {
+    pub fn alloc_set_id(&mut self, family: TableFamily, table: &str, set: &str) -> u32 {
+        let id = match self
+            .reserved
+            .remove(&(family, table.to_owned(), set.to_owned()))
+        {
             Some(id) => id,
             None => {
                 self.next_set_id += 1;
@@ -171,6 +178,8 @@ impl Batch {
         };
         self.set_ids
             .entry(family)
+            .or_default()
+            .entry(table.to_owned())
             .or_default()
             .insert(set.to_owned(), id);
         id
@@ -183,11 +192,14 @@ impl Batch {
     pub fn reserve_set_ids<'a>(
         &mut self,
         family: TableFamily,
+        table: &str,
         names: impl Iterator<Item = &'a str>,
     ) {
         for name in names {
-            self.reserved
-                .insert((family, name.to_owned()), self.next_set_id);
+            self.reserved.insert(
+                (family, table.to_owned(), name.to_owned()),
+                self.next_set_id,
+            );
             self.next_set_id += 1;
         }
     }
@@ -198,8 +210,8 @@ impl Batch {
         (&mut self.w, &self.set_ids)
     }
 
-    pub fn set_id(&self, family: TableFamily, set: &str) -> Option<u32> {
-        self.set_ids.get(&family)?.get(set).copied()
+    pub fn set_id(&self, family: TableFamily, table: &str, set: &str) -> Option<u32> {
+        self.set_ids.get(&family)?.get(table)?.get(set).copied()
     }
 
     /// Appends `BATCH_END`. Idempotent.

@@ -10,12 +10,10 @@
 //! [`RulesetPatch`] names them, and only they are diffed against their
 //! committed versions (with the same ordering rules as a full apply).
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use compiler::nft::{
-    ElementDelta, RulesetPatch, Set, SetDelta, SetElement, SetKey, Table, TableFamily, TablePatch,
-    TABLE_NAME,
+    ElementDelta, RulesetPatch, Set, SetDelta, SetElement, SetKey, Table, TablePatch,
 };
 
 use tracing::debug;
@@ -24,7 +22,7 @@ use crate::batch::Batch;
 use crate::consts::{NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM};
 use crate::plan::{RuleEdit, RuleHandles};
 use crate::readback::read_rules;
-use crate::{decode, encode, netlink, ApplyReport, Error, NftProgrammer};
+use crate::{decode, encode, netlink, ApplyReport, Error, NftProgrammer, Tables};
 
 impl NftProgrammer {
     /// Applies set element changes to sets we committed earlier, in ONE
@@ -58,11 +56,11 @@ impl NftProgrammer {
                 .as_ref()
                 .ok_or_else(crate::nothing_committed)?;
             for p in &patch.tables {
-                let table = committed
-                    .get(&p.family)
-                    .ok_or_else(|| Error::NotCommitted {
-                        object: format!("table {} {TABLE_NAME}", p.family.keyword()),
-                    })?;
+                let table = committed.get(&(p.family, p.table.clone())).ok_or_else(|| {
+                    Error::NotCommitted {
+                        object: format!("table {} {}", p.family.keyword(), p.table),
+                    }
+                })?;
                 let handles = rule_handles(&mut self.sock, table, p);
                 let (before, after) = patched_objects(table, p);
                 crate::plan::diff_table(&mut b, &before, &after, &handles)?;
@@ -71,7 +69,7 @@ impl NftProgrammer {
         }
         self.send_unless_empty(b, t0, |committed| {
             for p in &patch.tables {
-                if let Some(t) = committed.get_mut(&p.family) {
+                if let Some(t) = committed.get_mut(&(p.family, p.table.clone())) {
                     p.apply_to_table(t);
                     for name in p.sets.keys() {
                         if let Some(s) = t.sets.get_mut(name) {
@@ -105,7 +103,7 @@ fn rule_handles(sock: &mut netlink::Socket, committed: &Table, p: &TablePatch) -
         keeps.then_some(old)
     });
     for old in edited.take(MAX_EDITED_CHAINS) {
-        let kernel = match read_rules(sock, p.family, TABLE_NAME, Some(&old.name)) {
+        let kernel = match read_rules(sock, p.family, &p.table, Some(&old.name)) {
             Ok(k) => k,
             Err(e) => {
                 debug!(chain = %old.name, "reading the chain's rule handles failed ({e}); refilling it");
@@ -130,15 +128,15 @@ fn rule_handles(sock: &mut netlink::Socket, committed: &Table, p: &TablePatch) -
 /// exist).
 fn encode_element_delta(
     b: &mut Batch,
-    committed: &BTreeMap<TableFamily, Table>,
+    committed: &Tables,
     delta: &ElementDelta,
 ) -> Result<(), Error> {
     for d in &delta.sets {
         let set = committed
-            .get(&d.family)
+            .get(&(d.family, d.table.clone()))
             .and_then(|t| t.sets.get(&d.set))
             .ok_or_else(|| Error::NotCommitted {
-                object: format!("set {} {}", d.family.keyword(), d.set),
+                object: format!("set {} {} {}", d.family.keyword(), d.table, d.set),
             })?;
         encode_set_delta(b, set, d).map_err(crate::plan::Error::from)?;
     }
@@ -158,8 +156,8 @@ fn encode_set_delta(b: &mut Batch, set: &Set, d: &SetDelta) -> Result<(), encode
         SetKey::NamedPort | SetKey::Host => {
             let del = encode::plain_elems(f, set.key, &d.set, &d.remove)?;
             let add = encode::plain_elems(f, set.key, &d.set, &d.add)?;
-            encode::elements(b, NFT_MSG_DELSETELEM, f, TABLE_NAME, &d.set, &del)?;
-            encode::elements(b, NFT_MSG_NEWSETELEM, f, TABLE_NAME, &d.set, &add)?;
+            encode::elements(b, NFT_MSG_DELSETELEM, f, &d.table, &d.set, &del)?;
+            encode::elements(b, NFT_MSG_NEWSETELEM, f, &d.table, &d.set, &add)?;
         }
         key => {
             let width = encode::interval_width(f, key);
@@ -189,8 +187,8 @@ fn encode_set_delta(b: &mut Batch, set: &Set, d: &SetDelta) -> Result<(), encode
                 && !starts_above_zero(old_first)?;
             let del = encode::interval_elems(width, &removed, false);
             let add = encode::interval_elems(width, &added, zero);
-            encode::elements(b, NFT_MSG_DELSETELEM, f, TABLE_NAME, &d.set, &del)?;
-            encode::elements(b, NFT_MSG_NEWSETELEM, f, TABLE_NAME, &d.set, &add)?;
+            encode::elements(b, NFT_MSG_DELSETELEM, f, &d.table, &d.set, &del)?;
+            encode::elements(b, NFT_MSG_NEWSETELEM, f, &d.table, &d.set, &add)?;
         }
     }
     Ok(())

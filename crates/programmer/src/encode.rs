@@ -83,7 +83,10 @@ pub fn new_table(b: &mut Batch, family: TableFamily, name: &str) {
         NFT_MSG_NEWTABLE,
         NLM_F_CREATE,
         family,
-        Subject::Table { family },
+        Subject::Table {
+            family,
+            table: name.to_owned(),
+        },
     );
     b.w.put_str(NFTA_TABLE_NAME, name);
     b.w.put_u32_be(NFTA_TABLE_FLAGS, 0);
@@ -93,7 +96,15 @@ pub fn new_table(b: &mut Batch, family: TableFamily, name: &str) {
 /// `DESTROYTABLE`: deletes the table and everything in it; unlike DELTABLE
 /// it is not an error when the table does not exist.
 pub fn destroy_table(b: &mut Batch, family: TableFamily, name: &str) {
-    b.begin(NFT_MSG_DESTROYTABLE, 0, family, Subject::Table { family });
+    b.begin(
+        NFT_MSG_DESTROYTABLE,
+        0,
+        family,
+        Subject::Table {
+            family,
+            table: name.to_owned(),
+        },
+    );
     b.w.put_str(NFTA_TABLE_NAME, name);
     b.end();
 }
@@ -113,6 +124,7 @@ pub fn new_chain(
         family,
         Subject::Chain {
             family,
+            table: table.to_owned(),
             chain: chain.name.clone(),
         },
     );
@@ -137,6 +149,7 @@ pub fn new_chain(
 pub fn del_chain(b: &mut Batch, family: TableFamily, table: &str, chain: &str) {
     let subject = Subject::Chain {
         family,
+        table: table.to_owned(),
         chain: chain.to_owned(),
     };
     by_name(
@@ -152,6 +165,7 @@ pub fn del_chain(b: &mut Batch, family: TableFamily, table: &str, chain: &str) {
 pub fn flush_chain(b: &mut Batch, family: TableFamily, table: &str, chain: &str) {
     let subject = Subject::Chain {
         family,
+        table: table.to_owned(),
         chain: chain.to_owned(),
     };
     by_name(
@@ -189,6 +203,7 @@ pub enum Place {
 pub fn del_rule(b: &mut Batch, family: TableFamily, table: &str, chain: &str, handle: u64) {
     let subject = Subject::Chain {
         family,
+        table: table.to_owned(),
         chain: chain.to_owned(),
     };
     b.begin(NFT_MSG_DELRULE, 0, family, subject);
@@ -215,6 +230,7 @@ pub fn new_rule(
 ) -> Result<(), Error> {
     let subject = || Subject::Rule {
         family,
+        table: table.to_owned(),
         chain: chain.to_owned(),
         index,
         comment: rule.comment.clone(),
@@ -234,7 +250,7 @@ pub fn new_rule(
     }
     let (w, set_ids) = b.writer_and_set_ids();
     let exprs = w.nest_start(NFTA_RULE_EXPRESSIONS);
-    let set_id = |set: &str| set_ids.get(&family)?.get(set).copied();
+    let set_id = |set: &str| set_ids.get(&family)?.get(table)?.get(set).copied();
     if let Err(e) = rule_exprs(family, rule, &set_id, &object, &mut |e| e.write(w)) {
         b.abandon();
         debug_assert_eq!(b.w.len(), start);
@@ -828,9 +844,10 @@ fn new_set_message(
     let object = || format!("{} {}", h.what, h.name);
     check_name(object, h.name)?;
     check_comment(object, h.comment)?;
-    let id = b.alloc_set_id(family, h.name);
+    let id = b.alloc_set_id(family, table, h.name);
     let subject = Subject::Set {
         family,
+        table: table.to_owned(),
         set: h.name.to_owned(),
     };
     b.begin(NFT_MSG_NEWSET, NLM_F_CREATE, family, subject);
@@ -859,6 +876,7 @@ fn new_set_message(
 pub fn del_set(b: &mut Batch, family: TableFamily, table: &str, set: &str) {
     let subject = Subject::Set {
         family,
+        table: table.to_owned(),
         set: set.to_owned(),
     };
     by_name(
@@ -1125,7 +1143,7 @@ pub fn elements(
         return Ok(());
     }
     let delete = t == NFT_MSG_DELSETELEM;
-    let set_id = b.set_id(family, set);
+    let set_id = b.set_id(family, table, set);
     let begin = |b: &mut Batch| -> usize {
         b.begin(
             t,
@@ -1133,6 +1151,7 @@ pub fn elements(
             family,
             Subject::Elements {
                 family,
+                table: table.to_owned(),
                 set: set.to_owned(),
             },
         );

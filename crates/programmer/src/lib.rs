@@ -6,9 +6,12 @@
 //!   committed state (see `plan.rs` for the order of operations).
 //! * [`NftProgrammer::read_back`] decodes tables from the kernel into the
 //!   same IR, so that `read_back == desired` after an apply.
-//! * Only the tables named [`compiler::nft::TABLE_NAME`] in the `ip` and
-//!   `ip6` families are ever written; the rest of the ruleset (kube-proxy's
-//!   tables, say) is never touched, and the ruleset is never flushed.
+//! * Only our tables in the `ip` and `ip6` families are ever written:
+//!   [`compiler::nft::TABLE_NAME`], or with namespace groups one table per
+//!   group, `nftpolicy-g<N>` ([`compiler::nft::is_our_table`]). A table of
+//!   ours that the desired ruleset lacks (left by another group count) is
+//!   deleted. The rest of the ruleset (kube-proxy's tables, say) is never
+//!   touched, and the ruleset is never flushed.
 //!
 //! Canonical IR forms (what read-back produces, so what the compiler should
 //! emit for `read_back == desired` to hold):
@@ -46,7 +49,7 @@ pub mod trace;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use compiler::nft::{Ruleset, Table, TableFamily, TABLE_NAME};
+use compiler::nft::{Ruleset, Table, TableFamily};
 use tracing::{debug, info, warn};
 
 pub use batch::Subject;
@@ -150,13 +153,24 @@ pub struct RuleCounter {
     pub bytes: u64,
 }
 
+/// One of our tables: its family and name.
+pub type TableKey = (TableFamily, String);
+
+/// Our tables by family and name.
+pub(crate) type Tables = BTreeMap<TableKey, Table>;
+
+/// The key of table `t`.
+pub(crate) fn key_of(t: &Table) -> TableKey {
+    (t.family, t.name.clone())
+}
+
 /// Owns the netlink socket and the last committed state of our tables.
 #[derive(Debug)]
 pub struct NftProgrammer {
     sock: netlink::Socket,
     /// Our tables as last committed; `None` = unknown (not read yet, or a
     /// reply was lost), so the next apply reads the kernel first.
-    committed: Option<BTreeMap<TableFamily, Table>>,
+    committed: Option<Tables>,
     /// Ruleset generation right after our last commit or read, if nobody
     /// else committed in between; lets `has_drift` skip the read.
     committed_gen: Option<u32>,
@@ -203,13 +217,15 @@ impl NftProgrammer {
 
     /// Our tables and the generation they were read at (consistent: the
     /// generation did not move during the read).
-    fn read_ours(&mut self) -> Result<(BTreeMap<TableFamily, Table>, u32), Error> {
+    fn read_ours(&mut self) -> Result<(Tables, u32), Error> {
         for _ in 0..5 {
             let gen = self.generation()?;
             let mut tables = BTreeMap::new();
             for family in [TableFamily::Ip, TableFamily::Ip6] {
-                if let Some(t) = self.read_back(family, TABLE_NAME)? {
-                    tables.insert(family, t);
+                for name in self.our_table_names(family)? {
+                    if let Some(t) = self.read_back(family, &name)? {
+                        tables.insert((family, name), t);
+                    }
                 }
             }
             if self.generation()? == gen {
@@ -217,6 +233,15 @@ impl NftProgrammer {
             }
         }
         Err(Error::Generation(readback::Error::Unstable { attempts: 5 }))
+    }
+
+    /// The names of our tables the kernel holds in `family`.
+    pub fn our_table_names(&mut self, family: TableFamily) -> Result<Vec<String>, Error> {
+        readback::our_table_names(&mut self.sock, family).map_err(|source| Error::ReadBack {
+            family: family.keyword(),
+            table: "(the list of tables)".to_owned(),
+            source,
+        })
     }
 
     fn generation(&mut self) -> Result<u32, Error> {
@@ -255,22 +280,17 @@ impl NftProgrammer {
             return Ok(report);
         }
         self.send_transaction(&mut tx, report, |committed| {
-            *committed = desired
-                .tables
-                .iter()
-                .map(|t| (t.family, canonical(t)))
-                .collect();
+            *committed = committed_form(desired);
         })
     }
 
-    /// Deletes our tables (both families) and nothing else — for switching
-    /// to another backend. Tables that do not exist are not an error.
+    /// Deletes our tables (both families, every group's) and nothing else
+    /// — for switching to another backend. Tables that do not exist are
+    /// not an error.
     pub fn remove_all(&mut self) -> Result<(), Error> {
         let t0 = Instant::now();
         let mut b = batch::Batch::new();
-        for family in [TableFamily::Ip, TableFamily::Ip6] {
-            encode::destroy_table(&mut b, family, TABLE_NAME);
-        }
+        self.destroy_ours(&mut b)?;
         b.finish();
         let mut tx = Transaction { batch: b };
         let report = ApplyReport::planned(&tx, t0);
@@ -310,8 +330,24 @@ impl NftProgrammer {
         self.sock.port_id().map_err(Error::Open)
     }
 
+    /// Adds to `b` the destruction of every table of ours the kernel holds
+    /// now, and of [`TABLE_NAME`](compiler::nft::TABLE_NAME) in both
+    /// families in any case.
+    pub(crate) fn destroy_ours(&mut self, b: &mut batch::Batch) -> Result<(), Error> {
+        for family in [TableFamily::Ip, TableFamily::Ip6] {
+            let mut names = self.our_table_names(family)?;
+            if !names.iter().any(|n| n == compiler::nft::TABLE_NAME) {
+                names.insert(0, compiler::nft::TABLE_NAME.to_owned());
+            }
+            for name in names {
+                encode::destroy_table(b, family, &name);
+            }
+        }
+        Ok(())
+    }
+
     /// Our tables as last committed, or [`Error::NotCommitted`].
-    fn committed_tables(&self) -> Result<&BTreeMap<TableFamily, Table>, Error> {
+    fn committed_tables(&self) -> Result<&Tables, Error> {
         self.committed.as_ref().ok_or_else(nothing_committed)
     }
 
@@ -321,7 +357,7 @@ impl NftProgrammer {
         &mut self,
         mut b: batch::Batch,
         started: Instant,
-        commit: impl FnOnce(&mut BTreeMap<TableFamily, Table>),
+        commit: impl FnOnce(&mut Tables),
     ) -> Result<ApplyReport, Error> {
         b.finish();
         let mut tx = Transaction { batch: b };
@@ -340,7 +376,7 @@ impl NftProgrammer {
         &mut self,
         tx: &mut Transaction,
         mut report: ApplyReport,
-        commit: impl FnOnce(&mut BTreeMap<TableFamily, Table>),
+        commit: impl FnOnce(&mut Tables),
     ) -> Result<ApplyReport, Error> {
         let gen_before = self.generation()?;
         let t1 = Instant::now();
@@ -370,21 +406,23 @@ impl NftProgrammer {
         }
     }
 
-    /// Counters of the rules of one chain of our table, in rule order
-    /// (rules without a counter report 0).
+    /// Counters of the rules of one chain of one of our tables, in rule
+    /// order (rules without a counter report 0).
     pub fn read_counters(
         &mut self,
         family: TableFamily,
+        table: &str,
         chain: &str,
     ) -> Result<Vec<RuleCounter>, Error> {
-        let rules = readback::read_rules(&mut self.sock, family, TABLE_NAME, Some(chain)).map_err(
-            |source| Error::ReadCounters {
-                family: family.keyword(),
-                table: TABLE_NAME.to_owned(),
-                chain: chain.to_owned(),
-                source,
-            },
-        )?;
+        let rules =
+            readback::read_rules(&mut self.sock, family, table, Some(chain)).map_err(|source| {
+                Error::ReadCounters {
+                    family: family.keyword(),
+                    table: table.to_owned(),
+                    chain: chain.to_owned(),
+                    source,
+                }
+            })?;
         Ok(rules
             .iter()
             .enumerate()
@@ -407,6 +445,16 @@ impl NftProgrammer {
             })
             .collect())
     }
+}
+
+/// `desired`'s tables in read-back form, by key: the committed state after
+/// it is applied.
+pub(crate) fn committed_form(desired: &Ruleset) -> Tables {
+    desired
+        .tables
+        .iter()
+        .map(|t| (key_of(t), canonical(t)))
+        .collect()
 }
 
 /// `t` in the form read-back produces: set elements sorted and without

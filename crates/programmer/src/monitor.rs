@@ -16,7 +16,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use compiler::nft::{TableFamily, TABLE_NAME};
+use compiler::nft::{is_our_table, TableFamily};
 use tracing::{debug, trace};
 
 use crate::consts::*;
@@ -52,6 +52,8 @@ pub struct TouchedObject {
     /// Deleted (`DEL*`) rather than created or updated (`NEW*`).
     pub deleted: bool,
     pub family: TableFamily,
+    /// The object's table (one of ours).
+    pub table: String,
     /// The object's name: the table's for a table, the chain's for a chain
     /// or a rule (rules have no name), the set's for a set or element.
     pub name: String,
@@ -60,16 +62,14 @@ pub struct TouchedObject {
 impl fmt::Display for TouchedObject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let op = if self.deleted { "deleted" } else { "added" };
-        let fam = self.family.keyword();
+        let (fam, table, name) = (self.family.keyword(), &self.table, &self.name);
         match self.kind {
-            ObjectKind::Table => write!(f, "{op} table {fam} {}", self.name),
-            ObjectKind::Chain => write!(f, "{op} chain {fam} {TABLE_NAME} {}", self.name),
-            ObjectKind::Rule => write!(f, "{op} a rule of chain {fam} {TABLE_NAME} {}", self.name),
-            ObjectKind::Set => write!(f, "{op} set {fam} {TABLE_NAME} {}", self.name),
-            ObjectKind::Element => {
-                write!(f, "{op} elements of set {fam} {TABLE_NAME} {}", self.name)
-            }
-            ObjectKind::Other => write!(f, "{op} object {fam} {TABLE_NAME} {}", self.name),
+            ObjectKind::Table => write!(f, "{op} table {fam} {name}"),
+            ObjectKind::Chain => write!(f, "{op} chain {fam} {table} {name}"),
+            ObjectKind::Rule => write!(f, "{op} a rule of chain {fam} {table} {name}"),
+            ObjectKind::Set => write!(f, "{op} set {fam} {table} {name}"),
+            ObjectKind::Element => write!(f, "{op} elements of set {fam} {table} {name}"),
+            ObjectKind::Other => write!(f, "{op} object {fam} {table} {name}"),
         }
     }
 }
@@ -148,7 +148,7 @@ impl Monitor {
     }
 
     /// Waits up to `timeout` for a committed change to our tables (family
-    /// ip or ip6, name [`TABLE_NAME`]) by a socket other than
+    /// ip or ip6, [`is_our_table`]) by a socket other than
     /// `ignore_port`; `Ok(None)` when there was none. Changes to other
     /// tables and our own commits are skipped silently.
     pub fn wait_foreign(
@@ -257,13 +257,12 @@ fn take_message(
             name = Some(c_str(v));
         }
     }
-    if table.as_deref() != Some(TABLE_NAME) {
-        return None;
-    }
+    let table = table.filter(|t| is_our_table(t))?;
     let object = TouchedObject {
         kind,
         deleted,
         family,
+        table,
         name: name.unwrap_or_default(),
     };
     trace!(%object, port, "foreign change to our table");
@@ -288,7 +287,7 @@ fn non_empty(t: ForeignTransaction) -> Option<ForeignChange> {
 mod tests {
     use super::*;
     use crate::NftProgrammer;
-    use compiler::nft::{Chain, Ruleset, Table};
+    use compiler::nft::{Chain, Ruleset, Table, TABLE_NAME};
     use testkit::netns::{nft_available, Netns};
 
     const WAIT: Duration = Duration::from_secs(5);
@@ -344,6 +343,7 @@ mod tests {
                 kind: ObjectKind::Chain,
                 deleted: false,
                 family: TableFamily::Ip,
+                table: TABLE_NAME.into(),
                 name: "intruder".into(),
             }]
         );
@@ -371,7 +371,22 @@ mod tests {
         ns.nft(&["add", "chain", "ip", "kube-proxy", "c1"]).unwrap();
         // Same table name in a family we do not program.
         ns.nft(&["add", "table", "inet", TABLE_NAME]).unwrap();
+        // Names that only look like a group's table.
+        for name in [
+            "nftpolicy-g",
+            "nftpolicy-gx",
+            "nftpolicy-g1x",
+            "nftpolicyg1",
+        ] {
+            ns.nft(&["add", "table", "ip", name]).unwrap();
+        }
         assert_eq!(m.wait_foreign(own, QUIET).unwrap(), None);
+        // A group's table is ours.
+        ns.nft(&["add", "table", "ip", "nftpolicy-g12"]).unwrap();
+        let Some(ForeignChange::Transaction(t)) = m.wait_foreign(own, WAIT).unwrap() else {
+            panic!("a group table's creation not reported");
+        };
+        assert_eq!(t.objects[0].table, "nftpolicy-g12");
         // The monitor is still live: a change to ours after those is seen.
         ns.nft(&["flush", "chain", "ip", TABLE_NAME, "c1"]).unwrap();
         ns.nft(&["add", "rule", "ip", TABLE_NAME, "c1", "accept"])

@@ -32,19 +32,21 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use compiler::nft::{
-    referenced_sets, Chain, Ruleset, Set, SetKey, Table, TableFamily, VerdictMap, TABLE_NAME,
+    is_our_table, referenced_sets, Chain, Ruleset, Set, SetKey, Table, TableFamily, VerdictMap,
+    TABLE_NAME,
 };
 
 use crate::batch::Batch;
 use crate::consts::{NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM};
 use crate::encode::{self, RawElem};
+use crate::{TableKey, Tables};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("the desired ruleset has a table {family} {name}; nftpolicy only programs tables named {TABLE_NAME}")]
+    #[error("the desired ruleset has a table {family} {name}; nftpolicy only programs tables named {TABLE_NAME} or {TABLE_NAME}-g<N>")]
     ForeignTable { family: &'static str, name: String },
-    #[error("the desired ruleset has two {family} tables")]
-    DuplicateTable { family: &'static str },
+    #[error("the desired ruleset has two tables {family} {name}")]
+    DuplicateTable { family: &'static str, name: String },
     #[error(transparent)]
     Encode(#[from] encode::Error),
 }
@@ -106,29 +108,34 @@ impl Transaction {
 }
 
 /// Builds the transaction turning `last` (our tables as last committed)
-/// into `desired`.
-pub fn plan(last: &BTreeMap<TableFamily, Table>, desired: &Ruleset) -> Result<Transaction, Error> {
-    let mut want: BTreeMap<TableFamily, &Table> = BTreeMap::new();
+/// into `desired`. Tables are independent of each other (no rule or
+/// element refers to another table), so each one's messages follow the
+/// order above on their own; tables of ours that `desired` lacks are
+/// destroyed first.
+pub fn plan(last: &Tables, desired: &Ruleset) -> Result<Transaction, Error> {
+    let mut want: BTreeMap<TableKey, &Table> = BTreeMap::new();
     for t in &desired.tables {
-        if t.name != TABLE_NAME {
+        if !is_our_table(&t.name) {
             return Err(Error::ForeignTable {
                 family: t.family.keyword(),
                 name: t.name.clone(),
             });
         }
-        if want.insert(t.family, t).is_some() {
+        if want.insert(crate::key_of(t), t).is_some() {
             return Err(Error::DuplicateTable {
                 family: t.family.keyword(),
+                name: t.name.clone(),
             });
         }
     }
     let mut b = Batch::new();
-    for family in [TableFamily::Ip, TableFamily::Ip6] {
-        match (last.get(&family), want.get(&family)) {
-            (None, None) => {}
-            (Some(_), None) => encode::destroy_table(&mut b, family, TABLE_NAME),
-            (None, Some(n)) => create_table(&mut b, n)?,
-            (Some(o), Some(n)) => diff_table(&mut b, o, n, &RuleHandles::new())?,
+    for (family, name) in last.keys().filter(|k| !want.contains_key(*k)) {
+        encode::destroy_table(&mut b, *family, name);
+    }
+    for (key, n) in &want {
+        match last.get(key) {
+            None => create_table(&mut b, n)?,
+            Some(o) => diff_table(&mut b, o, n, &RuleHandles::new())?,
         }
     }
     b.finish();
@@ -141,7 +148,7 @@ fn create_table(b: &mut Batch, t: &Table) -> Result<(), Error> {
     for c in t.chains.values() {
         encode::new_chain(b, f, &t.name, c)?;
     }
-    b.reserve_set_ids(f, t.sets.keys().map(String::as_str));
+    b.reserve_set_ids(f, &t.name, t.sets.keys().map(String::as_str));
     for s in by_references(t) {
         create_set(b, f, &t.name, s)?;
     }

@@ -2,7 +2,7 @@
 //! into the IR by `decode.rs`.
 
 use compiler::nft::{Table, TableFamily};
-use netlink_packet_netfilter::nftables::NfTablesMessage;
+use netlink_packet_netfilter::nftables::{NfTablesMessage, TableAttribute};
 use tracing::debug;
 
 use crate::consts::*;
@@ -77,6 +77,28 @@ pub fn gen_id(sock: &mut Socket) -> Result<u32, Error> {
         what: "generation",
         attr: "NFTA_GEN_ID",
     }))
+}
+
+/// The names of the family's tables that are ours
+/// ([`compiler::nft::is_our_table`]), sorted.
+pub fn our_table_names(sock: &mut Socket, family: TableFamily) -> Result<Vec<String>, Error> {
+    let replies = query(
+        sock,
+        "list tables",
+        (NFT_MSG_GETTABLE, NLM_F_DUMP, family.nfproto()),
+        |_| {},
+    )?;
+    let mut names = Vec::new();
+    for m in parse_all(&replies)? {
+        if let NfTablesMessage::NewTable(t) = m {
+            names.extend(t.attributes.iter().filter_map(|a| match a {
+                TableAttribute::Name(n) if compiler::nft::is_our_table(n) => Some(n.clone()),
+                _ => None,
+            }));
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 /// Reads one table; `None` if it does not exist. Retries while the

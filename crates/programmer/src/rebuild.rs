@@ -4,9 +4,9 @@
 //! A diff is computed against what we believe the kernel holds; if someone
 //! changed our tables in a way read-back cannot express, or a kernel quirk
 //! makes the same diff fail every time, re-reading does not help. A
-//! rebuild does not depend on the kernel's current state at all: it
-//! destroys both of our tables (`NFT_MSG_DESTROYTABLE`, no error when one
-//! is missing) and creates the desired ruleset from scratch, in the same
+//! rebuild does not depend on the kernel's current contents: it destroys
+//! every table of ours the kernel lists (`NFT_MSG_DESTROYTABLE`, no error
+//! when one is gone meanwhile) and creates the desired ruleset from scratch, in the same
 //! batch — so either the new ruleset is in force or, if the kernel rejects
 //! anything, the old one still is. Chains are re-created, so rule counters
 //! restart from zero.
@@ -14,11 +14,11 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use compiler::nft::{Ruleset, TableFamily, TABLE_NAME};
+use compiler::nft::Ruleset;
 use tracing::info;
 
 use crate::batch::{Batch, MsgMeta};
-use crate::{canonical, encode, plan};
+use crate::{committed_form, plan};
 use crate::{ApplyReport, Error, NftProgrammer, Transaction};
 
 impl NftProgrammer {
@@ -29,16 +29,14 @@ impl NftProgrammer {
     pub fn rebuild(&mut self, desired: &Ruleset) -> Result<ApplyReport, Error> {
         let t0 = Instant::now();
         let create = plan::plan(&BTreeMap::new(), desired)?;
+        let mut destroy = Batch::new();
+        self.destroy_ours(&mut destroy)?;
         let mut tx = Transaction {
-            batch: destroy_then(&create.batch),
+            batch: then(destroy, &create.batch),
         };
         let report = ApplyReport::planned(&tx, t0);
         let report = self.send_transaction(&mut tx, report, |committed| {
-            *committed = desired
-                .tables
-                .iter()
-                .map(|t| (t.family, canonical(t)))
-                .collect();
+            *committed = committed_form(desired);
         })?;
         info!(
             messages = report.messages,
@@ -49,14 +47,10 @@ impl NftProgrammer {
     }
 }
 
-/// A batch destroying both of our tables, then carrying `create`'s
-/// messages (without its framing) unchanged: their set ids and bytes do not
-/// depend on where in the batch they sit.
-fn destroy_then(create: &Batch) -> Batch {
-    let mut b = Batch::new();
-    for family in [TableFamily::Ip, TableFamily::Ip6] {
-        encode::destroy_table(&mut b, family, TABLE_NAME);
-    }
+/// `b` (unfinished), then `create`'s messages (without its framing)
+/// unchanged: their set ids and bytes do not depend on where in the batch
+/// they sit.
+fn then(mut b: Batch, create: &Batch) -> Batch {
     let msgs = &create.msgs;
     // msgs[0] is BATCH_BEGIN and the last one BATCH_END.
     if msgs.len() > 2 {

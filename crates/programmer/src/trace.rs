@@ -273,22 +273,32 @@ impl TraceSession {
         Ok(out)
     }
 
-    /// Reads events until one traced packet's walk through `table` ends
-    /// with accept or drop, and returns that packet's events (all tables,
-    /// in order); `None` if none did within `timeout`.
+    /// Reads events until one traced packet's walk through `tables` ends:
+    /// dropped in one of them, or accepted (or dropped) in each. Returns
+    /// that packet's events (all tables, in order); `None` if none did
+    /// within `timeout`. A packet walks the hook's base chains of every
+    /// table in turn, so with several tables of ours (namespace groups) an
+    /// accept in the first is not yet the packet's fate.
     pub fn wait_for_packet(
         &mut self,
-        table: &str,
+        tables: &[String],
         timeout: Duration,
     ) -> Result<Option<Vec<TraceEvent>>, TraceError> {
         let deadline = Instant::now() + timeout;
         loop {
             for id in &self.order {
                 let events = &self.by_id[id];
-                if events
+                let ended =
+                    |e: &&TraceEvent| tables.contains(&e.table) && e.final_verdict().is_some();
+                let dropped = events
                     .iter()
-                    .any(|e| e.table == table && e.final_verdict().is_some())
-                {
+                    .filter(ended)
+                    .any(|e| e.final_verdict() == Some("drop"));
+                let all_ended = !tables.is_empty()
+                    && tables
+                        .iter()
+                        .all(|t| events.iter().filter(ended).any(|e| &e.table == t));
+                if dropped || all_ended {
                     return Ok(Some(events.clone()));
                 }
             }

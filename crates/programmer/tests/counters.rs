@@ -38,7 +38,7 @@ fn output_counter_rises_with_traffic() {
         ),
     );
     p.apply(&Ruleset { tables: vec![t] }).unwrap();
-    let before = p.read_counters(TableFamily::Ip, "out").unwrap();
+    let before = p.read_counters(TableFamily::Ip, TABLE_NAME, "out").unwrap();
     assert_eq!(before.len(), 2);
     assert_eq!(before[0].comment.as_deref(), Some("udp to 198.18.0.1:9999"));
     assert_eq!((before[0].packets, before[0].bytes), (0, 0));
@@ -48,7 +48,7 @@ fn output_counter_rises_with_traffic() {
     for _ in 0..3 {
         sock.send_to(b"hello", "198.18.0.1:9999").unwrap();
     }
-    let after = p.read_counters(TableFamily::Ip, "out").unwrap();
+    let after = p.read_counters(TableFamily::Ip, TABLE_NAME, "out").unwrap();
     assert_eq!(after[0].packets, 3);
     assert_eq!(after[0].bytes, 3 * (20 + 8 + 5));
     assert_eq!((after[1].packets, after[1].bytes), (0, 0));

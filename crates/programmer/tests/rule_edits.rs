@@ -37,7 +37,7 @@ fn out_chain(rules: &[&Rule]) -> Chain {
 }
 
 fn patch(rules: &[&Rule]) -> RulesetPatch {
-    let mut t = TablePatch::new(TableFamily::Ip);
+    let mut t = TablePatch::new(TableFamily::Ip, TABLE_NAME);
     t.chains.insert("out".into(), Some(out_chain(rules)));
     RulesetPatch {
         tables: vec![t],
@@ -47,7 +47,7 @@ fn patch(rules: &[&Rule]) -> RulesetPatch {
 
 /// (comment, packets) of the chain's rules, in the kernel's order.
 fn counters(p: &mut NftProgrammer) -> Vec<(String, u64)> {
-    p.read_counters(TableFamily::Ip, "out")
+    p.read_counters(TableFamily::Ip, TABLE_NAME, "out")
         .unwrap()
         .into_iter()
         .map(|c| (c.comment.unwrap_or_default(), c.packets))
