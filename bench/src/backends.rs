@@ -68,11 +68,16 @@ pub fn open_with(kind: &str, node: &str, options: &Options) -> anyhow::Result<Me
     if options.fused_lookup && kind == "iptables" {
         bail!("iptables mode has no fused form");
     }
-    let backend: Box<dyn Dataplane> = match kind {
-        "nft-netlink" => dataplane::open(Kind::Nftables, iptables::Backend::Legacy)?,
-        "nft-cli" => Box::new(NftCli { last: None }),
-        "iptables" => dataplane::open(Kind::Iptables, iptables::Backend::Legacy)?,
-        other => bail!("unknown backend {other:?}"),
+    // `nft-netlink-g<N>`: the agent's `--table-groups N`.
+    let groups = kind.strip_prefix("nft-netlink-g").map(str::parse::<usize>);
+    let backend: Box<dyn Dataplane> = match (kind, groups) {
+        (_, Some(Ok(n))) if n > 0 => {
+            dataplane::open_grouped(Kind::Nftables, iptables::Backend::Legacy, n)?
+        }
+        ("nft-netlink", _) => dataplane::open(Kind::Nftables, iptables::Backend::Legacy)?,
+        ("nft-cli", _) => Box::new(NftCli { last: None }),
+        ("iptables", _) => dataplane::open(Kind::Iptables, iptables::Backend::Legacy)?,
+        (other, _) => bail!("unknown backend {other:?}"),
     };
     let compile = CompileOptions {
         fused_lookup: options.fused_lookup,

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use model::scenario::{NodeConfig, ProbeOutcome, Scenario, NODES};
+use model::scenario::{ProbeOutcome, Scenario, NODES};
 
 use crate::lab::DEFAULT_PROBE_TIMEOUT;
 use crate::netns::ip_tool;
@@ -35,26 +35,6 @@ pub struct E2eOptions {
     pub extra_args: Vec<String>,
     /// With an API-server datastore: how steps are written to it.
     pub api_client: crate::ApiClient,
-    /// With the file datastore: program each node by loading the `nft`
-    /// script this returns (given the node's name, the step's cluster and
-    /// the scenario's node configuration) with `nft -f` in its namespace,
-    /// instead of `nftpolicy sync`. For dataplane shapes the agent does not
-    /// program yet (`compiler::groups`); the script must replace what the
-    /// previous step's script made.
-    pub nft_script: Option<NodeScript>,
-}
-
-/// See [`E2eOptions::nft_script`].
-#[derive(Clone)]
-pub struct NodeScript(pub std::sync::Arc<ScriptFn>);
-
-type ScriptFn =
-    dyn Fn(&str, &model::state::ClusterState, &NodeConfig) -> Result<String, String> + Send + Sync;
-
-impl std::fmt::Debug for NodeScript {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NodeScript(..)")
-    }
 }
 
 /// How the nodes get each step.
@@ -86,7 +66,6 @@ impl E2eOptions {
             datastore: Datastore::File,
             extra_args: Vec::new(),
             api_client: crate::ApiClient::Http,
-            nft_script: None,
         }
     }
 }
@@ -96,14 +75,6 @@ impl E2eOptions {
 /// error.
 pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeOutcome>, LabError> {
     let states = scenario.states()?;
-    // A script replaces `nftpolicy sync`, which only the file datastore
-    // runs; with agents it would be ignored without a word.
-    if opts.nft_script.is_some() && opts.datastore != Datastore::File {
-        return Err(LabError::Setup(format!(
-            "an nft script programs nodes with the file datastore only, not {:?}",
-            opts.datastore
-        )));
-    }
     // The standard nodes, plus any a pod names itself, in order of first
     // appearance.
     let mut nodes: Vec<String> = NODES.iter().map(|n| n.to_string()).collect();
@@ -206,10 +177,6 @@ pub fn run_scenario(scenario: &Scenario, opts: &E2eOptions) -> Result<Vec<ProbeO
                 let revision =
                     crate::agents::write_step(&opts.nftpolicy, etcd, &dir, previous, state)?;
                 agents.wait_applied(revision, opts.sync_timeout)?;
-            }
-            _ if opts.program && opts.nft_script.is_some() => {
-                let script = opts.nft_script.as_ref().expect("checked");
-                lab.load_nft_scripts(|node| (script.0)(node, &state.cluster, &scenario.config))?;
             }
             _ if opts.program => {
                 crate::write_state(&dir, state)?;
@@ -329,48 +296,6 @@ impl Lab {
             )
         });
         first_error.map_or(Ok(()), Err)
-    }
-
-    /// Loads, in every node's namespace, the script `script` gives for it
-    /// with `nft -f -` (see [`E2eOptions::nft_script`]).
-    pub fn load_nft_scripts(
-        &self,
-        script: impl Fn(&str) -> Result<String, String>,
-    ) -> Result<(), LabError> {
-        let nft = crate::netns::find_tool("nft")
-            .ok_or_else(|| LabError::Setup("`nft` (nftables) is not installed".into()))?;
-        let ip = ip_tool()?;
-        for node in &self.nodes {
-            let text = script(&node.name).map_err(|e| LabError::Program {
-                node: node.name.clone(),
-                command: "building the nft script".into(),
-                status: "failed".into(),
-                output: e,
-            })?;
-            let mut child = Command::new(&ip)
-                .args(["netns", "exec", node.netns.name()])
-                .arg(&nft)
-                .args(["-f", "-"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| LabError::io(format!("{}: nft -f -", node.name), e))?;
-            let written =
-                std::io::Write::write_all(&mut child.stdin.take().expect("piped"), text.as_bytes());
-            let out = child
-                .wait_with_output()
-                .map_err(|e| LabError::io(format!("{}: nft -f -", node.name), e))?;
-            if !out.status.success() || written.is_err() {
-                return Err(LabError::Program {
-                    node: node.name.clone(),
-                    command: "nft -f -".into(),
-                    status: out.status.to_string(),
-                    output: String::from_utf8_lossy(&out.stderr).into_owned(),
-                });
-            }
-        }
-        Ok(())
     }
 }
 

@@ -32,7 +32,7 @@ mod serve;
 
 pub use agents::{AgentDatastore, Agents};
 pub use apiserver::{ApiClient, LabApi};
-pub use e2e::{run_scenario, Datastore, E2eOptions, NodeScript};
+pub use e2e::{run_scenario, Datastore, E2eOptions};
 pub use etcd::EtcdServer;
 pub use lab::{Lab, INFRA_V4, INFRA_V6};
 pub use objects::write_state;

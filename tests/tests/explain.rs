@@ -284,6 +284,26 @@ fn kernel_trace_agrees_under_fused_lookup() {
     );
 }
 
+/// With `--table-groups 2` every packet walks two tables of ours, one per
+/// group (here all pods share a namespace, so one table's dispatch maps
+/// return them all): explain waits for the walk through both, shows each
+/// event's table, and still agrees with the model.
+#[test]
+fn kernel_trace_agrees_with_table_groups() {
+    let mut f = fixture_with(&["--table-groups", "2"]);
+    let probes = f.probes.clone();
+    let (e, _) = dropped_after(&mut f, &probes[0], "cali-pi-default.web-deny-all");
+    for probe in &probes[2..4] {
+        assert_agree(&explain(&mut f, probe), "accept");
+    }
+    // An accepted packet ends in both tables.
+    let e2 = explain(&mut f, &probes[2]);
+    for table in ["nftpolicy-g0", "nftpolicy-g1"] {
+        assert!(e2.stdout.contains(table), "{table} in:\n{}", e2.stdout);
+    }
+    assert!(e.stdout.contains("End of tier default"), "{}", e.stdout);
+}
+
 #[test]
 fn explain_kernel_in_iptables_mode_says_it_is_nftables_only() {
     let dir = tempdir_with_state();

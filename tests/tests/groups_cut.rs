@@ -1,70 +1,24 @@
-//! The tables cut by namespace group (`compiler::groups`, which the agent
-//! does not program yet) enforce every scenario as the whole tables do:
-//! for every step of every scenario the project has, each node's compiled
-//! ruleset is cut into three tables per family by the namespaces of its
-//! local pods (`nftpolicy-g0` … `g2`: in each, the other groups'
-//! interfaces return from the dispatch maps), loaded with `nft -f` into the
-//! node's namespace, and every probe must get the scenario's verdict. This
-//! is the evidence that felix's chain tree still holds when a packet
-//! crosses from one group's table to another's (README, Performance).
+//! The tables cut by namespace group (`nftpolicy sync --table-groups 3`)
+//! enforce every scenario as the whole tables do: for every step of every
+//! scenario the project has, each node is programmed by the agent with its
+//! ruleset cut into three tables per family by the namespaces of its local
+//! pods (`nftpolicy-g0` … `g2`: in each, the other groups' interfaces
+//! return from the dispatch maps), and every probe must get the scenario's
+//! verdict. This is the evidence that felix's chain tree still holds when
+//! a packet crosses from one group's table to another's (README,
+//! Performance). The agents over etcd (CI's etcd e2e phase) run with
+//! groups too, so patches and element changes are cut there.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use compiler::groups::{self, Split};
-use compiler::{compile_nftables, CompileOptions};
-use lab::{run_scenario, E2eOptions, NodeScript};
-use model::scenario::{collect_files, NodeConfig, Scenario};
-use model::state::ClusterState;
+use compiler::groups::group_of_namespace;
+use lab::{run_scenario, E2eOptions};
+use model::scenario::{collect_files, Scenario};
 
 const GROUPS: usize = 3;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A namespace's group: any stable function of its name.
-fn group_of_namespace(ns: &str) -> usize {
-    ns.bytes()
-        .fold(5381usize, |h, b| h.wrapping_mul(33) ^ usize::from(b))
-        % GROUPS
-}
-
-/// `node`'s ruleset cut into groups, as one `nft -f` script that first
-/// removes whatever the previous step's script made.
-fn cut_script(node: &str, cluster: &ClusterState, config: &NodeConfig) -> Result<String, String> {
-    let opts = CompileOptions {
-        encap: config.encap(),
-        ..CompileOptions::new(node)
-    };
-    let (_, whole) = compile_nftables(cluster, &opts).map_err(|e| e.to_string())?;
-    let namespace_of: HashMap<String, String> = cluster
-        .workload_endpoints()
-        .filter(|(_, e)| e.spec.node == node)
-        .map(|(k, e)| {
-            let ns = k.namespace.as_deref().unwrap_or_default().to_owned();
-            (e.spec.interface_name.clone(), ns)
-        })
-        .collect();
-    let group_of = |iface: &str| {
-        namespace_of
-            .get(iface)
-            .map_or(0, |ns| group_of_namespace(ns))
-    };
-    let cut = groups::merge(Split::new(GROUPS).full(&whole, &group_of));
-    let mut script = String::new();
-    for family in ["ip", "ip6"] {
-        for g in 0..GROUPS {
-            // Created if missing, so that the delete always has a table.
-            script.push_str(&format!(
-                "table {family} {0} {{}}\ndelete table {family} {0}\n",
-                groups::table_name(g)
-            ));
-        }
-    }
-    script.push_str(&compiler::render_nft::render(&cut));
-    Ok(script)
 }
 
 #[test]
@@ -73,8 +27,8 @@ fn every_scenario_holds_with_tables_cut_by_namespace_group() {
     paths.extend(testkit::extra_scenario_paths());
     let files = collect_files(&paths).unwrap();
     assert!(files.len() > 50, "the project's scenarios: {files:?}");
-    let mut opts = E2eOptions::new("/nonexistent/nftpolicy");
-    opts.nft_script = Some(NodeScript(Arc::new(cut_script)));
+    let mut opts = E2eOptions::new(lab::nftpolicy_binary());
+    opts.extra_args = vec!["--table-groups".into(), GROUPS.to_string()];
     let (mut probes, mut skipped, mut crossing) = (0, 0, 0);
     let mut failures = Vec::new();
     for file in &files {
@@ -87,7 +41,8 @@ fn every_scenario_holds_with_tables_cut_by_namespace_group() {
                 let r = states[i].resolve_probe(p, &scenario.externals).unwrap();
                 if let (Some(from), Some(to)) = (&r.src_pod, &r.dst_pod) {
                     if from.node == to.node
-                        && group_of_namespace(&from.namespace) != group_of_namespace(&to.namespace)
+                        && group_of_namespace(&from.namespace, GROUPS)
+                            != group_of_namespace(&to.namespace, GROUPS)
                     {
                         crossing += 1;
                     }

@@ -116,6 +116,10 @@ struct E2eArgs {
     /// With --fuzz: compare `nftables --fused-lookup` with the model too.
     #[arg(long, conflicts_with = "no_program")]
     fused_lookup: bool,
+    /// Program the nodes with `--table-groups N` (nftables backend only):
+    /// each node's tables cut into N, one per group of namespaces.
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with_all = ["no_program", "fuzz"])]
+    table_groups: u16,
     /// Scenario files or directories (default: tests/scenarios, and the
     /// paths in NFTPOLICY_EXTRA_SCENARIOS if set).
     paths: Vec<PathBuf>,
@@ -139,6 +143,7 @@ impl E2eArgs {
             fuzz: None,
             seed: None,
             fused_lookup: false,
+            table_groups: 1,
             paths,
         }
     }
@@ -303,6 +308,13 @@ fn e2e(args: &E2eArgs) -> anyhow::Result<bool> {
         }
         opts.extra_args.push("--fused-lookup".into());
     }
+    if args.table_groups > 1 {
+        if args.backend != BackendChoice::Nftables {
+            bail!("--table-groups needs --backend nftables (iptables mode has one filter table)");
+        }
+        opts.extra_args
+            .extend(["--table-groups".into(), args.table_groups.to_string()]);
+    }
     opts.probe_timeout = Duration::from_millis(args.probe_timeout_ms);
     opts.datastore = match args.datastore {
         DatastoreChoice::File => lab::Datastore::File,
@@ -425,14 +437,18 @@ fn test(args: &TestArgs) -> anyhow::Result<bool> {
             ))
         }),
         (
-            "e2e over etcd with nftpolicy run agents, nftables backend",
+            "e2e over etcd with nftpolicy run agents, nftables backend, \
+             tables cut into 3 namespace groups",
             &|| {
-                e2e(&E2eArgs::ci(
-                    BackendChoice::Nftables,
-                    DatastoreChoice::Etcd,
-                    ApiClientChoice::Http,
-                    default_scenario_paths(),
-                ))
+                e2e(&E2eArgs {
+                    table_groups: 3,
+                    ..E2eArgs::ci(
+                        BackendChoice::Nftables,
+                        DatastoreChoice::Etcd,
+                        ApiClientChoice::Http,
+                        default_scenario_paths(),
+                    )
+                })
             },
         ),
         (

@@ -363,7 +363,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<bool> {
         #[cfg(test)]
         programmed: None,
     };
-    let dataplane = ::dataplane::open(args.dataplane.kind(), args.dataplane.iptables_tools())?;
+    let dataplane = args.dataplane.open()?;
     let node = Node::new(Pipeline::new(opts, dataplane));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let stop = async move {

@@ -99,6 +99,14 @@ pub struct DataplaneArgs {
     /// than the chain walk's at large scale: see the README).
     #[arg(long, env = "NFTPOLICY_FUSED_LOOKUP", value_parser = clap::builder::FalseyValueParser::new(), default_value = "false")]
     pub fused_lookup: bool,
+    /// Cut the nftables ruleset into this many tables per family, one per
+    /// group of namespaces (`nftpolicy-g0` …; a namespace's group is a
+    /// hash of its name). The kernel validates a whole table whenever a
+    /// commit adds a rule, so a policy change then costs in proportion to
+    /// its group's table, not the node's (README, Performance). 1: one
+    /// table, `nftpolicy`. Changing the count replaces the tables.
+    #[arg(long, env = "NFTPOLICY_TABLE_GROUPS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub table_groups: u16,
     #[command(flatten)]
     pub encap: WorkloadEncapArgs,
 }
@@ -158,11 +166,17 @@ impl DataplaneArgs {
         self.iptables_backend.programmer_backend()
     }
 
-    /// The compiler's options; `--fused-lookup` with the iptables backend
-    /// is an error (iptables has no fused form).
+    /// The compiler's options; `--fused-lookup` or `--table-groups` above
+    /// 1 with the iptables backend is an error (iptables mode has neither).
     pub fn compile_options(&self) -> anyhow::Result<CompileOptions> {
         if self.fused_lookup && self.backend == Backend::Iptables {
             bail!("--fused-lookup needs the nftables backend: iptables mode has no fused form");
+        }
+        if self.table_groups > 1 && self.backend == Backend::Iptables {
+            bail!(
+                "--table-groups {} needs the nftables backend: iptables mode has one filter table",
+                self.table_groups
+            );
         }
         Ok(CompileOptions {
             node: self.node.clone(),
@@ -179,6 +193,30 @@ impl DataplaneArgs {
             encap: self.encap.encap(),
             fused_lookup: self.fused_lookup,
         })
+    }
+}
+
+impl DataplaneArgs {
+    /// Opens the chosen backend in the current network namespace (the
+    /// nftables one cut into `--table-groups`).
+    pub fn open(&self) -> anyhow::Result<Box<dyn ::dataplane::Dataplane>> {
+        Ok(::dataplane::open_grouped(
+            self.kind(),
+            self.iptables_tools(),
+            usize::from(self.table_groups),
+        )?)
+    }
+
+    /// The ruleset as text, cut into `--table-groups` for nftables.
+    pub fn render(&self, logical: &compiler::LogicalRuleset) -> String {
+        if self.backend == Backend::Nftables && self.table_groups > 1 {
+            let groups = usize::from(self.table_groups);
+            let whole = compiler::lower_nft::to_nftables(logical);
+            let group_of = compiler::groups::by_namespace(logical, groups);
+            let cut = compiler::groups::Split::new(groups).full(&whole, &group_of);
+            return compiler::render_nft::render(&compiler::groups::merge(cut));
+        }
+        ::dataplane::render(self.kind(), logical)
     }
 }
 

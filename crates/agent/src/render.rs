@@ -11,6 +11,6 @@ pub fn run(args: &DataplaneArgs, paths: &[PathBuf]) -> anyhow::Result<bool> {
     for (key, why) in &logical.rejected {
         eprintln!("error: rejected {key}: {why}");
     }
-    print!("{}", ::dataplane::render(args.kind(), &logical));
+    print!("{}", args.render(&logical));
     Ok(skipped == 0 && logical.rejected.is_empty())
 }

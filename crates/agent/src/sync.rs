@@ -36,7 +36,7 @@ pub fn run(args: &SyncArgs) -> anyhow::Result<bool> {
     let node = opts.node.clone();
     // The nftables backend starts from what the kernel holds, so the
     // transaction is a diff and unchanged chains keep their counters.
-    let backend = ::dataplane::open(args.dataplane.kind(), args.dataplane.iptables_tools())?;
+    let backend = args.dataplane.open()?;
     let mut pipeline = Pipeline::new(opts, backend);
     let applied = pipeline.apply(&state, &Changes::new());
     if let Some(logical) = pipeline.logical() {

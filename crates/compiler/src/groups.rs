@@ -24,14 +24,15 @@
 //! touching only the groups it reaches; [`Split::full`] is the same code
 //! applied to empty groups.
 //!
-//! Not yet programmed by the agent: `bench --example split_projection`
-//! and `split_packet_cost` use it to measure what the cut would give, and
-//! `tests/tests/groups_cut.rs` runs every scenario's probes through it
-//! (with the tables [`named`] per group). A programmed split also needs a
-//! programmer that keeps several tables per family (README, Performance).
+//! The agent cuts its tables with `--table-groups N` (the nftables
+//! backend, `dataplane::NftDataplane`), grouping interfaces by their
+//! endpoint's namespace ([`by_namespace`]); each group's tables are named
+//! [`table_name`]. `bench --example split_projection` and
+//! `split_packet_cost` measure the cut (README, Performance).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::logical::LogicalRuleset;
 use crate::nft::{
     referenced_sets, ElementDelta, Ruleset, RulesetPatch, SetDelta, Table, TableFamily, TablePatch,
     Verdict, VerdictMap,
@@ -40,6 +41,29 @@ use crate::nft::{
 /// The name of group `g`'s table in each family: `nftpolicy-g<g>`.
 pub fn table_name(g: usize) -> String {
     format!("{}-g{g}", crate::nft::TABLE_NAME)
+}
+
+/// A namespace's group among `groups`: FNV-1a of its name, so that it is
+/// the same on every run and every build (a restarted agent adopts its
+/// tables and finds each interface where it left it).
+pub fn group_of_namespace(namespace: &str, groups: usize) -> usize {
+    let hash = namespace.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % groups.max(1) as u64) as usize
+}
+
+/// The group of each local interface of `logical`: its endpoint's
+/// namespace's ([`group_of_namespace`]); group 0 for an interface with no
+/// namespaced endpoint.
+pub fn by_namespace(logical: &LogicalRuleset, groups: usize) -> impl Fn(&str) -> usize + '_ {
+    move |iface| {
+        logical
+            .endpoints
+            .get(iface)
+            .and_then(|e| e.key.namespace.as_deref())
+            .map_or(0, |ns| group_of_namespace(ns, groups))
+    }
 }
 
 /// Per-group rulesets (as [`Split::full`] gives them, each table named

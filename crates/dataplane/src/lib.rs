@@ -245,8 +245,20 @@ impl Dataplane for Discard {
 /// nftables backend adopts what a previous run left (unchanged chains are
 /// not rewritten and keep their counters).
 pub fn open(kind: Kind, iptables_tools: iptables::Backend) -> Result<Box<dyn Dataplane>, Error> {
+    open_grouped(kind, iptables_tools, 1)
+}
+
+/// [`open`], the nftables backend's tables cut into `table_groups` groups
+/// by namespace (`--table-groups`; 1: one table per family). The iptables
+/// backend has one set of chains whatever the count (the agent refuses
+/// `--table-groups` above 1 with it).
+pub fn open_grouped(
+    kind: Kind,
+    iptables_tools: iptables::Backend,
+    table_groups: usize,
+) -> Result<Box<dyn Dataplane>, Error> {
     Ok(match kind {
-        Kind::Nftables => Box::new(NftDataplane::open(iptables_tools)?),
+        Kind::Nftables => Box::new(NftDataplane::open_grouped(iptables_tools, table_groups)?),
         Kind::Iptables => Box::new(IptablesDataplane::new(iptables_tools)),
     })
 }

@@ -1,5 +1,7 @@
 //! The nftables backend: [`programmer::NftProgrammer`] behind [`Dataplane`].
 
+use compiler::groups::{self, Split};
+use compiler::nft::Ruleset;
 use programmer::NftProgrammer;
 use tracing::{info, warn};
 
@@ -8,6 +10,12 @@ use crate::{Change, Dataplane, Desired, Error, Kind, Op, Stats};
 /// nftables over netlink: every apply is one atomic transaction; element
 /// deltas and patches are sent as they are, anything else is diffed
 /// against the last committed state.
+///
+/// With table groups (`--table-groups N`, N > 1) the compiler's one table
+/// per family is cut into one per group of namespaces
+/// (`compiler::groups`), and every change is cut the same way before it
+/// is sent: still one transaction, now touching only the groups' tables
+/// it reaches.
 #[derive(Debug)]
 pub struct NftDataplane {
     programmer: NftProgrammer,
@@ -15,11 +23,26 @@ pub struct NftDataplane {
     iptables_tools: iptables::Backend,
     port: u32,
     stats: Stats,
+    /// How many table groups (1: the single table `nftpolicy`).
+    groups: usize,
+    /// The cut as last committed; `None` until a whole ruleset was cut
+    /// and committed (and after any failure), so the next change is cut
+    /// whole.
+    split: Option<Split>,
 }
 
 impl NftDataplane {
     /// Opens the netlink socket and adopts what the kernel holds of ours.
     pub fn open(iptables_tools: iptables::Backend) -> Result<NftDataplane, Error> {
+        NftDataplane::open_grouped(iptables_tools, 1)
+    }
+
+    /// [`open`](Self::open) with the tables cut into `groups` groups by
+    /// namespace (1: not cut).
+    pub fn open_grouped(
+        iptables_tools: iptables::Backend,
+        groups: usize,
+    ) -> Result<NftDataplane, Error> {
         let mut programmer = NftProgrammer::new().map_err(Error::nftables(Op::Open))?;
         programmer.adopt().map_err(Error::nftables(Op::ReadBack))?;
         let port = programmer.port_id().map_err(Error::nftables(Op::Open))?;
@@ -28,7 +51,22 @@ impl NftDataplane {
             iptables_tools,
             port,
             stats: Stats::default(),
+            groups: groups.max(1),
+            split: None,
         })
+    }
+
+    /// The compiler's whole ruleset as the kernel gets it: cut into the
+    /// groups' tables (remembering the cut), or as it is.
+    fn whole(&mut self, desired: &Desired<'_>) -> Option<Ruleset> {
+        if self.groups == 1 {
+            return None;
+        }
+        let mut split = Split::new(self.groups);
+        let group_of = groups::by_namespace(desired.logical, self.groups);
+        let cut = groups::merge(split.full(desired.ruleset, &group_of));
+        self.split = Some(split);
+        Some(cut)
     }
 
     /// The programmer, for what only nftables has (read-back, counters).
@@ -37,19 +75,45 @@ impl NftDataplane {
     }
 
     fn program(&mut self, desired: &Desired<'_>) -> Result<(), programmer::Error> {
-        let p = &mut self.programmer;
-        let r = match desired.change {
-            Change::Elements(delta) => p.apply_elements(delta),
-            Change::Patch(patch) => p.apply_patch(patch),
-            Change::Full => p.apply(desired.ruleset),
-        };
-        match r {
+        let r = self.program_change(desired);
+        let r = match r {
             // An object we never committed (adopted tables that differ,
             // say): the full diff handles it.
-            Err(programmer::Error::NotCommitted { .. }) => p.apply(desired.ruleset),
+            Err(programmer::Error::NotCommitted { .. }) => self.program_whole(desired),
             r => r,
+        };
+        if r.is_err() {
+            // Cut whole again next time, against the committed tables.
+            self.split = None;
+        }
+        r
+    }
+
+    fn program_whole(&mut self, desired: &Desired<'_>) -> Result<(), programmer::Error> {
+        match self.whole(desired) {
+            Some(cut) => self.programmer.apply(&cut),
+            None => self.programmer.apply(desired.ruleset),
         }
         .map(|_| ())
+    }
+
+    fn program_change(&mut self, desired: &Desired<'_>) -> Result<(), programmer::Error> {
+        let p = &mut self.programmer;
+        let r = match (desired.change, &mut self.split) {
+            (Change::Full, _) => return self.program_whole(desired),
+            (_, None) if self.groups > 1 => return self.program_whole(desired),
+            (Change::Elements(delta), None) => p.apply_elements(delta),
+            (Change::Patch(patch), None) => p.apply_patch(patch),
+            (Change::Elements(delta), Some(split)) => {
+                p.apply_elements(&groups::merge_elements(split.elements(delta)))
+            }
+            (Change::Patch(patch), Some(split)) => {
+                let group_of = groups::by_namespace(desired.logical, self.groups);
+                let per_group = split.patch(desired.ruleset, patch, &group_of);
+                p.apply_patch(&groups::merge_patches(per_group))
+            }
+        };
+        r.map(|_| ())
     }
 }
 
@@ -73,6 +137,7 @@ impl Dataplane for NftDataplane {
     }
 
     fn invalidate(&mut self) -> Result<(), Error> {
+        self.split = None;
         self.programmer
             .adopt()
             .map_err(Error::nftables(Op::ReadBack))
@@ -80,10 +145,14 @@ impl Dataplane for NftDataplane {
 
     fn rebuild(&mut self, desired: &Desired<'_>) -> Result<bool, Error> {
         warn!("diffs keep failing; rebuilding our nftables tables from scratch in one transaction");
+        let cut = self.whole(desired);
         let report = self
             .programmer
-            .rebuild(desired.ruleset)
-            .map_err(Error::nftables(Op::Rebuild))?;
+            .rebuild(cut.as_ref().unwrap_or(desired.ruleset))
+            .map_err(|e| {
+                self.split = None;
+                Error::nftables(Op::Rebuild)(e)
+            })?;
         info!(
             messages = report.messages,
             ms = report.kernel_time.as_millis() as u64,
