@@ -1,6 +1,8 @@
 //! Where one pod or policy change's time goes at a scale (root; runs in its
 //! own network namespace):
-//! `cargo run --release -p bench --example pod_change_breakdown -- POLICIES [local|remote|policy] [PODS] [--fused-lookup]`.
+//! `cargo run --release -p bench --example pod_change_breakdown -- POLICIES [local|remote|policy] [PODS] [--fused-lookup] [--table-groups=N]`.
+//! With `--table-groups=N` the tables are cut by namespace group as the
+//! agent's `--table-groups N` does (the cut's time is in `update_ms`).
 //! With `local`, the pods are added on the node itself and deleted again
 //! (a patch of chains, sets and maps instead of set elements alone); with
 //! `policy`, a policy like the benchmark's is added and deleted again; with
@@ -21,7 +23,12 @@ use rand::SeedableRng;
 fn main() -> anyhow::Result<()> {
     // `--fused-lookup` anywhere: the compiler's fused lookups on.
     let fused = std::env::args().any(|a| a == "--fused-lookup");
-    let args: Vec<String> = std::env::args().filter(|a| a != "--fused-lookup").collect();
+    let groups: usize = std::env::args()
+        .find_map(|a| a.strip_prefix("--table-groups=").map(str::to_owned))
+        .map_or(Ok(1), |n| n.parse())?;
+    let args: Vec<String> = std::env::args()
+        .filter(|a| a != "--fused-lookup" && !a.starts_with("--table-groups="))
+        .collect();
     let policies: usize = args.get(1).map_or(Ok(1000), |a| a.parse())?;
     let mode = args.get(2).cloned();
     let local = mode.as_deref() == Some("local");
@@ -43,13 +50,23 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     inc.rebuild(&state)?;
     let compiled = t.elapsed();
-    let report = p.apply(inc.ruleset())?;
+    let mut split = compiler::groups::Split::new(groups);
+    let report = if groups > 1 {
+        let logical = inc.logical().expect("compiled");
+        let group_of = compiler::groups::by_namespace(logical, groups);
+        p.apply_owned(compiler::groups::merge(
+            split.full(inc.ruleset(), &group_of),
+        ))?
+    } else {
+        p.apply(inc.ruleset())?
+    };
     println!(
-        "cold: compile {:.0} ms, apply {:.0} ms (encode {:.0} ms, kernel {:.0} ms)",
+        "cold: compile {:.0} ms, apply {:.0} ms (encode {:.0} ms, kernel {:.0} ms), batch {:.1} MiB",
         compiled.as_secs_f64() * 1e3,
         (t.elapsed() - compiled).as_secs_f64() * 1e3,
         report.encode_time.as_secs_f64() * 1e3,
         report.kernel_time.as_secs_f64() * 1e3,
+        report.bytes as f64 / 1048576.0,
     );
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     println!("change update_ms objects encode_ms kernel_ms total_ms");
@@ -106,7 +123,19 @@ fn main() -> anyhow::Result<()> {
             if let Some(p) = with_tier.take() {
                 changes.insert(p, None);
             }
-            let (report, objects) = match inc.update(&state, &changes)? {
+            let outcome = match inc.update(&state, &changes)? {
+                Outcome::Elements(delta) if groups > 1 => {
+                    Outcome::Elements(compiler::groups::merge_elements(split.elements(&delta)))
+                }
+                Outcome::Patch(patch) if groups > 1 => {
+                    let logical = inc.logical().expect("compiled");
+                    let group_of = compiler::groups::by_namespace(logical, groups);
+                    let cut = split.patch(inc.ruleset(), &patch, &group_of);
+                    Outcome::Patch(compiler::groups::merge_patches(cut))
+                }
+                o => o,
+            };
+            let (report, objects) = match outcome {
                 Outcome::Elements(delta) => (p.apply_elements(&delta)?, delta.len()),
                 Outcome::Patch(patch) => {
                     let objects = patch.elements.len()

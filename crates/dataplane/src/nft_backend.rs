@@ -91,7 +91,7 @@ impl NftDataplane {
 
     fn program_whole(&mut self, desired: &Desired<'_>) -> Result<(), programmer::Error> {
         match self.whole(desired) {
-            Some(cut) => self.programmer.apply(&cut),
+            Some(cut) => self.programmer.apply_owned(cut),
             None => self.programmer.apply(desired.ruleset),
         }
         .map(|_| ())

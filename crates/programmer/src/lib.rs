@@ -269,19 +269,42 @@ impl NftProgrammer {
     /// [`Error::Transaction`], check [`has_drift`](Self::has_drift) and
     /// [`adopt`](Self::adopt) before retrying.
     pub fn apply(&mut self, desired: &Ruleset) -> Result<ApplyReport, Error> {
-        if self.committed.is_none() {
-            self.adopt()?;
-        }
-        let t0 = Instant::now();
-        let mut tx = self.plan(desired)?;
-        let report = ApplyReport::planned(&tx, t0);
+        let (mut tx, report) = self.planned(desired)?;
         if tx.is_empty() {
-            debug!("desired ruleset equals the committed one; nothing to send");
             return Ok(report);
         }
         self.send_transaction(&mut tx, report, |committed| {
             *committed = committed_form(desired);
         })
+    }
+
+    /// [`apply`](Self::apply), keeping `desired` itself as the committed
+    /// state instead of a copy: for a caller that builds a ruleset only to
+    /// apply it (the table groups' cut), so that two copies of it never
+    /// exist at once.
+    pub fn apply_owned(&mut self, desired: Ruleset) -> Result<ApplyReport, Error> {
+        let (mut tx, report) = self.planned(&desired)?;
+        if tx.is_empty() {
+            return Ok(report);
+        }
+        self.send_transaction(&mut tx, report, move |committed| {
+            *committed = into_committed_form(desired);
+        })
+    }
+
+    /// The transaction for `desired` against the committed state (read
+    /// from the kernel first if unknown), and its report so far.
+    fn planned(&mut self, desired: &Ruleset) -> Result<(Transaction, ApplyReport), Error> {
+        if self.committed.is_none() {
+            self.adopt()?;
+        }
+        let t0 = Instant::now();
+        let tx = self.plan(desired)?;
+        let report = ApplyReport::planned(&tx, t0);
+        if tx.is_empty() {
+            debug!("desired ruleset equals the committed one; nothing to send");
+        }
+        Ok((tx, report))
     }
 
     /// Deletes our tables (both families, every group's) and nothing else
@@ -450,10 +473,18 @@ impl NftProgrammer {
 /// `desired`'s tables in read-back form, by key: the committed state after
 /// it is applied.
 pub(crate) fn committed_form(desired: &Ruleset) -> Tables {
+    into_committed_form(desired.clone())
+}
+
+/// [`committed_form`], taking the ruleset.
+fn into_committed_form(desired: Ruleset) -> Tables {
     desired
         .tables
-        .iter()
-        .map(|t| (key_of(t), canonical(t)))
+        .into_iter()
+        .map(|mut t| {
+            canonicalize(&mut t);
+            (key_of(&t), t)
+        })
         .collect()
 }
 
@@ -461,10 +492,15 @@ pub(crate) fn committed_form(desired: &Ruleset) -> Tables {
 /// duplicates, addresses without host bits.
 pub fn canonical(t: &Table) -> Table {
     let mut t = t.clone();
+    canonicalize(&mut t);
+    t
+}
+
+/// [`canonical`] in place.
+fn canonicalize(t: &mut Table) {
     for s in t.sets.values_mut() {
         canonical_set(s);
     }
-    t
 }
 
 /// One set in read-back form (see [`canonical`]).
