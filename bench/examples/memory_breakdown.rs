@@ -1,5 +1,5 @@
 //! Where the agent's memory goes at a scale (issue 18, compact state):
-//! `cargo run --release -p bench --example memory_breakdown -- POLICIES PODS`
+//! `cargo run --release -p bench --example memory_breakdown -- POLICIES PODS [GROUPS]`
 //! (root: the last stage programs a private network namespace).
 //!
 //! Counts the live heap (a counting global allocator, so glibc's free
@@ -11,7 +11,9 @@
 //! nftables objects lowered from it, and the rest: set memberships, the
 //! label index, the resolved policies, reference counts), and the
 //! programmer's record of what it committed; with the peak live heap while
-//! compiling and while applying.
+//! compiling and while applying. With GROUPS, the tables are cut into
+//! that many namespace groups first (the agent's `--table-groups`): the
+//! cut's bookkeeping (`Split`) is counted apart.
 use bench::alloc_count::{live_bytes, peak_bytes, reset_peak, Counting};
 use compiler::{CompileOptions, IncrementalCompiler};
 
@@ -25,8 +27,9 @@ fn mib(bytes: usize) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args: Vec<usize> = std::env::args()
         .skip(1)
-        .map(|a| a.parse().expect("numbers: POLICIES PODS"))
+        .map(|a| a.parse().expect("numbers: POLICIES PODS [GROUPS]"))
         .collect();
+    let groups = args.get(2).copied().unwrap_or(1);
     let scale = bench::Scale::new(args[0], args[1]);
     let start = live_bytes();
     let state = bench::generate(&scale);
@@ -80,10 +83,27 @@ fn main() -> anyhow::Result<()> {
     let before = live_bytes();
     reset_peak();
     let mut p = programmer::NftProgrammer::new()?;
-    p.apply(inc.ruleset())?;
+    let mut split = compiler::groups::Split::new(groups);
+    if groups > 1 {
+        let group_of = compiler::groups::by_namespace(inc.logical().expect("compiled"), groups);
+        let cut = compiler::groups::merge(split.full(inc.ruleset(), &group_of));
+        let cut_bytes = live_bytes() - before;
+        line("groups_cut_and_split", cut_bytes);
+        let b = live_bytes();
+        let tx = p.plan(&cut)?;
+        line("of_which_transaction", live_bytes() - b);
+        eprintln!("transaction: {} bytes encoded", tx.bytes());
+        drop(tx);
+        p.apply_owned(cut)?;
+    } else {
+        p.apply(inc.ruleset())?;
+    }
     let programmer_bytes = live_bytes() - before;
     line("programmer", programmer_bytes);
     line("programmer_peak_while_applying", peak_bytes() - before);
     line("total", live_bytes() - start);
+    let before = live_bytes();
+    drop(split);
+    line("of_which_split_bookkeeping", before - live_bytes());
     Ok(())
 }
