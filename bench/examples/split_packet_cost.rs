@@ -1,6 +1,6 @@
-//! What a split by namespace group (`compiler::groups`, not programmed by
-//! the agent) would add to each new connection: one forward base chain per
-//! group, each walked by every packet.
+//! What a split by namespace group (`compiler::groups`, the agent's
+//! `--table-groups`) adds to each new connection: one forward base chain
+//! per group, each walked by every packet.
 //! `cargo run --release -p bench --example split_packet_cost -- GROUPS [SELECTING] [CONNECTIONS] [ROUNDS]` (root).
 //!
 //! The packet sweep's cluster and topology (`bench::packet`: 1,000

@@ -1,5 +1,6 @@
-//! What splitting our tables by namespace group would change (not built;
-//! a projection for deciding whether to build it):
+//! What splitting our tables by namespace group changes in the kernel
+//! alone (the projection that decided to build `--table-groups`; the
+//! agent's own numbers come from `nftbench worker-scale nft-netlink-gN`):
 //! `cargo run --release -p bench --example split_projection -- POLICIES GROUPS [ROUNDS]` (root).
 //!
 //! The kernel validates a whole table when a commit adds a rule (README,

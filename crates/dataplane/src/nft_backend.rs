@@ -101,6 +101,7 @@ impl NftDataplane {
         let p = &mut self.programmer;
         let r = match (desired.change, &mut self.split) {
             (Change::Full, _) => return self.program_whole(desired),
+            // Groups, but no committed cut to patch: cut whole.
             (_, None) if self.groups > 1 => return self.program_whole(desired),
             (Change::Elements(delta), None) => p.apply_elements(delta),
             (Change::Patch(patch), None) => p.apply_patch(patch),
