@@ -274,7 +274,7 @@ impl TraceSession {
     }
 
     /// Reads events until one traced packet's walk through `tables` ends:
-    /// dropped in one of them, or accepted (or dropped) in each. Returns
+    /// dropped (in any table), or accepted in each of them. Returns
     /// that packet's events (all tables, in order); `None` if none did
     /// within `timeout`. A packet walks the hook's base chains of every
     /// table in turn, so with several tables of ours (namespace groups) an
@@ -290,10 +290,8 @@ impl TraceSession {
                 let events = &self.by_id[id];
                 let ended =
                     |e: &&TraceEvent| tables.contains(&e.table) && e.final_verdict().is_some();
-                let dropped = events
-                    .iter()
-                    .filter(ended)
-                    .any(|e| e.final_verdict() == Some("drop"));
+                // A drop in any table (another's too) ends the packet.
+                let dropped = events.iter().any(|e| e.final_verdict() == Some("drop"));
                 let all_ended = !tables.is_empty()
                     && tables
                         .iter()
