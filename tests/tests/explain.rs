@@ -42,7 +42,13 @@ fn fixture() -> Fixture {
 
 /// [`fixture`] with more `sync` arguments.
 fn fixture_with(extra: &[&str]) -> Fixture {
-    let scenario = common::scenario("explain-kernel");
+    fixture_of("explain-kernel", extra)
+}
+
+/// Node1 of scenario `name` (`tests/tests/scenarios`), programmed with
+/// `sync --once --log-denied` and `extra`.
+fn fixture_of(name: &str, extra: &[&str]) -> Fixture {
+    let scenario = common::scenario(name);
     let state: StepState = scenario.states().unwrap().remove(0);
     let lab = Lab::build(&state.pods(), &scenario.externals, &["node1"]).expect("lab builds");
     let datastore = lab.workdir().join("state");
@@ -302,6 +308,72 @@ fn kernel_trace_agrees_with_table_groups() {
         assert!(e2.stdout.contains(table), "{table} in:\n{}", e2.stdout);
     }
     assert!(e.stdout.contains("End of tier default"), "{}", e.stdout);
+}
+
+/// Pods of two namespace groups on one node: the packet crosses from the
+/// sender's group table to the receiver's, and the model's egress and
+/// ingress chains are found in the two tables whatever order the kernel
+/// walks them in.
+#[test]
+fn kernel_trace_agrees_between_two_table_groups() {
+    let mut f = fixture_of("explain-kernel-groups", &["--table-groups", "2"]);
+    let probes = f.probes.clone();
+    for (i, (probe, verdict)) in probes.iter().zip(["accept", "drop", "accept"]).enumerate() {
+        let e = explain(&mut f, probe);
+        assert_agree_across_tables(&e, verdict);
+        // client -> server: both pods' policies apply. Allowed, both are
+        // walked, each in its own table; dropped, by whichever table the
+        // kernel walks first (both directions deny port 81).
+        let (kernel, _) = e.kernel_path();
+        let pi = kernel.iter().any(|c| c.starts_with("cali-pi-"));
+        let po = kernel.iter().any(|c| c.starts_with("cali-po-"));
+        let walked = match i {
+            0 => pi && po,
+            1 => pi || po,
+            _ => true,
+        };
+        assert!(walked, "policies walked:\n{}", e.stdout);
+    }
+}
+
+/// Like [`assert_agree`] across two tables: each direction's chains
+/// appear in order in the kernel's path (the tables' order is the
+/// kernel's); for a dropped packet, at least the direction that dropped it
+/// (its table may come first, and the other is then never walked).
+fn assert_agree_across_tables(e: &Explained, expect_verdict: &str) {
+    let (kernel_chains, kernel_verdict) = e.kernel_path();
+    let walked = |chains: &[String]| {
+        let mut rest = kernel_chains.iter();
+        chains
+            .iter()
+            .filter(|c| *c != "cali-FORWARD")
+            .all(|c| rest.any(|k| k == c))
+    };
+    let paths = e.model_paths();
+    assert_eq!(
+        paths.len(),
+        2,
+        "both directions are on node1:\n{}",
+        e.stdout
+    );
+    let agree = if expect_verdict == "accept" {
+        paths
+            .iter()
+            .all(|(chains, v)| v == "accept" && walked(chains))
+    } else {
+        paths
+            .iter()
+            .any(|(chains, v)| v == "drop" && walked(chains))
+    };
+    assert!(
+        agree,
+        "model {paths:?}, kernel {kernel_chains:?}:\n{}",
+        e.stdout
+    );
+    assert_eq!(kernel_verdict, expect_verdict, "{}", e.stdout);
+    let code = if expect_verdict == "accept" { 0 } else { 1 };
+    assert_eq!(e.code, Some(code), "{}\n{}", e.stdout, e.stderr);
+    assert!(e.stdout.contains("\nagree "), "{}", e.stdout);
 }
 
 #[test]

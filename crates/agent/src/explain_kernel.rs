@@ -121,7 +121,8 @@ pub fn run(
         .expect("wait_for_packet returns a walk with a verdict");
     println!("kernel  {} → {kernel_verdict}", kernel_chains.join(" → "));
 
-    let (mut model_chains, model_verdict) = model_path(state, verdict, args.node.as_deref(), dst);
+    let mut legs = model_legs(state, verdict, args.node.as_deref(), dst);
+    let model_verdict = if verdict.allowed() { "accept" } else { "drop" };
     // Under --fused-lookup (a fused rule in a chain the packet walked) the
     // policies fused into a set lookup have no chain on the kernel's path:
     // their chains are left out of the comparison, the rest (endpoint
@@ -130,8 +131,9 @@ pub fn run(
         .values()
         .any(|c| c.starts_with(compiler::fused::MARKER))
     {
-        let fused: Vec<String> = model_chains
+        let fused: Vec<String> = legs
             .iter()
+            .flat_map(|l| &l.chains)
             .filter(|c| {
                 (c.starts_with("cali-pi-") || c.starts_with("cali-po-"))
                     && !kernel_chains.contains(c)
@@ -143,12 +145,25 @@ pub fn run(
                 "fused   decided by a fused lookup (--fused-lookup), not walked: {}",
                 fused.join(", ")
             );
-            model_chains.retain(|c| !fused.contains(c));
+            for l in &mut legs {
+                l.chains.retain(|c| !fused.contains(c));
+            }
         }
     }
-    let in_order = in_kernel_order(&model_chains, &ours);
+    let model_chains: Vec<String> = model_walk(&legs);
+    let in_order = if tables.len() > 1 {
+        legs_in_kernel_order(&legs, &ours)
+    } else {
+        is_subsequence(&model_chains, &kernel_chains)
+    };
     if in_order && model_verdict == kernel_verdict {
-        println!("agree   model and kernel: {kernel_verdict}, same chains in the same order");
+        if tables.len() > 1 {
+            println!(
+                "agree   model and kernel: {kernel_verdict}, each direction's chains in order in its group's table"
+            );
+        } else {
+            println!("agree   model and kernel: {kernel_verdict}, same chains in the same order");
+        }
         Ok(kernel_verdict == "accept")
     } else {
         bail!(
@@ -170,25 +185,44 @@ pub fn chain_list(events: &[&TraceEvent]) -> Vec<String> {
     out
 }
 
-/// The model's walk on this node: egress then ingress (a packet denied on
-/// egress never reaches ingress), only for endpoints on `node` if given.
-fn model_path(
+/// One direction of the model's verdict on this node: the chains its
+/// endpoint's walk goes through, and whether it allows the packet.
+struct Leg {
+    chains: Vec<String>,
+    allowed: bool,
+}
+
+/// The model's directions on this node, egress then ingress, only for
+/// endpoints on `node` if given; both even when the first denies (with
+/// table groups the kernel may judge the other first).
+fn model_legs(
     state: &ClusterState,
     verdict: &Verdict,
     node: Option<&str>,
     dst: IpAddr,
-) -> (Vec<String>, &'static str) {
-    let mut chains = Vec::new();
-    for v in [&verdict.egress, &verdict.ingress].into_iter().flatten() {
-        if !is_local(state, v, node) {
-            continue;
-        }
-        chains.extend(compiler::explain::chain_path(state, v, dst).chains);
-        if !v.allowed {
-            return (chains, "drop");
+) -> Vec<Leg> {
+    [&verdict.egress, &verdict.ingress]
+        .into_iter()
+        .flatten()
+        .filter(|v| is_local(state, v, node))
+        .map(|v| Leg {
+            chains: compiler::explain::chain_path(state, v, dst).chains,
+            allowed: v.allowed,
+        })
+        .collect()
+}
+
+/// The model's walk through one table: egress, then ingress unless
+/// egress denied.
+fn model_walk(legs: &[Leg]) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in legs {
+        out.extend(l.chains.iter().cloned());
+        if !l.allowed {
+            break;
         }
     }
-    (chains, if verdict.allowed() { "accept" } else { "drop" })
+    out
 }
 
 fn is_local(state: &ClusterState, v: &EndpointVerdict, node: Option<&str>) -> bool {
@@ -203,38 +237,56 @@ fn is_subsequence(needle: &[String], hay: &[String]) -> bool {
     needle.iter().all(|n| it.any(|h| h == n))
 }
 
-/// Whether the model's chains appear in the kernel's walk in order.
+/// With several tables of ours (namespace groups), whether each of the
+/// model's directions was walked, in order, within one table.
 ///
-/// With one table that is the trace order. With namespace groups the
-/// packet walks each group's table in turn, in the kernel's order of
-/// their base chains, not the model's: the source's egress chains may be
-/// in a table walked after the destination's ingress chains. So the
-/// chains are taken table by table, and some order of the tables that
-/// hold model chains must give the model's sequence.
-fn in_kernel_order(model: &[String], events: &[&TraceEvent]) -> bool {
-    let mut segments: Vec<(&str, Vec<&TraceEvent>)> = Vec::new();
+/// The packet walks each group's table in turn, in the kernel's order of
+/// their base chains, not the model's: the receiver's table (ingress) may
+/// come before the sender's (egress), and a drop there ends the packet
+/// before the sender's table sees it. So each direction's chains must be
+/// found in order in the table holding its endpoint's chain, directions
+/// in one table in the model's order; a direction whose table the packet
+/// never reached is fine only if the kernel dropped it and the model
+/// denies it in a direction that was walked.
+fn legs_in_kernel_order(legs: &[Leg], events: &[&TraceEvent]) -> bool {
+    let mut segments: Vec<(&str, Vec<String>)> = Vec::new();
     for e in events {
         match segments.iter_mut().find(|(t, _)| *t == e.table) {
-            Some((_, s)) => s.push(e),
-            None => segments.push((&e.table, vec![e])),
+            Some((_, chains)) if chains.last() == Some(&e.chain) => {}
+            Some((_, chains)) => chains.push(e.chain.clone()),
+            None => segments.push((&e.table, vec![e.chain.clone()])),
         }
     }
-    let relevant: Vec<Vec<String>> = segments
-        .iter()
-        .map(|(_, s)| chain_list(s))
-        .filter(|chains| chains.iter().any(|c| model.contains(c)))
-        .collect();
-    // A packet's model chains lie in at most two tables (its source's
-    // and its destination's group).
-    let orders: Vec<Vec<usize>> = match relevant.len() {
-        0 | 1 => vec![(0..relevant.len()).collect()],
-        2 => vec![vec![0, 1], vec![1, 0]],
-        n => vec![(0..n).collect()],
+    let endpoint_chain = |l: &Leg| {
+        l.chains
+            .iter()
+            .find(|c| c.starts_with("cali-fw-") || c.starts_with("cali-tw-"))
+            .cloned()
     };
-    orders.iter().any(|order| {
-        let walk: Vec<String> = order.iter().flat_map(|&i| relevant[i].clone()).collect();
-        is_subsequence(model, &walk)
-    })
+    // Per table, how far into its walk the directions found there reach.
+    let mut cursor = vec![0usize; segments.len()];
+    let mut denied_and_walked = false;
+    let mut unreached = false;
+    for l in legs {
+        let Some(chain) = endpoint_chain(l) else {
+            return false;
+        };
+        let Some(s) = segments.iter().position(|(_, c)| c.contains(&chain)) else {
+            unreached = true;
+            continue;
+        };
+        let walk = &segments[s].1;
+        let mut at = cursor[s];
+        for c in &l.chains {
+            match walk[at..].iter().position(|k| k == c) {
+                Some(i) => at += i + 1,
+                None => return false,
+            }
+        }
+        cursor[s] = at;
+        denied_and_walked |= !l.allowed;
+    }
+    !unreached || denied_and_walked
 }
 
 /// (table, chain, rule handle) → rule comment, read back from our tables.
