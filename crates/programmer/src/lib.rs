@@ -100,6 +100,12 @@ pub enum Error {
         #[source]
         source: readback::Error,
     },
+    #[error("failed to list the {family} tables")]
+    ListTables {
+        family: &'static str,
+        #[source]
+        source: readback::Error,
+    },
     #[error("failed to read the ruleset generation")]
     Generation(#[source] readback::Error),
     #[error("failed to read the counters of chain {family} {table} {chain}")]
@@ -237,9 +243,8 @@ impl NftProgrammer {
 
     /// The names of our tables the kernel holds in `family`.
     pub fn our_table_names(&mut self, family: TableFamily) -> Result<Vec<String>, Error> {
-        readback::our_table_names(&mut self.sock, family).map_err(|source| Error::ReadBack {
+        readback::our_table_names(&mut self.sock, family).map_err(|source| Error::ListTables {
             family: family.keyword(),
-            table: "(the list of tables)".to_owned(),
             source,
         })
     }
