@@ -83,10 +83,11 @@ fn main() -> anyhow::Result<()> {
     let before = live_bytes();
     reset_peak();
     let mut p = programmer::NftProgrammer::new()?;
-    let mut split = compiler::groups::Split::new(groups);
+    let mut split = None;
     if groups > 1 {
-        let group_of = compiler::groups::by_namespace(inc.logical().expect("compiled"), groups);
-        let cut = compiler::groups::merge(split.full(inc.ruleset(), &group_of));
+        let logical = inc.logical().expect("compiled");
+        let (s, cut) = compiler::groups::cut_by_namespace(logical, inc.ruleset(), groups);
+        split = Some(s);
         let cut_bytes = live_bytes() - before;
         line("groups_cut_and_split", cut_bytes);
         let b = live_bytes();

@@ -50,13 +50,12 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     inc.rebuild(&state)?;
     let compiled = t.elapsed();
-    let mut split = compiler::groups::Split::new(groups);
+    let mut split = compiler::groups::Split::new(groups.max(1));
     let report = if groups > 1 {
         let logical = inc.logical().expect("compiled");
-        let group_of = compiler::groups::by_namespace(logical, groups);
-        p.apply_owned(compiler::groups::merge(
-            split.full(inc.ruleset(), &group_of),
-        ))?
+        let (s, cut) = compiler::groups::cut_by_namespace(logical, inc.ruleset(), groups);
+        split = s;
+        p.apply_owned(cut)?
     } else {
         p.apply(inc.ruleset())?
     };

@@ -210,11 +210,10 @@ impl DataplaneArgs {
     /// The ruleset as text, cut into `--table-groups` for nftables.
     pub fn render(&self, logical: &compiler::LogicalRuleset) -> String {
         if self.backend == Backend::Nftables && self.table_groups > 1 {
-            let groups = usize::from(self.table_groups);
             let whole = compiler::lower_nft::to_nftables(logical);
-            let group_of = compiler::groups::by_namespace(logical, groups);
-            let cut = compiler::groups::Split::new(groups).full(&whole, &group_of);
-            return compiler::render_nft::render(&compiler::groups::merge(cut));
+            let groups = usize::from(self.table_groups);
+            let (_, cut) = compiler::groups::cut_by_namespace(logical, &whole, groups);
+            return compiler::render_nft::render(&cut);
         }
         ::dataplane::render(self.kind(), logical)
     }

@@ -249,14 +249,21 @@ fn is_subsequence(needle: &[String], hay: &[String]) -> bool {
 /// never reached is fine only if the kernel dropped it and the model
 /// denies it in a direction that was walked.
 fn legs_in_kernel_order(legs: &[Leg], events: &[&TraceEvent]) -> bool {
-    let mut segments: Vec<(&str, Vec<String>)> = Vec::new();
+    // Each table's walk, tables in the order the packet reached them.
+    let mut tables: Vec<&str> = Vec::new();
     for e in events {
-        match segments.iter_mut().find(|(t, _)| *t == e.table) {
-            Some((_, chains)) if chains.last() == Some(&e.chain) => {}
-            Some((_, chains)) => chains.push(e.chain.clone()),
-            None => segments.push((&e.table, vec![e.chain.clone()])),
+        if !tables.contains(&e.table.as_str()) {
+            tables.push(&e.table);
         }
     }
+    let segments: Vec<Vec<String>> = tables
+        .iter()
+        .map(|t| {
+            let in_table: Vec<&TraceEvent> =
+                events.iter().copied().filter(|e| e.table == *t).collect();
+            chain_list(&in_table)
+        })
+        .collect();
     let endpoint_chain = |l: &Leg| {
         l.chains
             .iter()
@@ -271,11 +278,11 @@ fn legs_in_kernel_order(legs: &[Leg], events: &[&TraceEvent]) -> bool {
         let Some(chain) = endpoint_chain(l) else {
             return false;
         };
-        let Some(s) = segments.iter().position(|(_, c)| c.contains(&chain)) else {
+        let Some(s) = segments.iter().position(|c| c.contains(&chain)) else {
             unreached = true;
             continue;
         };
-        let walk = &segments[s].1;
+        let walk = &segments[s];
         let mut at = cursor[s];
         for c in &l.chains {
             match walk[at..].iter().position(|k| k == c) {

@@ -66,6 +66,19 @@ pub fn by_namespace(logical: &LogicalRuleset, groups: usize) -> impl Fn(&str) ->
     }
 }
 
+/// `ruleset` (lowered from `logical`) cut whole into `groups` groups by
+/// namespace ([`by_namespace`]): the [`Split`] that patches it from here
+/// on, and every group's tables as one ruleset.
+pub fn cut_by_namespace(
+    logical: &LogicalRuleset,
+    ruleset: &Ruleset,
+    groups: usize,
+) -> (Split, Ruleset) {
+    let mut split = Split::new(groups);
+    let cut = merge(split.full(ruleset, &by_namespace(logical, groups)));
+    (split, cut)
+}
+
 /// Per-group rulesets (as [`Split::full`] gives them, each table named
 /// by its group) as one ruleset.
 pub fn merge(groups: Vec<Ruleset>) -> Ruleset {

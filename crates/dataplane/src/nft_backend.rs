@@ -62,9 +62,7 @@ impl NftDataplane {
         if self.groups == 1 {
             return None;
         }
-        let mut split = Split::new(self.groups);
-        let group_of = groups::by_namespace(desired.logical, self.groups);
-        let cut = groups::merge(split.full(desired.ruleset, &group_of));
+        let (split, cut) = groups::cut_by_namespace(desired.logical, desired.ruleset, self.groups);
         self.split = Some(split);
         Some(cut)
     }

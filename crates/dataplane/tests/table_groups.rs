@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use compiler::groups::{self, Split};
+use compiler::groups;
 use compiler::nft::{Table, TableFamily};
 use compiler::CompileOptions;
 use dataplane::{Changes, Kind, Pipeline};
@@ -33,8 +33,7 @@ fn kernel(p: &mut NftProgrammer) -> BTreeMap<(TableFamily, String), Table> {
 #[track_caller]
 fn holds_fresh_cut(pipeline: &Pipeline, p: &mut NftProgrammer) {
     let logical = pipeline.logical().expect("compiled");
-    let group_of = groups::by_namespace(logical, GROUPS);
-    let cut = groups::merge(Split::new(GROUPS).full(pipeline.compiler().ruleset(), &group_of));
+    let (_, cut) = groups::cut_by_namespace(logical, pipeline.compiler().ruleset(), GROUPS);
     let want: BTreeMap<(TableFamily, String), Table> = cut
         .tables
         .iter()

@@ -6,8 +6,8 @@
 //! makes the same diff fail every time, re-reading does not help. A
 //! rebuild does not depend on the kernel's current contents: it destroys
 //! every table of ours the kernel lists (`NFT_MSG_DESTROYTABLE`, no error
-//! when one is gone meanwhile) and creates the desired ruleset from scratch, in the same
-//! batch — so either the new ruleset is in force or, if the kernel rejects
+//! when one is gone meanwhile) and creates the desired ruleset from
+//! scratch, in the same batch — so either the new ruleset is in force or, if the kernel rejects
 //! anything, the old one still is. Chains are re-created, so rule counters
 //! restart from zero.
 
