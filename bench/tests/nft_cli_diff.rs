@@ -37,7 +37,8 @@ fn ruleset(key: SetKey, elements: &[&str]) -> Ruleset {
                 stmts: vec![],
                 verdict: Some(Verdict::Accept),
                 comment: None,
-            }],
+            }]
+            .into(),
         },
     );
     Ruleset { tables: vec![t] }

@@ -324,7 +324,7 @@ fn fused_set(
     Set {
         name,
         key,
-        elements,
+        elements: elements.into(),
         comment: Some(format!("fused lookup: {what}")),
     }
 }

@@ -90,7 +90,8 @@ fn lower_table(l: &LogicalRuleset, family: TableFamily) -> Table {
                         ..Default::default()
                     },
                     accept_rule.clone(),
-                ],
+                ]
+                .into(),
             },
         );
     }

@@ -94,7 +94,7 @@ pub struct Chain {
     pub name: String,
     /// Set for base chains (attached to a netfilter hook).
     pub base: Option<BaseChain>,
-    pub rules: Vec<Rule>,
+    pub rules: Rules,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,8 +275,97 @@ pub enum Verdict {
 pub struct Set {
     pub name: String,
     pub key: SetKey,
-    pub elements: Vec<SetElement>,
+    pub elements: Elements,
     pub comment: Option<String>,
+}
+
+/// A list shared between copies of the object holding it until one of
+/// them changes it (copy on write: [`DerefMut`](std::ops::DerefMut)
+/// copies a shared list first). A set's elements ([`Elements`]) and a
+/// chain's rules ([`Rules`]) are held this way.
+///
+/// Why: the same set or chain is held several times over — by the
+/// compiler, by the programmer as committed state, and with table groups
+/// once per group's table that reaches it. At 10,000 policies the few
+/// namespace-wide sets of 8,000+ addresses are reached from every group;
+/// unshared, the copies cost about 10 MiB of the agent's memory at four
+/// groups (README, Performance). Read access never copies; code that may
+/// leave a shared list as it is should check before taking it mutably.
+#[derive(Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Shared<T>(std::sync::Arc<Vec<T>>);
+
+/// A set's elements.
+pub type Elements = Shared<SetElement>;
+/// A chain's rules.
+pub type Rules = Shared<Rule>;
+
+impl<T> Shared<T> {
+    /// Whether `self` and `other` are one shared list (not merely equal).
+    pub fn shares(&self, other: &Shared<T>) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+// Not derived: a derive would ask `T: Clone` / `T: Default`, which
+// sharing does not need.
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared(self.0.clone())
+    }
+}
+
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Shared(Default::default())
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.0
+    }
+}
+
+impl<T: Clone> std::ops::DerefMut for Shared<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        std::sync::Arc::make_mut(&mut self.0)
+    }
+}
+
+impl<T: PartialEq> PartialEq<Vec<T>> for Shared<T> {
+    fn eq(&self, other: &Vec<T>) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl<T> From<Vec<T>> for Shared<T> {
+    fn from(v: Vec<T>) -> Shared<T> {
+        Shared(std::sync::Arc::new(v))
+    }
+}
+
+impl<T> FromIterator<T> for Shared<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Shared<T> {
+        Shared::from(iter.into_iter().collect::<Vec<_>>())
+    }
+}
+
+impl<'a, T: Clone> IntoIterator for &'a mut Shared<T> {
+    type Item = &'a mut T;
+    type IntoIter = std::slice::IterMut<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        std::sync::Arc::make_mut(&mut self.0).iter_mut()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Shared<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -143,7 +143,7 @@ pub fn ir_chain(k: &KChain) -> Chain {
     let mut chain = Chain {
         name: k.name.clone(),
         base: None,
-        rules: Vec::new(),
+        rules: Vec::new().into(),
     };
     if let Some((hooknum, priority, policy, ty)) = &k.base {
         let hook = match hooknum {
@@ -222,7 +222,7 @@ pub fn set(msg: &SetMessage) -> Result<KSet, Error> {
 }
 
 /// The comment TLV (`NFTNL_UDATA_*_COMMENT`) of a userdata blob.
-fn udata_comment(udata: &[u8], tlv_type: u8) -> Option<String> {
+pub(crate) fn udata_comment(udata: &[u8], tlv_type: u8) -> Option<String> {
     let mut rest = udata;
     while rest.len() >= 2 {
         let (t, len) = (rest[0], rest[1] as usize);
@@ -518,7 +518,7 @@ pub fn ir_set(family: TableFamily, k: &KSet, elems: &[KElem]) -> Option<IrSet> {
         IrSet::Set(Set {
             name: k.name.clone(),
             key: SetKey::Addr,
-            elements: Vec::new(),
+            elements: Default::default(),
             comment: Some(format!(
                 "{FOREIGN_SET_PREFIX}: {why} (flags {:#x}, key type {:#x}, key len {})",
                 k.flags, k.key_type, k.key_len
@@ -556,7 +556,7 @@ pub fn ir_set(family: TableFamily, k: &KSet, elems: &[KElem]) -> Option<IrSet> {
                 Some(elements) => Some(IrSet::Set(Set {
                     name: k.name.clone(),
                     key,
-                    elements,
+                    elements: elements.into(),
                     comment,
                 })),
                 None => Some(foreign("element")),

@@ -149,7 +149,7 @@ fn encode_set_delta(b: &mut Batch, set: &Set, d: &SetDelta) -> Result<(), encode
     let with = |elements: &[SetElement]| Set {
         name: set.name.clone(),
         key: set.key,
-        elements: elements.to_vec(),
+        elements: elements.to_vec().into(),
         comment: None,
     };
     match set.key {

@@ -79,15 +79,7 @@ fn check_comment(object: impl FnOnce() -> String, comment: &Option<String>) -> R
 // Tables and chains
 
 pub fn new_table(b: &mut Batch, family: TableFamily, name: &str) {
-    b.begin(
-        NFT_MSG_NEWTABLE,
-        NLM_F_CREATE,
-        family,
-        Subject::Table {
-            family,
-            table: name.to_owned(),
-        },
-    );
+    b.begin(NFT_MSG_NEWTABLE, NLM_F_CREATE, family);
     b.w.put_str(NFTA_TABLE_NAME, name);
     b.w.put_u32_be(NFTA_TABLE_FLAGS, 0);
     b.end();
@@ -96,15 +88,7 @@ pub fn new_table(b: &mut Batch, family: TableFamily, name: &str) {
 /// `DESTROYTABLE`: deletes the table and everything in it; unlike DELTABLE
 /// it is not an error when the table does not exist.
 pub fn destroy_table(b: &mut Batch, family: TableFamily, name: &str) {
-    b.begin(
-        NFT_MSG_DESTROYTABLE,
-        0,
-        family,
-        Subject::Table {
-            family,
-            table: name.to_owned(),
-        },
-    );
+    b.begin(NFT_MSG_DESTROYTABLE, 0, family);
     b.w.put_str(NFTA_TABLE_NAME, name);
     b.end();
 }
@@ -118,16 +102,7 @@ pub fn new_chain(
     chain: &Chain,
 ) -> Result<(), Error> {
     check_name(|| format!("chain {}", chain.name), &chain.name)?;
-    b.begin(
-        NFT_MSG_NEWCHAIN,
-        NLM_F_CREATE,
-        family,
-        Subject::Chain {
-            family,
-            table: table.to_owned(),
-            chain: chain.name.clone(),
-        },
-    );
+    b.begin(NFT_MSG_NEWCHAIN, NLM_F_CREATE, family);
     b.w.put_str(NFTA_CHAIN_TABLE, table);
     b.w.put_str(NFTA_CHAIN_NAME, &chain.name);
     if let Some(base) = &chain.base {
@@ -147,39 +122,27 @@ pub fn new_chain(
 }
 
 pub fn del_chain(b: &mut Batch, family: TableFamily, table: &str, chain: &str) {
-    let subject = Subject::Chain {
-        family,
-        table: table.to_owned(),
-        chain: chain.to_owned(),
-    };
     by_name(
         b,
         NFT_MSG_DELCHAIN,
         family,
-        subject,
         [(NFTA_CHAIN_TABLE, table), (NFTA_CHAIN_NAME, chain)],
     );
 }
 
 /// `DELRULE` naming only the chain: deletes all its rules (`flush chain`).
 pub fn flush_chain(b: &mut Batch, family: TableFamily, table: &str, chain: &str) {
-    let subject = Subject::Chain {
-        family,
-        table: table.to_owned(),
-        chain: chain.to_owned(),
-    };
     by_name(
         b,
         NFT_MSG_DELRULE,
         family,
-        subject,
         [(NFTA_RULE_TABLE, table), (NFTA_RULE_CHAIN, chain)],
     );
 }
 
 /// A message that names its object and nothing else (a deletion).
-fn by_name(b: &mut Batch, t: u8, family: TableFamily, subject: Subject, names: [(u16, &str); 2]) {
-    b.begin(t, 0, family, subject);
+fn by_name(b: &mut Batch, t: u8, family: TableFamily, names: [(u16, &str); 2]) {
+    b.begin(t, 0, family);
     for (attr, name) in names {
         b.w.put_str(attr, name);
     }
@@ -201,12 +164,7 @@ pub enum Place {
 
 /// Deletes the rule with kernel handle `handle` from `chain` (`DELRULE`).
 pub fn del_rule(b: &mut Batch, family: TableFamily, table: &str, chain: &str, handle: u64) {
-    let subject = Subject::Chain {
-        family,
-        table: table.to_owned(),
-        chain: chain.to_owned(),
-    };
-    b.begin(NFT_MSG_DELRULE, 0, family, subject);
+    b.begin(NFT_MSG_DELRULE, 0, family);
     b.w.put_str(NFTA_RULE_TABLE, table);
     b.w.put_str(NFTA_RULE_CHAIN, chain);
     b.w.put_u64_be(NFTA_RULE_HANDLE, handle);
@@ -242,7 +200,7 @@ pub fn new_rule(
         Place::End => NLM_F_CREATE | NLM_F_APPEND,
         Place::Before(_) => NLM_F_CREATE,
     };
-    b.begin(NFT_MSG_NEWRULE, flags, family, subject());
+    b.begin_rule(NFT_MSG_NEWRULE, flags, family, index);
     b.w.put_str(NFTA_RULE_TABLE, table);
     b.w.put_str(NFTA_RULE_CHAIN, chain);
     if let Place::Before(handle) = place {
@@ -845,12 +803,7 @@ fn new_set_message(
     check_name(object, h.name)?;
     check_comment(object, h.comment)?;
     let id = b.alloc_set_id(family, table, h.name);
-    let subject = Subject::Set {
-        family,
-        table: table.to_owned(),
-        set: h.name.to_owned(),
-    };
-    b.begin(NFT_MSG_NEWSET, NLM_F_CREATE, family, subject);
+    b.begin(NFT_MSG_NEWSET, NLM_F_CREATE, family);
     b.w.put_str(NFTA_SET_TABLE, table);
     b.w.put_str(NFTA_SET_NAME, h.name);
     b.w.put_u32_be(NFTA_SET_FLAGS, h.flags);
@@ -874,16 +827,10 @@ fn new_set_message(
 }
 
 pub fn del_set(b: &mut Batch, family: TableFamily, table: &str, set: &str) {
-    let subject = Subject::Set {
-        family,
-        table: table.to_owned(),
-        set: set.to_owned(),
-    };
     by_name(
         b,
         NFT_MSG_DELSET,
         family,
-        subject,
         [(NFTA_SET_TABLE, table), (NFTA_SET_NAME, set)],
     );
 }
@@ -1145,16 +1092,7 @@ pub fn elements(
     let delete = t == NFT_MSG_DELSETELEM;
     let set_id = b.set_id(family, table, set);
     let begin = |b: &mut Batch| -> usize {
-        b.begin(
-            t,
-            if delete { 0 } else { NLM_F_CREATE },
-            family,
-            Subject::Elements {
-                family,
-                table: table.to_owned(),
-                set: set.to_owned(),
-            },
-        );
+        b.begin(t, if delete { 0 } else { NLM_F_CREATE }, family);
         b.w.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
         b.w.put_str(NFTA_SET_ELEM_LIST_SET, set);
         if let Some(id) = set_id {
@@ -1218,6 +1156,68 @@ fn write_elem(w: &mut Writer, e: &RawElem, delete: bool) {
 mod tests {
     use super::*;
 
+    /// What a rejected message is reported as: read back from the bytes
+    /// of each kind of message we send (the batch keeps no names).
+    #[test]
+    fn each_message_names_its_object() {
+        let mut b = Batch::new();
+        let (f, t) = (TableFamily::Ip6, "nftpolicy-g2");
+        new_table(&mut b, f, t);
+        let chain = Chain {
+            name: "cali-pi-x".into(),
+            base: None,
+            rules: Vec::new().into(),
+        };
+        new_chain(&mut b, f, t, &chain).unwrap();
+        let rule = Rule {
+            verdict: Some(Verdict::Accept),
+            comment: Some("Policy x ingress rule 3".into()),
+            ..Default::default()
+        };
+        new_rule(&mut b, f, t, "cali-pi-x", 7, &rule, Place::End, false).unwrap();
+        let plain = Rule {
+            verdict: Some(Verdict::Drop),
+            ..Default::default()
+        };
+        new_rule(&mut b, f, t, "cali-pi-x", 8, &plain, Place::End, false).unwrap();
+        let set = Set {
+            name: "cali60s-abc".into(),
+            key: SetKey::Host,
+            elements: vec![SetElement::Net("fd00:198:18::1/128".parse().unwrap())].into(),
+            comment: None,
+        };
+        new_set(&mut b, f, t, &set).unwrap();
+        let raw = plain_elems(f, set.key, &set.name, set.elements.iter()).unwrap();
+        elements(&mut b, NFT_MSG_NEWSETELEM, f, t, "cali60s-abc", &raw).unwrap();
+        del_rule(&mut b, f, t, "cali-pi-x", 12);
+        flush_chain(&mut b, f, t, "cali-pi-y");
+        del_chain(&mut b, f, t, "cali-pi-y");
+        del_set(&mut b, f, t, "cali60s-old");
+        destroy_table(&mut b, TableFamily::Ip, "nftpolicy-g1");
+        b.finish();
+        let subjects: Vec<String> = (0..b.msgs.len())
+            .map(|i| b.subject(i).to_string())
+            .collect();
+        assert_eq!(
+            subjects,
+            [
+                "the batch framing",
+                "table ip6 nftpolicy-g2",
+                "chain ip6 nftpolicy-g2 cali-pi-x",
+                "rule #7 of chain ip6 nftpolicy-g2 cali-pi-x (comment \"Policy x ingress rule 3\")",
+                "rule #8 of chain ip6 nftpolicy-g2 cali-pi-x",
+                "set ip6 nftpolicy-g2 cali60s-abc",
+                "elements of set ip6 nftpolicy-g2 cali60s-abc",
+                "chain ip6 nftpolicy-g2 cali-pi-x",
+                "chain ip6 nftpolicy-g2 cali-pi-y",
+                "chain ip6 nftpolicy-g2 cali-pi-y",
+                "set ip6 nftpolicy-g2 cali60s-old",
+                "table ip nftpolicy-g1",
+                "the batch framing",
+            ]
+        );
+    }
+
     #[test]
     fn prefix_masks() {
         assert_eq!(&prefix_mask(12, 4)[..4], &[0xff, 0xf0, 0, 0]);
@@ -1236,7 +1236,8 @@ mod tests {
             elements: vec![
                 SetElement::Net("198.18.0.0/16".parse().unwrap()),
                 SetElement::Net("128.0.0.0/1".parse().unwrap()),
-            ],
+            ]
+            .into(),
             comment: None,
         };
         let ivs = intervals(TableFamily::Ip, &set).unwrap();

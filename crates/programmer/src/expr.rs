@@ -807,7 +807,7 @@ mod tests {
                         Set {
                             name: name.into(),
                             key,
-                            elements: Vec::new(),
+                            elements: Vec::new().into(),
                             comment: None,
                         },
                     );
@@ -826,7 +826,7 @@ mod tests {
                         Chain {
                             name: name.into(),
                             base: None,
-                            rules: Vec::new(),
+                            rules: Vec::new().into(),
                         },
                     );
                 }

@@ -49,7 +49,7 @@ pub mod trace;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use compiler::nft::{Ruleset, Table, TableFamily};
+use compiler::nft::{Elements, Ruleset, Table, TableFamily};
 use tracing::{debug, info, warn};
 
 pub use batch::Subject;
@@ -434,6 +434,49 @@ impl NftProgrammer {
         }
     }
 
+    /// Makes the committed copies of set `set` in `family` (one per table
+    /// of ours that has it) share `elements` wherever they hold the same
+    /// list, and says how many now do. Memory only: nothing is sent, and a
+    /// copy that differs is left as it is.
+    ///
+    /// Why: applying an element change to the committed state copies a
+    /// list that was shared (`compiler::nft::Elements` is copy on write),
+    /// so without this every table group, and the compiler, would end up
+    /// with its own copy of each set that ever changed.
+    pub fn share_elements(&mut self, family: TableFamily, set: &str, elements: &Elements) -> usize {
+        for s in self.committed_sets(family, set) {
+            if !s.elements.shares(elements) && *s.elements == **elements {
+                s.elements = elements.clone();
+            }
+        }
+        self.copies_sharing(family, set, elements)
+    }
+
+    /// How many committed copies of set `set` in `family` share `elements`
+    /// (see [`share_elements`](Self::share_elements)).
+    pub fn copies_sharing(&self, family: TableFamily, set: &str, elements: &Elements) -> usize {
+        self.committed
+            .iter()
+            .flatten()
+            .filter(|((f, _), t)| {
+                *f == family && t.sets.get(set).is_some_and(|s| s.elements.shares(elements))
+            })
+            .count()
+    }
+
+    /// The committed copies of set `set` in `family`, one per table.
+    fn committed_sets<'a>(
+        &'a mut self,
+        family: TableFamily,
+        set: &'a str,
+    ) -> impl Iterator<Item = &'a mut compiler::nft::Set> + 'a {
+        self.committed
+            .iter_mut()
+            .flatten()
+            .filter(move |((f, _), _)| *f == family)
+            .filter_map(move |(_, t)| t.sets.get_mut(set))
+    }
+
     /// Counters of the rules of one chain of one of our tables, in rule
     /// order (rules without a counter report 0).
     pub fn read_counters(
@@ -508,15 +551,24 @@ fn canonicalize(t: &mut Table) {
     }
 }
 
-/// One set in read-back form (see [`canonical`]).
+/// One set in read-back form (see [`canonical`]). A list that already is
+/// (the compiler's always are) is left alone, so that it stays shared with
+/// the copies it came from (`compiler::nft::Elements`).
 pub(crate) fn canonical_set(s: &mut compiler::nft::Set) {
-    for e in &mut s.elements {
-        if let compiler::nft::SetElement::Net(n) = e {
+    use compiler::nft::SetElement;
+    let host_bits = |e: &SetElement| matches!(e, SetElement::Net(n) if *n != n.trunc());
+    let canonical = s.elements.windows(2).all(|w| w[0] < w[1]) && !s.elements.iter().any(host_bits);
+    if canonical {
+        return;
+    }
+    let elements: &mut Vec<SetElement> = &mut s.elements;
+    for e in elements.iter_mut() {
+        if let SetElement::Net(n) = e {
             *n = n.trunc();
         }
     }
-    s.elements.sort_unstable();
-    s.elements.dedup();
+    elements.sort_unstable();
+    elements.dedup();
 }
 
 /// Sends `tx` on `sock` as one atomic transaction: `Ok(acked)` when the
@@ -564,11 +616,12 @@ pub(crate) fn commit(sock: &mut netlink::Socket, tx: &mut Transaction) -> Result
 /// Names the object a failing message concerned; for element messages,
 /// the element the kernel's extended-ACK offset points at.
 fn describe_failure(tx: &Transaction, e: &netlink::MessageError) -> String {
-    let Some(meta) = tx.batch.msgs.get(e.index) else {
+    if e.index >= tx.batch.msgs.len() {
         return format!("message #{} of the batch", e.index);
-    };
-    let mut s = meta.subject.to_string();
-    if let (Subject::Elements { .. }, Some(off)) = (&meta.subject, e.attr_offset) {
+    }
+    let subject = tx.batch.subject(e.index);
+    let mut s = subject.to_string();
+    if let (Subject::Elements { .. }, Some(off)) = (&subject, e.attr_offset) {
         if let Some(el) = element_at(tx.batch.message_bytes(e.index), off as usize) {
             s.push_str(&format!(" (element {el})"));
         }

@@ -304,7 +304,7 @@ mod tests {
                 Chain {
                     name: (*c).to_owned(),
                     base: None,
-                    rules: Vec::new(),
+                    rules: Vec::new().into(),
                 },
             );
         }

@@ -84,7 +84,7 @@ impl Transaction {
     /// comparing our encoding with nft's.
     pub fn encoded(&self) -> Vec<(u16, &[u8])> {
         (0..self.batch.msgs.len())
-            .filter(|&i| self.batch.msgs[i].subject != crate::batch::Subject::Batch)
+            .filter(|&i| !self.batch.msgs[i].is_framing())
             .map(|i| {
                 let m = self.batch.message_bytes(i);
                 (
@@ -98,11 +98,9 @@ impl Transaction {
     /// Every message in order as `(kind, object)`, e.g.
     /// `("DELRULE", "chain ip nftpolicy cali-fw-x")`.
     pub fn steps(&self) -> Vec<(&'static str, String)> {
-        self.batch
-            .msgs
-            .iter()
-            .filter(|m| m.subject != crate::batch::Subject::Batch)
-            .map(|m| (m.kind, m.subject.to_string()))
+        (0..self.batch.msgs.len())
+            .filter(|&i| !self.batch.msgs[i].is_framing())
+            .map(|i| (self.batch.msgs[i].kind, self.batch.subject(i).to_string()))
             .collect()
     }
 }

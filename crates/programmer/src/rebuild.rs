@@ -61,8 +61,7 @@ fn then(mut b: Batch, create: &Batch) -> Batch {
         for m in &msgs[1..msgs.len() - 1] {
             b.msgs.push(MsgMeta {
                 offset: m.offset - start + base,
-                kind: m.kind,
-                subject: m.subject.clone(),
+                ..m.clone()
             });
         }
     }

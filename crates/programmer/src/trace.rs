@@ -209,7 +209,7 @@ impl TraceSession {
                     priority: TRACE_PRIORITY,
                     policy: ChainPolicy::Accept,
                 }),
-                rules: vec![],
+                rules: vec![].into(),
             },
         )
         .map_err(TraceError::Encode)?;

@@ -130,6 +130,68 @@ fn group_tables_are_applied_patched_and_replaced_together() {
     holds(&mut p, &fewer);
 }
 
+/// The groups' committed copies of a set share one element list while
+/// they are equal: after an element change copied them apart,
+/// `share_elements` joins them again (and never joins a copy that
+/// differs); the kernel is not touched either way.
+#[test]
+fn committed_copies_of_a_set_share_one_element_list() {
+    let (_ns, mut p) = setup("groups-share");
+    let mut rs = grouped(3);
+    let set_name = rs.tables[0]
+        .sets
+        .values()
+        .find(|s| s.key == SetKey::Addr)
+        .unwrap()
+        .name
+        .clone();
+    let ip_tables = |rs: &Ruleset| -> Vec<usize> {
+        (0..rs.tables.len())
+            .filter(|&i| rs.tables[i].family == TableFamily::Ip)
+            .collect()
+    };
+    // Every group's copy shares group 0's list, as the cut makes them.
+    let first = ip_tables(&rs)[0];
+    let list = rs.tables[first].sets[&set_name].elements.clone();
+    for i in ip_tables(&rs) {
+        rs.tables[i].sets.get_mut(&set_name).unwrap().elements = list.clone();
+    }
+    p.apply(&rs).unwrap();
+    holds(&mut p, &rs);
+    assert_eq!(p.copies_sharing(TableFamily::Ip, &set_name, &list), 3);
+
+    // One element more in every group: each committed copy is changed on
+    // its own, so none shares any more.
+    let fresh = SetElement::Net("198.19.200.9/32".parse().unwrap());
+    let delta = ElementDelta {
+        sets: (0..3)
+            .map(|g| SetDelta {
+                family: TableFamily::Ip,
+                table: compiler::groups::table_name(g),
+                set: set_name.clone(),
+                remove: vec![],
+                add: vec![fresh.clone()],
+            })
+            .collect(),
+    };
+    p.apply_elements(&delta).unwrap();
+    delta.apply_to(&mut rs);
+    holds(&mut p, &rs);
+    let mut changed = list.clone();
+    changed.push(fresh);
+    changed.sort();
+    assert_eq!(p.copies_sharing(TableFamily::Ip, &set_name, &list), 0);
+    assert_eq!(p.copies_sharing(TableFamily::Ip, &set_name, &changed), 0);
+
+    // A list that differs is not shared; the equal one is, by all three.
+    assert_eq!(p.share_elements(TableFamily::Ip, &set_name, &list), 0);
+    assert_eq!(p.share_elements(TableFamily::Ip, &set_name, &changed), 3);
+    // Not another family's set of that name.
+    assert_eq!(p.copies_sharing(TableFamily::Ip6, &set_name, &changed), 0);
+    holds(&mut p, &rs);
+    assert!(p.plan(&rs).unwrap().is_empty());
+}
+
 #[test]
 fn remove_all_deletes_every_group_table_and_nothing_else() {
     let (ns, mut p) = setup("groups-rm");

@@ -175,7 +175,7 @@ fn a_hash_set_read_back_while_the_kernel_resizes_it_is_complete() {
         let set = Set {
             name: "cali40s-pods".into(),
             key: SetKey::Host,
-            elements: elements.clone(),
+            elements: elements.clone().into(),
             comment: None,
         };
         t.sets.insert(set.name.clone(), set);

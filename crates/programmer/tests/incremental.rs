@@ -47,7 +47,7 @@ fn one_set_table(elements: Vec<SetElement>) -> Ruleset {
         Set {
             name: "big".into(),
             key: SetKey::Addr,
-            elements,
+            elements: elements.into(),
             comment: None,
         },
     );

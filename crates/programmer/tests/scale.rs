@@ -44,7 +44,7 @@ fn policy_chains(t: &mut Table, chains: usize, rules: usize) {
         Set {
             name: "pods".into(),
             key: SetKey::Addr,
-            elements: vec![SetElement::Net(net("198.18.0.0/16"))],
+            elements: vec![SetElement::Net(net("198.18.0.0/16"))].into(),
             comment: None,
         },
     );
@@ -78,7 +78,7 @@ fn ten_thousand_elements_in_one_batch() {
         Set {
             name: "hosts".into(),
             key: SetKey::Addr,
-            elements: hosts,
+            elements: hosts.into(),
             comment: None,
         },
     );
@@ -87,7 +87,7 @@ fn ten_thousand_elements_in_one_batch() {
         Set {
             name: "named".into(),
             key: SetKey::NamedPort,
-            elements: named,
+            elements: named.into(),
             comment: None,
         },
     );
@@ -97,7 +97,7 @@ fn ten_thousand_elements_in_one_batch() {
         Set {
             name: "nets".into(),
             key: SetKey::Addr,
-            elements: v6,
+            elements: v6.into(),
             comment: None,
         },
     );

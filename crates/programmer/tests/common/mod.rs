@@ -109,7 +109,7 @@ pub fn chain(name: &str, rules: Vec<Rule>) -> Chain {
     Chain {
         name: name.to_owned(),
         base: None,
-        rules,
+        rules: rules.into(),
     }
 }
 
@@ -127,7 +127,7 @@ pub fn base_chain(
             priority,
             policy,
         }),
-        rules,
+        rules: rules.into(),
     }
 }
 
