@@ -467,16 +467,34 @@ impl ElementDelta {
 impl SetDelta {
     /// `set.elements` is sorted (as the compiler makes it); keeps it so.
     pub fn apply_to_set(&self, set: &mut Set) {
+        self.apply_to_list(&mut set.elements);
+    }
+
+    /// [`apply_to_set`](Self::apply_to_set) on a set's element list (a
+    /// shared list is copied first, once).
+    pub fn apply_to_list(&self, elements: &mut Elements) {
+        if self.add.is_empty() && self.remove.is_empty() {
+            return;
+        }
+        let elements: &mut Vec<SetElement> = elements;
         for e in &self.remove {
-            if let Ok(i) = set.elements.binary_search(e) {
-                set.elements.remove(i);
+            if let Ok(i) = elements.binary_search(e) {
+                elements.remove(i);
             }
         }
         for e in &self.add {
-            if let Err(i) = set.elements.binary_search(e) {
-                set.elements.insert(i, e.clone());
+            if let Err(i) = elements.binary_search(e) {
+                elements.insert(i, e.clone());
             }
         }
+    }
+
+    /// The same change (elements added and removed), whatever the table.
+    pub fn same_change(&self, other: &SetDelta) -> bool {
+        self.family == other.family
+            && self.set == other.set
+            && self.add == other.add
+            && self.remove == other.remove
     }
 }
 

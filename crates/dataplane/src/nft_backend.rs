@@ -1,9 +1,7 @@
 //! The nftables backend: [`programmer::NftProgrammer`] behind [`Dataplane`].
 
 use compiler::groups::{self, Split};
-use std::collections::BTreeSet;
-
-use compiler::nft::{Ruleset, TableFamily};
+use compiler::nft::Ruleset;
 use programmer::NftProgrammer;
 use tracing::{info, warn};
 
@@ -82,50 +80,11 @@ impl NftDataplane {
             Err(programmer::Error::NotCommitted { .. }) => self.program_whole(desired),
             r => r,
         };
-        match r {
-            Ok(()) => self.share_changed_sets(desired),
+        if r.is_err() {
             // Cut whole again next time, against the committed tables.
-            Err(_) => self.split = None,
+            self.split = None;
         }
         r
-    }
-
-    /// After a change is committed: the sets it changed, as committed
-    /// (once per group's table), share the compiler's element lists again
-    /// (see [`NftProgrammer::share_elements`]), so that memory stays at one
-    /// list per set however often pods come and go.
-    fn share_changed_sets(&mut self, desired: &Desired<'_>) {
-        let changed: BTreeSet<(TableFamily, &str)> = match desired.change {
-            Change::Full => return,
-            Change::Elements(delta) => delta
-                .sets
-                .iter()
-                .map(|d| (d.family, d.set.as_str()))
-                .collect(),
-            Change::Patch(patch) => patch
-                .tables
-                .iter()
-                .flat_map(|t| t.sets.keys().map(move |s| (t.family, s.as_str())))
-                .chain(
-                    patch
-                        .elements
-                        .sets
-                        .iter()
-                        .map(|d| (d.family, d.set.as_str())),
-                )
-                .collect(),
-        };
-        for (family, name) in changed {
-            let set = desired
-                .ruleset
-                .tables
-                .iter()
-                .filter(|t| t.family == family)
-                .find_map(|t| t.sets.get(name));
-            if let Some(set) = set {
-                self.programmer.share_elements(family, name, &set.elements);
-            }
-        }
     }
 
     fn program_whole(&mut self, desired: &Desired<'_>) -> Result<(), programmer::Error> {

@@ -33,11 +33,7 @@ impl NftProgrammer {
         let t0 = Instant::now();
         let mut b = Batch::new();
         encode_element_delta(&mut b, self.committed_tables()?, delta)?;
-        self.send_unless_empty(b, t0, |committed| {
-            for t in committed.values_mut() {
-                delta.apply_to_table(t);
-            }
-        })
+        self.send_unless_empty(b, t0, |committed| apply_shared(committed, delta))
     }
 
     /// Applies a patch of chains, sets and maps (and element changes) to
@@ -78,10 +74,63 @@ impl NftProgrammer {
                     }
                 }
             }
-            for t in committed.values_mut() {
-                patch.elements.apply_to_table(t);
-            }
+            apply_shared(committed, &patch.elements);
         })
+    }
+}
+
+/// Applies `delta` to the committed tables. The groups' copies of a set
+/// share one element list (`compiler::nft::Shared`) and each group's
+/// share of a delta makes the same change: the list is changed once, in
+/// place, and stays shared — not copied once per group, which would cost
+/// each group its own list of every set that ever changed.
+fn apply_shared(committed: &mut crate::Tables, delta: &ElementDelta) {
+    let mut done = vec![false; delta.sets.len()];
+    for i in 0..delta.sets.len() {
+        if done[i] {
+            continue;
+        }
+        let d = &delta.sets[i];
+        let list = |committed: &crate::Tables, table: &str| {
+            committed
+                .get(&(d.family, table.to_owned()))
+                .and_then(|t| t.sets.get(&d.set))
+                .map(|s| s.elements.clone())
+        };
+        let Some(first) = list(committed, &d.table) else {
+            continue;
+        };
+        // The tables whose copy is this list and which get this change.
+        let mut sharers = vec![d.table.clone()];
+        for (j, other) in delta.sets.iter().enumerate().skip(i + 1) {
+            if !done[j]
+                && other.same_change(d)
+                && list(committed, &other.table).is_some_and(|l| l.shares(&first))
+            {
+                done[j] = true;
+                sharers.push(other.table.clone());
+            }
+        }
+        // Take the list out of every sharer, so that (unless the compiler
+        // still holds it too) it is changed in place.
+        for table in &sharers {
+            if let Some(s) = committed
+                .get_mut(&(d.family, table.clone()))
+                .and_then(|t| t.sets.get_mut(&d.set))
+            {
+                s.elements = Default::default();
+            }
+        }
+        let mut changed = first;
+        d.apply_to_list(&mut changed);
+        for table in &sharers {
+            if let Some(s) = committed
+                .get_mut(&(d.family, table.clone()))
+                .and_then(|t| t.sets.get_mut(&d.set))
+            {
+                s.elements = changed.clone();
+            }
+        }
     }
 }
 

@@ -434,47 +434,19 @@ impl NftProgrammer {
         }
     }
 
-    /// Makes the committed copies of set `set` in `family` (one per table
-    /// of ours that has it) share `elements` wherever they hold the same
-    /// list, and says how many now do. Memory only: nothing is sent, and a
-    /// copy that differs is left as it is.
-    ///
-    /// Why: applying an element change to the committed state copies a
-    /// list that was shared (`compiler::nft::Elements` is copy on write),
-    /// so without this every table group, and the compiler, would end up
-    /// with its own copy of each set that ever changed.
-    pub fn share_elements(&mut self, family: TableFamily, set: &str, elements: &Elements) -> usize {
-        for s in self.committed_sets(family, set) {
-            if !s.elements.shares(elements) && *s.elements == **elements {
-                s.elements = elements.clone();
+    /// How many different element lists the committed copies of set `set`
+    /// in `family` (one per table of ours that has it) hold: 1 when every
+    /// group's copy shares one list (`compiler::nft::Shared`).
+    pub fn distinct_element_lists(&self, family: TableFamily, set: &str) -> usize {
+        let mut lists: Vec<&Elements> = Vec::new();
+        for ((f, _), t) in self.committed.iter().flatten() {
+            if let Some(s) = t.sets.get(set).filter(|_| *f == family) {
+                if !lists.iter().any(|l| l.shares(&s.elements)) {
+                    lists.push(&s.elements);
+                }
             }
         }
-        self.copies_sharing(family, set, elements)
-    }
-
-    /// How many committed copies of set `set` in `family` share `elements`
-    /// (see [`share_elements`](Self::share_elements)).
-    pub fn copies_sharing(&self, family: TableFamily, set: &str, elements: &Elements) -> usize {
-        self.committed
-            .iter()
-            .flatten()
-            .filter(|((f, _), t)| {
-                *f == family && t.sets.get(set).is_some_and(|s| s.elements.shares(elements))
-            })
-            .count()
-    }
-
-    /// The committed copies of set `set` in `family`, one per table.
-    fn committed_sets<'a>(
-        &'a mut self,
-        family: TableFamily,
-        set: &'a str,
-    ) -> impl Iterator<Item = &'a mut compiler::nft::Set> + 'a {
-        self.committed
-            .iter_mut()
-            .flatten()
-            .filter(move |((f, _), _)| *f == family)
-            .filter_map(move |(_, t)| t.sets.get_mut(set))
+        lists.len()
     }
 
     /// Counters of the rules of one chain of one of our tables, in rule

@@ -130,10 +130,10 @@ fn group_tables_are_applied_patched_and_replaced_together() {
     holds(&mut p, &fewer);
 }
 
-/// The groups' committed copies of a set share one element list while
-/// they are equal: after an element change copied them apart,
-/// `share_elements` joins them again (and never joins a copy that
-/// differs); the kernel is not touched either way.
+/// The groups' committed copies of a set share one element list, as the
+/// cut makes them: a change every group gets keeps them one list, changed
+/// without touching the caller's (copy on write), and a change to one
+/// group's copy parts it from the others; the kernel follows either way.
 #[test]
 fn committed_copies_of_a_set_share_one_element_list() {
     let (_ns, mut p) = setup("groups-share");
@@ -145,50 +145,46 @@ fn committed_copies_of_a_set_share_one_element_list() {
         .unwrap()
         .name
         .clone();
-    let ip_tables = |rs: &Ruleset| -> Vec<usize> {
-        (0..rs.tables.len())
-            .filter(|&i| rs.tables[i].family == TableFamily::Ip)
-            .collect()
-    };
-    // Every group's copy shares group 0's list, as the cut makes them.
-    let first = ip_tables(&rs)[0];
-    let list = rs.tables[first].sets[&set_name].elements.clone();
-    for i in ip_tables(&rs) {
+    let ip_tables: Vec<usize> = (0..rs.tables.len())
+        .filter(|&i| rs.tables[i].family == TableFamily::Ip)
+        .collect();
+    let list = rs.tables[ip_tables[0]].sets[&set_name].elements.clone();
+    for &i in &ip_tables {
         rs.tables[i].sets.get_mut(&set_name).unwrap().elements = list.clone();
     }
     p.apply(&rs).unwrap();
     holds(&mut p, &rs);
-    assert_eq!(p.copies_sharing(TableFamily::Ip, &set_name, &list), 3);
+    assert_eq!(p.distinct_element_lists(TableFamily::Ip, &set_name), 1);
 
-    // One element more in every group: each committed copy is changed on
-    // its own, so none shares any more.
+    // One element more in every group: still one list, and the caller's
+    // (the list `rs` holds) is not changed under it.
     let fresh = SetElement::Net("198.19.200.9/32".parse().unwrap());
-    let delta = ElementDelta {
-        sets: (0..3)
-            .map(|g| SetDelta {
+    let delta = |groups: &[usize], e: &SetElement| ElementDelta {
+        sets: groups
+            .iter()
+            .map(|&g| SetDelta {
                 family: TableFamily::Ip,
                 table: compiler::groups::table_name(g),
                 set: set_name.clone(),
                 remove: vec![],
-                add: vec![fresh.clone()],
+                add: vec![e.clone()],
             })
             .collect(),
     };
-    p.apply_elements(&delta).unwrap();
-    delta.apply_to(&mut rs);
+    let all = delta(&[0, 1, 2], &fresh);
+    p.apply_elements(&all).unwrap();
+    assert!(!list.contains(&fresh), "the caller's list changed");
+    all.apply_to(&mut rs);
     holds(&mut p, &rs);
-    let mut changed = list.clone();
-    changed.push(fresh);
-    changed.sort();
-    assert_eq!(p.copies_sharing(TableFamily::Ip, &set_name, &list), 0);
-    assert_eq!(p.copies_sharing(TableFamily::Ip, &set_name, &changed), 0);
+    assert_eq!(p.distinct_element_lists(TableFamily::Ip, &set_name), 1);
 
-    // A list that differs is not shared; the equal one is, by all three.
-    assert_eq!(p.share_elements(TableFamily::Ip, &set_name, &list), 0);
-    assert_eq!(p.share_elements(TableFamily::Ip, &set_name, &changed), 3);
-    // Not another family's set of that name.
-    assert_eq!(p.copies_sharing(TableFamily::Ip6, &set_name, &changed), 0);
+    // One more in group 1 only: its copy parts from the other two.
+    let another = SetElement::Net("198.19.200.10/32".parse().unwrap());
+    let one = delta(&[1], &another);
+    p.apply_elements(&one).unwrap();
+    one.apply_to(&mut rs);
     holds(&mut p, &rs);
+    assert_eq!(p.distinct_element_lists(TableFamily::Ip, &set_name), 2);
     assert!(p.plan(&rs).unwrap().is_empty());
 }
 
