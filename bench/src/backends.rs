@@ -20,6 +20,17 @@ pub use dataplane::Changes;
 
 pub const KINDS: [&str; 3] = ["nft-netlink", "nft-cli", "iptables"];
 
+/// The scale runs' backends: [`KINDS`] and the agent's nftables backend
+/// with its tables cut into six namespace groups (`--table-groups 6`), the
+/// count that keeps a policy add under 10× a pod relabel at 10,000
+/// policies (README, Table groups, measured). Not in the per-packet
+/// sweep: a group adds one table's forward chain to each packet's walk,
+/// measured apart (`bench --example split_packet_cost`).
+pub const SCALE_KINDS: [&str; 4] = ["nft-netlink", GROUPED_KIND, "nft-cli", "iptables"];
+
+/// The grouped nftables backend of [`SCALE_KINDS`].
+pub const GROUPED_KIND: &str = "nft-netlink-g6";
+
 /// Dataplane size, counted from what was applied.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct Size {

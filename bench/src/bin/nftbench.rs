@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use bench::backends::KINDS;
+use bench::backends::{KINDS, SCALE_KINDS};
 use bench::packet::{packet_worker, PacketPoint, PacketResult};
 use bench::report::{charts, markdown, readme_section, Results};
 use bench::run::{scale_worker_with, ScaleResult};
@@ -121,10 +121,10 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         sweep: Vec::new(),
     };
 
-    let total = scales.len() * KINDS.len();
+    let total = scales.len() * SCALE_KINDS.len();
     let mut done = 0;
     for &p in &scales {
-        for kind in KINDS {
+        for kind in SCALE_KINDS {
             done += 1;
             eprint!(
                 "[{:>4.0}s] scale {done}/{total}: {kind} at {p} policies … ",
