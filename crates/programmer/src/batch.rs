@@ -1,6 +1,7 @@
-//! A batch under construction: the encoded bytes plus, per message, what
-//! kind it is and which object it concerns (so a kernel error, which names
-//! only a sequence number, can be mapped back to a chain, set or rule).
+//! A batch under construction: the encoded bytes plus, per message, its
+//! offset and kind. A kernel error names only a sequence number; the
+//! object it concerns (chain, set, rule) is read back from that message's
+//! own bytes ([`Batch::subject`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
