@@ -10,10 +10,12 @@
 //! [`RulesetPatch`] names them, and only they are diffed against their
 //! committed versions (with the same ordering rules as a full apply).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use compiler::nft::{
-    ElementDelta, RulesetPatch, Set, SetDelta, SetElement, SetKey, Table, TablePatch,
+    ElementDelta, Elements, RulesetPatch, Set, SetDelta, SetElement, SetKey, Table, TableFamily,
+    TablePatch,
 };
 
 use tracing::debug;
@@ -85,53 +87,63 @@ impl NftProgrammer {
 /// place, and stays shared — not copied once per group, which would cost
 /// each group its own list of every set that ever changed.
 fn apply_shared(committed: &mut crate::Tables, delta: &ElementDelta) {
-    let mut done = vec![false; delta.sets.len()];
-    for i in 0..delta.sets.len() {
-        if done[i] {
+    // A set's deltas (one per group's table that holds it): bucketed by
+    // set, so finding a delta's sharers looks at its few groups only.
+    let mut by_set: BTreeMap<(TableFamily, &str), Vec<&SetDelta>> = BTreeMap::new();
+    for d in &delta.sets {
+        by_set.entry((d.family, &d.set)).or_default().push(d);
+    }
+    for ((family, set), deltas) in by_set {
+        let tables: BTreeSet<&str> = deltas.iter().map(|d| d.table.as_str()).collect();
+        if tables.len() < deltas.len() {
+            // Two changes to one table's set: in order, one by one.
+            for d in deltas {
+                if let Some(list) = elements_of(committed, family, &d.table, set) {
+                    d.apply_to_list(list);
+                }
+            }
             continue;
         }
-        let d = &delta.sets[i];
-        let list = |committed: &crate::Tables, table: &str| {
-            committed
-                .get(&(d.family, table.to_owned()))
-                .and_then(|t| t.sets.get(&d.set))
-                .map(|s| s.elements.clone())
-        };
-        let Some(first) = list(committed, &d.table) else {
-            continue;
-        };
-        // The tables whose copy is this list and which get this change.
-        let mut sharers = vec![d.table.clone()];
-        for (j, other) in delta.sets.iter().enumerate().skip(i + 1) {
-            if !done[j]
-                && other.same_change(d)
-                && list(committed, &other.table).is_some_and(|l| l.shares(&first))
+        // Each table's list, taken out; copies of one list that get the
+        // same change become one entry (the others are dropped here), so
+        // that the list is changed in place unless the compiler still
+        // holds it too.
+        let mut changes: Vec<(Elements, &SetDelta, Vec<&str>)> = Vec::new();
+        for d in deltas {
+            let Some(list) = elements_of(committed, family, &d.table, set) else {
+                continue;
+            };
+            let list = std::mem::take(list);
+            match changes
+                .iter_mut()
+                .find(|(l, c, _)| l.shares(&list) && c.same_change(d))
             {
-                done[j] = true;
-                sharers.push(other.table.clone());
+                Some((_, _, tables)) => tables.push(&d.table),
+                None => changes.push((list, d, vec![&d.table])),
             }
         }
-        // Take the list out of every sharer, so that (unless the compiler
-        // still holds it too) it is changed in place.
-        for table in &sharers {
-            if let Some(s) = committed
-                .get_mut(&(d.family, table.clone()))
-                .and_then(|t| t.sets.get_mut(&d.set))
-            {
-                s.elements = Default::default();
-            }
-        }
-        let mut changed = first;
-        d.apply_to_list(&mut changed);
-        for table in &sharers {
-            if let Some(s) = committed
-                .get_mut(&(d.family, table.clone()))
-                .and_then(|t| t.sets.get_mut(&d.set))
-            {
-                s.elements = changed.clone();
+        for (mut list, d, tables) in changes {
+            d.apply_to_list(&mut list);
+            for table in tables {
+                if let Some(slot) = elements_of(committed, family, table, set) {
+                    *slot = list.clone();
+                }
             }
         }
     }
+}
+
+/// The committed element list of set `set` in table `table`, if it has it.
+fn elements_of<'a>(
+    committed: &'a mut crate::Tables,
+    family: TableFamily,
+    table: &str,
+    set: &str,
+) -> Option<&'a mut Elements> {
+    committed
+        .get_mut(&(family, table.to_owned()))
+        .and_then(|t| t.sets.get_mut(set))
+        .map(|s| &mut s.elements)
 }
 
 /// The most chains of one table's patch edited in place: each costs a dump
@@ -268,4 +280,101 @@ fn patched_objects(committed: &Table, p: &TablePatch) -> (Table, Table) {
         crate::canonical_set(s);
     }
     (before, after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> SetElement {
+        SetElement::Net(s.parse().unwrap())
+    }
+
+    /// Three groups' tables whose set `s` shares `list`.
+    fn grouped(list: &Elements) -> crate::Tables {
+        (0..3)
+            .map(|g| {
+                let name = compiler::groups::table_name(g);
+                let mut t = Table::new(TableFamily::Ip, &name);
+                t.sets.insert(
+                    "s".into(),
+                    Set {
+                        name: "s".into(),
+                        key: SetKey::Addr,
+                        elements: list.clone(),
+                        comment: None,
+                    },
+                );
+                ((TableFamily::Ip, name), t)
+            })
+            .collect()
+    }
+
+    fn delta(g: usize, add: &[SetElement], remove: &[SetElement]) -> SetDelta {
+        SetDelta {
+            family: TableFamily::Ip,
+            table: compiler::groups::table_name(g),
+            set: "s".into(),
+            add: add.to_vec(),
+            remove: remove.to_vec(),
+        }
+    }
+
+    fn list(tables: &crate::Tables, g: usize) -> &Elements {
+        &tables[&(TableFamily::Ip, compiler::groups::table_name(g))].sets["s"].elements
+    }
+
+    #[test]
+    fn one_change_to_every_group_keeps_one_list() {
+        let caller: Elements = vec![net("198.18.0.1/32")].into();
+        let mut tables = grouped(&caller);
+        let x = net("198.18.0.2/32");
+        let all = ElementDelta {
+            sets: (0..3)
+                .map(|g| delta(g, std::slice::from_ref(&x), &[]))
+                .collect(),
+        };
+        apply_shared(&mut tables, &all);
+        assert_eq!(
+            caller,
+            vec![net("198.18.0.1/32")],
+            "the caller's list changed"
+        );
+        assert_eq!(*list(&tables, 0), vec![net("198.18.0.1/32"), x]);
+        assert!(
+            list(&tables, 0).shares(list(&tables, 1)) && list(&tables, 0).shares(list(&tables, 2))
+        );
+    }
+
+    #[test]
+    fn changes_that_differ_or_repeat_a_table_apply_one_by_one() {
+        let mut tables = grouped(&vec![net("198.18.0.1/32")].into());
+        let (x, y) = (net("198.18.0.2/32"), net("198.18.0.3/32"));
+        // Group 0 gets x then loses it again; group 1 gets y; group 2 nothing.
+        let d = ElementDelta {
+            sets: vec![
+                delta(0, std::slice::from_ref(&x), &[]),
+                delta(1, std::slice::from_ref(&y), &[]),
+                delta(0, &[], std::slice::from_ref(&x)),
+            ],
+        };
+        apply_shared(&mut tables, &d);
+        assert_eq!(*list(&tables, 0), vec![net("198.18.0.1/32")]);
+        assert_eq!(*list(&tables, 1), vec![net("198.18.0.1/32"), y.clone()]);
+        assert_eq!(*list(&tables, 2), vec![net("198.18.0.1/32")]);
+        // Without a repeat: groups 0 and 2 share the same change, 1 its own.
+        let mut tables = grouped(&vec![net("198.18.0.1/32")].into());
+        let d = ElementDelta {
+            sets: vec![
+                delta(0, std::slice::from_ref(&x), &[]),
+                delta(1, std::slice::from_ref(&y), &[]),
+                delta(2, std::slice::from_ref(&x), &[]),
+            ],
+        };
+        apply_shared(&mut tables, &d);
+        assert_eq!(*list(&tables, 1), vec![net("198.18.0.1/32"), y]);
+        assert_eq!(*list(&tables, 2), vec![net("198.18.0.1/32"), x]);
+        assert!(list(&tables, 0).shares(list(&tables, 2)));
+        assert!(!list(&tables, 0).shares(list(&tables, 1)));
+    }
 }
