@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context};
 use compiler::nft::{ElementDelta, Ruleset, SetElement, Table};
 use compiler::CompileOptions;
-use dataplane::{Change, Dataplane, Desired, Kind, Pipeline};
+use dataplane::{Change, Dataplane, Desired, Kind, Pipeline, TableGroups};
 use model::state::ClusterState;
 use serde::{Deserialize, Serialize};
 
@@ -20,16 +20,19 @@ pub use dataplane::Changes;
 
 pub const KINDS: [&str; 3] = ["nft-netlink", "nft-cli", "iptables"];
 
-/// The scale runs' backends: [`KINDS`] and the agent's nftables backend
-/// with its tables cut into six namespace groups (`--table-groups 6`), the
-/// count that keeps a policy add under 10× a pod relabel at 10,000
-/// policies (README, Table groups, measured). Not in the per-packet
-/// sweep: a group adds one table's forward chain to each packet's walk,
-/// measured apart (`bench --example split_packet_cost`).
+/// The scale runs' backends: [`KINDS`] (`nft-netlink` is one table per
+/// family, `--table-groups 1`) and the agent's nftables backend as it runs
+/// by default, `--table-groups auto`: one table on a small ruleset, six
+/// namespace groups' tables at 10,000 policies, the count that keeps a
+/// policy add under 10× a pod relabel there (README, Table groups,
+/// measured). Not in the per-packet sweep, which compares the chain walk
+/// with the fused lookup in one table: a group adds one table's forward
+/// chain to each packet's walk, measured apart (`bench --example
+/// split_packet_cost`).
 pub const SCALE_KINDS: [&str; 4] = ["nft-netlink", GROUPED_KIND, "nft-cli", "iptables"];
 
-/// The grouped nftables backend of [`SCALE_KINDS`].
-pub const GROUPED_KIND: &str = "nft-netlink-g6";
+/// The agent's default nftables backend in [`SCALE_KINDS`].
+pub const GROUPED_KIND: &str = "nft-netlink-auto";
 
 /// Dataplane size, counted from what was applied.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -51,6 +54,12 @@ impl Measured {
     /// kernel's ack (netlink) or the tool's exit (command lines).
     pub fn apply(&mut self, state: &ClusterState, changes: &Changes) -> anyhow::Result<()> {
         Ok(self.pipeline.apply(state, changes)?)
+    }
+
+    /// Tables per family the nftables backend cut its ruleset into (0 for
+    /// the others).
+    pub fn table_groups(&self) -> usize {
+        self.pipeline.dataplane().stats().table_groups as usize
     }
 
     pub fn size(&self) -> Size {
@@ -79,11 +88,17 @@ pub fn open_with(kind: &str, node: &str, options: &Options) -> anyhow::Result<Me
     if options.fused_lookup && kind == "iptables" {
         bail!("iptables mode has no fused form");
     }
-    // `nft-netlink-g<N>`: the agent's `--table-groups N`.
+    // `nft-netlink-g<N>`: the agent's `--table-groups N`;
+    // `nft-netlink-auto`: its default, `--table-groups auto`.
     let groups = kind.strip_prefix("nft-netlink-g").map(str::parse::<usize>);
     let backend: Box<dyn Dataplane> = match (kind, groups) {
-        (_, Some(Ok(n))) if n > 0 => {
-            dataplane::open_grouped(Kind::Nftables, iptables::Backend::Legacy, n)?
+        (_, Some(Ok(n))) if n > 0 => dataplane::open_grouped(
+            Kind::Nftables,
+            iptables::Backend::Legacy,
+            TableGroups::Fixed(n),
+        )?,
+        ("nft-netlink-auto", _) => {
+            dataplane::open_grouped(Kind::Nftables, iptables::Backend::Legacy, TableGroups::Auto)?
         }
         ("nft-netlink", _) => dataplane::open(Kind::Nftables, iptables::Backend::Legacy)?,
         ("nft-cli", _) => Box::new(NftCli { last: None }),

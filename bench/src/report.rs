@@ -143,9 +143,17 @@ pub fn markdown(r: &Results) -> String {
             "## {p} policies, {} pods, {} namespaces, {} local endpoints\n",
             any.pods, any.namespaces, any.local_endpoints
         );
+        if let Some(auto) = find(r, SCALE_KINDS[1], p) {
+            let _ = writeln!(
+                out,
+                "The agent's default, `--table-groups auto`, cut this ruleset into {} table{} per family.\n",
+                auto.table_groups,
+                if auto.table_groups == 1 { "" } else { "s" }
+            );
+        }
         let _ = writeln!(
             out,
-            "| metric | nft netlink | nft netlink, 6 groups | nft CLI | iptables | CLI / netlink | iptables / netlink |"
+            "| metric | nft netlink, one table | nft netlink, --table-groups auto (default) | nft CLI | iptables | CLI / netlink | iptables / netlink |"
         );
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
         for (name, get) in metrics() {

@@ -44,6 +44,10 @@ pub struct ScaleResult {
     pub compile_ms: f64,
     /// Peak RSS right after generating the cluster (before any backend work).
     pub baseline_rss_kib: u64,
+    /// Tables per family the nftables backend cut the ruleset into (what
+    /// `--table-groups auto` chose); 0 for the others.
+    #[serde(default)]
+    pub table_groups: usize,
 }
 
 pub fn scale_for(policies: usize) -> Scale {
@@ -153,6 +157,7 @@ pub fn scale_worker_with(
     let cold_ms = t.elapsed().as_secs_f64() * 1e3;
     let slab_kb_delta = slab_kb() - slab0;
     let size = dp.size();
+    let table_groups = dp.table_groups();
     // `NFTBENCH_WATCH_KERNEL=1`: listen to nf_tables notifications from
     // here on, as the agent does after its first commit (`--watch-kernel`,
     // on by default): while a socket listens, every commit makes the
@@ -257,6 +262,7 @@ pub fn scale_worker_with(
         peak_rss_kib,
         compile_ms,
         baseline_rss_kib,
+        table_groups,
     })
 }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
+use compiler::groups::TableGroups;
 use compiler::{CompileOptions, EndpointToHostAction};
 use model::state::ClusterState;
 
@@ -103,10 +104,14 @@ pub struct DataplaneArgs {
     /// group of namespaces (`nftpolicy-g0` …; a namespace's group is a
     /// hash of its name). The kernel validates a whole table whenever a
     /// commit adds a rule, so a policy change then costs in proportion to
-    /// its group's table, not the node's (README, Performance). 1: one
-    /// table, `nftpolicy`. Changing the count replaces the tables.
-    #[arg(long, env = "NFTPOLICY_TABLE_GROUPS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub table_groups: u16,
+    /// its group's table, not the node's; each group costs a new connection
+    /// about 0.8 µs (README, Table groups). 1: one table, `nftpolicy`.
+    /// `auto`: one table while every family's table holds fewer than
+    /// 10,000 rules, else one group per 2,500 rules (at most 8), chosen at
+    /// the first apply and kept until the agent restarts. Changing the
+    /// count replaces the tables.
+    #[arg(long, env = "NFTPOLICY_TABLE_GROUPS", value_name = "N|auto", default_value = "auto", value_parser = clap::builder::ValueParser::new(parse_table_groups))]
+    pub table_groups: TableGroups,
     #[command(flatten)]
     pub encap: WorkloadEncapArgs,
 }
@@ -148,6 +153,10 @@ fn non_empty(s: &str) -> Result<String, String> {
     }
 }
 
+fn parse_table_groups(s: &str) -> Result<TableGroups, String> {
+    s.parse()
+}
+
 fn parse_mask(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let r = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
@@ -172,7 +181,10 @@ impl DataplaneArgs {
         if self.fused_lookup && self.backend == Backend::Iptables {
             bail!("--fused-lookup needs the nftables backend: iptables mode has no fused form");
         }
-        if self.table_groups > 1 && self.backend == Backend::Iptables {
+        // `auto` means one table whenever there is nothing to cut.
+        if matches!(self.table_groups, TableGroups::Fixed(n) if n > 1)
+            && self.backend == Backend::Iptables
+        {
             bail!(
                 "--table-groups {} needs the nftables backend: iptables mode has one filter table",
                 self.table_groups
@@ -203,17 +215,21 @@ impl DataplaneArgs {
         Ok(::dataplane::open_grouped(
             self.kind(),
             self.iptables_tools(),
-            usize::from(self.table_groups),
+            self.table_groups,
         )?)
     }
 
-    /// The ruleset as text, cut into `--table-groups` for nftables.
+    /// The ruleset as text, cut into `--table-groups` for nftables (`auto`
+    /// chooses as the agent would at its first apply of this ruleset).
     pub fn render(&self, logical: &compiler::LogicalRuleset) -> String {
-        if self.backend == Backend::Nftables && self.table_groups > 1 {
+        if self.backend == Backend::Nftables {
             let whole = compiler::lower_nft::to_nftables(logical);
-            let groups = usize::from(self.table_groups);
-            let (_, cut) = compiler::groups::cut_by_namespace(logical, &whole, groups);
-            return compiler::render_nft::render(&cut);
+            let groups = self.table_groups.resolve(&whole);
+            if groups > 1 {
+                let (_, cut) = compiler::groups::cut_by_namespace(logical, &whole, groups);
+                return compiler::render_nft::render(&cut);
+            }
+            return compiler::render_nft::render(&whole);
         }
         ::dataplane::render(self.kind(), logical)
     }

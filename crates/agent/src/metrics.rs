@@ -35,6 +35,9 @@ pub struct Metrics {
     pub rejected: RejectedObjects,
     /// Resyncs that found the kernel changed behind our back.
     pub resyncs_repaired: IntCounter,
+    /// Tables per family the nftables ruleset is cut into (`--table-groups`,
+    /// what `auto` chose); 0 for iptables and before the first apply.
+    pub table_groups: IntGauge,
 }
 
 impl Metrics {
@@ -91,6 +94,10 @@ impl Metrics {
                 "nftpolicy_resync_repairs_total",
                 "Periodic resyncs that found and repaired drift.",
             )?,
+            table_groups: IntGauge::new(
+                "nftpolicy_table_groups",
+                "Tables per address family the nftables ruleset is cut into (--table-groups; what auto chose). 0 for the iptables backend and before the first apply.",
+            )?,
             registry,
         };
         let r = &m.registry;
@@ -108,6 +115,7 @@ impl Metrics {
         r.register(Box::new(m.programming_latency.clone()))?;
         r.register(Box::new(m.rejected.gauge.clone()))?;
         r.register(Box::new(m.resyncs_repaired.clone()))?;
+        r.register(Box::new(m.table_groups.clone()))?;
         Ok(m)
     }
 
@@ -151,6 +159,8 @@ impl Metrics {
         for (counter, a, b) in counters {
             counter.inc_by(d(a, b));
         }
+        self.table_groups
+            .set(i64::try_from(after.table_groups).unwrap_or(i64::MAX));
     }
 
     pub fn render(&self) -> String {

@@ -161,6 +161,8 @@ fn a_malformed_policy_is_named_once_counted_once_and_the_rest_is_programmed() {
         metric(m, "felix_active_local_policies") == Some(2)
     });
     assert_eq!(metric(&m, "nftpolicy_rejected_objects"), Some(2), "{m}");
+    // The default `--table-groups auto` keeps a ruleset this small whole.
+    assert_eq!(metric(&m, "nftpolicy_table_groups"), Some(1), "{m}");
     let ruleset = ns.nft(&["list", "table", "ip", "nftpolicy"]).unwrap();
     for good in ["good-one", "good-two"] {
         assert!(

@@ -24,8 +24,9 @@
 //! touching only the groups it reaches; [`Split::full`] is the same code
 //! applied to empty groups.
 //!
-//! The agent cuts its tables with `--table-groups N` (the nftables
-//! backend, `dataplane::NftDataplane`), grouping interfaces by their
+//! The agent cuts its tables with `--table-groups N` or `auto` (the
+//! default: [`TableGroups`], one table until the ruleset is large; the
+//! nftables backend, `dataplane::NftDataplane`), grouping interfaces by their
 //! endpoint's namespace ([`by_namespace`]); each group's tables are named
 //! [`table_name`]. `bench --example split_projection` and
 //! `split_packet_cost` measure the cut (README, Performance).
@@ -37,6 +38,96 @@ use crate::nft::{
     referenced_sets, ElementDelta, Ruleset, RulesetPatch, SetDelta, Table, TableFamily, TablePatch,
     Verdict, VerdictMap,
 };
+
+/// How many namespace groups to cut the tables into (`--table-groups`):
+/// a fixed count, or [`Auto`](TableGroups::Auto), chosen from the size
+/// of the ruleset ([`auto_groups`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableGroups {
+    /// One table while the ruleset is small, groups once it is large.
+    Auto,
+    /// Exactly this many (1: the single table `nftpolicy`).
+    Fixed(usize),
+}
+
+/// The most groups `--table-groups` takes.
+pub const MAX_TABLE_GROUPS: usize = 64;
+
+/// [`TableGroups::Auto`] keeps one table while every family's table holds
+/// fewer rules than this.
+pub const AUTO_MIN_RULES: usize = 10_000;
+/// … and above it cuts one group per this many rules of the larger table …
+pub const AUTO_RULES_PER_GROUP: usize = 2_500;
+/// … up to this many groups.
+pub const AUTO_MAX_GROUPS: usize = 8;
+
+impl TableGroups {
+    /// The count for `ruleset` (the compiler's whole, uncut ruleset).
+    pub fn resolve(self, ruleset: &Ruleset) -> usize {
+        match self {
+            TableGroups::Fixed(n) => n.max(1),
+            TableGroups::Auto => auto_groups(largest_table_rules(ruleset)),
+        }
+    }
+}
+
+impl std::fmt::Display for TableGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TableGroups::Auto => f.write_str("auto"),
+            TableGroups::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for TableGroups {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<TableGroups, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(TableGroups::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(n @ 1..=MAX_TABLE_GROUPS) => Ok(TableGroups::Fixed(n)),
+            _ => Err(format!(
+                "{s:?} is neither `auto` nor a count from 1 to {MAX_TABLE_GROUPS}"
+            )),
+        }
+    }
+}
+
+/// The rules of `ruleset`'s largest table (its families' tables hold
+/// about the same).
+pub fn largest_table_rules(ruleset: &Ruleset) -> usize {
+    ruleset
+        .tables
+        .iter()
+        .map(|t| t.chains.values().map(|c| c.rules.len()).sum::<usize>())
+        .max()
+        .unwrap_or(0)
+}
+
+/// [`TableGroups::Auto`]'s count for a table of `rules` rules: 1 below
+/// [`AUTO_MIN_RULES`], else one group per [`AUTO_RULES_PER_GROUP`] rules,
+/// at most [`AUTO_MAX_GROUPS`].
+///
+/// Why these numbers (README, Table groups): the kernel validates the
+/// whole table at every commit that adds a rule, so a policy add costs in
+/// proportion to its table; each group costs every new connection about
+/// 0.8 µs (one more forward chain walked) and a pod change a little more
+/// (its sets are in several groups' tables). At the benchmark's 10,000
+/// policies (16,100 rules in the IPv4 table) six groups bring a policy add
+/// from 8–9 ms to about 3 ms, under 10× a pod relabel; at 3,000 policies
+/// (7,960 rules) six groups gain only a quarter, and at 1,000 nothing a
+/// user would notice, so smaller tables stay whole.
+pub fn auto_groups(rules: usize) -> usize {
+    if rules < AUTO_MIN_RULES {
+        1
+    } else {
+        (rules / AUTO_RULES_PER_GROUP).clamp(2, AUTO_MAX_GROUPS)
+    }
+}
 
 /// The name of group `g`'s table in each family: `nftpolicy-g<g>`.
 pub fn table_name(g: usize) -> String {
@@ -535,4 +626,44 @@ fn group_patch(r: &Reach, t: &Table, g: usize, tp: &TablePatch, touched: &Touche
         out.maps.insert(name.clone(), r.maps.get(name).cloned());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_keeps_small_tables_whole_and_cuts_large_ones() {
+        assert_eq!(auto_groups(0), 1);
+        assert_eq!(auto_groups(7_960), 1);
+        assert_eq!(auto_groups(AUTO_MIN_RULES - 1), 1);
+        assert_eq!(auto_groups(AUTO_MIN_RULES), 4);
+        assert_eq!(auto_groups(16_100), 6);
+        assert_eq!(auto_groups(1_000_000), AUTO_MAX_GROUPS);
+    }
+
+    #[test]
+    fn table_groups_parse_and_print() {
+        assert_eq!("auto".parse(), Ok(TableGroups::Auto));
+        assert_eq!(" AUTO ".parse(), Ok(TableGroups::Auto));
+        assert_eq!("6".parse(), Ok(TableGroups::Fixed(6)));
+        assert_eq!("64".parse(), Ok(TableGroups::Fixed(64)));
+        for bad in ["0", "65", "-1", "six", ""] {
+            let e = bad.parse::<TableGroups>().unwrap_err();
+            assert!(
+                e.contains("neither `auto` nor a count from 1 to 64"),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(TableGroups::Auto.to_string(), "auto");
+        assert_eq!(TableGroups::Fixed(3).to_string(), "3");
+    }
+
+    #[test]
+    fn auto_resolves_from_the_largest_table() {
+        let empty = Ruleset::default();
+        assert_eq!(TableGroups::Auto.resolve(&empty), 1);
+        assert_eq!(TableGroups::Fixed(3).resolve(&empty), 3);
+        assert_eq!(largest_table_rules(&empty), 0);
+    }
 }

@@ -37,6 +37,7 @@ use compiler::nft::{ElementDelta, Ruleset, RulesetPatch};
 use compiler::LogicalRuleset;
 use model::calico::{Resource, ResourceKey};
 
+pub use compiler::groups::TableGroups;
 pub use iptables_backend::{legacy_filter_marker, remove_iptables_state, IptablesDataplane};
 pub use nft_backend::{remove_nftables_state, NftDataplane};
 pub use pipeline::{Node, Pipeline};
@@ -96,6 +97,10 @@ pub struct Stats {
     pub iptables_save_calls: u64,
     pub ipset_calls: u64,
     pub ipset_errors: u64,
+    /// Not a total: how many tables per family the nftables ruleset is cut
+    /// into (`--table-groups`); 0 for iptables, and while `auto` has not
+    /// chosen yet.
+    pub table_groups: u64,
 }
 
 /// Errors, by the operation that failed. The previous ruleset stays in
@@ -245,17 +250,18 @@ impl Dataplane for Discard {
 /// nftables backend adopts what a previous run left (unchanged chains are
 /// not rewritten and keep their counters).
 pub fn open(kind: Kind, iptables_tools: iptables::Backend) -> Result<Box<dyn Dataplane>, Error> {
-    open_grouped(kind, iptables_tools, 1)
+    open_grouped(kind, iptables_tools, TableGroups::Fixed(1))
 }
 
-/// [`open`], the nftables backend's tables cut into `table_groups` groups
-/// by namespace (`--table-groups`; 1: one table per family). The iptables
-/// backend has one set of chains whatever the count (the agent refuses
-/// `--table-groups` above 1 with it).
+/// [`open`], the nftables backend's tables cut into groups by namespace
+/// (`--table-groups`; `Fixed(1)`: one table per family; `Auto`: as many
+/// as the first whole ruleset applied needs, [`TableGroups::resolve`]).
+/// The iptables backend has one set of chains whatever the count (the
+/// agent refuses `--table-groups` above 1 with it).
 pub fn open_grouped(
     kind: Kind,
     iptables_tools: iptables::Backend,
-    table_groups: usize,
+    table_groups: TableGroups,
 ) -> Result<Box<dyn Dataplane>, Error> {
     Ok(match kind {
         Kind::Nftables => Box::new(NftDataplane::open_grouped(iptables_tools, table_groups)?),

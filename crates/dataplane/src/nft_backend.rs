@@ -1,6 +1,6 @@
 //! The nftables backend: [`programmer::NftProgrammer`] behind [`Dataplane`].
 
-use compiler::groups::{self, Split};
+use compiler::groups::{self, Split, TableGroups};
 use compiler::nft::Ruleset;
 use programmer::NftProgrammer;
 use tracing::{info, warn};
@@ -15,7 +15,10 @@ use crate::{Change, Dataplane, Desired, Error, Kind, Op, Stats};
 /// per family is cut into one per group of namespaces
 /// (`compiler::groups`), and every change is cut the same way before it
 /// is sent: still one transaction, now touching only the groups' tables
-/// it reaches.
+/// it reaches. With `--table-groups auto` the count is chosen once, from
+/// the first whole ruleset applied ([`TableGroups::resolve`]), and kept
+/// for the life of the process: a count that changed under a running
+/// agent would replace every table.
 #[derive(Debug)]
 pub struct NftDataplane {
     programmer: NftProgrammer,
@@ -23,8 +26,11 @@ pub struct NftDataplane {
     iptables_tools: iptables::Backend,
     port: u32,
     stats: Stats,
-    /// How many table groups (1: the single table `nftpolicy`).
-    groups: usize,
+    /// How many table groups were asked for.
+    asked: TableGroups,
+    /// How many there are (1: the single table `nftpolicy`); `None` until
+    /// `auto` has seen the first whole ruleset.
+    groups: Option<usize>,
     /// The cut as last committed; `None` until a whole ruleset was cut
     /// and committed (and after any failure), so the next change is cut
     /// whole.
@@ -34,14 +40,15 @@ pub struct NftDataplane {
 impl NftDataplane {
     /// Opens the netlink socket and adopts what the kernel holds of ours.
     pub fn open(iptables_tools: iptables::Backend) -> Result<NftDataplane, Error> {
-        NftDataplane::open_grouped(iptables_tools, 1)
+        NftDataplane::open_grouped(iptables_tools, TableGroups::Fixed(1))
     }
 
-    /// [`open`](Self::open) with the tables cut into `groups` groups by
-    /// namespace (1: not cut).
+    /// [`open`](Self::open) with the tables cut into groups by namespace
+    /// (`Fixed(1)`: not cut; `Auto`: as many as the first whole ruleset
+    /// needs).
     pub fn open_grouped(
         iptables_tools: iptables::Backend,
-        groups: usize,
+        groups: TableGroups,
     ) -> Result<NftDataplane, Error> {
         let mut programmer = NftProgrammer::new().map_err(Error::nftables(Op::Open))?;
         programmer.adopt().map_err(Error::nftables(Op::ReadBack))?;
@@ -51,18 +58,49 @@ impl NftDataplane {
             iptables_tools,
             port,
             stats: Stats::default(),
-            groups: groups.max(1),
+            asked: groups,
+            groups: match groups {
+                TableGroups::Fixed(n) => Some(n.max(1)),
+                TableGroups::Auto => None,
+            },
             split: None,
         })
+    }
+
+    /// How many table groups the tables are cut into; `None` while `auto`
+    /// has not yet seen a whole ruleset.
+    pub fn table_groups(&self) -> Option<usize> {
+        self.groups
+    }
+
+    /// The group count, chosen now from `ruleset` if `auto` has not yet.
+    fn groups_for(&mut self, ruleset: &Ruleset) -> usize {
+        if let Some(n) = self.groups {
+            return n;
+        }
+        let n = self.asked.resolve(ruleset);
+        info!(
+            table_groups = n,
+            rules = groups::largest_table_rules(ruleset),
+            "--table-groups auto: {} for this ruleset (kept until the agent restarts)",
+            if n == 1 {
+                "one table per family".to_owned()
+            } else {
+                format!("{n} tables per family, one per namespace group")
+            }
+        );
+        self.groups = Some(n);
+        n
     }
 
     /// The compiler's whole ruleset as the kernel gets it: cut into the
     /// groups' tables (remembering the cut), or as it is.
     fn whole(&mut self, desired: &Desired<'_>) -> Option<Ruleset> {
-        if self.groups == 1 {
+        let groups = self.groups_for(desired.ruleset);
+        if groups == 1 {
             return None;
         }
-        let (split, cut) = groups::cut_by_namespace(desired.logical, desired.ruleset, self.groups);
+        let (split, cut) = groups::cut_by_namespace(desired.logical, desired.ruleset, groups);
         self.split = Some(split);
         Some(cut)
     }
@@ -96,18 +134,23 @@ impl NftDataplane {
     }
 
     fn program_change(&mut self, desired: &Desired<'_>) -> Result<(), programmer::Error> {
+        let groups = match self.groups {
+            // `auto` has not chosen yet: only a whole ruleset can tell.
+            None => return self.program_whole(desired),
+            Some(n) => n,
+        };
         let p = &mut self.programmer;
         let r = match (desired.change, &mut self.split) {
             (Change::Full, _) => return self.program_whole(desired),
             // Groups, but no committed cut to patch: cut whole.
-            (_, None) if self.groups > 1 => return self.program_whole(desired),
+            (_, None) if groups > 1 => return self.program_whole(desired),
             (Change::Elements(delta), None) => p.apply_elements(delta),
             (Change::Patch(patch), None) => p.apply_patch(patch),
             (Change::Elements(delta), Some(split)) => {
                 p.apply_elements(&groups::merge_elements(split.elements(delta)))
             }
             (Change::Patch(patch), Some(split)) => {
-                let group_of = groups::by_namespace(desired.logical, self.groups);
+                let group_of = groups::by_namespace(desired.logical, groups);
                 let per_group = split.patch(desired.ruleset, patch, &group_of);
                 p.apply_patch(&groups::merge_patches(per_group))
             }
@@ -169,7 +212,10 @@ impl Dataplane for NftDataplane {
     }
 
     fn stats(&self) -> Stats {
-        self.stats
+        Stats {
+            table_groups: self.groups.map_or(0, |n| n as u64),
+            ..self.stats
+        }
     }
 }
 

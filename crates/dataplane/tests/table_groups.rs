@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use compiler::groups;
 use compiler::nft::{Table, TableFamily};
 use compiler::CompileOptions;
-use dataplane::{Changes, Kind, Pipeline};
+use dataplane::{Changes, Kind, Pipeline, TableGroups};
 use model::calico::Resource;
 use model::state::ClusterState;
 use programmer::NftProgrammer;
@@ -61,7 +61,12 @@ fn resource(yaml: &str) -> Resource {
 fn every_change_keeps_the_kernel_equal_to_a_fresh_cut() {
     let _ns = testkit::netns::Netns::enter("dp-groups").unwrap();
     let mut state = testkit::cluster::state(&cluster_yaml(300));
-    let dp = dataplane::open_grouped(Kind::Nftables, iptables::Backend::Legacy, GROUPS).unwrap();
+    let dp = dataplane::open_grouped(
+        Kind::Nftables,
+        iptables::Backend::Legacy,
+        TableGroups::Fixed(GROUPS),
+    )
+    .unwrap();
     let mut pipeline = Pipeline::new(CompileOptions::new(NODE), dp);
     pipeline.apply(&state, &Changes::new()).unwrap();
     let mut p = NftProgrammer::new().unwrap();
@@ -146,7 +151,12 @@ fn changing_the_group_count_replaces_the_tables() {
     let state = testkit::cluster::state(&cluster_yaml(150));
     let mut p = NftProgrammer::new().unwrap();
     for count in [1, 3, 2, 1] {
-        let dp = dataplane::open_grouped(Kind::Nftables, iptables::Backend::Legacy, count).unwrap();
+        let dp = dataplane::open_grouped(
+            Kind::Nftables,
+            iptables::Backend::Legacy,
+            TableGroups::Fixed(count),
+        )
+        .unwrap();
         let mut pipeline = Pipeline::new(CompileOptions::new(NODE), dp);
         pipeline.apply(&state, &Changes::new()).unwrap();
         let want: Vec<String> = if count == 1 {
