@@ -7,16 +7,42 @@
 //! are shared by endpoints with the same run of policies, so the node's
 //! total counts each set once). For each budget, a chain whose fused sets
 //! hold more than the budget is counted as walking its chain instead.
-use std::collections::{BTreeMap, BTreeSet};
+//!
+//! Peer classes: addresses that appear in exactly the same fused sets with
+//! the same protocols and ports are interchangeable to every fused lookup.
+//! A two-stage lookup (one node-wide map address → class id, then per chain
+//! a set of (class, protocol, port)) would hold one element per address
+//! plus, per chain, its distinct (class, protocol, port) triples: printed
+//! as "two-stage".
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+
+use compiler::nft::SetElement;
+
+/// The address of a fused set's element and what goes with it (protocol
+/// and port; none for an address alone).
+fn split(e: &SetElement) -> Option<(IpAddr, Option<(u8, u16)>)> {
+    match e {
+        SetElement::NamedPort(a, proto, port) => Some((*a, Some((*proto, *port)))),
+        SetElement::Net(n) if n.prefix_len() == n.max_prefix_len() => Some((n.addr(), None)),
+        _ => None,
+    }
+}
+
+fn hash_of(x: impl Hash) -> u64 {
+    let mut h = DefaultHasher::new();
+    x.hash(&mut h);
+    h.finish()
+}
 
 use bench::{generate, run::scale_for, NODE_UNDER_TEST};
 use compiler::nft::referenced_sets;
 use compiler::CompileOptions;
 
 fn main() -> anyhow::Result<()> {
-    let policies: usize = std::env::args()
-        .nth(1)
-        .map_or(Ok(10_000), |a| a.parse())?;
+    let policies: usize = std::env::args().nth(1).map_or(Ok(10_000), |a| a.parse())?;
     let state = generate(&scale_for(policies));
     let opts = CompileOptions {
         fused_lookup: true,
@@ -69,6 +95,44 @@ fn main() -> anyhow::Result<()> {
             pct(0.5),
             pct(0.9),
             pct(1.0)
+        );
+        // Each address's signature: the (set, protocol, port) entries it
+        // is in, as an order-free hash.
+        let mut signature: HashMap<IpAddr, u64> = HashMap::new();
+        let mut other = 0usize;
+        for set in table
+            .sets
+            .values()
+            .filter(|s| fused.contains_key(s.name.as_str()))
+        {
+            for e in set.elements.iter() {
+                match split(e) {
+                    Some((addr, rest)) => {
+                        *signature.entry(addr).or_default() ^= hash_of((&set.name, rest));
+                    }
+                    None => other += 1,
+                }
+            }
+        }
+        let classes: HashSet<u64> = signature.values().copied().collect();
+        let two_stage: usize = chains
+            .iter()
+            .map(|(_, sets)| {
+                let mut triples: HashSet<(u64, Option<(u8, u16)>)> = HashSet::new();
+                for s in sets {
+                    for e in table.sets[*s].elements.iter() {
+                        if let Some((addr, rest)) = split(e) {
+                            triples.insert((signature[&addr], rest));
+                        }
+                    }
+                }
+                triples.len()
+            })
+            .sum();
+        println!(
+            "  two-stage: {} addresses in {} classes; the chains' (class, protocol, port) triples {two_stage} (not shared between chains); {other} elements neither an address nor address . protocol . port",
+            signature.len(),
+            classes.len()
         );
         for budget in [1_000, 4_000, 16_000, 65_536, 262_144] {
             let kept: BTreeSet<&str> = chains
