@@ -86,3 +86,48 @@ fn auto_keeps_a_small_ruleset_whole_and_cuts_a_large_one() {
         assert_eq!(kernel.our_table_names(family).unwrap(), names, "{family:?}");
     }
 }
+
+/// Restarted over tables a previous run cut into a count that a ruleset
+/// within 10 % of this one's size would get, `auto` keeps them; over a
+/// count far from it, it cuts its own.
+#[test]
+fn auto_keeps_the_count_it_finds_while_it_fits() {
+    let _ns = testkit::netns::Netns::enter("auto-keep").unwrap();
+    let mut kernel = NftProgrammer::new().unwrap();
+    let large = large_cluster();
+    let (_, whole) =
+        compiler::compile_nftables(&large, &CompileOptions::new(NODE_UNDER_TEST)).unwrap();
+    let rules = groups::largest_table_rules(&whole);
+    let fresh = groups::auto_groups(rules);
+    let near = groups::auto_groups(rules * 9 / 10);
+    assert!(
+        near < fresh,
+        "{rules} rules: 10 % fewer should get fewer groups than {fresh}"
+    );
+    for (found, kept) in [(near, near), (1, fresh), (fresh + 3, fresh)] {
+        let dp = dataplane::open_grouped(
+            Kind::Nftables,
+            iptables::Backend::Legacy,
+            TableGroups::Fixed(found),
+        )
+        .unwrap();
+        let mut earlier = Pipeline::new(CompileOptions::new(NODE_UNDER_TEST), dp);
+        earlier.apply(&large, &Changes::new()).unwrap();
+        drop(earlier);
+
+        let mut pipeline = agent_default();
+        pipeline.apply(&large, &Changes::new()).unwrap();
+        assert_eq!(
+            pipeline.dataplane().stats().table_groups,
+            kept as u64,
+            "found {found} groups, {rules} rules"
+        );
+        let want: Vec<String> = if kept == 1 {
+            vec![TABLE_NAME.to_owned()]
+        } else {
+            (0..kept).map(groups::table_name).collect()
+        };
+        assert_eq!(kernel.our_table_names(TableFamily::Ip).unwrap(), want);
+        assert!(!pipeline.has_drift().unwrap());
+    }
+}

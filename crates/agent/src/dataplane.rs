@@ -108,7 +108,8 @@ pub struct DataplaneArgs {
     /// about 0.8 µs (README, Table groups). 1: one table, `nftpolicy`.
     /// `auto`: one table while every family's table holds fewer than
     /// 10,000 rules, else one group per 2,500 rules (at most 8), chosen at
-    /// the first apply and kept until the agent restarts. Changing the
+    /// the first apply and kept until the agent restarts (which keeps the
+    /// count its tables have while that still nearly fits). Changing the
     /// count replaces the tables.
     #[arg(long, env = "NFTPOLICY_TABLE_GROUPS", value_name = "N|auto", default_value = "auto", value_parser = clap::builder::ValueParser::new(parse_table_groups))]
     pub table_groups: TableGroups,

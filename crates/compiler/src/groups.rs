@@ -61,14 +61,68 @@ pub const AUTO_RULES_PER_GROUP: usize = 2_500;
 /// … up to this many groups.
 pub const AUTO_MAX_GROUPS: usize = 8;
 
+/// [`TableGroups::Auto`] keeps the count the kernel's tables already have
+/// while it is what a ruleset this much smaller or larger would get
+/// (percent).
+pub const AUTO_KEEP_PERCENT: usize = 10;
+
 impl TableGroups {
     /// The count for `ruleset` (the compiler's whole, uncut ruleset).
     pub fn resolve(self, ruleset: &Ruleset) -> usize {
+        self.resolve_keeping(ruleset, None)
+    }
+
+    /// [`resolve`](Self::resolve) for an agent that found our tables cut
+    /// into `running` groups (from its last run): `auto` keeps that count
+    /// while the ruleset is within [`AUTO_KEEP_PERCENT`] of a size that
+    /// gets it ([`auto_groups_keeping`]).
+    pub fn resolve_keeping(self, ruleset: &Ruleset, running: Option<usize>) -> usize {
         match self {
             TableGroups::Fixed(n) => n.max(1),
-            TableGroups::Auto => auto_groups(largest_table_rules(ruleset)),
+            TableGroups::Auto => auto_groups_keeping(largest_table_rules(ruleset), running),
         }
     }
+}
+
+/// [`auto_groups`], except that a `running` count is kept while `rules`
+/// is within [`AUTO_KEEP_PERCENT`] of a size that gets it: a node near a
+/// threshold does not replace all its tables (and restart their counters)
+/// at every restart because its ruleset grew or shrank a little.
+pub fn auto_groups_keeping(rules: usize, running: Option<usize>) -> usize {
+    let fresh = auto_groups(rules);
+    let Some(k) = running else {
+        return fresh;
+    };
+    let low = auto_groups(rules * (100 - AUTO_KEEP_PERCENT) / 100);
+    let high = auto_groups(rules * (100 + AUTO_KEEP_PERCENT) / 100);
+    if (low..=high).contains(&k) {
+        k
+    } else {
+        fresh
+    }
+}
+
+/// How many groups a family's tables of ours (`names`, as the kernel
+/// lists them) are cut into: 1 for [`crate::nft::TABLE_NAME`] alone, N
+/// for `nftpolicy-g0` … `nftpolicy-g<N-1>`; `None` for none, or for a mix
+/// (a run interrupted between counts; replaced whole anyway).
+pub fn running_groups(names: &[String]) -> Option<usize> {
+    if names.len() == 1 && names[0] == crate::nft::TABLE_NAME {
+        return Some(1);
+    }
+    let n = names.len();
+    let mut seen = vec![false; n];
+    for name in names {
+        let g: usize = name
+            .strip_prefix(crate::nft::TABLE_NAME)?
+            .strip_prefix("-g")?
+            .parse()
+            .ok()?;
+        if g >= n || std::mem::replace(&mut seen[g], true) {
+            return None;
+        }
+    }
+    (n > 0).then_some(n)
 }
 
 impl std::fmt::Display for TableGroups {
@@ -657,6 +711,43 @@ mod tests {
         }
         assert_eq!(TableGroups::Auto.to_string(), "auto");
         assert_eq!(TableGroups::Fixed(3).to_string(), "3");
+    }
+
+    #[test]
+    fn auto_keeps_a_running_count_near_its_size() {
+        assert_eq!(auto_groups_keeping(16_100, None), 6);
+        // 10 % either side of 16,100 rules gets 5 to 7 groups.
+        assert_eq!(auto_groups_keeping(16_100, Some(5)), 5);
+        assert_eq!(auto_groups_keeping(16_100, Some(7)), 7);
+        assert_eq!(auto_groups_keeping(16_100, Some(4)), 6);
+        assert_eq!(auto_groups_keeping(16_100, Some(1)), 6);
+        // Just under the threshold: a node that had groups keeps them, one
+        // that had one table keeps it; far under, groups go.
+        assert_eq!(auto_groups_keeping(9_800, Some(4)), 4);
+        assert_eq!(auto_groups_keeping(9_800, Some(1)), 1);
+        assert_eq!(auto_groups_keeping(10_500, Some(1)), 1);
+        assert_eq!(auto_groups_keeping(5_000, Some(4)), 1);
+    }
+
+    #[test]
+    fn running_groups_reads_the_table_names() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(running_groups(&names(&["nftpolicy"])), Some(1));
+        assert_eq!(
+            running_groups(&names(&["nftpolicy-g0", "nftpolicy-g1", "nftpolicy-g2"])),
+            Some(3)
+        );
+        assert_eq!(running_groups(&names(&[])), None);
+        assert_eq!(running_groups(&names(&["nftpolicy", "nftpolicy-g0"])), None);
+        assert_eq!(
+            running_groups(&names(&["nftpolicy-g0", "nftpolicy-g2"])),
+            None
+        );
+        assert_eq!(
+            running_groups(&names(&["nftpolicy-g0", "nftpolicy-g0"])),
+            None
+        );
+        assert_eq!(running_groups(&names(&["nftpolicy-gx"])), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The nftables backend: [`programmer::NftProgrammer`] behind [`Dataplane`].
 
 use compiler::groups::{self, Split, TableGroups};
-use compiler::nft::Ruleset;
+use compiler::nft::{Ruleset, TableFamily};
 use programmer::NftProgrammer;
 use tracing::{info, warn};
 
@@ -16,9 +16,11 @@ use crate::{Change, Dataplane, Desired, Error, Kind, Op, Stats};
 /// (`compiler::groups`), and every change is cut the same way before it
 /// is sent: still one transaction, now touching only the groups' tables
 /// it reaches. With `--table-groups auto` the count is chosen once, from
-/// the first whole ruleset applied ([`TableGroups::resolve`]), and kept
-/// for the life of the process: a count that changed under a running
-/// agent would replace every table.
+/// the first whole ruleset applied, and kept for the life of the process:
+/// a count that changed under a running agent would replace every table.
+/// The count the tables found at start have is kept too while the
+/// ruleset is near a size that gets it ([`TableGroups::resolve_keeping`]),
+/// so that restarts near a threshold do not replace them.
 #[derive(Debug)]
 pub struct NftDataplane {
     programmer: NftProgrammer,
@@ -31,6 +33,9 @@ pub struct NftDataplane {
     /// How many there are (1: the single table `nftpolicy`); `None` until
     /// `auto` has seen the first whole ruleset.
     groups: Option<usize>,
+    /// With `auto`: how many groups the tables found at start (a previous
+    /// run's) were cut into, which `auto` keeps while it still fits.
+    running: Option<usize>,
     /// The cut as last committed; `None` until a whole ruleset was cut
     /// and committed (and after any failure), so the next change is cut
     /// whole.
@@ -53,6 +58,14 @@ impl NftDataplane {
         let mut programmer = NftProgrammer::new().map_err(Error::nftables(Op::Open))?;
         programmer.adopt().map_err(Error::nftables(Op::ReadBack))?;
         let port = programmer.port_id().map_err(Error::nftables(Op::Open))?;
+        let running = match groups {
+            TableGroups::Auto => groups::running_groups(
+                &programmer
+                    .our_table_names(TableFamily::Ip)
+                    .map_err(Error::nftables(Op::ReadBack))?,
+            ),
+            TableGroups::Fixed(_) => None,
+        };
         Ok(NftDataplane {
             programmer,
             iptables_tools,
@@ -63,6 +76,7 @@ impl NftDataplane {
                 TableGroups::Fixed(n) => Some(n.max(1)),
                 TableGroups::Auto => None,
             },
+            running,
             split: None,
         })
     }
@@ -78,15 +92,25 @@ impl NftDataplane {
         if let Some(n) = self.groups {
             return n;
         }
-        let n = self.asked.resolve(ruleset);
+        let n = self.asked.resolve_keeping(ruleset, self.running);
+        let rules = groups::largest_table_rules(ruleset);
+        let fresh = groups::auto_groups(rules);
         info!(
             table_groups = n,
-            rules = groups::largest_table_rules(ruleset),
-            "--table-groups auto: {} for this ruleset (kept until the agent restarts)",
+            rules,
+            "--table-groups auto chose {} for {rules} rules in the largest table{} (kept until the agent restarts)",
             if n == 1 {
                 "one table per family".to_owned()
             } else {
                 format!("{n} tables per family, one per namespace group")
+            },
+            if n == fresh {
+                String::new()
+            } else {
+                format!(
+                    ", as the tables it found were cut (a fresh start would choose {fresh}; within {}% of this size either fits)",
+                    groups::AUTO_KEEP_PERCENT
+                )
             }
         );
         self.groups = Some(n);
@@ -96,11 +120,11 @@ impl NftDataplane {
     /// The compiler's whole ruleset as the kernel gets it: cut into the
     /// groups' tables (remembering the cut), or as it is.
     fn whole(&mut self, desired: &Desired<'_>) -> Option<Ruleset> {
-        let groups = self.groups_for(desired.ruleset);
-        if groups == 1 {
+        let count = self.groups_for(desired.ruleset);
+        if count == 1 {
             return None;
         }
-        let (split, cut) = groups::cut_by_namespace(desired.logical, desired.ruleset, groups);
+        let (split, cut) = groups::cut_by_namespace(desired.logical, desired.ruleset, count);
         self.split = Some(split);
         Some(cut)
     }
@@ -134,7 +158,7 @@ impl NftDataplane {
     }
 
     fn program_change(&mut self, desired: &Desired<'_>) -> Result<(), programmer::Error> {
-        let groups = match self.groups {
+        let count = match self.groups {
             // `auto` has not chosen yet: only a whole ruleset can tell.
             None => return self.program_whole(desired),
             Some(n) => n,
@@ -143,14 +167,14 @@ impl NftDataplane {
         let r = match (desired.change, &mut self.split) {
             (Change::Full, _) => return self.program_whole(desired),
             // Groups, but no committed cut to patch: cut whole.
-            (_, None) if groups > 1 => return self.program_whole(desired),
+            (_, None) if count > 1 => return self.program_whole(desired),
             (Change::Elements(delta), None) => p.apply_elements(delta),
             (Change::Patch(patch), None) => p.apply_patch(patch),
             (Change::Elements(delta), Some(split)) => {
                 p.apply_elements(&groups::merge_elements(split.elements(delta)))
             }
             (Change::Patch(patch), Some(split)) => {
-                let group_of = groups::by_namespace(desired.logical, groups);
+                let group_of = groups::by_namespace(desired.logical, count);
                 let per_group = split.patch(desired.ruleset, patch, &group_of);
                 p.apply_patch(&groups::merge_patches(per_group))
             }
