@@ -482,8 +482,17 @@ fn kill_rounds(make: impl FnOnce(&Path, &Path, &Path) -> Box<dyn Backend>) {
     let name = backend.name();
     let log = lab.workdir().join("agent-node1.log");
 
-    let fast_poll = ["--file-poll-ms".to_owned(), "20".to_owned()];
-    let mut agents = Agents::start_file(&lab, &datastore, &nftpolicy, name, &fast_poll).unwrap();
+    // One table: the kernel is compared with the compiler's uncut
+    // ruleset, and the new state (about 12,500 rules a family) is large enough
+    // that `--table-groups auto` would cut it into groups when an agent
+    // starts over it (bench/tests/auto_groups.rs covers that).
+    let args = [
+        "--file-poll-ms".to_owned(),
+        "20".to_owned(),
+        "--table-groups".to_owned(),
+        "1".to_owned(),
+    ];
+    let mut agents = Agents::start_file(&lab, &datastore, &nftpolicy, name, &args).unwrap();
     agents.wait_applied(1, CONVERGE_TIMEOUT).unwrap();
     backend.wait(&node_ns, Left::Old, "first programming");
     assert_probes(
