@@ -6,7 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::backends::{KINDS, SCALE_KINDS};
+use crate::backends::{GROUPED_KIND, KINDS, SCALE_KINDS};
 use crate::packet::PacketResult;
 use crate::run::{percentile, ScaleResult, OPS};
 
@@ -143,7 +143,7 @@ pub fn markdown(r: &Results) -> String {
             "## {p} policies, {} pods, {} namespaces, {} local endpoints\n",
             any.pods, any.namespaces, any.local_endpoints
         );
-        if let Some(auto) = find(r, SCALE_KINDS[1], p) {
+        if let Some(auto) = find(r, GROUPED_KIND, p) {
             let _ = writeln!(
                 out,
                 "The agent's default, `--table-groups auto`, cut this ruleset into {} table{} per family.\n",

@@ -13,10 +13,24 @@ use model::calico::Resource;
 use model::state::ClusterState;
 use programmer::NftProgrammer;
 
-fn agent_default() -> Pipeline {
-    let dp = dataplane::open_grouped(Kind::Nftables, iptables::Backend::Legacy, TableGroups::Auto)
-        .unwrap();
+/// A pipeline over the agent's nftables backend cut into `groups`.
+fn pipeline(groups: TableGroups) -> Pipeline {
+    let dp = dataplane::open_grouped(Kind::Nftables, iptables::Backend::Legacy, groups).unwrap();
     Pipeline::new(CompileOptions::new(NODE_UNDER_TEST), dp)
+}
+
+/// The agent as it runs by default, `--table-groups auto`.
+fn agent_default() -> Pipeline {
+    pipeline(TableGroups::Auto)
+}
+
+/// The names of our tables in a family when they are cut into `count`.
+fn table_names(count: usize) -> Vec<String> {
+    if count == 1 {
+        vec![TABLE_NAME.to_owned()]
+    } else {
+        (0..count).map(groups::table_name).collect()
+    }
 }
 
 fn large_cluster() -> ClusterState {
@@ -54,7 +68,7 @@ fn auto_keeps_a_small_ruleset_whole_and_cuts_a_large_one() {
     let mut pipeline = agent_default();
     pipeline.apply(&large, &Changes::new()).unwrap();
     assert_eq!(pipeline.dataplane().stats().table_groups, want as u64);
-    let names: Vec<String> = (0..want).map(groups::table_name).collect();
+    let names = table_names(want);
     for family in [TableFamily::Ip, TableFamily::Ip6] {
         assert_eq!(kernel.our_table_names(family).unwrap(), names, "{family:?}");
     }
@@ -105,13 +119,7 @@ fn auto_keeps_the_count_it_finds_while_it_fits() {
         "{rules} rules: 10 % fewer should get fewer groups than {fresh}"
     );
     for (found, kept) in [(near, near), (1, fresh), (fresh + 3, fresh)] {
-        let dp = dataplane::open_grouped(
-            Kind::Nftables,
-            iptables::Backend::Legacy,
-            TableGroups::Fixed(found),
-        )
-        .unwrap();
-        let mut earlier = Pipeline::new(CompileOptions::new(NODE_UNDER_TEST), dp);
+        let mut earlier = pipeline(TableGroups::Fixed(found));
         earlier.apply(&large, &Changes::new()).unwrap();
         drop(earlier);
 
@@ -122,12 +130,10 @@ fn auto_keeps_the_count_it_finds_while_it_fits() {
             kept as u64,
             "found {found} groups, {rules} rules"
         );
-        let want: Vec<String> = if kept == 1 {
-            vec![TABLE_NAME.to_owned()]
-        } else {
-            (0..kept).map(groups::table_name).collect()
-        };
-        assert_eq!(kernel.our_table_names(TableFamily::Ip).unwrap(), want);
+        assert_eq!(
+            kernel.our_table_names(TableFamily::Ip).unwrap(),
+            table_names(kept)
+        );
         assert!(!pipeline.has_drift().unwrap());
     }
 }
