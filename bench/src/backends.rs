@@ -241,22 +241,9 @@ fn run_nft(script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An element as nft writes it (the renderer's spelling).
 fn element_text(e: &SetElement) -> String {
-    match e {
-        SetElement::Net(n) if n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
-        SetElement::Net(n) => n.to_string(),
-        SetElement::Ports { min, max } if min == max => min.to_string(),
-        SetElement::Ports { min, max } => format!("{min}-{max}"),
-        SetElement::NamedPort(ip, proto, port) => {
-            let p = match proto {
-                6 => "tcp".to_owned(),
-                17 => "udp".to_owned(),
-                132 => "sctp".to_owned(),
-                n => n.to_string(),
-            };
-            format!("{ip} . {p} . {port}")
-        }
-    }
+    compiler::render_nft::element(e)
 }
 
 /// The `nft -f` text turning `old` into `new` incrementally.

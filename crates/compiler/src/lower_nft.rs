@@ -130,6 +130,7 @@ pub(crate) fn dispatch_maps(l: &LogicalRuleset) -> [VerdictMap; 2] {
     ]
     .map(|(map, to)| VerdictMap {
         name: map.into(),
+        key: MapKey::IfName,
         elements: l
             .endpoints
             .values()

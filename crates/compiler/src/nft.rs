@@ -197,6 +197,12 @@ pub enum Match {
     /// address with the destination port, the key of an ingress chain's
     /// fused lookup (`compiler::fused`; its set is a `SetKey::NamedPort`).
     PeerPort { set: String, negate: bool },
+    /// `meta mark & mask @set` ([`SetKey::Mark`]), or with `ports`
+    /// `meta mark & mask . meta l4proto . th dport @set`
+    /// ([`SetKey::MarkPort`]): what some mark bits hold, looked up (with
+    /// the protocol and destination port). The fused lookup's second stage
+    /// (`compiler::fused`): the bits hold the peer's class.
+    MarkLookup { mask: u32, ports: bool, set: String },
     /// ICMP (table family ip) or ICMPv6 (ip6) type, optionally with code;
     /// negated: not (type [and code]).
     Icmp {
@@ -265,6 +271,13 @@ pub enum Verdict {
     /// up a verdict in a verdict map; no element → the rule does not match.
     IfNameVmap {
         dir: IfDir,
+        map: String,
+    },
+    /// `ip saddr vmap @map` / `ip daddr vmap @map` (the table's family): the
+    /// address looks up a verdict in a verdict map keyed by addresses
+    /// ([`MapKey::Addr`]); no element → the rule does not match.
+    AddrVmap {
+        dir: Dir,
         map: String,
     },
 }
@@ -382,6 +395,10 @@ pub enum SetKey {
     Port,
     /// `ipv4_addr . inet_proto . inet_service` (or ipv6): named ports.
     NamedPort,
+    /// `mark`: values of (some bits of) the packet mark.
+    Mark,
+    /// `mark . inet_proto . inet_service`.
+    MarkPort,
 }
 
 impl SetKey {
@@ -400,14 +417,39 @@ pub enum SetElement {
     },
     /// (address, IP protocol, port).
     NamedPort(IpAddr, u8, u16),
+    /// A mark value.
+    Mark(u32),
+    /// (mark value, IP protocol, port).
+    MarkPort(u32, u8, u16),
 }
 
-/// A verdict map from interface name (`ifname`) to `goto <chain>`.
+/// A verdict map from interface name (`ifname`) or address to a verdict
+/// (`goto <chain>`, `jump <chain>`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerdictMap {
     pub name: String,
+    /// What its keys are; the keys of `elements` are interface names, or
+    /// addresses of the table's family written as text (`198.18.0.1`).
+    #[serde(default, skip_serializing_if = "MapKey::is_ifname")]
+    pub key: MapKey,
     pub elements: BTreeMap<String, Verdict>,
     pub comment: Option<String>,
+}
+
+/// The keys of a verdict map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapKey {
+    /// `ifname`.
+    #[default]
+    IfName,
+    /// `ipv4_addr` / `ipv6_addr` (by table family), single addresses.
+    Addr,
+}
+
+impl MapKey {
+    pub fn is_ifname(&self) -> bool {
+        *self == MapKey::IfName
+    }
 }
 
 /// Element changes to sets that exist and stay: what an incremental compile
@@ -593,11 +635,14 @@ pub fn referenced_sets(c: &Chain) -> impl Iterator<Item = &str> {
                 ..
             }
             | Match::NamedPort { set: s, .. }
-            | Match::PeerPort { set: s, .. } => Some(s.as_str()),
+            | Match::PeerPort { set: s, .. }
+            | Match::MarkLookup { set: s, .. } => Some(s.as_str()),
             _ => None,
         });
         let from_verdict = match &r.verdict {
-            Some(Verdict::IfNameVmap { map, .. }) => Some(map.as_str()),
+            Some(Verdict::IfNameVmap { map, .. } | Verdict::AddrVmap { map, .. }) => {
+                Some(map.as_str())
+            }
             _ => None,
         };
         from_matches.chain(from_verdict)

@@ -21,7 +21,11 @@ pub fn render_table(t: &Table, out: &mut String) {
     }
     for m in t.maps.values() {
         let _ = writeln!(out, "\tmap {} {{", m.name);
-        let _ = writeln!(out, "\t\ttype ifname : verdict");
+        let key = match m.key {
+            MapKey::IfName => "ifname",
+            MapKey::Addr => addr_type(t.family),
+        };
+        let _ = writeln!(out, "\t\ttype {key} : verdict");
         if let Some(c) = &m.comment {
             let _ = writeln!(out, "\t\tcomment \"{c}\"");
         }
@@ -29,7 +33,10 @@ pub fn render_table(t: &Table, out: &mut String) {
             let elems: Vec<String> = m
                 .elements
                 .iter()
-                .map(|(k, v)| format!("\"{k}\" : {}", verdict(v)))
+                .map(|(k, v)| match m.key {
+                    MapKey::IfName => format!("\"{k}\" : {}", verdict(t.family, v)),
+                    MapKey::Addr => format!("{k} : {}", verdict(t.family, v)),
+                })
                 .collect();
             let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(",\n\t\t\t     "));
         }
@@ -57,11 +64,15 @@ pub fn render_table(t: &Table, out: &mut String) {
     let _ = writeln!(out, "}}");
 }
 
-fn render_set(family: TableFamily, s: &Set, out: &mut String) {
-    let addr = match family {
+fn addr_type(family: TableFamily) -> &'static str {
+    match family {
         TableFamily::Ip => "ipv4_addr",
         TableFamily::Ip6 => "ipv6_addr",
-    };
+    }
+}
+
+fn render_set(family: TableFamily, s: &Set, out: &mut String) {
+    let addr = addr_type(family);
     let _ = writeln!(out, "\tset {} {{", s.name);
     match s.key {
         SetKey::Addr => {
@@ -75,6 +86,12 @@ fn render_set(family: TableFamily, s: &Set, out: &mut String) {
         }
         SetKey::NamedPort => {
             let _ = writeln!(out, "\t\ttype {addr} . inet_proto . inet_service");
+        }
+        SetKey::Mark => {
+            let _ = writeln!(out, "\t\ttype mark");
+        }
+        SetKey::MarkPort => {
+            let _ = writeln!(out, "\t\ttype mark . inet_proto . inet_service");
         }
     }
     if let Some(c) = &s.comment {
@@ -94,13 +111,18 @@ fn render_set(family: TableFamily, s: &Set, out: &mut String) {
     let _ = writeln!(out, "\t}}");
 }
 
-fn element(e: &SetElement) -> String {
+/// A set element as `nft -f` input writes it.
+pub fn element(e: &SetElement) -> String {
     match e {
         SetElement::Net(n) if n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
         SetElement::Net(n) => n.to_string(),
         SetElement::Ports { min, max } if min == max => min.to_string(),
         SetElement::Ports { min, max } => format!("{min}-{max}"),
         SetElement::NamedPort(ip, proto, port) => format!("{ip} . {} . {port}", proto_name(*proto)),
+        SetElement::Mark(mark) => format!("{mark:#010x}"),
+        SetElement::MarkPort(mark, proto, port) => {
+            format!("{mark:#010x} . {} . {port}", proto_name(*proto))
+        }
     }
 }
 
@@ -227,6 +249,16 @@ pub fn match_text(family: TableFamily, m: &Match) -> String {
             port_kw(Dir::Dst),
             op(*negate)
         ),
+        Match::MarkLookup { mask, ports, set } => {
+            if *ports {
+                format!(
+                    "meta mark & {mask:#010x} . meta l4proto . {} @{set}",
+                    port_kw(Dir::Dst)
+                )
+            } else {
+                format!("meta mark & {mask:#010x} @{set}")
+            }
+        }
         Match::Icmp {
             icmp_type,
             code,
@@ -249,7 +281,7 @@ pub fn match_text(family: TableFamily, m: &Match) -> String {
     }
 }
 
-fn verdict(v: &Verdict) -> String {
+fn verdict(family: TableFamily, v: &Verdict) -> String {
     match v {
         Verdict::Accept => "accept".into(),
         Verdict::Drop => "drop".into(),
@@ -263,6 +295,7 @@ fn verdict(v: &Verdict) -> String {
                 IfDir::Out => "oifname",
             }
         ),
+        Verdict::AddrVmap { dir, map } => format!("{} vmap @{map}", addr_kw(family, *dir)),
     }
 }
 
@@ -298,7 +331,7 @@ pub fn rule(family: TableFamily, r: &Rule) -> String {
         });
     }
     if let Some(v) = &r.verdict {
-        parts.push(verdict(v));
+        parts.push(verdict(family, v));
     }
     if let Some(c) = &r.comment {
         parts.push(format!("comment \"{c}\""));

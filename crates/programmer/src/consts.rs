@@ -238,6 +238,7 @@ pub const TYPE_IPADDR: u32 = 7;
 pub const TYPE_IP6ADDR: u32 = 8;
 pub const TYPE_INET_PROTOCOL: u32 = 12;
 pub const TYPE_INET_SERVICE: u32 = 13;
+pub const TYPE_MARK: u32 = 19;
 pub const TYPE_IFNAME: u32 = 41;
 /// `TYPE_BITS`: concatenated types are packed 6 bits per field.
 pub const TYPE_BITS: u32 = 6;

@@ -17,8 +17,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use compiler::nft::{
-    AddrTarget, BaseChain, Chain, ChainPolicy, CtStates, Dir, Hook, IfDir, Match, PortTarget, Rule,
-    Set, SetElement, SetKey, Stmt, TableFamily, Verdict, VerdictMap,
+    AddrTarget, BaseChain, Chain, ChainPolicy, CtStates, Dir, Hook, IfDir, MapKey, Match,
+    PortTarget, Rule, Set, SetElement, SetKey, Stmt, TableFamily, Verdict, VerdictMap,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_core::ParseableParametrized;
@@ -240,7 +240,7 @@ pub(crate) fn udata_comment(udata: &[u8], tlv_type: u8) -> Option<String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetShape {
     Set(SetKey),
-    VerdictMap,
+    VerdictMap(MapKey),
     Anonymous,
     Foreign,
 }
@@ -250,16 +250,23 @@ pub fn set_shape(family: TableFamily, k: &KSet) -> SetShape {
         return SetShape::Anonymous;
     }
     if k.flags & NFT_SET_MAP != 0 {
-        return if k.key_type == TYPE_IFNAME
-            && k.key_len == IFNAMSIZ as u32
-            && k.data_type == Some(NFT_DATA_VERDICT)
-        {
-            SetShape::VerdictMap
-        } else {
-            SetShape::Foreign
+        let key = [MapKey::IfName, MapKey::Addr].into_iter().find(|key| {
+            let (t, len, _) = crate::encode::map_key_spec(family, *key);
+            k.key_type == t && k.key_len == len
+        });
+        return match key {
+            Some(key) if k.data_type == Some(NFT_DATA_VERDICT) => SetShape::VerdictMap(key),
+            _ => SetShape::Foreign,
         };
     }
-    for key in [SetKey::Addr, SetKey::Host, SetKey::Port, SetKey::NamedPort] {
+    for key in [
+        SetKey::Addr,
+        SetKey::Host,
+        SetKey::Port,
+        SetKey::NamedPort,
+        SetKey::Mark,
+        SetKey::MarkPort,
+    ] {
         let (t, len, flags, _) = crate::encode::set_key_spec(family, key);
         if k.key_type == t && k.key_len == len && k.flags == flags && k.data_type.is_none() {
             return SetShape::Set(key);
@@ -442,7 +449,7 @@ pub fn interval_set_elements(
                 min: first as u16,
                 max: last as u16,
             }),
-            SetKey::Host | SetKey::NamedPort => return None,
+            _ => return None,
         }
     }
     out.sort_unstable();
@@ -494,6 +501,36 @@ pub fn named_port_elements(family: TableFamily, elems: &[KElem]) -> Option<Vec<S
     Some(out)
 }
 
+/// An address of the table's family from a key's bytes.
+fn addr_from_key(family: TableFamily, k: &[u8]) -> Option<IpAddr> {
+    Some(match (family, k.len()) {
+        (TableFamily::Ip, 4) => IpAddr::V4(Ipv4Addr::new(k[0], k[1], k[2], k[3])),
+        (TableFamily::Ip6, 16) => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(k).ok()?)),
+        _ => return None,
+    })
+}
+
+/// IR elements of a mark set (`Mark` or `MarkPort`).
+pub fn mark_elements(key: SetKey, elems: &[KElem]) -> Option<Vec<SetElement>> {
+    let mut out = Vec::with_capacity(elems.len());
+    for e in elems {
+        let k = &e.key;
+        if e.flags != 0 || e.key_end.is_some() || k.len() < 4 {
+            return None;
+        }
+        let mark = ne_u32(&k[..4])?;
+        out.push(match key {
+            SetKey::Mark if k.len() == 4 => SetElement::Mark(mark),
+            SetKey::MarkPort if k.len() == 12 && k[5..8] == [0, 0, 0] && k[10..] == [0, 0] => {
+                SetElement::MarkPort(mark, k[4], u16::from_be_bytes([k[8], k[9]]))
+            }
+            _ => return None,
+        });
+    }
+    out.sort_unstable();
+    Some(out)
+}
+
 fn ifname_from_key(k: &[u8]) -> Option<String> {
     if k.len() != IFNAMSIZ {
         return None;
@@ -528,14 +565,18 @@ pub fn ir_set(family: TableFamily, k: &KSet, elems: &[KElem]) -> Option<IrSet> {
     match set_shape(family, k) {
         SetShape::Anonymous => None,
         SetShape::Foreign => Some(foreign("type")),
-        SetShape::VerdictMap => {
+        SetShape::VerdictMap(key) => {
             let mut map = VerdictMap {
                 name: k.name.clone(),
+                key,
                 elements: Default::default(),
                 comment,
             };
             for e in elems {
-                let name = ifname_from_key(&e.key);
+                let name = match key {
+                    MapKey::IfName => ifname_from_key(&e.key),
+                    MapKey::Addr => addr_from_key(family, &e.key).map(|a| a.to_string()),
+                };
                 let verdict = e.verdict.clone().and_then(|(c, ch)| ir_verdict(c, ch));
                 match (name, verdict) {
                     (Some(n), Some(v)) => {
@@ -550,6 +591,7 @@ pub fn ir_set(family: TableFamily, k: &KSet, elems: &[KElem]) -> Option<IrSet> {
             let elements = match key {
                 SetKey::NamedPort => named_port_elements(family, elems),
                 SetKey::Host => host_elements(family, elems),
+                SetKey::Mark | SetKey::MarkPort => mark_elements(key, elems),
                 _ => interval_set_elements(family, key, elems),
             };
             match elements {
@@ -796,6 +838,20 @@ pub(crate) fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
                         });
                         i += 3;
                     }
+                    next if xor[..] == [0; 4] => {
+                        let (ports, used) = mark_lookup_ports(next, e.get(i + 3))?;
+                        let (set, negate) = set_lookup(e.get(i + 2 + used)?)?;
+                        if negate {
+                            return None;
+                        }
+                        let m = Match::MarkLookup {
+                            mask: ne_u32(mask)?,
+                            ports,
+                            set,
+                        };
+                        push_match(&stmts, &mut matches, m)?;
+                        i += 3 + used;
+                    }
                     _ => return None,
                 },
                 _ => return None,
@@ -853,6 +909,24 @@ pub(crate) fn decode_exprs(family: TableFamily, e: &[Expr]) -> Option<Decoded> {
                 let dir = addr_dir(family, *offset)?;
                 let (_, alen) = addr_offset(family, dir);
                 let len = *len as usize;
+                if let Some(Expr::Lookup {
+                    sreg: NFT_REG_1,
+                    dreg: Some(NFT_REG_VERDICT),
+                    set,
+                    flags: None | Some(0),
+                    ..
+                }) = e.get(i + 1)
+                {
+                    if len != alen {
+                        return None;
+                    }
+                    verdict = Some(Verdict::AddrVmap {
+                        dir,
+                        map: set.to_string(),
+                    });
+                    i += 2;
+                    continue;
+                }
                 let (m, used) = decode_addr(family, dir, alen, len, &e[i + 1..])?;
                 push_match(&stmts, &mut matches, m)?;
                 i += 1 + used;
@@ -1102,6 +1176,31 @@ fn decode_addr(
                 None
             }
         }
+        _ => None,
+    }
+}
+
+/// After `meta mark & mask` in register 1: whether `meta l4proto` and the
+/// destination port follow (`Match::MarkLookup` with `ports`), and how
+/// many expressions that takes before the lookup.
+fn mark_lookup_ports(next: &Expr, after: Option<&Expr>) -> Option<(bool, usize)> {
+    let (proto_reg, port_reg) = crate::encode::named_port_regs(4);
+    match next {
+        Expr::Lookup { .. } => Some((false, 0)),
+        Expr::MetaLoad {
+            key: NFT_META_L4PROTO,
+            dreg,
+        } if *dreg == proto_reg => match after? {
+            Expr::Payload {
+                dreg,
+                base: NFT_PAYLOAD_TRANSPORT_HEADER,
+                offset,
+                len: 2,
+            } if *dreg == port_reg && *offset == crate::encode::port_offset(Dir::Dst) => {
+                Some((true, 2))
+            }
+            _ => None,
+        },
         _ => None,
     }
 }

@@ -14,8 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use compiler::nft::{
-    ElementDelta, Elements, RulesetPatch, Set, SetDelta, SetElement, SetKey, Table, TableFamily,
-    TablePatch,
+    ElementDelta, Elements, RulesetPatch, Set, SetDelta, SetElement, Table, TableFamily, TablePatch,
 };
 
 use tracing::debug;
@@ -214,7 +213,7 @@ fn encode_set_delta(b: &mut Batch, set: &Set, d: &SetDelta) -> Result<(), encode
         comment: None,
     };
     match set.key {
-        SetKey::NamedPort | SetKey::Host => {
+        key if !key.is_interval() => {
             let del = encode::plain_elems(f, set.key, &d.set, &d.remove)?;
             let add = encode::plain_elems(f, set.key, &d.set, &d.add)?;
             encode::elements(b, NFT_MSG_DELSETELEM, f, &d.table, &d.set, &del)?;
@@ -300,7 +299,7 @@ mod tests {
                     "s".into(),
                     Set {
                         name: "s".into(),
-                        key: SetKey::Addr,
+                        key: compiler::nft::SetKey::Addr,
                         elements: list.clone(),
                         comment: None,
                     },

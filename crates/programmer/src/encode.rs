@@ -11,8 +11,8 @@
 use std::net::IpAddr;
 
 use compiler::nft::{
-    AddrTarget, Chain, ChainPolicy, Dir, IfDir, Match, PortTarget, Rule, Set, SetElement, SetKey,
-    Stmt, TableFamily, Verdict, VerdictMap,
+    AddrTarget, Chain, ChainPolicy, Dir, IfDir, MapKey, Match, PortTarget, Rule, Set, SetElement,
+    SetKey, Stmt, TableFamily, Verdict, VerdictMap,
 };
 use ipnet::IpNet;
 
@@ -464,6 +464,21 @@ pub(crate) fn rule_exprs<'r>(
             Match::PeerPort { set, negate } => {
                 concat_lookup(out, family, (Dir::Src, Dir::Dst), set, set_id(set), *negate);
             }
+            Match::MarkLookup { mask, ports, set } => {
+                out(meta_load(NFT_META_MARK, NFT_REG_1));
+                out(bitwise(&mask.to_ne_bytes(), &[0; 4], true));
+                if *ports {
+                    let (proto_reg, port_reg) = named_port_regs(4);
+                    out(meta_load(NFT_META_L4PROTO, proto_reg));
+                    out(payload(
+                        NFT_PAYLOAD_TRANSPORT_HEADER,
+                        port_offset(Dir::Dst),
+                        2,
+                        port_reg,
+                    ));
+                }
+                out(lookup(set, set_id(set), false));
+            }
             Match::Icmp {
                 icmp_type,
                 code,
@@ -545,6 +560,17 @@ pub(crate) fn rule_exprs<'r>(
     }
     match &rule.verdict {
         None => {}
+        Some(Verdict::AddrVmap { dir, map }) => {
+            let (offset, alen) = addr_offset(family, *dir);
+            out(address_load(offset, alen));
+            out(Expr::Lookup {
+                sreg: NFT_REG_1,
+                dreg: Some(NFT_REG_VERDICT),
+                set: Cow::Borrowed(map),
+                set_id: set_id(map),
+                flags: None,
+            });
+        }
         Some(Verdict::IfNameVmap { dir, map }) => {
             out(meta_load(ifname_key(*dir), NFT_REG_1));
             out(Expr::Lookup {
@@ -606,7 +632,7 @@ pub fn verdict_code(v: &Verdict) -> Option<(i32, Option<&str>)> {
         Verdict::Return => (NFT_RETURN, None),
         Verdict::Jump(c) => (NFT_JUMP, Some(c.as_str())),
         Verdict::Goto(c) => (NFT_GOTO, Some(c.as_str())),
-        Verdict::IfNameVmap { .. } => return None,
+        Verdict::IfNameVmap { .. } | Verdict::AddrVmap { .. } => return None,
     })
 }
 
@@ -709,6 +735,14 @@ pub fn set_key_spec(family: TableFamily, key: SetKey) -> (u32, u32, u32, u32) {
             // Mixed byte orders: nft records "invalid".
             BYTEORDER_INVALID,
         ),
+        // The packet mark is a host-endian number.
+        SetKey::Mark => (TYPE_MARK, 4, 0, BYTEORDER_HOST_ENDIAN),
+        SetKey::MarkPort => (
+            concat_type(&[TYPE_MARK, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+            12,
+            0,
+            BYTEORDER_INVALID,
+        ),
     }
 }
 
@@ -748,15 +782,28 @@ pub fn new_set(b: &mut Batch, family: TableFamily, table: &str, set: &Set) -> Re
     )
 }
 
-/// `NEWSET` for a verdict map `ifname : verdict`. The key byte order
-/// userdata (host, as for strings) is what makes `nft list` print the keys
-/// as names rather than `""` (netlink.md).
+/// Key type, length and byte order of a verdict map.
+pub fn map_key_spec(family: TableFamily, key: MapKey) -> (u32, u32, u32) {
+    match key {
+        MapKey::IfName => (TYPE_IFNAME, IFNAMSIZ as u32, BYTEORDER_HOST_ENDIAN),
+        MapKey::Addr => {
+            let (t, len, _, order) = set_key_spec(family, SetKey::Host);
+            (t, len, order)
+        }
+    }
+}
+
+/// `NEWSET` for a verdict map `ifname : verdict` or `ipv4_addr : verdict`.
+/// The key byte order userdata (host, as for strings) is what makes
+/// `nft list` print interface names as names rather than `""`
+/// (netlink.md).
 pub fn new_map(
     b: &mut Batch,
     family: TableFamily,
     table: &str,
     map: &VerdictMap,
 ) -> Result<(), Error> {
+    let (key_type, key_len, byteorder) = map_key_spec(family, map.key);
     new_set_message(
         b,
         family,
@@ -766,10 +813,10 @@ pub fn new_map(
             name: &map.name,
             comment: &map.comment,
             flags: NFT_SET_MAP,
-            key: (TYPE_IFNAME, IFNAMSIZ as u32),
+            key: (key_type, key_len),
             data: Some((NFT_DATA_VERDICT, 0)),
             udata: &[
-                (NFTNL_UDATA_SET_KEYBYTEORDER, BYTEORDER_HOST_ENDIAN),
+                (NFTNL_UDATA_SET_KEYBYTEORDER, byteorder),
                 (NFTNL_UDATA_SET_DATABYTEORDER, BYTEORDER_INVALID),
                 (NFTNL_UDATA_SET_DATA_INTERVAL, 0),
             ],
@@ -852,7 +899,7 @@ pub fn interval_width(family: TableFamily, key: SetKey) -> usize {
         SetKey::Addr if family.is_v6() => 16,
         SetKey::Addr => 4,
         SetKey::Port => 2,
-        SetKey::Host | SetKey::NamedPort => 0,
+        SetKey::Host | SetKey::NamedPort | SetKey::Mark | SetKey::MarkPort => 0,
     }
 }
 
@@ -1030,8 +1077,28 @@ pub fn host_key(family: TableFamily, e: &SetElement) -> Option<([u8; 24], usize)
     Some((k, len))
 }
 
-/// Elements of a set without intervals (named-port and host sets): one
-/// key each.
+/// The key of a mark set's element: the mark (host byte order, as the
+/// kernel's register holds it), with protocol and port (each field padded
+/// to 4 bytes) in a `MarkPort` set.
+pub fn mark_key(_: TableFamily, e: &SetElement) -> Option<([u8; 24], usize)> {
+    let mut k = [0u8; 24];
+    match e {
+        SetElement::Mark(mark) => {
+            k[..4].copy_from_slice(&mark.to_ne_bytes());
+            Some((k, 4))
+        }
+        SetElement::MarkPort(mark, proto, port) => {
+            k[..4].copy_from_slice(&mark.to_ne_bytes());
+            k[4] = *proto;
+            k[8..10].copy_from_slice(&port.to_be_bytes());
+            Some((k, 12))
+        }
+        _ => None,
+    }
+}
+
+/// Elements of a set without intervals (named-port, host and mark sets):
+/// one key each.
 pub fn plain_elems<'a>(
     family: TableFamily,
     key: SetKey,
@@ -1040,6 +1107,7 @@ pub fn plain_elems<'a>(
 ) -> Result<Vec<RawElem>, Error> {
     let key_of = match key {
         SetKey::Host => host_key,
+        SetKey::Mark | SetKey::MarkPort => mark_key,
         _ => named_port_key,
     };
     elems
@@ -1055,18 +1123,44 @@ pub fn plain_elems<'a>(
         .collect()
 }
 
-pub fn map_elem(map: &str, ifname: &str, verdict: &Verdict) -> Result<RawElem, Error> {
-    if ifname.is_empty() || ifname.len() >= IFNAMSIZ || ifname.contains('\0') {
-        return Err(Error::InterfaceName {
-            object: format!("map {map}"),
-            name: ifname.to_owned(),
-        });
-    }
+/// An element of verdict map `map`: its key (an interface name, or an
+/// address of the table's family, as text) and verdict.
+pub fn map_elem(
+    family: TableFamily,
+    map: &VerdictMap,
+    key: &str,
+    verdict: &Verdict,
+) -> Result<RawElem, Error> {
+    let object = || format!("map {}", map.name);
     let (code, chain) = verdict_code(verdict).ok_or_else(|| Error::MapVerdict {
-        object: format!("map {map}"),
+        object: object(),
         verdict: verdict.clone(),
     })?;
-    let mut e = RawElem::new(&ifname_bytes(ifname));
+    let mut e = match map.key {
+        MapKey::IfName => {
+            if key.is_empty() || key.len() >= IFNAMSIZ || key.contains('\0') {
+                return Err(Error::InterfaceName {
+                    object: object(),
+                    name: key.to_owned(),
+                });
+            }
+            RawElem::new(&ifname_bytes(key))
+        }
+        MapKey::Addr => {
+            let addr = key.parse::<IpAddr>().ok();
+            let host = addr.map(|a| SetElement::Net(IpNet::from(a)));
+            match host.as_ref().and_then(|h| host_key(family, h)) {
+                Some((k, len)) => RawElem::new(&k[..len]),
+                None => {
+                    return Err(Error::AddressFamily {
+                        object: object(),
+                        value: key.to_owned(),
+                        family: family.keyword(),
+                    })
+                }
+            }
+        }
+    };
     e.verdict = Some((code, chain.map(str::to_owned)));
     Ok(e)
 }

@@ -550,6 +550,9 @@ mod tests {
     const PORT_SET: &str = "ports";
     const NAMED_SET: &str = "named";
     const MAP: &str = "dispatch";
+    const MARK_SET: &str = "marks";
+    const MARK_PORT_SET: &str = "mark-ports";
+    const ADDR_MAP: &str = "by-addr";
     const TARGETS: [&str; 2] = ["target-a", "target-b"];
 
     fn dir(rng: &mut Rng) -> Dir {
@@ -587,7 +590,7 @@ mod tests {
         let icmp = if family.is_v6() { 58 } else { 1 };
         for _ in 0..rng.below(5) {
             let negate = rng.below(4) == 0;
-            matches.push(match rng.below(7) {
+            matches.push(match rng.below(8) {
                 0 => Match::IfName {
                     dir: if_dir(rng),
                     name: format!("cali{}", rng.word(12)),
@@ -625,6 +628,14 @@ mod tests {
                     set: NAMED_SET.into(),
                     negate,
                 },
+                5 => {
+                    let ports = rng.coin();
+                    Match::MarkLookup {
+                        mask: rng.next() as u32 | 1,
+                        ports,
+                        set: if ports { MARK_PORT_SET } else { MARK_SET }.into(),
+                    }
+                }
                 _ => Match::L4Proto {
                     proto: *rng.pick(&[6, 17, 132]),
                     negate,
@@ -692,13 +703,17 @@ mod tests {
                 },
             });
         }
-        let verdict = match rng.below(7) {
+        let verdict = match rng.below(8) {
             0 => None,
             1 => Some(Verdict::Accept),
             2 => Some(Verdict::Drop),
             3 => Some(Verdict::Return),
             4 => Some(Verdict::Jump(rng.pick(&TARGETS).to_string())),
             5 => Some(Verdict::Goto(rng.pick(&TARGETS).to_string())),
+            6 => Some(Verdict::AddrVmap {
+                dir: dir(rng),
+                map: ADDR_MAP.into(),
+            }),
             _ => Some(Verdict::IfNameVmap {
                 dir: if_dir(rng),
                 map: MAP.into(),
@@ -801,6 +816,8 @@ mod tests {
                     (ADDR_SET, SetKey::Addr),
                     (PORT_SET, SetKey::Port),
                     (NAMED_SET, SetKey::NamedPort),
+                    (MARK_SET, SetKey::Mark),
+                    (MARK_PORT_SET, SetKey::MarkPort),
                 ] {
                     t.sets.insert(
                         name.into(),
@@ -812,14 +829,17 @@ mod tests {
                         },
                     );
                 }
-                t.maps.insert(
-                    MAP.into(),
-                    VerdictMap {
-                        name: MAP.into(),
-                        elements: Default::default(),
-                        comment: None,
-                    },
-                );
+                for (name, key) in [(MAP, MapKey::IfName), (ADDR_MAP, MapKey::Addr)] {
+                    t.maps.insert(
+                        name.into(),
+                        VerdictMap {
+                            name: name.into(),
+                            key,
+                            elements: Default::default(),
+                            comment: None,
+                        },
+                    );
+                }
                 for name in TARGETS {
                     t.chains.insert(
                         name.into(),

@@ -32,8 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use compiler::nft::{
-    is_our_table, referenced_sets, Chain, Ruleset, Set, SetKey, Table, TableFamily, VerdictMap,
-    TABLE_NAME,
+    is_our_table, referenced_sets, Chain, Ruleset, Set, Table, TableFamily, VerdictMap, TABLE_NAME,
 };
 
 use crate::batch::Batch;
@@ -193,7 +192,7 @@ fn create_map(b: &mut Batch, f: TableFamily, table: &str, m: &VerdictMap) -> Res
     let elems = m
         .elements
         .iter()
-        .map(|(k, v)| encode::map_elem(&m.name, k, v))
+        .map(|(k, v)| encode::map_elem(f, m, k, v))
         .collect::<Result<Vec<_>, _>>()?;
     encode::elements(b, NFT_MSG_NEWSETELEM, f, table, &m.name, &elems)?;
     Ok(())
@@ -201,7 +200,7 @@ fn create_map(b: &mut Batch, f: TableFamily, table: &str, m: &VerdictMap) -> Res
 
 fn all_set_elems(f: TableFamily, s: &Set) -> Result<Vec<RawElem>, Error> {
     Ok(match s.key {
-        SetKey::NamedPort | SetKey::Host => encode::plain_elems(f, s.key, &s.name, &s.elements)?,
+        key if !key.is_interval() => encode::plain_elems(f, s.key, &s.name, &s.elements)?,
         key => {
             let ivs = encode::intervals(f, s)?;
             encode::interval_elems(
@@ -232,7 +231,7 @@ impl SetLike<'_> {
     fn same_definition(&self, other: &SetLike<'_>) -> bool {
         match (self, other) {
             (SetLike::Set(a), SetLike::Set(b)) => a.key == b.key && a.comment == b.comment,
-            (SetLike::Map(a), SetLike::Map(b)) => a.comment == b.comment,
+            (SetLike::Map(a), SetLike::Map(b)) => a.key == b.key && a.comment == b.comment,
             _ => false,
         }
     }
@@ -492,7 +491,7 @@ fn set_delta(b: &mut Batch, f: TableFamily, table: &str, os: &Set, ns: &Set) -> 
         return Ok(());
     }
     match ns.key {
-        SetKey::NamedPort | SetKey::Host => {
+        key if !key.is_interval() => {
             let old: HashSet<_> = os.elements.iter().collect();
             let new: HashSet<_> = ns.elements.iter().collect();
             let del = encode::plain_elems(
@@ -549,12 +548,12 @@ fn map_delta(
     let mut add = Vec::new();
     for (k, v) in &om.elements {
         if nm.elements.get(k) != Some(v) {
-            del.push(encode::map_elem(&nm.name, k, v)?);
+            del.push(encode::map_elem(f, om, k, v)?);
         }
     }
     for (k, v) in &nm.elements {
         if om.elements.get(k) != Some(v) {
-            add.push(encode::map_elem(&nm.name, k, v)?);
+            add.push(encode::map_elem(f, nm, k, v)?);
         }
     }
     encode::elements(b, NFT_MSG_DELSETELEM, f, table, &nm.name, &del)?;

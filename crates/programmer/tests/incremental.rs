@@ -291,6 +291,7 @@ fn structural_changes_keep_references_valid() {
         "empty".into(),
         VerdictMap {
             name: "empty".into(),
+            key: MapKey::IfName,
             elements: BTreeMap::from([("cali9".to_owned(), Verdict::Accept)]),
             comment: empty.comment,
         },
