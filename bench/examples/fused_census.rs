@@ -149,5 +149,19 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    let mut rewritten = ruleset.clone();
+    let bits = bench::two_stage::class_bits(opts.mark_mask)?;
+    let census = bench::two_stage::rewrite(&mut rewritten, bits)?;
+    for (t, c) in rewritten.tables.iter().zip(census) {
+        println!(
+            "two stages (bench::two_stage), table {:?}: {} addresses in the class map, {} classes (room for {}), fused set elements {} (were {})",
+            t.family,
+            c.addresses,
+            c.classes,
+            (1u64 << bits.count_ones()) - 1,
+            c.class_elements,
+            c.address_elements
+        );
+    }
     Ok(())
 }

@@ -10,6 +10,7 @@ pub mod packet;
 pub mod report;
 pub mod run;
 pub mod sweep;
+pub mod two_stage;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -245,10 +245,32 @@ impl Topology {
         if backend == "none" {
             return Ok(());
         }
+        if backend == crate::sweep::TWO_STAGE {
+            return self.program_two_stage(state);
+        }
         self.node
             .run(|| -> anyhow::Result<()> {
                 let mut dp = crate::backends::open_with(backend, NODE_UNDER_TEST, options)?;
                 dp.apply(state, &Default::default())
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+    }
+}
+
+impl Topology {
+    /// The fused lookup's ruleset rewritten in two stages
+    /// (`crate::two_stage`), applied in one transaction.
+    fn program_two_stage(&self, state: &ClusterState) -> anyhow::Result<()> {
+        let opts = compiler::CompileOptions {
+            fused_lookup: true,
+            ..compiler::CompileOptions::new(NODE_UNDER_TEST)
+        };
+        let (_, mut rs) = compiler::compile_nftables(state, &opts)?;
+        crate::two_stage::rewrite(&mut rs, crate::two_stage::class_bits(opts.mark_mask)?)?;
+        self.node
+            .run(|| -> anyhow::Result<()> {
+                programmer::NftProgrammer::new()?.apply(&rs)?;
+                Ok(())
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?
     }
