@@ -149,6 +149,46 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    // Classes kept by selector-set membership instead of by what the fused
+    // sets hold: the peers' selector sets of every Allow rule in a policy
+    // chain (more than fuse: an upper bound), and per address the ones it
+    // is in. What an incremental compiler could keep per address.
+    let (logical, _) = compiler::compile_nftables(&state, &opts)?;
+    for v6 in [false, true] {
+        let mut peers: BTreeSet<&str> = BTreeSet::new();
+        for c in logical.chains.values() {
+            let ingress = c.name.starts_with("cali-pi-");
+            if !ingress && !c.name.starts_with("cali-po-") {
+                continue;
+            }
+            for r in &c.rules {
+                if let Some(pm) = &r.policy_match {
+                    let peer = if ingress { &pm.src } else { &pm.dst };
+                    if let Some(id) = &peer.selector_set {
+                        peers.insert(id.as_str());
+                    }
+                }
+            }
+        }
+        let mut groups: HashMap<IpAddr, Vec<&str>> = HashMap::new();
+        for id in &peers {
+            let Some(set) = logical.ip_sets.get(*id) else {
+                continue;
+            };
+            let nets = if v6 { &set.nets_v6 } else { &set.nets_v4 };
+            for n in nets.iter().filter(|n| n.prefix_len() == n.max_prefix_len()) {
+                groups.entry(n.addr()).or_default().push(id);
+            }
+        }
+        let classes: HashSet<&Vec<&str>> = groups.values().collect();
+        println!(
+            "classes by peer selector sets ({}): {} sets, {} addresses in {} classes",
+            if v6 { "IPv6" } else { "IPv4" },
+            peers.len(),
+            groups.len(),
+            classes.len()
+        );
+    }
     let mut rewritten = ruleset.clone();
     let bits = bench::two_stage::class_bits(opts.mark_mask)?;
     let census = bench::two_stage::rewrite(&mut rewritten, bits)?;
