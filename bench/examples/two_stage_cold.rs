@@ -18,6 +18,25 @@ use bench::{generate, run::scale_for, NODE_UNDER_TEST};
 use compiler::CompileOptions;
 use testkit::netns::Netns;
 
+/// `tp` applied as a patch: milliseconds to the kernel's acknowledgement.
+fn timed_patch(
+    p: &mut programmer::NftProgrammer,
+    tp: compiler::nft::TablePatch,
+) -> anyhow::Result<f64> {
+    let patch = compiler::nft::RulesetPatch {
+        tables: vec![tp],
+        elements: Default::default(),
+    };
+    let t0 = Instant::now();
+    p.apply_patch(&patch)?;
+    Ok(t0.elapsed().as_secs_f64() * 1e3)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() -> anyhow::Result<()> {
     let policies: usize = std::env::args().nth(1).map_or(Ok(10_000), |a| a.parse())?;
     let state = generate(&scale_for(policies));
@@ -93,13 +112,7 @@ fn main() -> anyhow::Result<()> {
                 map.elements.insert(addr, compiler::nft::Verdict::Jump(to));
                 let mut tp = compiler::nft::TablePatch::new(family, &table);
                 tp.maps.insert(map.name.clone(), Some(map.clone()));
-                let patch = compiler::nft::RulesetPatch {
-                    tables: vec![tp],
-                    elements: Default::default(),
-                };
-                let t0 = Instant::now();
-                p.apply_patch(&patch)?;
-                moves.push(t0.elapsed().as_secs_f64() * 1e3);
+                moves.push(timed_patch(&mut p, tp)?);
                 let delta = compiler::nft::ElementDelta {
                     sets: vec![compiler::nft::SetDelta {
                         family,
@@ -117,10 +130,6 @@ fn main() -> anyhow::Result<()> {
                 p.apply_elements(&delta)?;
                 elements.push(t0.elapsed().as_secs_f64() * 1e3);
             }
-            let median = |v: &mut Vec<f64>| {
-                v.sort_by(f64::total_cmp);
-                v[v.len() / 2]
-            };
             Ok((median(&mut moves), median(&mut elements)))
         })
         .map_err(|e| anyhow::anyhow!("{e}"))??;
@@ -154,16 +163,9 @@ fn main() -> anyhow::Result<()> {
                             .into(),
                         }),
                     );
-                    let patch = compiler::nft::RulesetPatch {
-                        tables: vec![tp],
-                        elements: Default::default(),
-                    };
-                    let t0 = Instant::now();
-                    p.apply_patch(&patch)?;
-                    took.push(t0.elapsed().as_secs_f64() * 1e3);
+                    took.push(timed_patch(&mut p, tp)?);
                 }
-                took.sort_by(f64::total_cmp);
-                Ok(took[took.len() / 2])
+                Ok(median(&mut took))
             })
             .map_err(|e| anyhow::anyhow!("{e}"))??;
         println!("{name}: a commit adding a rule with a verdict {ms:.2} ms (median of 20)");

@@ -299,6 +299,18 @@ fn lookup<'r>(set: &'r str, set_id: Option<u32>, negate: bool) -> Expr<'r> {
     }
 }
 
+/// Register 1 looked up in verdict map `map`: its element's verdict is the
+/// rule's.
+fn vmap_lookup<'r>(map: &'r str, set_id: Option<u32>) -> Expr<'r> {
+    Expr::Lookup {
+        sreg: NFT_REG_1,
+        dreg: Some(NFT_REG_VERDICT),
+        set: Cow::Borrowed(map),
+        set_id,
+        flags: None,
+    }
+}
+
 /// `ip <addr>addr . meta l4proto . th <port>port @set` for
 /// `(addr, port)` directions: a named port, or (source address,
 /// destination port) a fused lookup. Each field of the concatenation
@@ -563,23 +575,11 @@ pub(crate) fn rule_exprs<'r>(
         Some(Verdict::AddrVmap { dir, map }) => {
             let (offset, alen) = addr_offset(family, *dir);
             out(address_load(offset, alen));
-            out(Expr::Lookup {
-                sreg: NFT_REG_1,
-                dreg: Some(NFT_REG_VERDICT),
-                set: Cow::Borrowed(map),
-                set_id: set_id(map),
-                flags: None,
-            });
+            out(vmap_lookup(map, set_id(map)));
         }
         Some(Verdict::IfNameVmap { dir, map }) => {
             out(meta_load(ifname_key(*dir), NFT_REG_1));
-            out(Expr::Lookup {
-                sreg: NFT_REG_1,
-                dreg: Some(NFT_REG_VERDICT),
-                set: Cow::Borrowed(map),
-                set_id: set_id(map),
-                flags: None,
-            });
+            out(vmap_lookup(map, set_id(map)));
         }
         Some(v) => {
             let (code, chain) = verdict_code(v).ok_or_else(|| Error::MapVerdict {
