@@ -317,7 +317,9 @@ fn span(e: &SetElement) -> (u128, u128) {
             (v(n.network()), v(n.broadcast()))
         }
         SetElement::Ports { min, max } => (u128::from(*min), u128::from(*max)),
-        SetElement::NamedPort(..) => unreachable!("named-port sets are not interval sets"),
+        SetElement::NamedPort(..) | SetElement::Mark(_) | SetElement::MarkPort(..) => {
+            unreachable!("named-port and mark sets are not interval sets")
+        }
     }
 }
 
@@ -325,7 +327,7 @@ fn family_ok(family: TableFamily, e: &SetElement) -> bool {
     let v6 = match e {
         SetElement::Net(n) => matches!(n, IpNet::V6(_)),
         SetElement::NamedPort(ip, ..) => ip.is_ipv6(),
-        SetElement::Ports { .. } => return true,
+        SetElement::Ports { .. } | SetElement::Mark(_) | SetElement::MarkPort(..) => return true,
     };
     v6 == family.is_v6()
 }
