@@ -48,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         fused_lookup: true,
         ..CompileOptions::new(NODE_UNDER_TEST)
     };
-    let (_, ruleset) = compiler::compile_nftables(&state, &opts)?;
+    let (logical, ruleset) = compiler::compile_nftables(&state, &opts)?;
     let (_, walk) = compiler::compile_nftables(&state, &CompileOptions::new(NODE_UNDER_TEST))?;
     let walk_elements: usize = walk
         .tables
@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
             .filter(|s| {
                 s.comment
                     .as_deref()
-                    .is_some_and(|c| c.starts_with("fused lookup"))
+                    .is_some_and(|c| c.starts_with(compiler::fused::SET_COMMENT))
             })
             .map(|s| (s.name.as_str(), s.elements.len()))
             .collect();
@@ -150,10 +150,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
     // Classes kept by selector-set membership instead of by what the fused
-    // sets hold: the peers' selector sets of every Allow rule in a policy
-    // chain (more than fuse: an upper bound), and per address the ones it
-    // is in. What an incremental compiler could keep per address.
-    let (logical, _) = compiler::compile_nftables(&state, &opts)?;
+    // sets hold: the peers' selector sets of every rule in a policy chain
+    // (more than fuse: an upper bound), and per address the ones it is
+    // in. What an incremental compiler could keep per address.
     for v6 in [false, true] {
         let mut peers: BTreeSet<&str> = BTreeSet::new();
         for c in logical.chains.values() {

@@ -255,9 +255,7 @@ impl Topology {
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?
     }
-}
 
-impl Topology {
     /// The fused lookup's ruleset rewritten in two stages
     /// (`crate::two_stage`), applied in one transaction.
     fn program_two_stage(&self, state: &ClusterState) -> anyhow::Result<()> {

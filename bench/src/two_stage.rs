@@ -81,7 +81,7 @@ type Signature = BTreeMap<String, BTreeSet<Option<(u8, u16)>>>;
 fn is_fused_set(s: &Set) -> bool {
     s.comment
         .as_deref()
-        .is_some_and(|c| c.starts_with("fused lookup"))
+        .is_some_and(|c| c.starts_with(compiler::fused::SET_COMMENT))
 }
 
 /// Rewrites every table of `rs` (see the module docs). `class_bits`: the

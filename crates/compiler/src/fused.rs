@@ -68,6 +68,9 @@ use crate::nft::{
 pub const MAX_RANGE: u32 = 64;
 /// The most elements one rule may add (peers × ports).
 pub(crate) const MAX_RULE_ELEMENTS: usize = 1 << 16;
+/// How every fused set's comment starts (`fused lookup: <what>`): the
+/// census and the bench's rewrite find the fused sets by it.
+pub const SET_COMMENT: &str = "fused lookup";
 /// How every fused rule's comment starts (`Fused lookup @<set>: … of
 /// <policy ids>`); `explain --kernel` recognises a fused node by it.
 pub const MARKER: &str = "Fused lookup @";
@@ -325,7 +328,7 @@ fn fused_set(
         name,
         key,
         elements: elements.into(),
-        comment: Some(format!("fused lookup: {what}")),
+        comment: Some(format!("{SET_COMMENT}: {what}")),
     }
 }
 

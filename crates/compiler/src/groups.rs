@@ -16,7 +16,10 @@
 //! that action, the packet's own group ends the same way: Drop drops it
 //! there too, after the policy or instead of it, and Accept or Return let
 //! it go on.) An element that returns does not make the kernel validate
-//! the table, as one that jumps does.
+//! the table, as one that jumps does. Only maps keyed by interface are
+//! cut so; a map keyed by address goes whole to every group (the
+//! compiler writes none: the two-stage lookup `bench::two_stage`
+//! measures has one).
 //!
 //! [`Split`] keeps, per family and group, how many references inside the
 //! group each chain and set has (felix's calculation graph in miniature),
@@ -35,8 +38,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::logical::LogicalRuleset;
 use crate::nft::{
-    referenced_sets, ElementDelta, Ruleset, RulesetPatch, SetDelta, Table, TableFamily, TablePatch,
-    Verdict, VerdictMap,
+    referenced_sets, ElementDelta, MapKey, Ruleset, RulesetPatch, SetDelta, Table, TableFamily,
+    TablePatch, Verdict, VerdictMap,
 };
 
 /// How many namespace groups to cut the tables into (`--table-groups`):
@@ -590,7 +593,11 @@ impl Split {
         group_of: &dyn Fn(&str) -> usize,
     ) {
         let new = t.maps.get(name);
-        if let Some(m) = new {
+        // Only the dispatch maps (keyed by interface) are cut: each group
+        // jumps to its own interfaces' chains. A map keyed by address is
+        // not about interfaces, and every group gets all of it.
+        let by_iface = new.is_some_and(|m| m.key == MapKey::IfName);
+        if let Some(m) = new.filter(|_| by_iface) {
             for iface in m.elements.keys() {
                 if !self.iface_group.contains_key(iface) {
                     let g = group_of(iface) % self.groups;
@@ -605,7 +612,7 @@ impl Split {
                     .elements
                     .iter()
                     .map(|(iface, v)| {
-                        let mine = self.iface_group.get(iface) == Some(&g);
+                        let mine = !by_iface || self.iface_group.get(iface) == Some(&g);
                         (
                             iface.clone(),
                             if mine { v.clone() } else { Verdict::Return },
@@ -685,6 +692,97 @@ fn group_patch(r: &Reach, t: &Table, g: usize, tp: &TablePatch, touched: &Touche
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::{BaseChain, Chain, ChainPolicy, Dir, Hook, IfDir, Rule};
+
+    fn chain(name: &str, verdict: Verdict) -> Chain {
+        Chain {
+            name: name.into(),
+            base: None,
+            rules: vec![Rule {
+                matches: vec![],
+                stmts: vec![],
+                verdict: Some(verdict),
+                comment: None,
+            }]
+            .into(),
+        }
+    }
+
+    /// The dispatch map is cut by interface; a map keyed by address goes
+    /// whole to every group that reaches it, with the chains it jumps to.
+    #[test]
+    fn only_maps_keyed_by_interface_are_cut() {
+        let mut t = Table::new(TableFamily::Ip, "nftpolicy");
+        let mut fwd = chain(
+            "fwd",
+            Verdict::IfNameVmap {
+                dir: IfDir::Out,
+                map: "dispatch".into(),
+            },
+        );
+        fwd.base = Some(BaseChain {
+            hook: Hook::Forward,
+            priority: 0,
+            policy: ChainPolicy::Accept,
+        });
+        let by_addr = |name: &str| {
+            chain(
+                name,
+                Verdict::AddrVmap {
+                    dir: Dir::Src,
+                    map: "peers".into(),
+                },
+            )
+        };
+        for c in [
+            fwd,
+            by_addr("tw-a"),
+            by_addr("tw-b"),
+            chain("pc-1", Verdict::Return),
+        ] {
+            t.chains.insert(c.name.clone(), c);
+        }
+        let map = |name: &str, key, elements: &[(&str, Verdict)]| VerdictMap {
+            name: name.into(),
+            key,
+            elements: elements
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            comment: None,
+        };
+        t.maps.insert(
+            "dispatch".into(),
+            map(
+                "dispatch",
+                MapKey::IfName,
+                &[
+                    ("calia", Verdict::Goto("tw-a".into())),
+                    ("calib", Verdict::Goto("tw-b".into())),
+                ],
+            ),
+        );
+        let peers = map(
+            "peers",
+            MapKey::Addr,
+            &[("198.18.0.1", Verdict::Jump("pc-1".into()))],
+        );
+        t.maps.insert("peers".into(), peers.clone());
+        let rs = Ruleset { tables: vec![t] };
+        let group_of = |iface: &str| usize::from(iface == "calib");
+        let cut = Split::new(2).full(&rs, &group_of);
+        for (g, (mine, other)) in [("calia", "calib"), ("calib", "calia")]
+            .into_iter()
+            .enumerate()
+        {
+            let t = &cut[g].tables[0];
+            let dispatch = &t.maps["dispatch"].elements;
+            assert!(matches!(dispatch[mine], Verdict::Goto(_)), "group {g}");
+            assert_eq!(dispatch[other], Verdict::Return, "group {g}");
+            assert_eq!(t.maps["peers"], peers, "group {g}");
+            assert!(t.chains.contains_key("pc-1"), "group {g}");
+        }
+    }
 
     #[test]
     fn auto_keeps_small_tables_whole_and_cuts_large_ones() {

@@ -200,8 +200,9 @@ pub enum Match {
     /// `meta mark & mask @set` ([`SetKey::Mark`]), or with `ports`
     /// `meta mark & mask . meta l4proto . th dport @set`
     /// ([`SetKey::MarkPort`]): what some mark bits hold, looked up (with
-    /// the protocol and destination port). The fused lookup's second stage
-    /// (`compiler::fused`): the bits hold the peer's class.
+    /// the protocol and destination port). The compiler does not emit it:
+    /// it is the second stage of the two-stage fused lookup that
+    /// `bench::two_stage` measures, where the bits hold the peer's class.
     MarkLookup { mask: u32, ports: bool, set: String },
     /// ICMP (table family ip) or ICMPv6 (ip6) type, optionally with code;
     /// negated: not (type [and code]).
@@ -429,7 +430,9 @@ pub enum SetElement {
 pub struct VerdictMap {
     pub name: String,
     /// What its keys are; the keys of `elements` are interface names, or
-    /// addresses of the table's family written as text (`198.18.0.1`).
+    /// addresses of the table's family written as `IpAddr` prints them
+    /// (`198.18.0.1`, `fd00:198:18::1`: read-back writes them so, and the
+    /// encoder refuses any other spelling, which would read back as drift).
     #[serde(default, skip_serializing_if = "MapKey::is_ifname")]
     pub key: MapKey,
     pub elements: BTreeMap<String, Verdict>,

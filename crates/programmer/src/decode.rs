@@ -463,15 +463,7 @@ pub fn host_elements(family: TableFamily, elems: &[KElem]) -> Option<Vec<SetElem
         if e.flags != 0 || e.key_end.is_some() {
             return None;
         }
-        let addr = match (family, e.key.len()) {
-            (TableFamily::Ip, 4) => {
-                IpAddr::V4(Ipv4Addr::new(e.key[0], e.key[1], e.key[2], e.key[3]))
-            }
-            (TableFamily::Ip6, 16) => {
-                IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&e.key[..]).ok()?))
-            }
-            _ => return None,
-        };
+        let addr = addr_from_key(family, &e.key)?;
         out.push(SetElement::Net(IpNet::from(addr)));
     }
     out.sort_unstable();

@@ -27,6 +27,12 @@ use crate::nla::Writer;
 pub enum Error {
     #[error("{object}: interface name {name:?} does not fit IFNAMSIZ (at most 15 bytes, a wildcard prefix at least 1)")]
     InterfaceName { object: String, name: String },
+    #[error("{object}: key {key:?} is not an address of a table of family {family} as it prints (198.18.0.1, fd00:198:18::1)")]
+    MapKey {
+        object: String,
+        key: String,
+        family: &'static str,
+    },
     #[error("{object}: {value} does not belong to a table of family {family}")]
     AddressFamily {
         object: String,
@@ -1147,14 +1153,16 @@ pub fn map_elem(
             RawElem::new(&ifname_bytes(key))
         }
         MapKey::Addr => {
-            let addr = key.parse::<IpAddr>().ok();
+            // Only the spelling read-back gives: another one ("::ffff:…",
+            // leading zeros) would read back as a different key.
+            let addr = key.parse::<IpAddr>().ok().filter(|a| a.to_string() == key);
             let host = addr.map(|a| SetElement::Net(IpNet::from(a)));
             match host.as_ref().and_then(|h| host_key(family, h)) {
                 Some((k, len)) => RawElem::new(&k[..len]),
                 None => {
-                    return Err(Error::AddressFamily {
+                    return Err(Error::MapKey {
                         object: object(),
-                        value: key.to_owned(),
+                        key: key.to_owned(),
                         family: family.keyword(),
                     })
                 }
@@ -1354,6 +1362,32 @@ mod tests {
         assert!(raw[0].interval_end && raw[0].key() == [0, 0, 0, 0]);
         assert!(raw[1].open);
         assert_eq!(raw[3].key(), &[198, 19, 0, 0]);
+    }
+
+    /// An address-keyed map's key must be an address of the table's family
+    /// spelled as read-back spells it; anything else is refused, naming
+    /// the map and the key.
+    #[test]
+    fn address_map_keys_are_checked() {
+        let map = VerdictMap {
+            name: "peers".into(),
+            key: MapKey::Addr,
+            elements: Default::default(),
+            comment: None,
+        };
+        let jump = Verdict::Jump("c".into());
+        let ok = map_elem(TableFamily::Ip, &map, "198.18.0.1", &jump).unwrap();
+        assert_eq!(ok.key(), &[198, 18, 0, 1]);
+        assert!(map_elem(TableFamily::Ip6, &map, "fd00:198:18::1", &jump).is_ok());
+        for (family, key) in [
+            (TableFamily::Ip, "fd00:198:18::1"),
+            (TableFamily::Ip6, "198.18.0.1"),
+            (TableFamily::Ip6, "fd00:198:18:0::1"),
+            (TableFamily::Ip, "cali1234"),
+        ] {
+            let e = map_elem(family, &map, key, &jump).unwrap_err().to_string();
+            assert!(e.contains("map peers") && e.contains(key), "{e}");
+        }
     }
 
     #[test]
